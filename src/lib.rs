@@ -1,0 +1,31 @@
+//! krea-batch: a batch job-runner for the Krea AI generation API.
+//!
+//! Hand it a YAML file of prompts; it submits them to Krea under a rate limiter and a cap on jobs
+//! in flight, polls each job to its end, downloads every result whole, and keeps a durable record
+//! so that nothing paid for is lost and nothing is paid twice. The binary (`main.rs`) is a thin
+//! shell around this library; tests drive the same engine in-process.
+//!
+//! # Layout
+//!
+//! | file | job |
+//! |---|---|
+//! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
+//! | `jobfile.rs` | the YAML job file as users write it, validated into jobs with precise errors |
+//! | `pricing.rs` | the price table: what a generation costs, for estimates |
+//! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
+//! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
+//! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
+//! | `store.rs` | the SQLite state file: jobs, attempts, files; one writer |
+//! | `download.rs` | streaming result files to disk atomically, with sidecars |
+//! | `runner.rs` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `report.rs` | progress display, the run summary, the manifest |
+//! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate` |
+//!
+//! # Dependency direction
+//!
+//! `job`, `jobfile` and `pricing` do no I/O. `api` knows HTTP but not job states. `store` knows
+//! jobs but not HTTP. `runner` is the one module that ties them together; `main` sits on top. The
+//! simulation depends on nothing else in the crate: it models Krea, not krea-batch.
+
+pub mod job;
+pub mod sim;

@@ -1,0 +1,2 @@
+//! The `krea-batch` binary (being written).
+fn main() {}
