@@ -1,1 +1,308 @@
-//! The simulated Krea API (being written).
+//! The simulated Krea API: a real HTTP server on loopback that behaves like Krea, quirks and
+//! failures included, so tests, the benchmark and new users can run krea-batch against it
+//! in-process (`--simulate`) or as its own process (`krea-batch simulate-api`). It models Krea,
+//! not krea-batch, and depends on nothing else in the crate.
+//!
+//! # Listeners
+//!
+//! [`SimServer::start`] binds three listeners on 127.0.0.1, three different origins:
+//! - the **API** ([`SimServer::base_url`]): `POST /generate/<kind>/<provider>/<model>`,
+//!   `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `GET /openapi.json` (no key needed), and the control
+//!   endpoints `GET /_sim/stats`, `POST /_sim/balance` (`{"usd": 12.5}`), `POST /_sim/faults`
+//!   (a [`Faults`] object), which need the key but are neither faulted nor recorded;
+//! - the **file host** ([`SimServer::files_base_url`]): `/results/<job_id>/<i>.png` (`.mp4` for
+//!   video) and `/previews/<job_id>/<i>.png`;
+//! - a **third origin** that redirect faults point at; it serves the same files.
+//!
+//! # Decisions where Krea's documents are silent
+//!
+//! - **Reservation.** A job's price is reserved when it is created and held until it ends:
+//!   charged when it completes, released when it fails or is cancelled. A POST whose price does
+//!   not fit in (balance − reserved) gets 402. So the balance covers every job in flight, and
+//!   jobs in flight always finish normally, as Krea documents. Setting the balance below what is
+//!   reserved (a test cutting funds) lets it go negative as those jobs complete.
+//! - A POST is checked in this order: faults, 401, 410 (sunset), 403, 404 (unknown model), 400,
+//!   422, 402, 429. A 402 turns on the "after 402" marker that [`SimStats::posts_after_402`]
+//!   counts against; [`SimServer::set_balance`] turns it off.
+//! - Lifecycle by fraction of the job time, once started: `queued` 0–10 %, `scheduled` 10–20 %,
+//!   (the undocumented state 20–30 %, if configured), `processing` to 50 %, `sampling` to 80 %,
+//!   `intermediate-complete` (with preview URLs in `result.urls`) to 100 %, then `completed`.
+//!   Failing jobs fail at 50 %; stuck jobs stay `processing`. The automatic timeout counts from
+//!   the start, not from creation (a backlogged job has not started).
+//! - The create response always shows the job as created (`queued` or `backlogged`,
+//!   `completed_at` and `result` null), as Krea's schema does, even when a zero job time has
+//!   already finished it.
+//! - `created_at` is unique per job (bumped by a millisecond on a collision), so the strict
+//!   `cursor` of `GET /jobs` pages without losing jobs. `next_cursor` is set only when more jobs
+//!   match beyond the page.
+//! - Cancelling follows the doc literally: only `queued` or `processing` jobs (see
+//!   [`SimConfig::cancel_any_pending`]); a failed or cancelled job is never billed.
+//! - Job `type`: `flux`, `krea-2`, `externalImage`, `externalVideo`, `enhance`.
+//! - Result files exist as soon as the job does (their URLs are only published on completion).
+//!
+//! # Files
+//!
+//! | file | job |
+//! |---|---|
+//! | `config.rs` | [`SimConfig`], [`Faults`], [`Quirks`]: the settings |
+//! | `world.rs` | the pure model: jobs, lifecycle, concurrency, balance (no I/O) |
+//! | `jobs.rs` | the job vocabulary: states and wire names, views, queries, refusals |
+//! | `models.rs` | the model table: schemas and prices |
+//! | `validate.rs` | request bodies checked against a model's schema |
+//! | `openapi.rs` | the served OpenAPI document, built from the model table |
+//! | `render.rs` | job and list JSON, shaped by the quirks |
+//! | `http.rs` | routing, authentication, the control endpoints |
+//! | `faults.rs` | drawing faults and building broken answers |
+//! | `files.rs` | the file host: streamed, hashed result files |
+//! | `png.rs` | PNG bytes by hand: CRC-32, Adler-32, stored deflate |
+//! | `reply.rs` | response bodies and builders |
+//! | `stats.rs` | [`SimStats`] and its recorder |
+
+mod config;
+mod faults;
+mod files;
+mod http;
+mod jobs;
+mod models;
+mod openapi;
+mod png;
+mod render;
+mod reply;
+mod stats;
+mod validate;
+mod world;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{Faults, Quirks, SimConfig, Storm, SunsetNotice};
+pub use stats::{JobRecord, Listener, RequestRecord, ServedFile, SimStats};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use models::MICROS_PER_USD;
+use render::Renderer;
+use stats::Recorder;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use world::{Millis, World};
+
+/// A running simulated Krea API. Dropping it stops the listeners too; [`SimServer::shutdown`]
+/// also waits for them.
+#[derive(Debug)]
+pub struct SimServer {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SimServer {
+    /// Binds the three listeners on 127.0.0.1 (ports from `config`, 0 for any) and starts
+    /// serving on the current tokio runtime.
+    pub async fn start(config: SimConfig) -> std::io::Result<Self> {
+        let bind = |port| TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let api = bind(config.api_port).await?;
+        let files = bind(config.files_port).await?;
+        let redirect = bind(config.redirect_port).await?;
+        let origin = |listener: &TcpListener| -> std::io::Result<String> {
+            Ok(format!("http://{}", listener.local_addr()?))
+        };
+        let (api_base, files_base, redirect_base) =
+            (origin(&api)?, origin(&files)?, origin(&redirect)?);
+        let epoch_ms = now_unix_ms();
+        let state = State {
+            world: World::new(&config),
+            recorder: Recorder::new(config.request_log_limit),
+            faults: config.faults.clone(),
+            faults_set_ms: epoch_ms,
+            rng: fastrand::Rng::with_seed(config.seed.wrapping_add(1)),
+            after_402: false,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            api_base,
+            files_base,
+            redirect_base,
+            epoch: Instant::now(),
+            epoch_ms,
+            state: Mutex::new(state),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let tasks =
+            [(api, Listener::Api), (files, Listener::Files), (redirect, Listener::Redirect)]
+                .into_iter()
+                .map(|(listener, which)| {
+                    tokio::spawn(serve(listener, which, Arc::clone(&shared), stopped.clone()))
+                })
+                .collect();
+        Ok(Self { shared, stop, tasks })
+    }
+
+    /// The API origin, e.g. `http://127.0.0.1:41234`.
+    #[must_use]
+    pub fn base_url(&self) -> String {
+        self.shared.api_base.clone()
+    }
+
+    /// The result-file host, a different origin from the API.
+    #[must_use]
+    pub fn files_base_url(&self) -> String {
+        self.shared.files_base.clone()
+    }
+
+    /// The third origin some redirect faults send downloads to.
+    #[must_use]
+    pub fn redirect_base_url(&self) -> String {
+        self.shared.redirect_base.clone()
+    }
+
+    /// The API key the server accepts.
+    #[must_use]
+    pub fn api_key(&self) -> &str {
+        &self.shared.config.api_key
+    }
+
+    /// A snapshot of everything recorded so far.
+    #[must_use]
+    pub fn stats(&self) -> SimStats {
+        self.shared.stats()
+    }
+
+    /// Sets the balance (a top-up) and clears the "a 402 was answered" marker.
+    pub fn set_balance(&self, usd: f64) {
+        self.shared.set_balance(usd);
+    }
+
+    /// Replaces the fault injection; a storm's window starts now.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.set_faults(faults);
+    }
+
+    /// Stops accepting, closes open connections and waits for the listeners to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: SimConfig,
+    api_base: String,
+    files_base: String,
+    redirect_base: String,
+    epoch: Instant,
+    /// Unix time at `epoch`; `now_ms` moves on from it with the monotonic clock.
+    epoch_ms: Millis,
+    state: Mutex<State>,
+}
+
+/// The mutable part, behind one mutex held only for short, non-async stretches.
+#[derive(Debug)]
+pub(crate) struct State {
+    world: World,
+    recorder: Recorder,
+    faults: Faults,
+    faults_set_ms: Millis,
+    rng: fastrand::Rng,
+    /// A 402 has been answered since the last top-up.
+    after_402: bool,
+}
+
+impl Shared {
+    fn now_ms(&self) -> Millis {
+        self.epoch_ms + u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the state half-updated in a way worth refusing to serve.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn renderer(&self) -> Renderer<'_> {
+        Renderer {
+            files_base: &self.files_base,
+            outputs: self.config.outputs_per_job,
+            quirks: &self.config.quirks,
+        }
+    }
+
+    fn stats(&self) -> SimStats {
+        let now = self.now_ms();
+        let undocumented = self.config.quirks.undocumented_state.as_deref().unwrap_or("processing");
+        let mut state = self.lock();
+        let jobs = state.world.job_records(now, undocumented);
+        let world = &state.world;
+        SimStats {
+            balance_usd: world.balance() as f64 / MICROS_PER_USD,
+            spent_usd: world.spent() as f64 / MICROS_PER_USD,
+            reserved_usd: world.reserved() as f64 / MICROS_PER_USD,
+            jobs_created: jobs.len() as u64,
+            creations_by_prompt: world.creations_by_prompt().clone(),
+            jobs,
+            ..state.recorder.snapshot()
+        }
+    }
+
+    fn set_balance(&self, usd: f64) {
+        let mut state = self.lock();
+        state.world.set_balance(world::usd_to_micros(usd));
+        state.after_402 = false;
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        let now = self.now_ms();
+        let mut state = self.lock();
+        state.faults = faults;
+        state.faults_set_ms = now;
+    }
+}
+
+fn now_unix_ms() -> Millis {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(0)
+}
+
+/// Accepts connections until told to stop; dropping the `JoinSet` then aborts open ones.
+async fn serve(
+    listener: TcpListener,
+    which: Listener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = Arc::clone(&shared);
+                    connections.spawn(async move {
+                        let service = service_fn(move |request| {
+                            http::handle(Arc::clone(&shared), which, request)
+                        });
+                        // Errors here are clients going away or simulated drops: nothing to do.
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "simulated API could not accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

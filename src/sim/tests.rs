@@ -1,0 +1,366 @@
+//! HTTP-level tests: a real `SimServer` on loopback, driven by reqwest on the real clock with
+//! short job times. Conditions are polled with a deadline, never waited for with a bare sleep.
+
+use super::*;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::time::Duration;
+
+const FLUX: &str = "image/bfl/flux-1-dev";
+
+fn quick(config: SimConfig) -> SimConfig {
+    SimConfig { job_time: Duration::from_millis(100), ..config }
+}
+
+struct Harness {
+    server: SimServer,
+    client: Client,
+}
+
+impl Harness {
+    async fn start(config: SimConfig) -> Self {
+        let server = SimServer::start(config).await.expect("binds loopback");
+        let client = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client builds");
+        Self { server, client }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(format!("{}{path}", self.server.base_url()))
+            .bearer_auth(self.server.api_key())
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request answered")
+    }
+
+    async fn generate(&self, prompt: &str) -> Response {
+        self.post(&format!("/generate/{FLUX}"), &json!({ "prompt": prompt })).await
+    }
+
+    async fn get(&self, path: &str) -> Response {
+        self.client
+            .get(format!("{}{path}", self.server.base_url()))
+            .bearer_auth(self.server.api_key())
+            .send()
+            .await
+            .expect("request answered")
+    }
+
+    async fn job_until(&self, id: &str, status: &str) -> Value {
+        let path = format!("/jobs/{id}");
+        poll(|| async {
+            let job = body(self.get(&path).await).await;
+            (job["status"] == status).then_some(job)
+        })
+        .await
+    }
+}
+
+async fn body(response: Response) -> Value {
+    let bytes = response.bytes().await.expect("whole body");
+    serde_json::from_slice(&bytes).expect("JSON body")
+}
+
+/// Polls `check` until it yields a value, failing after five seconds.
+async fn poll<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_completes_and_its_file_downloads_whole() {
+    let sim =
+        Harness::start(quick(SimConfig { result_bytes: 300_000, ..SimConfig::default() })).await;
+    let created = sim.generate("a lighthouse").await;
+    assert_eq!(created.status(), StatusCode::OK);
+    let created = body(created).await;
+    assert_eq!(created["status"], "queued");
+    assert!(created["result"].is_null() && created["completed_at"].is_null());
+    let id = created["job_id"].as_str().expect("job id").to_owned();
+
+    let done = sim.job_until(&id, "completed").await;
+    let url = done["result"]["urls"][0].as_str().expect("a result URL").to_owned();
+    assert!(url.starts_with(&sim.server.files_base_url()));
+    let download = sim.client.get(&url).send().await.expect("served");
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(download.headers()["content-type"], "image/png");
+    assert_eq!(download.headers()["content-length"], "300000");
+    let bytes = download.bytes().await.expect("whole file");
+    assert_eq!(bytes[..8], png::SIGNATURE);
+
+    let stats = poll(|| async {
+        let stats = sim.server.stats();
+        stats.served_files.contains_key(&url).then_some(stats)
+    })
+    .await;
+    let served = &stats.served_files[&url];
+    assert_eq!(served.sha256, stats::hex(&Sha256::digest(&bytes)));
+    assert_eq!(served.len, 300_000);
+    assert_eq!(stats.auth_header_on_file_host, 0);
+    assert_eq!(stats.creations_by_prompt["a lighthouse"], 1);
+    assert!((stats.spent_usd - 0.007).abs() < 1e-9);
+    assert!(stats.jobs[0].charged);
+    sim.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_are_checked_like_krea_does() {
+    let mut sunset = std::collections::BTreeMap::new();
+    sunset.insert("image/bfl/flux-1-schnell".to_owned(), SunsetNotice::default());
+    let sim = Harness::start(SimConfig {
+        forbidden_models: vec!["image/krea/krea-2/large".to_owned()],
+        sunset_models: sunset,
+        deprecated_models: vec![FLUX.to_owned()],
+        zero_data_retention: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("{}/generate/{FLUX}", sim.server.base_url());
+    let anonymous = sim.client.post(&url).body("{}").send().await.expect("answered");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(body(anonymous).await, json!({"error": "Unauthorized"}));
+    let wrong = sim.client.post(&url).bearer_auth("nope").send().await.expect("answered");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+
+    let typo = sim.post(&format!("/generate/{FLUX}"), &json!({"prompt": "x", "stpes": 3})).await;
+    assert_eq!(typo.status(), StatusCode::BAD_REQUEST);
+    assert!(typo.headers().contains_key("deprecation") && typo.headers().contains_key("sunset"));
+    assert!(body(typo).await["error"].as_str().is_some_and(|e| e.contains("'stpes'")));
+    let zdr = sim
+        .post(&format!("/generate/{FLUX}"), &json!({"prompt": "x", "image_url": "https://a/b.png"}))
+        .await;
+    assert_eq!(zdr.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let unknown = sim.post("/generate/image/acme/nothing", &json!({"prompt": "x"})).await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let forbidden = sim.post("/generate/image/krea/krea-2/large", &json!({"prompt": "x"})).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let gone = sim.post("/generate/image/bfl/flux-1-schnell", &json!({"prompt": "x"})).await;
+    assert_eq!(gone.status(), StatusCode::GONE);
+    assert_eq!(body(gone).await["error"], "model_unavailable");
+    assert_eq!(sim.get("/jobs/no-such-job").await.status(), StatusCode::NOT_FOUND);
+
+    let document = sim.client.get(format!("{}/openapi.json", sim.server.base_url())).send().await;
+    let document = body(document.expect("served without a key")).await;
+    assert_eq!(document["openapi"], "3.1.0");
+    assert!(document["paths"][format!("/generate/{FLUX}")].is_object());
+    assert_eq!(sim.server.stats().jobs_created, 0);
+}
+
+#[tokio::test]
+async fn a_402_stops_creation_and_later_posts_are_counted_until_a_top_up() {
+    let sim = Harness::start(SimConfig {
+        balance_usd: 0.01,
+        job_time: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    assert_eq!(sim.generate("one").await.status(), StatusCode::OK);
+    let refused = sim.generate("two").await;
+    assert_eq!(refused.status(), StatusCode::PAYMENT_REQUIRED);
+    assert!(body(refused).await["message"].as_str().is_some_and(|m| m.contains("top up")));
+    assert_eq!(sim.generate("three").await.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(sim.server.stats().posts_after_402, 1);
+
+    let top_up = sim.post("/_sim/balance", &json!({"usd": 1.0})).await;
+    assert_eq!(top_up.status(), StatusCode::OK);
+    assert_eq!(sim.generate("four").await.status(), StatusCode::OK);
+    let stats = sim.server.stats();
+    assert_eq!((stats.posts_after_402, stats.responses_402, stats.jobs_created), (1, 2, 2));
+    assert!((stats.balance_usd - 0.993).abs() < 1e-9, "{}", stats.balance_usd);
+}
+
+#[tokio::test]
+async fn the_backlog_fills_then_429_and_cancel_frees_a_slot() {
+    let sim = Harness::start(SimConfig {
+        concurrency: 1,
+        backlog: 1,
+        job_time: Duration::from_secs(30),
+        retry_after_secs: Some(7),
+        ..SimConfig::default()
+    })
+    .await;
+    let first = body(sim.generate("first").await).await;
+    let second = body(sim.generate("second").await).await;
+    assert_eq!(second["status"], "backlogged");
+    let refused = sim.generate("third").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "7");
+
+    let id = first["job_id"].as_str().expect("id");
+    let url = format!("{}/jobs/{id}", sim.server.base_url());
+    let cancel = sim.client.delete(&url).bearer_auth(sim.server.api_key()).send().await;
+    let cancel = cancel.expect("answered");
+    assert_eq!(cancel.status(), StatusCode::OK);
+    assert!(cancel.bytes().await.expect("body").is_empty());
+    let again = sim.client.delete(&url).bearer_auth(sim.server.api_key()).send().await;
+    assert_eq!(again.expect("answered").status(), StatusCode::NOT_FOUND);
+
+    let page = body(sim.get("/jobs?limit=1").await).await;
+    assert_eq!(page["items"][0]["job_id"], second["job_id"]);
+    assert_eq!(page["items"][0]["status"], "queued");
+    let cursor = page["next_cursor"].as_str().expect("more pages").replace(':', "%3A");
+    let rest = body(sim.get(&format!("/jobs?limit=1&cursor={cursor}")).await).await;
+    assert_eq!(rest["items"][0]["status"], "cancelled");
+    assert!(rest["next_cursor"].is_null());
+    assert_eq!(sim.get("/jobs?limit=0").await.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn dropped_posts_create_jobs_and_resets_do_not() {
+    let faults = Faults { post_drop_rate: 1.0, ..Faults::default() };
+    let sim = Harness::start(quick(SimConfig { faults, ..SimConfig::default() })).await;
+    let url = format!("{}/generate/{FLUX}", sim.server.base_url());
+    let lost = sim
+        .client
+        .post(&url)
+        .bearer_auth(sim.server.api_key())
+        .body(r#"{"prompt": "lost"}"#)
+        .send()
+        .await;
+    assert!(lost.is_err(), "the connection closes without an answer");
+    let listed = body(sim.get("/jobs").await).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(1), "the job exists all the same");
+
+    let resets = Faults { reset_rate: 1.0, ..Faults::default() };
+    let set = sim.post("/_sim/faults", &serde_json::to_value(&resets).expect("serialisable")).await;
+    assert_eq!(set.status(), StatusCode::OK);
+    let reset = sim
+        .client
+        .post(&url)
+        .bearer_auth(sim.server.api_key())
+        .body(r#"{"prompt": "reset"}"#)
+        .send()
+        .await;
+    assert!(reset.is_err());
+    sim.server.set_faults(Faults::default());
+    let stats = sim.server.stats();
+    assert_eq!((stats.jobs_created, stats.dropped_connections), (1, 2));
+    assert_eq!(stats.creations_by_prompt.get("reset"), None);
+}
+
+#[tokio::test]
+async fn slow_answers_outlast_a_read_timeout_but_still_create() {
+    let faults =
+        Faults { slow_rate: 1.0, slow_delay: Duration::from_millis(400), ..Faults::default() };
+    let sim = Harness::start(quick(SimConfig { faults, ..SimConfig::default() })).await;
+    let url = format!("{}/generate/{FLUX}", sim.server.base_url());
+    let request =
+        sim.client.post(&url).bearer_auth(sim.server.api_key()).body(r#"{"prompt": "slow"}"#);
+    let timed_out = request.timeout(Duration::from_millis(100)).send().await;
+    assert!(timed_out.is_err_and(|err| err.is_timeout()));
+    assert_eq!(sim.server.stats().creations_by_prompt["slow"], 1);
+}
+
+#[tokio::test]
+async fn gets_can_be_garbled_huge_or_stormed() {
+    let faults = Faults { malformed_json_rate: 1.0, ..Faults::default() };
+    let sim = Harness::start(quick(SimConfig { faults, ..SimConfig::default() })).await;
+    let garbled = sim.get("/jobs").await.bytes().await.expect("body");
+    assert!(serde_json::from_slice::<Value>(&garbled).is_err());
+
+    sim.server.set_faults(Faults {
+        huge_body_rate: 1.0,
+        huge_body_bytes: 3_000_000,
+        ..Faults::default()
+    });
+    let huge = sim.get("/jobs").await;
+    assert!(huge.headers().get("content-length").is_none(), "streamed, length unannounced");
+    assert_eq!(huge.bytes().await.expect("body").len(), 3_000_000);
+
+    let storm =
+        Storm { rate: 1.0, duration: Duration::from_millis(300), retry_after_secs: Some(2) };
+    sim.server.set_faults(Faults { storm: Some(storm), ..Faults::default() });
+    let stormed = sim.get("/jobs").await;
+    assert_eq!(stormed.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(stormed.headers()["retry-after"], "2");
+    poll(|| async { (sim.get("/jobs").await.status() == StatusCode::OK).then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn download_faults_redirect_cut_and_fail() {
+    let sim = Harness::start(SimConfig { job_time: Duration::ZERO, ..SimConfig::default() }).await;
+    let id = body(sim.generate("files").await).await["job_id"].as_str().expect("id").to_owned();
+    let job = sim.job_until(&id, "completed").await;
+    let url = job["result"]["urls"][0].as_str().expect("url").to_owned();
+    let path = url.trim_start_matches(&sim.server.files_base_url()).to_owned();
+    let location = |response: &Response| {
+        response.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_owned)
+    };
+
+    let cases = [
+        (
+            Faults { redirect_other_origin_rate: 1.0, ..Faults::default() },
+            format!("{}{path}", sim.server.redirect_base_url()),
+        ),
+        (
+            Faults { redirect_api_origin_rate: 1.0, ..Faults::default() },
+            format!("{}{path}", sim.server.base_url()),
+        ),
+        (
+            Faults { redirect_insecure_rate: 1.0, ..Faults::default() },
+            format!("http://192.0.2.1{path}"),
+        ),
+        (Faults { redirect_loop_rate: 1.0, ..Faults::default() }, format!("{url}?loop=1")),
+    ];
+    for (faults, expected) in cases {
+        sim.server.set_faults(faults);
+        let response = sim.client.get(&url).send().await.expect("answered");
+        assert_eq!(response.status(), StatusCode::FOUND);
+        assert_eq!(location(&response), Some(expected.clone()));
+        if !expected.starts_with("http://192.0.2.1") && !expected.contains("loop") {
+            let followed = sim.client.get(&expected).send().await.expect("served");
+            assert_eq!(followed.headers()["content-type"], "image/png");
+        }
+    }
+    let looped = sim.client.get(format!("{url}?loop=1")).send().await.expect("answered");
+    assert_eq!(location(&looped), Some(format!("{url}?loop=2")));
+
+    sim.server.set_faults(Faults { download_error_rate: 1.0, ..Faults::default() });
+    assert_eq!(
+        sim.client.get(&url).send().await.expect("answered").status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    sim.server.set_faults(Faults { download_truncate_rate: 1.0, ..Faults::default() });
+    let cut = sim.client.get(&url).send().await.expect("headers arrive");
+    assert!(cut.bytes().await.is_err(), "the body ends short of its Content-Length");
+
+    sim.server.set_faults(Faults::default());
+    let with_key = sim.client.get(&url).bearer_auth(sim.server.api_key()).send().await;
+    assert_eq!(with_key.expect("served").status(), StatusCode::OK);
+    let stats = sim.server.stats();
+    assert_eq!(stats.auth_header_on_file_host, 1);
+    assert_eq!(stats.responses_5xx, 1);
+}
+
+#[tokio::test]
+async fn control_endpoints_need_the_key_and_report_stats() {
+    let sim = Harness::start(quick(SimConfig::default())).await;
+    sim.generate("counted").await;
+    let url = format!("{}/_sim/stats", sim.server.base_url());
+    let anonymous = sim.client.get(&url).send().await.expect("answered");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let stats: SimStats =
+        serde_json::from_value(body(sim.get("/_sim/stats").await).await).expect("SimStats");
+    assert_eq!(stats.creations_by_prompt["counted"], 1);
+    assert_eq!(stats.requests.len(), 1, "control requests are not recorded");
+    assert!(stats.requests[0].authorization);
+    let bad = sim.post("/_sim/faults", &json!({"no_such_fault": 1})).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
