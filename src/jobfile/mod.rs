@@ -1,0 +1,438 @@
+//! The job file: the YAML a user writes, read and validated into the list of jobs to run.
+//!
+//! A job file names defaults (model, request fields, output directory, API address, limits,
+//! prices) and a list of jobs, each a prompt with optional name, model, fields and count;
+//! `jobs.example.yaml` at the top of the repository documents every key. [`parse`] turns the
+//! text into a [`JobFile`]: one [`JobSpec`] per generation, with its full request body and its
+//! stable [`JobKey`]. Everything that can be wrong is refused here, before anything is sent,
+//! with the file, line, column and key of the offending node ([`JobFileError`]).
+//!
+//! What it leaves to others: the file is read once by [`load`], and nothing else here does
+//! I/O; the request body is passed through as written (Krea validates it, per model); prices
+//! are only read, `pricing` applies them; the runner decides what to send and when, the store
+//! what was already sent. `api:` and `limits:` are reused by the daemon configuration.
+//!
+//! How it is built: `de` deserializes the document by hand, checking each node as it is read
+//! (so `serde_yaml` gives the node's position); this file then checks the rules spanning
+//! several nodes (unique names, a model per job, limits that contradict each other) and
+//! finds their positions with `locate`. `serde_yaml` is used nowhere else in the crate, so
+//! replacing it stays a change to this folder.
+
+mod de;
+mod locate;
+mod settings;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+pub use settings::{ApiSettings, Limits};
+pub use values::{parse_model_path, parse_size};
+
+use crate::job::{JobKey, check_name, derive_name};
+use de::{RawFile, RawJob};
+use locate::{LineIndex, Seg, Target, locate, render_path};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::path::{Component, Path, PathBuf};
+
+/// The largest job file [`load`] reads. A larger one is surely not a hand-written job list, and
+/// `serde_yaml` holds the whole document in memory several times over.
+pub const MAX_FILE_SIZE: u64 = 64 << 20;
+
+/// The most jobs one file may expand to (entries times their `count`).
+pub const MAX_JOBS: usize = 1_000_000;
+
+/// Request fields as written under `params:`.
+type Params = Map<String, Value>;
+
+/// A validated job file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobFile {
+    /// The file it was read from, as given.
+    pub source: PathBuf,
+    /// Where results go: `output:` (default `./out`) resolved against the file's directory.
+    pub output_dir: PathBuf,
+    /// The `api:` section.
+    pub api: ApiSettings,
+    /// The `limits:` section, checked.
+    pub limits: Limits,
+    /// USD per generation by full model path, overriding the built-in price table.
+    pub prices: BTreeMap<String, f64>,
+    /// One entry per generation, in file order (`count` copies next to each other).
+    pub jobs: Vec<JobSpec>,
+}
+
+/// One generation to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSpec {
+    /// Unique in the file (also ignoring ASCII case): the explicit `name`, or one derived from
+    /// the position and prompt; `-1`, `-2`, … appended when `count` > 1.
+    pub name: String,
+    /// Full model path, e.g. `image/bfl/flux-1-dev`.
+    pub model: String,
+    /// The full request body, `prompt` included: the default `params`, the job's `params`
+    /// merged over them key by key.
+    pub body: Map<String, Value>,
+    /// How many earlier jobs in the file have the same model and body.
+    pub occurrence: u32,
+    /// `JobKey::new(&model, &body, occurrence)`: the same job keeps its key when the file is
+    /// edited around it, renamed or reordered.
+    pub key: JobKey,
+    /// Line (from 1) of the job's entry in the file.
+    pub line: usize,
+}
+
+/// Why a job file was refused: where, which key, what is wrong and what to do.
+///
+/// Shown as `jobs.yaml:12:5: jobs[3].prompt: the prompt is empty; write the text to generate`.
+/// Job indices in key paths count from 0, as in `serde_yaml`'s messages.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render_error(.file, *.line, *.column, .key.as_deref(), .message))]
+pub struct JobFileError {
+    /// The job file.
+    pub file: PathBuf,
+    /// Line (from 1) of the offending node, when known.
+    pub line: Option<usize>,
+    /// Column (from 1, in characters) of the offending node, when known.
+    pub column: Option<usize>,
+    /// Path of the offending key, e.g. `jobs[3].prompt`.
+    pub key: Option<String>,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+fn render_error(
+    file: &Path,
+    line: Option<usize>,
+    column: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let mut out = file.display().to_string();
+    if let Some(line) = line {
+        let _ = write!(out, ":{line}");
+        if let Some(column) = column {
+            let _ = write!(out, ":{column}");
+        }
+    }
+    out.push_str(": ");
+    if let Some(key) = key {
+        let _ = write!(out, "{key}: ");
+    }
+    out.push_str(message);
+    out
+}
+
+impl JobFileError {
+    /// An error about the whole file (no position).
+    fn whole_file(file: &Path, message: String) -> Self {
+        Self { file: file.to_owned(), line: None, column: None, key: None, message }
+    }
+}
+
+/// Reads and parses the job file at `path` (at most [`MAX_FILE_SIZE`] bytes).
+pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
+    let cannot_read = |error: std::io::Error| {
+        JobFileError::whole_file(path, format!("cannot read the job file: {error}"))
+    };
+    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(JobFileError::whole_file(
+            path,
+            format!(
+                "the job file is larger than {} MiB; split it into several files",
+                MAX_FILE_SIZE >> 20
+            ),
+        ));
+    }
+    parse(&bytes, path)
+}
+
+/// Parses job-file text read from `source` (used for messages and to resolve `output`).
+/// Pure: no I/O.
+pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> {
+    let text = decode(text_bytes, source)?;
+    let ctx = de::Ctx::new(text, read_budget(text));
+    let raw = match de::read(&ctx) {
+        Ok(raw) => raw,
+        Err(error) => {
+            let (failure, path) = ctx.into_parts();
+            return Err(locate::convert(&error, failure, &path, text, source));
+        }
+    };
+    Assembly { text, source, lines: LineIndex::new(text), fallbacks_left: 64 }.build(raw)
+}
+
+/// How much data (in `de`'s weight units, about bytes) reading `text` may build. A file
+/// written out in full stays under 8 units per byte; the rest leaves room for YAML aliases
+/// shared by many jobs, but not for an alias bomb.
+fn read_budget(text: &str) -> usize {
+    (4 << 20) + 8 * text.len()
+}
+
+/// How much request data the jobs of `text` may expand to through `count`.
+fn expansion_budget(text: &str) -> usize {
+    (64 << 20) + 8 * text.len()
+}
+
+/// The text of the file: UTF-8, a leading byte-order mark skipped.
+fn decode<'b>(bytes: &'b [u8], source: &Path) -> Result<&'b str, JobFileError> {
+    if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+        return Err(JobFileError {
+            line: Some(1),
+            column: Some(1),
+            ..JobFileError::whole_file(source, "the file is UTF-16; save it as UTF-8".into())
+        });
+    }
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    std::str::from_utf8(bytes).map_err(|error| {
+        let valid = std::str::from_utf8(&bytes[..error.valid_up_to()]).unwrap_or_default();
+        let (line, column) = LineIndex::new(valid).position(valid.len());
+        let bad = bytes.get(error.valid_up_to()).copied().unwrap_or_default();
+        JobFileError {
+            line: Some(line),
+            column: Some(column),
+            ..JobFileError::whole_file(
+                source,
+                format!("the file is not valid UTF-8 (byte 0x{bad:02X} here); save it as UTF-8"),
+            )
+        }
+    })
+}
+
+/// The checks spanning several nodes, and the expansion of entries into jobs.
+struct Assembly<'t> {
+    text: &'t str,
+    source: &'t Path,
+    lines: LineIndex<'t>,
+    /// Entries whose line is found by the (slow) locator rather than from an offset; past
+    /// this many the previous entry's line is used, so that no file makes parsing quadratic.
+    fallbacks_left: usize,
+}
+
+/// Which node of an entry a name comes from, to point at it in errors.
+#[derive(Clone, Copy)]
+enum NameSource {
+    /// The entry's `name:`.
+    Explicit,
+    /// Derived from the position and prompt.
+    Derived,
+}
+
+impl Assembly<'_> {
+    fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
+        if let Err((field, message)) = raw.limits.check() {
+            // Point at the field if written; the first poll delays may be defaults, which
+            // makes poll_interval_max the one written.
+            let path = [Seg::key("limits"), Seg::key(field)];
+            let max = [Seg::key("limits"), Seg::key("poll_interval_max")];
+            let at = if self.find(&path, Target::Node).is_some() { &path[..] } else { &max[..] };
+            return Err(self.error(at, message));
+        }
+        let mut jobs = Vec::new();
+        // Names taken so far (lowercased: names become file names, and two names differing
+        // only in case are one file on macOS and Windows), with the entry that took them.
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut entry_lines = Vec::with_capacity(raw.jobs.len());
+        let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
+        self.check_expansion(&raw)?;
+        for (index, job) in raw.jobs.iter().enumerate() {
+            let line = self.entry_line(index, job, entry_lines.last().copied());
+            entry_lines.push(line);
+            let entry = [Seg::key("jobs"), Seg::Index(index)];
+            let Some(model) = job.model.as_ref().or(raw.model.as_ref()) else {
+                return Err(self.error(
+                    &[entry[0].clone(), entry[1].clone(), Seg::key("model")],
+                    "this job has no model; set `model:` in the job or at the top of the file, \
+                     e.g. `model: image/bfl/flux-1-dev`"
+                        .into(),
+                ));
+            };
+            let body = merge_body(&raw.params, &job.params, &job.prompt);
+            let (base, source) = match &job.name {
+                Some(name) => (name.clone(), NameSource::Explicit),
+                None => (derive_name(index + 1, &job.prompt), NameSource::Derived),
+            };
+            let first_key = JobKey::new(model, &body, 0);
+            for copy in 1..=job.count {
+                let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
+                self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
+                let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
+                let key = if *occurrence == 0 {
+                    first_key.clone()
+                } else {
+                    JobKey::new(model, &body, *occurrence)
+                };
+                jobs.push(JobSpec {
+                    name,
+                    model: model.clone(),
+                    body: body.clone(),
+                    occurrence: *occurrence,
+                    key,
+                    line,
+                });
+                *occurrence += 1;
+            }
+        }
+        Ok(JobFile {
+            source: self.source.to_owned(),
+            output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
+            api: raw.api,
+            limits: raw.limits,
+            prices: raw.prices,
+            jobs,
+        })
+    }
+
+    /// Checks, before building anything, that the entries expand to at most [`MAX_JOBS`] jobs
+    /// and to no more request data than the expansion budget.
+    fn check_expansion(&self, raw: &RawFile) -> Result<(), JobFileError> {
+        let defaults = params_weight(&raw.params);
+        let (mut jobs, mut weight) = (0_usize, 0_usize);
+        for (index, job) in raw.jobs.iter().enumerate() {
+            let count = job.count as usize;
+            // An upper bound of the merged body's weight: defaults and own fields both counted.
+            let body = defaults + params_weight(&job.params) + 16 + job.prompt.len();
+            jobs += count;
+            weight = weight.saturating_add(body.saturating_mul(count));
+            if jobs > MAX_JOBS || weight > expansion_budget(self.text) {
+                return Err(self.error(
+                    &self.count_path(index, job),
+                    format!(
+                        "the jobs expand to more than the file may hold ({MAX_JOBS} jobs, or \
+                         their request data); lower the count or split the file"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `name` is valid and not taken, then takes it for entry `index`.
+    fn claim_name(
+        &self,
+        names: &mut HashMap<String, usize>,
+        name: &str,
+        index: usize,
+        source: NameSource,
+        counted: bool,
+        entry_lines: &[usize],
+    ) -> Result<(), JobFileError> {
+        let at = match source {
+            NameSource::Explicit => vec![Seg::key("jobs"), Seg::Index(index), Seg::key("name")],
+            NameSource::Derived => vec![Seg::key("jobs"), Seg::Index(index)],
+        };
+        let origin = match (source, counted) {
+            (NameSource::Explicit, false) => String::new(),
+            (NameSource::Explicit, true) => " (made by `count`)".to_owned(),
+            (NameSource::Derived, false) => {
+                " (derived from the position and prompt, as the job has no `name:`)".to_owned()
+            }
+            (NameSource::Derived, true) => {
+                " (derived from the position and prompt, numbered by `count`)".to_owned()
+            }
+        };
+        if let Err(why) = check_name(name) {
+            return Err(self.error(&at, format!("the job name {name:?}{origin} is invalid: {why}")));
+        }
+        let folded = name.to_ascii_lowercase();
+        if let Some(&other) = names.get(&folded) {
+            let line = entry_lines.get(other).copied().unwrap_or_default();
+            return Err(self.error(
+                &at,
+                format!(
+                    "the job name {name:?}{origin} is already used by jobs[{other}] (line \
+                     {line}); job names must be unique, ignoring case; give one of them \
+                     another `name:`"
+                ),
+            ));
+        }
+        names.insert(folded, index);
+        Ok(())
+    }
+
+    /// Where to point when the expansion of entry `index` is too large: its `count` if set.
+    fn count_path(&self, index: usize, job: &RawJob) -> Vec<Seg> {
+        let count = vec![Seg::key("jobs"), Seg::Index(index), Seg::key("count")];
+        if job.count > 1 && self.find(&count, Target::Node).is_some() {
+            count
+        } else {
+            vec![Seg::key("jobs"), Seg::Index(index)]
+        }
+    }
+
+    /// The line of entry `index`: from the offset of its first key, else from the locator.
+    fn entry_line(&mut self, index: usize, job: &RawJob, previous: Option<usize>) -> usize {
+        if let Some(offset) = job.offset {
+            return self.lines.position(offset).0;
+        }
+        if self.fallbacks_left > 0 {
+            self.fallbacks_left -= 1;
+            if let Some((line, _)) = self.find(&[Seg::key("jobs"), Seg::Index(index)], Target::Node)
+            {
+                return line;
+            }
+        }
+        previous.unwrap_or(1)
+    }
+
+    fn find(&self, path: &[Seg], target: Target) -> Option<(usize, usize)> {
+        locate(self.text, 0, path, target)
+    }
+
+    /// An error about the node at `path`, or where it belongs: a missing key is reported at
+    /// the nearest node that exists on its path.
+    fn error(&self, path: &[Seg], message: String) -> JobFileError {
+        let position = (1..=path.len()).rev().find_map(|len| self.find(&path[..len], Target::Node));
+        JobFileError {
+            file: self.source.to_owned(),
+            line: position.map(|(line, _)| line),
+            column: position.map(|(_, column)| column),
+            key: render_path(path),
+            message,
+        }
+    }
+}
+
+/// The request body of a job: the defaults, the job's fields over them key by key (a `null`
+/// leaves the field out), then the prompt.
+fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Value> {
+    let mut body = Map::new();
+    for (key, value) in defaults.iter().chain(own) {
+        if value.is_null() {
+            body.remove(key);
+        } else {
+            body.insert(key.clone(), value.clone());
+        }
+    }
+    body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    body
+}
+
+/// About the memory request fields take, in the weight units of the read budget.
+fn params_weight(body: &Params) -> usize {
+    fn weight(value: &Value) -> usize {
+        16 + match value {
+            Value::String(text) => text.len(),
+            Value::Array(items) => items.iter().map(weight).sum(),
+            Value::Object(object) => {
+                object.iter().map(|(key, value)| key.len() + weight(value)).sum()
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        }
+    }
+    body.iter().map(|(key, value)| key.len() + weight(value)).sum()
+}
+
+/// `output` resolved against the directory of `source`, without `.` components.
+fn output_dir(source: &Path, output: &str) -> PathBuf {
+    let base = source.parent().unwrap_or_else(|| Path::new(""));
+    let path: PathBuf =
+        base.join(output).components().filter(|part| *part != Component::CurDir).collect();
+    if path.as_os_str().is_empty() { PathBuf::from(".") } else { path }
+}

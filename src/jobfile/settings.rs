@@ -1,0 +1,257 @@
+//! The `api:` and `limits:` sections. They are plain `Deserialize` types (unknown keys refused,
+//! every limit optional with its default) so that the daemon configuration can embed them too.
+//!
+//! Every per-value rule lives in a visitor below rather than in a check after deserialization:
+//! an error raised while a node is being read carries that node's line and column, one raised
+//! afterwards only the enclosing mapping's. The one rule spanning two fields (a first poll
+//! delay above the cap) is [`Limits::check`], which the job file applies after reading.
+
+use super::values::{parse_limit_duration, parse_size};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use std::fmt;
+use std::time::Duration;
+
+/// Where the Krea API is: the `api:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// The API's base URL, `http://` or `https://`, without a trailing `/`; `None` means
+    /// `https://api.krea.ai`. Tests and `--simulate` point it at the simulated API.
+    #[serde(default, deserialize_with = "base_url")]
+    pub base_url: Option<String>,
+}
+
+/// How hard krea-batch may push: the `limits:` section. Krea publishes no numbers for its rate
+/// and concurrency limits, so the client keeps its own.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Steady submission rate (POSTs per minute) of the governor. Default 60.
+    #[serde(deserialize_with = "positive_u32")]
+    pub submissions_per_minute: u32,
+    /// Submissions allowed at once before the rate applies. Default 5.
+    #[serde(deserialize_with = "positive_u32")]
+    pub burst: u32,
+    /// Cap on jobs submitted and not yet terminal, backlogged ones included. Default 8.
+    #[serde(deserialize_with = "positive_u32")]
+    pub max_in_flight: u32,
+    /// Delay before the first poll of an image or enhance job. Default 2 s.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Delay before the first poll of a video job. Default 5 s.
+    #[serde(deserialize_with = "duration")]
+    pub video_poll_interval: Duration,
+    /// Cap of the exponential back-off between polls. Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval_max: Duration,
+    /// A job still unfinished this long after submission is given up on (and cancelled).
+    /// Default 2 h 10 min: Krea's own timeout for external providers is 2 h.
+    #[serde(deserialize_with = "duration")]
+    pub job_timeout: Duration,
+    /// Read timeout of each HTTP request. Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Result files downloaded at once. Default 4.
+    #[serde(deserialize_with = "positive_u32")]
+    pub download_concurrency: u32,
+    /// Largest result file accepted, in bytes. Default 2 GiB.
+    #[serde(deserialize_with = "size")]
+    pub max_result_size: u64,
+    /// First wait after a 429, a failed poll or a failed download; later waits grow from it.
+    /// Default 5 s, as Krea's own scripts wait 5, 15, 45 s after a 429.
+    #[serde(deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            submissions_per_minute: 60,
+            burst: 5,
+            max_in_flight: 8,
+            poll_interval: Duration::from_secs(2),
+            video_poll_interval: Duration::from_secs(5),
+            poll_interval_max: Duration::from_secs(30),
+            job_timeout: Duration::from_mins(2 * 60 + 10),
+            request_timeout: Duration::from_secs(30),
+            download_concurrency: 4,
+            max_result_size: 2 << 30,
+            retry_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the rules deserialization cannot see alone: every count and duration above zero
+    /// (also for values built in code) and no first poll delay above the back-off cap. Returns
+    /// the offending field and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let counts = [
+            ("submissions_per_minute", self.submissions_per_minute),
+            ("burst", self.burst),
+            ("max_in_flight", self.max_in_flight),
+            ("download_concurrency", self.download_concurrency),
+        ];
+        if let Some((field, _)) = counts.iter().find(|(_, value)| *value == 0) {
+            return Err((field, format!("{field} is 0; it must be at least 1")));
+        }
+        let durations = [
+            ("poll_interval", self.poll_interval),
+            ("video_poll_interval", self.video_poll_interval),
+            ("poll_interval_max", self.poll_interval_max),
+            ("job_timeout", self.job_timeout),
+            ("request_timeout", self.request_timeout),
+            ("retry_backoff", self.retry_backoff),
+        ];
+        if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err((field, format!("{field} is zero; it must be longer than that")));
+        }
+        if self.max_result_size == 0 {
+            return Err(("max_result_size", "max_result_size is 0 bytes".into()));
+        }
+        for (field, first) in [
+            ("poll_interval", self.poll_interval),
+            ("video_poll_interval", self.video_poll_interval),
+        ] {
+            if first > self.poll_interval_max {
+                return Err((
+                    field,
+                    format!(
+                        "{field} ({}) is longer than poll_interval_max ({}), the cap of the \
+                         back-off; lower it or raise poll_interval_max",
+                        humantime::format_duration(first),
+                        humantime::format_duration(self.poll_interval_max),
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A count limit: a whole number from 1 to 4294967295, written without quotes.
+fn positive_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    struct PositiveU32;
+    impl Visitor<'_> for PositiveU32 {
+        type Value = u32;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number of at least 1")
+        }
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u32, E> {
+            match u32::try_from(value) {
+                Ok(0) => Err(E::custom("0 is out of range; it must be at least 1")),
+                Ok(value) => Ok(value),
+                Err(_) => {
+                    Err(E::custom(format!("{value} is too large; the limit is {}", u32::MAX)))
+                }
+            }
+        }
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u32, E> {
+            match u64::try_from(value) {
+                Ok(value) => self.visit_u64(value),
+                Err(_) => Err(E::custom(format!("{value} is negative; it must be at least 1"))),
+            }
+        }
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u32, E> {
+            Err(E::custom(format!("{value} is not a whole number")))
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<u32, E> {
+            Err(E::custom(format!(
+                "expected a whole number, found the string {value:?}; write it without quotes"
+            )))
+        }
+    }
+    deserializer.deserialize_any(PositiveU32)
+}
+
+/// A duration limit in humantime syntax: `500ms`, `2s`, `1m30s`, `2h`.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct DurationText;
+    impl Visitor<'_> for DurationText {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration like 500ms, 2s, 1m30s or 2h")
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Duration, E> {
+            parse_limit_duration(value).map_err(E::custom)
+        }
+        // A bare number is ambiguous (seconds? milliseconds?): ask for the unit.
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<Duration, E> {
+            Err(E::custom(format!("{value} has no unit; write it like {value}s or {value}ms")))
+        }
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<Duration, E> {
+            Err(E::custom(format!("{value} is not a duration; write it like 2s or 500ms")))
+        }
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<Duration, E> {
+            Err(E::custom(format!("{value} has no unit; write it like 1500ms or 1m30s")))
+        }
+    }
+    deserializer.deserialize_any(DurationText)
+}
+
+/// A size limit: bytes as a number, or text with a unit (`512MiB`, `2GiB`); more than zero.
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct SizeText;
+    impl Visitor<'_> for SizeText {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size like 512MiB, 2GiB or 1000000 (bytes)")
+        }
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+            if value == 0 {
+                return Err(E::custom("the size is 0 bytes; it must be more than that"));
+            }
+            Ok(value)
+        }
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+            Err(E::custom(format!("{value} is negative; a size must be more than 0 bytes")))
+        }
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "{value} is not a whole number of bytes; use a unit, like 1536MiB"
+            )))
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
+            self.visit_u64(parse_size(value).map_err(E::custom)?)
+        }
+    }
+    deserializer.deserialize_any(SizeText)
+}
+
+/// The base URL: `http://` or `https://` and a host, no spaces; a trailing `/` is dropped.
+fn base_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    struct BaseUrl;
+    impl<'de> Visitor<'de> for BaseUrl {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a URL like https://api.krea.ai")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Self::Value, D::Error> {
+            inner.deserialize_str(self)
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            let rest = value.strip_prefix("https://").or_else(|| value.strip_prefix("http://"));
+            match rest {
+                Some(rest)
+                    if !rest.is_empty()
+                        && !rest.starts_with('/')
+                        && !value.contains(char::is_whitespace) =>
+                {
+                    Ok(Some(value.trim_end_matches('/').to_owned()))
+                }
+                _ => Err(E::custom(format!(
+                    "{value:?} is not a base URL; expected http:// or https:// and a host, \
+                     like https://api.krea.ai"
+                ))),
+            }
+        }
+    }
+    deserializer.deserialize_option(BaseUrl)
+}

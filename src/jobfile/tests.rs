@@ -1,0 +1,878 @@
+//! Tests of the job file: the example, each rejection with its position, merging, names,
+//! counts and key stability, and inputs that must fail cleanly (never panic or hang).
+
+use super::*;
+use serde_json::json;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+fn parse_str(text: &str) -> Result<JobFile, JobFileError> {
+    parse(text.as_bytes(), Path::new("dir/jobs.yaml"))
+}
+
+#[track_caller]
+fn ok(text: &str) -> JobFile {
+    match parse_str(text) {
+        Ok(file) => file,
+        Err(error) => panic!("refused: {error}\n--- text:\n{text}"),
+    }
+}
+
+#[track_caller]
+fn refused(text: &str) -> JobFileError {
+    match parse_str(text) {
+        Ok(file) => panic!("accepted: {file:?}\n--- text:\n{text}"),
+        Err(error) => error,
+    }
+}
+
+/// Asserts the position, key and (part of the) message of the error `text` gets.
+#[track_caller]
+fn check(text: &str, line: usize, column: usize, key: Option<&str>, needle: &str) -> JobFileError {
+    let error = refused(text);
+    let shown = error.to_string();
+    assert_eq!((error.line, error.column), (Some(line), Some(column)), "position of: {shown}");
+    assert_eq!(error.key.as_deref(), key, "key of: {shown}");
+    assert!(error.message.contains(needle), "{needle:?} not in: {shown}");
+    assert!(!shown.contains(" at line "), "serde_yaml's position left in: {shown}");
+    error
+}
+
+/// One job line under a default model, for the many tests about one key.
+fn with_job(job: &str) -> String {
+    format!("model: image/bfl/flux-1-dev\njobs:\n  - {job}\n")
+}
+
+fn body(value: &serde_json::Value) -> Map<String, Value> {
+    value.as_object().cloned().expect("test bodies are objects")
+}
+
+#[test]
+fn the_example_parses_with_documented_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs.example.yaml");
+    let file = load(&path).unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(file.output_dir, Path::new(env!("CARGO_MANIFEST_DIR")).join("out"));
+    assert_eq!(file.api.base_url.as_deref(), Some("https://api.krea.ai"));
+    // The example spells out every default.
+    assert_eq!(file.limits, Limits::default());
+    assert_eq!(file.prices.get("image/bfl/flux-1-dev"), Some(&0.007));
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fox-1", "fox-2", "fox-3", "002-a-lighthouse-at-dusk-oil-painting", "harbour"]
+    );
+    let fox = &file.jobs[0];
+    assert_eq!(fox.model, "image/krea/krea-2/medium");
+    assert_eq!(
+        fox.body,
+        body(&json!({"prompt": "a red fox in fresh snow", "aspect_ratio": "16:9"}))
+    );
+    assert_eq!(file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(), [0, 1, 2, 0, 0]);
+    let lighthouse = &file.jobs[3];
+    assert_eq!(lighthouse.model, "image/bfl/flux-1-dev");
+    assert_eq!(
+        lighthouse.body,
+        body(&json!({"prompt": "a lighthouse at dusk, oil painting",
+                    "width": 1024, "height": 1024, "steps": 25}))
+    );
+    let harbour = &file.jobs[4];
+    assert_eq!(
+        harbour.body["prompt"],
+        "a quiet harbour at dawn, fishing boats, mist over the water"
+    );
+    assert_eq!(harbour.body["seed"], 42);
+    // Lines point at each entry's first key.
+    let text = std::fs::read_to_string(&path).expect("the example is readable");
+    for job in &file.jobs {
+        let line = text.lines().nth(job.line - 1).expect("the line exists");
+        assert!(line.trim_start().starts_with("- "), "{}: line {} is {line:?}", job.name, job.line);
+    }
+}
+
+#[test]
+fn defaults_apply_when_sections_are_absent() {
+    let file = ok("jobs:\n  - prompt: a fox\n    model: bfl/flux-1-dev\n");
+    assert_eq!(file.limits, Limits::default());
+    assert_eq!(file.limits.job_timeout, Duration::from_mins(130));
+    assert_eq!(file.limits.max_result_size, 2 << 30);
+    assert_eq!(file.api, ApiSettings::default());
+    assert!(file.prices.is_empty());
+    assert_eq!(file.output_dir, Path::new("dir/out"));
+    assert_eq!(file.jobs[0].model, "image/bfl/flux-1-dev");
+    assert_eq!(file.jobs[0].name, "001-a-fox");
+    assert_eq!(file.jobs[0].line, 2);
+}
+
+#[test]
+fn limits_and_output_are_read() {
+    let file = ok("output: /tmp/results/./x\napi: {base_url: 'http://127.0.0.1:8080/'}\n\
+                   limits:\n  burst: 1\n  poll_interval: 500ms\n  video_poll_interval: 1m\n  \
+                   poll_interval_max: 1m30s\n  max_result_size: 512MiB\n  job_timeout: 3h\n\
+                   jobs: [{prompt: x, model: video/kling/kling-2.5}]\n");
+    assert_eq!(file.output_dir, Path::new("/tmp/results/x"));
+    assert_eq!(file.api.base_url.as_deref(), Some("http://127.0.0.1:8080"));
+    assert_eq!(file.limits.burst, 1);
+    assert_eq!(file.limits.poll_interval, Duration::from_millis(500));
+    assert_eq!(file.limits.video_poll_interval, Duration::from_mins(1));
+    assert_eq!(file.limits.poll_interval_max, Duration::from_secs(90));
+    assert_eq!(file.limits.job_timeout, Duration::from_hours(3));
+    assert_eq!(file.limits.max_result_size, 512 << 20);
+    assert_eq!(file.limits.submissions_per_minute, 60);
+    assert_eq!(file.jobs[0].line, 10);
+}
+
+#[test]
+fn params_merge_key_by_key_and_the_job_wins() {
+    let file = ok("model: bfl/flux-1-dev\nparams: {width: 1024, height: 768, steps: 25}\n\
+                   jobs:\n  - prompt: a\n    params: {width: 512, seed: 7, steps: null, \
+                   styles: [{id: s1, strength: 0.5}]}\n  - prompt: b\n");
+    assert_eq!(
+        file.jobs[0].body,
+        body(&json!({"prompt": "a", "width": 512, "height": 768, "seed": 7,
+                     "styles": [{"id": "s1", "strength": 0.5}]}))
+    );
+    assert_eq!(
+        file.jobs[1].body,
+        body(&json!({"prompt": "b", "width": 1024, "height": 768, "steps": 25}))
+    );
+}
+
+#[test]
+fn model_paths_are_normalised_and_checked() {
+    assert_eq!(parse_model_path("bfl/flux-1-dev").as_deref(), Ok("image/bfl/flux-1-dev"));
+    assert_eq!(parse_model_path("image/bfl/flux-1-dev").as_deref(), Ok("image/bfl/flux-1-dev"));
+    assert_eq!(parse_model_path("krea/krea-2/medium").as_deref(), Ok("image/krea/krea-2/medium"));
+    assert_eq!(parse_model_path("video/kling/kling-2.5").as_deref(), Ok("video/kling/kling-2.5"));
+    assert_eq!(
+        parse_model_path("enhance/topaz/standard-enhance").as_deref(),
+        Ok("enhance/topaz/standard-enhance")
+    );
+    for bad in [
+        "",
+        "/image/bfl/x",
+        "image/../x",
+        "image/./x",
+        "image//x",
+        "image/bfl/",
+        "bfl",
+        "video/kling",
+        "Image/bfl/x",
+        "image/bfl/flux 1",
+        "image/bfl/fl\u{fc}x",
+        "a\\b/c",
+    ] {
+        let why = parse_model_path(bad).expect_err(bad);
+        assert!(why.contains("image/bfl/flux-1-dev"), "{bad:?}: no expected form in {why}");
+    }
+    assert!(parse_model_path(&format!("image/bfl/{}", "x".repeat(300))).is_err());
+    let file = ok("model: bfl/flux-1-dev\nprices: {bfl/flux-1-dev: 0.01, video/kling/k: 1}\n\
+                   jobs: [{prompt: a}]\n");
+    assert_eq!(file.prices.get("image/bfl/flux-1-dev"), Some(&0.01));
+    assert_eq!(file.prices.get("video/kling/k"), Some(&1.0));
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(parse_size("1000000"), Ok(1_000_000));
+    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    assert_eq!(parse_size("2 gib"), Ok(2 << 30));
+    assert_eq!(parse_size("10MB"), Ok(10_000_000));
+    assert_eq!(parse_size("1k"), Ok(1000));
+    assert_eq!(parse_size("3B"), Ok(3));
+    for bad in ["", "MiB", "1.5GiB", "-1", "2 parsecs", "99999999999999999999", "20000000TiB"] {
+        assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn count_expands_into_numbered_jobs() {
+    let file = ok(&with_job("{prompt: a fox, name: fox, count: 3}"));
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["fox-1", "fox-2", "fox-3"]);
+    assert!(file.jobs.iter().all(|job| job.line == 3));
+    let file = ok(&with_job("{prompt: a fox, count: 2}"));
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["001-a-fox-1", "001-a-fox-2"]);
+    assert_eq!(ok(&with_job("{prompt: a fox, name: fox, count: 1}")).jobs[0].name, "fox");
+}
+
+fn keys(file: &JobFile) -> Vec<JobKey> {
+    file.jobs.iter().map(|job| job.key.clone()).collect()
+}
+
+#[test]
+fn identical_jobs_are_told_apart_by_occurrence() {
+    let file = ok("model: bfl/flux-1-dev\njobs:\n  - prompt: a\n  - prompt: b\n  - prompt: a\n");
+    assert_eq!(file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(), [0, 0, 1]);
+    let keys = keys(&file);
+    assert_ne!(keys[0], keys[2]);
+    assert_eq!(keys[0], JobKey::new("image/bfl/flux-1-dev", &body(&json!({"prompt": "a"})), 0));
+    assert_eq!(keys[2], JobKey::new("image/bfl/flux-1-dev", &body(&json!({"prompt": "a"})), 1));
+    // The same prompt under another model, or with other fields, is another job.
+    let file = ok("model: bfl/flux-1-dev\njobs:\n  - prompt: a\n  - {prompt: a, model: bfl/x}\n\
+                   - {prompt: a, params: {seed: 1}}\n"
+        .replace("\n- ", "\n  - ")
+        .as_str());
+    assert_eq!(file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(), [0, 0, 0]);
+}
+
+#[test]
+fn growing_a_count_adds_exactly_one_key() {
+    let three = keys(&ok(&with_job("{prompt: a fox, name: fox, count: 3}")));
+    let four = keys(&ok(&with_job("{prompt: a fox, name: fox, count: 4}")));
+    assert_eq!(three.len(), 3);
+    assert_eq!(&four[..3], &three[..]);
+    assert!(!three.contains(&four[3]));
+    let occurrences: Vec<u32> =
+        ok(&with_job("{prompt: a fox, count: 3}")).jobs.iter().map(|job| job.occurrence).collect();
+    assert_eq!(occurrences, [0, 1, 2]);
+}
+
+#[test]
+fn keys_ignore_names_param_order_and_where_params_come_from() {
+    let a = keys(&ok(&with_job("{prompt: a fox, name: fox, params: {seed: 1, steps: 20}}")));
+    let b = keys(&ok(&with_job("{prompt: a fox, name: renamed, params: {steps: 20, seed: 1}}")));
+    let c = keys(&ok("model: image/bfl/flux-1-dev\nparams: {steps: 20}\n\
+                      jobs: [{prompt: a fox, params: {seed: 1}}]\n"));
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    // Another job in front changes no key.
+    let d =
+        keys(&ok("model: image/bfl/flux-1-dev\njobs:\n  - prompt: first\n  - {prompt: a fox, \
+                      params: {seed: 1, steps: 20}}\n"));
+    assert_eq!(d[1], a[0]);
+}
+
+#[test]
+fn derived_names_are_unique() {
+    let text = format!("model: bfl/flux-1-dev\njobs:\n{}", "  - prompt: same words\n".repeat(12));
+    let file = ok(&text);
+    let mut names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names[0], "001-same-words");
+    assert_eq!(names[11], "012-same-words");
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 12);
+}
+
+#[test]
+fn the_error_reads_file_line_column_key_message() {
+    let error = JobFileError {
+        file: PathBuf::from("jobs.yaml"),
+        line: Some(12),
+        column: Some(5),
+        key: Some("jobs[3].prompt".into()),
+        message: "the prompt is empty; write the text to generate".into(),
+    };
+    assert_eq!(
+        error.to_string(),
+        "jobs.yaml:12:5: jobs[3].prompt: the prompt is empty; write the text to generate"
+    );
+    let bare = JobFileError { line: None, column: None, key: None, ..error };
+    assert_eq!(bare.to_string(), "jobs.yaml: the prompt is empty; write the text to generate");
+}
+
+// ---- rejections: one per rule, each with its position ----
+
+#[test]
+fn unknown_keys_are_refused_with_the_valid_ones() {
+    let error =
+        check("modle: x\njobs: [{prompt: a}]\n", 1, 1, Some("modle"), "unknown key \"modle\"");
+    assert!(error.message.contains("did you mean `model`?"), "{error}");
+    assert!(error.message.contains("model, params, output, api, limits, prices, jobs"), "{error}");
+    let error = check(
+        &with_job("{prompt: a, promt: b}"),
+        3,
+        17,
+        Some("jobs[0].promt"),
+        "did you mean `prompt`?",
+    );
+    assert!(error.message.contains("prompt, name, model, params, count"), "{error}");
+    let error = check(
+        "limits:\n  burts: 5\njobs: [{prompt: a}]\n",
+        2,
+        3,
+        Some("limits.burts"),
+        "unknown key \"burts\"",
+    );
+    assert!(error.message.contains("did you mean `burst`?"), "{error}");
+    assert!(error.message.contains("max_in_flight"), "{error}");
+    check("api:\n  url: http://x\njobs: [{prompt: a}]\n", 2, 3, Some("api.url"), "base_url");
+}
+
+#[test]
+fn prompts_must_be_present_and_not_blank() {
+    check(&with_job("name: fox"), 3, 5, Some("jobs[0].prompt"), "no `prompt`");
+    check(
+        &with_job("prompt: ''"),
+        3,
+        13,
+        Some("jobs[0].prompt"),
+        "the prompt is empty; write the text",
+    );
+    check(&with_job("prompt: \"  \\t \""), 3, 13, Some("jobs[0].prompt"), "the prompt is empty");
+    check(&with_job("prompt:"), 3, 12, Some("jobs[0].prompt"), "the prompt is empty");
+    check(&with_job("prompt: ~"), 3, 13, Some("jobs[0].prompt"), "the prompt is empty");
+    check("model: bfl/x\njobs:\n  - prompt: a\n  -\n", 4, 4, Some("jobs[1]"), "this job is empty");
+    check("model: bfl/x\njobs:\n  - a fox\n", 3, 5, Some("jobs[0]"), "`- prompt: \"...\"`");
+}
+
+#[test]
+fn strings_must_be_strings() {
+    check(
+        &with_job("prompt: 123"),
+        3,
+        13,
+        Some("jobs[0].prompt"),
+        "expected a string, found the number 123; quote it: \"123\"",
+    );
+    check(
+        &with_job("{prompt: a, name: yes}"),
+        3,
+        23,
+        Some("jobs[0].name"),
+        "expected a string, found yes, which YAML 1.1",
+    );
+    check(&with_job("{prompt: a, name: true}"), 3, 23, Some("jobs[0].name"), "quote it: \"true\"");
+    check(&with_job("{prompt: a, model: 1.5}"), 3, 24, Some("jobs[0].model"), "quote it");
+    check(
+        &with_job("{prompt: [a, b]}"),
+        3,
+        14,
+        Some("jobs[0].prompt"),
+        "expected a string, found a list",
+    );
+    check(
+        "output: 7\njobs: [{prompt: a, model: bfl/x}]\n",
+        1,
+        9,
+        Some("output"),
+        "quote it: \"7\"",
+    );
+    // Quoted, the same words are text.
+    let file = ok(&with_job("{prompt: '123', name: \"yes\"}"));
+    assert_eq!((file.jobs[0].name.as_str(), &file.jobs[0].body["prompt"]), ("yes", &json!("123")));
+}
+
+#[test]
+fn names_are_checked() {
+    check(
+        &with_job("{prompt: a, name: ../x}"),
+        3,
+        23,
+        Some("jobs[0].name"),
+        "invalid name \"../x\": the name contains '/'",
+    );
+    check(&with_job("{prompt: a, name: CON}"), 3, 23, Some("jobs[0].name"), "device name");
+    let long = "x".repeat(119);
+    check(
+        &with_job(&format!("{{prompt: a, name: {long}, count: 10}}")),
+        3,
+        23,
+        Some("jobs[0].name"),
+        "(made by `count`) is invalid",
+    );
+}
+
+#[test]
+fn duplicate_names_point_at_the_second() {
+    let text = "model: bfl/x\njobs:\n  - prompt: a\n    name: fox\n  - prompt: b\n    name: fox\n";
+    check(text, 6, 11, Some("jobs[1].name"), "\"fox\" is already used by jobs[0] (line 3)");
+    let text = "model: bfl/x\njobs:\n  - {prompt: a, name: Fox}\n  - {prompt: b, name: fox}\n";
+    check(text, 4, 23, Some("jobs[1].name"), "ignoring case");
+    // A derived name colliding with an explicit one: the entry without a name is pointed at.
+    let text = "model: bfl/x\njobs:\n  - {prompt: a, name: 002-fox}\n  - prompt: fox\n";
+    check(text, 4, 5, Some("jobs[1]"), "\"002-fox\" (derived from the position and prompt");
+    // A name made by count colliding with an earlier job.
+    let text =
+        "model: bfl/x\njobs:\n  - {prompt: a, name: fox-2}\n  - {prompt: b, name: fox, count: 3}\n";
+    check(
+        text,
+        4,
+        23,
+        Some("jobs[1].name"),
+        "\"fox-2\" (made by `count`) is already used by jobs[0]",
+    );
+    // The earlier job's expansion taking a later explicit name.
+    let text =
+        "model: bfl/x\njobs:\n  - {prompt: a, name: fox, count: 2}\n  - {prompt: b, name: fox-1}\n";
+    check(text, 4, 23, Some("jobs[1].name"), "already used by jobs[0]");
+}
+
+#[test]
+fn counts_are_whole_positive_numbers() {
+    check(&with_job("{prompt: a, count: 0}"), 3, 24, Some("jobs[0].count"), "count is 0");
+    check(&with_job("{prompt: a, count: -2}"), 3, 24, Some("jobs[0].count"), "negative");
+    check(&with_job("{prompt: a, count: 1.5}"), 3, 24, Some("jobs[0].count"), "whole number");
+    check(&with_job("{prompt: a, count: '3'}"), 3, 24, Some("jobs[0].count"), "without quotes");
+    check(
+        &with_job("{prompt: a, count: 4294967296}"),
+        3,
+        24,
+        Some("jobs[0].count"),
+        "split the work",
+    );
+    check(&with_job("{prompt: a, count: 2000000}"), 3, 24, Some("jobs[0].count"), "split the work");
+    // Several counts adding up past the cap: reported at the count that crosses it.
+    let text =
+        "model: bfl/x\njobs:\n  - {prompt: a, count: 600000}\n  - {prompt: b, count: 600000}\n";
+    check(text, 4, 24, Some("jobs[1].count"), "more than the file may hold");
+}
+
+#[test]
+fn durations_and_sizes_are_checked_where_written() {
+    let limits = |line: &str| format!("limits:\n  {line}\njobs: [{{prompt: a, model: bfl/x}}]\n");
+    check(
+        &limits("poll_interval: 2"),
+        2,
+        18,
+        Some("limits.poll_interval"),
+        "no unit; write it like 2s",
+    );
+    check(
+        &limits("poll_interval: 2 parsecs"),
+        2,
+        18,
+        Some("limits.poll_interval"),
+        "not a duration",
+    );
+    check(&limits("job_timeout: 0s"), 2, 16, Some("limits.job_timeout"), "zero");
+    check(&limits("job_timeout: 400d"), 2, 16, Some("limits.job_timeout"), "30 days");
+    check(&limits("max_result_size: 2 GB!"), 2, 20, Some("limits.max_result_size"), "unknown unit");
+    check(&limits("max_result_size: 0"), 2, 20, Some("limits.max_result_size"), "0 bytes");
+    check(&limits("max_result_size: -5"), 2, 20, Some("limits.max_result_size"), "negative");
+}
+
+#[test]
+fn limits_out_of_range_are_refused() {
+    let limits = |lines: &str| format!("limits:\n{lines}jobs: [{{prompt: a, model: bfl/x}}]\n");
+    check(&limits("  burst: 0\n"), 2, 10, Some("limits.burst"), "at least 1");
+    check(&limits("  max_in_flight: -1\n"), 2, 18, Some("limits.max_in_flight"), "negative");
+    check(
+        &limits("  submissions_per_minute: 0\n"),
+        2,
+        27,
+        Some("limits.submissions_per_minute"),
+        "at least 1",
+    );
+    check(
+        &limits("  download_concurrency: '4'\n"),
+        2,
+        25,
+        Some("limits.download_concurrency"),
+        "without quotes",
+    );
+    check(&limits("  burst: 5000000000\n"), 2, 10, Some("limits.burst"), "too large");
+    check(
+        &limits("  poll_interval: 40s\n"),
+        2,
+        18,
+        Some("limits.poll_interval"),
+        "longer than poll_interval_max (30s)",
+    );
+    // Only the cap written: it is the one pointed at.
+    check(
+        &limits("  poll_interval_max: 3s\n"),
+        2,
+        22,
+        Some("limits.poll_interval_max"),
+        "video_poll_interval (5s)",
+    );
+    check(
+        "limits: 5\njobs: [{prompt: a, model: bfl/x}]\n",
+        1,
+        9,
+        Some("limits"),
+        "expected a mapping of settings",
+    );
+    check(
+        "api: {base_url: ftp://x}\njobs: [{prompt: a, model: bfl/x}]\n",
+        1,
+        17,
+        Some("api.base_url"),
+        "http:// or https://",
+    );
+}
+
+#[test]
+fn models_are_required_and_checked() {
+    check("jobs:\n  - prompt: a\n", 2, 5, Some("jobs[0].model"), "this job has no model");
+    check("model: Image/X\njobs: [{prompt: a}]\n", 1, 8, Some("model"), "lowercase");
+    check(
+        &with_job("{prompt: a, model: /image/x/y}"),
+        3,
+        24,
+        Some("jobs[0].model"),
+        "starts with '/'",
+    );
+    check(
+        &with_job("{prompt: a, model: image/../y}"),
+        3,
+        24,
+        Some("jobs[0].model"),
+        "\"..\" segment",
+    );
+    check(
+        &with_job("{prompt: a, model: ''}"),
+        3,
+        24,
+        Some("jobs[0].model"),
+        "empty; expected a path like image/bfl/flux-1-dev",
+    );
+    check(&with_job("{prompt: a, model: bfl}"), 3, 24, Some("jobs[0].model"), "no model");
+}
+
+#[test]
+fn params_are_checked() {
+    check(
+        &with_job("{prompt: a, params: {prompt: b}}"),
+        3,
+        26,
+        Some("jobs[0].params.prompt"),
+        "use the job's own `prompt:` key",
+    );
+    check(
+        "params:\n  prompt: x\njobs: [{prompt: a, model: bfl/x}]\n",
+        2,
+        3,
+        Some("params.prompt"),
+        "does not belong in params",
+    );
+    check(
+        &with_job("{prompt: a, params: [1]}"),
+        3,
+        25,
+        Some("jobs[0].params"),
+        "must be a mapping of request fields",
+    );
+    check(&with_job("{prompt: a, params: 5}"), 3, 25, Some("jobs[0].params"), "found the number 5");
+    check(
+        &with_job("{prompt: a, params: {1: x}}"),
+        3,
+        26,
+        Some("jobs[0].params"),
+        "keys in params must be text",
+    );
+    check(
+        &with_job("{prompt: a, params: {s: [{true: 1}]}}"),
+        3,
+        31,
+        Some("jobs[0].params.s[0]"),
+        "found the boolean true",
+    );
+    check(
+        &with_job("{prompt: a, params: {x: .nan}}"),
+        3,
+        29,
+        Some("jobs[0].params.x"),
+        "JSON has no NaN or infinity",
+    );
+    check(
+        &with_job("{prompt: a, params: {x: -.inf}}"),
+        3,
+        29,
+        Some("jobs[0].params.x"),
+        "JSON has no NaN",
+    );
+    check(
+        &with_job("{prompt: a, params: {x: 99999999999999999999999}}"),
+        3,
+        29,
+        Some("jobs[0].params.x"),
+        "too large",
+    );
+    check(
+        &with_job("{prompt: a, params: {hd: on}}"),
+        3,
+        30,
+        Some("jobs[0].params.hd"),
+        "write true or false",
+    );
+    check(
+        &with_job("{prompt: a, params: {x: !tag 1}}"),
+        3,
+        29,
+        Some("jobs[0].params.x"),
+        "YAML tags",
+    );
+    check(
+        &with_job("{prompt: a, params: {<<: {x: 1}}}"),
+        3,
+        26,
+        Some("jobs[0].params.\"<<\""),
+        "merge keys",
+    );
+    let file = ok(&with_job(
+        "{prompt: a, params: {hd: 'on', big: 18446744073709551615, neg: -3, f: 0.25}}",
+    ));
+    assert_eq!(
+        file.jobs[0].body,
+        body(&json!({"prompt": "a", "hd": "on", "big": 18_446_744_073_709_551_615_u64,
+                    "neg": -3, "f": 0.25}))
+    );
+}
+
+#[test]
+fn prices_are_checked() {
+    let prices = |line: &str| format!("prices:\n  {line}\njobs: [{{prompt: a, model: bfl/x}}]\n");
+    check(&prices("bfl/x: -1"), 2, 10, Some("prices.bfl/x"), "write 0 or more USD");
+    check(&prices("bfl/x: '$0.5'"), 2, 10, Some("prices.bfl/x"), "without quotes");
+    check(&prices("bfl/x: .nan"), 2, 10, Some("prices.bfl/x"), "0 or more");
+    check(&prices("Bad Model: 1"), 2, 3, Some("prices.\"Bad Model\""), "lowercase");
+    check(
+        "prices:\n  bfl/x: 1\n  image/bfl/x: 2\njobs: [{prompt: a, model: bfl/x}]\n",
+        3,
+        3,
+        Some("prices.image/bfl/x"),
+        "already set above",
+    );
+    check(
+        "prices: [1]\njobs: [{prompt: a, model: bfl/x}]\n",
+        1,
+        9,
+        Some("prices"),
+        "mapping of model path",
+    );
+}
+
+#[test]
+fn duplicate_keys_are_refused_everywhere() {
+    check(
+        "jobs: [{prompt: a, model: bfl/x}]\njobs: [{prompt: b, model: bfl/x}]\n",
+        2,
+        1,
+        Some("jobs"),
+        "`jobs` appears twice at the top level",
+    );
+    check(
+        &with_job("prompt: a\n    prompt: b"),
+        4,
+        5,
+        Some("jobs[0].prompt"),
+        "appears twice in a job",
+    );
+    check(
+        &with_job("{prompt: a, params: {w: 1, w: 2}}"),
+        3,
+        32,
+        Some("jobs[0].params.w"),
+        "appears twice",
+    );
+    check(
+        &with_job("{prompt: a, params: {s: {id: 1, id: 2}}}"),
+        3,
+        37,
+        Some("jobs[0].params.s.id"),
+        "appears twice",
+    );
+    check(
+        "limits:\n  burst: 1\n  burst: 2\njobs: [{prompt: a, model: bfl/x}]\n",
+        3,
+        3,
+        Some("limits.burst"),
+        "`burst` appears twice",
+    );
+    check(
+        "api:\n  base_url: http://a\n  base_url: http://b\njobs: [{prompt: a, model: bfl/x}]\n",
+        3,
+        3,
+        Some("api.base_url"),
+        "appears twice",
+    );
+}
+
+#[test]
+fn empty_files_and_lists_are_refused() {
+    for text in ["", "\n\n", "# only a comment\n", "~\n", "{}\n"] {
+        let error = refused(text);
+        assert!(error.message.contains("the job file is empty"), "{text:?}: {error}");
+        // serde_yaml places an empty document at its end.
+        assert!(error.line.is_some() && error.column.is_some(), "{text:?}: {error}");
+    }
+    check(
+        "model: bfl/x\njobs: []\n",
+        2,
+        7,
+        Some("jobs"),
+        "the `jobs` list is empty, so there is nothing to do",
+    );
+    check("model: bfl/x\njobs:\n", 2, 6, Some("jobs"), "nothing to do");
+    check("model: bfl/x\n", 1, 1, Some("jobs"), "no `jobs:` list");
+    check("- prompt: a\n", 1, 1, None, "must be a YAML mapping");
+    check("model: bfl/x\njobs: {prompt: a}\n", 2, 7, Some("jobs"), "must be a list");
+}
+
+#[test]
+fn encodings_are_handled() {
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(with_job("prompt: a").as_bytes());
+    let file = parse(&bytes, Path::new("jobs.yaml")).expect("a BOM is skipped");
+    assert_eq!(file.jobs[0].line, 3);
+    let mut bytes = with_job("prompt: \"caf\u{e9} ").into_bytes();
+    bytes.truncate(bytes.len() - 1);
+    bytes.extend_from_slice(b"\xFF\"\n");
+    let error = parse(&bytes, Path::new("jobs.yaml")).expect_err("invalid UTF-8");
+    assert_eq!((error.line, error.column), (Some(3), Some(19)), "{error}");
+    assert!(error.message.contains("not valid UTF-8 (byte 0xFF here)"), "{error}");
+    let error = parse(b"\xFF\xFEj\0o\0", Path::new("jobs.yaml")).expect_err("UTF-16");
+    assert!(error.message.contains("UTF-16"), "{error}");
+}
+
+#[test]
+fn yaml_errors_keep_their_position() {
+    let error = check("model: bfl/x\njobs:\n\t- prompt: a\n", 3, 1, None, "invalid YAML");
+    assert!(error.message.contains("tab"), "{error}");
+    check("model: bfl/x\njobs:\n  - prompt: a\n   name: b\n", 4, 4, None, "invalid YAML");
+    check("model: bfl/x\njobs: *nowhere\n", 2, 7, None, "not defined before it");
+    check(
+        "model: bfl/x\njobs: [{prompt: a}]\n---\njobs: []\n",
+        4,
+        1,
+        None,
+        "more than one YAML document",
+    );
+    check(&with_job("{prompt: !fancy a}"), 3, 14, Some("jobs[0].prompt"), "YAML tags");
+    check("model: bfl/x\njobs: [{prompt: \"a\0\"}]\n", 2, 19, None, "invalid YAML");
+}
+
+#[test]
+fn alias_bombs_end_in_a_positioned_error() {
+    let mut text = String::from(
+        "model: bfl/x\nparams:\n  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for level in 1..12 {
+        let previous = format!("*a{}", level - 1);
+        let _ = writeln!(text, "  a{level}: &a{level} [{}]", vec![previous; 9].join(", "));
+    }
+    text.push_str("jobs: [{prompt: a}]\n");
+    let started = std::time::Instant::now();
+    let error = refused(&text);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    // Pointed at the parameter whose expansion is too large, not at the anchor inside it.
+    assert_eq!(error.key.as_deref(), Some("params.a5"), "{error}");
+    assert_eq!((error.line, error.column), (Some(8), Some(7)), "{error}");
+    assert!(error.message.contains("aliases (*name) expand to too much data"), "{error}");
+}
+
+#[test]
+fn quadratic_aliases_hit_the_budget() {
+    // Few aliases to a large list: within serde_yaml's repetition limit, stopped by the budget.
+    let big = vec!["0123456789abcdef0123456789abcdef"; 20_000].join(", ");
+    let mut text = format!("model: bfl/x\nparams:\n  big: &big [{big}]\n  copies: [");
+    text.push_str(&vec!["*big"; 1000].join(", "));
+    text.push_str("]\njobs: [{prompt: a}]\n");
+    let error = refused(&text);
+    assert!(error.message.contains("too much data"), "{error}");
+    assert_eq!(error.key.as_deref(), Some("params.copies"), "{error}");
+    assert_eq!((error.line, error.column), (Some(4), Some(11)), "{error}");
+}
+
+#[test]
+fn deep_nesting_ends_in_a_positioned_error() {
+    let text =
+        with_job(&format!("{{prompt: a, params: {{x: {}{}}}}}", "[".repeat(300), "]".repeat(300)));
+    let error = refused(&text);
+    assert!(error.message.contains("nested too deeply"), "{error}");
+    assert_eq!(error.line, Some(3), "{error}");
+}
+
+#[test]
+fn no_input_panics() {
+    // Every prefix of the example, and bytes flipped in it, fail cleanly or parse.
+    let example = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs.example.yaml"))
+        .expect("the example is readable");
+    for end in (0..example.len()).step_by(7) {
+        let _ = parse(&example[..end], Path::new("x.yaml"));
+    }
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet = b" \n\t-:[]{}&*!|>'\"#,?0aZ\\\xFF";
+    for _ in 0..400 {
+        let mut bytes = example.clone();
+        for _ in 0..3 {
+            let at = (next() % bytes.len() as u64) as usize;
+            bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize];
+        }
+        if let Err(error) = parse(&bytes, Path::new("x.yaml")) {
+            assert!(!error.message.is_empty());
+        }
+    }
+    // Short random documents of YAML punctuation and the job file's own words.
+    let words: [&[u8]; 16] = [
+        b"jobs:",
+        b"prompt: ",
+        b"params:",
+        b"name: ",
+        b"count: ",
+        b"model: bfl/x",
+        b"- ",
+        b"\n",
+        b"\n  ",
+        b"&a ",
+        b"*a",
+        b"!t ",
+        b"{",
+        b"}, ",
+        b"[",
+        b"], ",
+    ];
+    for _ in 0..3000 {
+        let mut bytes = Vec::new();
+        for _ in 0..(next() % 24) {
+            if next() % 3 == 0 {
+                bytes.push(alphabet[(next() % alphabet.len() as u64) as usize]);
+            } else {
+                bytes.extend_from_slice(words[(next() % words.len() as u64) as usize]);
+            }
+        }
+        let _ = parse(&bytes, Path::new("x.yaml"));
+    }
+}
+
+#[test]
+fn load_reports_io_errors() {
+    let error = load(Path::new("/nonexistent/jobs.yaml")).expect_err("no such file");
+    assert!(
+        error.to_string().starts_with("/nonexistent/jobs.yaml: cannot read the job file"),
+        "{error}"
+    );
+}
+
+#[test]
+fn limits_and_api_deserialize_on_their_own() {
+    // The daemon configuration embeds these sections, possibly from another format.
+    let limits: Limits =
+        serde_json::from_str(r#"{"burst": 2, "poll_interval": "1s", "max_result_size": 1024}"#)
+            .expect("valid limits");
+    assert_eq!(
+        limits,
+        Limits {
+            burst: 2,
+            poll_interval: Duration::from_secs(1),
+            max_result_size: 1024,
+            ..Limits::default()
+        }
+    );
+    let error = serde_json::from_str::<Limits>(r#"{"burst": 0}"#).expect_err("zero burst");
+    assert!(error.to_string().contains("at least 1"), "{error}");
+    assert!(serde_json::from_str::<Limits>(r#"{"brust": 1}"#).is_err());
+    let api: ApiSettings = serde_json::from_str(r#"{"base_url": "https://example.test/"}"#)
+        .expect("valid api settings");
+    assert_eq!(api.base_url.as_deref(), Some("https://example.test"));
+    assert_eq!(serde_json::from_str::<ApiSettings>("{}").ok(), Some(ApiSettings::default()));
+}
+
+#[test]
+fn limits_check_catches_values_built_in_code() {
+    assert_eq!(Limits::default().check(), Ok(()));
+    let zero = Limits { max_in_flight: 0, ..Limits::default() };
+    assert_eq!(zero.check().map_err(|(field, _)| field), Err("max_in_flight"));
+    let slow = Limits { video_poll_interval: Duration::from_mins(1), ..Limits::default() };
+    assert_eq!(slow.check().map_err(|(field, _)| field), Err("video_poll_interval"));
+}
