@@ -10,7 +10,8 @@
 //! | file | job |
 //! |---|---|
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
-//! | `jobfile.rs` | the YAML job file as users write it, validated into jobs with precise errors |
+//! | `jobfile/` | the YAML job file as users write it, validated into jobs with precise errors |
+//! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
 //! | `pricing.rs` | the price table: what a generation costs, for estimates |
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
@@ -19,6 +20,8 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
 //! | `runner.rs` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `report.rs` | progress display, the run summary, the manifest |
+//! | `batch.rs` | the one-shot commands wired end to end: `run`, `check`, `status` |
+//! | `cli.rs` | the command line (clap types) |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate` |
 //!
 //! # Dependency direction
@@ -27,5 +30,17 @@
 //! jobs but not HTTP. `runner` is the one module that ties them together; `main` sits on top. The
 //! simulation depends on nothing else in the crate: it models Krea, not krea-batch.
 
+pub mod api;
+pub mod batch;
+pub mod cli;
+pub mod download;
 pub mod job;
+pub mod jobfile;
+pub mod key;
+pub mod pace;
+pub mod pricing;
+pub mod report;
+pub mod retry;
+pub mod runner;
 pub mod sim;
+pub mod store;

@@ -1,2 +1,285 @@
-//! The `krea-batch` binary (being written).
-fn main() {}
+//! The `krea-batch` binary: parses the command line, sets up logging and signals, calls the
+//! library, and turns the outcome into an exit code. Everything else lives in the library.
+//!
+//! Exit codes: 0 every job completed; 1 some failed (or were cancelled, lost, left unknown or
+//! with downloads pending); 2 bad input or usage; 3 stopped by 402 (balance exhausted);
+//! 4 the API key was refused; 130 interrupted.
+
+use clap::Parser as _;
+use krea_batch::batch::{self, InputError, RunOptions};
+use krea_batch::cli::{Cli, Command, LogFormat, RunArgs, SimulateArgs};
+use krea_batch::jobfile::{self, JobFileError};
+use krea_batch::key::{self, KeyError};
+use krea_batch::report::{self, Counts, StopReason, Summary};
+use krea_batch::runner::Controls;
+use krea_batch::sim::{SimConfig, SimServer};
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Every job completed.
+const EXIT_OK: u8 = 0;
+/// Some jobs did not complete.
+const EXIT_SOME_FAILED: u8 = 1;
+/// Bad input or usage.
+const EXIT_BAD_INPUT: u8 = 2;
+/// Stopped by 402.
+const EXIT_PAYMENT_REQUIRED: u8 = 3;
+/// The key was refused.
+const EXIT_AUTH: u8 = 4;
+/// Interrupted.
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let progress_bar = match &cli.command {
+        Command::Run(args)
+            if !args.no_progress && !cli.quiet && std::io::stderr().is_terminal() =>
+        {
+            Some(new_progress_bar())
+        }
+        _ => None,
+    };
+    init_logging(&cli, progress_bar.clone());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("krea-batch: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(dispatch(cli, progress_bar));
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 {
+    let result = match cli.command {
+        Command::Run(args) => run(args, progress_bar).await,
+        Command::Check(args) => check(&args.job_file, args.json),
+        Command::Status(args) => status(args.job_file.as_deref(), args.state.as_deref(), args.json),
+        Command::SimulateApi(args) => simulate_api(args).await,
+    };
+    result.unwrap_or_else(|err| {
+        let code = if is_input_error(&err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
+        eprintln!("krea-batch: {err:#}");
+        code
+    })
+}
+
+/// Errors that mean "fix the input and try again": exit code 2.
+fn is_input_error(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.is::<InputError>() || cause.is::<JobFileError>() || cause.is::<KeyError>()
+    })
+}
+
+async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> anyhow::Result<u8> {
+    let file = jobfile::load(&args.job_file)?;
+    let mut api_base = args.api.api_base.clone();
+    let mut simulation = None;
+    let key = if args.simulate {
+        let config = match &args.simulate_config {
+            Some(path) => load_sim_config(path)?,
+            None => SimConfig::default(),
+        };
+        let server = SimServer::start(config).await?;
+        tracing::info!(api = %server.base_url(), "running against the simulated Krea API: nothing is spent");
+        api_base = Some(server.base_url());
+        let key = key::ApiKey::new(server.api_key())?;
+        simulation = Some(server);
+        key
+    } else {
+        let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        if let Some(warning) = &loaded.permission_warning {
+            tracing::warn!("{warning}");
+        }
+        tracing::debug!(source = %loaded.source, "API key found");
+        loaded.key
+    };
+
+    let controls = Controls::default();
+    tokio::spawn(watch_signals(controls.clone()));
+    let (counts_tx, counts_rx) = tokio::sync::watch::channel(Counts::default());
+    let progress =
+        tokio::spawn(report::show_progress(counts_rx, progress_bar, Duration::from_secs(10)));
+    let options = RunOptions {
+        state: args.state.clone(),
+        api_base,
+        key,
+        simulated: args.simulate,
+        controls,
+        counts: counts_tx,
+    };
+    let result = batch::run(&file, options).await;
+    let _ = progress.await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let summary = result?.summary;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    eprint!("{summary}");
+    Ok(exit_code(&summary))
+}
+
+fn exit_code(summary: &Summary) -> u8 {
+    match summary.stopped {
+        Some(StopReason::AuthRefused) => EXIT_AUTH,
+        Some(StopReason::PaymentRequired) => EXIT_PAYMENT_REQUIRED,
+        Some(StopReason::Interrupted) => EXIT_INTERRUPTED,
+        None => {
+            let c = &summary.counts;
+            let all_done = c.completed == c.total;
+            if all_done { EXIT_OK } else { EXIT_SOME_FAILED }
+        }
+    }
+}
+
+fn check(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let file = jobfile::load(path)?;
+    let plan = batch::plan(&file)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{plan}");
+    }
+    Ok(EXIT_OK)
+}
+
+fn status(
+    job_file: Option<&std::path::Path>,
+    state: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let state_path = match (state, job_file) {
+        (Some(state), _) => state.to_owned(),
+        (None, Some(path)) => batch::places(&jobfile::load(path)?, None, false).state,
+        (None, None) => return Err(InputError("give a job file or --state".into()).into()),
+    };
+    let status = batch::status(&state_path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{status}");
+    }
+    Ok(EXIT_OK)
+}
+
+fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| InputError(format!("cannot read {}: {err}", path.display())))?;
+    serde_yaml::from_str(&text)
+        .map_err(|err| InputError(format!("{}: {err}", path.display())).into())
+}
+
+async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
+    let mut config = match &args.config {
+        Some(path) => load_sim_config(path)?,
+        None => SimConfig::default(),
+    };
+    config.api_port = args.port;
+    config.files_port = args.files_port;
+    if let Some(key) = args.key {
+        config.api_key = key;
+    }
+    if let Some(balance) = args.balance {
+        config.balance_usd = balance;
+    }
+    let server = SimServer::start(config).await?;
+    println!("Krea API simulation listening on {}", server.base_url());
+    println!("result files served from {}", server.files_base_url());
+    println!(
+        "API key: {}  (export KREA_API_BASE={} KREA_API_KEY=<that key>)",
+        server.api_key(),
+        server.base_url()
+    );
+    let controls = Controls::default();
+    tokio::spawn(watch_signals(controls.clone()));
+    controls.stop_submitting.cancelled().await;
+    server.shutdown().await;
+    Ok(EXIT_OK)
+}
+
+/// First Ctrl-C or SIGTERM: stop submitting, finish what is in flight. Second: stop now.
+async fn watch_signals(controls: Controls) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else { return };
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        seen += 1;
+        if seen == 1 {
+            controls.stop_submitting.cancel();
+        } else {
+            tracing::warn!("stopping now; the state is saved and a rerun resumes");
+            controls.abort.cancel();
+            return;
+        }
+    }
+}
+
+fn new_progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · {msg} · ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no colours and no
+/// timestamps (the journal adds its own). With a progress bar, lines are printed above it.
+fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "krea_batch=info,warn",
+        (false, 1) => "krea_batch=debug,info",
+        (false, _) => "krea_batch=trace,debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::stderr().is_terminal();
+    let writer = LogWriter { bar };
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
+    match (cli.log_format, journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.with_ansi(false).without_time().init(),
+        (LogFormat::Text, false) => builder.with_ansi(ansi).init(),
+    }
+}
+
+/// Writes log lines to stderr, above the progress bar when there is one.
+#[derive(Clone)]
+struct LogWriter {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}

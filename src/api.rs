@@ -1,0 +1,787 @@
+//! The Krea HTTP client: requests, lenient parsing of Krea's answers, and the classification of
+//! every status code into what the runner must do about it.
+//!
+//! It knows HTTP and Krea's wire format, not krea-batch's job states: it answers "Krea said the
+//! balance is exhausted" or "the POST got no answer, a job may exist", and `runner` decides.
+//!
+//! Safety rules kept here, in one place:
+//! - the API key goes only to the API's own origin: the API client follows no redirects, and the
+//!   download client (`download.rs`) never carries an `Authorization` header;
+//! - only `https` URLs, or `http` on loopback (tests, the simulation): [`check_url`];
+//! - response bodies are read up to a cap, never buffered whole;
+//! - every message taken from a response has the key redacted before it can reach a log.
+
+use crate::key::ApiKey;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The `User-Agent` every request carries (the CDN in front of Krea blocks anonymous clients).
+pub const USER_AGENT: &str = concat!("krea-batch/", env!("CARGO_PKG_VERSION"));
+/// The production API.
+pub const DEFAULT_BASE_URL: &str = "https://api.krea.ai";
+/// The largest JSON answer read; past it the answer counts as malformed (a hostile or broken
+/// server cannot make krea-batch buffer 100 MB).
+pub const MAX_JSON_BYTES: usize = 4 << 20;
+
+/// Checks that `url` may be contacted: `https`, or `http` to a loopback address.
+pub fn check_url(url: &Url) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)"
+        )),
+        other => Err(format!("{url} uses the scheme {other}; only https is allowed")),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Parses and checks an API base URL (from the job file, `--api-base` or `KREA_API_BASE`).
+pub fn parse_base_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text.trim()).map_err(|err| format!("{text:?} is not a URL: {err}"))?;
+    check_url(&url)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("the API base URL {url} must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+/// One of the nine documented job states, or a state Krea added since (counted as pending).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RemoteStatus {
+    /// Waiting behind the account's concurrency limit.
+    Backlogged,
+    /// Queued.
+    Queued,
+    /// Scheduled.
+    Scheduled,
+    /// Processing.
+    Processing,
+    /// Sampling: the end is near.
+    Sampling,
+    /// Previews are available; they are not the results.
+    IntermediateComplete,
+    /// Done; the result URLs are the results. Billed.
+    Completed,
+    /// Failed. Not billed.
+    Failed,
+    /// Cancelled. Not billed.
+    Cancelled,
+    /// A state the documentation does not list: treated as still pending.
+    Other(String),
+}
+
+impl RemoteStatus {
+    /// Parses Krea's state name.
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "backlogged" => Self::Backlogged,
+            "queued" => Self::Queued,
+            "scheduled" => Self::Scheduled,
+            "processing" => Self::Processing,
+            "sampling" => Self::Sampling,
+            "intermediate-complete" => Self::IntermediateComplete,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" | "canceled" => Self::Cancelled,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// Krea's name for the state.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Backlogged => "backlogged",
+            Self::Queued => "queued",
+            Self::Scheduled => "scheduled",
+            Self::Processing => "processing",
+            Self::Sampling => "sampling",
+            Self::IntermediateComplete => "intermediate-complete",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Other(text) => text,
+        }
+    }
+
+    /// True for `completed`, `failed` and `cancelled`.
+    #[must_use]
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for RemoteStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job as Krea describes it, parsed leniently: Krea's pages disagree on where errors live, some
+/// answers omit `status`, some outputs come as `{url}` objects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteJob {
+    /// Krea's job id.
+    pub job_id: String,
+    /// The state; `None` when the answer had none (some create answers), meaning pending.
+    pub status: Option<RemoteStatus>,
+    /// When Krea created the job (RFC 3339), as Krea wrote it.
+    pub created_at: Option<String>,
+    /// When it ended, as Krea wrote it.
+    pub completed_at: Option<String>,
+    /// `result.urls`. Results only when `status` is `completed`; see [`RemoteJob::result_urls`].
+    pub urls: Vec<String>,
+    /// The failure reason, wherever Krea put it.
+    pub error: Option<String>,
+}
+
+impl RemoteJob {
+    /// Parses one job object (or the first of an array, as a node app answers).
+    pub fn from_json(value: &Value) -> Result<Self, String> {
+        let value = match value {
+            Value::Array(items) => items.first().ok_or("an empty array instead of a job")?,
+            other => other,
+        };
+        let object = value.as_object().ok_or("the answer is not a JSON object")?;
+        let job_id = ["job_id", "id"]
+            .iter()
+            .find_map(|field| object.get(*field).and_then(Value::as_str))
+            .filter(|id| !id.is_empty() && id.len() <= 200)
+            .ok_or("the job has no job_id")?
+            .to_owned();
+        let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
+        let result = object.get("result").filter(|r| r.is_object());
+        let urls = result
+            .and_then(|r| r.get("urls").or_else(|| r.get("url")))
+            .map(collect_urls)
+            .unwrap_or_default();
+        let error = result
+            .and_then(|r| r.get("error"))
+            .and_then(error_text)
+            .or_else(|| object.get("error").and_then(error_text));
+        Ok(Self {
+            job_id,
+            status: text("status").map(|s| RemoteStatus::parse(&s)),
+            created_at: text("created_at"),
+            completed_at: text("completed_at"),
+            urls,
+            error,
+        })
+    }
+
+    /// The result URLs, only when the job is `completed` (previews are never results).
+    #[must_use]
+    pub fn result_urls(&self) -> Option<&[String]> {
+        (self.status == Some(RemoteStatus::Completed)).then_some(self.urls.as_slice())
+    }
+}
+
+/// `["u", {"url": "u"}]` or a single `"u"` into a list of strings.
+fn collect_urls(value: &Value) -> Vec<String> {
+    let one = |item: &Value| match item {
+        Value::String(url) => Some(url.clone()),
+        Value::Object(object) => object.get("url").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    };
+    match value {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        other => one(other).into_iter().collect(),
+    }
+}
+
+/// An error found as a string, `{message}`, or `{code, message}`.
+fn error_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Object(object) => {
+            let message = object.get("message").and_then(Value::as_str);
+            let code = object.get("code").and_then(Value::as_str);
+            match (code, message) {
+                (Some(code), Some(message)) => Some(format!("{code}: {message}")),
+                (None, Some(text)) | (Some(text), None) => Some(text.to_owned()),
+                (None, None) => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// One page of `GET /jobs`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobPage {
+    /// The jobs, newest first.
+    pub items: Vec<RemoteJob>,
+    /// The cursor of the next page (`next_cursor`, or `nextCursor` as the docs page spells it).
+    pub next_cursor: Option<String>,
+}
+
+/// What went wrong with a request, classified by what the runner must do about it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400, 422 and other refusals of this request: retrying the same request cannot help.
+    #[error("Krea refused the request ({status}): {message}")]
+    Rejected {
+        /// The status code.
+        status: u16,
+        /// Krea's message.
+        message: String,
+    },
+    /// 401 or 403: the key is wrong or not allowed. Nothing else can succeed.
+    #[error("Krea refused the API key ({status}): {message}")]
+    Auth {
+        /// The status code.
+        status: u16,
+        /// Krea's message.
+        message: String,
+    },
+    /// 402: the prepaid balance is exhausted.
+    #[error("the Krea API balance is exhausted (402): {message}")]
+    PaymentRequired {
+        /// Krea's message.
+        message: String,
+    },
+    /// 404: the job (or model) does not exist for this key.
+    #[error("not found at Krea (404): {message}")]
+    NotFound {
+        /// Krea's message.
+        message: String,
+    },
+    /// 410: the model was retired.
+    #[error("{}", gone_message(.message, .replacement.as_deref(), .sunset_date.as_deref()))]
+    ModelGone {
+        /// Krea's message.
+        message: String,
+        /// The model to use instead, if Krea named one.
+        replacement: Option<String>,
+        /// When it was retired.
+        sunset_date: Option<String>,
+    },
+    /// 429: too many jobs or requests. Wait and retry.
+    #[error("Krea is rate limiting (429): {message}")]
+    RateLimited {
+        /// `Retry-After`, if the answer had one.
+        retry_after: Option<Duration>,
+        /// Krea's message.
+        message: String,
+    },
+    /// 5xx, or a 3xx where none belongs.
+    #[error("Krea answered {status}: {message}")]
+    Server {
+        /// The status code.
+        status: u16,
+        /// The message, if any.
+        message: String,
+    },
+    /// The request could not be sent at all (connection refused, DNS, TLS): nothing happened at
+    /// Krea, so even a POST may be sent again.
+    #[error("could not reach Krea: {0}")]
+    NotSent(String),
+    /// The request went out but no complete answer came back (timeout, reset).
+    #[error("no answer from Krea: {0}")]
+    NoAnswer(String),
+    /// An answer came that cannot be read (not JSON, too large, missing the job id).
+    #[error("unreadable answer from Krea: {0}")]
+    Malformed(String),
+}
+
+fn gone_message(message: &str, replacement: Option<&str>, sunset: Option<&str>) -> String {
+    let mut text = format!("the model is no longer available (410): {message}");
+    if let Some(date) = sunset {
+        let _ = write!(text, " (retired {date})");
+    }
+    match replacement {
+        Some(model) => {
+            let _ = write!(text, "; use {model} instead");
+        }
+        None => text.push_str("; Krea named no replacement"),
+    }
+    text
+}
+
+impl ApiError {
+    /// For a POST: true when Krea may have created the job although no usable answer came back.
+    /// Such a POST is never repeated blindly; the job is reconciled first.
+    #[must_use]
+    pub fn may_have_created_job(&self) -> bool {
+        matches!(self, Self::Server { .. } | Self::NoAnswer(_) | Self::Malformed(_))
+    }
+
+    /// For a GET: worth retrying after a pause.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Server { .. }
+                | Self::NoAnswer(_)
+                | Self::NotSent(_)
+                | Self::Malformed(_)
+                | Self::RateLimited { .. }
+        )
+    }
+}
+
+/// Settings of the HTTP clients.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// The API origin (and path prefix, for proxies).
+    pub base_url: Url,
+    /// The longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// The longest an API request may take in all, and the longest pause within a download.
+    pub request_timeout: Duration,
+}
+
+/// The client of Krea's API. One per process; cheap to share behind an `Arc`.
+pub struct KreaClient {
+    http: reqwest::Client,
+    base: Url,
+    auth: HeaderValue,
+    key: ApiKey,
+    request_timeout: Duration,
+    /// Models whose `Deprecation`/`Sunset` headers were already logged: one warning each.
+    deprecation_warned: Mutex<HashSet<String>>,
+}
+
+impl fmt::Debug for KreaClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KreaClient").field("base", &self.base.as_str()).finish_non_exhaustive()
+    }
+}
+
+impl KreaClient {
+    /// Builds the client. It follows no redirects: the API has none to give, and a redirect
+    /// would be the one way a header could travel to a host that is not the API's.
+    pub fn new(settings: &ClientSettings, key: ApiKey) -> Result<Self, String> {
+        check_url(&settings.base_url)?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+            .map_err(|_| "the API key cannot be sent in an HTTP header".to_owned())?;
+        auth.set_sensitive(true);
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|err| format!("cannot set up the HTTP client: {err}"))?;
+        Ok(Self {
+            http,
+            base: settings.base_url.clone(),
+            auth,
+            key,
+            request_timeout: settings.request_timeout,
+            deprecation_warned: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The API's base URL.
+    #[must_use]
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    fn endpoint(&self, path: &str) -> Result<Url, ApiError> {
+        let joined = format!("{}/{}", self.base.as_str().trim_end_matches('/'), path);
+        Url::parse(&joined)
+            .map_err(|err| ApiError::Rejected { status: 0, message: err.to_string() })
+    }
+
+    /// `POST /generate/<model>` with `body`: creates a job.
+    pub async fn create_job(
+        &self,
+        model: &str,
+        body: &serde_json::Map<String, Value>,
+    ) -> Result<RemoteJob, ApiError> {
+        let url = self.endpoint(&format!("generate/{model}"))?;
+        let json = self.call(Method::POST, url, Some(body), Some(model)).await?;
+        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+    }
+
+    /// `GET /jobs/{id}`.
+    pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
+        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let json = self.call(Method::GET, url, None, None).await?;
+        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+    }
+
+    /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
+        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        self.call(Method::DELETE, url, None, None).await.map(drop)
+    }
+
+    /// `GET /jobs?limit=…&cursor=…`: this key's jobs created before `cursor`, newest first.
+    pub async fn list_jobs(&self, cursor: Option<&str>, limit: u32) -> Result<JobPage, ApiError> {
+        let mut url = self.endpoint("jobs")?;
+        url.query_pairs_mut().append_pair("limit", &limit.clamp(1, 1000).to_string());
+        if let Some(cursor) = cursor {
+            url.query_pairs_mut().append_pair("cursor", cursor);
+        }
+        let json = self.call(Method::GET, url, None, None).await?;
+        let items = json
+            .get("items")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?
+            .iter()
+            .map(RemoteJob::from_json)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::Malformed)?;
+        let next_cursor = ["next_cursor", "nextCursor"]
+            .iter()
+            .find_map(|field| json.get(*field).and_then(Value::as_str))
+            .map(str::to_owned);
+        Ok(JobPage { items, next_cursor })
+    }
+
+    /// Sends one request and reads its JSON answer (up to [`MAX_JSON_BYTES`]).
+    async fn call(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Map<String, Value>>,
+        model: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let mut request = self
+            .http
+            .request(method, url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .timeout(self.request_timeout);
+        if let Some(body) = body {
+            let bytes = serde_json::to_vec(body).map_err(|err| ApiError::Rejected {
+                status: 0,
+                message: format!("the request body cannot be encoded: {err}"),
+            })?;
+            request = request.header("content-type", "application/json").body(bytes);
+        }
+        let mut response = request.send().await.map_err(|err| self.transport_error(&err))?;
+        let status = response.status();
+        if let Some(model) = model {
+            self.warn_if_deprecated(model, response.headers());
+        }
+        let retry_after = retry_after(response.headers());
+        let bytes = read_capped(&mut response, MAX_JSON_BYTES)
+            .await
+            .map_err(|err| self.redact_error(err))?;
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes)
+                .map_err(|err| ApiError::Malformed(format!("{err} in an answer of {status}")));
+        }
+        let message = self.redact(&error_message(&bytes, status));
+        Err(self.classify(status, message, &bytes, retry_after))
+    }
+
+    fn classify(
+        &self,
+        status: StatusCode,
+        message: String,
+        body: &[u8],
+        retry_after: Option<Duration>,
+    ) -> ApiError {
+        let code = status.as_u16();
+        match code {
+            401 | 403 => ApiError::Auth { status: code, message },
+            402 => ApiError::PaymentRequired { message },
+            404 => ApiError::NotFound { message },
+            410 => {
+                let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let field = |name: &str| {
+                    json.get(name).and_then(Value::as_str).map(|text| self.redact(text))
+                };
+                ApiError::ModelGone {
+                    message,
+                    replacement: field("replacement"),
+                    sunset_date: field("sunset_date"),
+                }
+            }
+            429 => ApiError::RateLimited { retry_after, message },
+            400..=499 => ApiError::Rejected { status: code, message },
+            _ => ApiError::Server { status: code, message },
+        }
+    }
+
+    fn transport_error(&self, err: &reqwest::Error) -> ApiError {
+        let text = self.redact(&error_chain(err));
+        if err.is_connect() { ApiError::NotSent(text) } else { ApiError::NoAnswer(text) }
+    }
+
+    fn redact_error(&self, err: ApiError) -> ApiError {
+        match err {
+            ApiError::NoAnswer(text) => ApiError::NoAnswer(self.redact(&text)),
+            ApiError::Malformed(text) => ApiError::Malformed(self.redact(&text)),
+            other => other,
+        }
+    }
+
+    /// Removes the key from text that came from the network: a hostile or buggy server could
+    /// echo the `Authorization` header back in an error message.
+    fn redact(&self, text: &str) -> String {
+        text.replace(self.key.expose(), "<redacted>")
+    }
+
+    fn warn_if_deprecated(&self, model: &str, headers: &HeaderMap) {
+        if !(headers.contains_key("deprecation") || headers.contains_key("sunset")) {
+            return;
+        }
+        let first_time =
+            self.deprecation_warned.lock().is_ok_and(|mut warned| warned.insert(model.to_owned()));
+        if first_time {
+            let header = |name: &str| {
+                headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
+            };
+            tracing::warn!(
+                model,
+                deprecation = %header("deprecation"),
+                sunset = %header("sunset"),
+                link = %header("link"),
+                "Krea says this model is deprecated and will be retired; plan a replacement"
+            );
+        }
+    }
+}
+
+/// Escapes a job id for use as one path segment (ids come from the network).
+fn path_segment(id: &str) -> String {
+    id.chars()
+        .map(
+            |c| {
+                if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                    c.to_string()
+                } else {
+                    "_".into()
+                }
+            },
+        )
+        .collect()
+}
+
+/// `reqwest::Error` and its sources in one line ("error sending request: connection reset").
+#[must_use]
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads a body up to `cap` bytes; more is an error and the rest is not read.
+async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, ApiError> {
+    if response.content_length().is_some_and(|len| len > cap as u64) {
+        return Err(ApiError::Malformed(format!("the answer is larger than {cap} bytes")));
+    }
+    let mut bytes = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if bytes.len() + chunk.len() > cap {
+                    return Err(ApiError::Malformed(format!(
+                        "the answer is larger than {cap} bytes"
+                    )));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(bytes),
+            Err(err) => return Err(ApiError::NoAnswer(error_chain(&err))),
+        }
+    }
+}
+
+/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text.
+fn error_message(body: &[u8], status: StatusCode) -> String {
+    let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|json| {
+        let error = json.get("error").and_then(error_text);
+        let message = json.get("message").and_then(Value::as_str).map(str::to_owned);
+        match (error, message) {
+            // 410 puts a code in `error` and the sentence in `message`.
+            (Some(code), Some(message)) if code != message => Some(format!("{message} ({code})")),
+            (Some(text), _) | (None, Some(text)) => Some(text),
+            (None, None) => None,
+        }
+    });
+    let text = from_json.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        if text.is_empty() {
+            status.canonical_reason().unwrap_or("no message").to_owned()
+        } else {
+            text.to_owned()
+        }
+    });
+    printable(&text, 500)
+}
+
+/// At most `limit` characters, control characters replaced: server text goes into log lines.
+#[must_use]
+pub fn printable(text: &str, limit: usize) -> String {
+    let mut out: String =
+        text.chars().take(limit).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.chars().count() > limit {
+        out.push('…');
+    }
+    out
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds.min(3600)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    let wait = when.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    Some(wait.min(Duration::from_hours(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_https_or_loopback_http() {
+        for ok in [
+            "https://api.krea.ai",
+            "http://127.0.0.1:9/x",
+            "http://localhost:80",
+            "http://[::1]:8/",
+        ] {
+            assert!(check_url(&Url::parse(ok).expect("url")).is_ok(), "{ok}");
+        }
+        for bad in
+            ["http://api.krea.ai", "http://10.0.0.1/", "ftp://127.0.0.1/", "file:///etc/passwd"]
+        {
+            assert!(check_url(&Url::parse(bad).expect("url")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses_parse_and_unknown_ones_are_pending() {
+        for name in
+            ["backlogged", "queued", "scheduled", "processing", "sampling", "intermediate-complete"]
+        {
+            let status = RemoteStatus::parse(name);
+            assert!(!status.is_terminal());
+            assert_eq!(status.as_str(), name);
+            assert!(!matches!(status, RemoteStatus::Other(_)), "{name} is documented");
+        }
+        for name in ["completed", "failed", "cancelled"] {
+            assert!(RemoteStatus::parse(name).is_terminal());
+        }
+        let odd = RemoteStatus::parse("warming-up");
+        assert_eq!(odd, RemoteStatus::Other("warming-up".into()));
+        assert!(!odd.is_terminal());
+    }
+
+    #[test]
+    fn jobs_parse_leniently() {
+        let job = RemoteJob::from_json(&json!({
+            "job_id": "j1", "status": "completed", "created_at": "2026-01-01T00:00:00.000Z",
+            "result": {"urls": ["https://gen.krea.ai/a.png", {"url": "https://gen.krea.ai/b.png"}]},
+            "surprise": {"unknown": true}
+        }))
+        .expect("parses");
+        assert_eq!(job.result_urls().expect("completed").len(), 2);
+
+        let created = RemoteJob::from_json(&json!([{"id": "j2", "result": null}])).expect("array");
+        assert_eq!(created.job_id, "j2");
+        assert_eq!(created.status, None);
+
+        let preview = RemoteJob::from_json(&json!({
+            "job_id": "j3", "status": "intermediate-complete", "result": {"urls": ["p.png"]}
+        }))
+        .expect("parses");
+        assert_eq!(preview.result_urls(), None, "previews are not results");
+
+        let failed = RemoteJob::from_json(&json!({
+            "job_id": "j4", "status": "failed", "error": {"code": "nsfw", "message": "blocked"}
+        }))
+        .expect("parses");
+        assert_eq!(failed.error.as_deref(), Some("nsfw: blocked"));
+        let failed = RemoteJob::from_json(&json!({
+            "job_id": "j5", "status": "failed", "result": {"error": "provider down"}
+        }))
+        .expect("parses");
+        assert_eq!(failed.error.as_deref(), Some("provider down"));
+
+        assert!(RemoteJob::from_json(&json!({"status": "queued"})).is_err());
+        assert!(RemoteJob::from_json(&json!("text")).is_err());
+    }
+
+    #[test]
+    fn error_messages_from_any_shape() {
+        let ok = StatusCode::BAD_REQUEST;
+        assert_eq!(error_message(br#"{"error": "bad width"}"#, ok), "bad width");
+        assert_eq!(error_message(br#"{"message": "top up"}"#, ok), "top up");
+        assert_eq!(
+            error_message(br#"{"error": "model_unavailable", "message": "retired"}"#, ok),
+            "retired (model_unavailable)"
+        );
+        assert_eq!(error_message(b"", StatusCode::BAD_GATEWAY), "Bad Gateway");
+        assert_eq!(error_message(b"<html>\n</html>", ok), "<html> </html>");
+    }
+
+    #[test]
+    fn post_ambiguity_is_classified() {
+        assert!(ApiError::NoAnswer("reset".into()).may_have_created_job());
+        assert!(ApiError::Server { status: 502, message: String::new() }.may_have_created_job());
+        assert!(ApiError::Malformed("x".into()).may_have_created_job());
+        assert!(!ApiError::NotSent("refused".into()).may_have_created_job());
+        assert!(!ApiError::PaymentRequired { message: String::new() }.may_have_created_job());
+        assert!(
+            !ApiError::RateLimited { retry_after: None, message: String::new() }
+                .may_have_created_job()
+        );
+    }
+
+    #[test]
+    fn gone_names_the_replacement() {
+        let err = ApiError::ModelGone {
+            message: "retired".into(),
+            replacement: Some("image/bfl/flux-2".into()),
+            sunset_date: Some("2026-06-01".into()),
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("use image/bfl/flux-2 instead") && text.contains("2026-06-01"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn path_segments_cannot_escape() {
+        assert_eq!(path_segment("../../admin?x=1"), "______admin_x_1");
+    }
+}

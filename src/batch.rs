@@ -1,0 +1,365 @@
+//! The one-shot commands wired end to end: `run` (job file → state file → engine → manifest and
+//! summary), `check` (the plan, nothing sent) and `status` (a state file read, also during a run).
+//!
+//! The engine (`runner.rs`) does the work; this module decides where things live: the output
+//! directory, the state file beside it, the API base URL, and refuses to mix jobs of two APIs
+//! in one state file.
+
+use crate::api::{self, ClientSettings, KreaClient};
+use crate::download::{Downloader, ensure_real_dir, remove_partials};
+use crate::job::JobState;
+use crate::jobfile::{JobFile, Limits};
+use crate::key::ApiKey;
+use crate::pace::PollSchedule;
+use crate::pricing::{Estimate, PriceTable};
+use crate::report::{Counts, Summary, rewrite_manifest};
+use crate::retry::RetryPolicy;
+use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
+use crate::store::{Change, Store, StoreWriter};
+use anyhow::Context as _;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The state file's name inside the output directory, unless `--state` says otherwise.
+pub const STATE_FILE: &str = ".krea-batch.sqlite";
+/// Meta key: the API base URL the state's jobs were submitted to.
+const META_API_BASE: &str = "api_base";
+
+/// Bad input or usage (exit code 2), as opposed to a failure while running.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
+/// What `run` needs besides the job file.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// `--state`.
+    pub state: Option<PathBuf>,
+    /// `--api-base` or `KREA_API_BASE`, overriding the job file.
+    pub api_base: Option<String>,
+    /// The API key.
+    pub key: ApiKey,
+    /// Results go to `<output>-simulated` with their own state: a simulated run never mixes
+    /// with real results.
+    pub simulated: bool,
+    /// Stop requests from the outside (signals).
+    pub controls: Controls,
+    /// Live counts for a progress display.
+    pub counts: tokio::sync::watch::Sender<Counts>,
+}
+
+/// Where a job file's results and state go.
+#[derive(Clone, Debug)]
+pub struct Places {
+    /// The output directory.
+    pub output_dir: PathBuf,
+    /// The state file.
+    pub state: PathBuf,
+}
+
+/// The output directory and state file of `file`, honouring `--state` and `--simulate`.
+#[must_use]
+pub fn places(file: &JobFile, state: Option<&Path>, simulated: bool) -> Places {
+    let output_dir = if simulated {
+        let mut name = file.output_dir.as_os_str().to_owned();
+        name.push("-simulated");
+        PathBuf::from(name)
+    } else {
+        file.output_dir.clone()
+    };
+    let state = state.map_or_else(|| output_dir.join(STATE_FILE), Path::to_owned);
+    Places { output_dir, state }
+}
+
+/// The engine settings for a job file's limits.
+#[must_use]
+pub fn engine_settings(limits: &Limits) -> EngineSettings {
+    EngineSettings {
+        submissions_per_minute: limits.submissions_per_minute,
+        burst: limits.burst,
+        max_in_flight: limits.max_in_flight,
+        poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },
+        video_poll: PollSchedule {
+            first: limits.video_poll_interval,
+            max: limits.poll_interval_max,
+        },
+        job_timeout: limits.job_timeout,
+        download_concurrency: limits.download_concurrency as usize,
+        retry: RetryPolicy::transient(limits.retry_backoff),
+        rate_limit_backoff: limits.retry_backoff,
+    }
+}
+
+/// The API base URL: the command line, else the job file, else Krea's.
+pub fn base_url(file: &JobFile, override_url: Option<&str>) -> Result<reqwest::Url, InputError> {
+    let text = override_url.or(file.api.base_url.as_deref()).unwrap_or(api::DEFAULT_BASE_URL);
+    api::parse_base_url(text).map_err(|err| InputError(format!("API base URL: {err}")))
+}
+
+/// What `run` ended with.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The summary.
+    pub summary: Summary,
+}
+
+/// `krea-batch run`: imports the job file into the state, runs every job to its end (or to a
+/// stop), rewrites the manifest and summarises.
+pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
+    let started = Instant::now();
+    let base = base_url(file, options.api_base.as_deref())?;
+    let places = places(file, options.state.as_deref(), options.simulated);
+    ensure_real_dir(&places.output_dir)
+        .map_err(|err| InputError(format!("output directory: {err}")))?;
+    let mut store = Store::open_writer(&places.state).map_err(|err| match err {
+        err @ crate::store::StoreError::Locked { .. } => {
+            anyhow::Error::new(InputError(err.to_string()))
+        }
+        err => anyhow::Error::new(err),
+    })?;
+    guard_api_base(&mut store, &base)?;
+
+    let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
+    let prices = PriceTable::with_overrides(file.prices.clone());
+    let report =
+        store.import(&source.to_string_lossy(), &places.output_dir, &file.jobs, &prices)?;
+    for (wanted, given) in &report.renamed {
+        tracing::warn!(
+            "an earlier, different job already wrote results as {wanted}; the new job {wanted} \
+             writes as {given} so nothing already paid for is overwritten"
+        );
+    }
+    if report.removed > 0 {
+        tracing::info!(
+            removed = report.removed,
+            "jobs in the state file are no longer in the job file: unsent ones are left alone, \
+             sent ones are still finished and downloaded"
+        );
+    }
+    let removed = remove_partials(&places.output_dir);
+    if removed > 0 {
+        tracing::info!(removed, "removed partial downloads left by an earlier run");
+    }
+    let jobs = store.jobs(Some(report.batch_id))?;
+    let output_dirs = store.output_dirs()?;
+    rewrite_manifest(&places.output_dir, &jobs, true).context("while writing the manifest")?;
+    tracing::info!(
+        jobs = jobs.len(),
+        added = report.added,
+        state = %places.state.display(),
+        output = %places.output_dir.display(),
+        "starting"
+    );
+
+    let settings = ClientSettings {
+        base_url: base,
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: file.limits.request_timeout,
+    };
+    let client = KreaClient::new(&settings, options.key).map_err(InputError)?;
+    let downloader = Downloader::new(
+        settings.connect_timeout,
+        file.limits.request_timeout,
+        file.limits.max_result_size,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let writer = StoreWriter::spawn(store)?;
+    let engine = Engine::new(
+        EngineIo { api: Arc::new(client), downloader, writer: writer.clone() },
+        jobs,
+        &output_dirs,
+        engine_settings(&file.limits),
+        options.controls,
+        options.counts,
+    );
+    let outcome = engine.run().await;
+    writer.close().await;
+    let outcome = outcome?;
+
+    rewrite_manifest(&places.output_dir, &outcome.jobs, false)
+        .context("while writing the manifest")?;
+    let summary =
+        Summary::of(&outcome.jobs, outcome.stopped, &places.output_dir, started.elapsed());
+    Ok(RunResult { summary })
+}
+
+/// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing
+/// there, and a job that seemed lost could be submitted (and paid for) again.
+fn guard_api_base(store: &mut Store, base: &reqwest::Url) -> anyhow::Result<()> {
+    let current = base.as_str().trim_end_matches('/').to_owned();
+    if let Some(recorded) = store.meta(META_API_BASE)? {
+        let has_remote_work = store
+            .jobs(None)?
+            .iter()
+            .any(|job| job.remote_id.is_some() || job.state == JobState::Unknown);
+        if recorded != current && has_remote_work {
+            return Err(InputError(format!(
+                "the state file {} holds jobs submitted to {recorded}, but this run uses \
+                 {current}; use the same API, or another --state / output directory",
+                store.path().display()
+            ))
+            .into());
+        }
+    }
+    store.apply(&[Change::Meta { key: META_API_BASE.into(), value: current }])?;
+    Ok(())
+}
+
+/// The plan `check` prints.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    /// The job file.
+    pub file: String,
+    /// Jobs in all (after `count`).
+    pub jobs: usize,
+    /// Jobs and estimated cost per model.
+    pub models: Vec<ModelPlan>,
+    /// The estimated total, USD.
+    pub estimated_usd: f64,
+    /// Jobs whose model has no known price.
+    pub unpriced: usize,
+    /// Where results go.
+    pub output_dir: String,
+    /// The state file.
+    pub state: String,
+    /// The API.
+    pub api_base: String,
+}
+
+/// One model's share of a plan.
+#[derive(Debug, Serialize)]
+pub struct ModelPlan {
+    /// The model path.
+    pub model: String,
+    /// Its jobs.
+    pub jobs: usize,
+    /// Their estimated cost, USD (None when no price is known).
+    pub estimated_usd: Option<f64>,
+}
+
+/// `krea-batch check`: the plan, without sending anything.
+pub fn plan(file: &JobFile) -> Result<Plan, InputError> {
+    let base = base_url(file, None)?;
+    let prices = PriceTable::with_overrides(file.prices.clone());
+    let places = places(file, None, false);
+    let mut models: std::collections::BTreeMap<&str, ModelPlan> = std::collections::BTreeMap::new();
+    let mut total = Estimate::default();
+    for job in &file.jobs {
+        let price = prices.price(&job.model, &job.body);
+        total.add(price);
+        let entry = models.entry(&job.model).or_insert_with(|| ModelPlan {
+            model: job.model.clone(),
+            jobs: 0,
+            estimated_usd: Some(0.0),
+        });
+        entry.jobs += 1;
+        entry.estimated_usd = entry.estimated_usd.zip(price).map(|(sum, price)| sum + price);
+    }
+    Ok(Plan {
+        file: file.source.display().to_string(),
+        jobs: file.jobs.len(),
+        models: models.into_values().collect(),
+        estimated_usd: total.usd,
+        unpriced: total.unpriced,
+        output_dir: places.output_dir.display().to_string(),
+        state: places.state.display().to_string(),
+        api_base: base.to_string(),
+    })
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}: {} jobs, valid", self.file, self.jobs)?;
+        for model in &self.models {
+            let cost = model
+                .estimated_usd
+                .map_or_else(|| "no known price".into(), |usd| format!("${usd:.4}"));
+            writeln!(f, "  {:<40} {:>6} jobs  {cost}", model.model, model.jobs)?;
+        }
+        write!(f, "estimated cost: ${:.4}", self.estimated_usd)?;
+        if self.unpriced > 0 {
+            write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "results: {}\nstate:   {}\napi:     {}",
+            self.output_dir, self.state, self.api_base
+        )
+    }
+}
+
+/// What `status` prints.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The state file.
+    pub state_file: String,
+    /// Jobs by state.
+    pub counts: Counts,
+    /// Jobs whose submission's outcome is unknown, waiting for reconciliation.
+    pub unknown: Vec<String>,
+    /// Completed jobs with files still to download.
+    pub download_pending: Vec<String>,
+    /// Estimated spend: completed jobs (billed) at their price, USD.
+    pub spent_usd: f64,
+    /// Estimated commitment: jobs in flight at their price, USD.
+    pub in_flight_usd: f64,
+}
+
+/// `krea-batch status`: reads the state file; safe while a run writes to it.
+pub fn status(state_path: &Path) -> anyhow::Result<Status> {
+    let store = Store::open_reader(state_path)?;
+    let jobs = store.jobs(None)?;
+    let mut spent = Estimate::default();
+    let mut in_flight = Estimate::default();
+    for job in &jobs {
+        match job.state {
+            JobState::Completed | JobState::Downloaded => spent.add(job.price_usd),
+            state if state.is_in_flight() => in_flight.add(job.price_usd),
+            _ => {}
+        }
+    }
+    let names = |state: JobState| {
+        jobs.iter().filter(|job| job.state == state).map(|job| job.name.clone()).collect()
+    };
+    Ok(Status {
+        state_file: state_path.display().to_string(),
+        counts: Counts::of(&jobs),
+        unknown: names(JobState::Unknown),
+        download_pending: names(JobState::Completed),
+        spent_usd: spent.usd,
+        in_flight_usd: in_flight.usd,
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.counts;
+        writeln!(f, "{}: {} jobs", self.state_file, c.total)?;
+        for (label, count) in [
+            ("completed", c.completed),
+            ("download pending", c.download_pending),
+            ("in flight", c.in_flight),
+            ("unknown (awaiting reconciliation)", c.unknown),
+            ("not submitted", c.pending),
+            ("failed", c.failed),
+            ("cancelled", c.cancelled),
+        ] {
+            writeln!(f, "  {label:<36} {count:>7}")?;
+        }
+        writeln!(
+            f,
+            "estimated spend ${:.4}; in flight ${:.4}",
+            self.spent_usd, self.in_flight_usd
+        )?;
+        for name in &self.unknown {
+            writeln!(f, "  unknown: {name}")?;
+        }
+        for name in &self.download_pending {
+            writeln!(f, "  download pending: {name}")?;
+        }
+        Ok(())
+    }
+}

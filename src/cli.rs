@@ -1,0 +1,125 @@
+//! The command line: clap types only. `main.rs` turns them into calls into the library.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Runs batches of Krea AI generations from a YAML file: paced, resumable, never paying twice.
+#[derive(Debug, Parser)]
+#[command(name = "krea-batch", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// More detail in the log (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors in the log.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (no colours or timestamps under journald).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate every job of a job file, resuming where an earlier run stopped.
+    Run(RunArgs),
+    /// Validate a job file and print the plan (jobs, models, estimated cost); sends nothing.
+    Check(CheckArgs),
+    /// Show the jobs of a state file by state (also while a run is going).
+    Status(StatusArgs),
+    /// Run the simulated Krea API as a server, for trying job files and for tests.
+    SimulateApi(SimulateArgs),
+}
+
+/// Where the API is and how to authenticate.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The API base URL, instead of the job file's `api.base_url` (https, or http on loopback).
+    #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
+    pub api_base: Option<String>,
+    /// Read the API key from this file (instead of `KREA_API_KEY` or the systemd credential).
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// `krea-batch run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file (YAML).
+    pub job_file: PathBuf,
+    /// The state file (default: `.krea-batch.sqlite` in the output directory).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Run against the built-in simulation of the Krea API instead of Krea: nothing is spent.
+    /// Results go to the output directory with `-simulated` appended.
+    #[arg(long)]
+    pub simulate: bool,
+    /// The simulation's settings (YAML), with --simulate.
+    #[arg(long, value_name = "FILE", requires = "simulate")]
+    pub simulate_config: Option<PathBuf>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// API settings.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `krea-batch check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The job file (YAML).
+    pub job_file: PathBuf,
+    /// Print the plan as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `krea-batch status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The job file whose state to show (its default state file), unless --state is given.
+    #[arg(required_unless_present = "state")]
+    pub job_file: Option<PathBuf>,
+    /// The state file.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Print as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `krea-batch simulate-api`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Port of the API (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Port of the result-file host (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub files_port: u16,
+    /// The simulation's settings (YAML; see `SimConfig` in the docs).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The API key the simulation accepts (default: its config's, `sim-key`).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// The prepaid balance in USD.
+    #[arg(long, value_name = "USD")]
+    pub balance: Option<f64>,
+}

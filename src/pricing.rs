@@ -1,0 +1,144 @@
+//! What a generation costs, for the estimates in `check`, the run summary and `status`.
+//!
+//! Krea has no endpoint for prices or the balance, so krea-batch carries a table, dated, taken
+//! from Krea's published per-model prices. A job file's `prices:` overrides it per model. The
+//! figures are estimates: Krea's bill is the truth. Only completed jobs are billed.
+
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// When the built-in table was taken from Krea's pricing pages.
+pub const TABLE_DATE: &str = "2026-05";
+/// Where the built-in table comes from.
+pub const TABLE_SOURCE: &str = "docs.krea.ai per-model API pricing";
+
+/// Prices in USD per generation, by model, with the parameters that change them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PriceTable {
+    overrides: BTreeMap<String, f64>,
+}
+
+impl PriceTable {
+    /// The built-in table with a job file's `prices:` on top.
+    #[must_use]
+    pub fn with_overrides(overrides: BTreeMap<String, f64>) -> Self {
+        Self { overrides }
+    }
+
+    /// The price of one generation of `model` with `body`, if known.
+    #[must_use]
+    pub fn price(&self, model: &str, body: &Map<String, Value>) -> Option<f64> {
+        self.overrides.get(model).copied().or_else(|| builtin_price(model, body))
+    }
+}
+
+/// The built-in prices. Models not listed have no estimate (the summary says how many).
+fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
+    let text = |field: &str| body.get(field).and_then(Value::as_str).unwrap_or_default();
+    let has = |field: &str| {
+        body.get(field).is_some_and(|value| value.as_array().is_none_or(|items| !items.is_empty()))
+    };
+    // Krea 2 costs more with style references, more still with moodboards.
+    let krea2 = |base: f64| {
+        if has("moodboards") {
+            base + 0.01
+        } else if has("image_style_references") {
+            base + 0.005
+        } else {
+            base
+        }
+    };
+    let seconds = || body.get("duration").and_then(Value::as_f64).unwrap_or(5.0);
+    match model {
+        "image/bfl/flux-1-dev" => Some(0.007),
+        "image/bfl/flux-1-kontext-dev" => Some(0.0128),
+        "image/krea/krea-2/medium" => Some(krea2(0.03)),
+        "image/krea/krea-2/large" => Some(krea2(0.06)),
+        "image/google/nano-banana-2" => match text("resolution") {
+            "2K" => Some(0.12),
+            "4K" => Some(0.16),
+            _ => Some(0.08),
+        },
+        "video/kling/kling-1" => {
+            let per_second = if text("mode") == "pro" { 0.0772 } else { 0.0221 };
+            Some(per_second * seconds())
+        }
+        _ => None,
+    }
+}
+
+/// A sum of prices that remembers how many jobs had none.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Estimate {
+    /// The sum of the known prices, USD.
+    pub usd: f64,
+    /// Jobs whose model has no known price.
+    pub unpriced: usize,
+}
+
+impl Estimate {
+    /// Adds one job's price.
+    pub fn add(&mut self, price: Option<f64>) {
+        match price {
+            Some(usd) => self.usd += usd,
+            None => self.unpriced += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Estimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "${:.4}", self.usd)?;
+        if self.unpriced > 0 {
+            write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(value: &Value) -> Map<String, Value> {
+        value.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn prices_depend_on_model_and_parameters() {
+        let table = PriceTable::default();
+        let plain = body(&json!({"prompt": "x"}));
+        assert_eq!(table.price("image/bfl/flux-1-dev", &plain), Some(0.007));
+        assert_eq!(table.price("image/krea/krea-2/medium", &plain), Some(0.03));
+        let styled = body(&json!({"prompt": "x", "image_style_references": [{"url": "u"}]}));
+        assert_eq!(table.price("image/krea/krea-2/medium", &styled), Some(0.035));
+        let moods = body(&json!({"prompt": "x", "moodboards": ["m"]}));
+        assert_eq!(table.price("image/krea/krea-2/large", &moods), Some(0.07));
+        let four_k = body(&json!({"prompt": "x", "resolution": "4K"}));
+        assert_eq!(table.price("image/google/nano-banana-2", &four_k), Some(0.16));
+        let video = body(&json!({"prompt": "x", "duration": 10, "mode": "pro"}));
+        let price = table.price("video/kling/kling-1", &video).expect("priced");
+        assert!((price - 0.772).abs() < 1e-9);
+        assert_eq!(table.price("image/unknown/model", &plain), None);
+    }
+
+    #[test]
+    fn overrides_win() {
+        let table = PriceTable::with_overrides(BTreeMap::from([
+            ("image/bfl/flux-1-dev".to_owned(), 0.01),
+            ("image/new/model".to_owned(), 0.5),
+        ]));
+        let plain = body(&json!({"prompt": "x"}));
+        assert_eq!(table.price("image/bfl/flux-1-dev", &plain), Some(0.01));
+        assert_eq!(table.price("image/new/model", &plain), Some(0.5));
+    }
+
+    #[test]
+    fn estimates_count_the_unpriced() {
+        let mut estimate = Estimate::default();
+        estimate.add(Some(0.5));
+        estimate.add(None);
+        assert_eq!(estimate.to_string(), "$0.5000 (+ 1 jobs with no known price)");
+    }
+}

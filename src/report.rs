@@ -1,0 +1,408 @@
+//! What krea-batch tells its user: the live counts (a progress bar on a terminal, log lines
+//! otherwise), the manifest of every job in the output directory, and the summary at the end.
+//!
+//! It reads job records and counts; it sends nothing and decides nothing.
+
+use crate::job::JobState;
+use crate::pricing::Estimate;
+use crate::store::JobRecord;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Duration;
+
+/// The manifest's file name, in each output directory.
+pub const MANIFEST: &str = "manifest.jsonl";
+
+/// Why submitting stopped before every job was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Krea answered 402: the prepaid balance is exhausted.
+    PaymentRequired,
+    /// Krea refused the key (401/403).
+    AuthRefused,
+    /// The user asked to stop (Ctrl-C, SIGTERM).
+    Interrupted,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PaymentRequired => "the Krea API balance is exhausted (402)",
+            Self::AuthRefused => "Krea refused the API key",
+            Self::Interrupted => "interrupted",
+        })
+    }
+}
+
+/// Jobs by where they stand, for progress and summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// All jobs.
+    pub total: usize,
+    /// Not submitted.
+    pub pending: usize,
+    /// Submitted (or being submitted) and not finished at Krea.
+    pub in_flight: usize,
+    /// POSTs whose outcome is unknown, awaiting reconciliation.
+    pub unknown: usize,
+    /// Completed at Krea with files still to download.
+    pub download_pending: usize,
+    /// Completed with every file on disk.
+    pub completed: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Cancelled.
+    pub cancelled: usize,
+}
+
+impl Counts {
+    /// Counts one more job in `state`.
+    pub fn add(&mut self, state: JobState) {
+        self.total += 1;
+        *self.slot(state) += 1;
+    }
+
+    /// Moves one job from `from` to `to`.
+    pub fn moved(&mut self, from: JobState, to: JobState) {
+        *self.slot(from) -= 1;
+        *self.slot(to) += 1;
+    }
+
+    fn slot(&mut self, state: JobState) -> &mut usize {
+        match state {
+            JobState::Pending => &mut self.pending,
+            JobState::Submitting | JobState::Submitted => &mut self.in_flight,
+            JobState::Unknown => &mut self.unknown,
+            JobState::Completed => &mut self.download_pending,
+            JobState::Downloaded => &mut self.completed,
+            JobState::Failed => &mut self.failed,
+            JobState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Jobs that need nothing more.
+    #[must_use]
+    pub fn finished(&self) -> usize {
+        self.completed + self.failed + self.cancelled
+    }
+
+    /// Counts over a set of records.
+    pub fn of<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>) -> Self {
+        let mut counts = Self::default();
+        for job in jobs {
+            counts.add(job.state);
+        }
+        counts
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} done, {} failed, {} in flight, {} waiting",
+            self.completed, self.failed, self.in_flight, self.pending
+        )?;
+        if self.download_pending > 0 {
+            write!(f, ", {} to download", self.download_pending)?;
+        }
+        if self.unknown > 0 {
+            write!(f, ", {} unknown", self.unknown)?;
+        }
+        if self.cancelled > 0 {
+            write!(f, ", {} cancelled", self.cancelled)?;
+        }
+        Ok(())
+    }
+}
+
+/// A job's line in `manifest.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ManifestLine<'a> {
+    /// The job's name.
+    pub name: &'a str,
+    /// `completed`, `failed`, `cancelled`, `not_submitted`, `download_pending`, `unknown` or
+    /// `in_flight`.
+    pub status: &'static str,
+    /// Krea's job id, if it has one.
+    pub job_id: Option<&'a str>,
+    /// The model.
+    pub model: &'a str,
+    /// The files, relative to the output directory.
+    pub files: Vec<&'a str>,
+    /// Why it failed or is not complete.
+    pub error: Option<&'a str>,
+    /// Its estimated price, if billed (completed).
+    pub price_usd: Option<f64>,
+}
+
+impl<'a> ManifestLine<'a> {
+    /// The line for `job`.
+    #[must_use]
+    pub fn of(job: &'a JobRecord) -> Self {
+        let billed = matches!(job.state, JobState::Completed | JobState::Downloaded);
+        Self {
+            name: &job.name,
+            status: manifest_status(job.state),
+            job_id: job.remote_id.as_deref(),
+            model: &job.model,
+            files: job.files.iter().map(|file| file.path.as_str()).collect(),
+            error: job.error.as_deref(),
+            price_usd: job.price_usd.filter(|_| billed),
+        }
+    }
+}
+
+/// The manifest's name for a local state.
+#[must_use]
+pub fn manifest_status(state: JobState) -> &'static str {
+    match state {
+        JobState::Downloaded => "completed",
+        JobState::Completed => "download_pending",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Pending => "not_submitted",
+        JobState::Submitting | JobState::Unknown => "unknown",
+        JobState::Submitted => "in_flight",
+    }
+}
+
+/// Appends the line of a job that just ended to `<dir>/manifest.jsonl`.
+pub fn append_manifest(dir: &Path, job: &JobRecord) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut line = serde_json::to_vec(&ManifestLine::of(job)).unwrap_or_default();
+    line.push(b'\n');
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join(MANIFEST))?;
+    file.write_all(&line)
+}
+
+/// Rewrites `<dir>/manifest.jsonl` from `jobs` (one line each), atomically. With
+/// `ended_only`, jobs that have not ended are left out (the start of a run); otherwise every
+/// job is listed (the end of a run).
+pub fn rewrite_manifest<'a>(
+    dir: &Path,
+    jobs: impl IntoIterator<Item = &'a JobRecord>,
+    ended_only: bool,
+) -> Result<(), crate::download::DownloadError> {
+    let mut text = Vec::new();
+    for job in jobs {
+        if ended_only && !job.state.is_final() {
+            continue;
+        }
+        text.extend(serde_json::to_vec(&ManifestLine::of(job)).unwrap_or_default());
+        text.push(b'\n');
+    }
+    crate::download::write_atomically(&dir.join(MANIFEST), &text)
+}
+
+/// The end of a run, for people (`Display`) and programs (`--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Jobs by where they stand.
+    pub counts: Counts,
+    /// Files on disk for completed jobs.
+    pub files: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// The estimated price of the completed (billed) jobs, USD.
+    pub spend_usd: f64,
+    /// Completed jobs whose model has no known price.
+    pub unpriced: usize,
+    /// Jobs the state file holds that the job file no longer lists (not cancelled).
+    pub removed_from_file: usize,
+    /// Why submitting stopped early, if it did.
+    pub stopped: Option<StopReason>,
+    /// The first failures: (job name, reason).
+    pub failures: Vec<(String, String)>,
+    /// The output directory.
+    pub output_dir: String,
+    /// How long the run took.
+    pub elapsed_seconds: f64,
+}
+
+/// How many failures a summary lists by name.
+const LISTED_FAILURES: usize = 10;
+
+impl Summary {
+    /// Summarises `jobs` after a run.
+    #[must_use]
+    pub fn of(
+        jobs: &[JobRecord],
+        stopped: Option<StopReason>,
+        output_dir: &Path,
+        elapsed: Duration,
+    ) -> Self {
+        let mut spend = Estimate::default();
+        let (mut files, mut bytes) = (0, 0);
+        for job in
+            jobs.iter().filter(|j| matches!(j.state, JobState::Completed | JobState::Downloaded))
+        {
+            spend.add(job.price_usd);
+            files += job.files.len();
+            bytes += job.files.iter().map(|file| file.bytes).sum::<u64>();
+        }
+        let failures = jobs
+            .iter()
+            .filter(|job| {
+                matches!(job.state, JobState::Failed | JobState::Unknown | JobState::Completed)
+            })
+            .take(LISTED_FAILURES)
+            .map(|job| {
+                (job.name.clone(), job.error.clone().unwrap_or_else(|| job.state.to_string()))
+            })
+            .collect();
+        Self {
+            // A job gone from the file is still counted when it was sent: it is paid for.
+            counts: Counts::of(
+                jobs.iter().filter(|job| job.in_file || job.state != JobState::Pending),
+            ),
+            files,
+            bytes,
+            spend_usd: spend.usd,
+            unpriced: spend.unpriced,
+            removed_from_file: jobs.iter().filter(|job| !job.in_file).count(),
+            stopped,
+            failures,
+            output_dir: output_dir.display().to_string(),
+            elapsed_seconds: elapsed.as_secs_f64(),
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.counts;
+        writeln!(f, "{} jobs: {c}", c.total)?;
+        writeln!(
+            f,
+            "{} files ({}) in {}; estimated spend ${:.4}{}; {:.1} s",
+            self.files,
+            human_bytes(self.bytes),
+            self.output_dir,
+            self.spend_usd,
+            if self.unpriced > 0 {
+                format!(" (+ {} unpriced)", self.unpriced)
+            } else {
+                String::new()
+            },
+            self.elapsed_seconds
+        )?;
+        for (name, reason) in &self.failures {
+            writeln!(f, "  {name}: {reason}")?;
+        }
+        if self.removed_from_file > 0 {
+            writeln!(
+                f,
+                "{} jobs in the state file are no longer in the job file; they were left alone",
+                self.removed_from_file
+            )?;
+        }
+        match self.stopped {
+            Some(StopReason::PaymentRequired) => writeln!(
+                f,
+                "Stopped submitting: the Krea API balance is exhausted (402). {} jobs finished, \
+                 {} not submitted. Top up the API balance, then run the same command again: it \
+                 continues where it stopped and submits nothing twice.",
+                c.finished(),
+                c.pending
+            )?,
+            Some(StopReason::AuthRefused) => writeln!(
+                f,
+                "Stopped: Krea refused the API key. Check the key, then run the same command \
+                 again; jobs already submitted are polled, not sent again."
+            )?,
+            Some(StopReason::Interrupted) => writeln!(
+                f,
+                "Interrupted. Run the same command again to continue; jobs already submitted \
+                 are polled, not sent again."
+            )?,
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+#[must_use]
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
+/// line every `every` when something changed.
+pub async fn show_progress(
+    mut counts: tokio::sync::watch::Receiver<Counts>,
+    bar: Option<indicatif::ProgressBar>,
+    every: Duration,
+) {
+    let mut last_logged = Counts::default();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = counts.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some(bar) = &bar {
+                    let now = *counts.borrow_and_update();
+                    bar.set_length(now.total as u64);
+                    bar.set_position(now.finished() as u64);
+                    bar.set_message(now.to_string());
+                }
+            }
+            _ = tick.tick(), if bar.is_none() => {
+                let now = *counts.borrow();
+                if now != last_logged && now.total > 0 {
+                    tracing::info!("progress: {}/{} finished; {now}", now.finished(), now.total);
+                    last_logged = now;
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_moves() {
+        let mut counts = Counts::default();
+        counts.add(JobState::Pending);
+        counts.add(JobState::Pending);
+        counts.moved(JobState::Pending, JobState::Submitting);
+        counts.moved(JobState::Submitting, JobState::Submitted);
+        counts.moved(JobState::Submitted, JobState::Completed);
+        assert_eq!((counts.pending, counts.download_pending, counts.total), (1, 1, 2));
+        counts.moved(JobState::Completed, JobState::Downloaded);
+        assert_eq!(counts.finished(), 1);
+    }
+
+    #[test]
+    fn manifest_statuses() {
+        assert_eq!(manifest_status(JobState::Downloaded), "completed");
+        assert_eq!(manifest_status(JobState::Pending), "not_submitted");
+        assert_eq!(manifest_status(JobState::Completed), "download_pending");
+        assert_eq!(manifest_status(JobState::Submitting), "unknown");
+    }
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}
