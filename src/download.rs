@@ -324,8 +324,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DownloadError> 
     use std::io::Write as _;
     let folder = path.parent().unwrap_or_else(|| Path::new("."));
     let disk = |source| DownloadError::Disk { path: path.to_owned(), source };
-    let mut temp =
-        tempfile::Builder::new().prefix(PARTIAL_PREFIX).tempfile_in(folder).map_err(disk)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(PARTIAL_PREFIX)
+        .permissions(public_file())
+        .tempfile_in(folder)
+        .map_err(disk)?;
     temp.write_all(bytes).map_err(disk)?;
     temp.as_file().sync_all().map_err(disk)?;
     temp.persist(path).map_err(|err| disk(err.error))?;
