@@ -39,21 +39,21 @@ fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
         body.get(field).is_some_and(|value| value.as_array().is_none_or(|items| !items.is_empty()))
     };
     // Krea 2 costs more with style references, more still with moodboards.
-    let krea2 = |base: f64| {
+    let krea2 = |plain: f64, styled: f64, moodboards: f64| {
         if has("moodboards") {
-            base + 0.01
+            moodboards
         } else if has("image_style_references") {
-            base + 0.005
+            styled
         } else {
-            base
+            plain
         }
     };
     let seconds = || body.get("duration").and_then(Value::as_f64).unwrap_or(5.0);
     match model {
         "image/bfl/flux-1-dev" => Some(0.007),
         "image/bfl/flux-1-kontext-dev" => Some(0.0128),
-        "image/krea/krea-2/medium" => Some(krea2(0.03)),
-        "image/krea/krea-2/large" => Some(krea2(0.06)),
+        "image/krea/krea-2/medium" => Some(krea2(0.03, 0.035, 0.04)),
+        "image/krea/krea-2/large" => Some(krea2(0.06, 0.065, 0.07)),
         "image/google/nano-banana-2" => match text("resolution") {
             "2K" => Some(0.12),
             "4K" => Some(0.16),

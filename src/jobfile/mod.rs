@@ -227,12 +227,17 @@ enum NameSource {
 impl Assembly<'_> {
     fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
         if let Err((field, message)) = raw.limits.check() {
-            // Point at the field if written; the first poll delays may be defaults, which
-            // makes poll_interval_max the one written.
+            // The one rule that spans fields (a first poll delay above the cap) is checked last.
+            // A first delay left at its default is simply capped by the schedule: only one the
+            // user wrote above the cap is a contradiction worth refusing.
             let path = [Seg::key("limits"), Seg::key(field)];
-            let max = [Seg::key("limits"), Seg::key("poll_interval_max")];
-            let at = if self.find(&path, Target::Node).is_some() { &path[..] } else { &max[..] };
-            return Err(self.error(at, message));
+            if self.find(&path, Target::Node).is_some() {
+                return Err(self.error(&path, message));
+            }
+            let is_first_poll_delay = matches!(field, "poll_interval" | "video_poll_interval");
+            if !is_first_poll_delay {
+                return Err(self.error(&[Seg::key("limits")], message));
+            }
         }
         let mut jobs = Vec::new();
         // Names taken so far (lowercased: names become file names, and two names differing

@@ -1,0 +1,102 @@
+//! Bad input is refused before anything is sent, with its place named; `check` and `status`.
+
+use crate::support::{Sim, Workspace, krea_batch, numbered_jobs};
+
+#[test]
+fn malformed_yaml_is_refused_with_line_and_column_and_nothing_is_sent() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(
+        "model: image/bfl/flux-1-dev\njobs:\n  - prompt: a fox\n  - prompt: [unclosed\n",
+    );
+    let run = work.run(&sim, &[]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("jobs.yaml:"), "{}", run.stderr);
+    let located = run.stderr.lines().any(|line| {
+        let mut parts = line.split(':').skip_while(|part| !part.ends_with("jobs.yaml"));
+        parts.next();
+        let line_no = parts.next().and_then(|p| p.trim().parse::<u32>().ok());
+        let column = parts.next().and_then(|p| p.trim().parse::<u32>().ok());
+        line_no.is_some() && column.is_some()
+    });
+    assert!(located, "file:line:column in {}", run.stderr);
+    assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}
+
+#[test]
+fn semantic_errors_name_the_key() {
+    let sim = Sim::start(|_| {});
+    let cases = [
+        ("jobs:\n  - prompt: ''\n", "jobs[0].prompt", 3),
+        ("jobs:\n  - prompt: a\n    nmae: b\n", "jobs[0]", 4),
+        ("jobs:\n  - {prompt: a, name: x}\n  - {prompt: b, name: x}\n", "jobs[1].name", 4),
+        ("jobs:\n  - {prompt: a, count: 0}\n", "count", 3),
+        ("limits:\n  poll_interval: soon\njobs:\n  - prompt: a\n", "limits.poll_interval", 3),
+    ];
+    for (body, key, line) in cases {
+        let work = Workspace::with_file(&format!("model: image/bfl/flux-1-dev\n{body}"));
+        let run = work.run(&sim, &[]);
+        run.expect_code(2);
+        assert!(run.stderr.contains(key), "{key} in {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("jobs.yaml:{line}:")),
+            "line {line} in {}",
+            run.stderr
+        );
+    }
+    assert_eq!(sim.stats().requests_total, 0);
+}
+
+#[test]
+fn a_missing_key_names_all_three_sources() {
+    let work = Workspace::with_jobs(&numbered_jobs("x", 1));
+    let output = krea_batch().arg("run").arg(work.job_file()).output().expect("runs");
+    let run = crate::support::Run::of(&output);
+    run.expect_code(2);
+    let message = run.stderr.trim();
+    assert_eq!(message.lines().count(), 1, "{message}");
+    for source in ["KREA_API_KEY", "--api-key-file", "CREDENTIALS_DIRECTORY"] {
+        assert!(message.contains(source), "{message}");
+    }
+}
+
+#[test]
+fn plain_http_is_refused_off_loopback() {
+    let work = Workspace::with_jobs(&numbered_jobs("x", 1));
+    let output = krea_batch()
+        .arg("run")
+        .arg(work.job_file())
+        .env("KREA_API_KEY", "k")
+        .env("KREA_API_BASE", "http://api.krea.ai")
+        .output()
+        .expect("runs");
+    let run = crate::support::Run::of(&output);
+    run.expect_code(2);
+    assert!(run.stderr.contains("only https"), "{}", run.stderr);
+}
+
+#[test]
+fn check_prints_the_plan_and_sends_nothing() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs(
+        "  - {prompt: a fox, count: 3}\n  - {prompt: a cat, model: image/krea/krea-2/medium}\n",
+    );
+    let run = work.command(&sim, "unused", &["check"], &["--json"]);
+    run.expect_code(0);
+    let plan: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON plan");
+    assert_eq!(plan["jobs"], 4);
+    let estimated = plan["estimated_usd"].as_f64().expect("estimate");
+    assert!((estimated - (3.0 * 0.007 + 0.03)).abs() < 1e-9, "{estimated}");
+    assert_eq!(sim.stats().requests_total, 0);
+}
+
+#[test]
+fn status_reads_the_state_file() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs(&numbered_jobs("a pier", 3));
+    work.run(&sim, &[]).expect_code(0);
+    let run = work.command(&sim, "unused", &["status"], &["--json"]);
+    run.expect_code(0);
+    let status: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON status");
+    assert_eq!(status["counts"]["completed"], 3);
+    assert!((status["spent_usd"].as_f64().expect("spend") - 0.021).abs() < 1e-9);
+}

@@ -1,0 +1,6 @@
+//! Integration tests: the real `krea-batch` binary against the simulated Krea API on loopback.
+//! One test binary; a module per area.
+
+mod input;
+mod run;
+mod support;

@@ -1,0 +1,191 @@
+//! Shared fixtures: a simulated Krea API on loopback, job files in a temporary folder, and the
+//! real `krea-batch` binary run as a child process against them.
+
+use krea_batch::sim::{SimConfig, SimServer, SimStats};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// A simulation running on its own runtime, so tests can run the binary synchronously.
+pub(crate) struct Sim {
+    runtime: tokio::runtime::Runtime,
+    server: Option<SimServer>,
+}
+
+impl Sim {
+    /// Starts a simulation with quick jobs, then applies `adjust`.
+    pub(crate) fn start(adjust: impl FnOnce(&mut SimConfig)) -> Self {
+        let mut config = SimConfig {
+            job_time: Duration::from_millis(200),
+            video_job_time: Duration::from_millis(400),
+            concurrency: 8,
+            backlog: 32,
+            ..SimConfig::default()
+        };
+        adjust(&mut config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime");
+        let server = runtime.block_on(SimServer::start(config)).expect("simulation starts");
+        Self { runtime, server: Some(server) }
+    }
+
+    pub(crate) fn server(&self) -> &SimServer {
+        self.server.as_ref().expect("running")
+    }
+
+    pub(crate) fn stats(&self) -> SimStats {
+        self.server().stats()
+    }
+
+    pub(crate) fn url(&self) -> String {
+        self.server().base_url()
+    }
+
+    pub(crate) fn key(&self) -> String {
+        self.server().api_key().to_owned()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+/// Limits that keep tests quick: fast polling and back-off, generous pacing.
+pub(crate) const FAST_LIMITS: &str = "
+limits:
+  submissions_per_minute: 6000
+  burst: 20
+  max_in_flight: 8
+  poll_interval: 50ms
+  video_poll_interval: 50ms
+  poll_interval_max: 200ms
+  retry_backoff: 50ms
+  request_timeout: 5s
+";
+
+/// A folder holding one job file.
+pub(crate) struct Workspace {
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    /// A job file `jobs.yaml` with `FAST_LIMITS`, the flux model, and `jobs` (YAML list items).
+    pub(crate) fn with_jobs(jobs: &str) -> Self {
+        Self::with_file(&format!("model: image/bfl/flux-1-dev\n{FAST_LIMITS}\njobs:\n{jobs}"))
+    }
+
+    /// A job file `jobs.yaml` with exactly `text`.
+    pub(crate) fn with_file(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("jobs.yaml"), text).expect("job file written");
+        Self { dir }
+    }
+
+    pub(crate) fn job_file(&self) -> PathBuf {
+        self.dir.path().join("jobs.yaml")
+    }
+
+    pub(crate) fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// The manifest's lines, parsed.
+    pub(crate) fn manifest(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.out().join("manifest.jsonl")).expect("manifest");
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("manifest line is JSON"))
+            .collect()
+    }
+
+    /// `krea-batch run jobs.yaml` against `sim`, with its key.
+    pub(crate) fn run(&self, sim: &Sim, extra: &[&str]) -> Run {
+        self.command(sim, &sim.key(), &["run"], extra)
+    }
+
+    /// `krea-batch <subcommand> jobs.yaml <extra>` with the given key.
+    pub(crate) fn command(&self, sim: &Sim, key: &str, subcommand: &[&str], extra: &[&str]) -> Run {
+        let mut command = krea_batch();
+        command.args(subcommand).arg(self.job_file()).args(extra);
+        command.env("KREA_API_BASE", sim.url()).env("KREA_API_KEY", key);
+        Run::of(&command.output().expect("krea-batch runs"))
+    }
+}
+
+/// The binary under test, with a clean environment.
+pub(crate) fn krea_batch() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_krea-batch"));
+    for var in
+        ["KREA_API_KEY", "KREA_API_BASE", "CREDENTIALS_DIRECTORY", "RUST_LOG", "JOURNAL_STREAM"]
+    {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// A finished child process.
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Run {
+    pub(crate) fn of(output: &Output) -> Self {
+        Self {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts the exit code, showing the output when it differs.
+    pub(crate) fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// `n` job entries with distinct prompts `"<stem> <i>"`.
+pub(crate) fn numbered_jobs(stem: &str, n: usize) -> String {
+    use std::fmt::Write as _;
+    (0..n).fold(String::new(), |mut text, i| {
+        let _ = writeln!(text, "  - prompt: \"{stem} {i}\"");
+        text
+    })
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub(crate) fn sha256_of(path: &Path) -> String {
+    use sha2::Digest as _;
+    krea_batch::job::hex(&sha2::Sha256::digest(std::fs::read(path).expect("file readable")))
+}
+
+/// Every regular file under `dir`, recursively.
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("readable dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
