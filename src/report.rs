@@ -357,7 +357,13 @@ pub async fn show_progress(
                     let now = *counts.borrow_and_update();
                     bar.set_length(now.total as u64);
                     bar.set_position(now.finished() as u64);
-                    bar.set_message(now.to_string());
+                    bar.set_message(format!(
+                        "{} submitted · {} in flight · {} done · {} failed",
+                        now.total - now.pending,
+                        now.in_flight + now.unknown,
+                        now.completed,
+                        now.failed
+                    ));
                 }
             }
             _ = tick.tick(), if bar.is_none() => {

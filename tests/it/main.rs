@@ -3,4 +3,5 @@
 
 mod input;
 mod run;
+mod signals;
 mod support;

@@ -189,3 +189,82 @@ pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+
+/// Waits, up to `limit`, until `condition` holds; panics with `what` otherwise.
+pub(crate) fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running child whose stderr is collected as it comes, so a test can wait for a log line.
+pub(crate) struct LiveChild {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveChild {
+    /// Spawns `command` with piped output.
+    pub(crate) fn spawn(mut command: Command) -> Self {
+        use std::io::BufRead as _;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the process starts");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("piped stderr");
+        let sink = std::sync::Arc::clone(&stderr);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut text = sink.lock().expect("stderr buffer");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self { child, stderr, reader: Some(reader) }
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until stderr contains `needle`.
+    pub(crate) fn wait_for_log(&self, needle: &str, limit: Duration) {
+        wait_until(limit, &format!("the log says {needle:?}"), || {
+            self.stderr.lock().expect("stderr buffer").contains(needle)
+        });
+    }
+
+    /// Sends a signal ("INT", "TERM", "HUP", "KILL").
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the exit; returns code, stdout and the collected stderr.
+    pub(crate) fn finish(mut self, limit: Duration) -> Run {
+        let mut exited = false;
+        wait_until(limit, "the process exits", || {
+            exited = self.child.try_wait().expect("try_wait").is_some();
+            exited
+        });
+        let output = self.child.wait_with_output().expect("output");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("stderr reader");
+        }
+        let stderr = self.stderr.lock().expect("stderr buffer").clone();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr,
+        }
+    }
+}

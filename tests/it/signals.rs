@@ -1,0 +1,67 @@
+//! Ctrl-C during a run: once stops submitting and finishes what is in flight; twice stops at
+//! once. Either way the rerun resumes without submitting anything twice.
+
+use crate::support::{LiveChild, Sim, Workspace, krea_batch, numbered_jobs, wait_until};
+use std::time::Duration;
+
+fn spawn_run(work: &Workspace, sim: &Sim) -> LiveChild {
+    let mut command = krea_batch();
+    command
+        .arg("run")
+        .arg(work.job_file())
+        .env("KREA_API_BASE", sim.url())
+        .env("KREA_API_KEY", sim.key());
+    LiveChild::spawn(command)
+}
+
+fn two_at_a_time(jobs: usize) -> Workspace {
+    Workspace::with_file(&format!(
+        "model: image/bfl/flux-1-dev\nlimits:\n  max_in_flight: 2\n  submissions_per_minute: 6000\n  \
+         poll_interval: 50ms\n  poll_interval_max: 100ms\n  retry_backoff: 50ms\njobs:\n{}",
+        numbered_jobs("a slow dawn", jobs)
+    ))
+}
+
+#[test]
+fn one_interrupt_finishes_in_flight_jobs_and_the_rerun_does_the_rest() {
+    let sim = Sim::start(|config| config.job_time = Duration::from_millis(1500));
+    let work = two_at_a_time(6);
+    let child = spawn_run(&work, &sim);
+    wait_until(Duration::from_secs(20), "two jobs are submitted", || sim.stats().jobs_created == 2);
+    child.signal("INT");
+    let run = child.finish(Duration::from_secs(30));
+    run.expect_code(130);
+    assert_eq!(sim.stats().jobs_created, 2, "nothing submitted after the interrupt");
+    let manifest = work.manifest();
+    let count = |status: &str| manifest.iter().filter(|line| line["status"] == status).count();
+    assert_eq!((count("completed"), count("not_submitted")), (2, 4), "{manifest:?}");
+
+    work.run(&sim, &[]).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 6);
+    assert!(stats.creations_by_prompt.values().all(|count| *count == 1));
+}
+
+#[test]
+fn a_second_interrupt_stops_at_once_and_the_rerun_polls_instead_of_resubmitting() {
+    let sim = Sim::start(|config| config.job_time = Duration::from_secs(4));
+    let work = two_at_a_time(4);
+    let child = spawn_run(&work, &sim);
+    wait_until(Duration::from_secs(20), "two jobs are submitted", || sim.stats().jobs_created == 2);
+    child.signal("INT");
+    child.wait_for_log("no more submissions", Duration::from_secs(5));
+    child.signal("INT");
+    let run = child.finish(Duration::from_secs(3));
+    run.expect_code(130);
+    let manifest = work.manifest();
+    let in_flight = manifest.iter().filter(|line| line["status"] == "in_flight").count();
+    assert_eq!(in_flight, 2, "{manifest:?}");
+
+    work.run(&sim, &[]).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 4);
+    assert!(
+        stats.creations_by_prompt.values().all(|count| *count == 1),
+        "in-flight jobs were polled, not resubmitted"
+    );
+}
