@@ -89,6 +89,8 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         download_concurrency: limits.download_concurrency as usize,
         retry: RetryPolicy::transient(limits.retry_backoff),
         rate_limit_backoff: limits.retry_backoff,
+        request_timeout: limits.request_timeout,
+        reconcile_after: limits.reconcile_after,
     }
 }
 
@@ -143,6 +145,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         tracing::info!(removed, "removed partial downloads left by an earlier run");
     }
     let jobs = store.jobs(Some(report.batch_id))?;
+    let claimed_elsewhere = store.remote_ids()?;
     let output_dirs = store.output_dirs()?;
     rewrite_manifest(&places.output_dir, &jobs, true).context("while writing the manifest")?;
     tracing::info!(
@@ -167,7 +170,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
     .map_err(anyhow::Error::msg)?;
     let writer = StoreWriter::spawn(store)?;
     let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone() },
+        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
         jobs,
         &output_dirs,
         engine_settings(&file.limits),

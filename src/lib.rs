@@ -18,7 +18,8 @@
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store.rs` | the SQLite state file: jobs, attempts, files; one writer |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
-//! | `runner.rs` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
 //! | `batch.rs` | the one-shot commands wired end to end: `run`, `check`, `status` |
 //! | `cli.rs` | the command line (clap types) |
@@ -39,6 +40,7 @@ pub mod jobfile;
 pub mod key;
 pub mod pace;
 pub mod pricing;
+pub mod reconcile;
 pub mod report;
 pub mod retry;
 pub mod runner;

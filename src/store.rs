@@ -50,6 +50,7 @@ CREATE TABLE jobs (
     remote_id     TEXT UNIQUE,
     remote_status TEXT,
     attempt_at    INTEGER,
+    attempt_ended INTEGER,
     attempts      INTEGER NOT NULL DEFAULT 0,
     submitted_at  INTEGER,
     created_at    TEXT,
@@ -182,9 +183,13 @@ pub struct JobRecord {
     pub remote_status: Option<String>,
     /// When the latest POST attempt was recorded (ms since the epoch).
     pub attempt_at: Option<i64>,
+    /// When that POST ended without a usable answer; `None` if it was answered or the process
+    /// died during it.
+    pub attempt_ended: Option<i64>,
     /// How many POSTs were started for it.
     pub attempts: u32,
-    /// When Krea accepted it (ms since the epoch, local clock).
+    /// When Krea's answer accepting it arrived (ms since the epoch, local clock); `None` for a
+    /// job adopted by reconciliation.
     pub submitted_at: Option<i64>,
     /// Krea's `created_at`.
     pub created_at: Option<String>,
@@ -499,7 +504,7 @@ impl Store {
             .prepare(
                 "SELECT id, batch_id, key, name, model, body, state, remote_id, remote_status,
                         attempt_at, attempts, submitted_at, created_at, completed_at, finished_at,
-                        urls, error, price_usd, in_file
+                        urls, error, price_usd, in_file, attempt_ended
                  FROM jobs WHERE ?1 IS NULL OR batch_id = ?1 ORDER BY id",
             )
             .map_err(&err)?;
@@ -512,6 +517,17 @@ impl Store {
             jobs.push(job);
         }
         Ok(jobs)
+    }
+
+    /// Every Krea job id the state file holds, in every batch: reconciliation never adopts one.
+    pub fn remote_ids(&self) -> Result<HashSet<String>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL")
+            .map_err(&err)?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(&err)?;
+        rows.map(|row| row.map_err(&err)).collect()
     }
 
     /// The output directory of each batch.
@@ -534,7 +550,7 @@ impl Store {
                     "UPDATE jobs SET name = ?2, state = ?3, remote_id = ?4, remote_status = ?5,
                         attempt_at = ?6, attempts = ?7, submitted_at = ?8, created_at = ?9,
                         completed_at = ?10, finished_at = ?11, urls = ?12, error = ?13,
-                        updated_at = ?14
+                        updated_at = ?14, attempt_ended = ?15
                      WHERE id = ?1",
                 )
                 .map_err(&err)?;
@@ -570,6 +586,7 @@ impl Store {
                                 urls,
                                 job.error,
                                 now,
+                                job.attempt_ended,
                             ])
                             .map_err(&err)?;
                     }
@@ -642,6 +659,7 @@ struct RawJobRow {
     error: Option<String>,
     price_usd: Option<f64>,
     in_file: bool,
+    attempt_ended: Option<i64>,
 }
 
 fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
@@ -665,6 +683,7 @@ fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
         error: row.get(16)?,
         price_usd: row.get(17)?,
         in_file: row.get(18)?,
+        attempt_ended: row.get(19)?,
     })
 }
 
@@ -690,6 +709,7 @@ impl RawJobRow {
             remote_id: self.remote_id,
             remote_status: self.remote_status,
             attempt_at: self.attempt_at,
+            attempt_ended: self.attempt_ended,
             attempts: self.attempts,
             submitted_at: self.submitted_at,
             created_at: self.created_at,

@@ -62,6 +62,11 @@ pub struct Limits {
     /// Default 5 s, as Krea's own scripts wait 5, 15, 45 s after a 429.
     #[serde(deserialize_with = "duration")]
     pub retry_backoff: Duration,
+    /// After a submission that got no answer, how long past its own timeout to wait before
+    /// looking for the job at Krea (`GET /jobs` may show a new job with a delay). Submissions
+    /// pause meanwhile. Default 5 s.
+    #[serde(deserialize_with = "duration")]
+    pub reconcile_after: Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +83,7 @@ impl Default for Limits {
             download_concurrency: 4,
             max_result_size: 2 << 30,
             retry_backoff: Duration::from_secs(5),
+            reconcile_after: Duration::from_secs(5),
         }
     }
 }
@@ -103,6 +109,7 @@ impl Limits {
             ("job_timeout", self.job_timeout),
             ("request_timeout", self.request_timeout),
             ("retry_backoff", self.retry_backoff),
+            ("reconcile_after", self.reconcile_after),
         ];
         if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err((field, format!("{field} is zero; it must be longer than that")));

@@ -1,0 +1,437 @@
+//! Reconciliation: deciding, for each POST that ended without an answer, whether Krea created
+//! the job, without ever paying twice.
+//!
+//! Krea has no idempotency key. A POST whose answer is lost (timeout, reset, a 5xx from a proxy,
+//! a process killed mid-request) may or may not have created a job that will be billed. Such a
+//! job is `unknown` until reconciliation lists the account's jobs created around the attempt
+//! (`GET /jobs`, newest first) and looks for ones that no record claims:
+//!
+//! - none in the attempt's time window: the job was not created and may be submitted again;
+//! - as many unclaimed jobs as unknown attempts in a group of overlapping windows: they are
+//!   adopted in order (Krea creates jobs in the order the POSTs arrive, and krea-batch sends
+//!   one POST at a time, so arrival order is attempt order);
+//! - anything else (fewer jobs than attempts, or more, or a job without a readable time): which
+//!   attempt made which job cannot be told, so those attempts are reported and left `unknown`,
+//!   never guessed into a second payment.
+//!
+//! Windows are in Krea's clock. The offset between the local clock and Krea's is bounded from
+//! earlier successful POSTs (sent at `s`, answered at `r`, created at `c`: the offset lies in
+//! `[c − r, c − s]`); without any, a wide margin ([`UNMEASURED_CLOCK_MARGIN`]) is used.
+//!
+//! The matching is pure and unit-tested here; `runner.rs` decides when to reconcile (after
+//! the POST's own timeout and `limits.reconcile_after`, with no POST in flight) and applies the
+//! outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
+//! reconciliation concludes it was not created and it is submitted again.
+
+use crate::api::{ApiError, KreaClient, RemoteJob};
+use crate::retry::{RetryPolicy, Verdict};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The clock margin used when no earlier POST bounds the offset to Krea's clock.
+pub const UNMEASURED_CLOCK_MARGIN: Duration = Duration::from_mins(1);
+/// Extra margin on measured windows: millisecond rounding, drift, time stamped mid-request.
+pub const MEASURED_CLOCK_MARGIN: Duration = Duration::from_millis(500);
+/// Jobs listed per page.
+const PAGE_SIZE: u32 = 100;
+/// The most pages read in one reconciliation (100,000 jobs).
+const MAX_PAGES: usize = 1000;
+
+/// One POST whose outcome is unknown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// The engine's handle of the job.
+    pub slot: usize,
+    /// Local time the attempt was recorded, before the POST (ms since the epoch).
+    pub started_ms: i64,
+    /// Local time the POST ended without an answer; `None` when the process died during it.
+    pub ended_ms: Option<i64>,
+}
+
+/// A job at Krea that no record claims.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// The job as listed.
+    pub job: RemoteJob,
+    /// Its `created_at` in ms since the epoch, if readable.
+    pub created_ms: Option<i64>,
+}
+
+/// Bounds on (Krea's clock − the local clock), in ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockOffset {
+    /// The smallest the offset can be.
+    pub low_ms: i64,
+    /// The largest.
+    pub high_ms: i64,
+}
+
+impl ClockOffset {
+    /// No measurement: ± [`UNMEASURED_CLOCK_MARGIN`].
+    #[must_use]
+    pub fn unmeasured() -> Self {
+        let margin = millis(UNMEASURED_CLOCK_MARGIN);
+        Self { low_ms: -margin, high_ms: margin }
+    }
+
+    /// Bounds from earlier successful POSTs, each (sent, answered, created) in ms. Uses the
+    /// intersection of the per-POST bounds when they agree, their union when they do not
+    /// (drift, jitter), and widens either by [`MEASURED_CLOCK_MARGIN`].
+    #[must_use]
+    pub fn measured(samples: &[(i64, i64, i64)]) -> Self {
+        if samples.is_empty() {
+            return Self::unmeasured();
+        }
+        let lows = samples.iter().map(|(_, answered, created)| created - answered);
+        let highs = samples.iter().map(|(sent, _, created)| created - sent);
+        let (tight_low, tight_high) = (lows.clone().max(), highs.clone().min());
+        let (low, high) = match (tight_low, tight_high) {
+            (Some(low), Some(high)) if low <= high => (low, high),
+            _ => (lows.min().unwrap_or(0), highs.max().unwrap_or(0)),
+        };
+        let margin = millis(MEASURED_CLOCK_MARGIN);
+        Self { low_ms: low - margin, high_ms: high + margin }
+    }
+}
+
+/// What reconciliation decided for one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Krea created this job for the attempt: record its id and poll it.
+    Adopt {
+        /// The engine's handle of the job.
+        slot: usize,
+        /// Krea's job.
+        job: RemoteJob,
+    },
+    /// Krea has no job for the attempt: it may be submitted again.
+    NotCreated {
+        /// The engine's handle of the job.
+        slot: usize,
+    },
+    /// Cannot be told: reported, left `unknown`.
+    Ambiguous {
+        /// The engine's handle of the job.
+        slot: usize,
+        /// What was seen.
+        reason: String,
+    },
+}
+
+/// Matches unknown attempts with unclaimed jobs. `request_timeout` bounds an attempt whose end
+/// was not recorded.
+#[must_use]
+pub fn match_attempts(
+    attempts: &[Attempt],
+    candidates: &[Candidate],
+    offset: ClockOffset,
+    request_timeout: Duration,
+) -> Vec<Outcome> {
+    // Each attempt's window in Krea's clock.
+    let windows: Vec<(i64, i64)> = attempts
+        .iter()
+        .map(|attempt| {
+            let end = attempt.ended_ms.unwrap_or(attempt.started_ms + millis(request_timeout));
+            (attempt.started_ms + offset.low_ms, end.max(attempt.started_ms) + offset.high_ms)
+        })
+        .collect();
+    let fits = |window: (i64, i64), candidate: &Candidate| {
+        candidate.created_ms.is_none_or(|t| window.0 <= t && t <= window.1)
+    };
+
+    // Group attempts whose windows share a candidate (union-find over attempts).
+    let mut group: Vec<usize> = (0..attempts.len()).collect();
+    let mut members_of: Vec<Vec<usize>> = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let members: Vec<usize> =
+            (0..attempts.len()).filter(|&i| fits(windows[i], candidate)).collect();
+        for pair in members.windows(2) {
+            let (a, b) = (root(&mut group, pair[0]), root(&mut group, pair[1]));
+            group[a] = b;
+        }
+        members_of.push(members);
+    }
+    let mut groups: BTreeMap<usize, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    for index in 0..attempts.len() {
+        let key = root(&mut group, index);
+        groups.entry(key).or_default().0.push(index);
+    }
+    for (candidate, members) in members_of.iter().enumerate() {
+        if let Some(&first) = members.first() {
+            let key = root(&mut group, first);
+            groups.entry(key).or_default().1.push(candidate);
+        }
+    }
+
+    let mut outcomes = Vec::with_capacity(attempts.len());
+    for (mut members, mut found) in groups.into_values() {
+        members.sort_by_key(|&i| (attempts[i].started_ms, attempts[i].slot));
+        found.sort_by_key(|&c| (candidates[c].created_ms.unwrap_or(i64::MAX), c));
+        if found.is_empty() {
+            outcomes
+                .extend(members.iter().map(|&i| Outcome::NotCreated { slot: attempts[i].slot }));
+            continue;
+        }
+        let in_order = found.len() == members.len()
+            && members.iter().zip(&found).all(|(&i, &c)| {
+                candidates[c].created_ms.is_some() && fits(windows[i], &candidates[c])
+            });
+        if in_order {
+            outcomes.extend(members.iter().zip(&found).map(|(&i, &c)| Outcome::Adopt {
+                slot: attempts[i].slot,
+                job: candidates[c].job.clone(),
+            }));
+            continue;
+        }
+        let ids: Vec<&str> = found.iter().map(|&c| candidates[c].job.job_id.as_str()).collect();
+        let reason = format!(
+            "{} unclaimed job(s) at Krea ({}) were created around {} unanswered submission(s); \
+             which belongs to which cannot be told. Check them at Krea; this job is not \
+             submitted again",
+            found.len(),
+            ids.join(", "),
+            members.len()
+        );
+        outcomes.extend(
+            members
+                .iter()
+                .map(|&i| Outcome::Ambiguous { slot: attempts[i].slot, reason: reason.clone() }),
+        );
+    }
+    outcomes
+}
+
+fn root(group: &mut [usize], mut index: usize) -> usize {
+    while group[index] != index {
+        group[index] = group[group[index]];
+        index = group[index];
+    }
+    index
+}
+
+/// Lists the account's jobs created at or after `since_ms` (Krea's clock) that are not in
+/// `claimed`, newest first, paging back with the cursor.
+///
+/// Each next cursor is the oldest `created_at` seen plus a millisecond, so jobs that share the
+/// boundary millisecond are listed again rather than skipped; repeats are dropped by id.
+pub async fn list_unclaimed<S: std::hash::BuildHasher>(
+    api: &KreaClient,
+    since_ms: i64,
+    claimed: &HashSet<String, S>,
+    policy: &RetryPolicy,
+) -> Result<Vec<Candidate>, ApiError> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut found = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let page = crate::retry::retry(
+            policy,
+            |err: &ApiError| match err {
+                ApiError::RateLimited { retry_after, .. } => Verdict::Retry(*retry_after),
+                err if err.is_transient() => Verdict::Retry(None),
+                _ => Verdict::GiveUp,
+            },
+            |err, wait| tracing::debug!(%err, ?wait, "listing jobs failed; retrying"),
+            || api.list_jobs(cursor.as_deref(), PAGE_SIZE),
+        )
+        .await?;
+        let mut oldest: Option<i64> = None;
+        let mut new_items = 0;
+        for job in page.items {
+            let created_ms = job.created_at.as_deref().and_then(parse_time_ms);
+            oldest = match (oldest, created_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if !seen.insert(job.job_id.clone()) {
+                continue;
+            }
+            new_items += 1;
+            let recent = created_ms.is_none_or(|t| t >= since_ms);
+            if recent && !claimed.contains(&job.job_id) {
+                found.push(Candidate { job, created_ms });
+            }
+        }
+        let Some(server_cursor) = page.next_cursor else { break };
+        if oldest.is_some_and(|t| t < since_ms) {
+            break;
+        }
+        let ours = oldest.map(|t| format_time_ms(t + 1));
+        // No progress (more jobs in one millisecond than a page holds): take Krea's cursor.
+        cursor = if new_items == 0 || ours == cursor { Some(server_cursor) } else { ours };
+    }
+    Ok(found)
+}
+
+/// Milliseconds since the epoch of an RFC 3339 UTC time (`Z` or `+00:00`); `None` otherwise.
+#[must_use]
+pub fn parse_time_ms(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let utc =
+        text.strip_suffix("+00:00").map_or_else(|| text.to_owned(), |base| format!("{base}Z"));
+    let time = humantime::parse_rfc3339(&utc).ok()?;
+    i64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+/// RFC 3339 with milliseconds, UTC.
+#[must_use]
+pub fn format_time_ms(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or_default());
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn attempt(slot: usize, started_ms: i64, ended_ms: Option<i64>) -> Attempt {
+        Attempt { slot, started_ms, ended_ms }
+    }
+
+    fn candidate(id: &str, created_ms: Option<i64>) -> Candidate {
+        let job = RemoteJob {
+            job_id: id.into(),
+            status: None,
+            created_at: None,
+            completed_at: None,
+            urls: Vec::new(),
+            error: None,
+        };
+        Candidate { job, created_ms }
+    }
+
+    /// Krea's clock 2 s ahead, known to ±10 ms.
+    fn offset() -> ClockOffset {
+        ClockOffset { low_ms: 1990, high_ms: 2010 }
+    }
+
+    fn adopted(outcomes: &[Outcome]) -> Vec<(usize, &str)> {
+        let mut pairs: Vec<(usize, &str)> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Adopt { slot, job } => Some((*slot, job.job_id.as_str())),
+                _ => None,
+            })
+            .collect();
+        pairs.sort_unstable();
+        pairs
+    }
+
+    #[test]
+    fn a_dropped_answer_is_adopted() {
+        let outcomes = match_attempts(
+            &[attempt(7, 10_000, Some(10_300))],
+            &[candidate("k", Some(12_100))],
+            offset(),
+            TIMEOUT,
+        );
+        assert_eq!(adopted(&outcomes), [(7, "k")]);
+    }
+
+    #[test]
+    fn nothing_in_the_window_means_not_created() {
+        let far = candidate("someone-elses", Some(50_000));
+        let outcomes =
+            match_attempts(&[attempt(1, 10_000, Some(10_300))], &[far], offset(), TIMEOUT);
+        assert_eq!(outcomes, [Outcome::NotCreated { slot: 1 }]);
+    }
+
+    #[test]
+    fn several_unknowns_are_matched_in_attempt_order() {
+        let attempts = [attempt(2, 20_000, Some(20_200)), attempt(1, 10_000, Some(10_200))];
+        // Sequential POSTs: the windows do not overlap, each job falls in one.
+        let candidates = [candidate("second", Some(22_100)), candidate("first", Some(12_100))];
+        let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
+        assert_eq!(adopted(&outcomes), [(1, "first"), (2, "second")]);
+    }
+
+    #[test]
+    fn overlapping_windows_with_as_many_jobs_pair_in_order() {
+        // A killed process: neither end was recorded, so both windows span the timeout.
+        let attempts = [attempt(1, 10_000, None), attempt(2, 10_050, None)];
+        let candidates = [candidate("b", Some(12_070)), candidate("a", Some(12_020))];
+        let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
+        assert_eq!(adopted(&outcomes), [(1, "a"), (2, "b")]);
+    }
+
+    #[test]
+    fn fewer_jobs_than_overlapping_attempts_is_never_guessed() {
+        let attempts = [attempt(1, 10_000, None), attempt(2, 10_050, None)];
+        let outcomes =
+            match_attempts(&attempts, &[candidate("a", Some(12_060))], offset(), TIMEOUT);
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Ambiguous { .. })), "{outcomes:?}");
+        assert_eq!(outcomes.len(), 2);
+    }
+
+    #[test]
+    fn a_foreign_job_in_the_window_is_reported() {
+        let candidates = [candidate("ours?", Some(12_100)), candidate("theirs?", Some(12_150))];
+        let outcomes =
+            match_attempts(&[attempt(1, 10_000, Some(10_300))], &candidates, offset(), TIMEOUT);
+        match &outcomes[..] {
+            [Outcome::Ambiguous { slot: 1, reason }] => {
+                assert!(reason.contains("ours?") && reason.contains("theirs?"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_without_a_time_makes_its_group_ambiguous() {
+        let outcomes = match_attempts(
+            &[attempt(1, 10_000, Some(10_300))],
+            &[candidate("x", None)],
+            offset(),
+            TIMEOUT,
+        );
+        assert!(matches!(outcomes[..], [Outcome::Ambiguous { slot: 1, .. }]));
+    }
+
+    #[test]
+    fn independent_groups_are_decided_independently() {
+        let attempts = [
+            attempt(1, 10_000, Some(10_100)),
+            attempt(2, 100_000, Some(100_100)),
+            attempt(3, 200_000, Some(200_100)),
+        ];
+        let candidates = [
+            candidate("one", Some(12_050)),
+            candidate("x", Some(202_050)),
+            candidate("y", Some(202_060)),
+        ];
+        let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
+        assert!(outcomes.contains(&Outcome::Adopt { slot: 1, job: candidate("one", None).job }));
+        assert!(outcomes.contains(&Outcome::NotCreated { slot: 2 }));
+        assert!(outcomes.iter().any(|o| matches!(o, Outcome::Ambiguous { slot: 3, .. })));
+    }
+
+    #[test]
+    fn clock_offset_bounds_come_from_earlier_posts() {
+        // Sent at 1000, answered at 1100, created at 3050 (Krea ~2 s ahead).
+        let offset = ClockOffset::measured(&[(1000, 1100, 3050), (5000, 5040, 7030)]);
+        assert_eq!((offset.low_ms, offset.high_ms), (1990 - 500, 2030 + 500));
+        let none = ClockOffset::measured(&[]);
+        assert_eq!(none, ClockOffset::unmeasured());
+        // Inconsistent samples fall back to the union.
+        let loose = ClockOffset::measured(&[(0, 10, 100), (0, 10, 300)]);
+        assert_eq!((loose.low_ms, loose.high_ms), (90 - 500, 300 + 500));
+    }
+
+    #[test]
+    fn times_round_trip() {
+        let ms = parse_time_ms("2026-11-26T13:37:46.793Z").expect("parses");
+        assert_eq!(format_time_ms(ms), "2026-11-26T13:37:46.793Z");
+        assert_eq!(parse_time_ms("2026-11-26T13:37:46.793+00:00"), Some(ms));
+        assert_eq!(
+            parse_time_ms("2026-11-26T15:37:46.793+02:00"),
+            None,
+            "offsets other than UTC are not guessed"
+        );
+    }
+}

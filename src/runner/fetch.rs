@@ -1,0 +1,129 @@
+//! Downloads of completed jobs: at most `download_concurrency` at once, each fetching the job's
+//! missing files with retries and writing a sidecar beside each. A failed download leaves the
+//! job `completed` with its download pending; it is never a reason to generate again.
+
+use super::{Engine, Event, Slot};
+use crate::download::{Downloader, Sidecar, write_sidecar};
+use crate::job::JobState;
+use crate::retry::RetryPolicy;
+use crate::store::{Change, FileRecord, JobRecord};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+impl Engine {
+    pub(super) fn start_downloads(&mut self) {
+        while self.downloads_running < self.settings.download_concurrency.max(1) {
+            let Some(slot) = self.to_download.pop_front() else { break };
+            self.downloads_running += 1;
+            let task =
+                DownloadTask::new(&self.slots[slot], self.downloader.clone(), self.settings.retry);
+            self.tasks.spawn(async move {
+                let (files, error) = task.run().await;
+                Event::Downloaded { slot, files, error }
+            });
+        }
+    }
+
+    pub(super) fn on_downloaded(
+        &mut self,
+        slot: usize,
+        files: Vec<FileRecord>,
+        error: Option<String>,
+    ) {
+        self.downloads_running = self.downloads_running.saturating_sub(1);
+        let job_id = self.slots[slot].job.id;
+        for file in files {
+            self.changes.push(Change::File { job_id, file: file.clone() });
+            let job = &mut self.slots[slot].job;
+            job.files.retain(|known| known.index != file.index);
+            job.files.push(file);
+            job.files.sort_by_key(|file| file.index);
+        }
+        let name = self.slots[slot].job.name.clone();
+        match error {
+            None => {
+                tracing::info!(job = %name, files = self.slots[slot].job.files.len(), "downloaded");
+                self.set_state(slot, JobState::Downloaded, None);
+            }
+            Some(error) => {
+                tracing::warn!(
+                    job = %name, %error,
+                    "download failed; the job stays completed with its download pending (a \
+                     rerun or `krea-batch download` fetches it)"
+                );
+                self.slots[slot].job.error = Some(format!("download pending: {error}"));
+                self.touch(slot);
+            }
+        }
+    }
+}
+
+/// Everything one download needs, detached from the engine.
+struct DownloadTask {
+    downloader: Downloader,
+    policy: RetryPolicy,
+    dir: Arc<PathBuf>,
+    job: JobRecord,
+}
+
+impl DownloadTask {
+    fn new(slot: &Slot, downloader: Downloader, policy: RetryPolicy) -> Self {
+        Self { downloader, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone() }
+    }
+
+    /// Downloads every URL not yet on disk; returns what was written and the first error.
+    async fn run(self) -> (Vec<FileRecord>, Option<String>) {
+        let job = &self.job;
+        let several = job.urls.len() > 1;
+        let mut params = (*job.body).clone();
+        let prompt = params.remove("prompt");
+        let prompt = prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default();
+        let mut written = Vec::new();
+        for (index, url) in job.urls.iter().enumerate() {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            let done = job
+                .files
+                .iter()
+                .any(|file| file.index == index && self.dir.join(&file.path).is_file());
+            if done {
+                continue;
+            }
+            // One result: `<name>.<ext>`; several: a folder, `<name>/<i>.<ext>`.
+            let stem =
+                if several { format!("{}/{}", job.name, index + 1) } else { job.name.clone() };
+            let fetched =
+                match self.downloader.fetch_with_retries(url, &self.dir, &stem, &self.policy).await
+                {
+                    Ok(fetched) => fetched,
+                    Err(err) => return (written, Some(err.to_string())),
+                };
+            let sidecar = Sidecar {
+                name: &job.name,
+                prompt,
+                model: &job.model,
+                params: &params,
+                job_id: job.remote_id.as_deref().unwrap_or_default(),
+                created_at: job.created_at.as_deref(),
+                completed_at: job.completed_at.as_deref(),
+                index,
+                source_url: url,
+                file: &fetched.relative_path,
+                bytes: fetched.bytes,
+                sha256: &fetched.sha256,
+                content_type: &fetched.content_type,
+            };
+            if let Err(err) = write_sidecar(&self.dir, &sidecar) {
+                return (written, Some(err.to_string()));
+            }
+            written.push(FileRecord {
+                index,
+                url: url.clone(),
+                path: fetched.relative_path,
+                bytes: fetched.bytes,
+                sha256: fetched.sha256,
+                content_type: fetched.content_type,
+            });
+        }
+        (written, None)
+    }
+}
