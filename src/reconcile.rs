@@ -74,21 +74,15 @@ impl ClockOffset {
         Self { low_ms: -margin, high_ms: margin }
     }
 
-    /// Bounds from earlier successful POSTs, each (sent, answered, created) in ms. Uses the
-    /// intersection of the per-POST bounds when they agree, their union when they do not
-    /// (drift, jitter), and widens either by [`MEASURED_CLOCK_MARGIN`].
+    /// Bounds from earlier successful POSTs, each (sent, answered, created) in ms: the union of
+    /// the per-POST bounds, widened by [`MEASURED_CLOCK_MARGIN`]. The union, not the
+    /// intersection: Krea's answers may come from servers whose clocks differ slightly, and a
+    /// window too narrow would miss a job and pay for it twice; one too wide only reports.
     #[must_use]
     pub fn measured(samples: &[(i64, i64, i64)]) -> Self {
-        if samples.is_empty() {
-            return Self::unmeasured();
-        }
-        let lows = samples.iter().map(|(_, answered, created)| created - answered);
-        let highs = samples.iter().map(|(sent, _, created)| created - sent);
-        let (tight_low, tight_high) = (lows.clone().max(), highs.clone().min());
-        let (low, high) = match (tight_low, tight_high) {
-            (Some(low), Some(high)) if low <= high => (low, high),
-            _ => (lows.min().unwrap_or(0), highs.max().unwrap_or(0)),
-        };
+        let low = samples.iter().map(|(_, answered, created)| created - answered).min();
+        let high = samples.iter().map(|(sent, _, created)| created - sent).max();
+        let (Some(low), Some(high)) = (low, high) else { return Self::unmeasured() };
         let margin = millis(MEASURED_CLOCK_MARGIN);
         Self { low_ms: low - margin, high_ms: high + margin }
     }
@@ -415,12 +409,8 @@ mod tests {
     fn clock_offset_bounds_come_from_earlier_posts() {
         // Sent at 1000, answered at 1100, created at 3050 (Krea ~2 s ahead).
         let offset = ClockOffset::measured(&[(1000, 1100, 3050), (5000, 5040, 7030)]);
-        assert_eq!((offset.low_ms, offset.high_ms), (1990 - 500, 2030 + 500));
-        let none = ClockOffset::measured(&[]);
-        assert_eq!(none, ClockOffset::unmeasured());
-        // Inconsistent samples fall back to the union.
-        let loose = ClockOffset::measured(&[(0, 10, 100), (0, 10, 300)]);
-        assert_eq!((loose.low_ms, loose.high_ms), (90 - 500, 300 + 500));
+        assert_eq!((offset.low_ms, offset.high_ms), (1950 - 500, 2050 + 500));
+        assert_eq!(ClockOffset::measured(&[]), ClockOffset::unmeasured());
     }
 
     #[test]

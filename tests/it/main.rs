@@ -2,6 +2,8 @@
 //! One test binary; a module per area.
 
 mod input;
+mod kill;
+mod resume;
 mod run;
 mod signals;
 mod support;

@@ -119,6 +119,27 @@ impl Workspace {
     }
 }
 
+/// Running a command through `sh -c SCRIPT BINARY ARGS…`, for limits set with `ulimit`.
+pub(crate) trait ViaShell {
+    /// Runs `script` in `sh` with `$0` the binary and `$1…` the `args`; the environment set on
+    /// the command is kept.
+    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output;
+}
+
+impl ViaShell for Command {
+    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output {
+        let mut shell = Command::new("sh");
+        shell.arg("-c").arg(script).arg(self.get_program()).args(args);
+        for (name, value) in self.get_envs() {
+            match value {
+                Some(value) => shell.env(name, value),
+                None => shell.env_remove(name),
+            };
+        }
+        shell.output().expect("sh runs")
+    }
+}
+
 /// The binary under test, with a clean environment.
 pub(crate) fn krea_batch() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_krea-batch"));
@@ -230,6 +251,11 @@ impl LiveChild {
 
     pub(crate) fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has ended.
+    pub(crate) fn has_exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
     }
 
     /// Waits until stderr contains `needle`.

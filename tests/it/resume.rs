@@ -1,0 +1,147 @@
+//! Nothing paid twice, nothing lost: reconciliation of unanswered submissions, one writer per
+//! state file, downloads that fail on a full disk, and a job file edited between runs.
+
+use crate::support::{
+    LiveChild, Sim, ViaShell, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
+};
+use krea_batch::sim::Faults;
+use std::time::Duration;
+
+/// Limits for reconciliation tests: quick timeouts and settling.
+const RECONCILE_LIMITS: &str = "
+limits:
+  submissions_per_minute: 6000
+  burst: 20
+  max_in_flight: 8
+  poll_interval: 50ms
+  poll_interval_max: 200ms
+  retry_backoff: 20ms
+  request_timeout: 1s
+  reconcile_after: 50ms
+";
+
+fn reconcile_workspace(jobs: &str) -> Workspace {
+    Workspace::with_file(&format!("model: image/bfl/flux-1-dev\n{RECONCILE_LIMITS}jobs:\n{jobs}"))
+}
+
+#[test]
+fn a_job_created_by_a_dropped_answer_is_adopted_not_paid_twice() {
+    let sim = Sim::start(|config| {
+        config.faults = Faults { post_drop_rate: 0.5, ..Faults::default() };
+    });
+    let work = reconcile_workspace(&numbered_jobs("a dropped answer", 8));
+    let run = work.run(&sim, &[]);
+    run.expect_code(0);
+    let stats = sim.stats();
+    assert!(stats.dropped_connections > 0, "the scenario dropped answers");
+    assert!(run.stderr.contains("adopted"), "{}", run.stderr);
+    assert_eq!(stats.jobs_created, 8);
+    assert!(
+        stats.creations_by_prompt.values().all(|count| *count == 1),
+        "{:?}",
+        stats.creations_by_prompt
+    );
+    assert_eq!(work.manifest().iter().filter(|line| line["status"] == "completed").count(), 8);
+}
+
+#[test]
+fn a_submission_that_created_nothing_is_sent_again_after_reconciliation() {
+    // 5xx before the request is handled: nothing is created, but the client cannot know.
+    let sim = Sim::start(|config| {
+        config.faults = Faults { server_error_rate: 0.3, ..Faults::default() };
+    });
+    let work = reconcile_workspace(&numbered_jobs("a lost request", 8));
+    let run = work.run(&sim, &[]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("not found at Krea"), "{}", run.stderr);
+    let stats = sim.stats();
+    assert!(stats.responses_5xx > 0);
+    assert_eq!(stats.jobs_created, 8);
+    assert!(stats.creations_by_prompt.values().all(|count| *count == 1));
+}
+
+#[test]
+fn a_second_run_on_the_same_state_file_stops_at_once() {
+    let sim = Sim::start(|config| config.job_time = Duration::from_secs(2));
+    let work = Workspace::with_jobs(&numbered_jobs("a busy state file", 4));
+    let mut command = krea_batch();
+    command
+        .arg("run")
+        .arg(work.job_file())
+        .env("KREA_API_BASE", sim.url())
+        .env("KREA_API_KEY", sim.key());
+    let first = LiveChild::spawn(command);
+    wait_until(Duration::from_secs(20), "the first run submits", || sim.stats().jobs_created > 0);
+
+    let started = std::time::Instant::now();
+    let second = work.run(&sim, &[]);
+    second.expect_code(2);
+    assert!(second.stderr.contains("already using the state file"), "{}", second.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5), "the second run did not wait");
+
+    let first = first.finish(Duration::from_secs(30));
+    first.expect_code(0);
+    assert_eq!(sim.stats().jobs_created, 4, "the second run sent nothing");
+    assert_eq!(work.manifest().iter().filter(|line| line["status"] == "completed").count(), 4);
+}
+
+#[test]
+fn a_download_that_hits_a_write_error_is_left_pending_and_fetched_by_the_rerun() {
+    // Results of 3 MiB; the first run may write no file past 1 MiB (as on a full disk).
+    let sim = Sim::start(|config| config.result_bytes = 3 << 20);
+    let work = Workspace::with_jobs(&numbered_jobs("a large result", 2));
+    // A file-size limit stands in for a full disk: writes past it fail (EFBIG), and ignoring
+    // SIGXFSZ, which exec keeps, turns the signal into that error.
+    let script = "trap '' XFSZ; ulimit -f 2048; exec \"$0\" run \"$1\"";
+    let run = crate::support::Run::of(
+        &krea_batch()
+            .env("KREA_API_BASE", sim.url())
+            .env("KREA_API_KEY", sim.key())
+            .output_via_shell(script, &[work.job_file().to_string_lossy().as_ref()]),
+    );
+    run.expect_code(1);
+    let manifest = work.manifest();
+    assert!(manifest.iter().all(|line| line["status"] == "download_pending"), "{manifest:?}");
+    let leftovers: Vec<_> = files_under(&work.out())
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|ext| ext == "png"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial result left in place: {leftovers:?}");
+
+    work.run(&sim, &[]).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 2, "a failed download never generates again");
+    for line in work.manifest() {
+        assert_eq!(line["status"], "completed");
+        let file = work.out().join(line["files"][0].as_str().expect("file"));
+        assert_eq!(std::fs::metadata(&file).expect("result").len(), 3 << 20);
+    }
+}
+
+#[test]
+fn editing_the_job_file_adds_only_new_jobs_and_leaves_removed_ones_alone() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs(
+        "  - {name: fox, prompt: a fox, count: 2}\n  - {name: owl, prompt: an owl}\n",
+    );
+    work.run(&sim, &[]).expect_code(0);
+    assert_eq!(sim.stats().jobs_created, 3);
+
+    // Renamed, count raised by one, the owl removed, a cat added.
+    std::fs::write(
+        work.job_file(),
+        format!(
+            "model: image/bfl/flux-1-dev\n{}\njobs:\n  - {{name: renard, prompt: a fox, count: 3}}\n  \
+             - {{name: cat, prompt: a cat}}\n",
+            crate::support::FAST_LIMITS
+        ),
+    )
+    .expect("job file edited");
+    let run = work.run(&sim, &[]);
+    run.expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 5, "one more fox and the cat: {:?}", stats.creations_by_prompt);
+    assert_eq!(stats.creations_by_prompt["a fox"], 3);
+    assert_eq!(stats.creations_by_prompt["an owl"], 1, "the removed owl was not touched");
+    assert!(run.stderr.contains("no longer in the job file"), "{}", run.stderr);
+}
