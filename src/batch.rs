@@ -15,9 +15,10 @@ use crate::pricing::{Estimate, PriceTable};
 use crate::report::{Counts, Summary, rewrite_manifest};
 use crate::retry::RetryPolicy;
 use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
-use crate::store::{Change, Store, StoreWriter};
+use crate::store::{Change, JobRecord, Store, StoreWriter};
 use anyhow::Context as _;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,15 +33,27 @@ const META_API_BASE: &str = "api_base";
 #[error("{0}")]
 pub struct InputError(pub String);
 
+/// What a run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Everything: import the file, submit, poll, reconcile, download.
+    Run,
+    /// Only fetch the missing files of completed jobs from their stored URLs (`krea-batch
+    /// download`): nothing is imported, submitted or polled, and no key is needed.
+    DownloadOnly,
+}
+
 /// What `run` needs besides the job file.
 #[derive(Debug)]
 pub struct RunOptions {
+    /// What to do.
+    pub mode: Mode,
     /// `--state`.
     pub state: Option<PathBuf>,
     /// `--api-base` or `KREA_API_BASE`, overriding the job file.
     pub api_base: Option<String>,
-    /// The API key.
-    pub key: ApiKey,
+    /// The API key (not needed to download).
+    pub key: Option<ApiKey>,
     /// Results go to `<output>-simulated` with their own state: a simulated run never mixes
     /// with real results.
     pub simulated: bool,
@@ -121,12 +134,94 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         }
         err => anyhow::Error::new(err),
     })?;
-    guard_api_base(&mut store, &base)?;
-
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
+    let source = source.to_string_lossy();
+    let (batch_id, key) = match options.mode {
+        Mode::Run => {
+            guard_api_base(&mut store, &base)?;
+            let key = options.key.ok_or_else(|| InputError("no API key".into()))?;
+            (import(&mut store, file, &source, &places.output_dir)?, key)
+        }
+        Mode::DownloadOnly => {
+            let batch_id = store.batch_id(&source)?.ok_or_else(|| {
+                InputError(format!(
+                    "{} has no record of {source}: run it first",
+                    places.state.display()
+                ))
+            })?;
+            // Downloads never carry the key; the API client is built but never called.
+            (batch_id, ApiKey::new("unused-by-downloads")?)
+        }
+    };
+    let removed = remove_partials(&places.output_dir);
+    if removed > 0 {
+        tracing::info!(removed, "removed partial downloads left by an earlier run");
+    }
+    let mut jobs = store.jobs(Some(batch_id))?;
+    let claimed_elsewhere = store.remote_ids()?;
+    let output_dirs = store.output_dirs()?;
+    rewrite_manifest(&places.output_dir, &jobs, true).context("while writing the manifest")?;
+    tracing::info!(
+        jobs = jobs.len(),
+        state = %places.state.display(),
+        output = %places.output_dir.display(),
+        "starting"
+    );
+    let engine_jobs = match options.mode {
+        Mode::Run => std::mem::take(&mut jobs),
+        Mode::DownloadOnly => {
+            jobs.iter().filter(|job| job.state == JobState::Completed).cloned().collect()
+        }
+    };
+
+    let settings = ClientSettings {
+        base_url: base,
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: file.limits.request_timeout,
+    };
+    let client = KreaClient::new(&settings, key).map_err(InputError)?;
+    let downloader = Downloader::new(
+        settings.connect_timeout,
+        file.limits.request_timeout,
+        file.limits.max_result_size,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let writer = StoreWriter::spawn(store)?;
+    let engine = Engine::new(
+        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+        engine_jobs,
+        &output_dirs,
+        engine_settings(&file.limits),
+        options.controls,
+        options.counts,
+    );
+    let outcome = engine.run().await;
+    writer.close().await;
+    let outcome = outcome?;
+    // Jobs the engine did not take (download only) keep their place in the list.
+    let mut ended = outcome.jobs;
+    if !jobs.is_empty() {
+        let by_id: HashMap<i64, JobRecord> = ended.drain(..).map(|job| (job.id, job)).collect();
+        ended = jobs.into_iter().map(|job| by_id.get(&job.id).cloned().unwrap_or(job)).collect();
+    }
+
+    rewrite_manifest(&places.output_dir, &ended, false).context("while writing the manifest")?;
+    let summary = Summary::of(&ended, outcome.stopped, &places.output_dir, started.elapsed());
+    Ok(RunResult { summary })
+}
+
+/// Imports the job file's jobs into the state and reports what changed; returns the batch.
+fn import(
+    store: &mut Store,
+    file: &JobFile,
+    source: &str,
+    output_dir: &Path,
+) -> anyhow::Result<i64> {
     let prices = PriceTable::with_overrides(file.prices.clone());
-    let report =
-        store.import(&source.to_string_lossy(), &places.output_dir, &file.jobs, &prices)?;
+    let report = store.import(source, output_dir, &file.jobs, &prices)?;
+    if report.added > 0 {
+        tracing::info!(added = report.added, "new jobs in the job file");
+    }
     for (wanted, given) in &report.renamed {
         tracing::warn!(
             "an earlier, different job already wrote results as {wanted}; the new job {wanted} \
@@ -140,52 +235,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
              sent ones are still finished and downloaded"
         );
     }
-    let removed = remove_partials(&places.output_dir);
-    if removed > 0 {
-        tracing::info!(removed, "removed partial downloads left by an earlier run");
-    }
-    let jobs = store.jobs(Some(report.batch_id))?;
-    let claimed_elsewhere = store.remote_ids()?;
-    let output_dirs = store.output_dirs()?;
-    rewrite_manifest(&places.output_dir, &jobs, true).context("while writing the manifest")?;
-    tracing::info!(
-        jobs = jobs.len(),
-        added = report.added,
-        state = %places.state.display(),
-        output = %places.output_dir.display(),
-        "starting"
-    );
-
-    let settings = ClientSettings {
-        base_url: base,
-        connect_timeout: Duration::from_secs(10),
-        request_timeout: file.limits.request_timeout,
-    };
-    let client = KreaClient::new(&settings, options.key).map_err(InputError)?;
-    let downloader = Downloader::new(
-        settings.connect_timeout,
-        file.limits.request_timeout,
-        file.limits.max_result_size,
-    )
-    .map_err(anyhow::Error::msg)?;
-    let writer = StoreWriter::spawn(store)?;
-    let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
-        jobs,
-        &output_dirs,
-        engine_settings(&file.limits),
-        options.controls,
-        options.counts,
-    );
-    let outcome = engine.run().await;
-    writer.close().await;
-    let outcome = outcome?;
-
-    rewrite_manifest(&places.output_dir, &outcome.jobs, false)
-        .context("while writing the manifest")?;
-    let summary =
-        Summary::of(&outcome.jobs, outcome.stopped, &places.output_dir, started.elapsed());
-    Ok(RunResult { summary })
+    Ok(report.batch_id)
 }
 
 /// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing

@@ -35,6 +35,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Generate every job of a job file, resuming where an earlier run stopped.
     Run(RunArgs),
+    /// Fetch the missing files of completed jobs from their stored URLs; submits nothing and
+    /// needs no key.
+    Download(DownloadArgs),
     /// Validate a job file and print the plan (jobs, models, estimated cost); sends nothing.
     Check(CheckArgs),
     /// Show the jobs of a state file by state (also while a run is going).
@@ -78,6 +81,19 @@ pub struct RunArgs {
     /// API settings.
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+/// `krea-batch download`.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// The job file (YAML) whose results to fetch.
+    pub job_file: PathBuf,
+    /// The state file (default: `.krea-batch.sqlite` in the output directory).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `krea-batch check`.

@@ -6,8 +6,8 @@
 //! 4 the API key was refused; 130 interrupted.
 
 use clap::Parser as _;
-use krea_batch::batch::{self, InputError, RunOptions};
-use krea_batch::cli::{Cli, Command, LogFormat, RunArgs, SimulateArgs};
+use krea_batch::batch::{self, InputError, Mode, RunOptions};
+use krea_batch::cli::{Cli, Command, DownloadArgs, LogFormat, RunArgs, SimulateArgs};
 use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
 use krea_batch::report::{self, Counts, StopReason, Summary};
@@ -55,6 +55,7 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 {
     let result = match cli.command {
         Command::Run(args) => run(args, progress_bar).await,
+        Command::Download(args) => download(args).await,
         Command::Check(args) => check(&args.job_file, args.json),
         Command::Status(args) => status(args.job_file.as_deref(), args.state.as_deref(), args.json),
         Command::SimulateApi(args) => simulate_api(args).await,
@@ -103,9 +104,10 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
     let progress =
         tokio::spawn(report::show_progress(counts_rx, progress_bar, Duration::from_secs(10)));
     let options = RunOptions {
+        mode: Mode::Run,
         state: args.state.clone(),
         api_base,
-        key,
+        key: Some(key),
         simulated: args.simulate,
         controls,
         counts: counts_tx,
@@ -121,6 +123,28 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
     }
     eprint!("{summary}");
     Ok(exit_code(&summary))
+}
+
+async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
+    let file = jobfile::load(&args.job_file)?;
+    let controls = Controls::default();
+    tokio::spawn(watch_signals(controls.clone()));
+    let (counts, _) = tokio::sync::watch::channel(Counts::default());
+    let options = RunOptions {
+        mode: Mode::DownloadOnly,
+        state: args.state,
+        api_base: None,
+        key: None,
+        simulated: false,
+        controls,
+        counts,
+    };
+    let summary = batch::run(&file, options).await?.summary;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    eprint!("{summary}");
+    Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
 }
 
 fn exit_code(summary: &Summary) -> u8 {

@@ -79,6 +79,12 @@ fn a_second_run_on_the_same_state_file_stops_at_once() {
     assert!(second.stderr.contains("already using the state file"), "{}", second.stderr);
     assert!(started.elapsed() < Duration::from_secs(5), "the second run did not wait");
 
+    // status reads the state file while the run writes it.
+    let status = work.command(&sim, "unused", &["status"], &["--json"]);
+    status.expect_code(0);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON status");
+    assert_eq!(status["counts"]["total"], 4);
+
     let first = first.finish(Duration::from_secs(30));
     first.expect_code(0);
     assert_eq!(sim.stats().jobs_created, 4, "the second run sent nothing");
@@ -86,7 +92,7 @@ fn a_second_run_on_the_same_state_file_stops_at_once() {
 }
 
 #[test]
-fn a_download_that_hits_a_write_error_is_left_pending_and_fetched_by_the_rerun() {
+fn a_download_that_hits_a_write_error_is_left_pending_and_fetched_later() {
     // Results of 3 MiB; the first run may write no file past 1 MiB (as on a full disk).
     let sim = Sim::start(|config| config.result_bytes = 3 << 20);
     let work = Workspace::with_jobs(&numbered_jobs("a large result", 2));
@@ -108,8 +114,17 @@ fn a_download_that_hits_a_write_error_is_left_pending_and_fetched_by_the_rerun()
         .collect();
     assert!(leftovers.is_empty(), "no partial result left in place: {leftovers:?}");
 
-    work.run(&sim, &[]).expect_code(0);
+    // `download` fetches from the stored URLs: no key, no API request, nothing generated.
+    let api_requests = |stats: &krea_batch::sim::SimStats| {
+        stats.requests.iter().filter(|r| r.listener == krea_batch::sim::Listener::Api).count()
+    };
+    let before = api_requests(&sim.stats());
+    let fetched = crate::support::Run::of(
+        &krea_batch().arg("download").arg(work.job_file()).output().expect("download runs"),
+    );
+    fetched.expect_code(0);
     let stats = sim.stats();
+    assert_eq!(api_requests(&stats), before, "download talks only to the file host");
     assert_eq!(stats.jobs_created, 2, "a failed download never generates again");
     for line in work.manifest() {
         assert_eq!(line["status"], "completed");
