@@ -12,7 +12,7 @@ use crate::jobfile::{JobFile, Limits};
 use crate::key::ApiKey;
 use crate::pace::PollSchedule;
 use crate::pricing::{Estimate, PriceTable};
-use crate::report::{Counts, Summary, rewrite_manifest};
+use crate::report::{Counts, EngineStatus, Summary, rewrite_manifest};
 use crate::retry::RetryPolicy;
 use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
 use crate::store::{Change, JobRecord, Store, StoreWriter};
@@ -60,7 +60,7 @@ pub struct RunOptions {
     /// Stop requests from the outside (signals).
     pub controls: Controls,
     /// Live counts for a progress display.
-    pub counts: tokio::sync::watch::Sender<Counts>,
+    pub status: tokio::sync::watch::Sender<EngineStatus>,
 }
 
 /// Where a job file's results and state go.
@@ -104,6 +104,8 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         rate_limit_backoff: limits.retry_backoff,
         request_timeout: limits.request_timeout,
         reconcile_after: limits.reconcile_after,
+        pause_probe: None,
+        heartbeat: None,
     }
 }
 
@@ -193,7 +195,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         &output_dirs,
         engine_settings(&file.limits),
         options.controls,
-        options.counts,
+        options.status,
     );
     let outcome = engine.run().await;
     writer.close().await;

@@ -10,7 +10,7 @@ use krea_batch::batch::{self, InputError, Mode, RunOptions};
 use krea_batch::cli::{Cli, Command, DownloadArgs, LogFormat, RunArgs, SimulateArgs};
 use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
-use krea_batch::report::{self, Counts, StopReason, Summary};
+use krea_batch::report::{self, EngineStatus, StopReason, Summary};
 use krea_batch::runner::Controls;
 use krea_batch::sim::{SimConfig, SimServer};
 use std::io::IsTerminal as _;
@@ -100,9 +100,9 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
 
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
-    let (counts_tx, counts_rx) = tokio::sync::watch::channel(Counts::default());
+    let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
     let progress =
-        tokio::spawn(report::show_progress(counts_rx, progress_bar, Duration::from_secs(10)));
+        tokio::spawn(report::show_progress(status_rx, progress_bar, Duration::from_secs(10)));
     let options = RunOptions {
         mode: Mode::Run,
         state: args.state.clone(),
@@ -110,7 +110,7 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         key: Some(key),
         simulated: args.simulate,
         controls,
-        counts: counts_tx,
+        status: status_tx,
     };
     let result = batch::run(&file, options).await;
     let _ = progress.await;
@@ -129,7 +129,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
-    let (counts, _) = tokio::sync::watch::channel(Counts::default());
+    let (status, _) = tokio::sync::watch::channel(EngineStatus::default());
     let options = RunOptions {
         mode: Mode::DownloadOnly,
         state: args.state,
@@ -137,7 +137,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         key: None,
         simulated: false,
         controls,
-        counts,
+        status,
     };
     let summary = batch::run(&file, options).await?.summary;
     if args.json {

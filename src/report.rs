@@ -117,6 +117,28 @@ impl std::fmt::Display for Counts {
     }
 }
 
+/// What the engine publishes as it runs: for the progress display, systemd's `STATUS=` and the
+/// metrics endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EngineStatus {
+    /// Jobs by where they stand.
+    pub counts: Counts,
+    /// Why submitting is stopped or paused, if it is.
+    pub paused: Option<StopReason>,
+    /// POSTs sent.
+    pub submissions_total: u64,
+    /// 429 answers.
+    pub rate_limited_total: u64,
+    /// 402 answers.
+    pub payment_required_total: u64,
+    /// Result files downloaded.
+    pub downloads_total: u64,
+    /// Their bytes.
+    pub download_bytes_total: u64,
+    /// Completed (billed) jobs at their estimated price, USD.
+    pub spend_usd: f64,
+}
+
 /// A job's line in `manifest.jsonl`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ManifestLine<'a> {
@@ -340,7 +362,7 @@ pub fn human_bytes(bytes: u64) -> String {
 /// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
 /// line every `every` when something changed.
 pub async fn show_progress(
-    mut counts: tokio::sync::watch::Receiver<Counts>,
+    mut status: tokio::sync::watch::Receiver<EngineStatus>,
     bar: Option<indicatif::ProgressBar>,
     every: Duration,
 ) {
@@ -349,12 +371,12 @@ pub async fn show_progress(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            changed = counts.changed() => {
+            changed = status.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 if let Some(bar) = &bar {
-                    let now = *counts.borrow_and_update();
+                    let now = status.borrow_and_update().counts;
                     bar.set_length(now.total as u64);
                     bar.set_position(now.finished() as u64);
                     bar.set_message(format!(
@@ -367,7 +389,7 @@ pub async fn show_progress(
                 }
             }
             _ = tick.tick(), if bar.is_none() => {
-                let now = *counts.borrow();
+                let now = status.borrow().counts;
                 if now != last_logged && now.total > 0 {
                     tracing::info!("progress: {}/{} finished; {now}", now.finished(), now.total);
                     last_logged = now;

@@ -33,6 +33,8 @@ impl Engine {
         self.downloads_running = self.downloads_running.saturating_sub(1);
         let job_id = self.slots[slot].job.id;
         for file in files {
+            self.status.downloads_total += 1;
+            self.status.download_bytes_total += file.bytes;
             self.changes.push(Change::File { job_id, file: file.clone() });
             let job = &mut self.slots[slot].job;
             job.files.retain(|known| known.index != file.index);

@@ -32,12 +32,13 @@ use crate::download::Downloader;
 use crate::job::JobState;
 use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Candidate;
-use crate::report::{Counts, StopReason, append_manifest};
+use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -69,17 +70,43 @@ pub struct EngineSettings {
     pub request_timeout: Duration,
     /// How long after an unanswered POST's end reconciliation looks for the job.
     pub reconcile_after: Duration,
+    /// `None` for a one-shot run: a 402 or a refused key ends submitting for good. For the
+    /// service: submitting pauses instead, and one submission probes every this often.
+    pub pause_probe: Option<Duration>,
+    /// Wake up at least this often, to show the loop is alive (the systemd watchdog).
+    pub heartbeat: Option<Duration>,
+}
+
+/// Requests to a running engine (the service uses them; a one-shot run needs none).
+#[derive(Debug)]
+pub enum EngineCommand {
+    /// Take on new jobs, already in the state file (an inbox file was imported).
+    AddJobs {
+        /// The jobs.
+        jobs: Vec<JobRecord>,
+        /// The output folder of each of their batches.
+        output_dirs: HashMap<i64, PathBuf>,
+    },
+    /// Probe now whether submitting may resume (after a top-up: SIGHUP, `krea-batch resume`).
+    Probe,
+    /// Cancel these jobs (state-file row ids): pending ones at once, in-flight ones at Krea.
+    Cancel(Vec<i64>),
 }
 
 /// How the outside asks the engine to stop. Cancel `stop_submitting` to let everything in flight
-/// finish (first Ctrl-C, SIGTERM); cancel `abort` to stop at once (second Ctrl-C). The state is
-/// saved either way; a rerun resumes.
+/// finish (first Ctrl-C); cancel `drain` to start nothing new at all and return once the network
+/// steps under way have ended (the service's SIGTERM); cancel `abort` to stop at once (second
+/// Ctrl-C, or the end of the drain time). The state is saved either way; a rerun resumes.
 #[derive(Clone, Debug, Default)]
 pub struct Controls {
     /// No new submission starts once cancelled.
     pub stop_submitting: CancellationToken,
+    /// No new request of any kind starts once cancelled; the engine returns when idle.
+    pub drain: CancellationToken,
     /// The engine returns as soon as it has saved what it knows.
     pub abort: CancellationToken,
+    /// The local time (ms since the epoch) of the engine loop's latest turn.
+    pub heartbeat: Arc<AtomicI64>,
 }
 
 /// The engine's connections to the world: the API, the result hosts, the state file.
@@ -121,8 +148,19 @@ struct Slot {
     output_dir: Arc<PathBuf>,
     /// The last poll delay, for the back-off.
     poll_delay: Option<Duration>,
-    /// A DELETE for the job timeout was sent.
+    /// Why the job is to be cancelled at Krea, if it is.
+    cancel: Option<CancelCause>,
+    /// A DELETE is on the wire.
     cancel_sent: bool,
+}
+
+/// Why a job in flight is cancelled at Krea.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CancelCause {
+    /// It outlived `job_timeout`.
+    Timeout,
+    /// The user asked (`krea-batch cancel`).
+    User,
 }
 
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
@@ -156,8 +194,21 @@ pub struct Engine {
     /// Krea job ids claimed by other batches of the state file.
     claimed_elsewhere: HashSet<String>,
     counts: Counts,
-    counts_tx: tokio::sync::watch::Sender<Counts>,
+    /// Totals and the pause, published with the counts.
+    status: EngineStatus,
+    status_tx: tokio::sync::watch::Sender<EngineStatus>,
+    /// Requests from the outside (the service).
+    commands: Option<tokio::sync::mpsc::UnboundedReceiver<EngineCommand>>,
+    /// Slot of each state-file row id.
+    by_id: HashMap<i64, usize>,
+    /// Why submitting stopped for good in this run (one-shot), if it did.
     stopped: Option<StopReason>,
+    /// Why submitting is paused (service), if it is.
+    paused: Option<StopReason>,
+    /// When the next probe submission may go while paused.
+    probe_at: Option<Instant>,
+    /// Draining for shutdown: nothing new starts.
+    draining: bool,
     /// Changes to commit at the end of this turn.
     changes: Vec<Change>,
     /// Jobs that ended this turn, for the manifest once committed.
@@ -182,7 +233,7 @@ impl Engine {
         output_dirs: &HashMap<i64, PathBuf>,
         settings: EngineSettings,
         controls: Controls,
-        counts_tx: tokio::sync::watch::Sender<Counts>,
+        status_tx: tokio::sync::watch::Sender<EngineStatus>,
     ) -> Self {
         let EngineIo { api, downloader, writer, claimed_elsewhere } = io;
         let pacer = Pacer::new(
@@ -214,19 +265,44 @@ impl Engine {
             remote_ids: HashMap::new(),
             claimed_elsewhere,
             counts: Counts::default(),
-            counts_tx,
+            status: EngineStatus::default(),
+            status_tx,
+            commands: None,
+            by_id: HashMap::new(),
             stopped: None,
+            paused: None,
+            probe_at: None,
+            draining: false,
             changes: Vec::new(),
             ended: Vec::new(),
             submit_wake: None,
         };
+        engine.add_jobs(jobs, &dirs);
+        engine
+    }
+
+    /// Lets the outside send [`EngineCommand`]s while the engine runs.
+    #[must_use]
+    pub fn with_commands(mut self, commands: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>) -> Self {
+        self.commands = Some(commands);
+        self
+    }
+
+    /// Takes on jobs: each joins the queue its state calls for. Jobs already known (by row id)
+    /// are skipped.
+    fn add_jobs(&mut self, jobs: Vec<JobRecord>, dirs: &HashMap<i64, Arc<PathBuf>>) {
         for job in jobs {
-            if !job.in_file && job.state == JobState::Pending {
+            if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id) {
                 continue;
             }
+            let engine = &mut *self;
             let index = engine.slots.len();
             let output_dir = dirs.get(&job.batch_id).cloned().unwrap_or_default();
+            engine.by_id.insert(job.id, index);
             engine.counts.add(job.state);
+            if matches!(job.state, JobState::Completed | JobState::Downloaded) {
+                engine.status.spend_usd += job.price_usd.unwrap_or_default();
+            }
             if let Some(id) = &job.remote_id {
                 engine.remote_ids.insert(id.clone(), index);
                 engine.claimed_elsewhere.remove(id);
@@ -246,15 +322,27 @@ impl Engine {
                 }
                 _ => {}
             }
-            engine.slots.push(Slot { job, output_dir, poll_delay: None, cancel_sent: false });
+            engine.slots.push(Slot {
+                job,
+                output_dir,
+                poll_delay: None,
+                cancel: None,
+                cancel_sent: false,
+            });
         }
-        engine
     }
 
     /// Runs until every job has ended (or cannot go further in this run), then returns them.
     pub async fn run(mut self) -> Result<EngineOutcome, StoreError> {
         let mut stop_seen = false;
+        let mut drain_seen = false;
+        let mut heartbeat = self.settings.heartbeat.map(|every| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         loop {
+            self.controls.heartbeat.store(crate::store::now_ms(), Ordering::Relaxed);
             let send = self.plan_submission();
             self.commit().await?;
             if let Some(slot) = send {
@@ -262,22 +350,28 @@ impl Engine {
             }
             self.start_downloads();
             self.maybe_start_listing();
-            self.counts_tx.send_if_modified(|shown| {
-                let changed = *shown != self.counts;
-                *shown = self.counts;
-                changed
-            });
+            self.publish_status();
             if self.finished() || self.controls.abort.is_cancelled() {
                 break;
             }
 
             let wake = [self.submit_wake, self.reconcile_wake()].into_iter().flatten().min();
+            let has_commands = self.commands.is_some();
             tokio::select! {
                 () = self.controls.abort.cancelled() => {}
                 () = self.controls.stop_submitting.cancelled(), if !stop_seen => {
                     stop_seen = true;
                     self.stop(StopReason::Interrupted);
                 }
+                () = self.controls.drain.cancelled(), if !drain_seen => {
+                    drain_seen = true;
+                    self.start_draining();
+                }
+                command = recv_command(&mut self.commands), if has_commands => match command {
+                    Some(command) => self.on_command(command),
+                    None => self.commands = None,
+                },
+                () = tick_or_forever(&mut heartbeat) => {}
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     self.take(joined);
                     // Take everything else that is ready in the same turn: one commit for all.
@@ -285,7 +379,7 @@ impl Engine {
                         self.take(joined);
                     }
                 }
-                Some(expired) = futures_util::StreamExt::next(&mut self.polls), if !self.polls.is_empty() => {
+                Some(expired) = futures_util::StreamExt::next(&mut self.polls), if !self.polls.is_empty() && !self.draining => {
                     self.spawn_poll(expired.into_inner());
                 }
                 () = sleep_until_or_forever(wake) => {}
@@ -310,14 +404,60 @@ impl Engine {
         }
     }
 
-    /// True when nothing is left to do in this run.
+    /// True when nothing is left to do in this run. The service is never finished: it waits
+    /// for new jobs until it drains.
     fn finished(&self) -> bool {
+        if self.draining {
+            return self.tasks.is_empty();
+        }
+        if self.commands.is_some() {
+            return false;
+        }
         let may_submit = self.stopped.is_none() && !self.pending.is_empty();
         !may_submit
             && self.unknown.is_empty()
             && self.tasks.is_empty()
             && self.polls.is_empty()
             && self.to_download.is_empty()
+    }
+
+    fn publish_status(&mut self) {
+        self.status.counts = self.counts;
+        self.status.paused = self.paused.or(self.stopped);
+        let status = &self.status;
+        self.status_tx.send_if_modified(|shown| {
+            let changed = shown != status;
+            if changed {
+                shown.clone_from(status);
+            }
+            changed
+        });
+    }
+
+    /// SIGTERM for the service: nothing new starts; the loop ends once the requests under way
+    /// have been answered and recorded. Jobs still running at Krea stay recorded for the next
+    /// start.
+    fn start_draining(&mut self) {
+        self.draining = true;
+        self.stop(StopReason::Interrupted);
+        self.to_download.clear();
+        tracing::info!(requests = self.tasks.len(), "draining: finishing the requests under way");
+    }
+
+    fn on_command(&mut self, command: EngineCommand) {
+        match command {
+            EngineCommand::AddJobs { jobs, output_dirs } => {
+                let dirs = output_dirs.into_iter().map(|(id, dir)| (id, Arc::new(dir))).collect();
+                self.add_jobs(jobs, &dirs);
+            }
+            EngineCommand::Probe => {
+                if self.paused.is_some() {
+                    tracing::info!("probing now whether submitting may resume");
+                    self.probe_at = Some(Instant::now());
+                }
+            }
+            EngineCommand::Cancel(ids) => self.cancel_jobs(&ids),
+        }
     }
 
     /// Jobs that may be running at Krea: they count against the cap.
@@ -369,6 +509,47 @@ impl Engine {
         self.changes.push(Change::Job(Box::new(self.slots[slot].job.clone())));
     }
 
+    /// Submitting cannot go on: Krea wants payment, or refused the key. A one-shot run stops
+    /// submitting for good; the service pauses and probes with one submission every
+    /// `pause_probe`.
+    fn halt(&mut self, reason: StopReason) {
+        let Some(every) = self.settings.pause_probe else {
+            if reason == StopReason::AuthRefused {
+                self.stopped = Some(StopReason::AuthRefused);
+                self.controls.abort.cancel();
+            } else {
+                self.stop(reason);
+            }
+            return;
+        };
+        self.probe_at = Some(Instant::now() + every);
+        if self.paused == Some(reason) {
+            return;
+        }
+        self.paused = Some(reason);
+        let waiting = self.counts.pending;
+        let probe = humantime::format_duration(every);
+        match reason {
+            StopReason::PaymentRequired => tracing::warn!(
+                waiting,
+                "the Krea API balance is exhausted (402): submitting paused; jobs in flight are                  finished and downloaded; one submission probes every {probe} (or at once on                  SIGHUP or `krea-batch resume`)"
+            ),
+            StopReason::AuthRefused => tracing::error!(
+                waiting,
+                "Krea refused the API key (401/403): submitting paused; fix the key, then send                  SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
+            ),
+            StopReason::Interrupted => {}
+        }
+    }
+
+    /// A submission was accepted: a pause, if any, is over.
+    fn resume_after_pause(&mut self) {
+        if let Some(reason) = self.paused.take() {
+            self.probe_at = None;
+            tracing::info!(%reason, "the probe was accepted: submitting resumes");
+        }
+    }
+
     fn stop(&mut self, reason: StopReason) {
         if self.stopped.is_some() {
             return;
@@ -390,11 +571,31 @@ impl Engine {
         }
     }
 
-    /// Krea refused the key: nothing else can succeed. Stop at once; a rerun resumes.
+    /// Krea refused the key: nothing else can succeed. A one-shot run stops at once (a rerun
+    /// resumes); the service pauses.
     fn refuse_auth(&mut self, status: u16, message: &str) {
-        tracing::error!(status, %message, "Krea refused the API key; stopping");
-        self.stopped = Some(StopReason::AuthRefused);
-        self.controls.abort.cancel();
+        if self.settings.pause_probe.is_none() {
+            tracing::error!(status, %message, "Krea refused the API key; stopping");
+        }
+        self.halt(StopReason::AuthRefused);
+    }
+}
+
+async fn recv_command(
+    commands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<EngineCommand>>,
+) -> Option<EngineCommand> {
+    match commands {
+        Some(commands) => commands.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_or_forever(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(tick) => {
+            tick.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

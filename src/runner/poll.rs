@@ -62,14 +62,21 @@ impl Engine {
                 tracing::error!(job = %job.name, "{text}");
                 self.set_state(slot, JobState::Failed, Some(text));
             }
-            Err(ApiError::Auth { status, message }) => self.refuse_auth(status, &message),
+            Err(ApiError::Auth { status, message }) => {
+                self.refuse_auth(status, &message);
+                self.retry_poll_later(slot);
+            }
             Err(err) => {
                 tracing::warn!(job = %self.slots[slot].job.name, %err, "polling failed; trying again later");
-                let max = self.settings.poll.max;
-                self.slots[slot].poll_delay = Some(max);
-                self.polls.insert(slot, max);
+                self.retry_poll_later(slot);
             }
         }
+    }
+
+    fn retry_poll_later(&mut self, slot: usize) {
+        let max = self.settings.poll.max;
+        self.slots[slot].poll_delay = Some(max);
+        self.polls.insert(slot, max);
     }
 
     /// Takes in what Krea says of a submitted job.
@@ -96,6 +103,7 @@ impl Engine {
                     return;
                 }
                 self.slots[slot].job.urls = urls;
+                self.status.spend_usd += self.slots[slot].job.price_usd.unwrap_or_default();
                 tracing::info!(job = %name, "completed");
                 self.set_state(slot, JobState::Completed, None);
                 self.to_download.push_back(slot);
@@ -117,8 +125,11 @@ impl Engine {
                     tracing::debug!(job = %name, status = %pending, "status");
                     self.touch(slot);
                 }
-                if self.timed_out(slot) && !self.slots[slot].cancel_sent {
+                if self.slots[slot].cancel.is_none() && self.timed_out(slot) {
                     tracing::warn!(job = %name, "the job timeout passed; cancelling it at Krea");
+                    self.slots[slot].cancel = Some(super::CancelCause::Timeout);
+                }
+                if self.slots[slot].cancel.is_some() && !self.slots[slot].cancel_sent {
                     self.spawn_cancel(slot);
                     return;
                 }
@@ -138,6 +149,27 @@ impl Engine {
         age > self.settings.job_timeout
     }
 
+    /// `krea-batch cancel`: pending jobs are cancelled at once; jobs in flight are cancelled at
+    /// Krea (not billed) as soon as Krea allows; finished jobs are left as they are.
+    pub(super) fn cancel_jobs(&mut self, ids: &[i64]) {
+        for id in ids {
+            let Some(&slot) = self.by_id.get(id) else { continue };
+            let name = self.slots[slot].job.name.clone();
+            match self.slots[slot].job.state {
+                JobState::Pending => {
+                    self.pending.retain(|&waiting| waiting != slot);
+                    tracing::info!(job = %name, "cancelled before submission");
+                    self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+                }
+                JobState::Submitted => {
+                    tracing::info!(job = %name, "cancelling at Krea");
+                    self.slots[slot].cancel = Some(super::CancelCause::User);
+                }
+                state => tracing::info!(job = %name, %state, "not cancelled: nothing to cancel in this state"),
+            }
+        }
+    }
+
     fn spawn_cancel(&mut self, slot: usize) {
         let api = Arc::clone(&self.api);
         let Some(job_id) = self.slots[slot].job.remote_id.clone() else { return };
@@ -152,8 +184,12 @@ impl Engine {
         if self.slots[slot].job.state != JobState::Submitted {
             return;
         }
-        match result {
-            Ok(()) => {
+        match (result, self.slots[slot].cancel) {
+            (Ok(()), Some(super::CancelCause::User)) => {
+                tracing::info!(job = %self.slots[slot].job.name, "cancelled at Krea, not billed");
+                self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+            }
+            (Ok(()), _) => {
                 let text = format!(
                     "gave up after the job timeout ({}); cancelled at Krea, not billed",
                     humantime::format_duration(self.settings.job_timeout)
@@ -161,8 +197,9 @@ impl Engine {
                 tracing::warn!(job = %self.slots[slot].job.name, "{text}");
                 self.set_state(slot, JobState::Failed, Some(text));
             }
-            Err(err) => {
-                // Not cancellable now (it may just have completed): keep polling, try again.
+            (Err(err), _) => {
+                // Not cancellable now (Krea cancels only queued or processing jobs; it may also
+                // just have completed): keep polling, and try again at the next poll.
                 tracing::debug!(job = %self.slots[slot].job.name, %err, "cancel refused");
                 self.slots[slot].cancel_sent = false;
                 self.schedule_poll(slot, true);

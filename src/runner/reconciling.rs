@@ -82,7 +82,10 @@ impl Engine {
         self.listing = false;
         let candidates = match result {
             Ok(candidates) => candidates,
-            Err(ApiError::Auth { status, message }) => return self.refuse_auth(status, &message),
+            Err(ApiError::Auth { status, message }) => {
+                self.listing_retry_at = Some(Instant::now() + self.settings.poll.max);
+                return self.refuse_auth(status, &message);
+            }
             Err(err) => {
                 let wait = self.settings.poll.max;
                 tracing::warn!(%err, "cannot list jobs at Krea to reconcile; trying again later");

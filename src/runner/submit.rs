@@ -22,12 +22,20 @@ impl Engine {
     pub(super) fn plan_submission(&mut self) -> Option<usize> {
         self.submit_wake = None;
         if self.stopped.is_some()
+            || self.draining
             || self.post_running
             || !self.unknown.is_empty()
             || self.pending.is_empty()
             || self.in_flight() >= self.pacer.in_flight_cap()
         {
             return None;
+        }
+        // Paused (service): one submission probes when the probe is due.
+        if let (Some(_), Some(probe_at)) = (self.paused, self.probe_at) {
+            if probe_at > tokio::time::Instant::now() {
+                self.submit_wake = Some(probe_at);
+                return None;
+            }
         }
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);
@@ -44,6 +52,7 @@ impl Engine {
 
     pub(super) fn spawn_submit(&mut self, slot: usize) {
         self.post_running = true;
+        self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
         let model = self.slots[slot].job.model.clone();
         let body = Arc::clone(&self.slots[slot].job.body);
@@ -60,14 +69,16 @@ impl Engine {
             Ok(remote) => self.on_accepted(slot, &remote),
             Err(ApiError::PaymentRequired { message }) => {
                 tracing::debug!(job = %name, %message, "402 on submission");
+                self.status.payment_required_total += 1;
                 self.requeue(slot);
-                self.stop(StopReason::PaymentRequired);
+                self.halt(StopReason::PaymentRequired);
             }
             Err(ApiError::Auth { status, message }) => {
                 self.requeue(slot);
                 self.refuse_auth(status, &message);
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
+                self.status.rate_limited_total += 1;
                 self.requeue(slot);
                 let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
@@ -110,6 +121,7 @@ impl Engine {
 
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) {
         self.pacer.on_accepted();
+        self.resume_after_pause();
         let name = self.slots[slot].job.name.clone();
         if let Some(owner) = self.claim_owner(&remote.job_id) {
             let message = format!(
