@@ -176,18 +176,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         }
     };
 
-    let settings = ClientSettings {
-        base_url: base,
-        connect_timeout: Duration::from_secs(10),
-        request_timeout: file.limits.request_timeout,
-    };
-    let client = KreaClient::new(&settings, key).map_err(InputError)?;
-    let downloader = Downloader::new(
-        settings.connect_timeout,
-        file.limits.request_timeout,
-        file.limits.max_result_size,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let (client, downloader) = clients(base, &file.limits, key)?;
     let writer = StoreWriter::spawn(store)?;
     let engine = Engine::new(
         EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
@@ -210,6 +199,24 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
     rewrite_manifest(&places.output_dir, &ended, false).context("while writing the manifest")?;
     let summary = Summary::of(&ended, outcome.stopped, &places.output_dir, started.elapsed());
     Ok(RunResult { summary })
+}
+
+/// The API client and the download client for `limits`.
+pub(crate) fn clients(
+    base: reqwest::Url,
+    limits: &Limits,
+    key: ApiKey,
+) -> anyhow::Result<(KreaClient, Downloader)> {
+    let settings = ClientSettings {
+        base_url: base,
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: limits.request_timeout,
+    };
+    let client = KreaClient::new(&settings, key).map_err(InputError)?;
+    let downloader =
+        Downloader::new(settings.connect_timeout, limits.request_timeout, limits.max_result_size)
+            .map_err(anyhow::Error::msg)?;
+    Ok((client, downloader))
 }
 
 /// Imports the job file's jobs into the state and reports what changed; returns the batch.
@@ -242,7 +249,7 @@ fn import(
 
 /// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing
 /// there, and a job that seemed lost could be submitted (and paid for) again.
-fn guard_api_base(store: &mut Store, base: &reqwest::Url) -> anyhow::Result<()> {
+pub(crate) fn guard_api_base(store: &mut Store, base: &reqwest::Url) -> anyhow::Result<()> {
     let current = base.as_str().trim_end_matches('/').to_owned();
     if let Some(recorded) = store.meta(META_API_BASE)? {
         let has_remote_work = store

@@ -42,8 +42,66 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the jobs of a state file by state (also while a run is going).
     Status(StatusArgs),
+    /// Run as a service: take job files from an inbox, for as long as it runs (systemd).
+    Daemon(DaemonArgs),
+    /// Cancel jobs: pending ones are never sent, jobs in flight are cancelled at Krea.
+    Cancel(CancelArgs),
+    /// Ask a running daemon (or run) to probe now whether submitting may resume, after a top-up.
+    Resume(ResumeArgs),
     /// Run the simulated Krea API as a server, for trying job files and for tests.
     SimulateApi(SimulateArgs),
+}
+
+/// `krea-batch daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/krea-batch/daemon.yaml")]
+    pub config: PathBuf,
+    /// Read the API key from this file (instead of `KREA_API_KEY` or the systemd credential).
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// Which state file a command acts on.
+#[derive(Debug, Args)]
+pub struct StateChoice {
+    /// The state file.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub state: Option<PathBuf>,
+    /// The daemon's configuration file (its state file).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `krea-batch cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// Names of the jobs to cancel.
+    #[arg(required_unless_present_any = ["file", "all"])]
+    pub names: Vec<String>,
+    /// Cancel every job of this job file (a path, or its name in the daemon's inbox); with
+    /// neither --state nor --config, also finds the state file from it.
+    #[arg(long, value_name = "FILE", conflicts_with = "names")]
+    pub file: Option<String>,
+    /// Cancel every job not yet finished.
+    #[arg(long, conflicts_with_all = ["names", "file"])]
+    pub all: bool,
+    /// Which state file.
+    #[command(flatten)]
+    pub target: StateChoice,
+    /// Read the API key from this file (needed only when no krea-batch is running and jobs are
+    /// in flight).
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// `krea-batch resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Which state file.
+    #[command(flatten)]
+    pub target: StateChoice,
 }
 
 /// Where the API is and how to authenticate.

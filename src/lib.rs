@@ -12,6 +12,8 @@
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
 //! | `jobfile/` | the YAML job file as users write it, validated into jobs with precise errors |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
+//! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
+//! | `metrics.rs` | the optional Prometheus /metrics endpoint of the daemon (loopback only) |
 //! | `pricing.rs` | the price table: what a generation costs, for estimates |
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
@@ -21,8 +23,10 @@
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
+//! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) |
 //! | `batch.rs` | the one-shot commands wired end to end: `run`, `check`, `status` |
 //! | `cli.rs` | the command line (clap types) |
+//! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate` |
 //!
 //! # Dependency direction
@@ -34,10 +38,14 @@
 pub mod api;
 pub mod batch;
 pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod download;
+pub mod inbox;
 pub mod job;
 pub mod jobfile;
 pub mod key;
+pub mod metrics;
 pub mod pace;
 pub mod pricing;
 pub mod reconcile;

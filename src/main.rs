@@ -7,7 +7,12 @@
 
 use clap::Parser as _;
 use krea_batch::batch::{self, InputError, Mode, RunOptions};
-use krea_batch::cli::{Cli, Command, DownloadArgs, LogFormat, RunArgs, SimulateArgs};
+use krea_batch::cli::{
+    CancelArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
+    SimulateArgs, StateChoice,
+};
+use krea_batch::control::{self, Selection};
+use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
 use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
 use krea_batch::report::{self, EngineStatus, StopReason, Summary};
@@ -58,6 +63,9 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
         Command::Download(args) => download(args).await,
         Command::Check(args) => check(&args.job_file, args.json),
         Command::Status(args) => status(args.job_file.as_deref(), args.state.as_deref(), args.json),
+        Command::Daemon(args) => run_daemon(args).await,
+        Command::Cancel(args) => cancel(args).await,
+        Command::Resume(args) => resume(args).await,
         Command::SimulateApi(args) => simulate_api(args).await,
     };
     result.unwrap_or_else(|err| {
@@ -145,6 +153,78 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     }
     eprint!("{summary}");
     Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
+
+async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
+    let loaded = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    if let Some(warning) = &loaded.permission_warning {
+        tracing::warn!("{warning}");
+    }
+    let signals = DaemonSignals::default();
+    tokio::spawn(watch_daemon_signals(signals.clone()));
+    daemon::run(&args.config, loaded.key, signals).await?;
+    Ok(EXIT_OK)
+}
+
+/// The state file a command names: `--state`, the daemon's `--config`, or a job file's default.
+fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(state) = &choice.state {
+        return Ok(state.clone());
+    }
+    if let Some(config) = &choice.config {
+        return Ok(DaemonConfig::load(config).map_err(|err| InputError(err.to_string()))?.state);
+    }
+    match job_file {
+        Some(file) => {
+            Ok(batch::places(&jobfile::load(std::path::Path::new(file))?, None, false).state)
+        }
+        None => {
+            Err(InputError("name the state file: --state FILE or --config DAEMON.yaml".into())
+                .into())
+        }
+    }
+}
+
+async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
+    let state = state_path(&args.target, args.file.as_deref())?;
+    let selection = match (args.all, args.file) {
+        (true, _) => Selection::All,
+        (false, Some(file)) => Selection::File(file),
+        (false, None) => Selection::Names(args.names),
+    };
+    // The key is needed only to cancel at Krea when no krea-batch is running; without one,
+    // that case says so.
+    let key = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())
+        .ok()
+        .map(|loaded| loaded.key);
+    println!("{}", control::cancel(&state, &selection, key).await?);
+    Ok(EXIT_OK)
+}
+
+async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
+    let state = state_path(&args.target, None)?;
+    println!("{}", control::resume(&state).await?);
+    Ok(EXIT_OK)
+}
+
+/// SIGTERM or SIGINT: drain and stop. SIGHUP: reload.
+async fn watch_daemon_signals(signals: DaemonSignals) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => signals.shutdown.cancel(),
+            _ = interrupt.recv() => signals.shutdown.cancel(),
+            _ = hangup.recv() => signals.reload.notify_one(),
+        }
+    }
 }
 
 fn exit_code(summary: &Summary) -> u8 {

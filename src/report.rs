@@ -25,6 +25,18 @@ pub enum StopReason {
     Interrupted,
 }
 
+impl StopReason {
+    /// A short code for machines (metrics labels, JSON).
+    #[must_use]
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::PaymentRequired => "payment_required",
+            Self::AuthRefused => "auth_refused",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "
@@ -75,6 +75,19 @@ CREATE TABLE files (
     content_type TEXT NOT NULL,
     PRIMARY KEY (job_id, idx)
 );
+";
+
+/// Version 2: requests from other processes to a running engine (`krea-batch cancel`,
+/// `krea-batch resume`), and the content hash of each imported job file, so that the daemon
+/// imports the same file only once.
+const SCHEMA_V2: &str = "
+CREATE TABLE requests (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    job_id     INTEGER,
+    created_at INTEGER NOT NULL
+);
+ALTER TABLE batches ADD COLUMN content_sha256 TEXT;
 ";
 
 /// What can go wrong with the state file.
@@ -230,6 +243,15 @@ pub enum Change {
     },
 }
 
+/// A request to the engine that holds a state file, from another process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Probe now whether submitting may resume (after a top-up).
+    Resume,
+    /// Cancel the job with this row id.
+    Cancel(i64),
+}
+
 /// What importing a job file did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportReport {
@@ -283,6 +305,112 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing state file, without the one-writer lock, to leave requests for the
+    /// process that holds it ([`Store::push_request`]); SQLite's own locking keeps the two
+    /// writes apart.
+    pub fn open_requester(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_owned()));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(sqlite(path))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(sqlite(path))?;
+        let store = Self { conn, path: path.to_owned(), _lock: None };
+        let version = store.version()?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                path: path.to_owned(),
+                message: format!(
+                    "schema version {version}, this krea-batch writes {SCHEMA_VERSION}; use the \
+                     krea-batch that is running on it"
+                ),
+            });
+        }
+        Ok(store)
+    }
+
+    /// Whether the state file holds the writer's lock now (a run or the daemon is using it).
+    #[must_use]
+    pub fn is_locked(path: &Path) -> bool {
+        let Ok(lock) = open_private(&lock_path(path)) else { return false };
+        lock.try_lock().is_err()
+    }
+
+    /// Leaves a request for the engine that holds the state file (`cancel` with a job row id,
+    /// or `resume`).
+    pub fn push_request(&self, request: &Request) -> Result<(), StoreError> {
+        let (kind, job_id) = match request {
+            Request::Resume => ("resume", None),
+            Request::Cancel(id) => ("cancel", Some(*id)),
+        };
+        self.conn
+            .execute(
+                "INSERT INTO requests (kind, job_id, created_at) VALUES (?1, ?2, ?3)",
+                params![kind, job_id, now_ms()],
+            )
+            .map(drop)
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Whether requests are still waiting to be taken.
+    pub fn has_requests(&self) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |row| row.get(0))
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Takes (and deletes) the waiting requests, oldest first.
+    pub fn take_requests(&mut self) -> Result<Vec<Request>, StoreError> {
+        let err = sqlite(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        let requests = {
+            let mut stmt =
+                tx.prepare("SELECT kind, job_id FROM requests ORDER BY id").map_err(&err)?;
+            let rows = stmt
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)))
+                .map_err(&err)?;
+            let mut requests = Vec::new();
+            for row in rows {
+                match row.map_err(&err)? {
+                    (kind, _) if kind == "resume" => requests.push(Request::Resume),
+                    (kind, Some(id)) if kind == "cancel" => requests.push(Request::Cancel(id)),
+                    (kind, _) => tracing::warn!(%kind, "ignoring an unknown request"),
+                }
+            }
+            requests
+        };
+        if requests.is_empty() {
+            // Nothing to delete: no write, no fsync (the daemon asks every few seconds).
+            return Ok(requests);
+        }
+        tx.execute("DELETE FROM requests", []).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(requests)
+    }
+
+    /// Whether a job file with this content was imported before (the daemon imports each
+    /// file's content once).
+    pub fn content_imported(&self, sha256: &str) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM batches WHERE content_sha256 = ?1)",
+                [sha256],
+                |row| row.get(0),
+            )
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Records the content hash of a batch's job file.
+    pub fn set_content_hash(&self, batch_id: i64, sha256: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE batches SET content_sha256 = ?2 WHERE id = ?1",
+                params![batch_id, sha256],
+            )
+            .map(drop)
+            .map_err(sqlite(&self.path))
+    }
+
     /// Opens an existing state file for reading, also while a run writes to it.
     pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
@@ -329,7 +457,7 @@ impl Store {
             return Err(StoreError::TooNew { path: self.path.clone(), found });
         }
         // Step n takes a file from version n to n + 1.
-        let steps: [&str; 1] = [SCHEMA_V1];
+        let steps: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
         for (from, step) in steps.iter().enumerate().skip(found as usize) {
             let tx = self.conn.transaction().map_err(sqlite(&self.path))?;
             tx.execute_batch(step).map_err(sqlite(&self.path))?;
@@ -772,7 +900,11 @@ pub struct StoreWriter {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
-type WriteRequest = (Vec<Change>, tokio::sync::oneshot::Sender<Result<(), String>>);
+/// Work for the writer thread: changes to commit, or a function to run on the store.
+enum WriteRequest {
+    Commit(Vec<Change>, tokio::sync::oneshot::Sender<Result<(), String>>),
+    Call(Box<dyn FnOnce(&mut Store) + Send>),
+}
 
 impl StoreWriter {
     /// Moves `store` onto its own thread.
@@ -781,16 +913,36 @@ impl StoreWriter {
         let thread = std::thread::Builder::new()
             .name("krea-batch-store".into())
             .spawn(move || {
-                while let Some(first) = receiver.blocking_recv() {
-                    let mut batch = vec![first];
-                    while let Ok(next) = receiver.try_recv() {
-                        batch.push(next);
+                let mut next = receiver.blocking_recv();
+                while let Some(request) = next.take() {
+                    let (mut changes, mut replies) = match request {
+                        WriteRequest::Call(call) => {
+                            call(&mut store);
+                            next = receiver.blocking_recv();
+                            continue;
+                        }
+                        WriteRequest::Commit(changes, reply) => (changes, vec![reply]),
+                    };
+                    // Merge the commits queued meanwhile into one transaction.
+                    loop {
+                        match receiver.try_recv() {
+                            Ok(WriteRequest::Commit(more, reply)) => {
+                                changes.extend(more);
+                                replies.push(reply);
+                            }
+                            Ok(call) => {
+                                next = Some(call);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
                     }
-                    let changes: Vec<Change> =
-                        batch.iter_mut().flat_map(|(changes, _)| changes.drain(..)).collect();
                     let result = store.apply(&changes).map_err(|err| err.to_string());
-                    for (_, reply) in batch {
+                    for reply in replies {
                         let _ = reply.send(result.clone());
+                    }
+                    if next.is_none() {
+                        next = receiver.blocking_recv();
                     }
                 }
             })
@@ -814,12 +966,28 @@ impl StoreWriter {
             return Ok(());
         }
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.requests.send((changes, reply)).map_err(|_| StoreError::WriterGone)?;
+        self.requests
+            .send(WriteRequest::Commit(changes, reply))
+            .map_err(|_| StoreError::WriterGone)?;
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(StoreError::WriteFailed(message)),
             Err(_) => Err(StoreError::WriterGone),
         }
+    }
+
+    /// Runs `call` on the writer thread with the store (an import, reading requests), after
+    /// the commits sent before it.
+    pub async fn with_store<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let call = Box::new(move |store: &mut Store| {
+            let _ = reply.send(call(store));
+        });
+        self.requests.send(WriteRequest::Call(call)).map_err(|_| StoreError::WriterGone)?;
+        done.await.map_err(|_| StoreError::WriterGone)
     }
 }
 

@@ -26,6 +26,7 @@ mod values;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Limits};
 pub use values::{parse_model_path, parse_size};
 
@@ -227,16 +228,16 @@ enum NameSource {
 impl Assembly<'_> {
     fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
         if let Err((field, message)) = raw.limits.check() {
-            // The one rule that spans fields (a first poll delay above the cap) is checked last.
-            // A first delay left at its default is simply capped by the schedule: only one the
-            // user wrote above the cap is a contradiction worth refusing.
+            let path = [Seg::key("limits"), Seg::key(field)];
+            let at = if self.find(&path, Target::Node).is_some() { &path[..] } else { &path[..1] };
+            return Err(self.error(at, message));
+        }
+        // A first delay left at its default is capped by the schedule; only one the user wrote
+        // above the cap is a contradiction worth refusing.
+        if let Some((field, message)) = raw.limits.first_poll_above_cap() {
             let path = [Seg::key("limits"), Seg::key(field)];
             if self.find(&path, Target::Node).is_some() {
                 return Err(self.error(&path, message));
-            }
-            let is_first_poll_delay = matches!(field, "poll_interval" | "video_poll_interval");
-            if !is_first_poll_delay {
-                return Err(self.error(&[Seg::key("limits")], message));
             }
         }
         let mut jobs = Vec::new();

@@ -90,8 +90,7 @@ impl Default for Limits {
 
 impl Limits {
     /// Checks the rules deserialization cannot see alone: every count and duration above zero
-    /// (also for values built in code) and no first poll delay above the back-off cap. Returns
-    /// the offending field and what is wrong.
+    /// (also for values built in code). Returns the offending field and what is wrong.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let counts = [
             ("submissions_per_minute", self.submissions_per_minute),
@@ -117,12 +116,19 @@ impl Limits {
         if self.max_result_size == 0 {
             return Err(("max_result_size", "max_result_size is 0 bytes".into()));
         }
-        for (field, first) in [
-            ("poll_interval", self.poll_interval),
-            ("video_poll_interval", self.video_poll_interval),
-        ] {
-            if first > self.poll_interval_max {
-                return Err((
+        Ok(())
+    }
+
+    /// A first poll delay longer than `poll_interval_max`: the field and what is wrong. The
+    /// poll schedule caps such a delay, so this is only worth refusing when the user wrote the
+    /// delay (the job file checks that); a default above a low cap is simply capped.
+    #[must_use]
+    pub fn first_poll_above_cap(&self) -> Option<(&'static str, String)> {
+        [("poll_interval", self.poll_interval), ("video_poll_interval", self.video_poll_interval)]
+            .into_iter()
+            .find(|(_, first)| *first > self.poll_interval_max)
+            .map(|(field, first)| {
+                (
                     field,
                     format!(
                         "{field} ({}) is longer than poll_interval_max ({}), the cap of the \
@@ -130,10 +136,8 @@ impl Limits {
                         humantime::format_duration(first),
                         humantime::format_duration(self.poll_interval_max),
                     ),
-                ));
-            }
-        }
-        Ok(())
+                )
+            })
     }
 }
 
@@ -173,7 +177,7 @@ fn positive_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Er
 }
 
 /// A duration limit in humantime syntax: `500ms`, `2s`, `1m30s`, `2h`.
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationText;
     impl Visitor<'_> for DurationText {
         type Value = Duration;

@@ -91,6 +91,8 @@ pub enum EngineCommand {
     Probe,
     /// Cancel these jobs (state-file row ids): pending ones at once, in-flight ones at Krea.
     Cancel(Vec<i64>),
+    /// Use new settings (a reloaded configuration): pacing and polling from now on.
+    Reconfigure(EngineSettings),
 }
 
 /// How the outside asks the engine to stop. Cancel `stop_submitting` to let everything in flight
@@ -283,7 +285,10 @@ impl Engine {
 
     /// Lets the outside send [`EngineCommand`]s while the engine runs.
     #[must_use]
-    pub fn with_commands(mut self, commands: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>) -> Self {
+    pub fn with_commands(
+        mut self,
+        commands: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>,
+    ) -> Self {
         self.commands = Some(commands);
         self
     }
@@ -292,7 +297,8 @@ impl Engine {
     /// are skipped.
     fn add_jobs(&mut self, jobs: Vec<JobRecord>, dirs: &HashMap<i64, Arc<PathBuf>>) {
         for job in jobs {
-            if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id) {
+            if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id)
+            {
                 continue;
             }
             let engine = &mut *self;
@@ -439,7 +445,7 @@ impl Engine {
     /// start.
     fn start_draining(&mut self) {
         self.draining = true;
-        self.stop(StopReason::Interrupted);
+        self.stopped.get_or_insert(StopReason::Interrupted);
         self.to_download.clear();
         tracing::info!(requests = self.tasks.len(), "draining: finishing the requests under way");
     }
@@ -457,6 +463,15 @@ impl Engine {
                 }
             }
             EngineCommand::Cancel(ids) => self.cancel_jobs(&ids),
+            EngineCommand::Reconfigure(settings) => {
+                self.pacer = Pacer::new(
+                    settings.submissions_per_minute,
+                    settings.burst,
+                    settings.max_in_flight,
+                    settings.rate_limit_backoff,
+                );
+                self.settings = settings;
+            }
         }
     }
 
@@ -590,7 +605,8 @@ async fn recv_command(
     }
 }
 
-async fn tick_or_forever(tick: &mut Option<tokio::time::Interval>) {
+/// Ticks `tick`, or never when there is none.
+pub(crate) async fn tick_or_forever(tick: &mut Option<tokio::time::Interval>) {
     match tick {
         Some(tick) => {
             tick.tick().await;
@@ -599,7 +615,8 @@ async fn tick_or_forever(tick: &mut Option<tokio::time::Interval>) {
     }
 }
 
-async fn sleep_until_or_forever(at: Option<Instant>) {
+/// Sleeps until `at`, or forever when there is none.
+pub(crate) async fn sleep_until_or_forever(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

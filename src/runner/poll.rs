@@ -165,7 +165,9 @@ impl Engine {
                     tracing::info!(job = %name, "cancelling at Krea");
                     self.slots[slot].cancel = Some(super::CancelCause::User);
                 }
-                state => tracing::info!(job = %name, %state, "not cancelled: nothing to cancel in this state"),
+                state => {
+                    tracing::info!(job = %name, %state, "not cancelled: nothing to cancel in this state");
+                }
             }
         }
     }

@@ -31,11 +31,11 @@ impl Engine {
             return None;
         }
         // Paused (service): one submission probes when the probe is due.
-        if let (Some(_), Some(probe_at)) = (self.paused, self.probe_at) {
-            if probe_at > tokio::time::Instant::now() {
-                self.submit_wake = Some(probe_at);
-                return None;
-            }
+        if let (Some(_), Some(probe_at)) = (self.paused, self.probe_at)
+            && probe_at > tokio::time::Instant::now()
+        {
+            self.submit_wake = Some(probe_at);
+            return None;
         }
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);

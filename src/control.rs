@@ -1,0 +1,192 @@
+//! `krea-batch cancel` and `krea-batch resume`: acting on the jobs of a state file, whether or
+//! not a krea-batch process (the daemon, a run) holds it.
+//!
+//! When one does, the request is left in the state file's `requests` table and that process
+//! acts on it within a few seconds (the daemon reads requests at each inbox scan). When none
+//! does, `cancel` acts itself: pending jobs are marked cancelled, and jobs in flight are
+//! cancelled at Krea with `DELETE /jobs/{id}` (cancelled jobs are not billed).
+
+use crate::api::{self, ClientSettings, KreaClient};
+use crate::batch::InputError;
+use crate::inbox;
+use crate::job::JobState;
+use crate::key::ApiKey;
+use crate::store::{Change, JobRecord, Request, Store};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+/// Which jobs to cancel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// Jobs with these names (in any job file of the state).
+    Names(Vec<String>),
+    /// Every job of one job file: its path, its file name in the daemon's inbox, or its name.
+    File(String),
+    /// Every job not yet finished.
+    All,
+}
+
+/// How long to wait for a running process to take a request.
+const TAKEN_WITHIN: Duration = Duration::from_secs(30);
+
+/// `krea-batch cancel`. Returns what to tell the user.
+pub async fn cancel(
+    state: &Path,
+    selection: &Selection,
+    key: Option<ApiKey>,
+) -> anyhow::Result<String> {
+    let reader = Store::open_reader(state)?;
+    let jobs = select(&reader, selection)?;
+    drop(reader);
+    let open: Vec<&JobRecord> = jobs
+        .iter()
+        .filter(|job| matches!(job.state, JobState::Pending | JobState::Submitted))
+        .collect();
+    if open.is_empty() {
+        return Ok(format!(
+            "nothing to cancel: the {} selected jobs have all ended or were never sent",
+            jobs.len()
+        ));
+    }
+    if Store::is_locked(state) {
+        let requester = Store::open_requester(state)?;
+        for job in &open {
+            requester.push_request(&Request::Cancel(job.id))?;
+        }
+        wait_until_taken(&requester).await?;
+        return Ok(format!(
+            "asked the running krea-batch to cancel {} jobs: pending ones are cancelled at once, \
+             jobs in flight at Krea as soon as Krea allows (see `krea-batch status`)",
+            open.len()
+        ));
+    }
+    cancel_directly(state, &open, key).await
+}
+
+/// `krea-batch resume`: asks the process holding `state` to probe now whether submitting may
+/// resume (after a top-up).
+pub async fn resume(state: &Path) -> anyhow::Result<String> {
+    if !Store::is_locked(state) {
+        return Ok(format!(
+            "no krea-batch is running on {}; the next `krea-batch run` or daemon start resumes by \
+             itself",
+            state.display()
+        ));
+    }
+    let requester = Store::open_requester(state)?;
+    requester.push_request(&Request::Resume)?;
+    wait_until_taken(&requester).await?;
+    Ok("asked the running krea-batch to probe now; it resumes submitting if Krea accepts".into())
+}
+
+async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + TAKEN_WITHIN;
+    while requester.has_requests()? {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the running krea-batch has not taken the request within {} s; it stays queued \
+                 and is taken when it next reads requests",
+                TAKEN_WITHIN.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The jobs `selection` names; an unknown name or job file is an error.
+fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
+    let jobs = store.jobs(None)?;
+    match selection {
+        Selection::All => Ok(jobs),
+        Selection::Names(names) => {
+            let chosen: Vec<JobRecord> =
+                jobs.into_iter().filter(|job| names.contains(&job.name)).collect();
+            if let Some(missing) =
+                names.iter().find(|name| !chosen.iter().any(|job| &job.name == *name))
+            {
+                return Err(InputError(format!(
+                    "no job named {missing} in {}",
+                    store.path().display()
+                ))
+                .into());
+            }
+            Ok(chosen)
+        }
+        Selection::File(file) => {
+            let path = Path::new(file);
+            let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
+            if let Ok(canonical) = std::fs::canonicalize(path) {
+                sources.push(canonical.to_string_lossy().into_owned());
+            }
+            sources.push(format!("inbox:{file}"));
+            let batch = sources
+                .iter()
+                .find_map(|source| store.batch_id(source).ok().flatten())
+                .ok_or_else(|| {
+                    InputError(format!("{file} is not a job file of {}", store.path().display()))
+                })?;
+            Ok(jobs.into_iter().filter(|job| job.batch_id == batch).collect())
+        }
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(String::new, |name| name.to_string_lossy().into_owned())
+}
+
+/// No process holds the state: mark pending jobs cancelled and cancel jobs in flight at Krea.
+async fn cancel_directly(
+    state: &Path,
+    open: &[&JobRecord],
+    key: Option<ApiKey>,
+) -> anyhow::Result<String> {
+    let mut store = Store::open_writer(state)?;
+    let in_flight = open.iter().filter(|job| job.state == JobState::Submitted).count();
+    let client = match (in_flight, key) {
+        (0, _) => None,
+        (_, None) => {
+            return Err(InputError(format!(
+                "{in_flight} selected jobs are running at Krea; cancelling them needs the API key"
+            ))
+            .into());
+        }
+        (_, Some(key)) => {
+            let base = store.meta("api_base")?.unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
+            let settings = ClientSettings {
+                base_url: api::parse_base_url(&base).map_err(InputError)?,
+                connect_timeout: Duration::from_secs(10),
+                request_timeout: Duration::from_secs(30),
+            };
+            Some(KreaClient::new(&settings, key).map_err(InputError)?)
+        }
+    };
+    let (mut changes, mut cancelled, mut refused) = (Vec::new(), 0, Vec::new());
+    for job in open {
+        let mut job = (*job).clone();
+        if job.state == JobState::Submitted {
+            let (Some(client), Some(id)) = (&client, job.remote_id.clone()) else { continue };
+            if let Err(err) = client.cancel_job(&id).await {
+                refused.push(format!("{}: {err}", job.name));
+                continue;
+            }
+        }
+        job.state = JobState::Cancelled;
+        job.error = Some("cancelled by the user".into());
+        job.finished_at = Some(crate::store::now_ms());
+        changes.push(Change::Job(Box::new(job)));
+        cancelled += 1;
+    }
+    store.apply(&changes)?;
+    let mut message = format!("cancelled {cancelled} jobs");
+    if !refused.is_empty() {
+        let _ = write!(
+            message,
+            "; Krea would not cancel {} (they may have finished; the next run downloads them):\n  {}",
+            refused.len(),
+            refused.join("\n  ")
+        );
+    }
+    Ok(message)
+}

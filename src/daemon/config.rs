@@ -1,0 +1,146 @@
+//! The daemon's configuration file (`/etc/krea-batch/daemon.yaml`; `contrib/daemon.yaml`
+//! documents every key). Paths are relative to the file's folder. Unknown keys are refused, and
+//! every error names the file, line and column.
+
+use crate::jobfile::{ApiSettings, Limits, deserialize_duration};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The daemon's settings.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The folder job files are dropped into; `accepted/` and `rejected/` are made inside it.
+    pub inbox: PathBuf,
+    /// The output root: each job file's results go to a folder of its name under it.
+    pub output: PathBuf,
+    /// The state file.
+    pub state: PathBuf,
+    /// Where the API is.
+    #[serde(default)]
+    pub api: ApiSettings,
+    /// Pacing and polling, as in a job file.
+    #[serde(default)]
+    pub limits: Limits,
+    /// While submitting is paused by a 402 (or a refused key), one submission probes this often.
+    #[serde(default = "default_probe_interval", deserialize_with = "deserialize_duration")]
+    pub probe_interval: Duration,
+    /// On SIGTERM, how long the requests under way may take before the daemon exits anyway.
+    #[serde(default = "default_drain_time", deserialize_with = "deserialize_duration")]
+    pub drain_time: Duration,
+    /// How often the inbox is scanned for new files.
+    #[serde(default = "default_scan_interval", deserialize_with = "deserialize_duration")]
+    pub inbox_scan_interval: Duration,
+    /// The Prometheus endpoint; off when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The `metrics:` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address and port, e.g. `127.0.0.1:9184`.
+    pub listen: SocketAddr,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_mins(10)
+}
+
+fn default_drain_time() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_scan_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// A configuration error: the file, the place, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl DaemonConfig {
+    /// Reads and checks the file; relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError(format!("cannot read {}: {err}", path.display())))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text`, read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = serde_yaml::from_str(text).map_err(|err| {
+            let place = err.location().map_or_else(
+                || format!("{}: ", path.display()),
+                |at| format!("{}:{}:{}: ", path.display(), at.line(), at.column()),
+            );
+            // serde_yaml appends " at line L column C"; the place is already in front.
+            let message = err.to_string();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+            ConfigError(format!("{place}{message}"))
+        })?;
+        config.limits.check().map_err(|(field, message)| {
+            ConfigError(format!("{}: limits.{field}: {message}", path.display()))
+        })?;
+        if let Some(metrics) = &config.metrics {
+            crate::metrics::check_listen(&metrics.listen).map_err(|message| {
+                ConfigError(format!("{}: metrics.listen: {message}", path.display()))
+            })?;
+        }
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        for dir in [&mut config.inbox, &mut config.output, &mut config.state] {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::parse(text, Path::new("/etc/krea-batch/daemon.yaml"))
+    }
+
+    #[test]
+    fn the_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/daemon.yaml");
+        let config = DaemonConfig::load(&path).expect("contrib/daemon.yaml is valid");
+        assert_eq!(config.probe_interval, Duration::from_mins(10));
+        assert_eq!(config.drain_time, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = parse("inbox: in\noutput: /srv/out\nstate: state.sqlite\n").expect("valid");
+        assert_eq!(config.inbox, Path::new("/etc/krea-batch/in"));
+        assert_eq!(config.output, Path::new("/srv/out"));
+        assert_eq!(config.inbox_scan_interval, Duration::from_secs(2));
+        assert!(config.metrics.is_none());
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let message = parse("inbox: in\noutput: out\nstate: s\nprobe_interval: often\n")
+            .expect_err("bad duration")
+            .to_string();
+        assert!(message.starts_with("/etc/krea-batch/daemon.yaml:4:"), "{message}");
+        assert!(message.contains("probe_interval"), "{message}");
+        let message =
+            parse("inbox: in\noutput: out\nstate: s\ninbx: x\n").expect_err("unknown").to_string();
+        assert!(message.contains("inbx"), "{message}");
+        let message =
+            parse("inbox: in\noutput: out\nstate: s\nmetrics: {listen: '0.0.0.0:9184'}\n")
+                .expect_err("not loopback")
+                .to_string();
+        assert!(message.contains("metrics.listen"), "{message}");
+    }
+}

@@ -1,0 +1,367 @@
+//! `krea-batch daemon`: the same engine as a service that never ends. Operators drop job files
+//! into an inbox; results appear in a folder per job file under the output root, for weeks, with
+//! a prepaid balance that runs out and is topped up.
+//!
+//! This module wires the pieces: the config (`config.rs`), the inbox (`inbox.rs`), the engine in
+//! service mode (`runner/`), systemd notifications (`notify.rs`), the metrics endpoint
+//! (`metrics.rs`), and requests left in the state file by `krea-batch cancel` and
+//! `krea-batch resume`. Signals arrive through [`DaemonSignals`]; `main.rs` installs the handlers.
+//!
+//! - A job file in the inbox is validated, imported into the state in one transaction, and
+//!   moved to `inbox/accepted/`; an invalid one goes to `inbox/rejected/` with a
+//!   `<name>.error.txt` naming the line and column. A file whose content was imported before
+//!   adds nothing.
+//! - A 402 (or a refused key) pauses submitting; jobs in flight go on to their end; one
+//!   submission probes every `probe_interval`, or at once on SIGHUP or `krea-batch resume`.
+//! - SIGTERM: nothing new starts, the requests under way finish and are recorded, and the daemon
+//!   exits within `drain_time`; jobs still running at Krea are polled by the next start.
+
+pub mod config;
+mod notify;
+
+use crate::api;
+use crate::batch::{InputError, clients, engine_settings, guard_api_base};
+use crate::download::{ensure_real_dir, remove_partials};
+use crate::inbox::{Inbox, ReadyFile};
+use crate::jobfile;
+use crate::key::ApiKey;
+use crate::metrics::MetricsSnapshot;
+use crate::pricing::PriceTable;
+use crate::report::{EngineStatus, rewrite_manifest};
+use crate::runner::{
+    Controls, Engine, EngineCommand, EngineIo, EngineSettings, sleep_until_or_forever,
+    tick_or_forever,
+};
+use crate::store::{Request, Store, StoreError, StoreWriter};
+pub use config::DaemonConfig;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Signals from the outside: `shutdown` (SIGTERM, SIGINT) and `reload` (SIGHUP).
+#[derive(Clone, Debug, Default)]
+pub struct DaemonSignals {
+    /// Drain and exit.
+    pub shutdown: CancellationToken,
+    /// Reload the config, rescan the inbox, probe a pause.
+    pub reload: Arc<tokio::sync::Notify>,
+}
+
+/// STATUS= is sent at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the service until `signals.shutdown`.
+pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> anyhow::Result<()> {
+    let config = DaemonConfig::load(config_path).map_err(|err| InputError(err.to_string()))?;
+    let base_text = config.api.base_url.as_deref().unwrap_or(api::DEFAULT_BASE_URL);
+    let base =
+        api::parse_base_url(base_text).map_err(|err| InputError(format!("api.base_url: {err}")))?;
+    ensure_real_dir(&config.output).map_err(|err| InputError(format!("output: {err}")))?;
+    let inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
+        .map_err(|err| InputError(format!("inbox {}: {err}", config.inbox.display())))?;
+    let mut store = Store::open_writer(&config.state).map_err(|err| match err {
+        err @ StoreError::Locked { .. } => anyhow::Error::new(InputError(err.to_string())),
+        err => anyhow::Error::new(err),
+    })?;
+    guard_api_base(&mut store, &base)?;
+    let jobs = store.jobs(None)?;
+    let output_dirs = store.output_dirs()?;
+    let claimed_elsewhere = store.remote_ids()?;
+    for dir in output_dirs.values() {
+        let _ = remove_partials(dir);
+    }
+
+    let (client, downloader) = clients(base, &config.limits, key)?;
+    let writer = StoreWriter::spawn(store)?;
+    let watchdog = sd_notify::watchdog_enabled();
+    let controls = Controls::default();
+    let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
+    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::new(
+        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+        jobs,
+        &output_dirs,
+        service_settings(&config, watchdog),
+        controls.clone(),
+        status_tx,
+    )
+    .with_commands(command_rx);
+    let engine_task = tokio::spawn(engine.run());
+
+    let metrics = start_metrics(&config, &signals).await?;
+    let mut daemon =
+        Daemon { config, config_path: config_path.to_owned(), inbox, writer, commands, metrics };
+    notify::ready(&notify::status_line(&status_rx.borrow()));
+    tracing::info!(
+        inbox = %daemon.config.inbox.display(),
+        output = %daemon.config.output.display(),
+        "krea-batch daemon ready"
+    );
+    let result = daemon.serve(engine_task, &controls, status_rx, &signals, watchdog).await;
+    if let Some(metrics) = daemon.metrics.take() {
+        metrics.shutdown.cancel();
+    }
+    daemon.writer.close().await;
+    result
+}
+
+type EngineTask = tokio::task::JoinHandle<Result<crate::runner::EngineOutcome, StoreError>>;
+
+impl Daemon {
+    /// The service loop: inbox scans, requests, STATUS=, the watchdog, reload and shutdown,
+    /// until the engine returns.
+    async fn serve(
+        &mut self,
+        mut engine_task: EngineTask,
+        controls: &Controls,
+        mut status_rx: tokio::sync::watch::Receiver<EngineStatus>,
+        signals: &DaemonSignals,
+        watchdog: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let mut scan = tokio::time::interval(self.config.inbox_scan_interval);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog_tick = watchdog.map(|every| tokio::time::interval(every / 2));
+        let mut status_due: Option<Instant> = None;
+        let mut status_sent = Instant::now();
+        let mut stopping = false;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = scan.tick(), if !stopping => {
+                    self.scan_inbox().await;
+                    self.forward_requests().await;
+                }
+                changed = status_rx.changed() => {
+                    if changed.is_ok() {
+                        self.publish_metrics(&status_rx.borrow_and_update());
+                        status_due.get_or_insert(status_sent + STATUS_EVERY);
+                    }
+                }
+                () = sleep_until_or_forever(status_due) => {
+                    status_due = None;
+                    status_sent = Instant::now();
+                    notify::status(&notify::status_line(&status_rx.borrow()));
+                }
+                () = tick_or_forever(&mut watchdog_tick) => {
+                    // WATCHDOG=1 only while the engine loop turns: a hung engine is restarted.
+                    let every = watchdog.unwrap_or_default();
+                    let beat = controls.heartbeat.load(Ordering::Relaxed);
+                    let age = crate::store::now_ms().saturating_sub(beat);
+                    if u128::try_from(age).unwrap_or(u128::MAX) < every.as_millis() / 2 {
+                        notify::watchdog();
+                    }
+                }
+                () = signals.reload.notified(), if !stopping => {
+                    notify::reloading();
+                    self.reload().await;
+                    notify::ready(&notify::status_line(&status_rx.borrow()));
+                }
+                () = signals.shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    notify::stopping();
+                    tracing::info!(drain_time = ?self.config.drain_time, "stopping: finishing the requests under way");
+                    controls.drain.cancel();
+                    drain_deadline = Some(Instant::now() + self.config.drain_time);
+                }
+                () = sleep_until_or_forever(drain_deadline) => {
+                    tracing::warn!("the drain time is over; stopping now (the state is saved)");
+                    controls.abort.cancel();
+                    drain_deadline = None;
+                }
+                joined = &mut engine_task => {
+                    let outcome = joined.map_err(|err| anyhow::anyhow!("the engine failed: {err}"))??;
+                    tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The engine settings of the service: the limits, plus pausing instead of stopping on a 402,
+/// and a heartbeat often enough for the watchdog.
+fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> EngineSettings {
+    let mut settings = engine_settings(&config.limits);
+    settings.pause_probe = Some(config.probe_interval);
+    settings.heartbeat = watchdog.map(|every| every / 4);
+    settings
+}
+
+/// The running service's parts besides the engine.
+struct Daemon {
+    config: DaemonConfig,
+    config_path: std::path::PathBuf,
+    inbox: Inbox,
+    writer: StoreWriter,
+    commands: UnboundedSender<EngineCommand>,
+    metrics: Option<Metrics>,
+}
+
+/// The metrics endpoint's feed and stop switch.
+struct Metrics {
+    snapshot: tokio::sync::watch::Sender<MetricsSnapshot>,
+    shutdown: CancellationToken,
+}
+
+async fn start_metrics(
+    config: &DaemonConfig,
+    signals: &DaemonSignals,
+) -> anyhow::Result<Option<Metrics>> {
+    let Some(metrics) = &config.metrics else { return Ok(None) };
+    let listener = crate::metrics::bind(metrics.listen)
+        .await
+        .map_err(|err| InputError(format!("metrics.listen {}: {err}", metrics.listen)))?;
+    let (snapshot, snapshot_rx) = tokio::sync::watch::channel(MetricsSnapshot::default());
+    let shutdown = signals.shutdown.child_token();
+    tokio::spawn(crate::metrics::serve(listener, snapshot_rx, shutdown.clone()));
+    tracing::info!(listen = %metrics.listen, "metrics at /metrics");
+    Ok(Some(Metrics { snapshot, shutdown }))
+}
+
+impl Daemon {
+    /// Validates, imports and files away every complete job file in the inbox.
+    async fn scan_inbox(&mut self) {
+        let ready = match self.inbox.scan() {
+            Ok(ready) => ready,
+            Err(err) => {
+                tracing::warn!(%err, inbox = %self.inbox.dir().display(), "cannot scan the inbox");
+                return;
+            }
+        };
+        for file in ready {
+            self.take_file(file).await;
+        }
+    }
+
+    async fn take_file(&mut self, file: ReadyFile) {
+        let job_file = match jobfile::parse(&file.bytes, &file.path) {
+            Ok(job_file) => job_file,
+            Err(err) => {
+                tracing::warn!(file = %file.file_name, error = %err, "job file rejected");
+                if let Err(io) = self.inbox.reject(&file, &err.to_string()) {
+                    tracing::error!(file = %file.file_name, %io, "cannot move the rejected file");
+                }
+                return;
+            }
+        };
+        let output_dir = self.config.output.join(&file.batch_name);
+        if let Err(err) = ensure_real_dir(&output_dir) {
+            tracing::error!(file = %file.file_name, %err, "cannot make the output folder; the file stays in the inbox");
+            return;
+        }
+        let source = format!("inbox:{}", file.batch_name);
+        let sha = file.sha256.clone();
+        let dir = output_dir.clone();
+        let imported = self
+            .writer
+            .with_store(move |store| -> Result<Option<_>, StoreError> {
+                if store.content_imported(&sha)? {
+                    return Ok(None);
+                }
+                let prices = PriceTable::with_overrides(job_file.prices.clone());
+                let report = store.import(&source, &dir, &job_file.jobs, &prices)?;
+                store.set_content_hash(report.batch_id, &sha)?;
+                let jobs = store.jobs(Some(report.batch_id))?;
+                Ok(Some((report, jobs, store.output_dirs()?)))
+            })
+            .await;
+        match imported {
+            Ok(Ok(Some((report, jobs, output_dirs)))) => {
+                if let Err(err) = rewrite_manifest(&output_dir, &jobs, true) {
+                    tracing::warn!(%err, "cannot write the manifest");
+                }
+                tracing::info!(file = %file.file_name, added = report.added, known = report.known, output = %output_dir.display(), "job file accepted");
+                let _ = self.commands.send(EngineCommand::AddJobs { jobs, output_dirs });
+            }
+            Ok(Ok(None)) => {
+                tracing::info!(file = %file.file_name, "job file accepted; its content was imported before, nothing added");
+            }
+            Ok(Err(err)) => {
+                tracing::error!(file = %file.file_name, %err, "cannot import the job file; it stays in the inbox (touch it to retry)");
+                return;
+            }
+            Err(err) => {
+                tracing::error!(file = %file.file_name, %err, "the state writer is gone");
+                return;
+            }
+        }
+        if let Err(err) = self.inbox.accept(&file) {
+            tracing::error!(file = %file.file_name, %err, "cannot move the accepted file");
+        }
+    }
+
+    /// Hands requests left by `krea-batch cancel` and `krea-batch resume` to the engine.
+    async fn forward_requests(&mut self) {
+        let requests = match self.writer.with_store(Store::take_requests).await {
+            Ok(Ok(requests)) => requests,
+            Ok(Err(err)) => return tracing::warn!(%err, "cannot read requests"),
+            Err(_) => return,
+        };
+        let mut cancel = Vec::new();
+        for request in requests {
+            match request {
+                Request::Resume => {
+                    let _ = self.commands.send(EngineCommand::Probe);
+                }
+                Request::Cancel(id) => cancel.push(id),
+            }
+        }
+        if !cancel.is_empty() {
+            let _ = self.commands.send(EngineCommand::Cancel(cancel));
+        }
+    }
+
+    /// SIGHUP: reads the config again (limits and the probe interval apply at once; paths and
+    /// the API address need a restart), rescans the inbox, and probes a pause.
+    async fn reload(&mut self) {
+        match DaemonConfig::load(&self.config_path) {
+            Ok(config) => {
+                if (&config.inbox, &config.output, &config.state, &config.api, &config.metrics)
+                    != (
+                        &self.config.inbox,
+                        &self.config.output,
+                        &self.config.state,
+                        &self.config.api,
+                        &self.config.metrics,
+                    )
+                {
+                    tracing::warn!(
+                        "inbox, output, state, api and metrics changes take effect at the next start"
+                    );
+                }
+                let watchdog = sd_notify::watchdog_enabled();
+                let _ = self
+                    .commands
+                    .send(EngineCommand::Reconfigure(service_settings(&config, watchdog)));
+                self.config.limits = config.limits;
+                self.config.probe_interval = config.probe_interval;
+                self.config.drain_time = config.drain_time;
+                tracing::info!(config = %self.config_path.display(), "configuration reloaded");
+            }
+            Err(err) => {
+                tracing::error!(%err, "the configuration is invalid; keeping the current one");
+            }
+        }
+        let _ = self.commands.send(EngineCommand::Probe);
+        self.scan_inbox().await;
+        self.forward_requests().await;
+    }
+
+    fn publish_metrics(&self, status: &EngineStatus) {
+        let Some(metrics) = &self.metrics else { return };
+        metrics.snapshot.send_replace(MetricsSnapshot {
+            counts: status.counts,
+            submissions_total: status.submissions_total,
+            rate_limited_total: status.rate_limited_total,
+            payment_required_total: status.payment_required_total,
+            paused: status.paused.map(|reason| reason.code().to_owned()),
+            downloads_total: status.downloads_total,
+            download_bytes_total: status.download_bytes_total,
+            spend_usd_estimate: status.spend_usd,
+        });
+    }
+}

@@ -1,0 +1,513 @@
+//! The daemon's inbox: a folder operators drop job files into (written elsewhere and renamed in,
+//! or copied in directly). [`Inbox::scan`] is a cheap `read_dir`, called every few seconds, that
+//! returns only the files that are complete: YAML files seen unchanged (same size, times and
+//! inode) by an earlier scan and last modified at least `settle` ago. [`Inbox::accept`] and
+//! [`Inbox::reject`] move a file into `accepted/` or `rejected/` without ever overwriting one.
+//!
+//! Validating and importing a job file is the daemon's job, not this module's: it hands over the
+//! bytes as read (at most [`MAX_FILE_SIZE`] + 1, so the loader's size message still applies) and
+//! their SHA-256. Nothing here follows a symbolic link or reads anything but regular files.
+
+use crate::download::{DownloadError, ensure_real_dir, write_atomically};
+use crate::job::{check_name, hex};
+use crate::jobfile::MAX_FILE_SIZE;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read as _};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The sub-folder accepted files are moved to.
+pub const ACCEPTED: &str = "accepted";
+/// The sub-folder rejected files (and their `.error.txt`) are moved to.
+pub const REJECTED: &str = "rejected";
+/// Appended to a rejected file's name for the note explaining why.
+pub const ERROR_SUFFIX: &str = ".error.txt";
+/// The longest batch name derived from a file name, in bytes.
+const MAX_BATCH_NAME: usize = 100;
+
+/// The inbox folder and what earlier scans saw in it.
+#[derive(Debug)]
+pub struct Inbox {
+    dir: PathBuf,
+    accepted: PathBuf,
+    rejected: PathBuf,
+    settle: Duration,
+    /// The most bytes read of a file: one past the loader's limit, so its size message applies.
+    max_read: u64,
+    /// Candidate files by name; entries whose files are gone are forgotten on each scan.
+    seen: HashMap<OsString, Seen>,
+    /// Names already warned about (symlinks, folders, non-YAML files), so each is warned once.
+    warned: HashSet<OsString>,
+}
+
+/// A complete job file, ready to be validated and imported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadyFile {
+    /// Where it is in the inbox now.
+    pub path: PathBuf,
+    /// Its file name, e.g. `catalogue-2026.yaml`.
+    pub file_name: String,
+    /// A safe folder name for its outputs, from the stem: `catalogue-2026` (passes
+    /// [`check_name`]). Different files may share one; the daemon decides what to do then.
+    pub batch_name: String,
+    /// Its content as read (at most [`MAX_FILE_SIZE`] + 1 bytes).
+    pub bytes: Vec<u8>,
+    /// SHA-256 of `bytes`, lowercase hex.
+    pub sha256: String,
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Signature {
+    len: u64,
+    modified: SystemTime,
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+impl Signature {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            len: meta.len(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            inode: (meta.dev(), meta.ino()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Seen {
+    signature: Signature,
+    since: Instant,
+    /// Returned by a scan already: not again until it changes (its move may have failed).
+    returned: bool,
+    warned_unreadable: bool,
+}
+
+impl Inbox {
+    /// Opens the inbox at `dir`, creating it and its `accepted/` and `rejected/` folders (a
+    /// symbolic link where one of them belongs is refused). A file counts as complete once an
+    /// earlier scan saw it unchanged and it was last modified at least `settle` ago.
+    pub fn open(dir: &Path, settle: Duration) -> io::Result<Self> {
+        let inbox = Self {
+            dir: dir.to_owned(),
+            accepted: dir.join(ACCEPTED),
+            rejected: dir.join(REJECTED),
+            settle,
+            max_read: MAX_FILE_SIZE + 1,
+            seen: HashMap::new(),
+            warned: HashSet::new(),
+        };
+        for folder in [&inbox.dir, &inbox.accepted, &inbox.rejected] {
+            ensure_real_dir(folder).map_err(into_io)?;
+        }
+        Ok(inbox)
+    }
+
+    /// The inbox folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The files that are complete now and were not returned before (unless they changed since),
+    /// in name order. Only failing to list the folder is an error; a file that cannot be read is
+    /// skipped with a warning and tried again on the next scan.
+    pub fn scan(&mut self) -> io::Result<Vec<ReadyFile>> {
+        let mut present = HashSet::new();
+        let mut ready = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            if let Some(file) = self.look_at(&entry, &name) {
+                ready.push(file);
+            }
+            present.insert(name);
+        }
+        self.seen.retain(|name, _| present.contains(name));
+        self.warned.retain(|name| present.contains(name));
+        ready.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+        Ok(ready)
+    }
+
+    /// Moves `file` into `accepted/` under its name, or with a `.2`, `.3`… before the extension
+    /// if that is taken. Returns the new path.
+    pub fn accept(&self, file: &ReadyFile) -> io::Result<PathBuf> {
+        ensure_real_dir(&self.accepted).map_err(into_io)?;
+        let target = free_name(&self.accepted, &file.file_name, false)?;
+        std::fs::rename(&file.path, &target)?;
+        sync_dir(&self.accepted);
+        Ok(target)
+    }
+
+    /// Moves `file` into `rejected/` (never overwriting, as [`Inbox::accept`]) with a note
+    /// `<new name>.error.txt` beside it saying what is wrong and what to do. The note is written
+    /// first, so a rejected file always has one; if the move fails the note is removed again.
+    pub fn reject(&self, file: &ReadyFile, error: &str) -> io::Result<PathBuf> {
+        ensure_real_dir(&self.rejected).map_err(into_io)?;
+        let target = free_name(&self.rejected, &file.file_name, true)?;
+        let note_path = with_suffix(&target, ERROR_SUFFIX);
+        let note = format!(
+            "krea-batch did not take the job file {:?} from the inbox:\n\n{}\n\n\
+             Fix the file and drop it into the inbox again (write it elsewhere and rename it in).\n",
+            file.file_name,
+            error.trim_end(),
+        );
+        write_atomically(&note_path, note.as_bytes()).map_err(into_io)?;
+        if let Err(err) = std::fs::rename(&file.path, &target) {
+            let _ = std::fs::remove_file(&note_path);
+            return Err(err);
+        }
+        sync_dir(&self.rejected);
+        Ok(target)
+    }
+
+    /// Decides about one directory entry; returns it if it is ready.
+    fn look_at(&mut self, entry: &std::fs::DirEntry, name: &OsStr) -> Option<ReadyFile> {
+        let text = name.to_string_lossy();
+        if text.starts_with('.') {
+            return None; // hidden files, editors' swap files, our own temporary files
+        }
+        let Ok(kind) = entry.file_type() else { return None };
+        if kind.is_dir() {
+            if name != ACCEPTED && name != REJECTED {
+                self.warn_once(name, "a folder; only files directly in the inbox are read");
+            }
+            return None;
+        }
+        if kind.is_symlink() {
+            self.warn_once(name, "a symbolic link; the inbox does not follow links");
+            return None;
+        }
+        let lower = text.to_ascii_lowercase();
+        let temporary = [".tmp", ".part", ".swp", "~"].iter().any(|end| lower.ends_with(end));
+        if temporary {
+            return None;
+        }
+        let extension = Path::new(name).extension().unwrap_or_default();
+        if !(extension.eq_ignore_ascii_case("yaml") || extension.eq_ignore_ascii_case("yml")) {
+            self.warn_once(name, "not a job file (the inbox takes .yaml and .yml files)");
+            return None;
+        }
+        let Some(file_name) = name.to_str() else {
+            self.warn_once(name, "its name is not valid UTF-8; rename it");
+            return None;
+        };
+        if !kind.is_file() {
+            self.warn_once(name, "not a regular file");
+            return None;
+        }
+        let signature = Signature::of(&entry.metadata().ok()?);
+        let now = Instant::now();
+        let Some(seen) = self.seen.get_mut(name) else {
+            self.seen.insert(name.to_owned(), Seen::new(signature, now));
+            return None;
+        };
+        if seen.signature != signature {
+            *seen = Seen::new(signature, now);
+            return None;
+        }
+        // Settled: modified `settle` ago, or (a clock ahead of ours) unchanged here that long.
+        let age = SystemTime::now().duration_since(signature.modified).unwrap_or_default();
+        if seen.returned || (age < self.settle && now.duration_since(seen.since) < self.settle) {
+            return None;
+        }
+        let path = entry.path();
+        let bytes = match read_unchanged(&path, signature, self.max_read) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None, // it changed while being read; the next scan sees that
+            Err(err) => {
+                if !seen.warned_unreadable {
+                    tracing::warn!(file = ?file_name, %err, "cannot read an inbox file; will retry");
+                    seen.warned_unreadable = true;
+                }
+                return None;
+            }
+        };
+        seen.returned = true;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        Some(ReadyFile {
+            path,
+            batch_name: batch_name(file_name),
+            file_name: file_name.to_owned(),
+            bytes,
+            sha256,
+        })
+    }
+
+    fn warn_once(&mut self, name: &OsStr, why: &str) {
+        if self.warned.insert(name.to_owned()) {
+            tracing::warn!(file = ?name, dir = %self.dir.display(), "ignoring an inbox entry: {why}");
+        }
+    }
+}
+
+impl Seen {
+    fn new(signature: Signature, since: Instant) -> Self {
+        Self { signature, since, returned: false, warned_unreadable: false }
+    }
+}
+
+/// Reads at most `limit` bytes of `path`, if it is still the file `expected` describes before and
+/// after reading (a link swapped in, or a write meanwhile, gives `None`).
+fn read_unchanged(path: &Path, expected: Signature, limit: u64) -> io::Result<Option<Vec<u8>>> {
+    let file = std::fs::File::open(path)?;
+    if Signature::of(&file.metadata()?) != expected {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    (&file).take(limit).read_to_end(&mut bytes)?;
+    Ok((Signature::of(&file.metadata()?) == expected).then_some(bytes))
+}
+
+/// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`, runs of
+/// characters other than ASCII letters, digits, `.`, `_` and `-` replaced by one `-`, leading
+/// `.`/`-` and trailing `-` trimmed, cut to 100 bytes; `job-file` if nothing is left, `job-`
+/// before a name Windows reserves. The result always passes [`check_name`].
+#[must_use]
+pub fn batch_name(file_name: &str) -> String {
+    let lower = file_name.to_ascii_lowercase();
+    let stem = [".yaml", ".yml"]
+        .iter()
+        .find(|ext| lower.ends_with(*ext))
+        .and_then(|ext| file_name.get(..file_name.len() - ext.len()))
+        .unwrap_or(file_name);
+    let mut name = String::new();
+    for ch in stem.chars() {
+        if ch.is_ascii_alphanumeric() || "._-".contains(ch) {
+            name.push(ch);
+        } else if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    let mut name = name.trim_start_matches(['.', '-']).to_owned();
+    name.truncate(MAX_BATCH_NAME); // ASCII only by now
+    let name = name.trim_end_matches('-');
+    if name.is_empty() {
+        "job-file".to_owned()
+    } else if check_name(name).is_err() {
+        format!("job-{name}") // CON, NUL, COM1…: the only names left that fail
+    } else {
+        name.to_owned()
+    }
+}
+
+/// `dir/name`, or `dir/<stem>.N.<ext>` for the first N from 2 where nothing exists (and, with
+/// `with_note`, no `.error.txt` beside it either).
+fn free_name(dir: &Path, name: &str, with_note: bool) -> io::Result<PathBuf> {
+    let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+    for n in 1..10_000 {
+        let candidate = match n {
+            1 => dir.join(name),
+            _ if ext.is_empty() => dir.join(format!("{name}.{n}")),
+            _ => dir.join(format!("{stem}.{n}.{ext}")),
+        };
+        let taken =
+            exists(&candidate)? || (with_note && exists(&with_suffix(&candidate, ERROR_SUFFIX))?);
+        if !taken {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{} holds too many files named like {name:?}", dir.display()),
+    ))
+}
+
+/// Whether anything (a dangling link included) is at `path`.
+fn exists(path: &Path) -> io::Result<bool> {
+    let found = std::fs::symlink_metadata(path);
+    if found.as_ref().is_err_and(|err| err.kind() == io::ErrorKind::NotFound) {
+        Ok(false)
+    } else {
+        found.map(|_| true)
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut text = path.as_os_str().to_owned();
+    text.push(suffix);
+    PathBuf::from(text)
+}
+
+/// Makes a rename into `dir` durable; best effort (a failure loses nothing but the guarantee).
+fn sync_dir(dir: &Path) {
+    let _ = std::fs::File::open(dir).and_then(|folder| folder.sync_all());
+}
+
+fn into_io(err: DownloadError) -> io::Error {
+    match err {
+        DownloadError::Disk { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const HOUR: Duration = Duration::from_hours(1);
+
+    fn setup() -> (tempfile::TempDir, Inbox) {
+        let root = tempfile::tempdir().expect("a temporary folder");
+        let inbox = Inbox::open(&root.path().join("inbox"), Duration::from_secs(2)).expect("open");
+        (root, inbox)
+    }
+
+    /// Writes `path` and dates it an hour back, as a file written a while ago.
+    fn write_old(path: &Path, text: &str) {
+        fs::write(path, text).expect("write");
+        let file = fs::File::options().write(true).open(path).expect("open for times");
+        file.set_modified(SystemTime::now() - HOUR).expect("set mtime");
+    }
+
+    fn names(files: &[ReadyFile]) -> Vec<&str> {
+        files.iter().map(|file| file.file_name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_file_renamed_in_is_ready_on_the_second_scan_once() {
+        let (root, mut inbox) = setup();
+        assert!(inbox.dir().join(ACCEPTED).is_dir() && inbox.dir().join(REJECTED).is_dir());
+        let outside = root.path().join("catalogue-2026.yaml");
+        write_old(&outside, "jobs: []\n");
+        fs::rename(&outside, inbox.dir().join("catalogue-2026.yaml")).expect("rename in");
+        write_old(&inbox.dir().join("b.YML"), "b");
+        assert!(inbox.scan().expect("scan").is_empty());
+        let ready = inbox.scan().expect("scan");
+        assert_eq!(names(&ready), ["b.YML", "catalogue-2026.yaml"]);
+        let file = &ready[1];
+        assert_eq!(file.batch_name, "catalogue-2026");
+        assert_eq!(file.bytes, b"jobs: []\n");
+        assert_eq!(file.sha256, hex(&Sha256::digest(b"jobs: []\n")));
+        assert!(inbox.scan().expect("scan").is_empty(), "returned once only");
+    }
+
+    #[test]
+    fn a_growing_or_fresh_file_is_not_ready() {
+        let root = tempfile::tempdir().expect("a temporary folder");
+        let mut inbox = Inbox::open(root.path(), HOUR).expect("open");
+        let path = root.path().join("slow.yaml");
+        write_old(&path, "jobs:\n");
+        assert!(inbox.scan().expect("scan").is_empty());
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("append")
+            .set_len(100)
+            .expect("grow");
+        assert!(inbox.scan().expect("scan").is_empty(), "it changed since the last scan");
+        assert!(inbox.scan().expect("scan").is_empty(), "modified less than `settle` ago");
+        write_old(&path, "jobs:\n  - prompt: done\n");
+        assert!(inbox.scan().expect("scan").is_empty(), "a change is seen, not taken");
+        assert_eq!(names(&inbox.scan().expect("scan")), ["slow.yaml"]);
+    }
+
+    #[test]
+    fn hidden_temporary_other_and_linked_entries_are_ignored() {
+        let (root, mut inbox) = setup();
+        for name in [".hidden.yaml", "x.yaml~", "x.yaml.tmp", "x.yaml.part", "x.yaml.swp"] {
+            write_old(&inbox.dir().join(name), "jobs: []");
+        }
+        write_old(&inbox.dir().join("notes.txt"), "not a job file");
+        fs::create_dir(inbox.dir().join("sub.yaml")).expect("a folder");
+        let target = root.path().join("elsewhere.yaml");
+        write_old(&target, "jobs: []");
+        std::os::unix::fs::symlink(&target, inbox.dir().join("link.yaml")).expect("symlink");
+        std::os::unix::fs::symlink(root.path(), inbox.dir().join("dir.yaml")).expect("symlink");
+        for _ in 0..3 {
+            assert!(inbox.scan().expect("scan").is_empty());
+        }
+        assert_eq!(inbox.warned.len(), 4, "notes.txt, sub.yaml and the two links, once each");
+        assert!(inbox.seen.is_empty());
+        fs::remove_file(inbox.dir().join("notes.txt")).expect("remove");
+        inbox.scan().expect("scan");
+        assert_eq!(inbox.warned.len(), 3, "a name that is gone is forgotten");
+    }
+
+    #[test]
+    fn accept_and_reject_move_files_and_never_overwrite() {
+        let (_root, mut inbox) = setup();
+        let mut accepted = Vec::new();
+        for text in ["first", "second"] {
+            write_old(&inbox.dir().join("same.yaml"), text);
+            inbox.scan().expect("scan");
+            let ready = inbox.scan().expect("scan");
+            assert_eq!(names(&ready), ["same.yaml"]);
+            accepted.push(inbox.accept(&ready[0]).expect("accept"));
+        }
+        let folder = inbox.dir().join(ACCEPTED);
+        assert_eq!(accepted, [folder.join("same.yaml"), folder.join("same.2.yaml")]);
+        assert_eq!(fs::read_to_string(&accepted[0]).expect("read"), "first");
+        assert_eq!(fs::read_to_string(&accepted[1]).expect("read"), "second");
+        assert!(!inbox.dir().join("same.yaml").exists());
+
+        let folder = inbox.dir().join(REJECTED);
+        write_old(&folder.join("bad.yaml.error.txt"), "a note left from before");
+        write_old(&inbox.dir().join("bad.yaml"), "jobs: 7");
+        inbox.scan().expect("scan");
+        let ready = inbox.scan().expect("scan");
+        let moved = inbox.reject(&ready[0], "line 1: `jobs` must be a list\n").expect("reject");
+        assert_eq!(moved, folder.join("bad.2.yaml"), "a stale note is not overwritten either");
+        assert_eq!(fs::read_to_string(&moved).expect("read"), "jobs: 7");
+        let note = fs::read_to_string(folder.join("bad.2.yaml.error.txt")).expect("note");
+        assert!(note.contains("\"bad.yaml\"") && note.contains("`jobs` must be a list"), "{note}");
+        assert!(note.contains("drop it into the inbox again"), "{note}");
+        assert!(!inbox.dir().join("bad.yaml").exists());
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_moved_is_not_returned_again_until_it_changes() {
+        let (_root, mut inbox) = setup();
+        let path = inbox.dir().join("stuck.yaml");
+        write_old(&path, "jobs: []");
+        fs::remove_dir(inbox.dir().join(ACCEPTED)).expect("rmdir");
+        write_old(&inbox.dir().join(ACCEPTED), "a file where a folder belongs");
+        inbox.scan().expect("scan");
+        let ready = inbox.scan().expect("scan");
+        assert!(inbox.accept(&ready[0]).is_err());
+        assert!(path.exists());
+        for _ in 0..3 {
+            assert!(inbox.scan().expect("scan").is_empty());
+        }
+        write_old(&path, "jobs: [] # edited");
+        assert!(inbox.scan().expect("scan").is_empty());
+        assert_eq!(inbox.scan().expect("scan")[0].bytes, b"jobs: [] # edited");
+    }
+
+    #[test]
+    fn an_oversized_file_is_returned_but_read_only_past_the_limit() {
+        let (_root, mut inbox) = setup();
+        assert_eq!(inbox.max_read, MAX_FILE_SIZE + 1);
+        inbox.max_read = 5; // reading 64 MiB and hashing it unoptimised is slow
+        write_old(&inbox.dir().join("huge.yaml"), "jobs: [1, 2, 3]");
+        inbox.scan().expect("scan");
+        assert_eq!(inbox.scan().expect("scan")[0].bytes, b"jobs:");
+    }
+
+    #[test]
+    fn batch_names_are_safe() {
+        let long = format!("{}.yaml", "a".repeat(300));
+        for (file, expected) in [
+            ("catalogue-2026.yaml", "catalogue-2026"),
+            ("my job (v2).yaml", "my-job-v2"),
+            ("Spring.Drop.YML", "Spring.Drop"),
+            (".yaml", "job-file"),
+            ("...yaml", "job-file"),
+            ("-x.yaml", "x"),
+            ("日本語.yaml", "job-file"),
+            ("café au lait.yml", "caf-au-lait"),
+            ("con.yaml", "job-con"),
+            (long.as_str(), &"a".repeat(100)),
+        ] {
+            let name = batch_name(file);
+            assert_eq!(name, expected, "{file}");
+            assert_eq!(check_name(&name), Ok(()), "{file}");
+        }
+    }
+}

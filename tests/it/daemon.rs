@@ -1,0 +1,249 @@
+//! The daemon as systemd runs it: a real process with a `NOTIFY_SOCKET` the test listens on,
+//! job files dropped into its inbox, the balance running out and being topped up, signals.
+
+use crate::support::{LiveChild, Sim, krea_batch, numbered_jobs, wait_until};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fake systemd: a datagram socket collecting every notification.
+struct Systemd {
+    path: PathBuf,
+    messages: Arc<Mutex<Vec<String>>>,
+}
+
+impl Systemd {
+    fn listen(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("notify socket");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buffer = vec![0_u8; 4096];
+            while let Ok(len) = socket.recv(&mut buffer) {
+                let text = String::from_utf8_lossy(&buffer[..len]).into_owned();
+                sink.lock().expect("messages").push(text);
+            }
+        });
+        Self { path, messages }
+    }
+
+    /// Waits until a message satisfies `test`; returns it.
+    fn wait_for(&self, what: &str, test: impl Fn(&str) -> bool) -> String {
+        let mut found = None;
+        wait_until(Duration::from_secs(30), what, || {
+            found = self.messages.lock().expect("messages").iter().find(|m| test(m)).cloned();
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
+    fn count(&self, test: impl Fn(&str) -> bool) -> usize {
+        self.messages.lock().expect("messages").iter().filter(|m| test(m)).count()
+    }
+}
+
+/// A daemon's folders and configuration.
+struct Service {
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn new(sim: &Sim, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!(
+            "inbox: inbox\noutput: results\nstate: state.sqlite\napi:\n  base_url: {}\n\
+             limits:\n  submissions_per_minute: 6000\n  burst: 1\n  max_in_flight: 4\n  \
+             poll_interval: 50ms\n  poll_interval_max: 200ms\n  retry_backoff: 50ms\n  request_timeout: 2s\n\
+             probe_interval: 1h\ndrain_time: 2s\ninbox_scan_interval: 100ms\n{extra}",
+            sim.url()
+        );
+        std::fs::write(dir.path().join("daemon.yaml"), config).expect("config");
+        Self { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("daemon.yaml")
+    }
+
+    fn start(&self, sim: &Sim, systemd: &Systemd) -> LiveChild {
+        let mut command = krea_batch();
+        command
+            .args(["daemon", "--config"])
+            .arg(self.config())
+            .env("KREA_API_KEY", sim.key())
+            .env("NOTIFY_SOCKET", &systemd.path)
+            .env("WATCHDOG_USEC", "1000000");
+        LiveChild::spawn(command)
+    }
+
+    /// Writes a job file elsewhere and renames it into the inbox, as operators are told to.
+    fn drop_file(&self, name: &str, text: &str) {
+        let staging = self.dir.path().join(format!("staging-{name}"));
+        std::fs::write(&staging, text).expect("job file");
+        std::fs::rename(&staging, self.dir.path().join("inbox").join(name)).expect("renamed in");
+    }
+
+    fn results(&self, batch: &str) -> usize {
+        let dir = self.dir.path().join("results").join(batch);
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "png")).count()
+        })
+    }
+}
+
+fn job_file(stem: &str, jobs: usize) -> String {
+    format!("model: image/bfl/flux-1-dev\njobs:\n{}", numbered_jobs(stem, jobs))
+}
+
+#[test]
+fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm() {
+    // Room for four of the six jobs of the first two files ($0.007 each).
+    let sim = Sim::start(|config| {
+        config.balance_usd = 0.028;
+        config.job_time = Duration::from_millis(800);
+    });
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+    systemd.wait_for("WATCHDOG=1 from the engine's loop", |m| m.contains("WATCHDOG=1"));
+
+    service.drop_file("catalogue.yaml", &job_file("a catalogue item", 3));
+    service.drop_file("sweep.yml", &job_file("a sweep variant", 3));
+    service.drop_file("broken.yaml", "model: image/bfl/flux-1-dev\njobs:\n  - prompt: ''\n");
+
+    // The broken file is rejected with its place named.
+    let error_file = service.dir.path().join("inbox/rejected/broken.yaml.error.txt");
+    wait_until(Duration::from_secs(10), "the broken file is rejected", || error_file.is_file());
+    let error = std::fs::read_to_string(&error_file).expect("error text");
+    assert!(error.contains(":3:") && error.contains("prompt"), "{error}");
+    assert!(service.dir.path().join("inbox/accepted/catalogue.yaml").is_file());
+
+    // The balance runs out: STATUS says paused; the four jobs in flight finish and download.
+    systemd.wait_for("STATUS says paused", |m| m.contains("paused") && m.contains("402"));
+    wait_until(Duration::from_secs(30), "four results", || {
+        service.results("catalogue") + service.results("sweep") == 4
+    });
+    assert_eq!(sim.stats().jobs_created, 4);
+    assert_eq!(
+        sim.stats().posts_after_402,
+        0,
+        "one probe per interval, and the interval is an hour"
+    );
+
+    // Top up, SIGHUP: reload (RELOADING=1 with MONOTONIC_USEC, then READY=1) and the rest.
+    sim.server().set_balance(1.0);
+    let ready_before = systemd.count(|m| m.contains("READY=1"));
+    daemon.signal("HUP");
+    systemd.wait_for("RELOADING=1", |m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC="));
+    wait_until(Duration::from_secs(10), "READY=1 again", || {
+        systemd.count(|m| m.contains("READY=1")) > ready_before
+    });
+    wait_until(Duration::from_secs(30), "six results", || {
+        service.results("catalogue") + service.results("sweep") == 6
+    });
+
+    // Importing the same content again adds nothing.
+    service.drop_file("catalogue-again.yaml", &job_file("a catalogue item", 3));
+    let accepted = service.dir.path().join("inbox/accepted/catalogue-again.yaml");
+    wait_until(Duration::from_secs(10), "the copy is accepted", || accepted.is_file());
+    assert_eq!(sim.stats().jobs_created, 6);
+
+    // SIGTERM while jobs run: exit 0 within the drain time; nothing is lost.
+    service.drop_file("late.yaml", &job_file("a late job", 4));
+    wait_until(Duration::from_secs(10), "late jobs are submitted", || {
+        sim.stats().jobs_created >= 8
+    });
+    let stopped = Instant::now();
+    daemon.signal("TERM");
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    assert!(stopped.elapsed() < Duration::from_secs(4), "exited within the 2 s drain time");
+    systemd.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
+
+    // The next start polls what was in flight and submits the rest; nothing twice.
+    let daemon = service.start(&sim, &systemd);
+    wait_until(Duration::from_secs(30), "the late results", || service.results("late") == 4);
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 10);
+    assert!(
+        stats.creations_by_prompt.values().all(|count| *count == 1),
+        "{:?}",
+        stats.creations_by_prompt
+    );
+    assert_eq!(stats.auth_header_on_file_host, 0);
+}
+
+#[test]
+fn cancel_and_resume_reach_the_running_daemon_and_metrics_show_it() {
+    let sim = Sim::start(|config| config.cancel_any_pending = false);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let service = Service::new(&sim, &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    // Stuck jobs stay processing at Krea until cancelled; four in flight, two waiting.
+    let jobs = numbered_jobs("[stuck] job", 6);
+    service.drop_file("stuck.yaml", &format!("model: image/bfl/flux-1-dev\njobs:\n{jobs}"));
+    wait_until(Duration::from_secs(10), "four stuck jobs run", || sim.stats().jobs_created == 4);
+    wait_until(Duration::from_secs(10), "they are processing", || {
+        sim.stats().jobs.iter().filter(|job| job.status == "processing").count() == 4
+    });
+
+    let cancel = crate::support::Run::of(
+        &krea_batch()
+            .args(["cancel", "--all", "--config"])
+            .arg(service.config())
+            .output()
+            .expect("cancel runs"),
+    );
+    cancel.expect_code(0);
+    assert!(
+        cancel.stdout.contains("asked the running krea-batch to cancel 6 jobs"),
+        "{}",
+        cancel.stdout
+    );
+    wait_until(Duration::from_secs(20), "Krea cancelled the four", || {
+        sim.stats().jobs.iter().filter(|job| job.status == "cancelled").count() == 4
+    });
+    let status = || {
+        let run = crate::support::Run::of(
+            &krea_batch()
+                .args(["status", "--json", "--state"])
+                .arg(service.dir.path().join("state.sqlite"))
+                .output()
+                .expect("status"),
+        );
+        serde_json::from_str::<serde_json::Value>(&run.stdout).expect("JSON status")
+    };
+    wait_until(Duration::from_secs(10), "all six cancelled", || {
+        status()["counts"]["cancelled"] == 6
+    });
+    let created = sim.stats();
+    assert_eq!(created.jobs_created, 4, "the two waiting jobs were never sent");
+    assert!(created.jobs.iter().all(|job| !job.charged), "cancelled jobs are not billed");
+
+    let metrics = crate::support::http_get(port, "/metrics");
+    assert!(metrics.contains("krea_batch_jobs{state=\"cancelled\"} 6"), "{metrics}");
+    assert!(metrics.contains("krea_batch_submissions_total 4"), "{metrics}");
+
+    let resume = crate::support::Run::of(
+        &krea_batch()
+            .args(["resume", "--config"])
+            .arg(service.config())
+            .output()
+            .expect("resume runs"),
+    );
+    resume.expect_code(0);
+    assert!(resume.stdout.contains("probe now"), "{}", resume.stdout);
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+}
