@@ -186,7 +186,21 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         options.controls,
         options.status,
     );
-    let outcome = engine.run().await;
+    // `krea-batch cancel` and `resume` leave requests in the state file; read them meanwhile.
+    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+    let requests = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::control::REQUESTS_EVERY);
+            loop {
+                every.tick().await;
+                crate::control::forward_requests(&writer, &commands).await;
+            }
+        })
+    };
+    let outcome = engine.with_commands(command_rx).run().await;
+    requests.abort();
+    let _ = requests.await;
     writer.close().await;
     let outcome = outcome?;
     // Jobs the engine did not take (download only) keep their place in the list.

@@ -11,7 +11,8 @@ use crate::batch::InputError;
 use crate::inbox;
 use crate::job::JobState;
 use crate::key::ApiKey;
-use crate::store::{Change, JobRecord, Request, Store};
+use crate::runner::EngineCommand;
+use crate::store::{Change, JobRecord, Request, Store, StoreWriter};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -78,6 +79,33 @@ pub async fn resume(state: &Path) -> anyhow::Result<String> {
     requester.push_request(&Request::Resume)?;
     wait_until_taken(&requester).await?;
     Ok("asked the running krea-batch to probe now; it resumes submitting if Krea accepts".into())
+}
+
+/// How often a running process reads the requests.
+pub const REQUESTS_EVERY: Duration = Duration::from_secs(2);
+
+/// Hands the requests waiting in the state file to the engine (in the process that holds it).
+pub(crate) async fn forward_requests(
+    writer: &StoreWriter,
+    commands: &tokio::sync::mpsc::UnboundedSender<EngineCommand>,
+) {
+    let requests = match writer.with_store(Store::take_requests).await {
+        Ok(Ok(requests)) => requests,
+        Ok(Err(err)) => return tracing::warn!(%err, "cannot read requests"),
+        Err(_) => return,
+    };
+    let mut cancel = Vec::new();
+    for request in requests {
+        match request {
+            Request::Resume => {
+                let _ = commands.send(EngineCommand::Probe);
+            }
+            Request::Cancel(id) => cancel.push(id),
+        }
+    }
+    if !cancel.is_empty() {
+        let _ = commands.send(EngineCommand::Cancel(cancel));
+    }
 }
 
 async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {

@@ -32,7 +32,7 @@ use crate::runner::{
     Controls, Engine, EngineCommand, EngineIo, EngineSettings, sleep_until_or_forever,
     tick_or_forever,
 };
-use crate::store::{Request, Store, StoreError, StoreWriter};
+use crate::store::{Store, StoreError, StoreWriter};
 pub use config::DaemonConfig;
 use std::path::Path;
 use std::sync::Arc;
@@ -295,24 +295,8 @@ impl Daemon {
     }
 
     /// Hands requests left by `krea-batch cancel` and `krea-batch resume` to the engine.
-    async fn forward_requests(&mut self) {
-        let requests = match self.writer.with_store(Store::take_requests).await {
-            Ok(Ok(requests)) => requests,
-            Ok(Err(err)) => return tracing::warn!(%err, "cannot read requests"),
-            Err(_) => return,
-        };
-        let mut cancel = Vec::new();
-        for request in requests {
-            match request {
-                Request::Resume => {
-                    let _ = self.commands.send(EngineCommand::Probe);
-                }
-                Request::Cancel(id) => cancel.push(id),
-            }
-        }
-        if !cancel.is_empty() {
-            let _ = self.commands.send(EngineCommand::Cancel(cancel));
-        }
+    async fn forward_requests(&self) {
+        crate::control::forward_requests(&self.writer, &self.commands).await;
     }
 
     /// SIGHUP: reads the config again (limits and the probe interval apply at once; paths and

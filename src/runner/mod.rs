@@ -416,7 +416,7 @@ impl Engine {
         if self.draining {
             return self.tasks.is_empty();
         }
-        if self.commands.is_some() {
+        if self.settings.pause_probe.is_some() {
             return false;
         }
         let may_submit = self.stopped.is_none() && !self.pending.is_empty();
