@@ -167,12 +167,13 @@ pub struct CheckArgs {
 /// `krea-batch status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The job file whose state to show (its default state file), unless --state is given.
-    #[arg(required_unless_present = "state")]
-    pub job_file: Option<PathBuf>,
-    /// The state file.
-    #[arg(long, value_name = "FILE")]
-    pub state: Option<PathBuf>,
+    /// The job file whose state to show (its default state file), unless --state or --config
+    /// is given.
+    #[arg(required_unless_present_any = ["state", "config"])]
+    pub job_file: Option<String>,
+    /// Which state file.
+    #[command(flatten)]
+    pub target: StateChoice,
     /// Print as JSON on stdout.
     #[arg(long)]
     pub json: bool,

@@ -9,7 +9,7 @@ use clap::Parser as _;
 use krea_batch::batch::{self, InputError, Mode, RunOptions};
 use krea_batch::cli::{
     CancelArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
-    SimulateArgs, StateChoice,
+    SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
@@ -62,7 +62,7 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
         Command::Run(args) => run(args, progress_bar).await,
         Command::Download(args) => download(args).await,
         Command::Check(args) => check(&args.job_file, args.json),
-        Command::Status(args) => status(args.job_file.as_deref(), args.state.as_deref(), args.json),
+        Command::Status(args) => status(&args),
         Command::Daemon(args) => run_daemon(args).await,
         Command::Cancel(args) => cancel(args).await,
         Command::Resume(args) => resume(args).await,
@@ -251,16 +251,9 @@ fn check(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-fn status(
-    job_file: Option<&std::path::Path>,
-    state: Option<&std::path::Path>,
-    json: bool,
-) -> anyhow::Result<u8> {
-    let state_path = match (state, job_file) {
-        (Some(state), _) => state.to_owned(),
-        (None, Some(path)) => batch::places(&jobfile::load(path)?, None, false).state,
-        (None, None) => return Err(InputError("give a job file or --state".into()).into()),
-    };
+fn status(args: &StatusArgs) -> anyhow::Result<u8> {
+    let state_path = state_path(&args.target, args.job_file.as_deref())?;
+    let json = args.json;
     let status = batch::status(&state_path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);

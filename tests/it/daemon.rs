@@ -217,8 +217,8 @@ fn cancel_and_resume_reach_the_running_daemon_and_metrics_show_it() {
     let status = || {
         let run = crate::support::Run::of(
             &krea_batch()
-                .args(["status", "--json", "--state"])
-                .arg(service.dir.path().join("state.sqlite"))
+                .args(["status", "--json", "--config"])
+                .arg(service.config())
                 .output()
                 .expect("status"),
         );
