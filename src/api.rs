@@ -400,11 +400,7 @@ impl KreaClient {
     }
 
     /// `POST /generate/<model>` with `body`: creates a job.
-    pub async fn create_job(
-        &self,
-        model: &str,
-        body: &serde_json::Map<String, Value>,
-    ) -> Result<RemoteJob, ApiError> {
+    pub async fn create_job(&self, model: &str, body: &str) -> Result<RemoteJob, ApiError> {
         let url = self.endpoint(&format!("generate/{model}"))?;
         let json = self.call(Method::POST, url, Some(body), Some(model)).await?;
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
@@ -451,7 +447,7 @@ impl KreaClient {
         &self,
         method: Method,
         url: Url,
-        body: Option<&serde_json::Map<String, Value>>,
+        body: Option<&str>,
         model: Option<&str>,
     ) -> Result<Value, ApiError> {
         let mut request = self
@@ -460,11 +456,7 @@ impl KreaClient {
             .header(AUTHORIZATION, self.auth.clone())
             .timeout(self.request_timeout);
         if let Some(body) = body {
-            let bytes = serde_json::to_vec(body).map_err(|err| ApiError::Rejected {
-                status: 0,
-                message: format!("the request body cannot be encoded: {err}"),
-            })?;
-            request = request.header("content-type", "application/json").body(bytes);
+            request = request.header("content-type", "application/json").body(body.to_owned());
         }
         let mut response = request.send().await.map_err(|err| self.transport_error(&err))?;
         let status = response.status();

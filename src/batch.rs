@@ -124,10 +124,10 @@ pub struct RunResult {
 
 /// `krea-batch run`: imports the job file into the state, runs every job to its end (or to a
 /// stop), rewrites the manifest and summarises.
-pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
+pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
     let started = Instant::now();
-    let base = base_url(file, options.api_base.as_deref())?;
-    let places = places(file, options.state.as_deref(), options.simulated);
+    let base = base_url(&file, options.api_base.as_deref())?;
+    let places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError(format!("output directory: {err}")))?;
     let mut store = Store::open_writer(&places.state).map_err(|err| match err {
@@ -142,7 +142,7 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         Mode::Run => {
             guard_api_base(&mut store, &base)?;
             let key = options.key.ok_or_else(|| InputError("no API key".into()))?;
-            (import(&mut store, file, &source, &places.output_dir)?, key)
+            (import(&mut store, &file, &source, &places.output_dir)?, key)
         }
         Mode::DownloadOnly => {
             let batch_id = store.batch_id(&source)?.ok_or_else(|| {
@@ -155,6 +155,9 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
             (batch_id, ApiKey::new("unused-by-downloads")?)
         }
     };
+    // The jobs are in the state now; free the parsed file before the engine loads its own copy.
+    let limits = file.limits;
+    drop(file.jobs);
     let removed = remove_partials(&places.output_dir);
     if removed > 0 {
         tracing::info!(removed, "removed partial downloads left by an earlier run");
@@ -176,13 +179,13 @@ pub async fn run(file: &JobFile, options: RunOptions) -> anyhow::Result<RunResul
         }
     };
 
-    let (client, downloader) = clients(base, &file.limits, key)?;
+    let (client, downloader) = clients(base, &limits, key)?;
     let writer = StoreWriter::spawn(store)?;
     let engine = Engine::new(
         EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
         engine_jobs,
         &output_dirs,
-        engine_settings(&file.limits),
+        engine_settings(&limits),
         options.controls,
         options.status,
     );
@@ -323,7 +326,7 @@ pub fn plan(file: &JobFile) -> Result<Plan, InputError> {
     let mut models: std::collections::BTreeMap<&str, ModelPlan> = std::collections::BTreeMap::new();
     let mut total = Estimate::default();
     for job in &file.jobs {
-        let price = prices.price(&job.model, &job.body);
+        let price = prices.price(&job.model, &job.body_map());
         total.add(price);
         let entry = models.entry(&job.model).or_insert_with(|| ModelPlan {
             model: job.model.clone(),
@@ -384,29 +387,27 @@ pub struct Status {
     pub in_flight_usd: f64,
 }
 
-/// `krea-batch status`: reads the state file; safe while a run writes to it.
+/// How many names of unknown or download-pending jobs `status` lists.
+const LISTED_NAMES: usize = 50;
+
+/// `krea-batch status`: reads the state file; safe while a run writes to it. Works from SQL
+/// counts and sums, so it stays quick on a state of 100,000 jobs.
 pub fn status(state_path: &Path) -> anyhow::Result<Status> {
     let store = Store::open_reader(state_path)?;
-    let jobs = store.jobs(None)?;
-    let mut spent = Estimate::default();
-    let mut in_flight = Estimate::default();
-    for job in &jobs {
-        match job.state {
-            JobState::Completed | JobState::Downloaded => spent.add(job.price_usd),
-            state if state.is_in_flight() => in_flight.add(job.price_usd),
-            _ => {}
-        }
+    let mut counts = Counts::default();
+    for (state, count) in store.count_by_state(None)? {
+        counts.add_many(state, count);
     }
-    let names = |state: JobState| {
-        jobs.iter().filter(|job| job.state == state).map(|job| job.name.clone()).collect()
-    };
+    let (spent_usd, _) = store.price_sum(&[JobState::Completed, JobState::Downloaded])?;
+    let (in_flight_usd, _) =
+        store.price_sum(&[JobState::Submitting, JobState::Unknown, JobState::Submitted])?;
     Ok(Status {
         state_file: state_path.display().to_string(),
-        counts: Counts::of(&jobs),
-        unknown: names(JobState::Unknown),
-        download_pending: names(JobState::Completed),
-        spent_usd: spent.usd,
-        in_flight_usd: in_flight.usd,
+        counts,
+        unknown: store.names_in(JobState::Unknown, LISTED_NAMES)?,
+        download_pending: store.names_in(JobState::Completed, LISTED_NAMES)?,
+        spent_usd,
+        in_flight_usd,
     })
 }
 

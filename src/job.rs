@@ -29,9 +29,12 @@ impl JobKey {
     /// The key of the `occurrence`-th (from 0) job sending `body` to `model`.
     #[must_use]
     pub fn new(model: &str, body: &Map<String, Value>, occurrence: u32) -> Self {
-        // serde_json's map is ordered by key (the `preserve_order` feature is off), so the
-        // serialisation is canonical: the same body always hashes the same.
-        let canonical = serde_json::to_string(body).unwrap_or_default();
+        Self::from_canonical(model, &canonical_json(body), occurrence)
+    }
+
+    /// The same, from the body's canonical JSON text ([`canonical_json`]).
+    #[must_use]
+    pub fn from_canonical(model: &str, canonical: &str, occurrence: u32) -> Self {
         let mut hasher = Sha256::new();
         for part in [model.as_bytes(), b"\0", canonical.as_bytes(), b"\0"] {
             hasher.update(part);
@@ -57,6 +60,14 @@ impl fmt::Display for JobKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// A request body as canonical JSON text: `serde_json`'s map is ordered by key (the
+/// `preserve_order` feature is off), so the same body always gives the same text, and the same
+/// key. This text is what is stored and sent.
+#[must_use]
+pub fn canonical_json(body: &Map<String, Value>) -> String {
+    serde_json::to_string(body).unwrap_or_default()
 }
 
 /// Lowercase hex of `bytes`.

@@ -120,7 +120,7 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         controls,
         status: status_tx,
     };
-    let result = batch::run(&file, options).await;
+    let result = batch::run(file, options).await;
     let _ = progress.await;
     if let Some(server) = simulation {
         server.shutdown().await;
@@ -147,7 +147,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         controls,
         status,
     };
-    let summary = batch::run(&file, options).await?.summary;
+    let summary = batch::run(file, options).await?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -176,7 +176,7 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
     }
     match job_file {
         Some(file) => {
-            Ok(batch::places(&jobfile::load(std::path::Path::new(file))?, None, false).state)
+            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(batch::STATE_FILE))
         }
         None => {
             Err(InputError("name the state file: --state FILE or --config DAEMON.yaml".into())

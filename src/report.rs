@@ -71,8 +71,13 @@ pub struct Counts {
 impl Counts {
     /// Counts one more job in `state`.
     pub fn add(&mut self, state: JobState) {
-        self.total += 1;
-        *self.slot(state) += 1;
+        self.add_many(state, 1);
+    }
+
+    /// Counts `count` more jobs in `state`.
+    pub fn add_many(&mut self, state: JobState, count: usize) {
+        self.total += count;
+        *self.slot(state) += count;
     }
 
     /// Moves one job from `from` to `to`.

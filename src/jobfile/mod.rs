@@ -30,7 +30,7 @@ pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Limits};
 pub use values::{parse_model_path, parse_size};
 
-use crate::job::{JobKey, check_name, derive_name};
+use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};
 use locate::{LineIndex, Seg, Target, locate, render_path};
 use serde_json::{Map, Value};
@@ -74,9 +74,10 @@ pub struct JobSpec {
     pub name: String,
     /// Full model path, e.g. `image/bfl/flux-1-dev`.
     pub model: String,
-    /// The full request body, `prompt` included: the default `params`, the job's `params`
-    /// merged over them key by key.
-    pub body: Map<String, Value>,
+    /// The full request body as canonical JSON text ([`crate::job::canonical_json`]), `prompt`
+    /// included: the default `params`, the job's `params` merged over them key by key. Text,
+    /// not a map: a one-key map costs ten times the memory, and a file may hold 100,000 jobs.
+    pub body: String,
     /// How many earlier jobs in the file have the same model and body.
     pub occurrence: u32,
     /// `JobKey::new(&model, &body, occurrence)`: the same job keeps its key when the file is
@@ -84,6 +85,14 @@ pub struct JobSpec {
     pub key: JobKey,
     /// Line (from 1) of the job's entry in the file.
     pub line: usize,
+}
+
+impl JobSpec {
+    /// The request body as a map (for prices and checks).
+    #[must_use]
+    pub fn body_map(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.body).unwrap_or_default()
+    }
 }
 
 /// Why a job file was refused: where, which key, what is wrong and what to do.
@@ -152,6 +161,38 @@ pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
         ));
     }
     parse(&bytes, path)
+}
+
+/// The output directory a job file names, without validating the rest: for commands that only
+/// need to find the state (`status`), so they stay quick on a file of 100,000 jobs. Reads the
+/// top-level `output:` line; anything unusual (a flow mapping at the top level, a quoted or
+/// complex key, a value it cannot read) falls back to [`load`].
+pub fn output_dir_of(path: &Path) -> Result<PathBuf, JobFileError> {
+    let cannot_read = |error: std::io::Error| {
+        JobFileError::whole_file(path, format!("cannot read the job file: {error}"))
+    };
+    let bytes = std::fs::read(path).map_err(cannot_read)?;
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return load(path).map(|file| file.output_dir);
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut found = None;
+    for line in text.lines() {
+        let unusual = line.starts_with('{')
+            || line.starts_with("? ")
+            || line.starts_with("\"output")
+            || line.starts_with("'output");
+        if unusual {
+            return load(path).map(|file| file.output_dir);
+        }
+        if let Some(value) = line.strip_prefix("output:") {
+            match serde_yaml::from_str::<Option<String>>(value.trim()) {
+                Ok(value) if found.is_none() => found = Some(value),
+                _ => return load(path).map(|file| file.output_dir),
+            }
+        }
+    }
+    Ok(output_dir(path, found.flatten().as_deref().unwrap_or("./out")))
 }
 
 /// Parses job-file text read from `source` (used for messages and to resolve `output`).
@@ -259,12 +300,12 @@ impl Assembly<'_> {
                         .into(),
                 ));
             };
-            let body = merge_body(&raw.params, &job.params, &job.prompt);
+            let body = canonical_json(&merge_body(&raw.params, &job.params, &job.prompt));
             let (base, source) = match &job.name {
                 Some(name) => (name.clone(), NameSource::Explicit),
                 None => (derive_name(index + 1, &job.prompt), NameSource::Derived),
             };
-            let first_key = JobKey::new(model, &body, 0);
+            let first_key = JobKey::from_canonical(model, &body, 0);
             for copy in 1..=job.count {
                 let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
                 self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
@@ -272,7 +313,7 @@ impl Assembly<'_> {
                 let key = if *occurrence == 0 {
                     first_key.clone()
                 } else {
-                    JobKey::new(model, &body, *occurrence)
+                    JobKey::from_canonical(model, &body, *occurrence)
                 };
                 jobs.push(JobSpec {
                     name,

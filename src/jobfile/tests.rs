@@ -64,23 +64,23 @@ fn the_example_parses_with_documented_defaults() {
     let fox = &file.jobs[0];
     assert_eq!(fox.model, "image/krea/krea-2/medium");
     assert_eq!(
-        fox.body,
+        fox.body_map(),
         body(&json!({"prompt": "a red fox in fresh snow", "aspect_ratio": "16:9"}))
     );
     assert_eq!(file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(), [0, 1, 2, 0, 0]);
     let lighthouse = &file.jobs[3];
     assert_eq!(lighthouse.model, "image/bfl/flux-1-dev");
     assert_eq!(
-        lighthouse.body,
+        lighthouse.body_map(),
         body(&json!({"prompt": "a lighthouse at dusk, oil painting",
                     "width": 1024, "height": 1024, "steps": 25}))
     );
     let harbour = &file.jobs[4];
     assert_eq!(
-        harbour.body["prompt"],
+        harbour.body_map()["prompt"],
         "a quiet harbour at dawn, fishing boats, mist over the water"
     );
-    assert_eq!(harbour.body["seed"], 42);
+    assert_eq!(harbour.body_map()["seed"], 42);
     // Lines point at each entry's first key.
     let text = std::fs::read_to_string(&path).expect("the example is readable");
     for job in &file.jobs {
@@ -127,12 +127,12 @@ fn params_merge_key_by_key_and_the_job_wins() {
                    jobs:\n  - prompt: a\n    params: {width: 512, seed: 7, steps: null, \
                    styles: [{id: s1, strength: 0.5}]}\n  - prompt: b\n");
     assert_eq!(
-        file.jobs[0].body,
+        file.jobs[0].body_map(),
         body(&json!({"prompt": "a", "width": 512, "height": 768, "seed": 7,
                      "styles": [{"id": "s1", "strength": 0.5}]}))
     );
     assert_eq!(
-        file.jobs[1].body,
+        file.jobs[1].body_map(),
         body(&json!({"prompt": "b", "width": 1024, "height": 768, "steps": 25}))
     );
 }
@@ -352,7 +352,10 @@ fn strings_must_be_strings() {
     );
     // Quoted, the same words are text.
     let file = ok(&with_job("{prompt: '123', name: \"yes\"}"));
-    assert_eq!((file.jobs[0].name.as_str(), &file.jobs[0].body["prompt"]), ("yes", &json!("123")));
+    assert_eq!(
+        (file.jobs[0].name.as_str(), &file.jobs[0].body_map()["prompt"]),
+        ("yes", &json!("123"))
+    );
 }
 
 #[test]
@@ -602,7 +605,7 @@ fn params_are_checked() {
         "{prompt: a, params: {hd: 'on', big: 18446744073709551615, neg: -3, f: 0.25}}",
     ));
     assert_eq!(
-        file.jobs[0].body,
+        file.jobs[0].body_map(),
         body(&json!({"prompt": "a", "hd": "on", "big": 18_446_744_073_709_551_615_u64,
                     "neg": -3, "f": 0.25}))
     );
@@ -871,4 +874,23 @@ fn limits_check_catches_values_built_in_code() {
     let slow = Limits { video_poll_interval: Duration::from_mins(1), ..Limits::default() };
     assert_eq!(slow.check(), Ok(()), "capped by the schedule, not refused");
     assert_eq!(slow.first_poll_above_cap().map(|(field, _)| field), Some("video_poll_interval"));
+}
+
+#[test]
+fn the_output_directory_is_found_without_a_full_parse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |text: &str| {
+        let path = dir.path().join("jobs.yaml");
+        std::fs::write(&path, text).expect("written");
+        output_dir_of(&path).expect("found")
+    };
+    assert_eq!(write("model: x\njobs: []\n"), dir.path().join("out"));
+    assert_eq!(write("output: results # here\njobs: []\n"), dir.path().join("results"));
+    assert_eq!(
+        write("output: \"/srv/a b\"\njobs:\n  - prompt: 'output: no'\n"),
+        Path::new("/srv/a b")
+    );
+    // Unusual forms fall back to the full parse, which agrees.
+    let flow = write("{output: flow, model: image/bfl/x, jobs: [{prompt: a}]}\n");
+    assert_eq!(flow, dir.path().join("flow"));
 }

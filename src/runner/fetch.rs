@@ -77,7 +77,8 @@ impl DownloadTask {
     async fn run(self) -> (Vec<FileRecord>, Option<String>) {
         let job = &self.job;
         let several = job.urls.len() > 1;
-        let mut params = (*job.body).clone();
+        let mut params: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&job.body).unwrap_or_default();
         let prompt = params.remove("prompt");
         let prompt = prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default();
         let mut written = Vec::new();

@@ -119,7 +119,8 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
     wait_until(Duration::from_secs(10), "the broken file is rejected", || error_file.is_file());
     let error = std::fs::read_to_string(&error_file).expect("error text");
     assert!(error.contains(":3:") && error.contains("prompt"), "{error}");
-    assert!(service.dir.path().join("inbox/accepted/catalogue.yaml").is_file());
+    let accepted = service.dir.path().join("inbox/accepted/catalogue.yaml");
+    wait_until(Duration::from_secs(10), "catalogue.yaml is accepted", || accepted.is_file());
 
     // The balance runs out: STATUS says paused; the four jobs in flight finish and download.
     systemd.wait_for("STATUS says paused", |m| m.contains("paused") && m.contains("402"));
