@@ -90,16 +90,36 @@ impl Pacer {
     }
 
     /// Krea answered 429 with `in_flight` of our jobs (not counting the refused one) in flight.
-    /// Every submission pauses for `Retry-After` or an exponential back-off with jitter, and the
-    /// in-flight cap drops to what Krea evidently accepts. Returns the pause.
+    /// The in-flight cap drops to what Krea evidently accepts. Every submission pauses for
+    /// `Retry-After`, or an exponential back-off with jitter, except after a first 429 with jobs
+    /// in flight: Krea's concurrency is full, and the lowered cap already holds the next
+    /// submission back until one of them ends. Returns the pause.
     pub fn on_rate_limited(&mut self, retry_after: Option<Duration>, in_flight: usize) -> Duration {
-        let wait =
-            retry::rate_limit_delay(self.rate_limited_streak, self.backoff_start, retry_after);
+        let concurrency_full =
+            retry_after.is_none() && in_flight > 0 && self.rate_limited_streak == 0;
+        let wait = if concurrency_full {
+            Duration::ZERO
+        } else {
+            retry::rate_limit_delay(self.rate_limited_streak, self.backoff_start, retry_after)
+        };
         self.rate_limited_streak = self.rate_limited_streak.saturating_add(1);
-        let until = Instant::now() + wait;
-        self.cooldown_until = Some(self.cooldown_until.map_or(until, |current| current.max(until)));
+        self.pause(wait);
         self.cap.on_rate_limited(in_flight);
         wait
+    }
+
+    /// Krea could not be reached: every submission pauses, the pause growing while this goes
+    /// on. Returns the pause.
+    pub fn on_unreachable(&mut self) -> Duration {
+        let wait = retry::rate_limit_delay(self.rate_limited_streak, self.backoff_start, None);
+        self.rate_limited_streak = self.rate_limited_streak.saturating_add(1);
+        self.pause(wait);
+        wait
+    }
+
+    fn pause(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        self.cooldown_until = Some(self.cooldown_until.map_or(until, |current| current.max(until)));
     }
 
     /// Krea accepted a submission.
@@ -206,10 +226,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rate_limit_pauses_everything_and_grows() {
         let mut pacer = Pacer::new(6000, 100, 10, Duration::from_secs(2));
-        let first = pacer.on_rate_limited(None, 4);
-        assert!(first >= Duration::from_millis(1500) && first <= Duration::from_millis(2500));
-        assert!(pacer.try_acquire().is_err(), "cooling down");
+        let full = pacer.on_rate_limited(None, 4);
+        assert_eq!(full, Duration::ZERO, "concurrency full: the lowered cap is the pause");
         assert_eq!(pacer.in_flight_cap(), 4);
+        let first = pacer.on_rate_limited(None, 4);
+        assert!(first >= Duration::from_millis(4500) && first <= Duration::from_millis(7500));
+        assert!(pacer.try_acquire().is_err(), "cooling down");
         let second = pacer.on_rate_limited(None, 4);
         assert!(second > first, "{second:?} after {first:?}");
         tokio::time::sleep(second).await;

@@ -91,7 +91,7 @@ impl Engine {
             Err(err @ ApiError::NotSent(_)) => {
                 // Nothing reached Krea: safe to send again after a pause.
                 self.requeue(slot);
-                let wait = self.pacer.on_rate_limited(None, usize::MAX);
+                let wait = self.pacer.on_unreachable();
                 tracing::warn!(%err, wait_ms = wait.as_millis() as u64, "cannot reach Krea; pausing submissions");
             }
             Err(err) if err.may_have_created_job() => {
