@@ -128,11 +128,6 @@ impl Pacer {
         self.cap.on_accepted();
     }
 
-    /// When the current cool-down ends, if one is running.
-    #[must_use]
-    pub fn cooldown_until(&self) -> Option<Instant> {
-        self.cooldown_until.filter(|until| *until > Instant::now())
-    }
 }
 
 /// The cap on jobs in flight: the configured maximum, lowered to what Krea accepted when a 429

@@ -1,2 +1,0 @@
-//! The benchmark (being written).
-fn main() {}
