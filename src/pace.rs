@@ -127,7 +127,6 @@ impl Pacer {
         self.rate_limited_streak = 0;
         self.cap.on_accepted();
     }
-
 }
 
 /// The cap on jobs in flight: the configured maximum, lowered to what Krea accepted when a 429
