@@ -312,15 +312,25 @@ pub struct Sidecar<'a> {
 }
 
 /// Writes `<dir>/<file>.json` atomically.
+///
+/// Not fsynced: a sidecar says nothing the state file does not hold, and the engine rewrites
+/// a missing or empty one when it starts (after a power cut), so it is derived data, like the
+/// manifest. Result files, which cannot be derived, are synced before they are renamed.
 pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadError> {
-    let path = dir.join(format!("{}.json", sidecar.file));
     let mut text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
     text.push(b'\n');
-    write_atomically(&path, &text)
+    write_atomically(&sidecar_path(dir, sidecar.file), &text, false)
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DownloadError> {
+/// The sidecar of `<dir>/<file>`: `<dir>/<file>.json`.
+#[must_use]
+pub fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(format!("{file}.json"))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
+/// partial file; with `synced`, the data is on disk before the rename.
+pub fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), DownloadError> {
     use std::io::Write as _;
     let folder = path.parent().unwrap_or_else(|| Path::new("."));
     let disk = |source| DownloadError::Disk { path: path.to_owned(), source };
@@ -330,7 +340,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DownloadError> 
         .tempfile_in(folder)
         .map_err(disk)?;
     temp.write_all(bytes).map_err(disk)?;
-    temp.as_file().sync_all().map_err(disk)?;
+    if synced {
+        temp.as_file().sync_all().map_err(disk)?;
+    }
     temp.persist(path).map_err(|err| disk(err.error))?;
     Ok(())
 }
@@ -416,7 +428,7 @@ mod tests {
         std::fs::write(&outside, b"precious").expect("write");
         let inside = dir.path().join("file.json");
         std::os::unix::fs::symlink(&outside, &inside).expect("symlink");
-        write_atomically(&inside, b"new").expect("written");
+        write_atomically(&inside, b"new", true).expect("written");
         assert_eq!(std::fs::read(&outside).expect("read"), b"precious");
         assert_eq!(std::fs::read(&inside).expect("read"), b"new");
         assert!(!std::fs::symlink_metadata(&inside).expect("meta").file_type().is_symlink());

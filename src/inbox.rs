@@ -157,7 +157,7 @@ impl Inbox {
             file.file_name,
             error.trim_end(),
         );
-        write_atomically(&note_path, note.as_bytes()).map_err(into_io)?;
+        write_atomically(&note_path, note.as_bytes(), true).map_err(into_io)?;
         if let Err(err) = std::fs::rename(&file.path, &target) {
             let _ = std::fs::remove_file(&note_path);
             return Err(err);

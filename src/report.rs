@@ -207,14 +207,20 @@ pub fn manifest_status(state: JobState) -> &'static str {
     }
 }
 
-/// Appends the line of a job that just ended to `<dir>/manifest.jsonl`.
-pub fn append_manifest(dir: &Path, job: &JobRecord) -> std::io::Result<()> {
+/// Appends the lines of jobs that just ended to `<dir>/manifest.jsonl`, in one write.
+pub fn append_manifest<'a>(
+    dir: &Path,
+    jobs: impl IntoIterator<Item = &'a JobRecord>,
+) -> std::io::Result<()> {
     use std::io::Write as _;
-    let mut line = serde_json::to_vec(&ManifestLine::of(job)).unwrap_or_default();
-    line.push(b'\n');
+    let mut lines = Vec::new();
+    for job in jobs {
+        lines.extend(serde_json::to_vec(&ManifestLine::of(job)).unwrap_or_default());
+        lines.push(b'\n');
+    }
     let mut file =
         std::fs::OpenOptions::new().create(true).append(true).open(dir.join(MANIFEST))?;
-    file.write_all(&line)
+    file.write_all(&lines)
 }
 
 /// Rewrites `<dir>/manifest.jsonl` from `jobs` (one line each), atomically. With
@@ -233,7 +239,8 @@ pub fn rewrite_manifest<'a>(
         text.extend(serde_json::to_vec(&ManifestLine::of(job)).unwrap_or_default());
         text.push(b'\n');
     }
-    crate::download::write_atomically(&dir.join(MANIFEST), &text)
+    // Derived from the state, rewritten at every start: no need to sync it.
+    crate::download::write_atomically(&dir.join(MANIFEST), &text, false)
 }
 
 /// The end of a run, for people (`Display`) and programs (`--json`).

@@ -273,6 +273,8 @@ pub struct Store {
     path: PathBuf,
     /// Held for the life of a writing store: the one-writer lock.
     _lock: Option<File>,
+    /// Whether commits are fsynced now (`PRAGMA synchronous = FULL`).
+    synced: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -298,7 +300,7 @@ impl Store {
         // gives its WAL and shared-memory files the same mode.
         open_private(path).map_err(io)?;
         let conn = Connection::open(path).map_err(sqlite(path))?;
-        let mut store = Self { conn, path: path.to_owned(), _lock: Some(lock) };
+        let mut store = Self { conn, path: path.to_owned(), _lock: Some(lock), synced: true };
         store.configure()?;
         store.migrate()?;
         store.recover_interrupted_submissions()?;
@@ -315,7 +317,7 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite(path))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sqlite(path))?;
-        let store = Self { conn, path: path.to_owned(), _lock: None };
+        let store = Self { conn, path: path.to_owned(), _lock: None, synced: true };
         let version = store.version()?;
         if version != SCHEMA_VERSION {
             return Err(StoreError::Corrupt {
@@ -419,7 +421,7 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite(path))?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite(path))?;
-        let store = Self { conn, path: path.to_owned(), _lock: None };
+        let store = Self { conn, path: path.to_owned(), _lock: None, synced: true };
         let version = store.version()?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew { path: path.to_owned(), found: version });
@@ -668,9 +670,23 @@ impl Store {
         rows.map(|row| row.map(|(id, dir)| (id, PathBuf::from(dir))).map_err(&err)).collect()
     }
 
-    /// Writes `changes` in one durable transaction.
+    /// Writes `changes` in one durable transaction: on disk (fsynced) when this returns.
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        self.apply_with(changes, true)
+    }
+
+    /// Writes `changes` in one transaction, fsynced only if `synced`. An unsynced commit is as
+    /// atomic and survives a killed process (the write-ahead log is in the operating system's
+    /// hands); only a power cut can lose it, and the next synced commit makes it durable too.
+    /// The engine syncs the commits that must be on disk before a request: the attempt before
+    /// each POST.
+    pub fn apply_with(&mut self, changes: &[Change], synced: bool) -> Result<(), StoreError> {
         let err = sqlite(&self.path);
+        if synced != self.synced {
+            let mode = if synced { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", mode).map_err(&err)?;
+            self.synced = synced;
+        }
         let tx = self.conn.transaction().map_err(&err)?;
         {
             let mut update_job = tx
@@ -926,7 +942,8 @@ pub struct StoreWriter {
 
 /// Work for the writer thread: changes to commit, or a function to run on the store.
 enum WriteRequest {
-    Commit(Vec<Change>, tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Changes, whether they must be fsynced, and where to say it is done.
+    Commit(Vec<Change>, bool, tokio::sync::oneshot::Sender<Result<(), String>>),
     Call(Box<dyn FnOnce(&mut Store) + Send>),
 }
 
@@ -939,19 +956,22 @@ impl StoreWriter {
             .spawn(move || {
                 let mut next = receiver.blocking_recv();
                 while let Some(request) = next.take() {
-                    let (mut changes, mut replies) = match request {
+                    let (mut changes, mut synced, mut replies) = match request {
                         WriteRequest::Call(call) => {
                             call(&mut store);
                             next = receiver.blocking_recv();
                             continue;
                         }
-                        WriteRequest::Commit(changes, reply) => (changes, vec![reply]),
+                        WriteRequest::Commit(changes, synced, reply) => {
+                            (changes, synced, vec![reply])
+                        }
                     };
                     // Merge the commits queued meanwhile into one transaction.
                     loop {
                         match receiver.try_recv() {
-                            Ok(WriteRequest::Commit(more, reply)) => {
+                            Ok(WriteRequest::Commit(more, more_synced, reply)) => {
                                 changes.extend(more);
+                                synced |= more_synced;
                                 replies.push(reply);
                             }
                             Ok(call) => {
@@ -961,7 +981,7 @@ impl StoreWriter {
                             Err(_) => break,
                         }
                     }
-                    let result = store.apply(&changes).map_err(|err| err.to_string());
+                    let result = store.apply_with(&changes, synced).map_err(|err| err.to_string());
                     for reply in replies {
                         let _ = reply.send(result.clone());
                     }
@@ -986,12 +1006,17 @@ impl StoreWriter {
 
     /// Commits `changes`; returns once they are on disk.
     pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.commit_with(changes, true).await
+    }
+
+    /// Commits `changes`, fsynced only if `synced` (see [`Store::apply_with`]).
+    pub async fn commit_with(&self, changes: Vec<Change>, synced: bool) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
         let (reply, done) = tokio::sync::oneshot::channel();
         self.requests
-            .send(WriteRequest::Commit(changes, reply))
+            .send(WriteRequest::Commit(changes, synced, reply))
             .map_err(|_| StoreError::WriterGone)?;
         match done.await {
             Ok(Ok(())) => Ok(()),

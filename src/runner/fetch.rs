@@ -3,11 +3,11 @@
 //! job `completed` with its download pending; it is never a reason to generate again.
 
 use super::{Engine, Event, Slot};
-use crate::download::{Downloader, Sidecar, write_sidecar};
+use crate::download::{DownloadError, Downloader, Sidecar, sidecar_path, write_sidecar};
 use crate::job::JobState;
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 impl Engine {
@@ -77,10 +77,6 @@ impl DownloadTask {
     async fn run(self) -> (Vec<FileRecord>, Option<String>) {
         let job = &self.job;
         let several = job.urls.len() > 1;
-        let mut params: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&job.body).unwrap_or_default();
-        let prompt = params.remove("prompt");
-        let prompt = prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default();
         let mut written = Vec::new();
         for (index, url) in job.urls.iter().enumerate() {
             let index = u32::try_from(index).unwrap_or(u32::MAX);
@@ -100,33 +96,59 @@ impl DownloadTask {
                     Ok(fetched) => fetched,
                     Err(err) => return (written, Some(err.to_string())),
                 };
-            let sidecar = Sidecar {
-                name: &job.name,
-                prompt,
-                model: &job.model,
-                params: &params,
-                job_id: job.remote_id.as_deref().unwrap_or_default(),
-                created_at: job.created_at.as_deref(),
-                completed_at: job.completed_at.as_deref(),
-                index,
-                source_url: url,
-                file: &fetched.relative_path,
-                bytes: fetched.bytes,
-                sha256: &fetched.sha256,
-                content_type: &fetched.content_type,
-            };
-            if let Err(err) = write_sidecar(&self.dir, &sidecar) {
-                return (written, Some(err.to_string()));
-            }
-            written.push(FileRecord {
+            let file = FileRecord {
                 index,
                 url: url.clone(),
                 path: fetched.relative_path,
                 bytes: fetched.bytes,
                 sha256: fetched.sha256,
                 content_type: fetched.content_type,
-            });
+            };
+            if let Err(err) = write_sidecar_of(&self.dir, job, &file) {
+                return (written, Some(err.to_string()));
+            }
+            written.push(file);
         }
         (written, None)
     }
+}
+
+/// Writes the sidecar of one of a job's files.
+fn write_sidecar_of(dir: &Path, job: &JobRecord, file: &FileRecord) -> Result<(), DownloadError> {
+    let mut params: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&job.body).unwrap_or_default();
+    let prompt = params.remove("prompt");
+    let sidecar = Sidecar {
+        name: &job.name,
+        prompt: prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default(),
+        model: &job.model,
+        params: &params,
+        job_id: job.remote_id.as_deref().unwrap_or_default(),
+        created_at: job.created_at.as_deref(),
+        completed_at: job.completed_at.as_deref(),
+        index: file.index,
+        source_url: &file.url,
+        file: &file.path,
+        bytes: file.bytes,
+        sha256: &file.sha256,
+        content_type: &file.content_type,
+    };
+    write_sidecar(dir, &sidecar)
+}
+
+/// Rewrites the sidecars of downloaded jobs that are missing or empty: sidecars are not synced
+/// (they are derived from the state), so a power cut may have taken one. Returns how many.
+pub(super) fn repair_sidecars(job: &JobRecord, dir: &Path) -> usize {
+    let mut repaired = 0;
+    for file in &job.files {
+        let path = sidecar_path(dir, &file.path);
+        let whole = std::fs::metadata(&path).is_ok_and(|meta| meta.len() > 0);
+        if !whole && dir.join(&file.path).is_file() {
+            match write_sidecar_of(dir, job, file) {
+                Ok(()) => repaired += 1,
+                Err(err) => tracing::warn!(%err, "cannot rewrite a sidecar"),
+            }
+        }
+    }
+    repaired
 }

@@ -321,6 +321,12 @@ impl Engine {
                     engine.polls.insert(index, Duration::ZERO);
                 }
                 JobState::Completed => engine.to_download.push_back(index),
+                JobState::Downloaded => {
+                    let repaired = fetch::repair_sidecars(&job, &output_dir);
+                    if repaired > 0 {
+                        tracing::info!(job = %job.name, repaired, "rewrote missing sidecars");
+                    }
+                }
                 // Left by a crash or an earlier unanswered POST: reconciled before anything
                 // else is submitted.
                 JobState::Unknown | JobState::Submitting => {
@@ -350,7 +356,9 @@ impl Engine {
         loop {
             self.controls.heartbeat.store(crate::store::now_ms(), Ordering::Relaxed);
             let send = self.plan_submission();
-            self.commit().await?;
+            // Synced only when a POST depends on it; other turns survive a killed process and
+            // become durable with the next synced commit.
+            self.commit(send.is_some()).await?;
             if let Some(slot) = send {
                 self.spawn_submit(slot);
             }
@@ -391,7 +399,7 @@ impl Engine {
                 () = sleep_until_or_forever(wake) => {}
             }
         }
-        self.commit().await?;
+        self.commit(true).await?;
         self.tasks.abort_all();
         Ok(EngineOutcome {
             jobs: self.slots.into_iter().map(|slot| slot.job).collect(),
@@ -480,15 +488,20 @@ impl Engine {
         self.counts.in_flight + self.unknown.len()
     }
 
-    async fn commit(&mut self) -> Result<(), StoreError> {
+    /// Writes the turn's changes (fsynced if `synced`), then the manifest lines of the jobs
+    /// that ended: one append per output folder.
+    async fn commit(&mut self, synced: bool) -> Result<(), StoreError> {
         if self.changes.is_empty() {
             return Ok(());
         }
         let changes = std::mem::take(&mut self.changes);
-        self.writer.commit(changes).await?;
-        for slot in std::mem::take(&mut self.ended) {
-            let slot = &self.slots[slot];
-            if let Err(err) = append_manifest(&slot.output_dir, &slot.job) {
+        self.writer.commit_with(changes, synced).await?;
+        let mut ended = std::mem::take(&mut self.ended);
+        ended.sort_by(|a, b| self.slots[*a].output_dir.cmp(&self.slots[*b].output_dir));
+        for group in ended.chunk_by(|a, b| self.slots[*a].output_dir == self.slots[*b].output_dir) {
+            let dir = &self.slots[group[0]].output_dir;
+            let jobs = group.iter().map(|&slot| &self.slots[slot].job);
+            if let Err(err) = append_manifest(dir, jobs) {
                 tracing::warn!(%err, "cannot append to the manifest; it is rewritten at the end");
             }
         }

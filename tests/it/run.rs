@@ -57,10 +57,15 @@ fn twenty_jobs_end_with_files_sidecars_and_manifest() {
         .count();
     assert_eq!(partials, 0);
 
-    // A second run finds everything done and sends nothing.
+    // A second run finds everything done and sends nothing; a lost sidecar is rewritten.
+    let sidecar =
+        work.out().join(format!("{}.json", manifest[0]["files"][0].as_str().expect("file")));
+    let original = std::fs::read(&sidecar).expect("sidecar");
+    std::fs::write(&sidecar, b"").expect("emptied, as a power cut may leave it");
     let before = sim.stats().requests_total;
     work.run(&sim, &[]).expect_code(0);
     assert_eq!(sim.stats().requests_total, before, "a finished batch is left alone");
+    assert_eq!(std::fs::read(&sidecar).expect("sidecar"), original, "the sidecar was rewritten");
 }
 
 #[test]
