@@ -197,18 +197,11 @@ impl Downloader {
         let folder = final_path.parent().unwrap_or(dir).to_owned();
         ensure_real_dir(&folder)?;
 
-        let disk = |path: &Path| {
-            let path = path.to_owned();
-            move |source| DownloadError::Disk { path, source }
-        };
-        let temp = tempfile::Builder::new()
-            .prefix(PARTIAL_PREFIX)
-            .permissions(public_file())
-            .tempfile_in(&folder)
-            .map_err(disk(&folder))?;
-        let (file, temp_path) = temp.into_parts();
-        let mut writer =
-            tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(file));
+        // Up to IN_MEMORY bytes are collected and written in one blocking step (most results
+        // are small); a larger body goes to the temporary file as it arrives.
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut streaming: Option<(tokio::io::BufWriter<tokio::fs::File>, tempfile::TempPath)> =
+            None;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         loop {
@@ -222,20 +215,71 @@ impl Downloader {
                 return Err(DownloadError::TooLarge { url: url.to_owned(), limit: self.max_bytes });
             }
             hasher.update(&chunk);
-            writer.write_all(&chunk).await.map_err(disk(&temp_path))?;
+            if let Some((writer, temp_path)) = &mut streaming {
+                writer.write_all(&chunk).await.map_err(disk_error(temp_path))?;
+                continue;
+            }
+            buffer.extend_from_slice(&chunk);
+            if buffer.len() > IN_MEMORY {
+                let (file, temp_path) = new_partial(&folder)?.into_parts();
+                let mut writer =
+                    tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(file));
+                writer.write_all(&buffer).await.map_err(disk_error(&temp_path))?;
+                buffer = Vec::new();
+                streaming = Some((writer, temp_path));
+            }
         }
         if let Some(expected) = expected.filter(|expected| *expected != got) {
             return Err(DownloadError::Truncated { url: url.to_owned(), expected, got });
         }
-        writer.flush().await.map_err(disk(&temp_path))?;
-        writer.into_inner().sync_all().await.map_err(disk(&temp_path))?;
-        // rename(2) replaces whatever is at the final path, a planted symlink included, without
-        // following it.
-        temp_path
-            .persist(&final_path)
-            .map_err(|err| DownloadError::Disk { path: final_path.clone(), source: err.error })?;
+        if let Some((mut writer, temp_path)) = streaming {
+            writer.flush().await.map_err(disk_error(&temp_path))?;
+            writer.into_inner().sync_all().await.map_err(disk_error(&temp_path))?;
+            persist(temp_path, &final_path)?;
+        } else {
+            let place = final_path.clone();
+            tokio::task::spawn_blocking(move || write_whole(&folder, &buffer, &place))
+                .await
+                .map_err(|err| DownloadError::Disk {
+                    path: final_path.clone(),
+                    source: std::io::Error::other(err.to_string()),
+                })??;
+        }
         Ok(Fetched { relative_path, bytes: got, sha256: hex(&hasher.finalize()), content_type })
     }
+}
+
+/// The largest result collected in memory before it is written; larger ones are streamed.
+const IN_MEMORY: usize = 1 << 20;
+
+/// A new temporary file in `folder`.
+fn new_partial(folder: &Path) -> Result<tempfile::NamedTempFile, DownloadError> {
+    tempfile::Builder::new()
+        .prefix(PARTIAL_PREFIX)
+        .permissions(public_file())
+        .tempfile_in(folder)
+        .map_err(disk_error(folder))
+}
+
+/// Writes `bytes` to a temporary file in `folder`, syncs it and renames it to `place`.
+fn write_whole(folder: &Path, bytes: &[u8], place: &Path) -> Result<(), DownloadError> {
+    use std::io::Write as _;
+    let mut temp = new_partial(folder)?;
+    temp.write_all(bytes).map_err(disk_error(temp.path()))?;
+    temp.as_file().sync_all().map_err(disk_error(temp.path()))?;
+    persist(temp.into_temp_path(), place)
+}
+
+/// Renames a synced temporary file into place. rename(2) replaces whatever is at `place`, a
+/// planted symlink included, without following it.
+fn persist(temp: tempfile::TempPath, place: &Path) -> Result<(), DownloadError> {
+    temp.persist(place)
+        .map_err(|err| DownloadError::Disk { path: place.to_owned(), source: err.error })
+}
+
+fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {
+    let path = path.to_owned();
+    move |source| DownloadError::Disk { path: path.clone(), source }
 }
 
 /// Results, sidecars and the manifest are ordinary files (0644 before the umask); only the
