@@ -127,9 +127,13 @@ pub struct RunResult {
 pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
     let started = Instant::now();
     let base = base_url(&file, options.api_base.as_deref())?;
-    let places = places(&file, options.state.as_deref(), options.simulated);
+    let mut places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError(format!("output directory: {err}")))?;
+    // An absolute folder: every file created under a relative one costs a getcwd.
+    if let Ok(absolute) = std::fs::canonicalize(&places.output_dir) {
+        places.output_dir = absolute;
+    }
     let mut store = Store::open_writer(&places.state).map_err(|err| match err {
         err @ crate::store::StoreError::Locked { .. } => {
             anyhow::Error::new(InputError(err.to_string()))

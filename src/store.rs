@@ -440,7 +440,8 @@ impl Store {
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;",
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA wal_autocheckpoint = 10000;",
             )
             .map_err(sqlite(&self.path))?;
         self.conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite(&self.path))
@@ -691,11 +692,18 @@ impl Store {
         {
             let mut update_job = tx
                 .prepare_cached(
-                    "UPDATE jobs SET name = ?2, state = ?3, remote_id = ?4, remote_status = ?5,
-                        attempt_at = ?6, attempts = ?7, submitted_at = ?8, created_at = ?9,
-                        completed_at = ?10, finished_at = ?11, urls = ?12, error = ?13,
-                        updated_at = ?14, attempt_ended = ?15
+                    // Indexed columns that rarely change (name, remote_id) are left out:
+                    // setting one, even to the same value, rewrites its index page.
+                    "UPDATE jobs SET state = ?2, remote_status = ?3, attempt_at = ?4,
+                        attempts = ?5, submitted_at = ?6, created_at = ?7, completed_at = ?8,
+                        finished_at = ?9, urls = ?10, error = ?11, updated_at = ?12,
+                        attempt_ended = ?13
                      WHERE id = ?1",
+                )
+                .map_err(&err)?;
+            let mut set_remote_id = tx
+                .prepare_cached(
+                    "UPDATE jobs SET remote_id = ?2 WHERE id = ?1 AND remote_id IS NOT ?2",
                 )
                 .map_err(&err)?;
             let mut upsert_file = tx
@@ -714,12 +722,13 @@ impl Store {
                     Change::Job(job) => {
                         let urls = (!job.urls.is_empty())
                             .then(|| serde_json::to_string(&job.urls).unwrap_or_default());
+                        if job.remote_id.is_some() {
+                            set_remote_id.execute(params![job.id, job.remote_id]).map_err(&err)?;
+                        }
                         update_job
                             .execute(params![
                                 job.id,
-                                job.name,
                                 job.state.as_str(),
-                                job.remote_id,
                                 job.remote_status,
                                 job.attempt_at,
                                 job.attempts,
