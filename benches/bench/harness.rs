@@ -298,3 +298,12 @@ pub(crate) fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+/// A fresh folder for one scenario, under `KREA_BATCH_BENCH_DIR` if set (to compare file
+/// systems, e.g. `/dev/shm`), else under the system's temporary folder.
+pub(crate) fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    match std::env::var_os("KREA_BATCH_BENCH_DIR") {
+        Some(root) => tempfile::Builder::new().prefix("krea-batch-bench-").tempdir_in(root),
+        None => tempfile::Builder::new().prefix("krea-batch-bench-").tempdir(),
+    }
+}

@@ -27,7 +27,9 @@
 //! (`/usr/bin/time`, Debian package `time`) for its CPU time and peak RSS; `big_file` compares
 //! with `curl`. Wall times are measured by the benchmark itself; memory is in MiB (the issue's
 //! "MB" read as MiB). Run one benchmark at a time: the scenarios need the machine to themselves,
-//! and the simulation shares it with the client, as it does in the setup.
+//! and the simulation shares it with the client, as it does in the setup. Scenario
+//! folders go under `KREA_BATCH_BENCH_DIR` when it is set (e.g. `/dev/shm`, to separate the
+//! client's own cost from the disk's), else under the system's temporary folder.
 
 mod harness;
 mod report;

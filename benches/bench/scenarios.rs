@@ -4,8 +4,8 @@
 
 use crate::Mode;
 use crate::harness::{
-    ChildGuard, Limits, Sim, cpu_seconds, describe, krea_batch, run_timed, sim_config, tail,
-    write_job_file,
+    ChildGuard, Limits, Sim, cpu_seconds, describe, krea_batch, run_timed, scratch_dir, sim_config,
+    tail, write_job_file,
 };
 use crate::report::Findings;
 use crate::report::Target::{AtLeast, AtMost};
@@ -24,7 +24,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// costs per job.
 pub(crate) fn overhead(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let jobs = mode.pick(10_000, 300);
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let sim = Sim::start(
         dir.path(),
         &SimConfig {
@@ -65,7 +65,7 @@ pub(crate) fn overhead(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
 /// and without a single 429?
 pub(crate) fn pacing(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let (jobs, per_minute, job_secs) = mode.pick((300, 600, 1.0), (20, 1200, 0.2));
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let mut sim = Sim::start(
         dir.path(),
         &SimConfig {
@@ -106,7 +106,7 @@ pub(crate) fn pacing(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
 pub(crate) fn unknown_concurrency(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let (jobs, job_secs) = mode.pick((400, 1.0), (40, 0.2));
     let server_concurrency = 8;
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let mut sim = Sim::start(
         dir.path(),
         &SimConfig {
@@ -157,7 +157,7 @@ pub(crate) fn unknown_concurrency(mode: Mode, found: &mut Findings) -> anyhow::R
 pub(crate) fn polling(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let (jobs, job_secs, first_poll) = mode.pick((200, 20.0, 2.0), (10, 2.0, 0.2));
     let max_poll = 30.0;
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let mut sim = Sim::start(
         dir.path(),
         &SimConfig {
@@ -207,7 +207,7 @@ pub(crate) fn polling(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
 /// `status` afterwards.
 pub(crate) fn scale(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let jobs = mode.pick(100_000, 2_000);
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     write_job_file(dir.path(), &Limits::new(), "p", jobs)?;
 
     let check = run_timed(dir.path(), None, &["check", "jobs.yaml", "--json"])?;
@@ -243,7 +243,7 @@ pub(crate) fn scale(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
 /// go at least half as fast as curl's.
 pub(crate) fn big_file(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let bytes: u64 = mode.pick(1 << 30, 16 << 20);
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let (small, _) = one_result_run(&dir.path().join("small"), 4096)?;
     let (big, mut sim) = one_result_run(&dir.path().join("big"), bytes)?;
 
@@ -299,7 +299,7 @@ fn one_result_run(dir: &Path, bytes: u64) -> anyhow::Result<(crate::harness::Tim
 /// The daemon with an empty inbox: CPU used over 60 s, from 5 s after its start.
 pub(crate) fn idle_daemon(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let (settle, window) = mode.pick((5, 60), (1, 3));
-    let dir = tempfile::tempdir()?;
+    let dir = scratch_dir()?;
     let sim = Sim::start(dir.path(), &sim_config())?;
     std::fs::create_dir(dir.path().join("inbox"))?;
     std::fs::write(
