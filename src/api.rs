@@ -773,6 +773,22 @@ mod tests {
     }
 
     #[test]
+    fn messages_from_the_network_never_carry_the_key() {
+        let settings = ClientSettings {
+            base_url: Url::parse("https://api.krea.ai").expect("url"),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        let key = ApiKey::new("sk-echoed-back").expect("key");
+        let client = KreaClient::new(&settings, key).expect("client");
+        assert_eq!(
+            client.redact("invalid token Bearer sk-echoed-back"),
+            "invalid token Bearer <redacted>"
+        );
+        assert!(!format!("{client:?}").contains("sk-echoed-back"));
+    }
+
+    #[test]
     fn path_segments_cannot_escape() {
         assert_eq!(path_segment("../../admin?x=1"), "______admin_x_1");
     }

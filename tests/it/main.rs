@@ -6,5 +6,6 @@ mod input;
 mod kill;
 mod resume;
 mod run;
+mod security;
 mod signals;
 mod support;
