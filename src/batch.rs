@@ -218,6 +218,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
     }
 
     rewrite_manifest(&places.output_dir, &ended, false).context("while writing the manifest")?;
+    crate::gallery::write(&places.output_dir, &ended).context("while writing the gallery")?;
     let summary = Summary::of(&ended, outcome.stopped, &places.output_dir, started.elapsed());
     Ok(RunResult { summary })
 }

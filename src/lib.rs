@@ -23,6 +23,7 @@
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
+//! | `gallery.rs` | `index.html`: the batch as a static page of results |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) |
 //! | `batch.rs` | the one-shot commands wired end to end: `run`, `check`, `status` |
 //! | `cli.rs` | the command line (clap types) |
@@ -41,6 +42,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod download;
+pub mod gallery;
 pub mod inbox;
 pub mod job;
 pub mod jobfile;

@@ -217,7 +217,13 @@ pub struct Engine {
     ended: Vec<usize>,
     /// When the pacer will next grant a submission, if it is what holds submissions back.
     submit_wake: Option<Instant>,
+    /// Output folders whose gallery is out of date, and when each was last written.
+    gallery_stale: HashSet<Arc<PathBuf>>,
+    gallery_written: HashMap<Arc<PathBuf>, Instant>,
 }
+
+/// A gallery is rewritten at most this often while jobs end.
+const GALLERY_EVERY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -278,6 +284,8 @@ impl Engine {
             changes: Vec::new(),
             ended: Vec::new(),
             submit_wake: None,
+            gallery_stale: HashSet::new(),
+            gallery_written: HashMap::new(),
         };
         engine.add_jobs(jobs, &dirs);
         engine
@@ -364,12 +372,16 @@ impl Engine {
             }
             self.start_downloads();
             self.maybe_start_listing();
+            self.refresh_galleries(false);
             self.publish_status();
             if self.finished() || self.controls.abort.is_cancelled() {
                 break;
             }
 
-            let wake = [self.submit_wake, self.reconcile_wake()].into_iter().flatten().min();
+            let wake = [self.submit_wake, self.reconcile_wake(), self.gallery_wake()]
+                .into_iter()
+                .flatten()
+                .min();
             let has_commands = self.commands.is_some();
             tokio::select! {
                 () = self.controls.abort.cancelled() => {}
@@ -400,6 +412,7 @@ impl Engine {
             }
         }
         self.commit(true).await?;
+        self.refresh_galleries(true);
         self.tasks.abort_all();
         Ok(EngineOutcome {
             jobs: self.slots.into_iter().map(|slot| slot.job).collect(),
@@ -433,6 +446,39 @@ impl Engine {
             && self.tasks.is_empty()
             && self.polls.is_empty()
             && self.to_download.is_empty()
+    }
+
+    /// Rewrites the galleries of folders where jobs ended, each at most every
+    /// [`GALLERY_EVERY`] unless `now_all` (the end of a run).
+    fn refresh_galleries(&mut self, now_all: bool) {
+        let due: Vec<Arc<PathBuf>> = self
+            .gallery_stale
+            .iter()
+            .filter(|dir| {
+                now_all
+                    || self.gallery_written.get(*dir).is_none_or(|at| at.elapsed() >= GALLERY_EVERY)
+            })
+            .cloned()
+            .collect();
+        for dir in due {
+            self.gallery_stale.remove(&dir);
+            self.gallery_written.insert(Arc::clone(&dir), Instant::now());
+            let jobs =
+                self.slots.iter().filter(|slot| slot.output_dir == dir).map(|slot| &slot.job);
+            if let Err(err) = crate::gallery::write(&dir, jobs) {
+                tracing::warn!(%err, "cannot write the gallery");
+            }
+        }
+    }
+
+    /// When the next stale gallery is due.
+    fn gallery_wake(&self) -> Option<Instant> {
+        self.gallery_stale
+            .iter()
+            .map(|dir| {
+                self.gallery_written.get(dir).map_or_else(Instant::now, |at| *at + GALLERY_EVERY)
+            })
+            .min()
     }
 
     fn publish_status(&mut self) {
@@ -497,6 +543,9 @@ impl Engine {
         let changes = std::mem::take(&mut self.changes);
         self.writer.commit_with(changes, synced).await?;
         let mut ended = std::mem::take(&mut self.ended);
+        for &slot in &ended {
+            self.gallery_stale.insert(Arc::clone(&self.slots[slot].output_dir));
+        }
         ended.sort_by(|a, b| self.slots[*a].output_dir.cmp(&self.slots[*b].output_dir));
         for group in ended.chunk_by(|a, b| self.slots[*a].output_dir == self.slots[*b].output_dir) {
             let dir = &self.slots[group[0]].output_dir;

@@ -49,6 +49,9 @@ fn twenty_jobs_end_with_files_sidecars_and_manifest() {
         assert_eq!(served.sha256, sha256_of(&path), "the file is what the server sent");
         assert!(sidecar["created_at"].is_string() && sidecar["completed_at"].is_string());
     }
+    let gallery = std::fs::read_to_string(work.out().join("index.html")).expect("gallery");
+    assert_eq!(gallery.matches("<img src=\"").count(), 20, "one thumbnail per job");
+
     let partials = files_under(&work.out())
         .into_iter()
         .filter(|path| {
