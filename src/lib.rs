@@ -21,6 +21,7 @@
 //! | `store.rs` | the SQLite state file: jobs, attempts, files; one writer |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
 //! | `gallery.rs` | `index.html`: the batch as a static page of results |
@@ -54,5 +55,6 @@ pub mod reconcile;
 pub mod report;
 pub mod retry;
 pub mod runner;
+pub mod schema;
 pub mod sim;
 pub mod store;
