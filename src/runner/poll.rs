@@ -116,10 +116,22 @@ impl Engine {
                 tracing::warn!(job = %name, %reason, "failed at Krea");
                 self.set_state(slot, JobState::Failed, Some(reason));
             }
-            RemoteStatus::Cancelled => {
-                tracing::info!(job = %name, "cancelled at Krea");
-                self.set_state(slot, JobState::Cancelled, None);
-            }
+            // Our own DELETE may have done it, its answer lost: say why, as the answer would.
+            RemoteStatus::Cancelled => match self.slots[slot].cancel {
+                Some(super::CancelCause::Timeout) => {
+                    let text = self.timeout_text();
+                    tracing::warn!(job = %name, "{text}");
+                    self.set_state(slot, JobState::Failed, Some(text));
+                }
+                Some(super::CancelCause::User) => {
+                    tracing::info!(job = %name, "cancelled at Krea, not billed");
+                    self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+                }
+                None => {
+                    tracing::info!(job = %name, "cancelled at Krea");
+                    self.set_state(slot, JobState::Cancelled, None);
+                }
+            },
             pending => {
                 if changed {
                     tracing::debug!(job = %name, status = %pending, "status");
@@ -147,6 +159,13 @@ impl Engine {
         let since = job.submitted_at.or(job.attempt_at).unwrap_or_else(now_ms);
         let age = Duration::from_millis(u64::try_from(now_ms() - since).unwrap_or_default());
         age > self.settings.job_timeout
+    }
+
+    fn timeout_text(&self) -> String {
+        format!(
+            "gave up after the job timeout ({}); cancelled at Krea, not billed",
+            humantime::format_duration(self.settings.job_timeout)
+        )
     }
 
     /// `krea-batch cancel`: pending jobs are cancelled at once; jobs in flight are cancelled at
@@ -192,10 +211,7 @@ impl Engine {
                 self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
             }
             (Ok(()), _) => {
-                let text = format!(
-                    "gave up after the job timeout ({}); cancelled at Krea, not billed",
-                    humantime::format_duration(self.settings.job_timeout)
-                );
+                let text = self.timeout_text();
                 tracing::warn!(job = %self.slots[slot].job.name, "{text}");
                 self.set_state(slot, JobState::Failed, Some(text));
             }
