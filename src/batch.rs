@@ -10,6 +10,7 @@ use crate::download::{Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{JobFile, Limits};
 use crate::key::ApiKey;
+use crate::openapi::{CACHE_FILE, SchemaReport, Source, obtain};
 use crate::pace::PollSchedule;
 use crate::pricing::{Estimate, PriceTable};
 use crate::report::{Counts, EngineStatus, Summary, rewrite_manifest};
@@ -43,11 +44,43 @@ pub enum Mode {
     DownloadOnly,
 }
 
+/// How request bodies are checked against Krea's schemas before anything is sent.
+#[derive(Clone, Debug, Default)]
+pub struct SchemaChoice {
+    /// `--openapi FILE`: this document instead of `<api>/openapi.json`.
+    pub openapi: Option<PathBuf>,
+    /// `--offline`: the cached document only.
+    pub offline: bool,
+    /// `--no-validate`: run even with problems (they are still logged).
+    pub skip: bool,
+}
+
+/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached beside `state`).
+pub async fn schema_report(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> SchemaReport {
+    let source = match &choice.openapi {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Api {
+            base: base.clone(),
+            cache: state.parent().unwrap_or_else(|| Path::new(".")).join(CACHE_FILE),
+            offline: choice.offline,
+        },
+    };
+    let document = obtain(&source).await;
+    SchemaReport::of(document.as_ref().map_err(String::as_str), file)
+}
+
 /// What `run` needs besides the job file.
 #[derive(Debug)]
 pub struct RunOptions {
     /// What to do.
     pub mode: Mode,
+    /// Schema checking before the run.
+    pub schema: SchemaChoice,
     /// `--state`.
     pub state: Option<PathBuf>,
     /// `--api-base` or `KREA_API_BASE`, overriding the job file.
@@ -140,6 +173,24 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
         }
         err => anyhow::Error::new(err),
     })?;
+    if options.mode == Mode::Run {
+        let report = schema_report(&file, &base, &places.state, &options.schema).await;
+        for warning in &report.warnings {
+            tracing::warn!("{warning}");
+        }
+        if !report.problems.is_empty() {
+            let listed = report.problems.join("\n  ");
+            if !options.schema.skip {
+                return Err(InputError(format!(
+                    "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
+                     Fix the job file, or run with --no-validate to send them anyway.",
+                    report.origin
+                ))
+                .into());
+            }
+            tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
+        }
+    }
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
     let source = source.to_string_lossy();
     let (batch_id, key) = match options.mode {
@@ -310,6 +361,8 @@ pub struct Plan {
     pub state: String,
     /// The API.
     pub api_base: String,
+    /// The check of the request bodies against Krea's schemas.
+    pub schema: SchemaReport,
 }
 
 /// One model's share of a plan.
@@ -323,9 +376,9 @@ pub struct ModelPlan {
     pub estimated_usd: Option<f64>,
 }
 
-/// `krea-batch check`: the plan, without sending anything.
-pub fn plan(file: &JobFile) -> Result<Plan, InputError> {
-    let base = base_url(file, None)?;
+/// `krea-batch check`: the plan, without sending anything (the schema check is done by the
+/// caller, [`schema_report`], and included).
+pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result<Plan, InputError> {
     let prices = PriceTable::with_overrides(file.prices.clone());
     let places = places(file, None, false);
     let mut models: std::collections::BTreeMap<&str, ModelPlan> = std::collections::BTreeMap::new();
@@ -350,6 +403,7 @@ pub fn plan(file: &JobFile) -> Result<Plan, InputError> {
         output_dir: places.output_dir.display().to_string(),
         state: places.state.display().to_string(),
         api_base: base.to_string(),
+        schema,
     })
 }
 
@@ -371,7 +425,18 @@ impl std::fmt::Display for Plan {
             f,
             "results: {}\nstate:   {}\napi:     {}",
             self.output_dir, self.state, self.api_base
-        )
+        )?;
+        if !self.schema.origin.is_empty() {
+            let verdict = if self.schema.problems.is_empty() { "fit" } else { "do not fit" };
+            writeln!(f, "request bodies {verdict} the schemas of {}", self.schema.origin)?;
+        }
+        for problem in &self.schema.problems {
+            writeln!(f, "  {problem}")?;
+        }
+        for warning in &self.schema.warnings {
+            writeln!(f, "warning: {warning}")?;
+        }
+        Ok(())
     }
 }
 

@@ -139,6 +139,23 @@ pub struct RunArgs {
     /// API settings.
     #[command(flatten)]
     pub api: ApiArgs,
+    /// Schema checking.
+    #[command(flatten)]
+    pub schema: SchemaArgs,
+    /// Run even if the job file does not fit Krea's request schemas.
+    #[arg(long)]
+    pub no_validate: bool,
+}
+
+/// Where Krea's OpenAPI document (the request schemas) comes from.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Use only the cached OpenAPI document, whatever its age; fetch nothing.
+    #[arg(long)]
+    pub offline: bool,
+    /// Check against this OpenAPI document instead of `<api>/openapi.json`.
+    #[arg(long, value_name = "FILE")]
+    pub openapi: Option<PathBuf>,
 }
 
 /// `krea-batch download`.
@@ -162,6 +179,12 @@ pub struct CheckArgs {
     /// Print the plan as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The API base URL, instead of the job file's `api.base_url` (where the schemas come from).
+    #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
+    pub api_base: Option<String>,
+    /// Schema checking.
+    #[command(flatten)]
+    pub schema: SchemaArgs,
 }
 
 /// `krea-batch status`.

@@ -21,6 +21,7 @@
 //! | `store.rs` | the SQLite state file: jobs, attempts, files; one writer |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
@@ -49,6 +50,7 @@ pub mod job;
 pub mod jobfile;
 pub mod key;
 pub mod metrics;
+pub mod openapi;
 pub mod pace;
 pub mod pricing;
 pub mod reconcile;

@@ -6,10 +6,10 @@
 //! 4 the API key was refused; 130 interrupted.
 
 use clap::Parser as _;
-use krea_batch::batch::{self, InputError, Mode, RunOptions};
+use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
 use krea_batch::cli::{
-    CancelArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
-    SimulateArgs, StateChoice, StatusArgs,
+    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
+    SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
@@ -61,7 +61,7 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
     let result = match cli.command {
         Command::Run(args) => run(args, progress_bar).await,
         Command::Download(args) => download(args).await,
-        Command::Check(args) => check(&args.job_file, args.json),
+        Command::Check(args) => check(args).await,
         Command::Status(args) => status(&args),
         Command::Daemon(args) => run_daemon(args).await,
         Command::Cancel(args) => cancel(args).await,
@@ -113,6 +113,7 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         tokio::spawn(report::show_progress(status_rx, progress_bar, Duration::from_secs(10)));
     let options = RunOptions {
         mode: Mode::Run,
+        schema: schema_choice(&args.schema, args.no_validate),
         state: args.state.clone(),
         api_base,
         key: Some(key),
@@ -140,6 +141,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     let (status, _) = tokio::sync::watch::channel(EngineStatus::default());
     let options = RunOptions {
         mode: Mode::DownloadOnly,
+        schema: SchemaChoice::default(),
         state: args.state,
         api_base: None,
         key: None,
@@ -240,15 +242,25 @@ fn exit_code(summary: &Summary) -> u8 {
     }
 }
 
-fn check(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
-    let file = jobfile::load(path)?;
-    let plan = batch::plan(&file)?;
-    if json {
+async fn check(args: CheckArgs) -> anyhow::Result<u8> {
+    let file = jobfile::load(&args.job_file)?;
+    let base = batch::base_url(&file, args.api_base.as_deref())?;
+    let state = batch::places(&file, None, false).state;
+    let report =
+        batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
+    let fits = report.problems.is_empty();
+    let plan = batch::plan(&file, &base, report)?;
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
         print!("{plan}");
     }
-    Ok(EXIT_OK)
+    // Bodies Krea would refuse are bad input, like any other mistake in the file.
+    Ok(if fits { EXIT_OK } else { EXIT_BAD_INPUT })
+}
+
+fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {
+    SchemaChoice { openapi: args.openapi.clone(), offline: args.offline, skip }
 }
 
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {

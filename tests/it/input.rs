@@ -86,7 +86,44 @@ fn check_prints_the_plan_and_sends_nothing() {
     assert_eq!(plan["jobs"], 4);
     let estimated = plan["estimated_usd"].as_f64().expect("estimate");
     assert!((estimated - (3.0 * 0.007 + 0.03)).abs() < 1e-9, "{estimated}");
-    assert_eq!(sim.stats().requests_total, 0);
+    assert!(
+        plan["schema"]["origin"].as_str().is_some_and(|o| o.ends_with("/openapi.json")),
+        "{plan}"
+    );
+    assert_eq!(plan["schema"]["problems"].as_array().map(Vec::len), Some(0));
+    let stats = sim.stats();
+    assert!(
+        stats.requests.iter().all(|r| r.path == "/openapi.json"),
+        "only the schemas were fetched"
+    );
+    assert_eq!(stats.jobs_created, 0);
+}
+
+#[test]
+fn check_names_schema_problems_with_their_line_and_exits_2() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs(
+        "  - {prompt: a fox, params: {steps: 500}}\n  - {prompt: a cat, model: image/krea/krea-2/medium, params: {creativity: wild}}\n",
+    );
+    let run = work.command(&sim, "unused", &["check"], &[]);
+    run.expect_code(2);
+    assert!(
+        run.stdout.contains("jobs.yaml:")
+            && run.stdout.contains("steps: 500 is above the maximum 100"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("creativity: \"wild\" is not one of"), "{}", run.stdout);
+    assert_eq!(sim.stats().jobs_created, 0);
+
+    // A model the document does not know is a warning, and an unreachable document too.
+    let unknown = Workspace::with_jobs("  - {prompt: a fox, model: image/new/model}\n");
+    let run = unknown.command(&sim, "unused", &["check"], &[]);
+    run.expect_code(0);
+    assert!(run.stdout.contains("does not describe image/new/model"), "{}", run.stdout);
+    let offline = unknown.command(&sim, "unused", &["check"], &["--openapi", "/nonexistent.json"]);
+    offline.expect_code(0);
+    assert!(offline.stdout.contains("were not checked"), "{}", offline.stdout);
 }
 
 #[test]

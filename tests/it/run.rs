@@ -174,12 +174,25 @@ fn previews_and_undocumented_states_are_not_results() {
 }
 
 #[test]
-fn a_bad_field_fails_that_job_with_the_servers_message() {
+fn a_bad_field_is_refused_before_the_run_and_with_no_validate_fails_that_job_alone() {
     let sim = Sim::start(|_| {});
     let work = Workspace::with_jobs(
         "  - {name: ok, prompt: a bridge}\n  - {name: typo, prompt: a tower, params: {widht: 512}}\n",
     );
-    work.run(&sim, &[]).expect_code(1);
+    // Checked against the simulation's /openapi.json before anything is spent.
+    let refused = work.run(&sim, &[]);
+    refused.expect_code(2);
+    assert!(
+        refused.stderr.contains("jobs.yaml:")
+            && refused.stderr.contains("widht: unknown field; did you mean width?"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stderr.contains("--no-validate"), "{}", refused.stderr);
+    assert_eq!(sim.stats().jobs_created, 0, "nothing was sent");
+
+    // Sent anyway, Krea's 400 fails that job alone, with the server's message.
+    work.run(&sim, &["--no-validate"]).expect_code(1);
     let manifest = work.manifest();
     let typo = manifest.iter().find(|line| line["name"] == "typo").expect("listed");
     assert_eq!(typo["status"], "failed");
@@ -214,7 +227,7 @@ fn the_key_appears_in_no_output_even_at_trace_level() {
     );
     let mut command = krea_batch();
     command
-        .args(["-vv", "run", "--json"])
+        .args(["-vv", "run", "--json", "--no-validate"])
         .arg(work.job_file())
         .env("KREA_API_BASE", sim.url())
         .env("KREA_API_KEY", secret)
