@@ -74,6 +74,33 @@ pub async fn schema_report(
     SchemaReport::of(document.as_ref().map_err(String::as_str), file)
 }
 
+/// Refuses to start a run whose bodies Krea would refuse, unless `--no-validate`; logs the
+/// warnings (a model the document does not know, no document at all).
+async fn enforce_schema(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> Result<(), InputError> {
+    let report = schema_report(file, base, state, choice).await;
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    let listed = report.problems.join("\n  ");
+    if choice.skip {
+        tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
+        return Ok(());
+    }
+    Err(InputError(format!(
+        "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
+         Fix the job file, or run with --no-validate to send them anyway.",
+        report.origin
+    )))
+}
+
 /// What `run` needs besides the job file.
 #[derive(Debug)]
 pub struct RunOptions {
@@ -174,22 +201,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
         err => anyhow::Error::new(err),
     })?;
     if options.mode == Mode::Run {
-        let report = schema_report(&file, &base, &places.state, &options.schema).await;
-        for warning in &report.warnings {
-            tracing::warn!("{warning}");
-        }
-        if !report.problems.is_empty() {
-            let listed = report.problems.join("\n  ");
-            if !options.schema.skip {
-                return Err(InputError(format!(
-                    "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
-                     Fix the job file, or run with --no-validate to send them anyway.",
-                    report.origin
-                ))
-                .into());
-            }
-            tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
-        }
+        enforce_schema(&file, &base, &places.state, &options.schema).await?;
     }
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
     let source = source.to_string_lossy();

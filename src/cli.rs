@@ -117,6 +117,7 @@ pub struct ApiArgs {
 
 /// `krea-batch run`.
 #[derive(Debug, Args)]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches are booleans")]
 pub struct RunArgs {
     /// The job file (YAML).
     pub job_file: PathBuf,
