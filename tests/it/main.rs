@@ -3,6 +3,7 @@
 
 mod chaos;
 mod daemon;
+mod gallery;
 mod input;
 mod kill;
 mod resume;
