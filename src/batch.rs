@@ -166,6 +166,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         reconcile_after: limits.reconcile_after,
         pause_probe: None,
         heartbeat: None,
+        budget: None,
     }
 }
 

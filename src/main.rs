@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 every job completed; 1 some failed (or were cancelled, lost, left unknown or
 //! with downloads pending); 2 bad input or usage; 3 stopped by 402 (balance exhausted);
-//! 4 the API key was refused; 130 interrupted.
+//! 4 the API key was refused; 5 stopped by the budget; 130 interrupted.
 
 use clap::Parser as _;
 use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
@@ -32,6 +32,8 @@ const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_PAYMENT_REQUIRED: u8 = 3;
 /// The key was refused.
 const EXIT_AUTH: u8 = 4;
+/// Stopped because the next job would exceed the budget.
+const EXIT_BUDGET: u8 = 5;
 /// Interrupted.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -233,6 +235,7 @@ fn exit_code(summary: &Summary) -> u8 {
     match summary.stopped {
         Some(StopReason::AuthRefused) => EXIT_AUTH,
         Some(StopReason::PaymentRequired) => EXIT_PAYMENT_REQUIRED,
+        Some(StopReason::BudgetReached) => EXIT_BUDGET,
         Some(StopReason::Interrupted) => EXIT_INTERRUPTED,
         None => {
             let c = &summary.counts;

@@ -23,6 +23,8 @@ pub enum StopReason {
     AuthRefused,
     /// The user asked to stop (Ctrl-C, SIGTERM).
     Interrupted,
+    /// The next job would exceed the budget (`budget:` in the job file or the daemon config).
+    BudgetReached,
 }
 
 impl StopReason {
@@ -33,6 +35,7 @@ impl StopReason {
             Self::PaymentRequired => "payment_required",
             Self::AuthRefused => "auth_refused",
             Self::Interrupted => "interrupted",
+            Self::BudgetReached => "budget_reached",
         }
     }
 }
@@ -43,6 +46,7 @@ impl std::fmt::Display for StopReason {
             Self::PaymentRequired => "the Krea API balance is exhausted (402)",
             Self::AuthRefused => "Krea refused the API key",
             Self::Interrupted => "interrupted",
+            Self::BudgetReached => "the budget is reached",
         })
     }
 }
@@ -358,6 +362,14 @@ impl std::fmt::Display for Summary {
                 f,
                 "Stopped: Krea refused the API key. Check the key, then run the same command \
                  again; jobs already submitted are polled, not sent again."
+            )?,
+            Some(StopReason::BudgetReached) => writeln!(
+                f,
+                "Stopped submitting: the next job would exceed the budget. {} jobs finished, {} \
+                 not submitted. Raise the budget (budget: in the job file), then run the same \
+                 command again: it continues where it stopped.",
+                c.finished(),
+                c.pending
             )?,
             Some(StopReason::Interrupted) => writeln!(
                 f,

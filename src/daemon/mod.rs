@@ -188,6 +188,10 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     let mut settings = engine_settings(&config.limits);
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
+    settings.budget = config.budget.map(|budget| crate::runner::Budget {
+        max_usd: budget.max_usd,
+        per_day_usd: budget.per_day_usd,
+    });
     settings
 }
 

@@ -70,6 +70,12 @@ pub(crate) fn status_line(status: &EngineStatus) -> String {
             "; paused: Krea refused the API key, {} waiting; fix the key, then SIGHUP",
             c.pending
         ),
+        Some(StopReason::BudgetReached) => write!(
+            line,
+            "; paused: the budget is reached, {} waiting; raise it and reload, or wait for the \
+             next day (a daily budget)",
+            c.pending
+        ),
         Some(StopReason::Interrupted) => write!(line, "; stopping"),
         None => Ok(()),
     };

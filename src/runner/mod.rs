@@ -22,6 +22,7 @@
 //! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
 
+mod budget;
 mod fetch;
 mod poll;
 mod reconciling;
@@ -35,6 +36,7 @@ use crate::reconcile::Candidate;
 use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
+pub use budget::Budget;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +77,8 @@ pub struct EngineSettings {
     pub pause_probe: Option<Duration>,
     /// Wake up at least this often, to show the loop is alive (the systemd watchdog).
     pub heartbeat: Option<Duration>,
+    /// The spending cap, if any.
+    pub budget: Option<Budget>,
 }
 
 /// Requests to a running engine (the service uses them; a one-shot run needs none).
@@ -217,6 +221,8 @@ pub struct Engine {
     ended: Vec<usize>,
     /// When the pacer will next grant a submission, if it is what holds submissions back.
     submit_wake: Option<Instant>,
+    /// What is committed against the budget.
+    ledger: budget::Ledger,
     /// Output folders whose gallery is out of date, and when each was last written.
     gallery_stale: HashSet<Arc<PathBuf>>,
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
@@ -284,6 +290,7 @@ impl Engine {
             changes: Vec::new(),
             ended: Vec::new(),
             submit_wake: None,
+            ledger: budget::Ledger::default(),
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
         };
@@ -314,6 +321,7 @@ impl Engine {
             let output_dir = dirs.get(&job.batch_id).cloned().unwrap_or_default();
             engine.by_id.insert(job.id, index);
             engine.counts.add(job.state);
+            engine.ledger.add(&job);
             if matches!(job.state, JobState::Completed | JobState::Downloaded) {
                 engine.status.spend_usd += job.price_usd.unwrap_or_default();
             }
@@ -575,6 +583,7 @@ impl Engine {
             job.finished_at.get_or_insert_with(crate::store::now_ms);
         }
         self.counts.moved(from, state);
+        self.ledger.moved(job, from);
         if state.is_final() {
             self.ended.push(slot);
         }
@@ -609,13 +618,16 @@ impl Engine {
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
                 waiting,
-                "the Krea API balance is exhausted (402): submitting paused; jobs in flight are                  finished and downloaded; one submission probes every {probe} (or at once on                  SIGHUP or `krea-batch resume`)"
+                "the Krea API balance is exhausted (402): submitting paused; jobs in flight are \
+                 finished and downloaded; one submission probes every {probe} (or at once on \
+                 SIGHUP or `krea-batch resume`)"
             ),
             StopReason::AuthRefused => tracing::error!(
                 waiting,
-                "Krea refused the API key (401/403): submitting paused; fix the key, then send                  SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
+                "Krea refused the API key (401/403): submitting paused; fix the key, then send \
+                 SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
             ),
-            StopReason::Interrupted => {}
+            StopReason::Interrupted | StopReason::BudgetReached => {}
         }
     }
 
@@ -644,7 +656,7 @@ impl Engine {
                 "stopping: no more submissions; waiting for jobs in flight (press Ctrl-C again \
                  to stop now; a rerun resumes)"
             ),
-            StopReason::AuthRefused => {}
+            StopReason::AuthRefused | StopReason::BudgetReached => {}
         }
     }
 

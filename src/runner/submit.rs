@@ -37,6 +37,12 @@ impl Engine {
             self.submit_wake = Some(probe_at);
             return None;
         }
+        let next = *self.pending.front()?;
+        if let Err(exceeded) = self.budget_check(self.slots[next].job.price_usd) {
+            self.halt_on_budget(&exceeded);
+            self.submit_wake = self.probe_at.filter(|_| self.paused.is_some());
+            return None;
+        }
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);
             return None;

@@ -1,0 +1,199 @@
+//! The spending cap. Before each POST, what the batch has committed (completed jobs, which are
+//! billed, plus jobs in flight, at their estimated price) and the next job's price must fit
+//! under `max_usd`, and the same counted for today (UTC) under `per_day_usd`. When they do not,
+//! submitting stops exactly as on a 402: jobs in flight finish; a one-shot run ends (exit 5),
+//! the service pauses until the next day or a reload. Failed and cancelled jobs cost nothing.
+
+use super::Engine;
+use crate::job::JobState;
+use crate::report::StopReason;
+use crate::store::JobRecord;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The caps; either may be absent.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Budget {
+    /// The most the jobs may cost in all, USD.
+    pub max_usd: Option<f64>,
+    /// The most they may cost per UTC day (by when they completed), USD.
+    pub per_day_usd: Option<f64>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// What is committed: billed (completed) spend by day, and jobs in flight.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ledger {
+    in_flight_usd: f64,
+    billed_usd: f64,
+    billed_by_day: HashMap<i64, f64>,
+}
+
+/// How a state counts against the budget.
+enum Weight {
+    Nothing,
+    InFlight,
+    Billed,
+}
+
+fn weight(state: JobState) -> Weight {
+    match state {
+        JobState::Submitting | JobState::Unknown | JobState::Submitted => Weight::InFlight,
+        JobState::Completed | JobState::Downloaded => Weight::Billed,
+        JobState::Pending | JobState::Failed | JobState::Cancelled => Weight::Nothing,
+    }
+}
+
+impl Ledger {
+    /// Counts a job as it stands (when the engine takes it on).
+    pub(super) fn add(&mut self, job: &JobRecord) {
+        self.apply(job, job.state, 1.0);
+    }
+
+    /// A job moved from `from` to its current state.
+    pub(super) fn moved(&mut self, job: &JobRecord, from: JobState) {
+        self.apply(job, from, -1.0);
+        self.apply(job, job.state, 1.0);
+    }
+
+    fn apply(&mut self, job: &JobRecord, state: JobState, sign: f64) {
+        let price = job.price_usd.unwrap_or_default() * sign;
+        match weight(state) {
+            Weight::Nothing => {}
+            Weight::InFlight => self.in_flight_usd += price,
+            Weight::Billed => {
+                self.billed_usd += price;
+                let day = job.finished_at.unwrap_or_else(crate::store::now_ms).div_euclid(DAY_MS);
+                *self.billed_by_day.entry(day).or_default() += price;
+            }
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.billed_usd + self.in_flight_usd
+    }
+
+    fn today(&self, now_ms: i64) -> f64 {
+        self.billed_by_day.get(&now_ms.div_euclid(DAY_MS)).copied().unwrap_or_default()
+            + self.in_flight_usd
+    }
+}
+
+/// Why the next job does not fit, and until when (a per-day cap ends at midnight UTC).
+pub(super) struct Exceeded {
+    pub(super) message: String,
+    pub(super) retry_in: Option<Duration>,
+}
+
+impl Engine {
+    /// Whether the next job (costing `price`) fits under the budget.
+    pub(super) fn budget_check(&self, price: Option<f64>) -> Result<(), Exceeded> {
+        let Some(budget) = self.settings.budget else { return Ok(()) };
+        let price = price.unwrap_or_default();
+        let now = crate::store::now_ms();
+        // A cent's thousandth of slack: prices are sums of floats.
+        let over = |committed: f64, cap: f64| committed + price > cap + 1e-9;
+        if let Some(cap) = budget.max_usd.filter(|cap| over(self.ledger.total(), *cap)) {
+            return Err(Exceeded {
+                message: format!(
+                    "the budget of ${cap:.2} would be exceeded: ${:.4} committed (completed and \
+                     in flight) + ${price:.4} for the next job",
+                    self.ledger.total()
+                ),
+                retry_in: None,
+            });
+        }
+        if let Some(cap) = budget.per_day_usd.filter(|cap| over(self.ledger.today(now), *cap)) {
+            let to_midnight = DAY_MS - now.rem_euclid(DAY_MS);
+            return Err(Exceeded {
+                message: format!(
+                    "the daily budget of ${cap:.2} would be exceeded: ${:.4} committed today \
+                     (UTC) + ${price:.4} for the next job",
+                    self.ledger.today(now)
+                ),
+                retry_in: Some(Duration::from_millis(
+                    u64::try_from(to_midnight).unwrap_or_default(),
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops (one-shot) or pauses (service) submitting because the budget is reached.
+    pub(super) fn halt_on_budget(&mut self, exceeded: &Exceeded) {
+        if self.settings.pause_probe.is_none() {
+            if self.stopped.is_none() {
+                tracing::warn!(
+                    "{}; no more submissions; jobs in flight are finished",
+                    exceeded.message
+                );
+            }
+            self.stopped.get_or_insert(StopReason::BudgetReached);
+            return;
+        }
+        if self.paused != Some(StopReason::BudgetReached) {
+            tracing::warn!("{}; submitting paused", exceeded.message);
+        }
+        self.paused = Some(StopReason::BudgetReached);
+        // A daily cap frees up at midnight; a total cap only with a new configuration (SIGHUP).
+        let wait = exceeded.retry_in.unwrap_or(Duration::from_hours(24 * 365));
+        self.probe_at = Some(tokio::time::Instant::now() + wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobKey;
+    use std::sync::Arc;
+
+    fn job(state: JobState, price: f64, finished_day: i64) -> JobRecord {
+        JobRecord {
+            id: 1,
+            batch_id: 1,
+            key: JobKey::from_stored("k".into()),
+            name: "j".into(),
+            model: "m".into(),
+            body: Arc::from("{}"),
+            state,
+            remote_id: None,
+            remote_status: None,
+            attempt_at: None,
+            attempt_ended: None,
+            attempts: 0,
+            submitted_at: None,
+            created_at: None,
+            completed_at: None,
+            finished_at: Some(finished_day * DAY_MS + 1000),
+            urls: Vec::new(),
+            error: None,
+            price_usd: Some(price),
+            in_file: true,
+            files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_ledger_counts_billed_and_in_flight_not_failed() {
+        let mut ledger = Ledger::default();
+        ledger.add(&job(JobState::Downloaded, 1.0, 10));
+        ledger.add(&job(JobState::Failed, 5.0, 10));
+        ledger.add(&job(JobState::Pending, 7.0, 10));
+        let mut flying = job(JobState::Submitted, 0.5, 11);
+        ledger.add(&flying);
+        assert!((ledger.total() - 1.5).abs() < 1e-9);
+        assert!((ledger.today(11 * DAY_MS) - 0.5).abs() < 1e-9, "yesterday's spend is not today's");
+        flying.state = JobState::Completed;
+        ledger.moved(&flying, JobState::Submitted);
+        assert!((ledger.total() - 1.5).abs() < 1e-9);
+        assert!((ledger.today(11 * DAY_MS) - 0.5).abs() < 1e-9);
+        flying.state = JobState::Downloaded;
+        ledger.moved(&flying, JobState::Completed);
+        let mut refused = job(JobState::Submitting, 2.0, 11);
+        ledger.add(&refused);
+        refused.state = JobState::Failed;
+        ledger.moved(&refused, JobState::Submitting);
+        assert!((ledger.total() - 1.5).abs() < 1e-9, "a failed job costs nothing");
+    }
+}
