@@ -248,3 +248,28 @@ fn cancel_and_resume_reach_the_running_daemon_and_metrics_show_it() {
     daemon.signal("TERM");
     daemon.finish(Duration::from_secs(10)).expect_code(0);
 }
+
+#[test]
+fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
+    let sim = Sim::start(|_| {});
+    // Three flux jobs ($0.007 each) fit in $0.021.
+    let service = Service::new(&sim, "budget:\n  per_day_usd: 0.021\n");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    service.drop_file("five.yaml", &job_file("a budgeted job", 5));
+    systemd.wait_for("STATUS says the budget is reached", |m| m.contains("budget is reached"));
+    wait_until(Duration::from_secs(20), "three results", || service.results("five") == 3);
+    assert_eq!(sim.stats().jobs_created, 3, "nothing submitted past the budget");
+
+    let config = std::fs::read_to_string(service.config()).expect("config");
+    std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_day_usd: 1"))
+        .expect("config raised");
+    daemon.signal("HUP");
+    wait_until(Duration::from_secs(20), "all five results", || service.results("five") == 5);
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 5);
+    assert!(stats.creations_by_prompt.values().all(|count| *count == 1));
+}
