@@ -129,6 +129,9 @@ const FOUND: &str = "\u{0}krea-batch locator: target reached";
 
 /// The 1-based line and column of the node at `path` in the `document`-th (from 0) YAML
 /// document of `text`, or `None` when there is no such node.
+///
+/// A `document` past the first only when `serde_yaml` has read the ones before it without an
+/// error: after an error its document iterator resumes mid-document, and reading that panics.
 pub(super) fn locate(
     text: &str,
     document: usize,
@@ -290,6 +293,13 @@ pub(super) fn alias_culprit(path: &[Seg]) -> Vec<Seg> {
     path[..end].to_vec()
 }
 
+/// `serde_yaml`'s whole message for a text of several documents. Matched exactly: messages
+/// about unknown keys quote the key, and a key may read "more than one document" (found by the
+/// fuzz target: taken for this error, the locator was sent to a second document that did not
+/// exist, and `serde_yaml` panicked reading past the first one's error).
+const MORE_THAN_ONE_DOCUMENT: &str =
+    "deserializing from YAML containing more than one document is not supported";
+
 /// Turns a `serde_yaml` error into a [`JobFileError`].
 ///
 /// `failure` is the last error the job file's deserializers raised, `path` where they were
@@ -321,13 +331,15 @@ pub(super) fn convert(
         }
         message = failure.message;
     } else if bare.ends_with("recursion limit exceeded") {
+        // The path runs 128 levels deep by now: name the field it starts under instead.
+        key_path = alias_culprit(&key_path);
         message = "the YAML is nested too deeply (serde_yaml stops at 128 levels)".to_owned();
     } else if bare.ends_with("repetition limit exceeded") {
         key_path = alias_culprit(&key_path);
         position = None;
         message =
             "YAML aliases (*name) expand to too much data; write the values out instead".to_owned();
-    } else if bare.contains("more than one document") {
+    } else if bare == MORE_THAN_ONE_DOCUMENT {
         message = "the file holds more than one YAML document (a `---` line after the first \
                    one); put all settings and jobs in a single document"
             .to_owned();

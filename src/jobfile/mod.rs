@@ -12,20 +12,27 @@
 //! are only read, `pricing` applies them; the runner decides what to send and when, the store
 //! what was already sent. `api:` and `limits:` are reused by the daemon configuration.
 //!
-//! How it is built: `de` deserializes the document by hand, checking each node as it is read
-//! (so `serde_yaml` gives the node's position); this file then checks the rules spanning
+//! How it is built: `nesting` first refuses flow nesting deeper than `serde_yaml` accepts
+//! (libyaml would take quadratic time over it); `de` then deserializes the document by hand,
+//! checking each node as it is read (so `serde_yaml` gives the node's position), within a budget
+//! that stops alias bombs; this file then checks the rules spanning
 //! several nodes (unique names, a model per job, limits that contradict each other) and
 //! finds their positions with `locate`. `serde_yaml` is used nowhere else in the crate, so
 //! replacing it stays a change to this folder.
 
 mod de;
 mod locate;
+mod nesting;
 mod settings;
 mod values;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
+#[doc(hidden)]
+pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Limits};
 pub use values::{parse_model_path, parse_size};
@@ -39,9 +46,11 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 
-/// The largest job file [`load`] reads. A larger one is surely not a hand-written job list, and
-/// `serde_yaml` holds the whole document in memory several times over.
-pub const MAX_FILE_SIZE: u64 = 64 << 20;
+/// The largest job file [`load`] reads: 32 MiB, room for about 600,000 one-line jobs (a
+/// 100,000-job file is about 5 MB). A larger one is surely not a hand-written job list, and
+/// reading takes memory and time in proportion: `serde_yaml` holds every node of the document
+/// at once, up to about 80 bytes for each byte of the densest YAML.
+pub const MAX_FILE_SIZE: u64 = 32 << 20;
 
 /// The most jobs one file may expand to (entries times their `count`).
 pub const MAX_JOBS: usize = 1_000_000;
@@ -149,18 +158,26 @@ pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
         JobFileError::whole_file(path, format!("cannot read the job file: {error}"))
     };
     let file = std::fs::File::open(path).map_err(cannot_read)?;
+    // The size up front spares reading a file that is too large; the limit on the read (which
+    // `parse` refuses past) covers what has no size, such as a pipe, or grows meanwhile.
+    if file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() > MAX_FILE_SIZE) {
+        return Err(too_large(path));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).map_err(cannot_read)?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(JobFileError::whole_file(
-            path,
-            format!(
-                "the job file is larger than {} MiB; split it into several files",
-                MAX_FILE_SIZE >> 20
-            ),
-        ));
-    }
     parse(&bytes, path)
+}
+
+/// The error for a file larger than [`MAX_FILE_SIZE`].
+fn too_large(path: &Path) -> JobFileError {
+    JobFileError::whole_file(
+        path,
+        format!(
+            "the job file is larger than {} MiB, the most krea-batch reads; split it into \
+             several files",
+            MAX_FILE_SIZE >> 20
+        ),
+    )
 }
 
 /// The output directory a job file names, without validating the rest: for commands that only
@@ -196,9 +213,27 @@ pub fn output_dir_of(path: &Path) -> Result<PathBuf, JobFileError> {
 }
 
 /// Parses job-file text read from `source` (used for messages and to resolve `output`).
-/// Pure: no I/O.
+/// Pure: no I/O. Text longer than [`MAX_FILE_SIZE`] is refused, as [`load`] refuses the file:
+/// the daemon reads its inbox files up to one byte past the limit and hands them here.
 pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> {
+    if text_bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(too_large(source));
+    }
     let text = decode(text_bytes, source)?;
+    if let Err(offset) = nesting::scan(text, nesting::MAX_FLOW_DEPTH) {
+        let (line, column) = LineIndex::new(text).position(offset);
+        return Err(JobFileError {
+            line: Some(line),
+            column: Some(column),
+            ..JobFileError::whole_file(
+                source,
+                format!(
+                    "the YAML is nested too deeply (more than {} levels of `[` and `{{`)",
+                    nesting::MAX_FLOW_DEPTH
+                ),
+            )
+        });
+    }
     let ctx = de::Ctx::new(text, read_budget(text));
     let raw = match de::read(&ctx) {
         Ok(raw) => raw,
@@ -207,8 +242,13 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
             return Err(locate::convert(&error, failure, &path, text, source));
         }
     };
-    Assembly { text, source, lines: LineIndex::new(text), fallbacks_left: 64 }.build(raw)
+    let fallbacks_left = (LOCATE_BUDGET / text.len().max(1)).min(64);
+    Assembly { text, source, lines: LineIndex::new(text), fallbacks_left }.build(raw)
 }
+
+/// How much text (in bytes) the locator may read again to find the lines of entries whose
+/// offset is unknown: each search parses the whole file once more, so a large file gets few.
+const LOCATE_BUDGET: usize = 16 << 20;
 
 /// How much data (in `de`'s weight units, about bytes) reading `text` may build. A file
 /// written out in full stays under 8 units per byte; the rest leaves room for YAML aliases

@@ -773,6 +773,72 @@ fn deep_nesting_ends_in_a_positioned_error() {
     let error = refused(&text);
     assert!(error.message.contains("nested too deeply"), "{error}");
     assert_eq!(error.line, Some(3), "{error}");
+    // Block nesting is left to serde_yaml's own limit; the key names the field it is under,
+    // not 128 levels of path.
+    let mut text = String::from("model: bfl/x\nparams:\n  deep:\n");
+    for level in 0..200 {
+        let _ = writeln!(text, "{}- ", " ".repeat(4 + 2 * level));
+    }
+    text.push_str("jobs: [{prompt: a}]\n");
+    let error = refused(&text);
+    assert!(error.message.contains("nested too deeply"), "{error}");
+    assert_eq!(error.key.as_deref(), Some("params.deep"), "{error}");
+    assert!(error.line.is_some_and(|line| line > 100), "{error}");
+}
+
+#[test]
+fn deep_flow_nesting_is_refused_before_libyaml_reads_it() {
+    // libyaml takes time quadratic in flow depth (40,000 `[` took 11 s): the pre-scan refuses
+    // the 129th level at once, and points at it.
+    let text =
+        format!("model: bfl/x\njobs:\n  - prompt: a\n    params: {{x: {}", "[".repeat(200_000));
+    let started = std::time::Instant::now();
+    let error = refused(&text);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!((error.line, error.column), (Some(4), Some(17 + 127)), "{error}");
+    assert!(error.message.contains("nested too deeply (more than 128 levels"), "{error}");
+    // Brackets in text are not nesting, and 128 levels (serde_yaml's own limit) are accepted.
+    let prompt = format!("\"{}\"", "[".repeat(5000));
+    assert_eq!(ok(&with_job(&format!("prompt: {prompt}"))).jobs.len(), 1);
+    let text = format!(
+        "{{model: bfl/x, jobs: [{{prompt: a, params: {{x: {}{}}}}}]}}\n",
+        "[".repeat(124),
+        "]".repeat(124)
+    );
+    assert_eq!(ok(&text).jobs.len(), 1, "128 levels in all");
+}
+
+#[test]
+fn files_over_the_size_limit_are_refused_by_parse_too() {
+    // The daemon hands `parse` what it read of an inbox file: one byte past the limit.
+    let mut bytes = with_job("prompt: a").into_bytes();
+    bytes.resize(usize::try_from(MAX_FILE_SIZE).expect("fits") + 1, b'#');
+    let error = parse(&bytes, Path::new("big.yaml")).expect_err("too large");
+    assert_eq!(
+        error.to_string(),
+        "big.yaml: the job file is larger than 32 MiB, the most krea-batch reads; split it into \
+         several files"
+    );
+}
+
+#[test]
+fn a_key_that_reads_like_a_yaml_error_is_not_taken_for_one() {
+    // Found by the fuzz target: this panicked in serde_yaml, the unknown key being taken for
+    // serde_yaml's message about several documents.
+    check(
+        "limits:\n more than one document: [*a]\njobs: [{prompt: a, model: bfl/x}]\n",
+        2,
+        2,
+        Some("limits.\"more than one document\""),
+        "unknown key \"more than one document\"",
+    );
+    check(
+        "model: bfl/x\njobs: [{prompt: a}]\nlimits: {recursion limit exceeded: 1}\n",
+        3,
+        10,
+        Some("limits.\"recursion limit exceeded\""),
+        "unknown key",
+    );
 }
 
 #[test]
