@@ -1,0 +1,37 @@
+//! Fuzzes the job-file loader: any bytes either parse into jobs that are whole (a prompt, a
+//! valid name, a key) or are refused with one line that names the file. A panic, a hang
+//! (`-timeout`) or runaway memory (`-rss_limit_mb`) is a finding.
+
+#![no_main]
+
+use krea_batch::job::check_name;
+use libfuzzer_sys::fuzz_target;
+use std::path::Path;
+
+fuzz_target!(|data: &[u8]| {
+    match krea_batch::jobfile::parse(data, Path::new("fuzz.yaml")) {
+        Ok(file) => {
+            assert!(!file.jobs.is_empty(), "a file without jobs was accepted");
+            for job in &file.jobs {
+                assert!(!job.body.is_empty(), "job {} has no body", job.name);
+                assert!(!job.body_map().is_empty(), "job {}: body is not an object", job.name);
+                let prompt =
+                    job.body_map().get("prompt").and_then(|p| p.as_str().map(str::to_owned));
+                assert!(
+                    prompt.is_some_and(|prompt| !prompt.trim().is_empty()),
+                    "job {} has no prompt",
+                    job.name
+                );
+                assert!(check_name(&job.name).is_ok(), "job name {:?} is invalid", job.name);
+                assert!(!job.key.to_string().is_empty(), "job {} has no key", job.name);
+                assert!(!job.model.is_empty(), "job {} has no model", job.name);
+            }
+        }
+        Err(error) => {
+            let shown = error.to_string();
+            assert!(shown.starts_with("fuzz.yaml"), "no file named: {shown}");
+            assert!(!shown.contains('\n') && !shown.contains('\r'), "not one line: {shown:?}");
+            assert!(!error.message.is_empty(), "no message: {shown}");
+        }
+    }
+});
