@@ -4,6 +4,7 @@
 mod chaos;
 mod daemon;
 mod gallery;
+mod hostile;
 mod input;
 mod kill;
 mod resume;
