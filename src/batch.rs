@@ -8,18 +8,18 @@
 use crate::api::{self, ClientSettings, KreaClient};
 use crate::download::{Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
-use crate::jobfile::{JobFile, Limits};
+use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;
 use crate::openapi::{CACHE_FILE, SchemaReport, Source, obtain};
 use crate::pace::PollSchedule;
-use crate::pricing::{Estimate, PriceTable};
+use crate::pricing::{Estimate, PriceTable, usd};
 use crate::report::{Counts, EngineStatus, Summary, rewrite_manifest};
 use crate::retry::RetryPolicy;
 use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
 use crate::store::{Change, JobRecord, Store, StoreWriter};
 use anyhow::Context as _;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,6 +170,55 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
     }
 }
 
+/// Why `file`'s jobs cannot run under a budget: some have no known price, so what they
+/// commit cannot be counted. `None` when every job is priced.
+#[must_use]
+pub fn unpriced_under_budget(file: &JobFile) -> Option<String> {
+    let prices = PriceTable::with_overrides(file.prices.clone());
+    let mut unpriced: BTreeMap<&str, usize> = BTreeMap::new();
+    for job in &file.jobs {
+        if prices.price(&job.model, &job.body_map()).is_none() {
+            *unpriced.entry(&job.model).or_default() += 1;
+        }
+    }
+    if unpriced.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> =
+        unpriced.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
+    Some(format!(
+        "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` \
+         (USD per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
+        file.source.display(),
+        listed.join(", "),
+        unpriced.keys().next().copied().unwrap_or_default(),
+    ))
+}
+
+/// Refuses to start a run under a budget with jobs of unknown price, and says at the start
+/// when the estimate is above the total cap (the run will stop at the cap).
+fn enforce_budget(file: &JobFile) -> Result<(), InputError> {
+    let Some(budget) = file.budget else { return Ok(()) };
+    if let Some(refusal) = unpriced_under_budget(file) {
+        return Err(InputError(refusal));
+    }
+    let Some(cap) = budget.max_usd else { return Ok(()) };
+    let prices = PriceTable::with_overrides(file.prices.clone());
+    let mut total = Estimate::default();
+    for job in &file.jobs {
+        total.add(prices.price(&job.model, &job.body_map()));
+    }
+    if total.usd > cap {
+        tracing::warn!(
+            "the jobs are estimated at {}, above the budget of {}; submitting stops before the \
+             budget would be exceeded (jobs already done count against it)",
+            usd(total.usd),
+            usd(cap)
+        );
+    }
+    Ok(())
+}
+
 /// The API base URL: the command line, else the job file, else Krea's.
 pub fn base_url(file: &JobFile, override_url: Option<&str>) -> Result<reqwest::Url, InputError> {
     let text = override_url.or(file.api.base_url.as_deref()).unwrap_or(api::DEFAULT_BASE_URL);
@@ -203,6 +252,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
     })?;
     if options.mode == Mode::Run {
         enforce_schema(&file, &base, &places.state, &options.schema).await?;
+        enforce_budget(&file)?;
     }
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
     let source = source.to_string_lossy();
@@ -225,6 +275,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
     };
     // The jobs are in the state now; free the parsed file before the engine loads its own copy.
     let limits = file.limits;
+    let budget = file.budget;
     drop(file.jobs);
     let removed = remove_partials(&places.output_dir);
     if removed > 0 {
@@ -253,7 +304,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
         EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
         engine_jobs,
         &output_dirs,
-        engine_settings(&limits),
+        EngineSettings { budget, ..engine_settings(&limits) },
         options.controls,
         options.status,
     );
@@ -376,6 +427,35 @@ pub struct Plan {
     pub api_base: String,
     /// The check of the request bodies against Krea's schemas.
     pub schema: SchemaReport,
+    /// How the estimate compares with the file's `budget:`, when it has one.
+    pub budget: Option<BudgetFit>,
+}
+
+/// The estimate against a budget, as `check` prints it.
+#[derive(Debug, Serialize)]
+pub struct BudgetFit {
+    /// The total cap, USD.
+    pub max_usd: Option<f64>,
+    /// The daily cap, USD.
+    pub per_day_usd: Option<f64>,
+    /// Whether the whole file can run under the total cap: every job priced and the estimate
+    /// at most `max_usd` (a daily cap only spreads the jobs over days).
+    pub fits: bool,
+    /// When jobs have no known price: why the run would be refused.
+    pub unpriced: Option<String>,
+}
+
+impl BudgetFit {
+    fn of(file: &JobFile, budget: Budget, estimate: &Estimate) -> Self {
+        let unpriced = unpriced_under_budget(file);
+        let within = budget.max_usd.is_none_or(|cap| estimate.usd <= cap + 1e-9);
+        Self {
+            max_usd: budget.max_usd,
+            per_day_usd: budget.per_day_usd,
+            fits: unpriced.is_none() && within,
+            unpriced,
+        }
+    }
 }
 
 /// One model's share of a plan.
@@ -417,7 +497,42 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         state: places.state.display().to_string(),
         api_base: base.to_string(),
         schema,
+        budget: file.budget.map(|budget| BudgetFit::of(file, budget, &total)),
     })
+}
+
+impl Plan {
+    fn write_budget(
+        &self,
+        f: &mut std::fmt::Formatter<'_>,
+        budget: &BudgetFit,
+    ) -> std::fmt::Result {
+        if let Some(why) = &budget.unpriced {
+            return writeln!(f, "budget: does not fit: {why}");
+        }
+        if let Some(cap) = budget.max_usd {
+            let verdict = if budget.fits { "fits" } else { "does NOT fit" };
+            write!(f, "budget: {}: the estimate {verdict}", usd(cap))?;
+            if !budget.fits {
+                write!(f, "; the run would stop before exceeding it, leaving jobs unsent")?;
+            }
+            writeln!(f)?;
+        }
+        if let Some(daily) = budget.per_day_usd {
+            // The jobs of one day may cost `daily`: spread over that many UTC days at least.
+            let days = if daily > 0.0 { (self.estimated_usd / daily).ceil().max(1.0) } else { 0.0 };
+            if days > 0.0 {
+                writeln!(
+                    f,
+                    "daily budget: {}: the estimate takes at least {days} day(s)",
+                    usd(daily)
+                )?;
+            } else {
+                writeln!(f, "daily budget: $0.00: nothing would be sent")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for Plan {
@@ -434,6 +549,9 @@ impl std::fmt::Display for Plan {
             write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
         }
         writeln!(f)?;
+        if let Some(budget) = &self.budget {
+            self.write_budget(f, budget)?;
+        }
         writeln!(
             f,
             "results: {}\nstate:   {}\napi:     {}",

@@ -258,8 +258,14 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     } else {
         print!("{plan}");
     }
-    // Bodies Krea would refuse are bad input, like any other mistake in the file.
-    Ok(if fits { EXIT_OK } else { EXIT_BAD_INPUT })
+    // Bodies Krea would refuse are bad input, like any other mistake in the file, and so are
+    // jobs that a budget cannot count; an estimate above the budget is the budget's own code.
+    Ok(match &plan.budget {
+        _ if !fits => EXIT_BAD_INPUT,
+        Some(budget) if budget.unpriced.is_some() => EXIT_BAD_INPUT,
+        Some(budget) if !budget.fits => EXIT_BUDGET,
+        _ => EXIT_OK,
+    })
 }
 
 fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {

@@ -67,6 +67,16 @@ fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
     }
 }
 
+/// An amount for people: cents always, and the smaller digits of a price only when it has
+/// them (`$25.00`, `$0.021`, `$0.0075`).
+#[must_use]
+pub fn usd(amount: f64) -> String {
+    let precise = format!("{amount:.4}");
+    let trimmed = precise.trim_end_matches('0');
+    let decimals = trimmed.split_once('.').map_or(0, |(_, fraction)| fraction.len());
+    if decimals <= 2 { format!("${amount:.2}") } else { format!("${trimmed}") }
+}
+
 /// A sum of prices that remembers how many jobs had none.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Estimate {
@@ -132,6 +142,15 @@ mod tests {
         let plain = body(&json!({"prompt": "x"}));
         assert_eq!(table.price("image/bfl/flux-1-dev", &plain), Some(0.01));
         assert_eq!(table.price("image/new/model", &plain), Some(0.5));
+    }
+
+    #[test]
+    fn amounts_show_cents_and_only_the_digits_they_have() {
+        assert_eq!(usd(25.0), "$25.00");
+        assert_eq!(usd(0.021), "$0.021");
+        assert_eq!(usd(0.0075), "$0.0075");
+        assert_eq!(usd(7.5), "$7.50");
+        assert_eq!(usd(0.0), "$0.00");
     }
 
     #[test]

@@ -563,9 +563,14 @@ impl Store {
                     names.insert(spec.name.clone(), key.to_owned());
                 }
                 let name = if rename { &spec.name } else { old_name };
+                // A job not yet sent takes today's price (the file's `prices:` may have been
+                // added or changed); one already sent keeps the price it was committed at.
+                let price = prices.price(&spec.model, &spec.body_map());
                 tx.execute(
-                    "UPDATE jobs SET in_file = 1, name = ?2 WHERE id = ?1",
-                    params![id, name],
+                    "UPDATE jobs SET in_file = 1, name = ?2,
+                        price_usd = CASE WHEN state = 'pending' THEN ?3 ELSE price_usd END
+                     WHERE id = ?1",
+                    params![id, name, price],
                 )
                 .map_err(&err)?;
                 continue;

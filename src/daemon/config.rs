@@ -2,7 +2,7 @@
 //! documents every key). Paths are relative to the file's folder. Unknown keys are refused, and
 //! every error names the file, line and column.
 
-use crate::jobfile::{ApiSettings, Limits, deserialize_duration};
+use crate::jobfile::{ApiSettings, Budget, Limits, deserialize_duration};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,19 +38,7 @@ pub struct DaemonConfig {
     pub metrics: Option<MetricsConfig>,
     /// Spending caps; none when absent.
     #[serde(default)]
-    pub budget: Option<BudgetConfig>,
-}
-
-/// The `budget:` section: caps on the estimated spend (the price table's estimates).
-#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BudgetConfig {
-    /// The most all jobs may cost, USD.
-    #[serde(default)]
-    pub max_usd: Option<f64>,
-    /// The most jobs completing on one UTC day may cost, USD; submitting resumes at midnight.
-    #[serde(default)]
-    pub per_day_usd: Option<f64>,
+    pub budget: Option<Budget>,
 }
 
 /// The `metrics:` section.
@@ -101,16 +89,11 @@ impl DaemonConfig {
         config.limits.check().map_err(|(field, message)| {
             ConfigError(format!("{}: limits.{field}: {message}", path.display()))
         })?;
-        if let Some(budget) = &config.budget {
-            for (field, value) in [("max_usd", budget.max_usd), ("per_day_usd", budget.per_day_usd)]
-            {
-                if value.is_some_and(|usd| !usd.is_finite() || usd < 0.0) {
-                    return Err(ConfigError(format!(
-                        "{}: budget.{field}: must be a number of dollars, 0 or more",
-                        path.display()
-                    )));
-                }
-            }
+        if config.budget.is_some_and(|budget| !budget.is_set()) {
+            return Err(ConfigError(format!(
+                "{}: budget: sets no cap; write max_usd and/or per_day_usd",
+                path.display()
+            )));
         }
         if let Some(metrics) = &config.metrics {
             crate::metrics::check_listen(&metrics.listen).map_err(|message| {

@@ -23,7 +23,7 @@ use crate::api;
 use crate::batch::{InputError, clients, engine_settings, guard_api_base};
 use crate::download::{ensure_real_dir, remove_partials};
 use crate::inbox::{Inbox, ReadyFile};
-use crate::jobfile;
+use crate::jobfile::{self, JobFile};
 use crate::key::ApiKey;
 use crate::metrics::MetricsSnapshot;
 use crate::pricing::PriceTable;
@@ -188,10 +188,7 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     let mut settings = engine_settings(&config.limits);
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
-    settings.budget = config.budget.map(|budget| crate::runner::Budget {
-        max_usd: budget.max_usd,
-        per_day_usd: budget.per_day_usd,
-    });
+    settings.budget = config.budget;
     settings
 }
 
@@ -241,12 +238,34 @@ impl Daemon {
         }
     }
 
+    /// The service's own rules for an inbox file, beyond the job-file format: the budget is
+    /// the service's (one cap over all files, in its configuration), so a file's `budget:`
+    /// would be ignored and is refused instead; under that budget every job needs a price.
+    fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, String> {
+        if job_file.budget.is_some() {
+            return Err(format!(
+                "{}: budget: the service's budget is set in its configuration file (`budget:` \
+                 there), not per job file; remove `budget:` from the job file",
+                job_file.source.display(),
+            ));
+        }
+        if self.config.budget.is_some()
+            && let Some(refusal) = crate::batch::unpriced_under_budget(&job_file)
+        {
+            return Err(refusal);
+        }
+        Ok(job_file)
+    }
+
     async fn take_file(&mut self, file: ReadyFile) {
-        let job_file = match jobfile::parse(&file.bytes, &file.path) {
+        let job_file = match jobfile::parse(&file.bytes, &file.path)
+            .map_err(|err| err.to_string())
+            .and_then(|job_file| self.fits_the_service(job_file))
+        {
             Ok(job_file) => job_file,
             Err(err) => {
                 tracing::warn!(file = %file.file_name, error = %err, "job file rejected");
-                if let Err(io) = self.inbox.reject(&file, &err.to_string()) {
+                if let Err(io) = self.inbox.reject(&file, &err) {
                     tracing::error!(file = %file.file_name, %io, "cannot move the rejected file");
                 }
                 return;

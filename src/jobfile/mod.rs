@@ -34,7 +34,7 @@ mod tests;
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
-pub use settings::{ApiSettings, Limits};
+pub use settings::{ApiSettings, Budget, Limits};
 pub use values::{parse_model_path, parse_size};
 
 use crate::job::{JobKey, canonical_json, check_name, derive_name};
@@ -71,6 +71,8 @@ pub struct JobFile {
     pub limits: Limits,
     /// USD per generation by full model path, overriding the built-in price table.
     pub prices: BTreeMap<String, f64>,
+    /// The `budget:` section: caps on the estimated spend, at least one set.
+    pub budget: Option<Budget>,
     /// One entry per generation, in file order (`count` copies next to each other).
     pub jobs: Vec<JobSpec>,
 }
@@ -321,6 +323,14 @@ impl Assembly<'_> {
                 return Err(self.error(&path, message));
             }
         }
+        if raw.budget.is_some_and(|budget| !budget.is_set()) {
+            return Err(self.error(
+                &[Seg::key("budget")],
+                "the budget sets no cap; write `max_usd:` (all jobs) and/or `per_day_usd:` \
+                 (per UTC day), e.g. `budget: {max_usd: 25}`"
+                    .into(),
+            ));
+        }
         let mut jobs = Vec::new();
         // Names taken so far (lowercased: names become file names, and two names differing
         // only in case are one file on macOS and Windows), with the entry that took them.
@@ -372,6 +382,7 @@ impl Assembly<'_> {
             api: raw.api,
             limits: raw.limits,
             prices: raw.prices,
+            budget: raw.budget,
             jobs,
         })
     }

@@ -1,5 +1,6 @@
-//! The `api:` and `limits:` sections. They are plain `Deserialize` types (unknown keys refused,
-//! every limit optional with its default) so that the daemon configuration can embed them too.
+//! The `api:`, `limits:` and `budget:` sections. They are plain `Deserialize` types (unknown
+//! keys refused, every field optional with its default) so that the daemon configuration can
+//! embed them too.
 //!
 //! Every per-value rule lives in a visitor below rather than in a check after deserialization:
 //! an error raised while a node is being read carries that node's line and column, one raised
@@ -139,6 +140,67 @@ impl Limits {
                 )
             })
     }
+}
+
+/// Caps on the estimated spend: the `budget:` section of a job file or the daemon
+/// configuration. Prices come from [`crate::pricing`]; the runner enforces the caps before
+/// each submission (see `runner/budget.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// The most all jobs of the state may cost, USD: those completed (billed) and those in
+    /// flight at their estimated price.
+    #[serde(default, deserialize_with = "usd")]
+    pub max_usd: Option<f64>,
+    /// The most jobs may cost per UTC day (by the day they completed, plus those in flight),
+    /// USD; submitting resumes at midnight UTC.
+    #[serde(default, deserialize_with = "usd")]
+    pub per_day_usd: Option<f64>,
+}
+
+impl Budget {
+    /// Whether any cap is set (`budget: {}` sets none, and is refused where it is read).
+    #[must_use]
+    pub fn is_set(&self) -> bool {
+        self.max_usd.is_some() || self.per_day_usd.is_some()
+    }
+}
+
+/// An amount in USD: a number, 0 or more, written without quotes or currency sign.
+fn usd<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    struct Usd;
+    impl<'de> Visitor<'de> for Usd {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an amount in USD, like 25 or 7.50")
+        }
+        fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Self::Value, D::Error> {
+            inner.deserialize_any(self)
+        }
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<Self::Value, E> {
+            #[allow(clippy::cast_precision_loss, reason = "dollar amounts are far below 2^52")]
+            Ok(Some(value as f64))
+        }
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<Self::Value, E> {
+            Err(E::custom(format!("{value} is negative; write 0 or more USD")))
+        }
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<Self::Value, E> {
+            if !value.is_finite() {
+                Err(E::custom(format!("{value} is not an amount; write 0 or more USD")))
+            } else if value < 0.0 {
+                Err(E::custom(format!("{value} is negative; write 0 or more USD")))
+            } else {
+                Ok(Some(value))
+            }
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "expected an amount in USD as a number, like 25; found the text {value:?}; \
+                 write it without quotes or currency sign"
+            )))
+        }
+    }
+    deserializer.deserialize_option(Usd)
 }
 
 /// A count limit: a whole number from 1 to 4294967295, written without quotes.

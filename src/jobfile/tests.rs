@@ -56,6 +56,7 @@ fn the_example_parses_with_documented_defaults() {
     // The example spells out every default.
     assert_eq!(file.limits, Limits::default());
     assert_eq!(file.prices.get("image/bfl/flux-1-dev"), Some(&0.007));
+    assert_eq!(file.budget, Some(Budget { max_usd: Some(25.0), per_day_usd: None }));
     let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
     assert_eq!(
         names,
@@ -280,7 +281,10 @@ fn unknown_keys_are_refused_with_the_valid_ones() {
     let error =
         check("modle: x\njobs: [{prompt: a}]\n", 1, 1, Some("modle"), "unknown key \"modle\"");
     assert!(error.message.contains("did you mean `model`?"), "{error}");
-    assert!(error.message.contains("model, params, output, api, limits, prices, jobs"), "{error}");
+    assert!(
+        error.message.contains("model, params, output, api, limits, prices, budget, jobs"),
+        "{error}"
+    );
     let error = check(
         &with_job("{prompt: a, promt: b}"),
         3,
@@ -959,4 +963,39 @@ fn the_output_directory_is_found_without_a_full_parse() {
     // Unusual forms fall back to the full parse, which agrees.
     let flow = write("{output: flow, model: image/bfl/x, jobs: [{prompt: a}]}\n");
     assert_eq!(flow, dir.path().join("flow"));
+}
+
+#[test]
+fn a_budget_is_read_with_its_caps_and_checked_where_written() {
+    let file = ok("budget: {max_usd: 25, per_day_usd: 7.5}\nmodel: bfl/x\njobs: [{prompt: a}]\n");
+    assert_eq!(file.budget, Some(Budget { max_usd: Some(25.0), per_day_usd: Some(7.5) }));
+    assert_eq!(ok(&with_job("prompt: a")).budget, None);
+    check(
+        "model: bfl/x\nbudget: {}\njobs: [{prompt: a}]\n",
+        2,
+        9,
+        Some("budget"),
+        "the budget sets no cap",
+    );
+    check(
+        "model: bfl/x\nbudget:\n  max_usd: -3\njobs: [{prompt: a}]\n",
+        3,
+        12,
+        Some("budget.max_usd"),
+        "-3 is negative",
+    );
+    check(
+        "model: bfl/x\nbudget:\n  max_usd: \"$25\"\njobs: [{prompt: a}]\n",
+        3,
+        12,
+        Some("budget.max_usd"),
+        "without quotes or currency sign",
+    );
+    check(
+        "model: bfl/x\nbudget:\n  max_dollars: 25\njobs: [{prompt: a}]\n",
+        3,
+        3,
+        Some("budget.max_dollars"),
+        "unknown key \"max_dollars\"; valid keys here: max_usd, per_day_usd",
+    );
 }

@@ -6,19 +6,13 @@
 
 use super::Engine;
 use crate::job::JobState;
+use crate::pricing::usd;
 use crate::report::StopReason;
 use crate::store::JobRecord;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// The caps; either may be absent.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Budget {
-    /// The most the jobs may cost in all, USD.
-    pub max_usd: Option<f64>,
-    /// The most they may cost per UTC day (by when they completed), USD.
-    pub per_day_usd: Option<f64>,
-}
+pub use crate::jobfile::Budget;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -90,16 +84,28 @@ impl Engine {
     /// Whether the next job (costing `price`) fits under the budget.
     pub(super) fn budget_check(&self, price: Option<f64>) -> Result<(), Exceeded> {
         let Some(budget) = self.settings.budget else { return Ok(()) };
-        let price = price.unwrap_or_default();
+        // What a job of unknown price commits cannot be counted, so none is sent under a cap.
+        // `run` and the service's inbox refuse such files first; this covers jobs imported
+        // before the budget was set.
+        let Some(price) = price else {
+            return Err(Exceeded {
+                message: "the next job has no known price, so the budget cannot count it (add \
+                          its model under `prices:`)"
+                    .into(),
+                retry_in: None,
+            });
+        };
         let now = crate::store::now_ms();
         // A cent's thousandth of slack: prices are sums of floats.
         let over = |committed: f64, cap: f64| committed + price > cap + 1e-9;
         if let Some(cap) = budget.max_usd.filter(|cap| over(self.ledger.total(), *cap)) {
             return Err(Exceeded {
                 message: format!(
-                    "the budget of ${cap:.2} would be exceeded: ${:.4} committed (completed and \
-                     in flight) + ${price:.4} for the next job",
-                    self.ledger.total()
+                    "the budget of {} would be exceeded: {} committed (completed and in \
+                     flight) + {} for the next job",
+                    usd(cap),
+                    usd(self.ledger.total()),
+                    usd(price)
                 ),
                 retry_in: None,
             });
@@ -108,9 +114,11 @@ impl Engine {
             let to_midnight = DAY_MS - now.rem_euclid(DAY_MS);
             return Err(Exceeded {
                 message: format!(
-                    "the daily budget of ${cap:.2} would be exceeded: ${:.4} committed today \
-                     (UTC) + ${price:.4} for the next job",
-                    self.ledger.today(now)
+                    "the daily budget of {} would be exceeded: {} committed today (UTC) + {} \
+                     for the next job",
+                    usd(cap),
+                    usd(self.ledger.today(now)),
+                    usd(price)
                 ),
                 retry_in: Some(Duration::from_millis(
                     u64::try_from(to_midnight).unwrap_or_default(),

@@ -262,6 +262,22 @@ fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
     wait_until(Duration::from_secs(20), "three results", || service.results("five") == 3);
     assert_eq!(sim.stats().jobs_created, 3, "nothing submitted past the budget");
 
+    // The budget is the service's: a file with its own, or with jobs it cannot price, is
+    // rejected with the reason.
+    let own = format!("budget: {{max_usd: 100}}\n{}", job_file("its own budget", 1));
+    service.drop_file("own.yaml", &own);
+    let unpriced = "model: image/new/model\njobs: [{prompt: a thing with no price}]\n";
+    service.drop_file("unpriced.yaml", unpriced);
+    for (name, needle) in [
+        ("own", "the service's budget is set in its configuration file"),
+        ("unpriced", "knows no price for image/new/model (1 jobs)"),
+    ] {
+        let error_file = service.dir.path().join(format!("inbox/rejected/{name}.yaml.error.txt"));
+        wait_until(Duration::from_secs(10), "the file is rejected", || error_file.is_file());
+        let error = std::fs::read_to_string(&error_file).expect("error text");
+        assert!(error.contains(needle), "{error}");
+    }
+
     let config = std::fs::read_to_string(service.config()).expect("config");
     std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_day_usd: 1"))
         .expect("config raised");

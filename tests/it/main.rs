@@ -11,4 +11,5 @@ mod resume;
 mod run;
 mod security;
 mod signals;
+mod spend;
 mod support;

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// The top-level keys, in the order the example documents them.
-const TOP_KEYS: &[&str] = &["model", "params", "output", "api", "limits", "prices", "jobs"];
+const TOP_KEYS: &[&str] =
+    &["model", "params", "output", "api", "limits", "prices", "budget", "jobs"];
 /// The keys of one job entry.
 const JOB_KEYS: &[&str] = &["prompt", "name", "model", "params", "count"];
 
@@ -64,6 +65,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
             api: ApiSettings::default(),
             limits: Limits::default(),
             prices: BTreeMap::new(),
+            budget: None,
             jobs: Vec::new(),
         };
         let mut has_jobs = false;
@@ -82,6 +84,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
                 "api" => file.api = map.next_value()?,
                 "limits" => file.limits = map.next_value()?,
                 "prices" => file.prices = map.next_value_seed(PricesSeed { ctx })?,
+                "budget" => file.budget = Some(map.next_value()?),
                 _ => {
                     file.jobs = map.next_value_seed(JobsSeed { ctx })?;
                     has_jobs = true;

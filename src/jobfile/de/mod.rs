@@ -28,7 +28,7 @@ mod scalar;
 pub(crate) use ctx::Ctx;
 
 use super::Params;
-use super::settings::{ApiSettings, Limits};
+use super::settings::{ApiSettings, Budget, Limits};
 use serde::de::DeserializeSeed;
 use std::collections::BTreeMap;
 
@@ -47,6 +47,8 @@ pub(crate) struct RawFile {
     pub(crate) limits: Limits,
     /// Prices by normalised model path.
     pub(crate) prices: BTreeMap<String, f64>,
+    /// The `budget:` section.
+    pub(crate) budget: Option<Budget>,
     /// The job entries, in file order; never empty.
     pub(crate) jobs: Vec<RawJob>,
 }
