@@ -185,7 +185,10 @@ impl Inbox {
         }
         let lower = text.to_ascii_lowercase();
         let temporary = [".tmp", ".part", ".swp", "~"].iter().any(|end| lower.ends_with(end));
-        if temporary {
+        // Data files that job files read rows from (`from: prompts.csv`) sit beside them, in
+        // the inbox, and stay there: not job files, but expected.
+        let data = [".csv", ".jsonl", ".ndjson"].iter().any(|end| lower.ends_with(end));
+        if temporary || data {
             return None;
         }
         let extension = Path::new(name).extension().unwrap_or_default();

@@ -24,6 +24,7 @@ mod de;
 mod locate;
 mod nesting;
 mod settings;
+pub(crate) mod sweep;
 mod values;
 
 #[cfg(test)]
@@ -45,6 +46,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
+use sweep::{DataRows, Instance, Matrix, Refusal};
 
 /// The largest job file [`load`] reads: 32 MiB, room for about 600,000 one-line jobs (a
 /// 100,000-job file is about 5 MB). A larger one is surely not a hand-written job list, and
@@ -306,7 +308,12 @@ enum NameSource {
     Explicit,
     /// Derived from the position and prompt.
     Derived,
+    /// Made by a sweep (`matrix:` or `from:`).
+    Swept,
 }
+
+/// An entry's checked `matrix:` and read `from:` rows.
+type Sweep = (Option<Matrix>, Option<DataRows>);
 
 impl Assembly<'_> {
     fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
@@ -337,43 +344,56 @@ impl Assembly<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
-        self.check_expansion(&raw)?;
-        for (index, job) in raw.jobs.iter().enumerate() {
+        let sweeps = self.read_sweeps(&raw)?;
+        self.check_expansion(&raw, &sweeps)?;
+        for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
             let line = self.entry_line(index, job, entry_lines.last().copied());
             entry_lines.push(line);
-            let entry = [Seg::key("jobs"), Seg::Index(index)];
-            let Some(model) = job.model.as_ref().or(raw.model.as_ref()) else {
-                return Err(self.error(
-                    &[entry[0].clone(), entry[1].clone(), Seg::key("model")],
-                    "this job has no model; set `model:` in the job or at the top of the file, \
-                     e.g. `model: image/bfl/flux-1-dev`"
-                        .into(),
-                ));
+            let instances = self.instances(index, job, sweep.as_ref())?;
+            let source = match (sweep, &job.name) {
+                (Some(_), _) => NameSource::Swept,
+                (None, Some(_)) => NameSource::Explicit,
+                (None, None) => NameSource::Derived,
             };
-            let body = canonical_json(&merge_body(&raw.params, &job.params, &job.prompt));
-            let (base, source) = match &job.name {
-                Some(name) => (name.clone(), NameSource::Explicit),
-                None => (derive_name(index + 1, &job.prompt), NameSource::Derived),
-            };
-            let first_key = JobKey::from_canonical(model, &body, 0);
-            for copy in 1..=job.count {
-                let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
-                self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
-                let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
-                let key = if *occurrence == 0 {
-                    first_key.clone()
-                } else {
-                    JobKey::from_canonical(model, &body, *occurrence)
+            for instance in instances {
+                let Some(model) =
+                    instance.model.as_ref().or(job.model.as_ref()).or(raw.model.as_ref())
+                else {
+                    return Err(self.error(
+                        &[Seg::key("jobs"), Seg::Index(index), Seg::key("model")],
+                        "this job has no model; set `model:` in the job or at the top of the \
+                         file, e.g. `model: image/bfl/flux-1-dev`"
+                            .into(),
+                    ));
                 };
-                jobs.push(JobSpec {
-                    name,
-                    model: model.clone(),
-                    body: body.clone(),
-                    occurrence: *occurrence,
-                    key,
-                    line,
-                });
-                *occurrence += 1;
+                let body = if instance.fields.is_empty() {
+                    canonical_json(&merge_body(&raw.params, &job.params, &instance.prompt))
+                } else {
+                    let mut own = job.params.clone();
+                    own.extend(instance.fields);
+                    canonical_json(&merge_body(&raw.params, &own, &instance.prompt))
+                };
+                let first_key = JobKey::from_canonical(model, &body, 0);
+                for copy in 1..=job.count {
+                    let base = &instance.name;
+                    let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
+                    self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
+                    let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
+                    let key = if *occurrence == 0 {
+                        first_key.clone()
+                    } else {
+                        JobKey::from_canonical(model, &body, *occurrence)
+                    };
+                    jobs.push(JobSpec {
+                        name,
+                        model: model.clone(),
+                        body: body.clone(),
+                        occurrence: *occurrence,
+                        key,
+                        line,
+                    });
+                    *occurrence += 1;
+                }
             }
         }
         Ok(JobFile {
@@ -387,13 +407,73 @@ impl Assembly<'_> {
         })
     }
 
+    /// The jobs entry `index` stands for, before `count`: itself, or what its sweep makes.
+    fn instances(
+        &self,
+        index: usize,
+        job: &RawJob,
+        sweep: Option<&Sweep>,
+    ) -> Result<Vec<Instance>, JobFileError> {
+        let Some((matrix, rows)) = sweep else {
+            return Ok(vec![Instance {
+                prompt: job.prompt.clone(),
+                name: job.name.clone().unwrap_or_else(|| derive_name(index + 1, &job.prompt)),
+                model: None,
+                fields: Params::new(),
+            }]);
+        };
+        sweep::expand(index, &job.prompt, job.name.as_deref(), matrix.as_ref(), rows.as_ref())
+            .map_err(|refusal| self.refused(refusal))
+    }
+
+    /// The matrix and data rows of each entry that has them, checked and read.
+    fn read_sweeps(&self, raw: &RawFile) -> Result<Vec<Option<Sweep>>, JobFileError> {
+        let mut sweeps = Vec::with_capacity(raw.jobs.len());
+        for (index, job) in raw.jobs.iter().enumerate() {
+            if job.matrix.is_none() && job.from.is_none() {
+                sweeps.push(None);
+                continue;
+            }
+            let matrix = match &job.matrix {
+                Some(written) => {
+                    Some(Matrix::check(index, written).map_err(|refusal| self.refused(refusal))?)
+                }
+                None => None,
+            };
+            let rows = match &job.from {
+                Some(written) => Some(
+                    sweep::read_rows(self.source, index, written)
+                        .map_err(|refusal| self.refused(refusal))?,
+                ),
+                None => None,
+            };
+            sweeps.push(Some((matrix, rows)));
+        }
+        Ok(sweeps)
+    }
+
+    fn refused(&self, refusal: Refusal) -> JobFileError {
+        match refusal {
+            Refusal::At(path, message) => self.error(&path, message),
+            Refusal::Data(error) => error,
+        }
+    }
+
     /// Checks, before building anything, that the entries expand to at most [`MAX_JOBS`] jobs
     /// and to no more request data than the expansion budget.
-    fn check_expansion(&self, raw: &RawFile) -> Result<(), JobFileError> {
+    fn check_expansion(&self, raw: &RawFile, sweeps: &[Option<Sweep>]) -> Result<(), JobFileError> {
         let defaults = params_weight(&raw.params);
         let (mut jobs, mut weight) = (0_usize, 0_usize);
-        for (index, job) in raw.jobs.iter().enumerate() {
-            let count = job.count as usize;
+        for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(sweeps) {
+            // Rows and combinations multiply the count. A sweep's own values add little to
+            // each body; the rows' text is bounded by the data file's size.
+            let swept = sweep.as_ref().map_or(1, |(matrix, rows)| {
+                matrix
+                    .as_ref()
+                    .map_or(1, Matrix::combinations)
+                    .saturating_mul(rows.as_ref().map_or(1, DataRows::len))
+            });
+            let count = (job.count as usize).saturating_mul(swept);
             // An upper bound of the merged body's weight: defaults and own fields both counted.
             let body = defaults + params_weight(&job.params) + 16 + job.prompt.len();
             jobs += count;
@@ -423,7 +503,7 @@ impl Assembly<'_> {
     ) -> Result<(), JobFileError> {
         let at = match source {
             NameSource::Explicit => vec![Seg::key("jobs"), Seg::Index(index), Seg::key("name")],
-            NameSource::Derived => vec![Seg::key("jobs"), Seg::Index(index)],
+            NameSource::Derived | NameSource::Swept => vec![Seg::key("jobs"), Seg::Index(index)],
         };
         let origin = match (source, counted) {
             (NameSource::Explicit, false) => String::new(),
@@ -434,6 +514,9 @@ impl Assembly<'_> {
             (NameSource::Derived, true) => {
                 " (derived from the position and prompt, numbered by `count`)".to_owned()
             }
+            (NameSource::Swept, _) => " (made by the sweep; a `name:` template such as \
+                                       \"fox-{seed}\" chooses another)"
+                .to_owned(),
         };
         if let Err(why) = check_name(name) {
             return Err(self.error(&at, format!("the job name {name:?}{origin} is invalid: {why}")));

@@ -60,7 +60,17 @@ fn the_example_parses_with_documented_defaults() {
     let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
     assert_eq!(
         names,
-        ["fox-1", "fox-2", "fox-3", "002-a-lighthouse-at-dusk-oil-painting", "harbour"]
+        [
+            "fox-1",
+            "fox-2",
+            "fox-3",
+            "002-a-lighthouse-at-dusk-oil-painting",
+            "harbour",
+            "owls_animal-owl_seed-1",
+            "owls_animal-owl_seed-2",
+            "owls_animal-fox_seed-1",
+            "owls_animal-fox_seed-2",
+        ]
     );
     let fox = &file.jobs[0];
     assert_eq!(fox.model, "image/krea/krea-2/medium");
@@ -68,7 +78,10 @@ fn the_example_parses_with_documented_defaults() {
         fox.body_map(),
         body(&json!({"prompt": "a red fox in fresh snow", "aspect_ratio": "16:9"}))
     );
-    assert_eq!(file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(), [0, 1, 2, 0, 0]);
+    assert_eq!(
+        file.jobs.iter().map(|job| job.occurrence).collect::<Vec<_>>(),
+        [0, 1, 2, 0, 0, 0, 0, 0, 0]
+    );
     let lighthouse = &file.jobs[3];
     assert_eq!(lighthouse.model, "image/bfl/flux-1-dev");
     assert_eq!(
@@ -997,5 +1010,199 @@ fn a_budget_is_read_with_its_caps_and_checked_where_written() {
         3,
         Some("budget.max_dollars"),
         "unknown key \"max_dollars\"; valid keys here: max_usd, per_day_usd",
+    );
+}
+
+// ---- sweeps: matrix, templates, data files ----
+
+/// A folder holding `jobs.yaml` with `text` and the data files `files` (name, contents).
+fn with_files(
+    text: &str,
+    files: &[(&str, &str)],
+) -> (tempfile::TempDir, Result<JobFile, JobFileError>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("jobs.yaml"), text).expect("job file");
+    for (name, contents) in files {
+        std::fs::write(dir.path().join(name), contents).expect("data file");
+    }
+    let loaded = load(&dir.path().join("jobs.yaml"));
+    (dir, loaded)
+}
+
+#[test]
+fn a_matrix_expands_into_the_cross_product_with_readable_names() {
+    let file = ok("model: bfl/x\njobs:\n  - prompt: a {animal} in snow\n    name: snow\n    \
+                   matrix: {animal: [fox, owl], seed: [1, 2, 3]}\n");
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "snow_animal-fox_seed-1",
+            "snow_animal-fox_seed-2",
+            "snow_animal-fox_seed-3",
+            "snow_animal-owl_seed-1",
+            "snow_animal-owl_seed-2",
+            "snow_animal-owl_seed-3",
+        ]
+    );
+    // The prompt uses `animal`; `seed`, unused there, is a request field.
+    assert_eq!(file.jobs[4].body_map(), body(&json!({"prompt": "a owl in snow", "seed": 2})));
+    // Without a name: derived from the entry's position and the prompt's fixed words.
+    let file = ok("model: bfl/x\njobs:\n  - prompt: \"{style} lighthouse\"\n    \
+                   matrix: {style: [oil painting, \"16:9 photo\"]}\n");
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["001-lighthouse_style-oil-painting", "001-lighthouse_style-16-9-photo"]);
+    // A name template chooses the pattern; `{{` is a literal brace.
+    let file =
+        ok("model: bfl/x\njobs:\n  - prompt: \"{{x}} {n}\"\n    name: \"n{n}-{model}\"\n    \
+                   matrix: {n: [1, 2], model: [bfl/a, bfl/b]}\n");
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["n1-bfl-a", "n2-bfl-a", "n1-bfl-b", "n2-bfl-b"]);
+    assert!(
+        file.jobs
+            .iter()
+            .all(|job| job.body_map()["prompt"].as_str().is_some_and(|p| p.starts_with("{x} ")))
+    );
+    assert_eq!(file.jobs[1].model, "image/bfl/a");
+    assert_eq!(file.jobs[2].model, "image/bfl/b");
+}
+
+#[test]
+fn growing_a_sweep_keeps_the_keys_of_the_jobs_already_there() {
+    let keys = |values: &str| -> Vec<(String, JobKey)> {
+        ok(&format!(
+            "model: bfl/x\njobs:\n  - prompt: a fox\n    name: fox\n    matrix: {{seed: [{values}]}}\n"
+        ))
+        .jobs
+        .into_iter()
+        .map(|job| (job.name, job.key))
+        .collect()
+    };
+    let before = keys("1, 2");
+    let after = keys("3, 1, 2");
+    assert_eq!(after.len(), 3);
+    for job in &before {
+        assert!(after.contains(job), "{job:?} kept");
+    }
+}
+
+#[test]
+fn sweep_mistakes_are_refused_where_written() {
+    check(
+        "model: bfl/x\njobs:\n  - prompt: a {colour} fox\n    matrix: {seed: [1]}\n",
+        3,
+        13,
+        Some("jobs[0].prompt"),
+        "`{colour}` is not a variable of this job (its variables: seed)",
+    );
+    check(
+        "model: bfl/x\njobs:\n  - prompt: a fox\n    matrix:\n      seed: 3\n",
+        5,
+        13,
+        Some("jobs[0].matrix.seed"),
+        "needs a list of values, like `seed: [1, 2, 3]`",
+    );
+    check(
+        "model: bfl/x\njobs:\n  - prompt: a fox\n    matrix:\n      seed: [1, 2, 1]\n",
+        5,
+        13,
+        Some("jobs[0].matrix.seed"),
+        "the value 1 appears twice",
+    );
+    check(
+        "model: bfl/x\njobs:\n  - prompt: a fox\n    matrix:\n      prompt: [a, b]\n",
+        5,
+        7,
+        Some("jobs[0].matrix.prompt"),
+        "cannot be swept directly",
+    );
+    check(
+        "model: bfl/x\njobs:\n  - prompt: a {seed fox\n    matrix: {seed: [1]}\n",
+        3,
+        13,
+        Some("jobs[0].prompt"),
+        "is not a `{variable}`",
+    );
+    // Values whose names collide after slugging: a name template fixes it.
+    check(
+        "model: bfl/x\njobs:\n  - prompt: \"{ar} fox\"\n    matrix: {ar: [\"1:1\", \"1-1\"]}\n",
+        3,
+        5,
+        Some("jobs[0]"),
+        "made by the sweep",
+    );
+    // A plain entry is not a template: its braces are text.
+    let file = ok(&with_job("prompt: \"a {red} fox }\""));
+    assert_eq!(file.jobs[0].body_map()["prompt"], "a {red} fox }");
+}
+
+#[test]
+fn rows_of_a_csv_file_become_jobs_with_typed_fields() {
+    let csv = "prompt,name,seed,style,guidance\na red fox,fox,7,oil,\n\"a lighthouse, at dusk\",,8,ink,3.5\n";
+    let text = "model: bfl/x\njobs:\n  - from: prompts.csv\n    prompt: \"{prompt}, {style}\"\n";
+    let (_dir, file) = with_files(text, &[("prompts.csv", csv)]);
+    let file = file.unwrap_or_else(|error| panic!("{error}"));
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["fox", "prompts-002-a-lighthouse-at-dusk-ink"]);
+    assert_eq!(file.jobs[0].body_map(), body(&json!({"prompt": "a red fox, oil", "seed": 7})));
+    assert_eq!(
+        file.jobs[1].body_map(),
+        body(&json!({"prompt": "a lighthouse, at dusk, ink", "seed": 8, "guidance": 3.5}))
+    );
+    // With a matrix too: rows times combinations.
+    let text = "model: bfl/x\njobs:\n  - from: prompts.csv\n    prompt: \"{prompt}\"\n    \
+                matrix: {steps: [10, 20]}\n";
+    let (_dir, file) = with_files(text, &[("prompts.csv", csv)]);
+    assert_eq!(file.expect("valid").jobs.len(), 4);
+}
+
+#[test]
+fn rows_of_a_json_lines_file_keep_their_types() {
+    let jsonl = "{\"prompt\": \"a fox\", \"seed\": 1, \"refs\": [\"u\"]}\n\n{\"prompt\": \"an owl\", \"model\": \"bfl/y\"}\n";
+    let text = "model: bfl/x\njobs:\n  - from: rows.jsonl\n";
+    let (_dir, file) = with_files(text, &[("rows.jsonl", jsonl)]);
+    let file = file.unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(file.jobs.len(), 2);
+    assert_eq!(
+        file.jobs[0].body_map(),
+        body(&json!({"prompt": "a fox", "seed": 1, "refs": ["u"]}))
+    );
+    assert_eq!(file.jobs[1].model, "image/bfl/y");
+    assert_eq!(file.jobs[1].name, "rows-002-an-owl");
+}
+
+#[test]
+fn data_file_mistakes_name_the_data_file_and_line() {
+    let text = "model: bfl/x\njobs:\n  - from: prompts.csv\n";
+    let shown = |files: &[(&str, &str)]| {
+        let (dir, file) = with_files(text, files);
+        let error = file.expect_err("refused").to_string();
+        error.replace(&format!("{}/", dir.path().display()), "")
+    };
+    assert_eq!(
+        shown(&[("prompts.csv", "prompt,seed\na fox,1\nan owl\n")]),
+        "prompts.csv:3: this row has 1 cells, the header 2; quote cells that contain commas"
+    );
+    assert_eq!(
+        shown(&[("prompts.csv", "prompt,seed\na fox,1\n\"  \",2\n")]),
+        "prompts.csv:3: the prompt is empty; write the text to generate"
+    );
+    assert_eq!(
+        shown(&[("prompts.csv", "text,seed\na fox,1\n")]),
+        "jobs.yaml:3:11: jobs[0].from: prompts.csv has no `prompt` column; add one, or give \
+         this job a `prompt:` template that uses its columns (text, seed)"
+    );
+    assert!(shown(&[]).starts_with("jobs.yaml:3:11: jobs[0].from: cannot read prompts.csv:"));
+    let text = "model: bfl/x\njobs:\n  - from: rows.jsonl\n";
+    let (dir, file) = with_files(text, &[("rows.jsonl", "{\"prompt\": \"a\"}\n{\"prompt\": \n")]);
+    let error = file.expect_err("refused");
+    assert_eq!(error.file, dir.path().join("rows.jsonl"));
+    assert_eq!(error.line, Some(2));
+    check(
+        "model: bfl/x\njobs:\n  - from: ../secrets.csv\n",
+        3,
+        11,
+        Some("jobs[0].from"),
+        "is not inside the job file's folder",
     );
 }

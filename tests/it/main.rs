@@ -13,3 +13,4 @@ mod security;
 mod signals;
 mod spend;
 mod support;
+mod sweeps;

@@ -16,7 +16,7 @@ use std::fmt;
 const TOP_KEYS: &[&str] =
     &["model", "params", "output", "api", "limits", "prices", "budget", "jobs"];
 /// The keys of one job entry.
-const JOB_KEYS: &[&str] = &["prompt", "name", "model", "params", "count"];
+const JOB_KEYS: &[&str] = &["prompt", "name", "model", "params", "count", "matrix", "from"];
 
 /// The document: a mapping of the top-level keys.
 pub(super) struct DocumentSeed<'a, 'de> {
@@ -77,7 +77,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
                 "model" => {
                     file.model = Some(map.next_value_seed(text_value(ctx, TextKind::Model))?);
                 }
-                "params" => file.params = map.next_value_seed(ParamsSeed { ctx })?,
+                "params" => file.params = map.next_value_seed(ParamsSeed { ctx, matrix: false })?,
                 "output" => {
                     file.output = Some(map.next_value_seed(text_value(ctx, TextKind::Output))?);
                 }
@@ -215,6 +215,7 @@ impl<'de> Visitor<'de> for JobSeed<'_, 'de> {
         ctx.spend(NODE_WEIGHT)?;
         let mut seen = [false; JOB_KEYS.len()];
         let (mut prompt, mut name, mut model, mut params, mut count) = (None, None, None, None, 1);
+        let (mut matrix, mut from) = (None, None);
         let mut offset = None;
         let mut first = true;
         while let Some((index, key_offset)) =
@@ -231,10 +232,16 @@ impl<'de> Visitor<'de> for JobSeed<'_, 'de> {
                 "prompt" => prompt = Some(map.next_value_seed(text_value(ctx, TextKind::Prompt))?),
                 "name" => name = Some(map.next_value_seed(text_value(ctx, TextKind::Name))?),
                 "model" => model = Some(map.next_value_seed(text_value(ctx, TextKind::Model))?),
-                "params" => params = Some(map.next_value_seed(ParamsSeed { ctx })?),
-                _ => count = map.next_value_seed(count_value(ctx))?,
+                "params" => params = Some(map.next_value_seed(ParamsSeed { ctx, matrix: false })?),
+                "count" => count = map.next_value_seed(count_value(ctx))?,
+                "matrix" => matrix = Some(map.next_value_seed(ParamsSeed { ctx, matrix: true })?),
+                _ => from = Some(map.next_value_seed(text_value(ctx, TextKind::DataFile))?),
             }
             ctx.pop();
+        }
+        // Rows of a data file bring their prompts: by default its `prompt` column.
+        if prompt.is_none() && from.is_some() {
+            prompt = Some("{prompt}".to_owned());
         }
         let Some(prompt) = prompt else {
             ctx.push(Seg::key("prompt"));
@@ -244,6 +251,15 @@ impl<'de> Visitor<'de> for JobSeed<'_, 'de> {
                     .into(),
             ));
         };
-        Ok(RawJob { prompt, name, model, params: params.unwrap_or_default(), count, offset })
+        Ok(RawJob {
+            prompt,
+            name,
+            model,
+            params: params.unwrap_or_default(),
+            count,
+            matrix,
+            from,
+            offset,
+        })
     }
 }

@@ -66,6 +66,10 @@ pub(crate) struct RawJob {
     pub(crate) params: Params,
     /// How many generations, at least 1.
     pub(crate) count: u32,
+    /// `matrix:` as written: variable names and their lists of values, checked by `sweep`.
+    pub(crate) matrix: Option<Params>,
+    /// `from:`: a CSV or JSONL file beside the job file, one job per row.
+    pub(crate) from: Option<String>,
     /// Byte offset of the entry's first key, when `serde_yaml` lent it from the text.
     pub(crate) offset: Option<usize>,
 }

@@ -15,6 +15,8 @@ use std::fmt;
 /// `params:`: request fields, passed through as JSON.
 pub(super) struct ParamsSeed<'a, 'de> {
     pub(super) ctx: &'a Ctx<'de>,
+    /// Reading a job's `matrix:` (variables and their lists of values) rather than `params:`.
+    pub(super) matrix: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for ParamsSeed<'_, 'de> {
@@ -26,6 +28,13 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed<'_, 'de> {
 
 impl ParamsSeed<'_, '_> {
     fn wrong<E: de::Error>(self, found: Scalar<'_>) -> Result<Params, E> {
+        if self.matrix {
+            return Err(self.ctx.fail(format!(
+                "`matrix` must be a mapping of variables to lists of values, like \
+                 `matrix: {{ seed: [1, 2, 3] }}`; found {}",
+                found.describe()
+            )));
+        }
         Err(self.ctx.fail(format!(
             "`params` must be a mapping of request fields, like `params: {{ width: 1024 }}`; \
              found {}",
@@ -51,24 +60,39 @@ impl<'de> Visitor<'de> for ParamsSeed<'_, 'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Params, A::Error> {
-        read_object(self.ctx, map, true)
+        read_object(self.ctx, map, if self.matrix { Top::Matrix } else { Top::Params })
     }
 }
 
 /// Reads a mapping into a JSON object: text keys only, each once; values via [`ValueSeed`].
-/// `top` marks the `params` mapping itself, where `prompt` is refused.
+/// Which mapping [`read_object`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Top {
+    Params,
+    Matrix,
+    /// A mapping inside a value.
+    Nested,
+}
+
+/// `top` marks the `params` or `matrix` mapping itself, where `prompt` is refused.
 fn read_object<'de, A: MapAccess<'de>>(
     ctx: &Ctx<'de>,
     mut map: A,
-    top: bool,
+    top: Top,
 ) -> Result<serde_json::Map<String, Value>, A::Error> {
     let mut object = serde_json::Map::new();
     loop {
         let known = &object;
         let key = map.next_key_seed(scalar(ctx, |found| match found {
-            Scalar::Text { text: "prompt", .. } if top => Err(Reject::at_key(
+            Scalar::Text { text: "prompt", .. } if top == Top::Params => Err(Reject::at_key(
                 "prompt",
                 "`prompt` does not belong in params; use the job's own `prompt:` key".into(),
+            )),
+            Scalar::Text { text: "prompt", .. } if top == Top::Matrix => Err(Reject::at_key(
+                "prompt",
+                "`prompt` cannot be swept directly; sweep a variable and use it in the prompt, \
+                 like `prompt: \"a {animal} in snow\"` with `animal: [fox, owl]`"
+                    .into(),
             )),
             Scalar::Text { text: "<<", .. } => Err(Reject::at_key(
                 "<<",
@@ -184,7 +208,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, 'de> {
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
         self.ctx.spend(NODE_WEIGHT)?;
-        read_object(self.ctx, map, false).map(Value::Object)
+        read_object(self.ctx, map, Top::Nested).map(Value::Object)
     }
     fn visit_enum<A: EnumAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
         Err(tagged(self.ctx))

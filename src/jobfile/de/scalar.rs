@@ -249,6 +249,8 @@ pub(super) enum TextKind {
     Name,
     Model,
     Output,
+    /// `from:`, a data file beside the job file.
+    DataFile,
 }
 
 /// Reads a text value of the given kind, refusing other types and applying the kind's rule.
@@ -283,10 +285,15 @@ pub(super) fn text_value<'a, 'de>(
             TextKind::Prompt if text.trim().is_empty() => {
                 Err("the prompt is empty; write the text to generate".to_owned().into())
             }
+            // A name with `{variable}` slots is a template of a sweep: checked once expanded.
+            TextKind::Name if text.contains('{') => Ok(text.to_owned()),
             TextKind::Name => match check_name(text) {
                 Ok(()) => Ok(text.to_owned()),
                 Err(why) => Err(format!("invalid name {text:?}: {why}").into()),
             },
+            TextKind::DataFile => crate::jobfile::sweep::check_data_path(text)
+                .map(|()| text.to_owned())
+                .map_err(Reject::from),
             TextKind::Model => parse_model_path(text).map_err(Reject::from),
             TextKind::Output if text.trim().is_empty() => {
                 Err("the output directory is empty; write a directory, e.g. ./out"

@@ -1,0 +1,710 @@
+//! Sweeps: one job entry that expands into many jobs.
+//!
+//! - `matrix:` maps variables to lists of values; the entry becomes one job per combination
+//!   (the cross product, in the order the lists are written, variables sorted by name).
+//! - `from: prompts.csv` (or `.jsonl`) reads a data file beside the job file; the entry becomes
+//!   one job per row (times the matrix's combinations, if it has one too). Each column is a
+//!   variable; `prompt`, `name` and `model` columns give the job's prompt, name and model.
+//! - In such an entry the prompt and the name are templates: `{seed}` is the variable's value,
+//!   `{{` and `}}` are literal braces. A variable the prompt does not use becomes a request
+//!   field of its name (`seed: [1, 2]` sets `"seed": 1`, then 2), so a matrix sweeps
+//!   parameters and a CSV can carry per-row parameters. `model` sets the job's model.
+//!
+//! A plain entry (no `matrix`, no `from`) is not a template: its braces are text.
+//!
+//! Identity stays the one of part 2: a job's key is its model, its request body and its
+//! occurrence, so adding a value to a list or a row to the file adds only the new jobs, and
+//! reordering changes nothing. Names are readable and stable: the entry's name (or one derived
+//! from it) followed by `_<variable>-<value>` for each matrix variable, e.g.
+//! `fox_aspect_ratio-16-9_seed-3`; rows use their `name` column, or the data file's name,
+//! the row's number and the prompt's first words (`prompts-0007-a-red-fox`). A `name:`
+//! template (`fox-{seed}`) chooses the pattern instead.
+
+use super::JobFileError;
+use super::locate::Seg;
+use super::values::parse_model_path;
+use crate::job::derive_name;
+use serde_json::{Map, Number, Value};
+use std::path::{Component, Path, PathBuf};
+
+/// Why an entry cannot be expanded: a node of the job file, or a row of its data file.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// At this key path of the job file.
+    At(Vec<Seg>, String),
+    /// In the data file (its path, line and column are in the error).
+    Data(JobFileError),
+}
+
+/// Checks what `from:` names: a `.csv` or `.jsonl` file inside the job file's folder. Only a
+/// relative path without `..`: when the service runs job files written by others, `from:` must
+/// not read files elsewhere and send them to Krea as prompts.
+pub(crate) fn check_data_path(text: &str) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Err(
+            "the data file is empty; write a file beside the job file, e.g. prompts.csv".to_owned()
+        );
+    }
+    let path = Path::new(text);
+    if path.is_absolute()
+        || path.components().any(|part| !matches!(part, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!(
+            "{text:?} is not inside the job file's folder; write a path relative to it, \
+             without `..`"
+        ));
+    }
+    match DataFormat::of(path) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{text:?} is neither .csv nor .jsonl; prompts are read from CSV (with a header row) \
+             or JSON Lines (one object per line)"
+        )),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DataFormat {
+    Csv,
+    JsonLines,
+}
+
+impl DataFormat {
+    fn of(path: &Path) -> Option<Self> {
+        let extension = path.extension()?.to_str()?.to_ascii_lowercase();
+        match extension.as_str() {
+            "csv" => Some(Self::Csv),
+            "jsonl" | "ndjson" => Some(Self::JsonLines),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a data file.
+pub(super) struct Row {
+    /// Its line in the file, from 1.
+    line: usize,
+    /// Its values by column. CSV cells are text; see [`DataRows::typed`].
+    values: Map<String, Value>,
+}
+
+/// The rows of a `from:` file.
+pub(super) struct DataRows {
+    path: PathBuf,
+    /// The file name without extension, as a name prefix (`prompts`).
+    stem: String,
+    /// The CSV header, or every key of the JSON Lines objects in order of appearance.
+    columns: Vec<String>,
+    rows: Vec<Row>,
+    /// CSV cells are text; as request fields they are read as numbers and booleans where they
+    /// are written as such (JSON Lines values keep their JSON types).
+    typed: bool,
+}
+
+impl DataRows {
+    /// How many rows.
+    pub(super) fn len(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// Reads the `from:` file `written` of entry `index`, beside `job_file`.
+pub(super) fn read_rows(job_file: &Path, index: usize, written: &str) -> Result<DataRows, Refusal> {
+    let at = || vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
+    let path = job_file.parent().unwrap_or_else(|| Path::new("")).join(written);
+    // Not followed if a symbolic link: see `check_data_path`.
+    let meta = std::fs::symlink_metadata(&path)
+        .map_err(|err| Refusal::At(at(), format!("cannot read {written}: {err}")))?;
+    if !meta.is_file() {
+        return Err(Refusal::At(
+            at(),
+            format!("{written} is not a regular file (a folder or a symbolic link)"),
+        ));
+    }
+    if meta.len() > super::MAX_FILE_SIZE {
+        return Err(Refusal::At(
+            at(),
+            format!(
+                "{written} is larger than {} MiB; split it into several files",
+                super::MAX_FILE_SIZE >> 20
+            ),
+        ));
+    }
+    let bytes = std::fs::read(&path)
+        .map_err(|err| Refusal::At(at(), format!("cannot read {written}: {err}")))?;
+    let stem = path.file_stem().map_or_else(String::new, |stem| slug(&stem.to_string_lossy()));
+    let mut rows = DataRows { path, stem, columns: Vec::new(), rows: Vec::new(), typed: false };
+    match DataFormat::of(Path::new(written)) {
+        Some(DataFormat::Csv) => read_csv(&bytes, &mut rows)?,
+        _ => read_json_lines(&bytes, &mut rows)?,
+    }
+    if rows.rows.is_empty() {
+        return Err(Refusal::At(at(), format!("{written} has no rows, so there is nothing to do")));
+    }
+    Ok(rows)
+}
+
+/// An error at `line` (and `column`) of the data file.
+fn data_error(rows: &DataRows, line: usize, column: Option<usize>, message: String) -> Refusal {
+    Refusal::Data(JobFileError {
+        file: rows.path.clone(),
+        line: Some(line),
+        column,
+        key: None,
+        message,
+    })
+}
+
+fn read_csv(bytes: &[u8], rows: &mut DataRows) -> Result<(), Refusal> {
+    rows.typed = true;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
+    let header_error = |rows: &DataRows, message: String| data_error(rows, 1, None, message);
+    let headers = match reader.headers() {
+        Ok(headers) => headers.clone(),
+        Err(err) => return Err(header_error(rows, format!("cannot read the header row: {err}"))),
+    };
+    for (number, column) in headers.iter().enumerate() {
+        let column = column.trim();
+        if column.is_empty() {
+            return Err(header_error(
+                rows,
+                format!("column {} has no name; the first row names the columns", number + 1),
+            ));
+        }
+        if rows.columns.iter().any(|seen| seen == column) {
+            return Err(header_error(rows, format!("the column {column:?} appears twice")));
+        }
+        rows.columns.push(column.to_owned());
+    }
+    for record in reader.records() {
+        let record = record.map_err(|err| {
+            let line = err.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
+            data_error(rows, line, None, csv_message(&err))
+        })?;
+        let line = record.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
+        let values = rows
+            .columns
+            .iter()
+            .zip(record.iter())
+            .map(|(column, cell)| (column.clone(), Value::String(cell.to_owned())))
+            .collect();
+        rows.rows.push(Row { line, values });
+    }
+    Ok(())
+}
+
+/// The csv crate's message without its own position (the error carries the line).
+fn csv_message(err: &csv::Error) -> String {
+    match err.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
+            "this row has {len} cells, the header {expected_len}; quote cells that contain commas"
+        ),
+        csv::ErrorKind::Utf8 { .. } => "this row is not valid UTF-8; save the file as UTF-8".into(),
+        _ => err.to_string(),
+    }
+}
+
+fn read_json_lines(bytes: &[u8], rows: &mut DataRows) -> Result<(), Refusal> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text.strip_prefix('\u{feff}').unwrap_or(text),
+        Err(err) => {
+            let line = bytes[..err.valid_up_to()].split(|byte| *byte == b'\n').count();
+            return Err(data_error(rows, line, None, "not valid UTF-8; save it as UTF-8".into()));
+        }
+    };
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let values = match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(values)) => values,
+            Ok(_) => {
+                return Err(data_error(
+                    rows,
+                    number + 1,
+                    None,
+                    "each line must be a JSON object, like {\"prompt\": \"a red fox\"}".into(),
+                ));
+            }
+            Err(err) => {
+                let message = err.to_string();
+                let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                return Err(data_error(rows, number + 1, Some(err.column()), message));
+            }
+        };
+        for column in values.keys() {
+            if !rows.columns.contains(column) {
+                rows.columns.push(column.clone());
+            }
+        }
+        rows.rows.push(Row { line: number + 1, values });
+    }
+    Ok(())
+}
+
+/// A checked `matrix:`: variables (sorted by name) and their values.
+pub(super) struct Matrix {
+    variables: Vec<(String, Vec<Value>)>,
+}
+
+impl Matrix {
+    /// How many combinations, saturating.
+    pub(super) fn combinations(&self) -> usize {
+        self.variables
+            .iter()
+            .fold(1_usize, |product, (_, values)| product.saturating_mul(values.len()))
+    }
+
+    /// Checks the `matrix:` of entry `index`.
+    pub(super) fn check(index: usize, written: &Map<String, Value>) -> Result<Self, Refusal> {
+        let at = |variable: &str| {
+            let mut path = vec![Seg::key("jobs"), Seg::Index(index), Seg::key("matrix")];
+            if !variable.is_empty() {
+                path.push(Seg::key(variable));
+            }
+            path
+        };
+        if written.is_empty() {
+            return Err(Refusal::At(
+                at(""),
+                "the matrix is empty; give each variable a list, like `seed: [1, 2, 3]`".into(),
+            ));
+        }
+        let mut variables = Vec::new();
+        for (variable, values) in written {
+            if !is_variable(variable) {
+                return Err(Refusal::At(
+                    at(variable),
+                    format!(
+                        "{variable:?} cannot be a variable; use letters, digits and '_', not \
+                         starting with a digit"
+                    ),
+                ));
+            }
+            if matches!(variable.as_str(), "prompt" | "name") {
+                return Err(Refusal::At(
+                    at(variable),
+                    format!(
+                        "`{variable}` cannot be swept directly; sweep a variable and use it in \
+                         the {variable}, like `{variable}: \"a {{animal}} in snow\"` with \
+                         `animal: [fox, owl]`"
+                    ),
+                ));
+            }
+            let Value::Array(values) = values else {
+                return Err(Refusal::At(
+                    at(variable),
+                    format!("`{variable}` needs a list of values, like `{variable}: [1, 2, 3]`"),
+                ));
+            };
+            if values.is_empty() {
+                return Err(Refusal::At(
+                    at(variable),
+                    format!("the list of `{variable}` is empty; give it at least one value"),
+                ));
+            }
+            for (position, value) in values.iter().enumerate() {
+                if values[..position].contains(value) {
+                    return Err(Refusal::At(
+                        at(variable),
+                        format!("the value {value} appears twice in the list of `{variable}`"),
+                    ));
+                }
+                if variable == "model" && !value.is_string() {
+                    return Err(Refusal::At(
+                        at(variable),
+                        format!("models are model paths like image/bfl/flux-1-dev; found {value}"),
+                    ));
+                }
+            }
+            variables.push((variable.clone(), values.clone()));
+        }
+        Ok(Self { variables })
+    }
+}
+
+fn is_variable(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A prompt or name with `{variable}` slots.
+pub(super) struct Template {
+    parts: Vec<Part>,
+}
+
+enum Part {
+    Text(String),
+    Variable(String),
+}
+
+impl Template {
+    /// Parses `text`; a brace that is neither `{{`, `}}` nor part of a `{variable}` is refused.
+    pub(super) fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(['{', '}']) {
+            literal.push_str(&rest[..at]);
+            let tail = &rest[at..];
+            if tail.starts_with("{{") || tail.starts_with("}}") {
+                literal.push_str(&tail[..1]);
+                rest = &tail[2..];
+                continue;
+            }
+            let closed = tail.starts_with('{').then(|| tail.find('}')).flatten();
+            let Some(end) = closed.filter(|end| is_variable(&tail[1..*end])) else {
+                let shown: String = tail.chars().take(20).collect();
+                return Err(format!(
+                    "{shown:?} is not a `{{variable}}`; in a sweep, write `{{{{` and `}}}}` for \
+                     literal braces"
+                ));
+            };
+            if !literal.is_empty() {
+                parts.push(Part::Text(std::mem::take(&mut literal)));
+            }
+            parts.push(Part::Variable(tail[1..end].to_owned()));
+            rest = &tail[end + 1..];
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            parts.push(Part::Text(literal));
+        }
+        Ok(Self { parts })
+    }
+
+    fn variables(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Variable(name) => Some(name.as_str()),
+            Part::Text(_) => None,
+        })
+    }
+
+    fn uses(&self, variable: &str) -> bool {
+        self.variables().any(|used| used == variable)
+    }
+
+    /// The text without its slots, for a name derived from it.
+    fn literal(&self) -> String {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Text(text) => text.as_str(),
+                Part::Variable(_) => " ",
+            })
+            .collect()
+    }
+
+    fn render<E>(&self, mut value: impl FnMut(&str) -> Result<String, E>) -> Result<String, E> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Variable(name) => out.push_str(&value(name)?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One job an entry expands into (before `count`).
+pub(super) struct Instance {
+    pub(super) prompt: String,
+    pub(super) name: String,
+    /// From a `model` variable or column; else the entry's or the file's model.
+    pub(super) model: Option<String>,
+    /// Request fields from the variables the prompt does not use, over the entry's params.
+    pub(super) fields: Map<String, Value>,
+}
+
+/// Expands entry `index` (its prompt, name, matrix and data rows) into its jobs.
+pub(super) fn expand(
+    index: usize,
+    prompt: &str,
+    name: Option<&str>,
+    matrix: Option<&Matrix>,
+    rows: Option<&DataRows>,
+) -> Result<Vec<Instance>, Refusal> {
+    let at = |key: &str| vec![Seg::key("jobs"), Seg::Index(index), Seg::key(key)];
+    let prompt = Template::parse(prompt).map_err(|message| Refusal::At(at("prompt"), message))?;
+    let name_template = match name.filter(|name| name.contains(['{', '}'])) {
+        Some(name) => {
+            Some(Template::parse(name).map_err(|message| Refusal::At(at("name"), message))?)
+        }
+        None => None,
+    };
+    let swept: &[(String, Vec<Value>)] = matrix.map_or(&[], |matrix| &matrix.variables);
+    let columns: &[String] = rows.map_or(&[], |rows| &rows.columns);
+    if let (Some(rows), Some((variable, _))) =
+        (rows, swept.iter().find(|(variable, _)| columns.contains(variable)))
+    {
+        return Err(Refusal::At(
+            vec![Seg::key("jobs"), Seg::Index(index), Seg::key("matrix"), Seg::key(variable)],
+            format!("`{variable}` is also a column of {}; rename one of them", rows.path.display()),
+        ));
+    }
+    if let Some(rows) = rows
+        && prompt.parts.len() == 1
+        && prompt.uses("prompt")
+        && !columns.iter().any(|column| column == "prompt")
+    {
+        return Err(Refusal::At(
+            at("from"),
+            format!(
+                "{} has no `prompt` column; add one, or give this job a `prompt:` template \
+                 that uses its columns ({})",
+                rows.path.display(),
+                columns.join(", ")
+            ),
+        ));
+    }
+    let known = |variable: &str| {
+        swept.iter().any(|(swept, _)| swept == variable) || columns.iter().any(|c| c == variable)
+    };
+    for (key, template) in [("prompt", Some(&prompt)), ("name", name_template.as_ref())] {
+        let Some(template) = template else { continue };
+        if let Some(unknown) = template.variables().find(|variable| !known(variable)) {
+            let mut listed: Vec<&str> =
+                swept.iter().map(|(variable, _)| variable.as_str()).collect();
+            listed.extend(columns.iter().map(String::as_str));
+            let listed = if listed.is_empty() { "none".to_owned() } else { listed.join(", ") };
+            return Err(Refusal::At(
+                at(key),
+                format!(
+                    "`{{{unknown}}}` is not a variable of this job (its variables: {listed}); \
+                     write `{{{{` and `}}}}` for literal braces"
+                ),
+            ));
+        }
+    }
+    let entry = Entry { index, prompt, name, name_template, swept, rows };
+    let mut instances = Vec::new();
+    let mut combination = vec![0_usize; swept.len()];
+    let row_list: Vec<Option<(usize, &Row)>> =
+        rows.map_or_else(|| vec![None], |rows| rows.rows.iter().enumerate().map(Some).collect());
+    for row in row_list {
+        combination.fill(0);
+        loop {
+            instances.push(entry.instance(row, &combination)?);
+            if !next_combination(&mut combination, swept) {
+                break;
+            }
+        }
+    }
+    Ok(instances)
+}
+
+/// Steps `combination` (indices into each variable's values) to the next, the last variable
+/// fastest; `false` after the last one.
+fn next_combination(combination: &mut [usize], swept: &[(String, Vec<Value>)]) -> bool {
+    for (position, (_, values)) in swept.iter().enumerate().rev() {
+        combination[position] += 1;
+        if combination[position] < values.len() {
+            return true;
+        }
+        combination[position] = 0;
+    }
+    false
+}
+
+/// An entry being expanded.
+struct Entry<'a> {
+    index: usize,
+    prompt: Template,
+    name: Option<&'a str>,
+    name_template: Option<Template>,
+    swept: &'a [(String, Vec<Value>)],
+    rows: Option<&'a DataRows>,
+}
+
+impl Entry<'_> {
+    /// The job of data row `row` (with its index) and matrix `combination`.
+    fn instance(
+        &self,
+        row: Option<(usize, &Row)>,
+        combination: &[usize],
+    ) -> Result<Instance, Refusal> {
+        let mut values: Vec<(&str, &Value)> = Vec::new();
+        if let Some((_, row)) = row {
+            values.extend(row.values.iter().map(|(column, value)| (column.as_str(), value)));
+        }
+        for ((variable, list), chosen) in self.swept.iter().zip(combination) {
+            values.push((variable, &list[*chosen]));
+        }
+        let lookup =
+            |variable: &str| values.iter().find(|(name, _)| *name == variable).map(|(_, v)| *v);
+        let fail = |key: &str, message: String| match (row, self.rows) {
+            (Some((_, row)), Some(rows)) => data_error(rows, row.line, None, message),
+            _ => {
+                Refusal::At(vec![Seg::key("jobs"), Seg::Index(self.index), Seg::key(key)], message)
+            }
+        };
+        let text = |variable: &str| -> Result<String, Refusal> {
+            match lookup(variable) {
+                Some(Value::String(text)) => Ok(text.clone()),
+                Some(Value::Number(number)) => Ok(number.to_string()),
+                Some(Value::Bool(value)) => Ok(value.to_string()),
+                None | Some(Value::Null) => {
+                    Err(fail("prompt", format!("`{variable}` has no value here")))
+                }
+                Some(other) => Err(fail(
+                    "prompt",
+                    format!(
+                        "`{variable}` is {other}, a list or mapping; only text and numbers \
+                             go into a prompt or name"
+                    ),
+                )),
+            }
+        };
+        let prompt = self.prompt.render(&text)?;
+        if prompt.trim().is_empty() {
+            return Err(fail("prompt", "the prompt is empty; write the text to generate".into()));
+        }
+        let model = match lookup("model") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(model)) if model.is_empty() => None,
+            Some(Value::String(model)) => {
+                Some(parse_model_path(model).map_err(|why| fail("matrix", why))?)
+            }
+            Some(other) => {
+                return Err(fail("matrix", format!("a model is a model path; found {other}")));
+            }
+        };
+        let mut fields = Map::new();
+        for (variable, value) in &values {
+            let special = matches!(*variable, "prompt" | "name" | "model");
+            if special || self.prompt.uses(variable) || value.is_null() {
+                continue;
+            }
+            let typed = self.rows.is_some_and(|rows| rows.typed);
+            match value {
+                Value::String(cell) if typed && cell.is_empty() => {}
+                Value::String(cell) if typed => {
+                    fields.insert((*variable).to_owned(), typed_cell(cell));
+                }
+                _ => {
+                    fields.insert((*variable).to_owned(), (*value).clone());
+                }
+            }
+        }
+        let name = self.name(row, &prompt, combination, &lookup)?;
+        Ok(Instance { prompt, name, model, fields })
+    }
+
+    fn name<'v>(
+        &self,
+        row: Option<(usize, &Row)>,
+        prompt: &str,
+        combination: &[usize],
+        lookup: &impl Fn(&str) -> Option<&'v Value>,
+    ) -> Result<String, Refusal> {
+        if let Some(template) = &self.name_template {
+            return template.render(|variable| Ok(slug(&scalar_text(lookup(variable)))));
+        }
+        let row_name = lookup("name").filter(|_| row.is_some()).map(|name| scalar_text(Some(name)));
+        let mut name = match (self.name, row_name.filter(|name| !name.is_empty()), row) {
+            (Some(name), _, _) => name.to_owned(),
+            (None, Some(name), _) => name,
+            (None, None, Some((number, _))) => {
+                let stem = self.rows.map_or("rows", |rows| rows.stem.as_str());
+                format!("{stem}-{}", derive_name(number + 1, prompt))
+            }
+            (None, None, None) => derive_name(self.index + 1, &self.prompt.literal()),
+        };
+        for ((variable, list), chosen) in self.swept.iter().zip(combination) {
+            name.push('_');
+            name.push_str(variable);
+            name.push('-');
+            name.push_str(&slug(&scalar_text(Some(&list[*chosen]))));
+        }
+        Ok(name)
+    }
+}
+
+/// A value as text for names: strings as written, numbers and booleans as JSON.
+fn scalar_text(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// A CSV cell as a request field: a number or boolean when written as one, else text.
+fn typed_cell(cell: &str) -> Value {
+    if let Ok(whole) = cell.parse::<i64>() {
+        return Value::Number(whole.into());
+    }
+    let numeric = cell.bytes().any(|byte| byte.is_ascii_digit())
+        && cell.bytes().all(|byte| byte.is_ascii_digit() || b"+-.eE".contains(&byte));
+    if numeric && let Some(number) = cell.parse::<f64>().ok().and_then(Number::from_f64) {
+        return Value::Number(number);
+    }
+    match cell {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::String(cell.to_owned()),
+    }
+}
+
+/// A value as a piece of a job name: ASCII letters, digits and '.', other runs as one '-',
+/// at most 32 characters; `x` when nothing is left.
+fn slug(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= 32 {
+            break;
+        }
+        if c.is_ascii_alphanumeric() || c == '.' {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let trimmed = out.trim_matches(|c| c == '-' || c == '.');
+    if trimmed.is_empty() { "x".to_owned() } else { trimmed.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_take_variables_and_doubled_braces() {
+        let template = Template::parse("a {animal} in {{snow}}").expect("valid");
+        let rendered = template.render(|name| Ok::<_, ()>(format!("<{name}>"))).expect("rendered");
+        assert_eq!(rendered, "a <animal> in {snow}");
+        for bad in ["a {animal", "a } b", "a {two words}", "{}"] {
+            assert!(Template::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn csv_cells_become_numbers_and_booleans_only_when_written_so() {
+        assert_eq!(typed_cell("42"), Value::from(42));
+        assert_eq!(typed_cell("-1.5"), Value::from(-1.5));
+        assert_eq!(typed_cell("true"), Value::Bool(true));
+        for text in ["16:9", "inf", "NaN", "1e", "007a", "yes"] {
+            assert_eq!(typed_cell(text), Value::String(text.into()), "{text}");
+        }
+    }
+
+    #[test]
+    fn slugs_are_short_safe_and_never_empty() {
+        assert_eq!(slug("16:9"), "16-9");
+        assert_eq!(slug("oil painting, warm"), "oil-painting-warm");
+        assert_eq!(slug("日本"), "x");
+        assert_eq!(slug(&"a".repeat(100)).len(), 32);
+        assert_eq!(slug("../x"), "x");
+    }
+
+    #[test]
+    fn data_paths_stay_beside_the_job_file() {
+        assert!(check_data_path("prompts.csv").is_ok());
+        assert!(check_data_path("data/rows.jsonl").is_ok());
+        for bad in ["/etc/passwd.csv", "../up.csv", "a/../../b.csv", "prompts.txt", " "] {
+            assert!(check_data_path(bad).is_err(), "{bad}");
+        }
+    }
+}
