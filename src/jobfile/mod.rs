@@ -465,19 +465,30 @@ impl Assembly<'_> {
         let defaults = params_weight(&raw.params);
         let (mut jobs, mut weight) = (0_usize, 0_usize);
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(sweeps) {
-            // Rows and combinations multiply the count. A sweep's own values add little to
-            // each body; the rows' text is bounded by the data file's size.
-            let swept = sweep.as_ref().map_or(1, |(matrix, rows)| {
-                matrix
+            // Rows and combinations multiply the count, and their values add to the bodies: a
+            // sweep must not be an alias bomb by other means.
+            let (mut swept, mut swept_weight, mut row_text) = (1, 0, 0);
+            if let Some((matrix, rows)) = sweep {
+                let combinations = matrix.as_ref().map_or(1, Matrix::combinations);
+                let rows_len = rows.as_ref().map_or(1, DataRows::len);
+                swept = combinations.saturating_mul(rows_len);
+                // A value can appear once in the fields and once per slot of the prompt.
+                let uses = 1 + job.prompt.matches('{').count();
+                swept_weight =
+                    matrix.as_ref().map_or(0, Matrix::weight_per_combination).saturating_mul(uses);
+                // Each row's text goes into one job per combination and copy.
+                row_text = rows
                     .as_ref()
-                    .map_or(1, Matrix::combinations)
-                    .saturating_mul(rows.as_ref().map_or(1, DataRows::len))
-            });
+                    .map_or(0, DataRows::text_len)
+                    .saturating_mul(uses)
+                    .saturating_mul(combinations)
+                    .saturating_mul(job.count as usize);
+            }
             let count = (job.count as usize).saturating_mul(swept);
             // An upper bound of the merged body's weight: defaults and own fields both counted.
-            let body = defaults + params_weight(&job.params) + 16 + job.prompt.len();
-            jobs += count;
-            weight = weight.saturating_add(body.saturating_mul(count));
+            let body = defaults + params_weight(&job.params) + 16 + job.prompt.len() + swept_weight;
+            jobs = jobs.saturating_add(count);
+            weight = weight.saturating_add(body.saturating_mul(count)).saturating_add(row_text);
             if jobs > MAX_JOBS || weight > expansion_budget(self.text) {
                 return Err(self.error(
                     &self.count_path(index, job),
@@ -597,17 +608,19 @@ fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Valu
 
 /// About the memory request fields take, in the weight units of the read budget.
 fn params_weight(body: &Params) -> usize {
-    fn weight(value: &Value) -> usize {
-        16 + match value {
-            Value::String(text) => text.len(),
-            Value::Array(items) => items.iter().map(weight).sum(),
-            Value::Object(object) => {
-                object.iter().map(|(key, value)| key.len() + weight(value)).sum()
-            }
-            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    body.iter().map(|(key, value)| key.len() + value_weight(value)).sum()
+}
+
+/// About the memory one JSON value takes, in the weight units of the read budget.
+fn value_weight(value: &Value) -> usize {
+    16 + match value {
+        Value::String(text) => text.len(),
+        Value::Array(items) => items.iter().map(value_weight).sum(),
+        Value::Object(object) => {
+            object.iter().map(|(key, value)| key.len() + value_weight(value)).sum()
         }
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }
-    body.iter().map(|(key, value)| key.len() + weight(value)).sum()
 }
 
 /// `output` resolved against the directory of `source`, without `.` components.

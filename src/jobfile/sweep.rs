@@ -96,6 +96,8 @@ pub(super) struct DataRows {
     /// The CSV header, or every key of the JSON Lines objects in order of appearance.
     columns: Vec<String>,
     rows: Vec<Row>,
+    /// The file's length in bytes.
+    text_len: usize,
     /// CSV cells are text; as request fields they are read as numbers and booleans where they
     /// are written as such (JSON Lines values keep their JSON types).
     typed: bool,
@@ -105,6 +107,11 @@ impl DataRows {
     /// How many rows.
     pub(super) fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// The length of the file's text: what its rows can add to the jobs' bodies, per copy.
+    pub(super) fn text_len(&self) -> usize {
+        self.text_len
     }
 }
 
@@ -133,7 +140,14 @@ pub(super) fn read_rows(job_file: &Path, index: usize, written: &str) -> Result<
     let bytes = std::fs::read(&path)
         .map_err(|err| Refusal::At(at(), format!("cannot read {written}: {err}")))?;
     let stem = path.file_stem().map_or_else(String::new, |stem| slug(&stem.to_string_lossy()));
-    let mut rows = DataRows { path, stem, columns: Vec::new(), rows: Vec::new(), typed: false };
+    let mut rows = DataRows {
+        path,
+        stem,
+        columns: Vec::new(),
+        rows: Vec::new(),
+        text_len: bytes.len(),
+        typed: false,
+    };
     match DataFormat::of(Path::new(written)) {
         Some(DataFormat::Csv) => read_csv(&bytes, &mut rows)?,
         _ => read_json_lines(&bytes, &mut rows)?,
@@ -248,6 +262,17 @@ pub(super) struct Matrix {
 }
 
 impl Matrix {
+    /// An upper bound of what one combination's values weigh (the largest value of each
+    /// variable), in the units of the job file's budgets.
+    pub(super) fn weight_per_combination(&self) -> usize {
+        self.variables
+            .iter()
+            .map(|(variable, values)| {
+                variable.len() + values.iter().map(super::value_weight).max().unwrap_or(0)
+            })
+            .fold(0, usize::saturating_add)
+    }
+
     /// How many combinations, saturating.
     pub(super) fn combinations(&self) -> usize {
         self.variables

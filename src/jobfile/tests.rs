@@ -1206,3 +1206,29 @@ fn data_file_mistakes_name_the_data_file_and_line() {
         "is not inside the job file's folder",
     );
 }
+
+#[test]
+fn sweeps_that_would_expand_past_the_limits_are_refused_before_expanding() {
+    // 2^20 combinations: past MAX_JOBS.
+    let mut text = String::from("model: bfl/x\njobs:\n  - prompt: a fox\n    matrix:\n");
+    for variable in 0..20 {
+        let _ = writeln!(text, "      v{variable}: [a, b]");
+    }
+    let started = std::time::Instant::now();
+    check(&text, 3, 5, Some("jobs[0]"), "the jobs expand to more than the file may hold");
+    // 2^16 combinations of 1 KB values: within MAX_JOBS, but not the request data.
+    let mut text = String::from("model: bfl/x\njobs:\n  - prompt: a fox\n    matrix:\n");
+    let long = "x".repeat(1000);
+    for variable in 0..16 {
+        let _ = writeln!(text, "      v{variable}: [a{long}, b{long}]");
+    }
+    check(&text, 3, 5, Some("jobs[0]"), "the jobs expand to more than the file may hold");
+    // One large row, repeated by a matrix and a count.
+    let csv = format!("prompt\n{}\n", "a fox ".repeat(200_000));
+    let text = "model: bfl/x\njobs:\n  - from: big.csv\n    count: 50\n    \
+                matrix: {seed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}\n";
+    let (_dir, file) = with_files(text, &[("big.csv", &csv)]);
+    let error = file.expect_err("refused");
+    assert!(error.message.contains("expand to more than the file may hold"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
