@@ -10,7 +10,7 @@
 //! | file | job |
 //! |---|---|
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
-//! | `jobfile/` | the YAML job file as users write it, validated into jobs with precise errors |
+//! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
 //! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
 //! | `metrics.rs` | the optional Prometheus /metrics endpoint of the daemon (loopback only) |
@@ -34,7 +34,7 @@
 //!
 //! # Dependency direction
 //!
-//! `job`, `jobfile` and `pricing` do no I/O. `api` knows HTTP but not job states. `store` knows
+//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data files beside it. `api` knows HTTP but not job states. `store` knows
 //! jobs but not HTTP. `runner` is the one module that ties them together; `main` sits on top. The
 //! simulation depends on nothing else in the crate: it models Krea, not krea-batch.
 

@@ -1,24 +1,27 @@
 //! The job file: the YAML a user writes, read and validated into the list of jobs to run.
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
-//! prices) and a list of jobs, each a prompt with optional name, model, fields and count;
-//! `jobs.example.yaml` at the top of the repository documents every key. [`parse`] turns the
-//! text into a [`JobFile`]: one [`JobSpec`] per generation, with its full request body and its
-//! stable [`JobKey`]. Everything that can be wrong is refused here, before anything is sent,
-//! with the file, line, column and key of the offending node ([`JobFileError`]).
+//! prices, budget) and a list of jobs, each a prompt with optional name, model, fields and
+//! count, or a sweep (`matrix:`, `from:` a CSV or JSON Lines file); `jobs.example.yaml` at the
+//! top of the repository documents every key. [`parse`] turns the text into a [`JobFile`]: one
+//! [`JobSpec`] per generation, with its full request body and its stable [`JobKey`].
+//! Everything that can be wrong is refused here, before anything is sent, with the file, line,
+//! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
-//! What it leaves to others: the file is read once by [`load`], and nothing else here does
-//! I/O; the request body is passed through as written (Krea validates it, per model); prices
-//! are only read, `pricing` applies them; the runner decides what to send and when, the store
-//! what was already sent. `api:` and `limits:` are reused by the daemon configuration.
+//! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
+//! reading the data files that `from:` names, beside the job file; the request body is passed
+//! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
+//! the budget are only read, `pricing` and the runner apply them; the runner decides what to
+//! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
+//! by the daemon configuration.
 //!
 //! How it is built: `nesting` first refuses flow nesting deeper than `serde_yaml` accepts
 //! (libyaml would take quadratic time over it); `de` then deserializes the document by hand,
 //! checking each node as it is read (so `serde_yaml` gives the node's position), within a budget
-//! that stops alias bombs; this file then checks the rules spanning
-//! several nodes (unique names, a model per job, limits that contradict each other) and
-//! finds their positions with `locate`. `serde_yaml` is used nowhere else in the crate, so
-//! replacing it stays a change to this folder.
+//! that stops alias bombs; this file then checks the rules spanning several nodes (unique
+//! names, a model per job, limits that contradict each other), has `sweep` expand matrices and
+//! data files, and finds positions with `locate`. `serde_yaml` is used nowhere else in the
+//! crate, so replacing it stays a change to this folder.
 
 mod de;
 mod locate;
@@ -216,8 +219,8 @@ pub fn output_dir_of(path: &Path) -> Result<PathBuf, JobFileError> {
     Ok(output_dir(path, found.flatten().as_deref().unwrap_or("./out")))
 }
 
-/// Parses job-file text read from `source` (used for messages and to resolve `output`).
-/// Pure: no I/O. Text longer than [`MAX_FILE_SIZE`] is refused, as [`load`] refuses the file:
+/// Parses job-file text read from `source` (used for messages, to resolve `output`, and to
+/// find the data files of `from:` entries, the only I/O here). Text longer than [`MAX_FILE_SIZE`] is refused, as [`load`] refuses the file:
 /// the daemon reads its inbox files up to one byte past the limit and hands them here.
 pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> {
     if text_bytes.len() as u64 > MAX_FILE_SIZE {
