@@ -1198,6 +1198,13 @@ fn data_file_mistakes_name_the_data_file_and_line() {
     let error = file.expect_err("refused");
     assert_eq!(error.file, dir.path().join("rows.jsonl"));
     assert_eq!(error.line, Some(2));
+    // A symbolic link is not followed, even to a file in the folder.
+    let text = "model: bfl/x\njobs:\n  - from: prompts.csv\n";
+    let (dir, _) = with_files(text, &[("real.csv", "prompt\na fox\n")]);
+    std::os::unix::fs::symlink(dir.path().join("real.csv"), dir.path().join("prompts.csv"))
+        .expect("symlink");
+    let error = load(&dir.path().join("jobs.yaml")).expect_err("refused").to_string();
+    assert!(error.contains("prompts.csv is not a regular file"), "{error}");
     check(
         "model: bfl/x\njobs:\n  - from: ../secrets.csv\n",
         3,

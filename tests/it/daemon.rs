@@ -278,14 +278,39 @@ fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
         assert!(error.contains(needle), "{error}");
     }
 
+    // A job file reading its prompts from a CSV beside it in the inbox: accepted (waiting for
+    // the budget like the rest); the CSV stays where it is.
+    let csv = service.dir.path().join("inbox/rows.csv");
+    std::fs::write(
+        &csv,
+        "prompt,seed
+a row from a file,1
+another row,2
+",
+    )
+    .expect("csv");
+    service.drop_file(
+        "rows.yaml",
+        "model: image/bfl/flux-1-dev
+jobs:
+  - from: rows.csv
+",
+    );
+    let accepted = service.dir.path().join("inbox/accepted/rows.yaml");
+    wait_until(Duration::from_secs(10), "the file is accepted", || accepted.is_file());
+
     let config = std::fs::read_to_string(service.config()).expect("config");
     std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_day_usd: 1"))
         .expect("config raised");
     daemon.signal("HUP");
     wait_until(Duration::from_secs(20), "all five results", || service.results("five") == 5);
+    wait_until(Duration::from_secs(20), "both rows' results", || service.results("rows") == 2);
+    assert!(csv.is_file(), "the data file stays in the inbox");
     daemon.signal("TERM");
-    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    assert!(!run.stderr.contains("rows.csv"), "no warning about the data file: {}", run.stderr);
     let stats = sim.stats();
-    assert_eq!(stats.jobs_created, 5);
+    assert_eq!(stats.jobs_created, 7);
     assert!(stats.creations_by_prompt.values().all(|count| *count == 1));
 }
