@@ -315,8 +315,9 @@ enum NameSource {
     Swept,
 }
 
-/// An entry's checked `matrix:` and read `from:` rows.
-type Sweep = (Option<Matrix>, Option<DataRows>);
+/// An entry's checked `matrix:` and read `from:` rows (boxed where kept per entry: most
+/// entries have none, and a file may hold 100,000 of them).
+type Sweep = Box<(Option<Matrix>, Option<DataRows>)>;
 
 impl Assembly<'_> {
     fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
@@ -417,7 +418,7 @@ impl Assembly<'_> {
         job: &RawJob,
         sweep: Option<&Sweep>,
     ) -> Result<Vec<Instance>, JobFileError> {
-        let Some((matrix, rows)) = sweep else {
+        let Some(sweep) = sweep else {
             return Ok(vec![Instance {
                 prompt: job.prompt.clone(),
                 name: job.name.clone().unwrap_or_else(|| derive_name(index + 1, &job.prompt)),
@@ -425,6 +426,7 @@ impl Assembly<'_> {
                 fields: Params::new(),
             }]);
         };
+        let (matrix, rows) = &**sweep;
         sweep::expand(index, &job.prompt, job.name.as_deref(), matrix.as_ref(), rows.as_ref())
             .map_err(|refusal| self.refused(refusal))
     }
@@ -433,24 +435,24 @@ impl Assembly<'_> {
     fn read_sweeps(&self, raw: &RawFile) -> Result<Vec<Option<Sweep>>, JobFileError> {
         let mut sweeps = Vec::with_capacity(raw.jobs.len());
         for (index, job) in raw.jobs.iter().enumerate() {
-            if job.matrix.is_none() && job.from.is_none() {
+            let Some(written) = &job.sweep else {
                 sweeps.push(None);
                 continue;
-            }
-            let matrix = match &job.matrix {
+            };
+            let matrix = match &written.matrix {
                 Some(written) => {
                     Some(Matrix::check(index, written).map_err(|refusal| self.refused(refusal))?)
                 }
                 None => None,
             };
-            let rows = match &job.from {
+            let rows = match &written.from {
                 Some(written) => Some(
                     sweep::read_rows(self.source, index, written)
                         .map_err(|refusal| self.refused(refusal))?,
                 ),
                 None => None,
             };
-            sweeps.push(Some((matrix, rows)));
+            sweeps.push(Some(Box::new((matrix, rows))));
         }
         Ok(sweeps)
     }
@@ -471,7 +473,8 @@ impl Assembly<'_> {
             // Rows and combinations multiply the count, and their values add to the bodies: a
             // sweep must not be an alias bomb by other means.
             let (mut swept, mut swept_weight, mut row_text) = (1, 0, 0);
-            if let Some((matrix, rows)) = sweep {
+            if let Some(sweep) = sweep {
+                let (matrix, rows) = &**sweep;
                 let combinations = matrix.as_ref().map_or(1, Matrix::combinations);
                 let rows_len = rows.as_ref().map_or(1, DataRows::len);
                 swept = combinations.saturating_mul(rows_len);

@@ -4,7 +4,7 @@
 use super::ctx::NODE_WEIGHT;
 use super::params::{ParamsSeed, PricesSeed};
 use super::scalar::{Scalar, TextKind, count_value, field_key, refuse, tagged, text_value};
-use super::{Ctx, RawFile, RawJob};
+use super::{Ctx, RawFile, RawJob, RawSweep};
 use crate::jobfile::locate::Seg;
 use crate::jobfile::settings::{ApiSettings, Limits};
 use crate::jobfile::{MAX_JOBS, Params};
@@ -257,8 +257,8 @@ impl<'de> Visitor<'de> for JobSeed<'_, 'de> {
             model,
             params: params.unwrap_or_default(),
             count,
-            matrix,
-            from,
+            sweep: (matrix.is_some() || from.is_some())
+                .then(|| Box::new(RawSweep { matrix, from })),
             offset,
         })
     }

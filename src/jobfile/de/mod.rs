@@ -66,12 +66,20 @@ pub(crate) struct RawJob {
     pub(crate) params: Params,
     /// How many generations, at least 1.
     pub(crate) count: u32,
-    /// `matrix:` as written: variable names and their lists of values, checked by `sweep`.
-    pub(crate) matrix: Option<Params>,
-    /// `from:`: a CSV or JSONL file beside the job file, one job per row.
-    pub(crate) from: Option<String>,
+    /// `matrix:` and `from:`, when the entry has either (boxed: most entries have neither,
+    /// and a file may hold 100,000 entries).
+    pub(crate) sweep: Option<Box<RawSweep>>,
     /// Byte offset of the entry's first key, when `serde_yaml` lent it from the text.
     pub(crate) offset: Option<usize>,
+}
+
+/// The sweep keys of a job entry as written.
+#[derive(Debug)]
+pub(crate) struct RawSweep {
+    /// `matrix:`: variable names and their lists of values, checked by `sweep`.
+    pub(crate) matrix: Option<Params>,
+    /// `from:`: a CSV or JSON Lines file beside the job file, one job per row.
+    pub(crate) from: Option<String>,
 }
 
 /// Deserializes the document.
