@@ -279,4 +279,21 @@ mod tests {
         std::fs::write(&cache, br#"{"paths": {}}"#).expect("cache");
         assert!(obtain(&offline).await.expect("cached").origin.contains("cached"));
     }
+
+    #[tokio::test]
+    async fn the_cache_is_used_for_a_day_then_fetched_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join(CACHE_FILE);
+        std::fs::write(&cache, br#"{"paths": {}}"#).expect("cache");
+        // Nothing listens on port 1: a fetch fails at once.
+        let base = reqwest::Url::parse("http://127.0.0.1:1").expect("url");
+        let online = Source::Api { base, cache: cache.clone(), offline: false };
+        let fresh = obtain(&online).await.expect("fresh cache");
+        assert!(fresh.origin.ends_with("(cached)"), "no fetch within a day: {}", fresh.origin);
+        let two_days_ago = SystemTime::now() - Duration::from_hours(48);
+        let file = std::fs::File::options().write(true).open(&cache).expect("cache file");
+        file.set_modified(two_days_ago).expect("mtime");
+        let stale = obtain(&online).await.expect("stale cache, as the fetch failed");
+        assert!(stale.origin.ends_with("(cached, stale)"), "fetched again: {}", stale.origin);
+    }
 }
