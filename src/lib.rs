@@ -18,7 +18,7 @@
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
-//! | `store.rs` | the SQLite state file: jobs, attempts, files; one writer |
+//! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema |
@@ -34,9 +34,10 @@
 //!
 //! # Dependency direction
 //!
-//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data files beside it. `api` knows HTTP but not job states. `store` knows
-//! jobs but not HTTP. `runner` is the one module that ties them together; `main` sits on top. The
-//! simulation depends on nothing else in the crate: it models Krea, not krea-batch.
+//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data files beside
+//! it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
+//! module that ties them together; `main` sits on top. The simulation depends on nothing else in
+//! the crate: it models Krea, not krea-batch.
 
 pub mod api;
 pub mod batch;

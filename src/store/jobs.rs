@@ -1,0 +1,438 @@
+//! Jobs in the state file: importing a job file's jobs, reading them back, applying the
+//! engine's changes, and the counts `status` shows.
+
+use super::{
+    Change, FileRecord, ImportReport, JobRecord, Store, StoreError, now_ms, parse_state, sqlite,
+};
+use crate::job::{JobKey, JobState};
+use crate::jobfile::JobSpec;
+use crate::pricing::PriceTable;
+use rusqlite::{OptionalExtension, params};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+impl Store {
+    /// Adds the jobs of a job file to the state in one transaction. Known jobs (same key) are
+    /// left as they are, except that an unfinished one takes the file's new name; jobs gone from
+    /// the file are marked so (never cancelled). A new job whose name is taken, in the same
+    /// output directory, by a different earlier job gets the name with its key's first 8 hex
+    /// digits appended, so no result already paid for is overwritten.
+    pub fn import(
+        &mut self,
+        source: &str,
+        output_dir: &Path,
+        specs: &[JobSpec],
+        prices: &PriceTable,
+    ) -> Result<ImportReport, StoreError> {
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let now = now_ms();
+        let output_text = output_dir.to_string_lossy().into_owned();
+        let tx = self.conn.transaction().map_err(&err)?;
+        tx.execute(
+            "INSERT INTO batches (source, output_dir, imported_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source) DO UPDATE SET output_dir = excluded.output_dir",
+            params![source, output_text, now],
+        )
+        .map_err(&err)?;
+        let batch_id: i64 = tx
+            .query_row("SELECT id FROM batches WHERE source = ?1", [source], |row| row.get(0))
+            .map_err(&err)?;
+
+        // Every job writing to this output directory, by key and by name.
+        let mut known: HashMap<String, (i64, String, JobState)> = HashMap::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT jobs.id, jobs.key, jobs.name, jobs.state, jobs.batch_id FROM jobs
+                     JOIN batches ON batches.id = jobs.batch_id WHERE batches.output_dir = ?1",
+                )
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([&output_text], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(&err)?;
+            for row in rows {
+                let (id, key, name, state, job_batch) = row.map_err(&err)?;
+                let state = parse_state(&path, &state)?;
+                names.insert(name.clone(), key.clone());
+                if job_batch == batch_id {
+                    known.insert(key, (id, name, state));
+                }
+            }
+        }
+
+        let mut report = ImportReport { batch_id, ..ImportReport::default() };
+        let in_file: HashSet<&str> = specs.iter().map(|spec| spec.key.as_str()).collect();
+        tx.execute("UPDATE jobs SET in_file = 0 WHERE batch_id = ?1", [batch_id]).map_err(&err)?;
+        for spec in specs {
+            let key = spec.key.as_str();
+            if let Some((id, old_name, state)) = known.get(key) {
+                report.known += 1;
+                let rename = *old_name != spec.name
+                    && !state.is_final()
+                    && names.get(&spec.name).is_none_or(|owner| owner == key);
+                if rename {
+                    names.remove(old_name);
+                    names.insert(spec.name.clone(), key.to_owned());
+                }
+                let name = if rename { &spec.name } else { old_name };
+                // A job not yet sent takes today's price (the file's `prices:` may have been
+                // added or changed); one already sent keeps the price it was committed at.
+                let price = prices.price(&spec.model, &spec.body_map());
+                tx.execute(
+                    "UPDATE jobs SET in_file = 1, name = ?2,
+                        price_usd = CASE WHEN state = 'pending' THEN ?3 ELSE price_usd END
+                     WHERE id = ?1",
+                    params![id, name, price],
+                )
+                .map_err(&err)?;
+                continue;
+            }
+            let mut name = spec.name.clone();
+            if names.get(&name).is_some_and(|owner| owner != key) {
+                name = format!("{}-{}", spec.name, &key[..8]);
+                report.renamed.push((spec.name.clone(), name.clone()));
+            }
+            names.insert(name.clone(), key.to_owned());
+            let price = prices.price(&spec.model, &spec.body_map());
+            tx.execute(
+                "INSERT INTO jobs (batch_id, key, name, model, body, state, price_usd, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+                params![batch_id, key, name, spec.model, spec.body, price, now],
+            )
+            .map_err(&err)?;
+            report.added += 1;
+        }
+        report.removed = known.keys().filter(|key| !in_file.contains(key.as_str())).count();
+        tx.commit().map_err(&err)?;
+        Ok(report)
+    }
+
+    /// The jobs of one batch, or of all batches, with their files, in file order.
+    pub fn jobs(&self, batch_id: Option<i64>) -> Result<Vec<JobRecord>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut files: HashMap<i64, Vec<FileRecord>> = HashMap::new();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT files.job_id, idx, url, path, bytes, sha256, content_type FROM files
+                 JOIN jobs ON jobs.id = files.job_id WHERE ?1 IS NULL OR jobs.batch_id = ?1
+                 ORDER BY files.job_id, idx",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([batch_id], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    FileRecord {
+                        index: row.get(1)?,
+                        url: row.get(2)?,
+                        path: row.get(3)?,
+                        bytes: u64::try_from(row.get::<_, i64>(4)?).unwrap_or_default(),
+                        sha256: row.get(5)?,
+                        content_type: row.get(6)?,
+                    },
+                ))
+            })
+            .map_err(&err)?;
+        for row in rows {
+            let (job_id, file) = row.map_err(&err)?;
+            files.entry(job_id).or_default().push(file);
+        }
+
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, batch_id, key, name, model, body, state, remote_id, remote_status,
+                        attempt_at, attempts, submitted_at, created_at, completed_at, finished_at,
+                        urls, error, price_usd, in_file, attempt_ended
+                 FROM jobs WHERE ?1 IS NULL OR batch_id = ?1 ORDER BY id",
+            )
+            .map_err(&err)?;
+        let rows = stmt.query_map([batch_id], read_job_row).map_err(&err)?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let raw = row.map_err(&err)?;
+            let mut job = raw.into_record(&self.path)?;
+            job.files = files.remove(&job.id).unwrap_or_default();
+            jobs.push(job);
+        }
+        Ok(jobs)
+    }
+
+    /// The batch row of a job file, if it was ever imported.
+    pub fn batch_id(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT id FROM batches WHERE source = ?1", [source], |row| row.get(0))
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Every Krea job id the state file holds, in every batch: reconciliation never adopts one.
+    pub fn remote_ids(&self) -> Result<HashSet<String>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL")
+            .map_err(&err)?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(&err)?;
+        rows.map(|row| row.map_err(&err)).collect()
+    }
+
+    /// The output directory of each batch.
+    pub fn output_dirs(&self) -> Result<HashMap<i64, PathBuf>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self.conn.prepare("SELECT id, output_dir FROM batches").map_err(&err)?;
+        let rows = stmt
+            .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
+            .map_err(&err)?;
+        rows.map(|row| row.map(|(id, dir)| (id, PathBuf::from(dir))).map_err(&err)).collect()
+    }
+
+    /// Writes `changes` in one durable transaction: on disk (fsynced) when this returns.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        self.apply_with(changes, true)
+    }
+
+    /// Writes `changes` in one transaction, fsynced only if `synced`. An unsynced commit is as
+    /// atomic and survives a killed process (the write-ahead log is in the operating system's
+    /// hands); only a power cut can lose it, and the next synced commit makes it durable too.
+    /// The engine syncs the commits that must be on disk before a request: the attempt before
+    /// each POST.
+    pub fn apply_with(&mut self, changes: &[Change], synced: bool) -> Result<(), StoreError> {
+        let err = sqlite(&self.path);
+        if synced != self.synced {
+            let mode = if synced { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", mode).map_err(&err)?;
+            self.synced = synced;
+        }
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut update_job = tx
+                .prepare_cached(
+                    // Indexed columns that rarely change (name, remote_id) are left out:
+                    // setting one, even to the same value, rewrites its index page.
+                    "UPDATE jobs SET state = ?2, remote_status = ?3, attempt_at = ?4,
+                        attempts = ?5, submitted_at = ?6, created_at = ?7, completed_at = ?8,
+                        finished_at = ?9, urls = ?10, error = ?11, updated_at = ?12,
+                        attempt_ended = ?13
+                     WHERE id = ?1",
+                )
+                .map_err(&err)?;
+            let mut set_remote_id = tx
+                .prepare_cached(
+                    "UPDATE jobs SET remote_id = ?2 WHERE id = ?1 AND remote_id IS NOT ?2",
+                )
+                .map_err(&err)?;
+            let mut upsert_file = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO files
+                        (job_id, idx, url, path, bytes, sha256, content_type)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(&err)?;
+            let mut set_meta = tx
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+                .map_err(&err)?;
+            let now = now_ms();
+            for change in changes {
+                match change {
+                    Change::Job(job) => {
+                        let urls = (!job.urls.is_empty())
+                            .then(|| serde_json::to_string(&job.urls).unwrap_or_default());
+                        if job.remote_id.is_some() {
+                            set_remote_id.execute(params![job.id, job.remote_id]).map_err(&err)?;
+                        }
+                        update_job
+                            .execute(params![
+                                job.id,
+                                job.state.as_str(),
+                                job.remote_status,
+                                job.attempt_at,
+                                job.attempts,
+                                job.submitted_at,
+                                job.created_at,
+                                job.completed_at,
+                                job.finished_at,
+                                urls,
+                                job.error,
+                                now,
+                                job.attempt_ended,
+                            ])
+                            .map_err(&err)?;
+                    }
+                    Change::File { job_id, file } => {
+                        upsert_file
+                            .execute(params![
+                                job_id,
+                                file.index,
+                                file.url,
+                                file.path,
+                                i64::try_from(file.bytes).unwrap_or(i64::MAX),
+                                file.sha256,
+                                file.content_type,
+                            ])
+                            .map_err(&err)?;
+                    }
+                    Change::Meta { key, value } => {
+                        set_meta.execute(params![key, value]).map_err(&err)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(&err)
+    }
+
+    /// The sum of the estimated prices of the jobs in `states`, and how many of them have none.
+    pub fn price_sum(&self, states: &[JobState]) -> Result<(f64, usize), StoreError> {
+        let list: Vec<String> =
+            states.iter().map(|state| format!("'{}'", state.as_str())).collect();
+        let sql = format!(
+            "SELECT COALESCE(SUM(price_usd), 0.0), COUNT(*) - COUNT(price_usd) FROM jobs
+             WHERE state IN ({})",
+            list.join(", ")
+        );
+        self.conn
+            .query_row(&sql, [], |row| Ok((row.get(0)?, row.get::<_, i64>(1)?)))
+            .map(|(sum, unpriced)| (sum, usize::try_from(unpriced).unwrap_or_default()))
+            .map_err(sqlite(&self.path))
+    }
+
+    /// The names of at most `limit` jobs in `state`, oldest first.
+    pub fn names_in(&self, state: JobState, limit: usize) -> Result<Vec<String>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM jobs WHERE state = ?1 ORDER BY id LIMIT ?2")
+            .map_err(&err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows =
+            stmt.query_map(params![state.as_str(), limit], |row| row.get(0)).map_err(&err)?;
+        rows.map(|row| row.map_err(&err)).collect()
+    }
+
+    /// How many jobs are in each state, over one batch or all.
+    pub fn count_by_state(
+        &self,
+        batch_id: Option<i64>,
+    ) -> Result<Vec<(JobState, usize)>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT state, COUNT(*) FROM jobs WHERE ?1 IS NULL OR batch_id = ?1
+                 GROUP BY state",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([batch_id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+            .map_err(&err)?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (state, count) = row.map_err(&err)?;
+            counts.push((parse_state(&self.path, &state)?, count as usize));
+        }
+        counts.sort();
+        Ok(counts)
+    }
+}
+
+/// A row as read, before its JSON columns are parsed.
+struct RawJobRow {
+    id: i64,
+    batch_id: i64,
+    key: String,
+    name: String,
+    model: String,
+    body: String,
+    state: String,
+    remote_id: Option<String>,
+    remote_status: Option<String>,
+    attempt_at: Option<i64>,
+    attempts: u32,
+    submitted_at: Option<i64>,
+    created_at: Option<String>,
+    completed_at: Option<String>,
+    finished_at: Option<i64>,
+    urls: Option<String>,
+    error: Option<String>,
+    price_usd: Option<f64>,
+    in_file: bool,
+    attempt_ended: Option<i64>,
+}
+
+fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
+    Ok(RawJobRow {
+        id: row.get(0)?,
+        batch_id: row.get(1)?,
+        key: row.get(2)?,
+        name: row.get(3)?,
+        model: row.get(4)?,
+        body: row.get(5)?,
+        state: row.get(6)?,
+        remote_id: row.get(7)?,
+        remote_status: row.get(8)?,
+        attempt_at: row.get(9)?,
+        attempts: row.get(10)?,
+        submitted_at: row.get(11)?,
+        created_at: row.get(12)?,
+        completed_at: row.get(13)?,
+        finished_at: row.get(14)?,
+        urls: row.get(15)?,
+        error: row.get(16)?,
+        price_usd: row.get(17)?,
+        in_file: row.get(18)?,
+        attempt_ended: row.get(19)?,
+    })
+}
+
+impl RawJobRow {
+    fn into_record(self, path: &Path) -> Result<JobRecord, StoreError> {
+        let corrupt = |message: String| StoreError::Corrupt { path: path.to_owned(), message };
+        // Parsed when it is needed (a sidecar); a cheap look here catches a hand-edited row.
+        if !self.body.trim_start().starts_with('{') {
+            return Err(corrupt(format!(
+                "job {} has a request body that is not a JSON object",
+                self.id
+            )));
+        }
+        let urls = match &self.urls {
+            None => Vec::new(),
+            Some(text) => serde_json::from_str(text)
+                .map_err(|_| corrupt(format!("job {} has unreadable result URLs", self.id)))?,
+        };
+        Ok(JobRecord {
+            id: self.id,
+            batch_id: self.batch_id,
+            key: JobKey::from_stored(self.key),
+            name: self.name,
+            model: self.model,
+            body: Arc::from(self.body),
+            state: parse_state(path, &self.state)?,
+            remote_id: self.remote_id,
+            remote_status: self.remote_status,
+            attempt_at: self.attempt_at,
+            attempt_ended: self.attempt_ended,
+            attempts: self.attempts,
+            submitted_at: self.submitted_at,
+            created_at: self.created_at,
+            completed_at: self.completed_at,
+            finished_at: self.finished_at,
+            urls,
+            error: self.error,
+            price_usd: self.price_usd,
+            in_file: self.in_file,
+            files: Vec::new(),
+        })
+    }
+}

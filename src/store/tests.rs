@@ -1,0 +1,77 @@
+//! Tests of the state file: versions and migration, the one-writer lock, privacy, recovery.
+
+use super::*;
+
+/// A copy of the first-version state file kept in `tests/data/`.
+fn fixture_copy(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/state-v1.sqlite");
+    let copy = dir.join("state.sqlite");
+    std::fs::copy(source, &copy).expect("fixture copied");
+    copy
+}
+
+#[test]
+fn the_first_schema_version_is_read_and_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    let store = Store::open_writer(&path).expect("opens and migrates");
+    assert_eq!(store.version().expect("version"), SCHEMA_VERSION);
+    let jobs = store.jobs(None).expect("jobs");
+    let state_of = |name: &str| jobs.iter().find(|job| job.name == name).map(|job| job.state);
+    assert_eq!(state_of("lighthouse"), Some(JobState::Downloaded));
+    assert_eq!(state_of("blocked"), Some(JobState::Failed));
+    assert_eq!(state_of("harbour"), Some(JobState::Pending));
+    assert_eq!(state_of("waiting"), Some(JobState::Pending));
+    let lighthouse = jobs.iter().find(|job| job.name == "lighthouse").expect("listed");
+    assert_eq!(lighthouse.files.len(), 1);
+    assert_eq!(lighthouse.files[0].path, "lighthouse.png");
+    assert!(lighthouse.remote_id.is_some());
+}
+
+#[test]
+fn a_newer_schema_is_refused_not_misread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    Connection::open(&path).expect("open").pragma_update(None, "user_version", 99).expect("set");
+    let message = Store::open_reader(&path).expect_err("refused").to_string();
+    assert!(message.contains("newer"), "{message}");
+    assert!(matches!(Store::open_writer(&path), Err(StoreError::TooNew { found: 99, .. })));
+}
+
+#[test]
+fn a_second_writer_is_refused_while_readers_are_welcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.sqlite");
+    let first = Store::open_writer(&path).expect("first writer");
+    assert!(matches!(Store::open_writer(&path), Err(StoreError::Locked { .. })));
+    Store::open_reader(&path).expect("a reader is fine");
+    drop(first);
+    Store::open_writer(&path).expect("free again");
+}
+
+#[test]
+fn the_state_file_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.sqlite");
+    drop(Store::open_writer(&path).expect("created"));
+    let mode = std::fs::metadata(&path).expect("exists").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+}
+
+#[test]
+fn an_interrupted_submission_becomes_unknown_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    {
+        let store = Store::open_writer(&path).expect("open");
+        store
+            .conn
+            .execute("UPDATE jobs SET state = 'submitting' WHERE name = 'harbour'", [])
+            .expect("set");
+    }
+    let store = Store::open_writer(&path).expect("reopen");
+    let harbour =
+        store.jobs(None).expect("jobs").into_iter().find(|job| job.name == "harbour").expect("job");
+    assert_eq!(harbour.state, JobState::Unknown);
+}

@@ -1,0 +1,114 @@
+//! The engine's writer: one thread owning the writing connection.
+
+use super::{Change, Store, StoreError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The engine's handle on the state file: a thread that owns the writing connection and commits
+/// what it is sent. Requests that queue up while a commit runs are merged into the next one, so
+/// a busy engine pays for one fsync per batch rather than per job.
+#[derive(Clone, Debug)]
+pub struct StoreWriter {
+    requests: tokio::sync::mpsc::UnboundedSender<WriteRequest>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// Work for the writer thread: changes to commit, or a function to run on the store.
+enum WriteRequest {
+    /// Changes, whether they must be fsynced, and where to say it is done.
+    Commit(Vec<Change>, bool, tokio::sync::oneshot::Sender<Result<(), String>>),
+    Call(Box<dyn FnOnce(&mut Store) + Send>),
+}
+
+impl StoreWriter {
+    /// Moves `store` onto its own thread.
+    pub fn spawn(mut store: Store) -> Result<Self, StoreError> {
+        let (requests, mut receiver) = tokio::sync::mpsc::unbounded_channel::<WriteRequest>();
+        let thread = std::thread::Builder::new()
+            .name("krea-batch-store".into())
+            .spawn(move || {
+                let mut next = receiver.blocking_recv();
+                while let Some(request) = next.take() {
+                    let (mut changes, mut synced, mut replies) = match request {
+                        WriteRequest::Call(call) => {
+                            call(&mut store);
+                            next = receiver.blocking_recv();
+                            continue;
+                        }
+                        WriteRequest::Commit(changes, synced, reply) => {
+                            (changes, synced, vec![reply])
+                        }
+                    };
+                    // Merge the commits queued meanwhile into one transaction.
+                    loop {
+                        match receiver.try_recv() {
+                            Ok(WriteRequest::Commit(more, more_synced, reply)) => {
+                                changes.extend(more);
+                                synced |= more_synced;
+                                replies.push(reply);
+                            }
+                            Ok(call) => {
+                                next = Some(call);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let result = store.apply_with(&changes, synced).map_err(|err| err.to_string());
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
+                    }
+                    if next.is_none() {
+                        next = receiver.blocking_recv();
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Io { path: PathBuf::from("<store thread>"), source })?;
+        Ok(Self { requests, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
+    }
+
+    /// Waits until every handle is dropped and the queue is written, then for the thread to
+    /// close the state file and release the one-writer lock.
+    pub async fn close(self) {
+        let thread = self.thread.lock().ok().and_then(|mut thread| thread.take());
+        drop(self);
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    /// Commits `changes`; returns once they are on disk.
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.commit_with(changes, true).await
+    }
+
+    /// Commits `changes`, fsynced only if `synced` (see [`Store::apply_with`]).
+    pub async fn commit_with(&self, changes: Vec<Change>, synced: bool) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(WriteRequest::Commit(changes, synced, reply))
+            .map_err(|_| StoreError::WriterGone)?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::WriteFailed(message)),
+            Err(_) => Err(StoreError::WriterGone),
+        }
+    }
+
+    /// Runs `call` on the writer thread with the store (an import, reading requests), after
+    /// the commits sent before it.
+    pub async fn with_store<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let call = Box::new(move |store: &mut Store| {
+            let _ = reply.send(call(store));
+        });
+        self.requests.send(WriteRequest::Call(call)).map_err(|_| StoreError::WriterGone)?;
+        done.await.map_err(|_| StoreError::WriterGone)
+    }
+}
