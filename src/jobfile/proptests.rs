@@ -1,8 +1,10 @@
 //! Property tests of the job file, run in CI (a few seconds): generated job files built from
 //! every key, written in block or flow style, parse into the expected jobs; the same files
 //! mutated (cut short, bytes flipped, tabs inserted, lines repeated or dropped) never panic,
-//! and are refused with one line that names the file and, where it has one, the place. The
-//! fuzz target (`fuzz/`) explores the same ground for longer, without the structure.
+//! and are refused with one line that names the file and, where it has one, the place.
+//! Generated matrices expand into their cross product with unique names and keys, and growing
+//! one keeps every earlier key. The fuzz target (`fuzz/`) explores the same ground for longer,
+//! without the structure.
 
 use super::*;
 use proptest::prelude::*;
@@ -359,5 +361,70 @@ proptest! {
             Ok(file) => check_accepted(&file)?,
             Err(error) => check_refused(&error, &bytes)?,
         }
+    }
+}
+
+/// A generated sweep: variables (distinct names, not used in the prompt except `animal`) with
+/// lists of distinct scalar values, and a count.
+fn sweep() -> impl Strategy<Value = (Vec<(String, Vec<Value>)>, u32)> {
+    let values = prop_oneof![
+        prop::collection::btree_set(-50_i64..50, 1..4)
+            .prop_map(|set| set.into_iter().map(Value::from).collect::<Vec<_>>()),
+        prop::collection::btree_set("[a-z][a-z0-9]{0,6}", 1..4)
+            .prop_map(|set| set.into_iter().map(Value::from).collect::<Vec<_>>()),
+    ];
+    (prop::collection::btree_map("v_[a-z]{1,5}", values, 1..4), 1_u32..=3)
+        .prop_map(|(map, count)| (map.into_iter().collect(), count))
+}
+
+fn render_sweep(variables: &[(String, Vec<Value>)], count: u32) -> String {
+    let mut text = String::from(
+        "model: image/bfl/flux-1-dev\njobs:\n  - prompt: a {animal} at dawn\n    name: s\n",
+    );
+    let _ = writeln!(text, "    count: {count}\n    matrix:\n      animal: [fox, owl]");
+    for (variable, values) in variables {
+        let _ = writeln!(text, "      {variable}: {}", json(values));
+    }
+    text
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(100),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// A matrix makes the cross product, names and keys are unique, every combination's values
+    /// are its request fields, and adding a value keeps the key of every job already there.
+    #[test]
+    fn sweeps_expand_into_unique_stable_jobs((variables, count) in sweep(), extra in 50_i64..60) {
+        let text = render_sweep(&variables, count);
+        let file = parse(text.as_bytes(), Path::new("jobs.yaml"))
+            .map_err(|error| TestCaseError::fail(format!("refused: {error}\n{text}")))?;
+        check_accepted(&file)?;
+        let product: usize = variables.iter().map(|(_, values)| values.len()).product();
+        prop_assert_eq!(file.jobs.len(), 2 * product * count as usize, "{}", text);
+        let names: HashSet<String> =
+            file.jobs.iter().map(|job| job.name.to_ascii_lowercase()).collect();
+        prop_assert_eq!(names.len(), file.jobs.len(), "names unique");
+        let keys: HashSet<&JobKey> = file.jobs.iter().map(|job| &job.key).collect();
+        prop_assert_eq!(keys.len(), file.jobs.len(), "keys unique");
+        for job in &file.jobs {
+            let body = job.body_map();
+            for (variable, values) in &variables {
+                prop_assert!(body.get(variable).is_some_and(|value| values.contains(value)));
+            }
+        }
+        // Grow the first list by a value no list holds.
+        let mut grown = variables.clone();
+        grown[0].1.push(Value::from(extra));
+        let text = render_sweep(&grown, count);
+        let bigger = parse(text.as_bytes(), Path::new("jobs.yaml"))
+            .map_err(|error| TestCaseError::fail(format!("refused: {error}\n{text}")))?;
+        let grown_keys: HashSet<&JobKey> = bigger.jobs.iter().map(|job| &job.key).collect();
+        prop_assert!(keys.is_subset(&grown_keys), "every earlier job keeps its key");
+        let per_value = file.jobs.len() / variables[0].1.len();
+        prop_assert_eq!(bigger.jobs.len(), file.jobs.len() + per_value, "one value's worth added");
     }
 }

@@ -674,9 +674,17 @@ fn typed_cell(cell: &str) -> Value {
 }
 
 /// A value as a piece of a job name: ASCII letters, digits and '.', other runs as one '-',
-/// at most 32 characters; `x` when nothing is left.
+/// at most 32 characters; `x` when nothing is left. A leading minus sign reads `neg`, so that
+/// `-1` and `1` stay apart.
 fn slug(text: &str) -> String {
     let mut out = String::new();
+    let text = match text.strip_prefix('-') {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => {
+            out.push_str("neg");
+            rest
+        }
+        _ => text,
+    };
     for c in text.chars() {
         if out.len() >= 32 {
             break;
@@ -722,6 +730,8 @@ mod tests {
         assert_eq!(slug("日本"), "x");
         assert_eq!(slug(&"a".repeat(100)).len(), 32);
         assert_eq!(slug("../x"), "x");
+        assert_eq!(slug("-14"), "neg14");
+        assert_eq!(slug("-x"), "x");
     }
 
     #[test]
