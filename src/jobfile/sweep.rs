@@ -460,6 +460,34 @@ pub(super) fn expand(
         None => None,
     };
     let swept: &[(String, Vec<Value>)] = matrix.map_or(&[], |matrix| &matrix.variables);
+    check_variables(index, &prompt, name_template.as_ref(), swept, rows)?;
+    let entry = Entry { index, prompt, name, name_template, swept, rows };
+    let mut instances = Vec::new();
+    let mut combination = vec![0_usize; swept.len()];
+    let row_list: Vec<Option<(usize, &Row)>> =
+        rows.map_or_else(|| vec![None], |rows| rows.rows.iter().enumerate().map(Some).collect());
+    for row in row_list {
+        combination.fill(0);
+        loop {
+            instances.push(entry.instance(row, &combination)?);
+            if !next_combination(&mut combination, swept) {
+                break;
+            }
+        }
+    }
+    Ok(instances)
+}
+
+/// Checks that the templates use only the entry's variables, that a matrix variable is not
+/// also a column, and that rows have a prompt.
+fn check_variables(
+    index: usize,
+    prompt: &Template,
+    name_template: Option<&Template>,
+    swept: &[(String, Vec<Value>)],
+    rows: Option<&DataRows>,
+) -> Result<(), Refusal> {
+    let at = |key: &str| vec![Seg::key("jobs"), Seg::Index(index), Seg::key(key)];
     let columns: &[String] = rows.map_or(&[], |rows| &rows.columns);
     if let (Some(rows), Some((variable, _))) =
         (rows, swept.iter().find(|(variable, _)| columns.contains(variable)))
@@ -487,7 +515,7 @@ pub(super) fn expand(
     let known = |variable: &str| {
         swept.iter().any(|(swept, _)| swept == variable) || columns.iter().any(|c| c == variable)
     };
-    for (key, template) in [("prompt", Some(&prompt)), ("name", name_template.as_ref())] {
+    for (key, template) in [("prompt", Some(prompt)), ("name", name_template)] {
         let Some(template) = template else { continue };
         if let Some(unknown) = template.variables().find(|variable| !known(variable)) {
             let mut listed: Vec<&str> =
@@ -503,21 +531,7 @@ pub(super) fn expand(
             ));
         }
     }
-    let entry = Entry { index, prompt, name, name_template, swept, rows };
-    let mut instances = Vec::new();
-    let mut combination = vec![0_usize; swept.len()];
-    let row_list: Vec<Option<(usize, &Row)>> =
-        rows.map_or_else(|| vec![None], |rows| rows.rows.iter().enumerate().map(Some).collect());
-    for row in row_list {
-        combination.fill(0);
-        loop {
-            instances.push(entry.instance(row, &combination)?);
-            if !next_combination(&mut combination, swept) {
-                break;
-            }
-        }
-    }
-    Ok(instances)
+    Ok(())
 }
 
 /// Steps `combination` (indices into each variable's values) to the next, the last variable
