@@ -170,49 +170,70 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
     }
 }
 
-/// Why `file`'s jobs cannot run under a budget: some have no known price, so what they
-/// commit cannot be counted. `None` when every job is priced.
+/// Every job's estimated price, summed per model: one pass over the request bodies for the
+/// plan, the budget's checks and the warning at the start of a run.
+struct Costs<'f> {
+    total: Estimate,
+    /// Per model: its jobs and their estimate.
+    by_model: BTreeMap<&'f str, (usize, Estimate)>,
+}
+
+impl<'f> Costs<'f> {
+    fn of(file: &'f JobFile) -> Self {
+        let prices = PriceTable::with_overrides(file.prices.clone());
+        let mut costs = Self { total: Estimate::default(), by_model: BTreeMap::new() };
+        for job in &file.jobs {
+            let price = prices.price(&job.model, &job.body_map());
+            costs.total.add(price);
+            let (jobs, estimate) = costs.by_model.entry(&job.model).or_default();
+            *jobs += 1;
+            estimate.add(price);
+        }
+        costs
+    }
+
+    /// Why these jobs cannot run under a budget: some have no known price, so what they
+    /// commit cannot be counted. `None` when every job is priced.
+    fn unpriced_refusal(&self, file: &JobFile) -> Option<String> {
+        let unpriced: Vec<(&str, usize)> = self
+            .by_model
+            .iter()
+            .filter(|(_, (_, estimate))| estimate.unpriced > 0)
+            .map(|(model, (_, estimate))| (*model, estimate.unpriced))
+            .collect();
+        let (first, _) = unpriced.first()?;
+        let listed: Vec<String> =
+            unpriced.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
+        Some(format!(
+            "{}: a budget is set, but krea-batch knows no price for {}; add each under \
+             `prices:` (USD per generation, e.g. `prices: {{{first}: 0.05}}`) so the budget can \
+             count them",
+            file.source.display(),
+            listed.join(", "),
+        ))
+    }
+}
+
+/// Why `file`'s jobs cannot run under a budget (see [`Costs::unpriced_refusal`]); for the
+/// service's inbox.
 #[must_use]
 pub fn unpriced_under_budget(file: &JobFile) -> Option<String> {
-    let prices = PriceTable::with_overrides(file.prices.clone());
-    let mut unpriced: BTreeMap<&str, usize> = BTreeMap::new();
-    for job in &file.jobs {
-        if prices.price(&job.model, &job.body_map()).is_none() {
-            *unpriced.entry(&job.model).or_default() += 1;
-        }
-    }
-    if unpriced.is_empty() {
-        return None;
-    }
-    let listed: Vec<String> =
-        unpriced.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
-    Some(format!(
-        "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` \
-         (USD per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
-        file.source.display(),
-        listed.join(", "),
-        unpriced.keys().next().copied().unwrap_or_default(),
-    ))
+    Costs::of(file).unpriced_refusal(file)
 }
 
 /// Refuses to start a run under a budget with jobs of unknown price, and says at the start
 /// when the estimate is above the total cap (the run will stop at the cap).
 fn enforce_budget(file: &JobFile) -> Result<(), InputError> {
     let Some(budget) = file.budget else { return Ok(()) };
-    if let Some(refusal) = unpriced_under_budget(file) {
+    let costs = Costs::of(file);
+    if let Some(refusal) = costs.unpriced_refusal(file) {
         return Err(InputError(refusal));
     }
-    let Some(cap) = budget.max_usd else { return Ok(()) };
-    let prices = PriceTable::with_overrides(file.prices.clone());
-    let mut total = Estimate::default();
-    for job in &file.jobs {
-        total.add(prices.price(&job.model, &job.body_map()));
-    }
-    if total.usd > cap {
+    if let Some(cap) = budget.max_usd.filter(|cap| costs.total.usd > *cap) {
         tracing::warn!(
             "the jobs are estimated at {}, above the budget of {}; submitting stops before the \
              budget would be exceeded (jobs already done count against it)",
-            usd(total.usd),
+            usd(costs.total.usd),
             usd(cap)
         );
     }
@@ -446,9 +467,9 @@ pub struct BudgetFit {
 }
 
 impl BudgetFit {
-    fn of(file: &JobFile, budget: Budget, estimate: &Estimate) -> Self {
-        let unpriced = unpriced_under_budget(file);
-        let within = budget.max_usd.is_none_or(|cap| estimate.usd <= cap + 1e-9);
+    fn of(file: &JobFile, budget: Budget, costs: &Costs<'_>) -> Self {
+        let unpriced = costs.unpriced_refusal(file);
+        let within = budget.max_usd.is_none_or(|cap| costs.total.usd <= cap + 1e-9);
         Self {
             max_usd: budget.max_usd,
             per_day_usd: budget.per_day_usd,
@@ -472,32 +493,28 @@ pub struct ModelPlan {
 /// `krea-batch check`: the plan, without sending anything (the schema check is done by the
 /// caller, [`schema_report`], and included).
 pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result<Plan, InputError> {
-    let prices = PriceTable::with_overrides(file.prices.clone());
     let places = places(file, None, false);
-    let mut models: std::collections::BTreeMap<&str, ModelPlan> = std::collections::BTreeMap::new();
-    let mut total = Estimate::default();
-    for job in &file.jobs {
-        let price = prices.price(&job.model, &job.body_map());
-        total.add(price);
-        let entry = models.entry(&job.model).or_insert_with(|| ModelPlan {
-            model: job.model.clone(),
-            jobs: 0,
-            estimated_usd: Some(0.0),
-        });
-        entry.jobs += 1;
-        entry.estimated_usd = entry.estimated_usd.zip(price).map(|(sum, price)| sum + price);
-    }
+    let costs = Costs::of(file);
+    let models = costs
+        .by_model
+        .iter()
+        .map(|(model, (jobs, estimate))| ModelPlan {
+            model: (*model).to_owned(),
+            jobs: *jobs,
+            estimated_usd: (estimate.unpriced == 0).then_some(estimate.usd),
+        })
+        .collect();
     Ok(Plan {
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
-        models: models.into_values().collect(),
-        estimated_usd: total.usd,
-        unpriced: total.unpriced,
+        models,
+        estimated_usd: costs.total.usd,
+        unpriced: costs.total.unpriced,
         output_dir: places.output_dir.display().to_string(),
         state: places.state.display().to_string(),
         api_base: base.to_string(),
         schema,
-        budget: file.budget.map(|budget| BudgetFit::of(file, budget, &total)),
+        budget: file.budget.map(|budget| BudgetFit::of(file, budget, &costs)),
     })
 }
 
