@@ -37,31 +37,19 @@ impl Seg {
 /// The path as users read it, e.g. `jobs[3].prompt`; `None` for the document itself. Keys
 /// with unusual characters are quoted so that the path stays one readable token.
 pub(super) fn render_path(path: &[Seg]) -> Option<String> {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Index(index) => {
-                let _ = write!(out, "[{index}]");
-            }
-            Seg::Key(key) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                let plain = !key.is_empty()
-                    && key.chars().all(|c| c.is_ascii_alphanumeric() || "_-/.:".contains(c));
-                if plain {
-                    out.push_str(key);
-                } else {
-                    let _ = write!(out, "{key:?}");
-                }
-            }
-        }
-    }
+    let out = join_path(path, |key| {
+        !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "_-/.:".contains(c))
+    });
     (!out.is_empty()).then_some(out)
 }
 
 /// The path the way `serde_yaml` prints it in front of its messages (keys unquoted).
 fn serde_path(path: &[Seg]) -> String {
+    join_path(path, |_| true)
+}
+
+/// `key.key[index]…`, each key written as is when `plain` says so, else quoted.
+fn join_path(path: &[Seg], plain: impl Fn(&str) -> bool) -> String {
     let mut out = String::new();
     for seg in path {
         match seg {
@@ -72,7 +60,11 @@ fn serde_path(path: &[Seg]) -> String {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                out.push_str(key);
+                if plain(key) {
+                    out.push_str(key);
+                } else {
+                    let _ = write!(out, "{key:?}");
+                }
             }
         }
     }
