@@ -7,9 +7,7 @@
 //! Scale with `KREA_BATCH_KILL_JOBS` (default 200) and `KREA_BATCH_KILLS` (default 30);
 //! `KREA_BATCH_KILL_SEED` replays a run (the seed is printed).
 
-use crate::support::{
-    LiveChild, Sim, Workspace, files_under, krea_batch, numbered_jobs, sha256_of,
-};
+use crate::support::{Sim, Workspace, files_under, numbered_jobs, sha256_of};
 use krea_batch::sim::Faults;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -47,20 +45,11 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
          request_timeout: 1s\n  reconcile_after: 50ms\njobs:\n{}",
         numbered_jobs("a killed run", jobs)
     ));
-    let spawn = || {
-        let mut command = krea_batch();
-        command
-            .arg("run")
-            .arg(work.job_file())
-            .env("KREA_API_BASE", sim.url())
-            .env("KREA_API_KEY", sim.key());
-        LiveChild::spawn(command)
-    };
 
     let started = Instant::now();
     let mut killed = 0;
     while killed < kills {
-        let mut child = spawn();
+        let mut child = work.spawn_run(&sim);
         // A random moment: the whole point is not to choose it.
         std::thread::sleep(Duration::from_millis(rng.u64(20..500)));
         if child.has_exited() {
@@ -80,7 +69,7 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     // Then run to the end: retries of failed downloads may take a rerun or two.
     let mut finished = false;
     for _ in 0..5 {
-        let run = spawn().finish(Duration::from_mins(5));
+        let run = work.spawn_run(&sim).finish(Duration::from_mins(5));
         assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
         finished = run.code == 0;
         if finished {

@@ -2,7 +2,7 @@
 //! state file, downloads that fail on a full disk, and a job file edited between runs.
 
 use crate::support::{
-    LiveChild, Sim, ViaShell, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
+    Sim, ViaShell, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
 };
 use krea_batch::sim::Faults;
 use std::time::Duration;
@@ -64,13 +64,7 @@ fn a_submission_that_created_nothing_is_sent_again_after_reconciliation() {
 fn a_second_run_on_the_same_state_file_stops_at_once() {
     let sim = Sim::start(|config| config.job_time = Duration::from_secs(2));
     let work = Workspace::with_jobs(&numbered_jobs("a busy state file", 4));
-    let mut command = krea_batch();
-    command
-        .arg("run")
-        .arg(work.job_file())
-        .env("KREA_API_BASE", sim.url())
-        .env("KREA_API_KEY", sim.key());
-    let first = LiveChild::spawn(command);
+    let first = work.spawn_run(&sim);
     wait_until(Duration::from_secs(20), "the first run submits", || sim.stats().jobs_created > 0);
 
     let started = std::time::Instant::now();

@@ -1,18 +1,8 @@
 //! Ctrl-C during a run: once stops submitting and finishes what is in flight; twice stops at
 //! once. Either way the rerun resumes without submitting anything twice.
 
-use crate::support::{LiveChild, Sim, Workspace, krea_batch, numbered_jobs, wait_until};
+use crate::support::{Sim, Workspace, numbered_jobs, wait_until};
 use std::time::Duration;
-
-fn spawn_run(work: &Workspace, sim: &Sim) -> LiveChild {
-    let mut command = krea_batch();
-    command
-        .arg("run")
-        .arg(work.job_file())
-        .env("KREA_API_BASE", sim.url())
-        .env("KREA_API_KEY", sim.key());
-    LiveChild::spawn(command)
-}
 
 fn two_at_a_time(jobs: usize) -> Workspace {
     Workspace::with_file(&format!(
@@ -26,7 +16,7 @@ fn two_at_a_time(jobs: usize) -> Workspace {
 fn one_interrupt_finishes_in_flight_jobs_and_the_rerun_does_the_rest() {
     let sim = Sim::start(|config| config.job_time = Duration::from_millis(1500));
     let work = two_at_a_time(6);
-    let child = spawn_run(&work, &sim);
+    let child = work.spawn_run(&sim);
     wait_until(Duration::from_secs(20), "two jobs are submitted", || sim.stats().jobs_created == 2);
     child.signal("INT");
     let run = child.finish(Duration::from_secs(30));
@@ -46,7 +36,7 @@ fn one_interrupt_finishes_in_flight_jobs_and_the_rerun_does_the_rest() {
 fn a_second_interrupt_stops_at_once_and_the_rerun_polls_instead_of_resubmitting() {
     let sim = Sim::start(|config| config.job_time = Duration::from_secs(4));
     let work = two_at_a_time(4);
-    let child = spawn_run(&work, &sim);
+    let child = work.spawn_run(&sim);
     wait_until(Duration::from_secs(20), "two jobs are submitted", || sim.stats().jobs_created == 2);
     child.signal("INT");
     child.wait_for_log("no more submissions", Duration::from_secs(5));

@@ -110,6 +110,17 @@ impl Workspace {
         self.command(sim, &sim.key(), &["run"], extra)
     }
 
+    /// `krea-batch run jobs.yaml` against `sim` as a live process, for signals and kills.
+    pub(crate) fn spawn_run(&self, sim: &Sim) -> LiveChild {
+        let mut command = krea_batch();
+        command
+            .arg("run")
+            .arg(self.job_file())
+            .env("KREA_API_BASE", sim.url())
+            .env("KREA_API_KEY", sim.key());
+        LiveChild::spawn(command)
+    }
+
     /// `krea-batch <subcommand> jobs.yaml <extra>` with the given key.
     pub(crate) fn command(&self, sim: &Sim, key: &str, subcommand: &[&str], extra: &[&str]) -> Run {
         let mut command = krea_batch();
