@@ -89,11 +89,8 @@ impl DaemonConfig {
         config.limits.check().map_err(|(field, message)| {
             ConfigError(format!("{}: limits.{field}: {message}", path.display()))
         })?;
-        if config.budget.is_some_and(|budget| !budget.is_set()) {
-            return Err(ConfigError(format!(
-                "{}: budget: sets no cap; write max_usd and/or per_day_usd",
-                path.display()
-            )));
+        if let Some(Err(message)) = config.budget.map(|budget| budget.check()) {
+            return Err(ConfigError(format!("{}: budget: {message}", path.display())));
         }
         if let Some(metrics) = &config.metrics {
             crate::metrics::check_listen(&metrics.listen).map_err(|message| {

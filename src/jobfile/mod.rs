@@ -334,13 +334,8 @@ impl Assembly<'_> {
                 return Err(self.error(&path, message));
             }
         }
-        if raw.budget.is_some_and(|budget| !budget.is_set()) {
-            return Err(self.error(
-                &[Seg::key("budget")],
-                "the budget sets no cap; write `max_usd:` (all jobs) and/or `per_day_usd:` \
-                 (per UTC day), e.g. `budget: {max_usd: 25}`"
-                    .into(),
-            ));
+        if let Some(Err(message)) = raw.budget.map(|budget| budget.check()) {
+            return Err(self.error(&[Seg::key("budget")], message));
         }
         let mut jobs = Vec::new();
         // Names taken so far (lowercased: names become file names, and two names differing

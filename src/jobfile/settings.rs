@@ -159,10 +159,15 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Whether any cap is set (`budget: {}` sets none, and is refused where it is read).
-    #[must_use]
-    pub fn is_set(&self) -> bool {
-        self.max_usd.is_some() || self.per_day_usd.is_some()
+    /// Checks the rule deserialization cannot see alone: at least one cap is set (`budget: {}`
+    /// sets none). The job file and the daemon configuration both apply it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_usd.is_some() || self.per_day_usd.is_some() {
+            return Ok(());
+        }
+        Err("the budget sets no cap; write `max_usd:` (all jobs) and/or `per_day_usd:` (per UTC \
+             day), e.g. `budget: {max_usd: 25}`"
+            .to_owned())
     }
 }
 
