@@ -45,6 +45,7 @@ use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};
 use locate::{LineIndex, Seg, Target, locate, render_path};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Read as _;
@@ -407,15 +408,15 @@ impl Assembly<'_> {
     }
 
     /// The jobs entry `index` stands for, before `count`: itself, or what its sweep makes.
-    fn instances(
+    fn instances<'j>(
         &self,
         index: usize,
-        job: &RawJob,
+        job: &'j RawJob,
         sweep: Option<&Sweep>,
-    ) -> Result<Vec<Instance>, JobFileError> {
+    ) -> Result<Vec<Instance<'j>>, JobFileError> {
         let Some(sweep) = sweep else {
             return Ok(vec![Instance {
-                prompt: job.prompt.clone(),
+                prompt: Cow::Borrowed(&job.prompt),
                 name: job.name.clone().unwrap_or_else(|| derive_name(index + 1, &job.prompt)),
                 model: None,
                 fields: Params::new(),

@@ -25,6 +25,7 @@ use super::locate::Seg;
 use super::values::parse_model_path;
 use crate::job::derive_name;
 use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
 use std::path::{Component, Path, PathBuf};
 
 /// Why an entry cannot be expanded: a node of the job file, or a row of its data file.
@@ -328,8 +329,10 @@ impl Matrix {
                     format!("the list of `{variable}` is empty; give it at least one value"),
                 ));
             }
-            for (position, value) in values.iter().enumerate() {
-                if values[..position].contains(value) {
+            // By their JSON text (values are not `Hash`): a long list of seeds stays linear.
+            let mut seen = std::collections::HashSet::new();
+            for value in values {
+                if !seen.insert(value.to_string()) {
                     return Err(Refusal::At(
                         at(variable),
                         format!("the value {value} appears twice in the list of `{variable}`"),
@@ -434,8 +437,9 @@ impl Template {
 }
 
 /// One job an entry expands into (before `count`).
-pub(super) struct Instance {
-    pub(super) prompt: String,
+pub(super) struct Instance<'a> {
+    /// Borrowed from the entry when it is not a sweep (most of a 100,000-job file).
+    pub(super) prompt: Cow<'a, str>,
     pub(super) name: String,
     /// From a `model` variable or column; else the entry's or the file's model.
     pub(super) model: Option<String>,
@@ -450,7 +454,7 @@ pub(super) fn expand(
     name: Option<&str>,
     matrix: Option<&Matrix>,
     rows: Option<&DataRows>,
-) -> Result<Vec<Instance>, Refusal> {
+) -> Result<Vec<Instance<'static>>, Refusal> {
     let at = |key: &str| vec![Seg::key("jobs"), Seg::Index(index), Seg::key(key)];
     let prompt = Template::parse(prompt).map_err(|message| Refusal::At(at("prompt"), message))?;
     let name_template = match name.filter(|name| name.contains(['{', '}'])) {
@@ -563,7 +567,7 @@ impl Entry<'_> {
         &self,
         row: Option<(usize, &Row)>,
         combination: &[usize],
-    ) -> Result<Instance, Refusal> {
+    ) -> Result<Instance<'static>, Refusal> {
         let mut values: Vec<(&str, &Value)> = Vec::new();
         if let Some((_, row)) = row {
             values.extend(row.values.iter().map(|(column, value)| (column.as_str(), value)));
@@ -628,7 +632,7 @@ impl Entry<'_> {
             }
         }
         let name = self.name(row, &prompt, combination, &lookup)?;
-        Ok(Instance { prompt, name, model, fields })
+        Ok(Instance { prompt: Cow::Owned(prompt), name, model, fields })
     }
 
     fn name<'v>(

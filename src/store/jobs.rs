@@ -87,8 +87,11 @@ impl Store {
                 }
                 let name = if rename { &spec.name } else { old_name };
                 // A job not yet sent takes today's price (the file's `prices:` may have been
-                // added or changed); one already sent keeps the price it was committed at.
-                let price = prices.price(&spec.model, &spec.body_map());
+                // added or changed); one already sent keeps the price it was committed at, so
+                // only pending jobs are priced (the CASE below ignores the rest's NULL).
+                let price = (*state == JobState::Pending)
+                    .then(|| prices.price(&spec.model, &spec.body_map()))
+                    .flatten();
                 tx.execute(
                     "UPDATE jobs SET in_file = 1, name = ?2,
                         price_usd = CASE WHEN state = 'pending' THEN ?3 ELSE price_usd END
