@@ -12,6 +12,7 @@
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
 //! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
+//! | `beside.rs` | opening a file named relative to a folder without leaving it (no `..`, no links) |
 //! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
 //! | `metrics.rs` | the optional Prometheus /metrics endpoint of the daemon (loopback only) |
 //! | `pricing.rs` | the price table: what a generation costs, for estimates |
@@ -41,6 +42,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod beside;
 pub mod cli;
 pub mod control;
 pub mod daemon;

@@ -61,6 +61,9 @@ pub const MAX_FILE_SIZE: u64 = 32 << 20;
 /// The most jobs one file may expand to (entries times their `count`).
 pub const MAX_JOBS: usize = 1_000_000;
 
+/// The largest data file (`from:`) read.
+pub const MAX_DATA_SIZE: u64 = 32 << 20;
+
 /// Request fields as written under `params:`.
 type Params = Map<String, Value>;
 
@@ -349,13 +352,12 @@ impl Assembly<'_> {
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
             let line = self.entry_line(index, job, entry_lines.last().copied());
             entry_lines.push(line);
-            let instances = self.instances(index, job, sweep.as_ref())?;
             let source = match (sweep, &job.name) {
                 (Some(_), _) => NameSource::Swept,
                 (None, Some(_)) => NameSource::Explicit,
                 (None, None) => NameSource::Derived,
             };
-            for instance in instances {
+            let mut add = |instance: Instance<'_>| -> Result<(), JobFileError> {
                 let Some(model) =
                     instance.model.as_ref().or(job.model.as_ref()).or(raw.model.as_ref())
                 else {
@@ -394,6 +396,28 @@ impl Assembly<'_> {
                     });
                     *occurrence += 1;
                 }
+                Ok(())
+            };
+            match sweep {
+                None => add(Instance {
+                    prompt: Cow::Borrowed(&job.prompt),
+                    name: job.name.clone().unwrap_or_else(|| derive_name(index + 1, &job.prompt)),
+                    model: None,
+                    fields: Params::new(),
+                })?,
+                Some(sweep) => {
+                    let (matrix, rows) = &**sweep;
+                    let mut emit = |instance| add(instance).map_err(Refusal::Data);
+                    let expanded = sweep::expand(
+                        index,
+                        &job.prompt,
+                        job.name.as_deref(),
+                        matrix.as_ref(),
+                        rows.as_ref(),
+                        &mut emit,
+                    );
+                    expanded.map_err(|refusal| self.refused(refusal))?;
+                }
             }
         }
         Ok(JobFile {
@@ -405,26 +429,6 @@ impl Assembly<'_> {
             budget: raw.budget,
             jobs,
         })
-    }
-
-    /// The jobs entry `index` stands for, before `count`: itself, or what its sweep makes.
-    fn instances<'j>(
-        &self,
-        index: usize,
-        job: &'j RawJob,
-        sweep: Option<&Sweep>,
-    ) -> Result<Vec<Instance<'j>>, JobFileError> {
-        let Some(sweep) = sweep else {
-            return Ok(vec![Instance {
-                prompt: Cow::Borrowed(&job.prompt),
-                name: job.name.clone().unwrap_or_else(|| derive_name(index + 1, &job.prompt)),
-                model: None,
-                fields: Params::new(),
-            }]);
-        };
-        let (matrix, rows) = &**sweep;
-        sweep::expand(index, &job.prompt, job.name.as_deref(), matrix.as_ref(), rows.as_ref())
-            .map_err(|refusal| self.refused(refusal))
     }
 
     /// The matrix and data rows of each entry that has them, checked and read.

@@ -23,23 +23,28 @@
 use super::JobFileError;
 use super::locate::Seg;
 use super::values::parse_model_path;
+use super::{MAX_DATA_SIZE, MAX_JOBS};
+use crate::beside::{check_relative, open_beside};
 use crate::job::derive_name;
 use serde_json::{Map, Number, Value};
 use std::borrow::Cow;
-use std::path::{Component, Path, PathBuf};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 /// Why an entry cannot be expanded: a node of the job file, or a row of its data file.
 #[derive(Debug)]
 pub(super) enum Refusal {
     /// At this key path of the job file.
     At(Vec<Seg>, String),
-    /// In the data file (its path, line and column are in the error).
+    /// In the data file (its path, line and column are in the error), or an error already
+    /// placed by the caller of [`expand`].
     Data(JobFileError),
 }
 
 /// Checks what `from:` names: a `.csv` or `.jsonl` file inside the job file's folder. Only a
-/// relative path without `..`: when the service runs job files written by others, `from:` must
-/// not read files elsewhere and send them to Krea as prompts.
+/// relative path without `..` (and, when it is read, without links: [`open_beside`]): when the
+/// service runs job files written by others, `from:` must not read files elsewhere and send
+/// them to Krea as prompts.
 pub(crate) fn check_data_path(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err(
@@ -47,9 +52,7 @@ pub(crate) fn check_data_path(text: &str) -> Result<(), String> {
         );
     }
     let path = Path::new(text);
-    if path.is_absolute()
-        || path.components().any(|part| !matches!(part, Component::Normal(_) | Component::CurDir))
-    {
+    if check_relative(path).is_err() {
         return Err(format!(
             "{text:?} is not inside the job file's folder; write a path relative to it, \
              without `..`"
@@ -89,16 +92,20 @@ pub(super) struct Row {
     values: Map<String, Value>,
 }
 
-/// The rows of a `from:` file.
+/// A `from:` file, checked whole. Its rows are not held: [`DataRows::each_row`] reads them
+/// again from the text, one at a time, while the entry expands (a row's values as a map take
+/// ten times its text, and a file may hold a hundred thousand rows).
 pub(super) struct DataRows {
     path: PathBuf,
     /// The file name without extension, as a name prefix (`prompts`).
     stem: String,
     /// The CSV header, or every key of the JSON Lines objects in order of appearance.
     columns: Vec<String>,
-    rows: Vec<Row>,
-    /// The file's length in bytes.
-    text_len: usize,
+    /// The file's text as read once (its rows must not change between the check and the use).
+    bytes: Vec<u8>,
+    format: DataFormat,
+    /// How many rows.
+    len: usize,
     /// CSV cells are text; as request fields they are read as numbers and booleans where they
     /// are written as such (JSON Lines values keep their JSON types).
     typed: bool,
@@ -107,56 +114,95 @@ pub(super) struct DataRows {
 impl DataRows {
     /// How many rows.
     pub(super) fn len(&self) -> usize {
-        self.rows.len()
+        self.len
     }
 
     /// The length of the file's text: what its rows can add to the jobs' bodies, per copy.
     pub(super) fn text_len(&self) -> usize {
-        self.text_len
+        self.bytes.len()
+    }
+
+    /// Reads the rows in file order, handing each to `use_row`; the first error stops.
+    fn each_row(&self, mut use_row: impl FnMut(Row) -> Result<(), Refusal>) -> Result<(), Refusal> {
+        match self.format {
+            DataFormat::Csv => self.each_csv_row(&mut use_row),
+            DataFormat::JsonLines => self.each_json_row(&mut use_row),
+        }
     }
 }
 
-/// Reads the `from:` file `written` of entry `index`, beside `job_file`.
+/// Reads the `from:` file `written` of entry `index`, beside `job_file`, and checks every row.
 pub(super) fn read_rows(job_file: &Path, index: usize, written: &str) -> Result<DataRows, Refusal> {
     let at = || vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
-    let path = job_file.parent().unwrap_or_else(|| Path::new("")).join(written);
-    // Not followed if a symbolic link: see `check_data_path`.
-    let meta = std::fs::symlink_metadata(&path)
-        .map_err(|err| Refusal::At(at(), format!("cannot read {written}: {err}")))?;
-    if !meta.is_file() {
-        return Err(Refusal::At(
-            at(),
-            format!("{written} is not a regular file (a folder or a symbolic link)"),
-        ));
+    let folder = job_file.parent().filter(|dir| !dir.as_os_str().is_empty());
+    // No link in any component, no `..`: see `crate::beside`.
+    let (file, meta) = open_beside(folder.unwrap_or_else(|| Path::new(".")), Path::new(written))
+        .map_err(|err| Refusal::At(at(), err.to_string()))?;
+    if meta.len() > MAX_DATA_SIZE {
+        return Err(Refusal::At(at(), too_large(written)));
     }
-    if meta.len() > super::MAX_FILE_SIZE {
-        return Err(Refusal::At(
-            at(),
-            format!(
-                "{written} is larger than {} MiB; split it into several files",
-                super::MAX_FILE_SIZE >> 20
-            ),
-        ));
-    }
-    let bytes = std::fs::read(&path)
+    let mut bytes = Vec::new();
+    file.take(MAX_DATA_SIZE + 1)
+        .read_to_end(&mut bytes)
         .map_err(|err| Refusal::At(at(), format!("cannot read {written}: {err}")))?;
+    if bytes.len() as u64 > MAX_DATA_SIZE {
+        return Err(Refusal::At(at(), too_large(written)));
+    }
+    let path = folder.map_or_else(|| PathBuf::from(written), |dir| dir.join(written));
     let stem = path.file_stem().map_or_else(String::new, |stem| slug(&stem.to_string_lossy()));
+    let format = DataFormat::of(Path::new(written)).unwrap_or(DataFormat::JsonLines);
     let mut rows = DataRows {
         path,
         stem,
         columns: Vec::new(),
-        rows: Vec::new(),
-        text_len: bytes.len(),
-        typed: false,
+        bytes,
+        format,
+        len: 0,
+        typed: format == DataFormat::Csv,
     };
-    match DataFormat::of(Path::new(written)) {
-        Some(DataFormat::Csv) => read_csv(&bytes, &mut rows)?,
-        _ => read_json_lines(&bytes, &mut rows)?,
+    let mut columns = Vec::new();
+    let mut len = 0_usize;
+    if format == DataFormat::Csv {
+        rows.columns = csv_header(&rows)?;
     }
-    if rows.rows.is_empty() {
+    rows.each_row(|row| {
+        len += 1;
+        if len > MAX_JOBS {
+            return Err(data_error(
+                &rows,
+                row.line,
+                None,
+                format!(
+                    "more than {MAX_JOBS} rows; a job file may make at most {MAX_JOBS} jobs; split \
+                     the data file"
+                ),
+            ));
+        }
+        if format == DataFormat::JsonLines {
+            for column in row.values.keys() {
+                if !columns.contains(column) {
+                    columns.push(column.clone());
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if format == DataFormat::JsonLines {
+        rows.columns = columns;
+    }
+    rows.len = len;
+    if rows.len == 0 {
         return Err(Refusal::At(at(), format!("{written} has no rows, so there is nothing to do")));
     }
     Ok(rows)
+}
+
+fn too_large(written: &str) -> String {
+    format!(
+        "{written} is larger than {} MiB, the most krea-batch reads of a data file; split it \
+         into several files",
+        MAX_DATA_SIZE >> 20
+    )
 }
 
 /// An error at `line` (and `column`) of the data file.
@@ -170,42 +216,99 @@ fn data_error(rows: &DataRows, line: usize, column: Option<usize>, message: Stri
     })
 }
 
-fn read_csv(bytes: &[u8], rows: &mut DataRows) -> Result<(), Refusal> {
-    rows.typed = true;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
-    let header_error = |rows: &DataRows, message: String| data_error(rows, 1, None, message);
+/// The CSV header row's column names, checked.
+fn csv_header(rows: &DataRows) -> Result<Vec<String>, Refusal> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(&rows.bytes[..]);
+    let header_error = |message: String| data_error(rows, 1, None, message);
     let headers = match reader.headers() {
         Ok(headers) => headers.clone(),
-        Err(err) => return Err(header_error(rows, format!("cannot read the header row: {err}"))),
+        Err(err) => return Err(header_error(format!("cannot read the header row: {err}"))),
     };
+    let mut columns: Vec<String> = Vec::new();
     for (number, column) in headers.iter().enumerate() {
         let column = column.trim();
         if column.is_empty() {
-            return Err(header_error(
-                rows,
-                format!("column {} has no name; the first row names the columns", number + 1),
-            ));
+            return Err(header_error(format!(
+                "column {} has no name; the first row names the columns",
+                number + 1
+            )));
         }
-        if rows.columns.iter().any(|seen| seen == column) {
-            return Err(header_error(rows, format!("the column {column:?} appears twice")));
+        if columns.iter().any(|seen| seen == column) {
+            return Err(header_error(format!("the column {column:?} appears twice")));
         }
-        rows.columns.push(column.to_owned());
+        columns.push(column.to_owned());
     }
-    for record in reader.records() {
-        let record = record.map_err(|err| {
-            let line = err.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
-            data_error(rows, line, None, csv_message(&err))
-        })?;
-        let line = record.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
-        let values = rows
-            .columns
-            .iter()
-            .zip(record.iter())
-            .map(|(column, cell)| (column.clone(), Value::String(cell.to_owned())))
-            .collect();
-        rows.rows.push(Row { line, values });
+    Ok(columns)
+}
+
+impl DataRows {
+    fn each_csv_row(
+        &self,
+        use_row: &mut impl FnMut(Row) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
+        let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(&self.bytes[..]);
+        let mut record = csv::StringRecord::new();
+        loop {
+            match reader.read_record(&mut record) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(err) => {
+                    let line =
+                        err.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
+                    return Err(data_error(self, line, None, csv_message(&err)));
+                }
+            }
+            let line = record.position().map_or(1, |at| usize::try_from(at.line()).unwrap_or(1));
+            let values = self
+                .columns
+                .iter()
+                .zip(record.iter())
+                .map(|(column, cell)| (column.clone(), Value::String(cell.to_owned())))
+                .collect();
+            use_row(Row { line, values })?;
+        }
     }
-    Ok(())
+
+    fn each_json_row(
+        &self,
+        use_row: &mut impl FnMut(Row) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
+        let text = match std::str::from_utf8(&self.bytes) {
+            Ok(text) => text.strip_prefix('\u{feff}').unwrap_or(text),
+            Err(err) => {
+                let line = self.bytes[..err.valid_up_to()].split(|byte| *byte == b'\n').count();
+                return Err(data_error(
+                    self,
+                    line,
+                    None,
+                    "not valid UTF-8; save it as UTF-8".into(),
+                ));
+            }
+        };
+        for (number, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let values = match serde_json::from_str::<Value>(line) {
+                Ok(Value::Object(values)) => values,
+                Ok(_) => {
+                    return Err(data_error(
+                        self,
+                        number + 1,
+                        None,
+                        "each line must be a JSON object, like {\"prompt\": \"a red fox\"}".into(),
+                    ));
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                    return Err(data_error(self, number + 1, Some(err.column()), message));
+                }
+            };
+            use_row(Row { line: number + 1, values })?;
+        }
+        Ok(())
+    }
 }
 
 /// The csv crate's message without its own position (the error carries the line).
@@ -217,44 +320,6 @@ fn csv_message(err: &csv::Error) -> String {
         csv::ErrorKind::Utf8 { .. } => "this row is not valid UTF-8; save the file as UTF-8".into(),
         _ => err.to_string(),
     }
-}
-
-fn read_json_lines(bytes: &[u8], rows: &mut DataRows) -> Result<(), Refusal> {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) => text.strip_prefix('\u{feff}').unwrap_or(text),
-        Err(err) => {
-            let line = bytes[..err.valid_up_to()].split(|byte| *byte == b'\n').count();
-            return Err(data_error(rows, line, None, "not valid UTF-8; save it as UTF-8".into()));
-        }
-    };
-    for (number, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let values = match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(values)) => values,
-            Ok(_) => {
-                return Err(data_error(
-                    rows,
-                    number + 1,
-                    None,
-                    "each line must be a JSON object, like {\"prompt\": \"a red fox\"}".into(),
-                ));
-            }
-            Err(err) => {
-                let message = err.to_string();
-                let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-                return Err(data_error(rows, number + 1, Some(err.column()), message));
-            }
-        };
-        for column in values.keys() {
-            if !rows.columns.contains(column) {
-                rows.columns.push(column.clone());
-            }
-        }
-        rows.rows.push(Row { line: number + 1, values });
-    }
-    Ok(())
 }
 
 /// A checked `matrix:`: variables (sorted by name) and their values.
@@ -447,14 +512,16 @@ pub(super) struct Instance<'a> {
     pub(super) fields: Map<String, Value>,
 }
 
-/// Expands entry `index` (its prompt, name, matrix and data rows) into its jobs.
+/// Expands entry `index` (its prompt, name, matrix and data rows) into its jobs, handing each
+/// to `emit` as it is made (rows are read one at a time, and no list of them is built).
 pub(super) fn expand(
     index: usize,
     prompt: &str,
     name: Option<&str>,
     matrix: Option<&Matrix>,
     rows: Option<&DataRows>,
-) -> Result<Vec<Instance<'static>>, Refusal> {
+    emit: &mut dyn FnMut(Instance<'static>) -> Result<(), Refusal>,
+) -> Result<(), Refusal> {
     let at = |key: &str| vec![Seg::key("jobs"), Seg::Index(index), Seg::key(key)];
     let prompt = Template::parse(prompt).map_err(|message| Refusal::At(at("prompt"), message))?;
     let name_template = match name.filter(|name| name.contains(['{', '}'])) {
@@ -466,20 +533,27 @@ pub(super) fn expand(
     let swept: &[(String, Vec<Value>)] = matrix.map_or(&[], |matrix| &matrix.variables);
     check_variables(index, &prompt, name_template.as_ref(), swept, rows)?;
     let entry = Entry { index, prompt, name, name_template, swept, rows };
-    let mut instances = Vec::new();
     let mut combination = vec![0_usize; swept.len()];
-    let row_list: Vec<Option<(usize, &Row)>> =
-        rows.map_or_else(|| vec![None], |rows| rows.rows.iter().enumerate().map(Some).collect());
-    for row in row_list {
+    let mut each_combination = |row: Option<(usize, &Row)>| {
         combination.fill(0);
         loop {
-            instances.push(entry.instance(row, &combination)?);
+            emit(entry.instance(row, &combination)?)?;
             if !next_combination(&mut combination, swept) {
-                break;
+                return Ok(());
             }
         }
+    };
+    match rows {
+        None => each_combination(None),
+        Some(data) => {
+            let mut number = 0;
+            data.each_row(|row| {
+                each_combination(Some((number, &row)))?;
+                number += 1;
+                Ok(())
+            })
+        }
     }
-    Ok(instances)
 }
 
 /// Checks that the templates use only the entry's variables, that a matrix variable is not

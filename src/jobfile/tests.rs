@@ -1204,7 +1204,21 @@ fn data_file_mistakes_name_the_data_file_and_line() {
     std::os::unix::fs::symlink(dir.path().join("real.csv"), dir.path().join("prompts.csv"))
         .expect("symlink");
     let error = load(&dir.path().join("jobs.yaml")).expect_err("refused").to_string();
-    assert!(error.contains("prompts.csv is not a regular file"), "{error}");
+    assert!(error.contains("`prompts.csv` is a symbolic link"), "{error}");
+    // Nor a linked folder on the way, wherever it points.
+    let text = "model: bfl/x\njobs:\n  - from: data/customers.csv\n";
+    let (dir, _) = with_files(text, &[]);
+    let private = tempfile::tempdir().expect("another folder");
+    std::fs::write(private.path().join("customers.csv"), "prompt\nprivate row\n").expect("csv");
+    std::os::unix::fs::symlink(private.path(), dir.path().join("data")).expect("symlink");
+    let error = load(&dir.path().join("jobs.yaml")).expect_err("refused").to_string();
+    let shown = error.replace(&format!("{}/", dir.path().display()), "");
+    assert!(
+        shown.starts_with(
+            "jobs.yaml:3:11: jobs[0].from: data/customers.csv: `data` is a symbolic link"
+        ),
+        "{shown}"
+    );
     check(
         "model: bfl/x\njobs:\n  - from: ../secrets.csv\n",
         3,

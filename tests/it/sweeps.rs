@@ -66,3 +66,25 @@ fn a_sweep_runs_every_combination_and_growing_it_adds_only_the_new_ones() {
     }
     assert_eq!(work.manifest().len(), 9);
 }
+
+#[test]
+fn a_data_file_behind_a_symlinked_folder_is_refused_by_check_and_run() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(&sweep_file("  - from: data/customers.csv\n"));
+    // `data` is a link to a folder outside; the row in it must never become a prompt.
+    let private = tempfile::tempdir().expect("a private folder");
+    std::fs::write(private.path().join("customers.csv"), "prompt\nJane Doe, card 4111\n")
+        .expect("private rows");
+    std::os::unix::fs::symlink(private.path(), work.dir.path().join("data")).expect("symlink");
+    let expected = format!(
+        "krea-batch: {}:14:11: jobs[0].from: data/customers.csv: `data` is a symbolic link",
+        work.job_file().display()
+    );
+    for subcommand in ["check", "run"] {
+        let run = work.command(&sim, &sim.key(), &[subcommand], &[]);
+        run.expect_code(2);
+        assert!(run.stderr.starts_with(&expected), "{subcommand}: {}", run.stderr);
+        assert!(!run.stderr.contains("Jane"), "{}", run.stderr);
+    }
+    assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}
