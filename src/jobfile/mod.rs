@@ -52,16 +52,18 @@ use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 use sweep::{DataRows, Instance, Matrix, Refusal};
 
-/// The largest job file [`load`] reads: 32 MiB, room for about 600,000 one-line jobs (a
-/// 100,000-job file is about 5 MB). A larger one is surely not a hand-written job list, and
-/// reading takes memory and time in proportion: `serde_yaml` holds every node of the document
-/// at once, up to about 80 bytes for each byte of the densest YAML.
-pub const MAX_FILE_SIZE: u64 = 32 << 20;
+/// The largest job file [`load`] reads: 8 MiB, room for about 150,000 one-line jobs (a
+/// 100,000-job file is about 5 MB). Reading takes memory in proportion: `serde_yaml` holds
+/// every event of the document at once, up to about 80 bytes for each byte of the densest YAML
+/// (a file of nothing but `[1,1,1,…]` took 680 MB at 8 MiB, 2.7 GB at 32 MiB), so this limit is
+/// what keeps any job file within the memory budget in README ("Memory").
+pub const MAX_FILE_SIZE: u64 = 8 << 20;
 
-/// The most jobs one file may expand to (entries times their `count`).
-pub const MAX_JOBS: usize = 1_000_000;
+/// The most jobs one file may expand to (entries times their `count`, sweeps and data rows
+/// included): each job costs about a kilobyte while it is read, imported and run.
+pub const MAX_JOBS: usize = 100_000;
 
-/// The largest data file (`from:`) read.
+/// The largest data file (`from:`) read. Its rows are not held, only its text.
 pub const MAX_DATA_SIZE: u64 = 32 << 20;
 
 /// Request fields as written under `params:`.

@@ -433,10 +433,10 @@ fn counts_are_whole_positive_numbers() {
         Some("jobs[0].count"),
         "split the work",
     );
-    check(&with_job("{prompt: a, count: 2000000}"), 3, 24, Some("jobs[0].count"), "split the work");
+    check(&with_job("{prompt: a, count: 200000}"), 3, 24, Some("jobs[0].count"), "split the work");
     // Several counts adding up past the cap: reported at the count that crosses it.
     let text =
-        "model: bfl/x\njobs:\n  - {prompt: a, count: 600000}\n  - {prompt: b, count: 600000}\n";
+        "model: bfl/x\njobs:\n  - {prompt: a, count: 60000}\n  - {prompt: b, count: 60000}\n";
     check(text, 4, 24, Some("jobs[1].count"), "more than the file may hold");
 }
 
@@ -833,7 +833,7 @@ fn files_over_the_size_limit_are_refused_by_parse_too() {
     let error = parse(&bytes, Path::new("big.yaml")).expect_err("too large");
     assert_eq!(
         error.to_string(),
-        "big.yaml: the job file is larger than 32 MiB, the most krea-batch reads; split it into \
+        "big.yaml: the job file is larger than 8 MiB, the most krea-batch reads; split it into \
          several files"
     );
 }

@@ -106,7 +106,7 @@ fn a_50_mb_file_is_refused_with_the_limit() {
     while text.len() < 50_000_000 {
         text.push_str(&jobs);
     }
-    let message = assert_refused(&sim, &text, Place::File, "larger than 32 MiB");
+    let message = assert_refused(&sim, &text, Place::File, "larger than 8 MiB");
     assert!(message.contains("split it into several files"), "{message}");
     assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
 }
