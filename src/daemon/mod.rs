@@ -7,10 +7,13 @@
 //! (`metrics.rs`), and requests left in the state file by `krea-batch cancel` and
 //! `krea-batch resume`. Signals arrive through [`DaemonSignals`]; `main.rs` installs the handlers.
 //!
-//! - A job file in the inbox is validated, imported into the state in one transaction, and
-//!   moved to `inbox/accepted/`; an invalid one goes to `inbox/rejected/` with a
-//!   `<name>.error.txt` naming the line and column. A file whose content was imported before
-//!   adds nothing.
+//! - A job file in the inbox is moved to `inbox/processing/`, validated, imported into the
+//!   state in one transaction, and moved to `inbox/accepted/`; an invalid one goes to
+//!   `inbox/rejected/` with a `<name>.error.txt` naming the line and column. A file whose
+//!   content was imported before adds nothing. A file left in `processing/` by a service that
+//!   stopped (killed for its memory, say) is not read again at the next start: it goes to
+//!   `rejected/` (or `accepted/` if its import had committed), so one file cannot make the
+//!   service crash in a loop.
 //! - A 402 (or a refused key) pauses submitting; jobs in flight go on to their end; one
 //!   submission probes every `probe_interval`, or at once on SIGHUP or `krea-batch resume`.
 //! - SIGTERM: nothing new starts, the requests under way finish and are recorded, and the daemon
@@ -22,7 +25,7 @@ mod notify;
 use crate::api;
 use crate::batch::{InputError, clients, engine_settings, guard_api_base};
 use crate::download::{ensure_real_dir, remove_partials};
-use crate::inbox::{Inbox, ReadyFile};
+use crate::inbox::{Inbox, PROCESSING, ReadyFile};
 use crate::jobfile::{self, JobFile};
 use crate::key::ApiKey;
 use crate::metrics::MetricsSnapshot;
@@ -61,13 +64,14 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
     let base =
         api::parse_base_url(base_text).map_err(|err| InputError(format!("api.base_url: {err}")))?;
     ensure_real_dir(&config.output).map_err(|err| InputError(format!("output: {err}")))?;
-    let inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
+    let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
         .map_err(|err| InputError(format!("inbox {}: {err}", config.inbox.display())))?;
     let mut store = Store::open_writer(&config.state).map_err(|err| match err {
         err @ StoreError::Locked { .. } => anyhow::Error::new(InputError(err.to_string())),
         err => anyhow::Error::new(err),
     })?;
     guard_api_base(&mut store, &base)?;
+    file_away_interrupted(&mut inbox, &store)?;
     let jobs = store.jobs(None)?;
     let output_dirs = store.output_dirs()?;
     let claimed_elsewhere = store.remote_ids()?;
@@ -107,6 +111,33 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
     }
     daemon.writer.close().await;
     result
+}
+
+/// Files away what a stopped service left in `inbox/processing/`: to `accepted/` if its content
+/// was imported (the service stopped between the import and the move), else to `rejected/`
+/// with [`crate::inbox::INTERRUPTED`]; never read again, so that a file that exhausts the
+/// service's memory cannot make it crash at every start.
+fn file_away_interrupted(inbox: &mut Inbox, store: &Store) -> anyhow::Result<()> {
+    let left = inbox.interrupted().map_err(|err| {
+        InputError(format!("inbox {}: {err}", inbox.dir().join(PROCESSING).display()))
+    })?;
+    for (path, name) in left {
+        let imported = match inbox.sha256_of(&path) {
+            Ok(sha) => store.content_imported(&sha)?,
+            Err(_) => false,
+        };
+        let moved = if imported {
+            tracing::info!(file = %name, "a job file the service was taking when it stopped had been imported; accepted");
+            inbox.accept_path(&path, &name)
+        } else {
+            tracing::warn!(file = %name, "the service stopped while reading this job file; rejected, not read again");
+            inbox.reject_path(&path, &name, crate::inbox::INTERRUPTED)
+        };
+        if let Err(err) = moved {
+            tracing::error!(file = %name, %err, "cannot move a job file out of inbox/processing/");
+        }
+    }
+    Ok(())
 }
 
 type EngineTask = tokio::task::JoinHandle<Result<crate::runner::EngineOutcome, StoreError>>;
@@ -257,8 +288,14 @@ impl Daemon {
         Ok(job_file)
     }
 
-    async fn take_file(&mut self, file: ReadyFile) {
-        let job_file = match jobfile::parse(&file.bytes, &file.path)
+    async fn take_file(&mut self, mut file: ReadyFile) {
+        // Messages and `from:` paths are as the file was dropped, beside its data files.
+        let dropped_at = file.path.clone();
+        if let Err(err) = self.inbox.quarantine(&mut file) {
+            tracing::error!(file = %file.file_name, %err, "cannot move the job file to inbox/processing/; it stays in the inbox (touch it to retry)");
+            return;
+        }
+        let job_file = match jobfile::parse(&file.bytes, &dropped_at)
             .map_err(|err| err.to_string())
             .and_then(|job_file| self.fits_the_service(job_file))
         {
@@ -271,9 +308,11 @@ impl Daemon {
                 return;
             }
         };
+        file.bytes = Vec::new(); // parsed: up to 32 MiB less to hold during the import
         let output_dir = self.config.output.join(&file.batch_name);
         if let Err(err) = ensure_real_dir(&output_dir) {
-            tracing::error!(file = %file.file_name, %err, "cannot make the output folder; the file stays in the inbox");
+            tracing::error!(file = %file.file_name, %err, "cannot make the output folder; the file stays in the inbox (touch it to retry)");
+            self.put_back(&mut file, &dropped_at);
             return;
         }
         let source = format!("inbox:{}", file.batch_name);
@@ -305,15 +344,25 @@ impl Daemon {
             }
             Ok(Err(err)) => {
                 tracing::error!(file = %file.file_name, %err, "cannot import the job file; it stays in the inbox (touch it to retry)");
+                self.put_back(&mut file, &dropped_at);
                 return;
             }
             Err(err) => {
                 tracing::error!(file = %file.file_name, %err, "the state writer is gone");
+                self.put_back(&mut file, &dropped_at);
                 return;
             }
         }
         if let Err(err) = self.inbox.accept(&file) {
             tracing::error!(file = %file.file_name, %err, "cannot move the accepted file");
+        }
+    }
+
+    /// Moves a file that could not be taken for now from `processing/` back to where it was
+    /// dropped, where it waits until it changes (as before it was quarantined).
+    fn put_back(&mut self, file: &mut ReadyFile, dropped_at: &Path) {
+        if let Err(err) = self.inbox.put_back(file, dropped_at) {
+            tracing::error!(file = %file.file_name, %err, "cannot move the job file back from inbox/processing/; the next start rejects it");
         }
     }
 

@@ -314,3 +314,135 @@ jobs:
     assert_eq!(stats.jobs_created, 7);
     assert!(stats.creations_by_prompt.values().all(|count| *count == 1));
 }
+
+/// A job file of `jobs` numbered jobs, as text cut in two at the job boundary after `first`.
+fn halves(stem: &str, jobs: usize, first: usize) -> (String, String) {
+    let text = job_file(stem, jobs);
+    let cut = text
+        .match_indices("  - ")
+        .nth(first)
+        .map_or_else(|| panic!("job {first} in {text}"), |(at, _)| at);
+    (text[..cut].to_owned(), text[cut..].to_owned())
+}
+
+#[test]
+fn a_half_written_file_is_taken_only_once_its_writer_has_closed_it() {
+    use std::io::Write as _;
+    let sim = Sim::start(|_| {});
+    // The settle time is the scan interval: 100 ms.
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let inbox = service.dir.path().join("inbox");
+    // Present at start-up with its writer still at work: the kernel has told the service
+    // nothing about it, so the settle time alone decides (documented), and it is taken half
+    // written; its writer's next write is reported.
+    let early = inbox.join("early.yaml");
+    std::fs::create_dir_all(&inbox).expect("inbox");
+    let (head, tail) = halves("an early job", 4, 2);
+    let mut early_writer = std::fs::File::create(&early).expect("create");
+    early_writer.write_all(head.as_bytes()).expect("first half");
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    let accepted = inbox.join("accepted");
+    wait_until(Duration::from_secs(10), "early.yaml is taken", || {
+        accepted.join("early.yaml").is_file()
+    });
+    early_writer.write_all(tail.as_bytes()).expect("second half");
+    drop(early_writer);
+    daemon.wait_for_log("an accepted job file changed after it was taken", Duration::from_secs(10));
+    daemon.wait_for_log("accepted/early.yaml", Duration::from_secs(1));
+
+    // Copied in with a pause in the middle, cut at a job boundary: half of 20 jobs written,
+    // the writer's handle still open.
+    let (head, tail) = halves("a copied job", 20, 10);
+    let mut writer = std::fs::File::create(inbox.join("twenty.yaml")).expect("create");
+    writer.write_all(head.as_bytes()).expect("first half");
+    // A file copied in after it, complete (written and closed): once the service has taken it,
+    // it has also looked at the half-written file, untouched for longer than the settle time.
+    std::fs::write(inbox.join("marker.yaml"), job_file("a marker job", 1)).expect("marker");
+    wait_until(Duration::from_secs(10), "marker.yaml is taken", || {
+        accepted.join("marker.yaml").is_file()
+    });
+    assert!(inbox.join("twenty.yaml").is_file(), "the half-written file is not taken");
+    assert!(!accepted.join("twenty.yaml").exists());
+    assert!(!inbox.join("processing/twenty.yaml").exists());
+    let stats = sim.stats();
+    assert!(
+        !stats.creations_by_prompt.keys().any(|prompt| prompt.starts_with("a copied job")),
+        "{:?}",
+        stats.creations_by_prompt
+    );
+
+    writer.write_all(tail.as_bytes()).expect("second half");
+    drop(writer);
+    wait_until(Duration::from_secs(30), "all 20 results", || service.results("twenty") == 20);
+    daemon.signal("TERM");
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    assert!(!run.stderr.contains("twenty.yaml changed"), "{}", run.stderr);
+    let stats = sim.stats();
+    let copied = stats.creations_by_prompt.iter().filter(|(p, _)| p.starts_with("a copied job"));
+    assert_eq!(copied.clone().count(), 20, "{:?}", stats.creations_by_prompt);
+    assert!(copied.map(|(_, count)| *count).all(|count| count == 1));
+}
+
+#[test]
+fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
+    let sim = Sim::start(|_| {});
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let inbox = service.dir.path().join("inbox");
+    // Left in processing/ by a service that stopped while reading it (killed for its memory):
+    // rejected at the next start, never read again.
+    std::fs::create_dir_all(inbox.join("processing")).expect("processing/");
+    std::fs::write(inbox.join("processing/crashed.yaml"), job_file("a crashing job", 2))
+        .expect("left file");
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    let note = |name: &str| {
+        let path = inbox.join("rejected").join(format!("{name}.error.txt"));
+        wait_until(Duration::from_secs(20), &format!("{name} is rejected"), || path.is_file());
+        std::fs::read_to_string(&path).expect("note")
+    };
+    let crashed = note("crashed.yaml");
+    assert!(crashed.contains("the service stopped while reading this file"), "{crashed}");
+    assert!(inbox.join("rejected/crashed.yaml").is_file());
+
+    // Over the cap of jobs per file: one more row than a file may make.
+    let rows: String = std::iter::once("prompt".to_owned())
+        .chain((0..=krea_batch::jobfile::MAX_JOBS).map(|row| format!("row {row}")))
+        .map(|line| line + "\n")
+        .collect();
+    std::fs::write(inbox.join("huge.csv"), rows).expect("huge.csv");
+    service.drop_file("huge.yaml", "model: image/bfl/flux-1-dev\njobs:\n  - from: huge.csv\n");
+    // A data file behind a symbolic link to a folder outside the inbox.
+    let private = tempfile::tempdir().expect("private folder");
+    std::fs::write(private.path().join("customers.csv"), "prompt\nJane Doe, card 4111\n")
+        .expect("private rows");
+    std::os::unix::fs::symlink(private.path(), inbox.join("data")).expect("symlink");
+    service.drop_file(
+        "private.yaml",
+        "model: image/bfl/flux-1-dev\njobs:\n  - from: data/customers.csv\n",
+    );
+    service.drop_file("next.yaml", &job_file("the next job", 2));
+
+    let huge = note("huge.yaml");
+    let limit = krea_batch::jobfile::MAX_JOBS;
+    assert!(huge.contains(&format!("huge.csv:{}: more than {limit} rows", limit + 2)), "{huge}");
+    let private_note = note("private.yaml");
+    assert!(
+        private_note.contains(
+            "private.yaml:3:11: jobs[0].from: data/customers.csv: `data` is a symbolic link"
+        ),
+        "{private_note}"
+    );
+    assert!(!private_note.contains("Jane"), "{private_note}");
+    wait_until(Duration::from_secs(30), "the next file's results", || service.results("next") == 2);
+    assert!(inbox.join("huge.csv").is_file(), "data files stay");
+    let entries = std::fs::read_dir(inbox.join("processing")).expect("processing/").count();
+    assert_eq!(entries, 0, "nothing left in processing/");
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 2, "{:?}", stats.creations_by_prompt);
+}
