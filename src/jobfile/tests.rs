@@ -441,6 +441,18 @@ fn counts_are_whole_positive_numbers() {
 }
 
 #[test]
+fn a_file_may_hold_exactly_max_jobs_entries_and_no_more() {
+    let mut text = String::from("model: bfl/x\njobs:\n");
+    text.push_str(&"- {prompt: a}\n".repeat(MAX_JOBS));
+    let file = parse(text.as_bytes(), Path::new("dir/jobs.yaml")).expect("at the cap");
+    assert_eq!(file.jobs.len(), MAX_JOBS);
+    text.push_str("- {prompt: one too many}\n");
+    let error = parse(text.as_bytes(), Path::new("dir/jobs.yaml")).expect_err("past the cap");
+    assert_eq!(error.key.as_deref(), Some("jobs[100000]"), "{error}");
+    assert!(error.message.contains("more than 100000 jobs in one file"), "{error}");
+}
+
+#[test]
 fn durations_and_sizes_are_checked_where_written() {
     let limits = |line: &str| format!("limits:\n  {line}\njobs: [{{prompt: a, model: bfl/x}}]\n");
     check(

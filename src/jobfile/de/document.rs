@@ -154,15 +154,16 @@ impl<'de> Visitor<'de> for JobsSeed<'_, 'de> {
         let mut jobs = Vec::new();
         loop {
             ctx.push(Seg::Index(jobs.len()));
+            let Some(job) = seq.next_element_seed(JobSeed { ctx })? else {
+                ctx.pop();
+                break;
+            };
+            // After the entry is read, not before: exactly MAX_JOBS entries are allowed.
             if jobs.len() == MAX_JOBS {
                 return Err(ctx.fail(format!(
                     "more than {MAX_JOBS} jobs in one file; split it into several files"
                 )));
             }
-            let Some(job) = seq.next_element_seed(JobSeed { ctx })? else {
-                ctx.pop();
-                break;
-            };
             ctx.pop();
             jobs.push(job);
         }
