@@ -74,7 +74,7 @@ pub struct Inbox {
 /// A complete job file, ready to be validated and imported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadyFile {
-    /// Where it is in the inbox now.
+    /// Where it is now: in the inbox, or in `processing/` once [`Inbox::quarantine`] moved it.
     pub path: PathBuf,
     /// Its file name, e.g. `catalogue-2026.yaml`.
     pub file_name: String,
