@@ -13,7 +13,9 @@
 //! taken relative to the previous handle through `/proc/self/fd/N/`, so renaming or swapping a
 //! folder higher up during the walk changes nothing. Without `/proc` (other systems), each step
 //! uses the path from the folder, which a writer racing the walk could still redirect; the
-//! identity checks still refuse a link in the last component.
+//! identity checks still refuse a link in the last component. One race is left everywhere: a
+//! named pipe swapped in for the file between the look and the open makes the open wait for a
+//! writer (std opens without `O_NONBLOCK`); it reads nothing from elsewhere.
 
 use std::fs::{File, Metadata};
 use std::io;
