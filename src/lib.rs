@@ -20,9 +20,11 @@
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars |
+//! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
+//! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `report.rs` | progress display, the run summary, the manifest |
 //! | `gallery.rs` | `index.html`: the batch as a static page of results |
@@ -52,9 +54,11 @@ pub mod jobfile;
 pub mod key;
 pub mod metrics;
 pub mod openapi;
+pub mod output;
 pub mod pace;
 pub mod pricing;
 pub mod reconcile;
+pub mod recover;
 pub mod report;
 pub mod retry;
 pub mod runner;

@@ -181,6 +181,58 @@ impl Store {
             .map_err(sqlite(&self.path))
     }
 
+    /// A batch imported before output folders carried a marker: the one whose job file was
+    /// `source`, else the one writing into `output_dir`. Returns its identity (`source`).
+    pub fn legacy_batch(
+        &self,
+        source: &str,
+        output_dir: &Path,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT source FROM batches WHERE source = ?1 OR output_dir = ?2
+                 ORDER BY source = ?1 DESC, id LIMIT 1",
+                params![source, output_dir.to_string_lossy()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Adds to a batch a job that the job file does not list, known only from the results it
+    /// left in the output folder (`krea-batch recover`), with its Krea job id; returns it.
+    pub fn insert_recovered(
+        &mut self,
+        batch_id: i64,
+        name: &str,
+        model: &str,
+        body: &str,
+        remote_id: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let err = sqlite(&self.path);
+        let key = format!("recovered:{remote_id}");
+        self.conn
+            .execute(
+                "INSERT INTO jobs (batch_id, key, name, model, body, state, remote_id, in_file,
+                                   updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, 0, ?7)",
+                params![batch_id, key, name, model, body, remote_id, now_ms()],
+            )
+            .map_err(&err)?;
+        let id = self.conn.last_insert_rowid();
+        self.jobs(Some(batch_id))?.into_iter().find(|job| job.id == id).ok_or_else(|| {
+            StoreError::Corrupt { path: self.path.clone(), message: format!("job {id} vanished") }
+        })
+    }
+
+    /// Gives a batch a new identity (a legacy batch adopted by an output folder's marker).
+    pub fn rename_batch(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE batches SET source = ?2 WHERE source = ?1", params![from, to])
+            .map(drop)
+            .map_err(sqlite(&self.path))
+    }
+
     /// Every Krea job id the state file holds, in every batch: reconciliation never adopts one.
     pub fn remote_ids(&self) -> Result<HashSet<String>, StoreError> {
         let err = sqlite(&self.path);

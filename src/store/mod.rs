@@ -94,6 +94,9 @@ pub enum StoreError {
     WriteFailed(String),
 }
 
+/// Meta key: the state file's random id ([`Store::state_id`]).
+const META_STATE_ID: &str = "state_id";
+
 /// Milliseconds since the Unix epoch, now.
 #[must_use]
 pub fn now_ms() -> i64 {
@@ -378,6 +381,24 @@ impl Store {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state file's own random id, made on first use: an output folder's marker names the
+    /// state that owns it by this id, which survives the state file being moved or renamed.
+    pub fn state_id(&mut self) -> Result<String, StoreError> {
+        if let Some(id) = self.meta(META_STATE_ID)? {
+            return Ok(id);
+        }
+        let id = crate::output::random_id();
+        self.apply(&[Change::Meta { key: META_STATE_ID.into(), value: id.clone() }])?;
+        Ok(id)
+    }
+
+    /// The id of the state file at `path`, read without taking its lock; `None` when it has
+    /// none or cannot be read.
+    #[must_use]
+    pub fn id_of(path: &Path) -> Option<String> {
+        Self::open_reader(path).ok()?.meta(META_STATE_ID).ok().flatten()
     }
 
     /// Reads a meta value.
