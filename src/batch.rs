@@ -118,6 +118,9 @@ pub struct RunOptions {
     /// Results go to `<output>-simulated` with their own state: a simulated run never mixes
     /// with real results.
     pub simulated: bool,
+    /// `--fresh`: new generations even for jobs this state already completed for another job
+    /// file (the job file's `reuse: false` does the same).
+    pub fresh: bool,
     /// `--force`: write into an output folder that holds files krea-batch did not write (it
     /// still never replaces them).
     pub force: bool,
@@ -368,7 +371,8 @@ fn take_batch(
             guard_api_base(store, base)?;
             let key = options.key.take().ok_or_else(|| InputError("no API key".into()))?;
             let batch = claim_output(store, places, &file.source, &source, options.force)?;
-            (import(store, file, &batch, &places.output_dir)?, key)
+            let reuse = file.reuse && !options.fresh;
+            (import(store, file, &batch, &places.output_dir, reuse)?, key)
         }
         Mode::DownloadOnly => {
             let batch = match output::read_marker(&places.output_dir).map_err(output_error)? {
@@ -417,9 +421,14 @@ pub(crate) fn import(
     file: &JobFile,
     batch: &str,
     output_dir: &Path,
+    reuse: bool,
 ) -> anyhow::Result<i64> {
     let prices = PriceTable::with_overrides(file.prices.clone());
-    let report = store.import(batch, output_dir, &file.jobs, &prices)?;
+    let report = store.import(batch, output_dir, &file.jobs, &prices, reuse)?;
+    if !report.reusable.is_empty() {
+        let taken = crate::reuse::take_results(store, &report.reusable, &store.output_dirs()?)?;
+        tracing::info!(taken, "jobs took results this state already paid for: not paid again");
+    }
     if report.added > 0 {
         tracing::info!(added = report.added, "new jobs in the job file");
     }
@@ -623,6 +632,68 @@ pub struct Plan {
     pub schema: SchemaReport,
     /// How the estimate compares with the file's `budget:`, when it has one.
     pub budget: Option<BudgetFit>,
+    /// What a run would do now, given the state file (absent before the first run).
+    pub resume: Option<Resume>,
+}
+
+/// What a run of the job file would send now, given what its state file already holds.
+#[derive(Debug, Default, Serialize)]
+pub struct Resume {
+    /// Jobs already sent or ended: not sent again.
+    pub done: usize,
+    /// Jobs that would take a result this state already paid for (`reuse:`).
+    pub reused: usize,
+    /// Jobs that would be submitted and paid for.
+    pub to_pay: usize,
+    /// Their estimated cost, USD.
+    pub to_pay_usd: f64,
+    /// Why a run would refuse to start, if it would (its output folder is not its own).
+    pub refusal: Option<String>,
+}
+
+impl Resume {
+    /// Reads the state file of `file`'s output folder, when there is one.
+    fn of(file: &JobFile) -> Option<Self> {
+        let places = places(file, None, false);
+        let store = Store::open_reader(&places.state).ok();
+        let marker = output::read_marker(&places.output_dir);
+        if store.is_none() && !matches!(marker, Ok(Some(_))) {
+            return None;
+        }
+        let mut resume = Self::default();
+        let state_id = store.as_ref().and_then(|_| Store::id_of(&places.state));
+        let batch = match marker {
+            Ok(Some(marker)) if Some(&marker.state_id) == state_id.as_ref() => Some(marker.batch),
+            Ok(Some(_)) => {
+                resume.refusal = Some(format!(
+                    "the output folder {} belongs to another or a lost state file: a run would                      refuse to start (it says what to do)",
+                    places.output_dir.display()
+                ));
+                None
+            }
+            Ok(None) => None,
+            Err(err) => {
+                resume.refusal = Some(err.to_string());
+                None
+            }
+        };
+        let (known, reusable) = store
+            .as_ref()
+            .and_then(|store| store.preview(batch.as_deref()).ok())
+            .unwrap_or_default();
+        let prices = PriceTable::with_overrides(file.prices.clone());
+        for job in &file.jobs {
+            if known.contains(job.key.as_str()) {
+                resume.done += 1;
+            } else if file.reuse && reusable.contains(job.key.as_str()) {
+                resume.reused += 1;
+            } else {
+                resume.to_pay += 1;
+                resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
+            }
+        }
+        Some(resume)
+    }
 }
 
 /// The estimate against a budget, as `check` prints it.
@@ -688,6 +759,7 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         api_base: base.to_string(),
         schema,
         budget: file.budget.map(|budget| BudgetFit::of(file, budget, &costs)),
+        resume: Resume::of(file),
     })
 }
 
@@ -741,6 +813,16 @@ impl std::fmt::Display for Plan {
         writeln!(f)?;
         if let Some(budget) = &self.budget {
             self.write_budget(f, budget)?;
+        }
+        if let Some(resume) = &self.resume {
+            writeln!(
+                f,
+                "state: {} jobs already sent or done, {} would reuse results already paid for,                  {} to submit (estimated ${:.4})",
+                resume.done, resume.reused, resume.to_pay, resume.to_pay_usd
+            )?;
+            if let Some(refusal) = &resume.refusal {
+                writeln!(f, "warning: {refusal}")?;
+            }
         }
         writeln!(
             f,

@@ -153,6 +153,10 @@ pub struct RunArgs {
     /// replaces them).
     #[arg(long)]
     pub force: bool,
+    /// Generate again even the jobs this state already completed for another job file (by
+    /// default their results are reused, not paid again).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Where Krea's OpenAPI document (the request schemas) comes from.

@@ -26,6 +26,7 @@
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
+//! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
 //! | `report.rs` | progress display, the run summary, the manifest |
 //! | `gallery.rs` | `index.html`: the batch as a static page of results |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) |
@@ -61,6 +62,7 @@ pub mod reconcile;
 pub mod recover;
 pub mod report;
 pub mod retry;
+pub mod reuse;
 pub mod runner;
 pub mod schema;
 pub mod sim;

@@ -122,6 +122,7 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         key: Some(key),
         simulated: args.simulate,
         force: args.force,
+        fresh: args.fresh,
         controls,
         status: status_tx,
     };
@@ -151,6 +152,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         key: None,
         simulated: false,
         force: false,
+        fresh: false,
         controls,
         status,
     };

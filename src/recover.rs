@@ -240,7 +240,7 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
         .as_ref()
         .map_or_else(|| format!("batch:{}", output::random_id()), |marker| marker.batch.clone());
     let foreign = marker.map(|marker| marker.foreign).unwrap_or_default();
-    let batch_id = import(&mut store, &file, &batch, &dir)?;
+    let batch_id = import(&mut store, &file, &batch, &dir, false)?;
     let limits = file.limits;
 
     let mut traces = read_traces(&dir);

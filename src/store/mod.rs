@@ -166,6 +166,8 @@ pub struct JobRecord {
     pub price_usd: Option<f64>,
     /// Whether the job file still has it.
     pub in_file: bool,
+    /// The Krea job id whose result this job took instead of being paid again (`reuse:`).
+    pub reused_from: Option<String>,
     /// The files on disk.
     pub files: Vec<FileRecord>,
 }
@@ -213,6 +215,9 @@ pub struct ImportReport {
     pub removed: usize,
     /// New jobs whose name was taken by an earlier job: (name in the file, name given).
     pub renamed: Vec<(String, String)>,
+    /// Unsent jobs of this batch that an identical job of another batch already completed:
+    /// (the job's row id, the completed job's row id). Empty unless reuse was asked for.
+    pub reusable: Vec<(i64, i64)>,
 }
 
 /// The state file, open.

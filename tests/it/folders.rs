@@ -49,9 +49,14 @@ fn a_renamed_copied_or_moved_job_file_resumes_and_pays_nothing() {
     let paid = results(&work.out());
     assert_eq!(paid.len(), 10, "5 results and their sidecars: {paid:?}");
 
-    // Renamed.
+    // Renamed: `check` says nothing is left to pay for, and the run buys nothing.
     let renamed = work.dir.path().join("shoot-final.yaml");
     std::fs::rename(work.job_file(), &renamed).expect("renamed");
+    let check = command(&sim, "check", &renamed, &["--json"]);
+    check.expect_code(0);
+    let plan: serde_json::Value = serde_json::from_str(&check.stdout).expect("JSON plan");
+    assert_eq!(plan["resume"]["done"], 5, "{plan}");
+    assert_eq!(plan["resume"]["to_pay"], 0, "{plan}");
     command(&sim, "run", &renamed, &[]).expect_code(0);
     // Copied under another name, writing into the same folder.
     let copy = work.dir.path().join("copy.yaml");
