@@ -416,7 +416,7 @@ pub(crate) fn clients(
 }
 
 /// Imports the job file's jobs into the state and reports what changed; returns the batch.
-pub(crate) fn import(
+fn import(
     store: &mut Store,
     file: &JobFile,
     batch: &str,
@@ -494,10 +494,13 @@ fn claim_output(
                     state: state_text,
                 }));
             }
-            return Err(lost(format!(
-                "its marker names another state file, {}, which is missing or was replaced",
-                marker.state_file
-            )));
+            let named = if same_file {
+                "its marker names this state file, which was deleted, emptied or replaced since"
+                    .to_owned()
+            } else {
+                format!("its marker names the state file {}, which is gone", marker.state_file)
+            };
+            return Err(lost(named));
         }
         None => {
             let foreign = output::foreign_entries(dir, &places.state).map_err(output_error)?;
@@ -573,7 +576,9 @@ fn refuse_foreign(dir: &Path, foreign: &[String], force: bool) -> anyhow::Result
         .collect();
     if !own_names.is_empty() {
         return Err(InputError(format!(
-            "the output folder {} holds {} that krea-batch did not write and would have to              replace; even with --force it never replaces a file it did not write: move them              away or choose another folder",
+            "the output folder {} holds {} that krea-batch did not write and would have to \
+             replace; even with --force it never replaces a file it did not write: move them \
+             away or choose another folder",
             dir.display(),
             output::listed(&own_names)
         ))
@@ -582,7 +587,8 @@ fn refuse_foreign(dir: &Path, foreign: &[String], force: bool) -> anyhow::Result
     tracing::warn!(
         folder = %dir.display(),
         files = %output::listed(foreign),
-        "--force: writing into a folder that holds files krea-batch did not write; they are          left as they are"
+        "--force: writing into a folder that holds files krea-batch did not write; they are \
+         left as they are"
     );
     Ok(())
 }
@@ -666,7 +672,8 @@ impl Resume {
             Ok(Some(marker)) if Some(&marker.state_id) == state_id.as_ref() => Some(marker.batch),
             Ok(Some(_)) => {
                 resume.refusal = Some(format!(
-                    "the output folder {} belongs to another or a lost state file: a run would                      refuse to start (it says what to do)",
+                    "the output folder {} belongs to another or a lost state file: a run would \
+                     refuse to start (it says what to do)",
                     places.output_dir.display()
                 ));
                 None
@@ -817,7 +824,8 @@ impl std::fmt::Display for Plan {
         if let Some(resume) = &self.resume {
             writeln!(
                 f,
-                "state: {} jobs already sent or done, {} would reuse results already paid for,                  {} to submit (estimated ${:.4})",
+                "a run now: {} jobs already sent or done, {} would reuse results already paid for, \
+                 {} to submit (estimated ${:.4})",
                 resume.done, resume.reused, resume.to_pay, resume.to_pay_usd
             )?;
             if let Some(refusal) = &resume.refusal {

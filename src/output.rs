@@ -68,7 +68,8 @@ pub enum OutputError {
         "the output folder {dir} holds results that the state file {state} does not know \
          ({evidence}); its state file was lost, emptied or rolled back. Nothing was sent: \
          running now could pay again for jobs already paid. Rebuild the state first with \
-         `krea-batch recover {job_file}`"
+         `krea-batch recover {job_file}` (to start over on purpose, move the folder's contents \
+         away)"
     )]
     LostState {
         /// The folder.

@@ -17,7 +17,7 @@
 //! nothing lost" states this limit.
 
 use crate::api::{ApiError, KreaClient, RemoteStatus};
-use crate::batch::{InputError, Places, base_url, clients, guard_api_base, import, places};
+use crate::batch::{InputError, Places, base_url, clients, guard_api_base, places};
 use crate::job::JobState;
 use crate::jobfile::JobFile;
 use crate::key::ApiKey;
@@ -240,7 +240,8 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
         .as_ref()
         .map_or_else(|| format!("batch:{}", output::random_id()), |marker| marker.batch.clone());
     let foreign = marker.map(|marker| marker.foreign).unwrap_or_default();
-    let batch_id = import(&mut store, &file, &batch, &dir, false)?;
+    let prices = crate::pricing::PriceTable::with_overrides(file.prices.clone());
+    let batch_id = store.import(&batch, &dir, &file.jobs, &prices, false)?.batch_id;
     let limits = file.limits;
 
     let mut traces = read_traces(&dir);

@@ -352,7 +352,8 @@ impl std::fmt::Display for Summary {
         if self.reused > 0 {
             writeln!(
                 f,
-                "{} jobs took results this state already paid for (same model and request),                  not paid again; `reuse: false` in the job file or `run --fresh` generates anew",
+                "{} jobs took results this state already paid for (same model and request), \
+                 not paid again; `reuse: false` in the job file or `run --fresh` generates anew",
                 self.reused
             )?;
         }
