@@ -58,6 +58,18 @@ fn a_renamed_copied_or_moved_job_file_resumes_and_pays_nothing() {
     assert_eq!(plan["resume"]["done"], 5, "{plan}");
     assert_eq!(plan["resume"]["to_pay"], 0, "{plan}");
     command(&sim, "run", &renamed, &[]).expect_code(0);
+    // Commands that name the job file find its batch under the new name too.
+    let cancel = Run::of(
+        &krea_batch()
+            .args(["cancel", "--file"])
+            .arg(&renamed)
+            .env("KREA_API_KEY", sim.key())
+            .output()
+            .expect("cancel runs"),
+    );
+    cancel.expect_code(0);
+    let said = format!("{}{}", cancel.stdout, cancel.stderr);
+    assert!(said.contains("the 5 selected jobs have all ended"), "{said}");
     // Copied under another name, writing into the same folder.
     let copy = work.dir.path().join("copy.yaml");
     std::fs::copy(&renamed, &copy).expect("copied");
