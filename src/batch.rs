@@ -139,6 +139,16 @@ pub struct Places {
     pub state: PathBuf,
 }
 
+impl Places {
+    /// Whether the state file lives in the output folder itself (the default), where it can
+    /// belong to no other folder.
+    #[must_use]
+    pub fn state_in_folder(&self) -> bool {
+        let parent = self.state.parent().and_then(|parent| std::fs::canonicalize(parent).ok());
+        parent.is_some() && parent == std::fs::canonicalize(&self.output_dir).ok()
+    }
+}
+
 /// The output directory and state file of `file`, honouring `--state` and `--simulate`.
 #[must_use]
 pub fn places(file: &JobFile, state: Option<&Path>, simulated: bool) -> Places {
@@ -375,9 +385,12 @@ fn take_batch(
             (import(store, file, &batch, &places.output_dir, reuse)?, key)
         }
         Mode::DownloadOnly => {
-            let batch = match output::read_marker(&places.output_dir).map_err(output_error)? {
-                Some(marker) => Some(marker.batch),
-                None => store.legacy_batch(&source, &places.output_dir)?,
+            let batch = if let Some(marker) =
+                output::read_marker(&places.output_dir).map_err(output_error)?
+            {
+                Some(marker.batch)
+            } else {
+                store.legacy_batch(&source, &places.output_dir, places.state_in_folder())?
             };
             let batch_id = match batch {
                 Some(batch) => store.batch_id(&batch)?,
@@ -504,7 +517,9 @@ fn claim_output(
         }
         None => {
             let foreign = output::foreign_entries(dir, &places.state).map_err(output_error)?;
-            if let Some(legacy) = store.legacy_batch(legacy_source, dir)? {
+            if let Some(legacy) =
+                store.legacy_batch(legacy_source, dir, places.state_in_folder())?
+            {
                 // Written by a krea-batch from before the marker: adopt it under a new identity.
                 let batch = format!("batch:{}", output::random_id());
                 store.rename_batch(&legacy, &batch)?;
@@ -678,7 +693,13 @@ impl Resume {
                 ));
                 None
             }
-            Ok(None) => None,
+            // Written by a krea-batch from before the marker: the run adopts the same batch.
+            Ok(None) => store.as_ref().and_then(|store| {
+                let source = std::fs::canonicalize(&file.source).ok()?;
+                let dir = std::fs::canonicalize(&places.output_dir).ok()?;
+                let in_folder = places.state_in_folder();
+                store.legacy_batch(&source.to_string_lossy(), &dir, in_folder).ok().flatten()
+            }),
             Err(err) => {
                 resume.refusal = Some(err.to_string());
                 None

@@ -206,7 +206,9 @@ pub fn write_marker(dir: &Path, marker: &Marker) -> Result<(), OutputError> {
 /// marker, the lock, a state file and its companions, temporary files), sorted by name.
 pub fn foreign_entries(dir: &Path, state: &Path) -> Result<Vec<String>, OutputError> {
     let io = |source| OutputError::Io { path: dir.to_owned(), source };
-    let state_name = (state.parent() == Some(dir))
+    let same_folder = state.parent().and_then(|parent| std::fs::canonicalize(parent).ok())
+        == std::fs::canonicalize(dir).ok();
+    let state_name = same_folder
         .then(|| state.file_name().map(|name| name.to_string_lossy().into_owned()))
         .flatten();
     let mut foreign = Vec::new();

@@ -186,17 +186,22 @@ impl Store {
     }
 
     /// A batch imported before output folders carried a marker: the one whose job file was
-    /// `source`, else the one writing into `output_dir`. Returns its identity (`source`).
+    /// `source`, else the one writing into `output_dir`, else, when the state file lives in
+    /// that folder (`in_folder`: it can belong to no other), the one imported last. Returns its
+    /// identity (`source`).
     pub fn legacy_batch(
         &self,
         source: &str,
         output_dir: &Path,
+        in_folder: bool,
     ) -> Result<Option<String>, StoreError> {
         self.conn
             .query_row(
-                "SELECT source FROM batches WHERE source = ?1 OR output_dir = ?2
-                 ORDER BY source = ?1 DESC, id LIMIT 1",
-                params![source, output_dir.to_string_lossy()],
+                "SELECT source FROM batches
+                 WHERE source = ?1 OR output_dir = ?2 OR (?3 AND source NOT LIKE 'inbox:%')
+                 ORDER BY source = ?1 DESC, output_dir = ?2 DESC, imported_at DESC, id DESC
+                 LIMIT 1",
+                params![source, output_dir.to_string_lossy(), in_folder],
                 |row| row.get(0),
             )
             .optional()
