@@ -225,8 +225,21 @@ fn error_text(value: &Value) -> Option<String> {
 pub struct JobPage {
     /// The jobs, newest first.
     pub items: Vec<RemoteJob>,
+    /// Items that could not be read as jobs (skipped, not fatal: one bad item must not stop
+    /// reconciliation).
+    pub unreadable: Vec<UnreadableItem>,
     /// The cursor of the next page (`next_cursor`, or `nextCursor` as the docs page spells it).
     pub next_cursor: Option<String>,
+}
+
+/// An item of `GET /jobs` that is not a usable job (no id, an id over 200 characters, not an
+/// object), with what could still be read of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableItem {
+    /// Its `created_at`, if that much could be read.
+    pub created_at: Option<String>,
+    /// Why it could not be read.
+    pub reason: String,
 }
 
 /// What went wrong with a request, classified by what the runner must do about it.
@@ -427,19 +440,29 @@ impl KreaClient {
             url.query_pairs_mut().append_pair("cursor", cursor);
         }
         let json = self.call(Method::GET, url, None, None).await?;
-        let items = json
+        let listed = json
             .get("items")
             .and_then(Value::as_array)
-            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?
-            .iter()
-            .map(RemoteJob::from_json)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::Malformed)?;
+            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?;
+        let mut items = Vec::with_capacity(listed.len());
+        let mut unreadable = Vec::new();
+        for item in listed {
+            match RemoteJob::from_json(item) {
+                Ok(job) => items.push(job),
+                Err(reason) => unreadable.push(UnreadableItem {
+                    created_at: item
+                        .get("created_at")
+                        .and_then(Value::as_str)
+                        .map(|text| printable(text, 64)),
+                    reason: printable(&format!("{reason}: {item}"), 200),
+                }),
+            }
+        }
         let next_cursor = ["next_cursor", "nextCursor"]
             .iter()
             .find_map(|field| json.get(*field).and_then(Value::as_str))
             .map(str::to_owned);
-        Ok(JobPage { items, next_cursor })
+        Ok(JobPage { items, unreadable, next_cursor })
     }
 
     /// Sends one request and reads its JSON answer (up to [`MAX_JSON_BYTES`]).

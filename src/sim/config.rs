@@ -185,6 +185,12 @@ pub struct Faults {
     pub redirect_loop_rate: f64,
     /// A 429 storm, starting when these faults are set.
     pub storm: Option<Storm>,
+    /// POSTs whose prompt contains this text are answered 500 every time, and create nothing
+    /// (a request Krea's servers choke on).
+    pub server_error_marker: Option<String>,
+    /// `GET /jobs` lists, after the account's jobs, an old item whose id is 300 characters long
+    /// (no client can use it as a job id).
+    pub unreadable_list_item: bool,
 }
 
 impl Default for Faults {
@@ -205,6 +211,8 @@ impl Default for Faults {
             redirect_insecure_rate: 0.0,
             redirect_loop_rate: 0.0,
             storm: None,
+            server_error_marker: None,
+            unreadable_list_item: false,
         }
     }
 }
