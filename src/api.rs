@@ -160,8 +160,8 @@ impl RemoteJob {
         let job_id = ["job_id", "id"]
             .iter()
             .find_map(|field| object.get(*field).and_then(Value::as_str))
-            .filter(|id| !id.is_empty() && id.len() <= 200)
-            .ok_or("the job has no job_id")?
+            .filter(|id| usable_job_id(id))
+            .ok_or("the job has no usable job_id (present, at most 200 bytes, not . or ..)")?
             .to_owned();
         let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
         let result = object.get("result").filter(|r| r.is_object());
@@ -188,6 +188,12 @@ impl RemoteJob {
     pub fn result_urls(&self) -> Option<&[String]> {
         (self.status == Some(RemoteStatus::Completed)).then_some(self.urls.as_slice())
     }
+}
+
+/// Whether a job id from Krea can name the job: present, at most 200 bytes, and not `.` or `..`
+/// (which no percent-encoding keeps from meaning "this folder" or "the one above" in a URL).
+fn usable_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !matches!(id, "." | "..")
 }
 
 /// `["u", {"url": "u"}]` or a single `"u"` into a list of strings.
@@ -419,16 +425,35 @@ impl KreaClient {
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
+    /// `<base>/jobs/<id>`, the id percent-encoded as one path segment (ids come from the
+    /// network): distinct ids give distinct URLs, and none can leave `/jobs/`.
+    fn job_url(&self, job_id: &str) -> Result<Url, ApiError> {
+        if !usable_job_id(job_id) {
+            return Err(ApiError::Malformed(format!(
+                "the job id {:?} cannot be used in a URL",
+                printable(job_id, 60)
+            )));
+        }
+        let mut url = self.endpoint("jobs")?;
+        url.path_segments_mut()
+            .map_err(|()| ApiError::Rejected {
+                status: 0,
+                message: format!("the API base URL {} cannot take a path", self.base),
+            })?
+            .push(job_id);
+        Ok(url)
+    }
+
     /// `GET /jobs/{id}`.
     pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
     pub async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         self.call(Method::DELETE, url, None, None).await.map(drop)
     }
 
@@ -568,21 +593,6 @@ impl KreaClient {
             );
         }
     }
-}
-
-/// Escapes a job id for use as one path segment (ids come from the network).
-fn path_segment(id: &str) -> String {
-    id.chars()
-        .map(
-            |c| {
-                if c.is_ascii_alphanumeric() || "-_".contains(c) {
-                    c.to_string()
-                } else {
-                    "_".into()
-                }
-            },
-        )
-        .collect()
 }
 
 /// `reqwest::Error` and its sources in one line ("error sending request: connection reset").
@@ -811,8 +821,38 @@ mod tests {
         assert!(!format!("{client:?}").contains("sk-echoed-back"));
     }
 
+    fn client_for(base: &str) -> KreaClient {
+        let settings = ClientSettings {
+            base_url: Url::parse(base).expect("url"),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        KreaClient::new(&settings, ApiKey::new("sk-test").expect("key")).expect("client")
+    }
+
     #[test]
-    fn path_segments_cannot_escape() {
-        assert_eq!(path_segment("../../admin?x=1"), "______admin_x_1");
+    fn job_ids_are_percent_encoded_not_sanitised() {
+        let client = client_for("https://api.krea.ai");
+        let url = |id: &str| client.job_url(id).expect("url").to_string();
+        let urls: HashSet<String> = ["a/b", "a.b", "a_b"].iter().map(|id| url(id)).collect();
+        assert_eq!(urls.len(), 3, "three ids, three URLs: {urls:?}");
+        assert_eq!(url("a/b"), "https://api.krea.ai/jobs/a%2Fb");
+        assert_eq!(url("a.b"), "https://api.krea.ai/jobs/a.b");
+        assert!(client.job_url("..").is_err() && client.job_url(".").is_err());
+        assert!(RemoteJob::from_json(&serde_json::json!({"job_id": ".."})).is_err());
+        for hostile in ["../../admin?x=1", "x#y", "%2e%2e", "a/../b"] {
+            let parsed = client.job_url(hostile).expect("url");
+            let segments: Vec<&str> = parsed.path_segments().expect("segments").collect();
+            assert_eq!(segments.len(), 2, "{hostile} stays one segment: {parsed}");
+            assert_eq!(segments[0], "jobs", "{hostile}: {parsed}");
+            assert!(!matches!(segments[1], "." | ".."), "{hostile}: {parsed}");
+            assert!(parsed.query().is_none() && parsed.fragment().is_none(), "{parsed}");
+        }
+        // A proxy's path prefix is kept.
+        let proxied = client_for("https://proxy.example/krea/");
+        assert_eq!(
+            proxied.job_url("j1").expect("url").as_str(),
+            "https://proxy.example/krea/jobs/j1"
+        );
     }
 }

@@ -46,6 +46,40 @@ fn semantic_errors_name_the_key() {
     assert_eq!(sim.stats().requests_total, 0);
 }
 
+/// Names of krea-batch's own files in the output folder are refused when the job file is read
+/// (a job named `manifest.jsonl` was paid for and could never be downloaded), as a name: key
+/// and as a name a sweep makes; nothing is sent.
+#[test]
+fn job_names_of_krea_batchs_own_files_are_refused() {
+    let sim = Sim::start(|_| {});
+    let cases = [
+        ("jobs:\n  - {prompt: a, name: manifest.jsonl}\n", "jobs[0].name", 3, "manifest.jsonl"),
+        (
+            "jobs:\n  - prompt: a\n  - prompt: b\n    name: Index.html\n",
+            "jobs[1].name",
+            5,
+            "Index.html",
+        ),
+        (
+            "jobs:\n  - prompt: \"a {n}\"\n    name: \"index-{n}.html\"\n    matrix: {n: [2]}\n",
+            "jobs[0]",
+            3,
+            "index-2.html",
+        ),
+    ];
+    for (body, key, line, name) in cases {
+        let work = Workspace::with_file(&format!("model: image/bfl/flux-1-dev\n{body}"));
+        let run = work.run(&sim, &[]);
+        run.expect_code(2);
+        let message = run.stderr.trim();
+        assert!(message.contains(&format!("jobs.yaml:{line}:")), "line {line}: {message}");
+        assert!(message.contains(key) && message.contains(name), "{key}, {name}: {message}");
+        assert!(message.contains("output folder"), "{message}");
+        assert!(!work.out().join("manifest.jsonl").exists());
+    }
+    assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}
+
 #[test]
 fn a_missing_key_names_all_three_sources() {
     let work = Workspace::with_jobs(&numbered_jobs("x", 1));
