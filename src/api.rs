@@ -633,16 +633,21 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec
     }
 }
 
-/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text.
+/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text,
+/// followed by its `details` (each with its path) when it has any.
 fn error_message(body: &[u8], status: StatusCode) -> String {
     let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|json| {
         let error = json.get("error").and_then(error_text);
         let message = json.get("message").and_then(Value::as_str).map(str::to_owned);
-        match (error, message) {
+        let text = match (error, message) {
             // 410 puts a code in `error` and the sentence in `message`.
             (Some(code), Some(message)) if code != message => Some(format!("{message} ({code})")),
             (Some(text), _) | (None, Some(text)) => Some(text),
             (None, None) => None,
+        };
+        match (text, details_text(&json)) {
+            (Some(text), Some(details)) => Some(format!("{text}: {details}")),
+            (text, details) => text.or(details),
         }
     });
     let text = from_json.unwrap_or_else(|| {
@@ -654,7 +659,74 @@ fn error_message(body: &[u8], status: StatusCode) -> String {
             text.to_owned()
         }
     });
-    printable(&text, 500)
+    printable(&text, 1000)
+}
+
+/// The `details` of an error answer, each with its path: `prompt: too long; width: above 2368`.
+/// Read leniently, as Krea documents no shape: a list of `{path|field|loc|param, message|msg}`
+/// objects or of strings, an object of field → message, under `details`, `errors` or
+/// `error.details`; a path may be a list of segments (`["styles", 0, "strength"]`).
+fn details_text(json: &Value) -> Option<String> {
+    let details = json
+        .get("details")
+        .or_else(|| json.get("errors"))
+        .or_else(|| json.get("error").and_then(|error| error.get("details")))?;
+    let one = |item: &Value| -> Option<String> {
+        match item {
+            Value::String(text) => Some(text.clone()),
+            Value::Object(object) => {
+                let path = ["path", "field", "loc", "param", "name"]
+                    .iter()
+                    .find_map(|key| object.get(*key))
+                    .map(path_text);
+                let message = ["message", "msg", "detail", "error", "reason"]
+                    .iter()
+                    .find_map(|key| object.get(*key).and_then(Value::as_str));
+                match (path, message) {
+                    (Some(path), Some(message)) => Some(format!("{path}: {message}")),
+                    (None, Some(message)) => Some(message.to_owned()),
+                    (Some(path), None) => Some(path),
+                    (None, None) => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    let parts: Vec<String> = match details {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        Value::Object(fields) => fields
+            .iter()
+            .filter_map(|(path, value)| one(value).map(|message| format!("{path}: {message}")))
+            .collect(),
+        other => one(other).into_iter().collect(),
+    };
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// A detail's path as text: `styles[0].strength` from a list of segments, or the string itself.
+fn path_text(path: &Value) -> String {
+    match path {
+        Value::String(text) => text.clone(),
+        Value::Array(segments) => {
+            let mut text = String::new();
+            for segment in segments {
+                match segment {
+                    Value::Number(index) => {
+                        let _ = write!(text, "[{index}]");
+                    }
+                    Value::String(name) if text.is_empty() => text.push_str(name),
+                    Value::String(name) => {
+                        let _ = write!(text, ".{name}");
+                    }
+                    other => {
+                        let _ = write!(text, ".{other}");
+                    }
+                }
+            }
+            text
+        }
+        other => other.to_string(),
+    }
 }
 
 /// At most `limit` characters, control characters replaced: server text goes into log lines.
@@ -764,6 +836,30 @@ mod tests {
             "retired (model_unavailable)"
         );
         assert_eq!(error_message(b"", StatusCode::BAD_GATEWAY), "Bad Gateway");
+        assert_eq!(
+            error_message(
+                br#"{"error": "Invalid body", "details": [{"path": "prompt", "message": "too long"},
+                    {"path": ["styles", 0, "strength"], "message": "above 2"}]}"#,
+                ok
+            ),
+            "Invalid body: prompt: too long; styles[0].strength: above 2"
+        );
+        assert_eq!(
+            error_message(br#"{"errors": [{"loc": ["width"], "msg": "too big"}, "and more"]}"#, ok),
+            "width: too big; and more"
+        );
+        assert_eq!(
+            error_message(
+                br#"{"error": {"message": "bad", "details": {"steps": "at most 100"}}}"#,
+                ok
+            ),
+            "bad: steps: at most 100"
+        );
+        assert_eq!(
+            error_message(br#"{"error": "bad", "details": 7}"#, ok),
+            "bad",
+            "a shape not understood leaves the message alone"
+        );
         assert_eq!(error_message(b"<html>\n</html>", ok), "<html> </html>");
     }
 

@@ -145,6 +145,9 @@ pub struct Quirks {
     pub payment_error_key: bool,
     /// An undocumented state name (say `"warming"`) a job passes through before `processing`.
     pub undocumented_state: Option<String>,
+    /// Answer a request body the model refuses with `{"error", "details": [{path, message}]}`
+    /// (the shape Krea's 400s are said to take) instead of `{"error": message}`.
+    pub validation_details: bool,
 }
 
 /// Fault injection. Every rate is a probability per request in 0..1, drawn from the seeded RNG;

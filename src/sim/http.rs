@@ -216,6 +216,15 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
     };
     let accepted = match spec.validate(&value) {
         Ok(accepted) => accepted,
+        Err(message) if config.quirks.validation_details => {
+            // The message names its field in quotes: `Field 'steps' must be …`.
+            let path = message.split('\'').nth(1).unwrap_or_default();
+            let body = json!({
+                "error": "Invalid request body",
+                "details": [{"path": path, "message": message}],
+            });
+            return reply::json(StatusCode::BAD_REQUEST, &body);
+        }
         Err(message) => return reply::error(StatusCode::BAD_REQUEST, &message),
     };
     let chokes = shared.lock().faults.server_error_marker.clone();

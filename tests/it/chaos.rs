@@ -583,6 +583,7 @@ fn missing_fields_other_shapes_and_unknown_states() {
             failure_in_result: true,
             payment_error_key: true,
             undocumented_state: Some("warming-up".to_owned()),
+            validation_details: true,
         };
         // Dropped answers make the client read the job list (and its cursor).
         config.faults = Faults { post_drop_rate: 0.2, ..Faults::default() };
