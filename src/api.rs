@@ -160,8 +160,8 @@ impl RemoteJob {
         let job_id = ["job_id", "id"]
             .iter()
             .find_map(|field| object.get(*field).and_then(Value::as_str))
-            .filter(|id| !id.is_empty() && id.len() <= 200)
-            .ok_or("the job has no job_id")?
+            .filter(|id| usable_job_id(id))
+            .ok_or("the job has no usable job_id (present, at most 200 bytes, not . or ..)")?
             .to_owned();
         let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
         let result = object.get("result").filter(|r| r.is_object());
@@ -188,6 +188,12 @@ impl RemoteJob {
     pub fn result_urls(&self) -> Option<&[String]> {
         (self.status == Some(RemoteStatus::Completed)).then_some(self.urls.as_slice())
     }
+}
+
+/// Whether a job id from Krea can name the job: present, at most 200 bytes, and not `.` or `..`
+/// (which no percent-encoding keeps from meaning "this folder" or "the one above" in a URL).
+fn usable_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !matches!(id, "." | "..")
 }
 
 /// `["u", {"url": "u"}]` or a single `"u"` into a list of strings.
@@ -225,8 +231,21 @@ fn error_text(value: &Value) -> Option<String> {
 pub struct JobPage {
     /// The jobs, newest first.
     pub items: Vec<RemoteJob>,
+    /// Items that could not be read as jobs (skipped, not fatal: one bad item must not stop
+    /// reconciliation).
+    pub unreadable: Vec<UnreadableItem>,
     /// The cursor of the next page (`next_cursor`, or `nextCursor` as the docs page spells it).
     pub next_cursor: Option<String>,
+}
+
+/// An item of `GET /jobs` that is not a usable job (no id, an id over 200 characters, not an
+/// object), with what could still be read of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableItem {
+    /// Its `created_at`, if that much could be read.
+    pub created_at: Option<String>,
+    /// Why it could not be read.
+    pub reason: String,
 }
 
 /// What went wrong with a request, classified by what the runner must do about it.
@@ -406,16 +425,35 @@ impl KreaClient {
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
+    /// `<base>/jobs/<id>`, the id percent-encoded as one path segment (ids come from the
+    /// network): distinct ids give distinct URLs, and none can leave `/jobs/`.
+    fn job_url(&self, job_id: &str) -> Result<Url, ApiError> {
+        if !usable_job_id(job_id) {
+            return Err(ApiError::Malformed(format!(
+                "the job id {:?} cannot be used in a URL",
+                printable(job_id, 60)
+            )));
+        }
+        let mut url = self.endpoint("jobs")?;
+        url.path_segments_mut()
+            .map_err(|()| ApiError::Rejected {
+                status: 0,
+                message: format!("the API base URL {} cannot take a path", self.base),
+            })?
+            .push(job_id);
+        Ok(url)
+    }
+
     /// `GET /jobs/{id}`.
     pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
     pub async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         self.call(Method::DELETE, url, None, None).await.map(drop)
     }
 
@@ -427,19 +465,29 @@ impl KreaClient {
             url.query_pairs_mut().append_pair("cursor", cursor);
         }
         let json = self.call(Method::GET, url, None, None).await?;
-        let items = json
+        let listed = json
             .get("items")
             .and_then(Value::as_array)
-            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?
-            .iter()
-            .map(RemoteJob::from_json)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::Malformed)?;
+            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?;
+        let mut items = Vec::with_capacity(listed.len());
+        let mut unreadable = Vec::new();
+        for item in listed {
+            match RemoteJob::from_json(item) {
+                Ok(job) => items.push(job),
+                Err(reason) => unreadable.push(UnreadableItem {
+                    created_at: item
+                        .get("created_at")
+                        .and_then(Value::as_str)
+                        .map(|text| printable(text, 64)),
+                    reason: printable(&format!("{reason}: {item}"), 200),
+                }),
+            }
+        }
         let next_cursor = ["next_cursor", "nextCursor"]
             .iter()
             .find_map(|field| json.get(*field).and_then(Value::as_str))
             .map(str::to_owned);
-        Ok(JobPage { items, next_cursor })
+        Ok(JobPage { items, unreadable, next_cursor })
     }
 
     /// Sends one request and reads its JSON answer (up to [`MAX_JSON_BYTES`]).
@@ -547,21 +595,6 @@ impl KreaClient {
     }
 }
 
-/// Escapes a job id for use as one path segment (ids come from the network).
-fn path_segment(id: &str) -> String {
-    id.chars()
-        .map(
-            |c| {
-                if c.is_ascii_alphanumeric() || "-_".contains(c) {
-                    c.to_string()
-                } else {
-                    "_".into()
-                }
-            },
-        )
-        .collect()
-}
-
 /// `reqwest::Error` and its sources in one line ("error sending request: connection reset").
 #[must_use]
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -600,16 +633,21 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec
     }
 }
 
-/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text.
+/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text,
+/// followed by its `details` (each with its path) when it has any.
 fn error_message(body: &[u8], status: StatusCode) -> String {
     let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|json| {
         let error = json.get("error").and_then(error_text);
         let message = json.get("message").and_then(Value::as_str).map(str::to_owned);
-        match (error, message) {
+        let text = match (error, message) {
             // 410 puts a code in `error` and the sentence in `message`.
             (Some(code), Some(message)) if code != message => Some(format!("{message} ({code})")),
             (Some(text), _) | (None, Some(text)) => Some(text),
             (None, None) => None,
+        };
+        match (text, details_text(&json)) {
+            (Some(text), Some(details)) => Some(format!("{text}: {details}")),
+            (text, details) => text.or(details),
         }
     });
     let text = from_json.unwrap_or_else(|| {
@@ -621,7 +659,74 @@ fn error_message(body: &[u8], status: StatusCode) -> String {
             text.to_owned()
         }
     });
-    printable(&text, 500)
+    printable(&text, 1000)
+}
+
+/// The `details` of an error answer, each with its path: `prompt: too long; width: above 2368`.
+/// Read leniently, as Krea documents no shape: a list of `{path|field|loc|param, message|msg}`
+/// objects or of strings, an object of field → message, under `details`, `errors` or
+/// `error.details`; a path may be a list of segments (`["styles", 0, "strength"]`).
+fn details_text(json: &Value) -> Option<String> {
+    let details = json
+        .get("details")
+        .or_else(|| json.get("errors"))
+        .or_else(|| json.get("error").and_then(|error| error.get("details")))?;
+    let one = |item: &Value| -> Option<String> {
+        match item {
+            Value::String(text) => Some(text.clone()),
+            Value::Object(object) => {
+                let path = ["path", "field", "loc", "param", "name"]
+                    .iter()
+                    .find_map(|key| object.get(*key))
+                    .map(path_text);
+                let message = ["message", "msg", "detail", "error", "reason"]
+                    .iter()
+                    .find_map(|key| object.get(*key).and_then(Value::as_str));
+                match (path, message) {
+                    (Some(path), Some(message)) => Some(format!("{path}: {message}")),
+                    (None, Some(message)) => Some(message.to_owned()),
+                    (Some(path), None) => Some(path),
+                    (None, None) => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    let parts: Vec<String> = match details {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        Value::Object(fields) => fields
+            .iter()
+            .filter_map(|(path, value)| one(value).map(|message| format!("{path}: {message}")))
+            .collect(),
+        other => one(other).into_iter().collect(),
+    };
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// A detail's path as text: `styles[0].strength` from a list of segments, or the string itself.
+fn path_text(path: &Value) -> String {
+    match path {
+        Value::String(text) => text.clone(),
+        Value::Array(segments) => {
+            let mut text = String::new();
+            for segment in segments {
+                match segment {
+                    Value::Number(index) => {
+                        let _ = write!(text, "[{index}]");
+                    }
+                    Value::String(name) if text.is_empty() => text.push_str(name),
+                    Value::String(name) => {
+                        let _ = write!(text, ".{name}");
+                    }
+                    other => {
+                        let _ = write!(text, ".{other}");
+                    }
+                }
+            }
+            text
+        }
+        other => other.to_string(),
+    }
 }
 
 /// At most `limit` characters, control characters replaced: server text goes into log lines.
@@ -731,6 +836,30 @@ mod tests {
             "retired (model_unavailable)"
         );
         assert_eq!(error_message(b"", StatusCode::BAD_GATEWAY), "Bad Gateway");
+        assert_eq!(
+            error_message(
+                br#"{"error": "Invalid body", "details": [{"path": "prompt", "message": "too long"},
+                    {"path": ["styles", 0, "strength"], "message": "above 2"}]}"#,
+                ok
+            ),
+            "Invalid body: prompt: too long; styles[0].strength: above 2"
+        );
+        assert_eq!(
+            error_message(br#"{"errors": [{"loc": ["width"], "msg": "too big"}, "and more"]}"#, ok),
+            "width: too big; and more"
+        );
+        assert_eq!(
+            error_message(
+                br#"{"error": {"message": "bad", "details": {"steps": "at most 100"}}}"#,
+                ok
+            ),
+            "bad: steps: at most 100"
+        );
+        assert_eq!(
+            error_message(br#"{"error": "bad", "details": 7}"#, ok),
+            "bad",
+            "a shape not understood leaves the message alone"
+        );
         assert_eq!(error_message(b"<html>\n</html>", ok), "<html> </html>");
     }
 
@@ -788,8 +917,38 @@ mod tests {
         assert!(!format!("{client:?}").contains("sk-echoed-back"));
     }
 
+    fn client_for(base: &str) -> KreaClient {
+        let settings = ClientSettings {
+            base_url: Url::parse(base).expect("url"),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        KreaClient::new(&settings, ApiKey::new("sk-test").expect("key")).expect("client")
+    }
+
     #[test]
-    fn path_segments_cannot_escape() {
-        assert_eq!(path_segment("../../admin?x=1"), "______admin_x_1");
+    fn job_ids_are_percent_encoded_not_sanitised() {
+        let client = client_for("https://api.krea.ai");
+        let url = |id: &str| client.job_url(id).expect("url").to_string();
+        let urls: HashSet<String> = ["a/b", "a.b", "a_b"].iter().map(|id| url(id)).collect();
+        assert_eq!(urls.len(), 3, "three ids, three URLs: {urls:?}");
+        assert_eq!(url("a/b"), "https://api.krea.ai/jobs/a%2Fb");
+        assert_eq!(url("a.b"), "https://api.krea.ai/jobs/a.b");
+        assert!(client.job_url("..").is_err() && client.job_url(".").is_err());
+        assert!(RemoteJob::from_json(&serde_json::json!({"job_id": ".."})).is_err());
+        for hostile in ["../../admin?x=1", "x#y", "%2e%2e", "a/../b"] {
+            let parsed = client.job_url(hostile).expect("url");
+            let segments: Vec<&str> = parsed.path_segments().expect("segments").collect();
+            assert_eq!(segments.len(), 2, "{hostile} stays one segment: {parsed}");
+            assert_eq!(segments[0], "jobs", "{hostile}: {parsed}");
+            assert!(!matches!(segments[1], "." | ".."), "{hostile}: {parsed}");
+            assert!(parsed.query().is_none() && parsed.fragment().is_none(), "{parsed}");
+        }
+        // A proxy's path prefix is kept.
+        let proxied = client_for("https://proxy.example/krea/");
+        assert_eq!(
+            proxied.job_url("j1").expect("url").as_str(),
+            "https://proxy.example/krea/jobs/j1"
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::download::{Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;
-use crate::openapi::{CACHE_FILE, SchemaReport, Source, obtain};
+use crate::openapi::{SchemaReport, Source, obtain};
 use crate::output::{self, Marker, OutputError};
 use crate::pace::PollSchedule;
 use crate::pricing::{Estimate, PriceTable, usd};
@@ -56,7 +56,8 @@ pub struct SchemaChoice {
     pub skip: bool,
 }
 
-/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached beside `state`).
+/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached per user, or
+/// beside `state` when the user has no cache folder: [`crate::openapi::cache_path`]).
 pub async fn schema_report(
     file: &JobFile,
     base: &reqwest::Url,
@@ -67,7 +68,7 @@ pub async fn schema_report(
         Some(path) => Source::File(path.clone()),
         None => Source::Api {
             base: base.clone(),
-            cache: state.parent().unwrap_or_else(|| Path::new(".")).join(CACHE_FILE),
+            cache: crate::openapi::cache_path(base, state),
             offline: choice.offline,
         },
     };

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 {
     let result = match cli.command {
-        Command::Run(args) => run(args, progress_bar).await,
+        Command::Run(args) => run_reporting_failure(args, progress_bar).await,
         Command::Download(args) => download(args).await,
         Command::Check(args) => check(args).await,
         Command::Recover(args) => recover(args).await,
@@ -85,8 +85,46 @@ fn is_input_error(err: &anyhow::Error) -> bool {
     })
 }
 
-async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> anyhow::Result<u8> {
+/// `run`, and with `--json` a JSON answer on stdout even when the run stops on an error (a full
+/// disk, a read-only state file, a bad job file): `{error, exit_code, counts, …}`, the counts
+/// read from the state file when it can be read, so a script always has something to parse.
+async fn run_reporting_failure(
+    args: RunArgs,
+    progress_bar: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<u8> {
+    let json = args.json;
+    let mut state = None;
+    let result = run(args, progress_bar, &mut state).await;
+    if let (Err(err), true) = (&result, json) {
+        println!("{}", failure_json(err, state.as_deref()));
+    }
+    result
+}
+
+/// The `--json` answer of a run that stopped on `err`; `state` is the state file, once known.
+fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String {
+    let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
+    let status = state.and_then(|path| batch::status(path).ok());
+    let value = serde_json::json!({
+        "error": format!("{err:#}"),
+        "exit_code": code,
+        "stopped": "error",
+        "state_file": state.map(|path| path.display().to_string()),
+        "counts": status.as_ref().map(|status| &status.counts),
+        "spend_usd": status.as_ref().map(|status| status.spent_usd),
+        "unknown": status.as_ref().map(|status| &status.unknown),
+        "download_pending": status.as_ref().map(|status| &status.download_pending),
+    });
+    serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
+}
+
+async fn run(
+    args: RunArgs,
+    progress_bar: Option<indicatif::ProgressBar>,
+    state: &mut Option<std::path::PathBuf>,
+) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
+    *state = Some(batch::places(&file, args.state.as_deref(), args.simulate).state);
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
     let key = if args.simulate {

@@ -145,6 +145,9 @@ pub struct Quirks {
     pub payment_error_key: bool,
     /// An undocumented state name (say `"warming"`) a job passes through before `processing`.
     pub undocumented_state: Option<String>,
+    /// Answer a request body the model refuses with `{"error", "details": [{path, message}]}`
+    /// (the shape Krea's 400s are said to take) instead of `{"error": message}`.
+    pub validation_details: bool,
 }
 
 /// Fault injection. Every rate is a probability per request in 0..1, drawn from the seeded RNG;
@@ -185,6 +188,12 @@ pub struct Faults {
     pub redirect_loop_rate: f64,
     /// A 429 storm, starting when these faults are set.
     pub storm: Option<Storm>,
+    /// POSTs whose prompt contains this text are answered 500 every time, and create nothing
+    /// (a request Krea's servers choke on).
+    pub server_error_marker: Option<String>,
+    /// `GET /jobs` lists, after the account's jobs, an old item whose id is 300 characters long
+    /// (no client can use it as a job id).
+    pub unreadable_list_item: bool,
 }
 
 impl Default for Faults {
@@ -205,6 +214,8 @@ impl Default for Faults {
             redirect_insecure_rate: 0.0,
             redirect_loop_rate: 0.0,
             storm: None,
+            server_error_marker: None,
+            unreadable_list_item: false,
         }
     }
 }

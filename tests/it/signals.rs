@@ -55,3 +55,40 @@ fn a_second_interrupt_stops_at_once_and_the_rerun_polls_instead_of_resubmitting(
         "in-flight jobs were polled, not resubmitted"
     );
 }
+
+/// The first Ctrl-C ends the wait for reconciliation at once: the job whose POST lost its
+/// answer stays `unknown` in the state (never sent again blindly), and the rerun finds it at
+/// Krea and adopts it.
+#[test]
+fn one_interrupt_during_reconciliation_exits_and_the_rerun_reconciles() {
+    // Every POST creates its job and loses the answer; reconciliation would wait an hour.
+    let sim = Sim::start(|config| {
+        config.faults = krea_batch::sim::Faults { post_drop_rate: 1.0, ..Default::default() };
+    });
+    let file = |reconcile_after: &str| {
+        format!(
+            "model: image/bfl/flux-1-dev\n{}  reconcile_after: {reconcile_after}\njobs:\n{}",
+            crate::support::FAST_LIMITS,
+            numbered_jobs("a lost answer", 2)
+        )
+    };
+    let work = Workspace::with_file(&file("1h"));
+    let child = work.spawn_run(&sim);
+    child.wait_for_log("the submission got no usable answer", Duration::from_secs(20));
+    child.signal("INT");
+    // Without the fix the run waits out `reconcile_after` (an hour).
+    let run = child.finish(Duration::from_secs(30));
+    run.expect_code(130);
+    assert!(run.stderr.contains("stay unknown"), "{}", run.stderr);
+    assert_eq!(sim.stats().jobs_created, 1, "nothing was sent after the unanswered POST");
+    let manifest = work.manifest();
+    let count = |status: &str| manifest.iter().filter(|line| line["status"] == status).count();
+    assert_eq!((count("unknown"), count("not_submitted")), (1, 1), "{manifest:?}");
+
+    sim.server().set_faults(krea_batch::sim::Faults::default());
+    std::fs::write(work.job_file(), file("50ms")).expect("job file rewritten");
+    work.run(&sim, &[]).expect_code(0);
+    let stats = sim.stats();
+    assert_eq!(stats.jobs_created, 2);
+    assert!(stats.creations_by_prompt.values().all(|count| *count == 1), "adopted, not resent");
+}
