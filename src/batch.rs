@@ -6,7 +6,7 @@
 //! in one state file.
 
 use crate::api::{self, ClientSettings, KreaClient};
-use crate::download::{Downloader, ensure_real_dir, remove_partials};
+use crate::download::{DownloadSettings, Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;
@@ -160,6 +160,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         },
         job_timeout: limits.job_timeout,
         download_concurrency: limits.download_concurrency as usize,
+        download_grace: limits.download_grace,
         retry: RetryPolicy::transient(limits.retry_backoff),
         rate_limit_backoff: limits.retry_backoff,
         request_timeout: limits.request_timeout,
@@ -371,9 +372,16 @@ pub(crate) fn clients(
         request_timeout: limits.request_timeout,
     };
     let client = KreaClient::new(&settings, key).map_err(InputError)?;
-    let downloader =
-        Downloader::new(settings.connect_timeout, limits.request_timeout, limits.max_result_size)
-            .map_err(anyhow::Error::msg)?;
+    let downloader = Downloader::new(&DownloadSettings {
+        connect_timeout: settings.connect_timeout,
+        read_timeout: limits.request_timeout,
+        max_bytes: limits.max_result_size,
+        timeout: limits.download_timeout,
+        min_rate: limits.download_min_rate,
+        // Loopback and private result hosts only beside an API on loopback (the simulation).
+        internal_addresses: crate::api::is_loopback(&settings.base_url),
+    })
+    .map_err(anyhow::Error::msg)?;
     Ok((client, downloader))
 }
 
