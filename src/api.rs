@@ -42,7 +42,8 @@ pub fn check_url(url: &Url) -> Result<(), String> {
             display_url(url)
         )),
         other => {
-            Err(format!("{} uses the scheme {other}; only https is allowed", display_url(url)))
+            // Not quoted: without a host, a URL of another scheme keeps any password in its path.
+            Err(format!("the URL uses the scheme {other}; only https is allowed"))
         }
     }
 }
@@ -859,6 +860,24 @@ mod tests {
             "invalid token Bearer [redacted]"
         );
         assert!(!format!("{client:?}").contains("sk-echoed-back"));
+    }
+
+    #[test]
+    fn user_and_password_in_urls_are_never_kept() {
+        let base = parse_base_url("https://me:hunter2@api.krea.ai").expect("accepted");
+        assert_eq!(base.as_str(), "https://api.krea.ai/");
+        let err = parse_base_url("http://me:hunter2@10.0.0.1").expect_err("plain http");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse_base_url("htp:/me:hunter2@[bad").expect_err("not a URL");
+        assert!(!err.contains("hunter2"), "{err}");
+        let job = RemoteJob::from_json(&json!({
+            "job_id": "j", "status": "completed",
+            "result": {"urls": ["https://u:hunter2@gen.krea.ai/a.png", {"url": "https://gen.krea.ai/b.png"}]}
+        }))
+        .expect("parses");
+        assert_eq!(job.urls, ["https://gen.krea.ai/a.png", "https://gen.krea.ai/b.png"]);
+        let url = Url::parse("https://u:hunter2@h.example/x").expect("url");
+        assert_eq!(display_url(&url), "https://h.example/x");
     }
 
     #[test]

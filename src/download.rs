@@ -314,35 +314,14 @@ impl Downloader {
         let mut streaming: Option<(tokio::io::BufWriter<tokio::fs::File>, tempfile::TempPath)> =
             None;
         let mut hasher = Sha256::new();
-        let mut got: u64 = 0;
-        let mut window = (Instant::now(), 0_u64);
+        let mut body_pace = Pace::new(started, deadline, self.min_rate, self.rate_window);
         loop {
-            let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) => break,
-                Ok(Err(err)) => return Err(transport(err)),
-                Err(_) => {
-                    return Err(too_slow(format!(
-                        "not finished within {} (limits.download_timeout, plus the announced \
-                         size at limits.download_min_rate); {got} bytes came",
-                        humantime::format_duration(deadline - started)
-                    )));
-                }
+            let chunk = match body_pace.next(&mut response).await.map_err(too_slow)? {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(err) => return Err(transport(err)),
             };
-            got += chunk.len() as u64;
-            window.1 += chunk.len() as u64;
-            let elapsed = window.0.elapsed();
-            if elapsed >= self.rate_window {
-                if (window.1 as f64) < self.min_rate as f64 * elapsed.as_secs_f64() {
-                    return Err(too_slow(format!(
-                        "{} bytes in {}, below limits.download_min_rate ({} bytes/s)",
-                        window.1,
-                        humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
-                        self.min_rate
-                    )));
-                }
-                window = (Instant::now(), 0);
-            }
+            let got = body_pace.got;
             if got > self.max_bytes {
                 return Err(DownloadError::TooLarge { url: url.to_owned(), limit: self.max_bytes });
             }
@@ -361,6 +340,7 @@ impl Downloader {
                 streaming = Some((writer, temp_path));
             }
         }
+        let got = body_pace.got;
         if let Some(expected) = expected.filter(|expected| *expected != got) {
             return Err(DownloadError::Truncated { url: url.to_owned(), expected, got });
         }
@@ -387,6 +367,61 @@ impl Downloader {
     fn deadline_for(&self, expected: Option<u64>) -> Duration {
         let at_min_rate = expected.map_or(0, |len| len / self.min_rate);
         self.timeout.saturating_add(Duration::from_secs(at_min_rate))
+    }
+}
+
+/// The deadline and the rate floor of one download's body.
+struct Pace {
+    started: Instant,
+    deadline: Instant,
+    min_rate: u64,
+    rate_window: Duration,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Bytes received so far.
+    got: u64,
+}
+
+impl Pace {
+    fn new(started: Instant, deadline: Instant, min_rate: u64, rate_window: Duration) -> Self {
+        let window_start = Instant::now();
+        Self { started, deadline, min_rate, rate_window, window_start, window_bytes: 0, got: 0 }
+    }
+
+    /// The next piece of the body (or the transport's error), unless the download broke its
+    /// deadline or the rate floor: then what it broke, as an outer error.
+    async fn next(
+        &mut self,
+        response: &mut reqwest::Response,
+    ) -> Result<Result<Option<bytes::Bytes>, reqwest::Error>, String> {
+        let Ok(next) = tokio::time::timeout_at(self.deadline, response.chunk()).await else {
+            return Err(format!(
+                "not finished within {} (limits.download_timeout, plus the announced size at \
+                 limits.download_min_rate); {} bytes came",
+                humantime::format_duration(self.deadline - self.started),
+                self.got
+            ));
+        };
+        if let Ok(Some(chunk)) = &next {
+            self.got += chunk.len() as u64;
+            self.window_bytes += chunk.len() as u64;
+            let elapsed = self.window_start.elapsed();
+            if elapsed >= self.rate_window {
+                #[allow(clippy::cast_precision_loss, reason = "a rate needs no 53-bit precision")]
+                let (bytes, floor) = (self.window_bytes as f64, self.min_rate as f64);
+                if bytes < floor * elapsed.as_secs_f64() {
+                    return Err(format!(
+                        "{} bytes in {}, below limits.download_min_rate ({} bytes/s)",
+                        self.window_bytes,
+                        humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+                        self.min_rate
+                    ));
+                }
+                self.window_start = Instant::now();
+                self.window_bytes = 0;
+            }
+        }
+        Ok(next)
     }
 }
 

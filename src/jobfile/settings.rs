@@ -369,3 +369,24 @@ fn base_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>
     }
     deserializer.deserialize_option(BaseUrl)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_limits_read_rates_and_durations() {
+        let limits: Limits = serde_yaml::from_str(
+            "download_timeout: 90s\ndownload_min_rate: 1MiB/s\ndownload_grace: 2s\n",
+        )
+        .expect("valid");
+        assert_eq!(limits.download_timeout, Duration::from_secs(90));
+        assert_eq!(limits.download_min_rate, 1 << 20);
+        assert_eq!(limits.download_grace, Duration::from_secs(2));
+        let plain: Limits = serde_yaml::from_str("download_min_rate: 16KiB").expect("valid");
+        assert_eq!(plain.download_min_rate, 16 << 10);
+        for bad in ["download_min_rate: 0", "download_min_rate: fast", "download_grace: 10"] {
+            assert!(serde_yaml::from_str::<Limits>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -177,7 +177,7 @@ fn a_server_that_quotes_the_key_everywhere_leaves_it_in_no_byte_and_no_result_ho
         .env("KREA_API_KEY", SECRET)
         .env("RUST_LOG", "trace");
     let child = crate::support::LiveChild::spawn(command);
-    let run = child.finish(Duration::from_secs(60));
+    let run = child.finish(Duration::from_mins(1));
     run.expect_code(1);
     assert!(run.stderr.lines().count() > 50, "trace logging was on");
     assert!(run.stderr.contains("Bearer [redacted]"), "server text arrived, redacted");
