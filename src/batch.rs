@@ -258,7 +258,7 @@ pub struct RunResult {
 /// stop), rewrites the manifest and summarises.
 pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
     let started = Instant::now();
-    let base = base_url(&file, options.api_base.as_deref())?;
+    let mut base = base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError(format!("output directory: {err}")))?;
@@ -291,6 +291,13 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
                     places.state.display()
                 ))
             })?;
+            // The result URLs came from the API the jobs were submitted to: its base decides
+            // whether they may point at loopback (the simulation) or only at public hosts.
+            if let Some(recorded) = store.meta(META_API_BASE)?
+                && let Ok(recorded) = api::parse_base_url(&recorded)
+            {
+                base = recorded;
+            }
             // Downloads never carry the key; the API client is built but never called.
             (batch_id, ApiKey::new("unused-by-downloads")?)
         }
