@@ -291,13 +291,7 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
                     places.state.display()
                 ))
             })?;
-            // The result URLs came from the API the jobs were submitted to: its base decides
-            // whether they may point at loopback (the simulation) or only at public hosts.
-            if let Some(recorded) = store.meta(META_API_BASE)?
-                && let Ok(recorded) = api::parse_base_url(&recorded)
-            {
-                base = recorded;
-            }
+            base = submitted_to(&mut store, base)?;
             // Downloads never carry the key; the API client is built but never called.
             (batch_id, ApiKey::new("unused-by-downloads")?)
         }
@@ -418,6 +412,13 @@ fn import(
         );
     }
     Ok(report.batch_id)
+}
+
+/// The API the state's jobs were submitted to (else `base`): the result URLs came from it, so
+/// its base decides whether they may point at loopback (the simulation) or only at public hosts.
+fn submitted_to(store: &mut Store, base: reqwest::Url) -> anyhow::Result<reqwest::Url> {
+    let recorded = store.meta(META_API_BASE)?;
+    Ok(recorded.and_then(|text| api::parse_base_url(&text).ok()).unwrap_or(base))
 }
 
 /// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing
