@@ -8,8 +8,8 @@
 use clap::Parser as _;
 use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
 use krea_batch::cli::{
-    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
-    SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
+    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
+    ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
@@ -64,6 +64,7 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
         Command::Run(args) => run(args, progress_bar).await,
         Command::Download(args) => download(args).await,
         Command::Check(args) => check(args).await,
+        Command::Recover(args) => recover(args).await,
         Command::Status(args) => status(&args),
         Command::Daemon(args) => run_daemon(args).await,
         Command::Cancel(args) => cancel(args).await,
@@ -120,6 +121,8 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         api_base,
         key: Some(key),
         simulated: args.simulate,
+        force: args.force,
+        fresh: args.fresh,
         controls,
         status: status_tx,
     };
@@ -148,6 +151,8 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         api_base: None,
         key: None,
         simulated: false,
+        force: false,
+        fresh: false,
         controls,
         status,
     };
@@ -157,6 +162,23 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     }
     eprint!("{summary}");
     Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
+
+async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
+    let file = jobfile::load(&args.job_file)?;
+    let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let options = krea_batch::recover::RecoverOptions {
+        state: args.state,
+        api_base: args.api.api_base,
+        key: loaded.key,
+        simulated: false,
+    };
+    let report = krea_batch::recover::recover(file, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    eprint!("{report}");
+    Ok(EXIT_OK)
 }
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {

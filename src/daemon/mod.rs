@@ -289,8 +289,18 @@ impl Daemon {
                     return Ok(None);
                 }
                 let prices = PriceTable::with_overrides(job_file.prices.clone());
-                let report = store.import(&source, &dir, &job_file.jobs, &prices)?;
+                let report =
+                    store.import(&source, &dir, &job_file.jobs, &prices, job_file.reuse)?;
                 store.set_content_hash(report.batch_id, &sha)?;
+                if !report.reusable.is_empty() {
+                    let dirs = store.output_dirs()?;
+                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)
+                        .map_err(|err| StoreError::WriteFailed(err.to_string()))?;
+                    tracing::info!(
+                        taken,
+                        "jobs took results this state already paid for: not paid again"
+                    );
+                }
                 let jobs = store.jobs(Some(report.batch_id))?;
                 Ok(Some((report, jobs, store.output_dirs()?)))
             })

@@ -79,6 +79,10 @@ pub struct JobFile {
     pub prices: BTreeMap<String, f64>,
     /// The `budget:` section: caps on the estimated spend, at least one set.
     pub budget: Option<Budget>,
+    /// `reuse:` (default true): a job whose model and request body match one that the state
+    /// already completed for another job file takes that result instead of being paid again;
+    /// `false` asks for new generations.
+    pub reuse: bool,
     /// One entry per generation, in file order (`count` copies next to each other).
     pub jobs: Vec<JobSpec>,
 }
@@ -403,6 +407,7 @@ impl Assembly<'_> {
             limits: raw.limits,
             prices: raw.prices,
             budget: raw.budget,
+            reuse: raw.reuse.unwrap_or(true),
             jobs,
         })
     }

@@ -163,7 +163,11 @@ impl DownloadTask {
 }
 
 /// Writes the sidecar of one of a job's files.
-fn write_sidecar_of(dir: &Path, job: &JobRecord, file: &FileRecord) -> Result<(), DownloadError> {
+pub(crate) fn write_sidecar_of(
+    dir: &Path,
+    job: &JobRecord,
+    file: &FileRecord,
+) -> Result<(), DownloadError> {
     let mut params: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&job.body).unwrap_or_default();
     let prompt = params.remove("prompt");

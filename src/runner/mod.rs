@@ -37,6 +37,7 @@ use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
+pub(crate) use fetch::write_sidecar_of;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -104,12 +104,14 @@ fn a_key_file_readable_by_others_gets_a_warning() {
 #[test]
 fn planted_symlinks_are_not_followed_and_state_files_are_private() {
     let sim = Sim::start(|config| config.outputs_per_job = 1);
-    let work =
-        Workspace::with_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
+    // The links are planted in a folder that is already krea-batch's (a folder it did not make
+    // is refused whole), between two runs.
+    let work = Workspace::with_jobs("  - {name: first, prompt: a first job}\n");
+    work.run(&sim, &[]).expect_code(0);
+    work.set_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
     let outside = tempfile::tempdir().expect("outside");
     let precious = outside.path().join("precious.png");
     std::fs::write(&precious, b"precious").expect("precious file");
-    std::fs::create_dir_all(work.out()).expect("out");
     // A link where a result will go, and one where its sidecar will go.
     std::os::unix::fs::symlink(&precious, work.out().join("fox.png")).expect("symlink");
     std::os::unix::fs::symlink(&precious, work.out().join("owl.png.json")).expect("symlink");
@@ -136,9 +138,10 @@ fn planted_symlinks_are_not_followed_and_state_files_are_private() {
 #[test]
 fn a_symlinked_folder_for_several_results_is_refused_not_followed() {
     let sim = Sim::start(|config| config.outputs_per_job = 2);
-    let work = Workspace::with_jobs("  - {name: pair, prompt: two images}\n");
+    let work = Workspace::with_jobs("  - {name: first, prompt: a first job}\n");
+    work.run(&sim, &[]).expect_code(0);
+    work.set_jobs("  - {name: pair, prompt: two images}\n");
     let outside = tempfile::tempdir().expect("outside");
-    std::fs::create_dir_all(work.out()).expect("out");
     std::os::unix::fs::symlink(outside.path(), work.out().join("pair")).expect("symlink");
     let run = work.run(&sim, &["--json"]);
     run.expect_code(1);
@@ -147,10 +150,11 @@ fn a_symlinked_folder_for_several_results_is_refused_not_followed() {
         0,
         "nothing written outside"
     );
-    let line = &work.manifest()[0];
+    let manifest = work.manifest();
+    let line = manifest.iter().find(|line| line["name"] == "pair").expect("pair listed");
     assert_eq!(line["status"], "download_pending");
     assert!(line["error"].as_str().is_some_and(|e| e.contains("symbolic link")), "{line}");
-    assert_eq!(sim.stats().jobs_created, 1);
+    assert_eq!(sim.stats().jobs_created, 2);
 }
 
 #[test]

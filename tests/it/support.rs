@@ -82,6 +82,12 @@ impl Workspace {
         Self::with_file(&format!("model: image/bfl/flux-1-dev\n{FAST_LIMITS}\njobs:\n{jobs}"))
     }
 
+    /// Rewrites `jobs.yaml` as [`Workspace::with_jobs`] writes it, with other `jobs`.
+    pub(crate) fn set_jobs(&self, jobs: &str) {
+        let text = format!("model: image/bfl/flux-1-dev\n{FAST_LIMITS}\njobs:\n{jobs}");
+        std::fs::write(self.job_file(), text).expect("job file rewritten");
+    }
+
     /// A job file `jobs.yaml` with exactly `text`.
     pub(crate) fn with_file(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
