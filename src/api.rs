@@ -9,7 +9,10 @@
 //!   download client (`download.rs`) never carries an `Authorization` header;
 //! - only `https` URLs, or `http` on loopback (tests, the simulation): [`check_url`];
 //! - response bodies are read up to a cap, never buffered whole;
-//! - every message taken from a response has the key redacted before it can reach a log.
+//! - every text taken from a response (the JSON body, whatever its shape, error bodies, and the
+//!   headers read) has the key redacted in [`KreaClient::call`], the one place where server
+//!   text enters, before any of it reaches a job, a log, the state or a file;
+//! - a `user:password@` in a URL (the API base, result URLs) is removed, never stored or logged.
 
 use crate::key::ApiKey;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -35,22 +38,62 @@ pub fn check_url(url: &Url) -> Result<(), String> {
         "https" => Ok(()),
         "http" if is_loopback(url) => Ok(()),
         "http" => Err(format!(
-            "{url} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)"
+            "{} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)",
+            display_url(url)
         )),
-        other => Err(format!("{url} uses the scheme {other}; only https is allowed")),
+        other => {
+            // Not quoted: without a host, a URL of another scheme keeps any password in its path.
+            Err(format!("the URL uses the scheme {other}; only https is allowed"))
+        }
     }
 }
 
-fn is_loopback(url: &Url) -> bool {
+/// Whether `url`'s host is a loopback address or `localhost`.
+#[must_use]
+pub fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// `url` without its `user:password@`, for messages: a password never reaches a log.
+#[must_use]
+pub fn display_url(url: &Url) -> String {
+    let mut clean = url.clone();
+    strip_userinfo(&mut clean);
+    printable(clean.as_str(), 300)
+}
+
+/// Removes `user:password@` from `url`; true if there was one.
+pub fn strip_userinfo(url: &mut Url) -> bool {
+    let had = !url.username().is_empty() || url.password().is_some();
+    if had {
+        // Both fail only for URLs that cannot have a user (no host), which have none.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    had
+}
+
 /// Parses and checks an API base URL (from the job file, `--api-base` or `KREA_API_BASE`).
+/// A `user:password@` in it is removed (with a warning), so it is never stored or logged.
 pub fn parse_base_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text.trim()).map_err(|err| format!("{text:?} is not a URL: {err}"))?;
+    let mut url = Url::parse(text.trim()).map_err(|err| {
+        // Quoted only without an '@': it might carry a password.
+        if text.contains('@') {
+            format!("the API base URL is not a URL: {err}")
+        } else {
+            format!("{text:?} is not a URL: {err}")
+        }
+    })?;
+    if strip_userinfo(&mut url) {
+        tracing::warn!(
+            base = %url,
+            "the API base URL carried a user name or password; removed (Krea authenticates with \
+             the API key only, and a password in a URL would end up in logs and the state file)"
+        );
+    }
     check_url(&url)?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("the API base URL {url} must not have a query or fragment"));
@@ -196,12 +239,24 @@ fn usable_job_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 200 && !matches!(id, "." | "..")
 }
 
-/// `["u", {"url": "u"}]` or a single `"u"` into a list of strings.
+/// `["u", {"url": "u"}]` or a single `"u"` into a list of strings, each without a
+/// `user:password@` (removed, with a warning: it must never be stored or logged).
 fn collect_urls(value: &Value) -> Vec<String> {
-    let one = |item: &Value| match item {
-        Value::String(url) => Some(url.clone()),
-        Value::Object(object) => object.get("url").and_then(Value::as_str).map(str::to_owned),
-        _ => None,
+    let one = |item: &Value| {
+        let text = match item {
+            Value::String(url) => Some(url.as_str()),
+            Value::Object(object) => object.get("url").and_then(Value::as_str),
+            _ => None,
+        }?;
+        let Ok(mut url) = Url::parse(text) else { return Some(text.to_owned()) };
+        if !strip_userinfo(&mut url) {
+            return Some(text.to_owned());
+        }
+        tracing::warn!(
+            url = %url,
+            "a result URL carried a user name or password; removed (it is never stored or logged)"
+        );
+        Some(url.to_string())
     };
     match value {
         Value::Array(items) => items.iter().filter_map(one).collect(),
@@ -519,10 +574,16 @@ impl KreaClient {
             if bytes.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_slice(&bytes)
-                .map_err(|err| ApiError::Malformed(format!("{err} in an answer of {status}")));
+            let mut json: Value = serde_json::from_slice(&bytes)
+                .map_err(|err| ApiError::Malformed(format!("{err} in an answer of {status}")))?;
+            // Every string of the answer, before anything reads it: nothing downstream (job
+            // errors, statuses, times, result URLs) can then carry the key.
+            self.key.redact_json(&mut json);
+            return Ok(json);
         }
-        let message = self.redact(&error_message(&bytes, status));
+        let bytes = self.redact_body(&bytes);
+        // Redacted before it is cut short: a cut could leave half a key behind.
+        let message = printable(&self.redact(&error_message(&bytes, status)), 500);
         Err(self.classify(status, message, &bytes, retry_after))
     }
 
@@ -568,10 +629,20 @@ impl KreaClient {
         }
     }
 
+    /// An error body with the key removed, before anything reads it: a JSON body string by
+    /// string (its escapes decoded first), any other body as text.
+    fn redact_body(&self, bytes: &[u8]) -> Vec<u8> {
+        if let Ok(mut json) = serde_json::from_slice::<Value>(bytes) {
+            self.key.redact_json(&mut json);
+            return serde_json::to_vec(&json).unwrap_or_default();
+        }
+        self.redact(&String::from_utf8_lossy(bytes)).into_bytes()
+    }
+
     /// Removes the key from text that came from the network: a hostile or buggy server could
     /// echo the `Authorization` header back in an error message.
     fn redact(&self, text: &str) -> String {
-        text.replace(self.key.expose(), "<redacted>")
+        self.key.redact(text).into_owned()
     }
 
     fn warn_if_deprecated(&self, model: &str, headers: &HeaderMap) {
@@ -581,8 +652,10 @@ impl KreaClient {
         let first_time =
             self.deprecation_warned.lock().is_ok_and(|mut warned| warned.insert(model.to_owned()));
         if first_time {
+            // Header values are server text too: redacted and kept printable and short.
             let header = |name: &str| {
-                headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
+                let value = headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                printable(&self.redact(value), 300)
             };
             tracing::warn!(
                 model,
@@ -634,7 +707,8 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec
 }
 
 /// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text,
-/// followed by its `details` (each with its path) when it has any.
+/// followed by its `details` (each with its path) when it has any; control characters
+/// replaced, not yet redacted nor shortened.
 fn error_message(body: &[u8], status: StatusCode) -> String {
     let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|json| {
         let error = json.get("error").and_then(error_text);
@@ -659,7 +733,7 @@ fn error_message(body: &[u8], status: StatusCode) -> String {
             text.to_owned()
         }
     });
-    printable(&text, 1000)
+    printable(&text, usize::MAX)
 }
 
 /// The `details` of an error answer, each with its path: `prompt: too long; width: above 2368`.
@@ -912,7 +986,7 @@ mod tests {
         let client = KreaClient::new(&settings, key).expect("client");
         assert_eq!(
             client.redact("invalid token Bearer sk-echoed-back"),
-            "invalid token Bearer <redacted>"
+            "invalid token Bearer [redacted]"
         );
         assert!(!format!("{client:?}").contains("sk-echoed-back"));
     }
@@ -950,5 +1024,23 @@ mod tests {
             proxied.job_url("j1").expect("url").as_str(),
             "https://proxy.example/krea/jobs/j1"
         );
+    }
+
+    #[test]
+    fn user_and_password_in_urls_are_never_kept() {
+        let base = parse_base_url("https://me:hunter2@api.krea.ai").expect("accepted");
+        assert_eq!(base.as_str(), "https://api.krea.ai/");
+        let err = parse_base_url("http://me:hunter2@10.0.0.1").expect_err("plain http");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse_base_url("htp:/me:hunter2@[bad").expect_err("not a URL");
+        assert!(!err.contains("hunter2"), "{err}");
+        let job = RemoteJob::from_json(&json!({
+            "job_id": "j", "status": "completed",
+            "result": {"urls": ["https://u:hunter2@gen.krea.ai/a.png", {"url": "https://gen.krea.ai/b.png"}]}
+        }))
+        .expect("parses");
+        assert_eq!(job.urls, ["https://gen.krea.ai/a.png", "https://gen.krea.ai/b.png"]);
+        let url = Url::parse("https://u:hunter2@h.example/x").expect("url");
+        assert_eq!(display_url(&url), "https://h.example/x");
     }
 }

@@ -6,7 +6,7 @@
 //! in one state file.
 
 use crate::api::{self, ClientSettings, KreaClient};
-use crate::download::{Downloader, ensure_real_dir, remove_partials};
+use crate::download::{DownloadSettings, Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;
@@ -178,6 +178,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         },
         job_timeout: limits.job_timeout,
         download_concurrency: limits.download_concurrency as usize,
+        download_grace: limits.download_grace,
         retry: RetryPolicy::transient(limits.retry_backoff),
         rate_limit_backoff: limits.retry_backoff,
         request_timeout: limits.request_timeout,
@@ -275,7 +276,7 @@ pub struct RunResult {
 /// stop), rewrites the manifest and summarises.
 pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunResult> {
     let started = Instant::now();
-    let base = base_url(&file, options.api_base.as_deref())?;
+    let mut base = base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError(format!("output directory: {err}")))?;
@@ -300,6 +301,9 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         enforce_budget(&file)?;
     }
     let (batch_id, key) = take_batch(&mut store, &file, &places, &base, &mut options)?;
+    if options.mode == Mode::DownloadOnly {
+        base = submitted_to(&mut store, base)?;
+    }
     // The jobs are in the state now; free the parsed file before the engine loads its own copy.
     let limits = file.limits;
     let budget = file.budget;
@@ -423,9 +427,16 @@ pub(crate) fn clients(
         request_timeout: limits.request_timeout,
     };
     let client = KreaClient::new(&settings, key).map_err(InputError)?;
-    let downloader =
-        Downloader::new(settings.connect_timeout, limits.request_timeout, limits.max_result_size)
-            .map_err(anyhow::Error::msg)?;
+    let downloader = Downloader::new(&DownloadSettings {
+        connect_timeout: settings.connect_timeout,
+        read_timeout: limits.request_timeout,
+        max_bytes: limits.max_result_size,
+        timeout: limits.download_timeout,
+        min_rate: limits.download_min_rate,
+        // Loopback and private result hosts only beside an API on loopback (the simulation).
+        internal_addresses: crate::api::is_loopback(&settings.base_url),
+    })
+    .map_err(anyhow::Error::msg)?;
     Ok((client, downloader))
 }
 
@@ -460,6 +471,13 @@ fn import(
         );
     }
     Ok(report.batch_id)
+}
+
+/// The API the state's jobs were submitted to (else `base`): the result URLs came from it, so
+/// its base decides whether they may point at loopback (the simulation) or only at public hosts.
+fn submitted_to(store: &mut Store, base: reqwest::Url) -> anyhow::Result<reqwest::Url> {
+    let recorded = store.meta(META_API_BASE)?;
+    Ok(recorded.and_then(|text| api::parse_base_url(&text).ok()).unwrap_or(base))
 }
 
 /// An output folder's refusal as the error a user acts on (exit 2), or a disk failure.

@@ -19,7 +19,8 @@
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
-//! | `download.rs` | streaming result files to disk atomically, with sidecars |
+//! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
+//! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema |
@@ -42,6 +43,7 @@
 //! module that ties them together; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.
 
+pub mod address;
 pub mod api;
 pub mod batch;
 pub mod cli;

@@ -189,6 +189,9 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
     settings.budget = config.budget;
+    // Downloads under way stop (download pending) before the drain time runs out, so they are
+    // recorded as stopped rather than cut off by the exit.
+    settings.download_grace = settings.download_grace.min(config.drain_time * 4 / 5);
     settings
 }
 

@@ -70,6 +70,9 @@ pub struct EngineSettings {
     pub job_timeout: Duration,
     /// Downloads at once.
     pub download_concurrency: usize,
+    /// After the first interrupt (or the service's drain), how long a download may go on
+    /// before it is stopped and left download pending.
+    pub download_grace: Duration,
     /// Retries of GETs and downloads.
     pub retry: RetryPolicy,
     /// The first pause after a 429 (then ×3, with jitter).

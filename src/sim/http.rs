@@ -171,7 +171,23 @@ async fn generate(
     request: Request<Incoming>,
 ) -> Response<reply::Body> {
     let mut response = create(shared, model, request).await;
-    if shared.config.deprecated_models.iter().any(|deprecated| deprecated == model) {
+    if shared.config.echo_key {
+        // Hostile: every deprecation header quotes the key.
+        let quoted = format!("Bearer {}", shared.config.api_key);
+        let headers = response.headers_mut();
+        for (name, value) in [
+            ("deprecation", format!("@1772323200 ({quoted})")),
+            ("sunset", format!("Wed, 01 Jul 2026 00:00:00 GMT ({quoted})")),
+            (
+                "link",
+                format!("<https://docs.krea.ai/deprecations?k={quoted}>; rel=\"deprecation\""),
+            ),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    } else if shared.config.deprecated_models.iter().any(|deprecated| deprecated == model) {
         // RFC 9745 and RFC 8594: deprecated since 2026-03-01, retired on 2026-07-01.
         let headers = response.headers_mut();
         headers.insert("deprecation", HeaderValue::from_static("@1772323200"));

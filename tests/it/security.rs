@@ -156,3 +156,63 @@ fn a_symlinked_folder_for_several_results_is_refused_not_followed() {
     assert!(line["error"].as_str().is_some_and(|e| e.contains("symbolic link")), "{line}");
     assert_eq!(sim.stats().jobs_created, 2);
 }
+
+#[test]
+fn a_server_that_quotes_the_key_everywhere_leaves_it_in_no_byte_and_no_result_host() {
+    use krea_batch::sim::Listener;
+    let sim = Sim::start(|config| {
+        config.api_key = SECRET.into();
+        // Hostile: `Bearer <key>` in failed jobs' error and result.error, created_at and
+        // completed_at, Deprecation/Sunset/Link, the last of two result URLs, and a status.
+        config.echo_key = true;
+        config.outputs_per_job = 2;
+        config.job_time = Duration::from_millis(800);
+        config.quirks.undocumented_state = Some(format!("warming Bearer {SECRET}"));
+    });
+    let work = Workspace::with_jobs(
+        "  - {name: sea, prompt: a calm sea}\n  - {name: storm, prompt: \"[nsfw] a storm\"}\n",
+    );
+    let mut command = krea_batch();
+    command
+        .args(["-vv", "--log-format", "json", "run"])
+        .arg(work.job_file())
+        .arg("--json")
+        .env("KREA_API_BASE", sim.url())
+        .env("KREA_API_KEY", SECRET)
+        .env("RUST_LOG", "trace");
+    let child = crate::support::LiveChild::spawn(command);
+    let run = child.finish(Duration::from_mins(1));
+    run.expect_code(1);
+    assert!(run.stderr.lines().count() > 50, "trace logging was on");
+    assert!(run.stderr.contains("Bearer [redacted]"), "server text arrived, redacted");
+    assert_nowhere(work.dir.path(), &run);
+
+    let manifest = work.manifest();
+    let line = |name: &str| {
+        manifest.iter().find(|line| line["name"] == name).cloned().expect("in the manifest")
+    };
+    let storm = line("storm");
+    assert_eq!(storm["status"], "failed");
+    assert!(storm["error"].as_str().is_some_and(|e| e.contains("[redacted]")), "{storm}");
+    let sea = line("sea");
+    assert_eq!(sea["status"], "download_pending", "{sea}");
+    assert!(
+        sea["error"].as_str().is_some_and(|e| e.contains("quoted the API key")),
+        "the URL that quoted the key was refused: {sea}"
+    );
+    let sidecar: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(work.out().join("sea/1.png.json")).expect("the clean result's sidecar"),
+    )
+    .expect("JSON");
+    assert!(sidecar["created_at"].as_str().is_some_and(|t| t.contains("[redacted]")), "{sidecar}");
+
+    let stats = sim.stats();
+    let on_file_host: Vec<_> =
+        stats.requests.iter().filter(|request| request.listener == Listener::Files).collect();
+    assert!(!on_file_host.is_empty(), "the clean result was fetched");
+    assert!(
+        on_file_host.iter().all(|request| !request.path.contains(SECRET)),
+        "no request carried the key to the result host: {on_file_host:?}"
+    );
+    assert_eq!(stats.auth_header_on_file_host, 0);
+}
