@@ -583,7 +583,7 @@ impl KreaClient {
         }
         let bytes = self.redact_body(&bytes);
         // Redacted before it is cut short: a cut could leave half a key behind.
-        let message = printable(&self.redact(&error_message(&bytes, status)), 500);
+        let message = printable(&self.redact(&error_message(&bytes, status)), 1000);
         Err(self.classify(status, message, &bytes, retry_after))
     }
 

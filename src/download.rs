@@ -242,26 +242,44 @@ impl Downloader {
         Ok(parsed)
     }
 
-    /// Downloads `url` to `<dir>/<stem>.<ext>`, retrying transient failures by `policy`.
+    /// Downloads `url` to `<dir>/<stem>.<ext>` for the Krea job `owner`, retrying transient
+    /// failures by `policy` (see [`Downloader::fetch_for`]).
     pub async fn fetch_with_retries(
         &self,
         url: &str,
         dir: &Path,
         stem: &str,
+        owner: Option<&str>,
         policy: &RetryPolicy,
     ) -> Result<Fetched, DownloadError> {
         crate::retry::retry(
             policy,
             DownloadError::verdict,
             |err, wait| tracing::debug!(%err, ?wait, "download failed; retrying"),
-            || self.fetch(url, dir, stem),
+            || self.fetch_for(url, dir, stem, owner),
         )
         .await
     }
 
+    /// One attempt to download `url` to `<dir>/<stem>.<ext>`, for no job in particular.
+    pub async fn fetch(&self, url: &str, dir: &Path, stem: &str) -> Result<Fetched, DownloadError> {
+        self.fetch_for(url, dir, stem, None).await
+    }
+
     /// One attempt to download `url` to `<dir>/<stem>.<ext>`. `stem` may contain one `/` (a job
     /// with several results gets a folder); the caller guarantees it is a safe relative path.
-    pub async fn fetch(&self, url: &str, dir: &Path, stem: &str) -> Result<Fetched, DownloadError> {
+    ///
+    /// A file already at that place is never replaced unless it is this result again (the same
+    /// bytes) or an earlier download for the same Krea job `owner` (its sidecar says so): a
+    /// paid result, or a file krea-batch did not write, stays as it is, and this one is saved
+    /// as `<stem>-2.<ext>` (or the next free number) with a warning.
+    pub async fn fetch_for(
+        &self,
+        url: &str,
+        dir: &Path,
+        stem: &str,
+        owner: Option<&str>,
+    ) -> Result<Fetched, DownloadError> {
         let shown = shown_url(url);
         let url = shown.as_str();
         let parsed = self
@@ -344,20 +362,16 @@ impl Downloader {
         if let Some(expected) = expected.filter(|expected| *expected != got) {
             return Err(DownloadError::Truncated { url: url.to_owned(), expected, got });
         }
-        if let Some((mut writer, temp_path)) = streaming {
-            writer.flush().await.map_err(disk_error(&temp_path))?;
-            writer.into_inner().sync_all().await.map_err(disk_error(&temp_path))?;
-            persist(temp_path, &final_path)?;
-        } else {
-            let place = final_path.clone();
-            tokio::task::spawn_blocking(move || write_whole(&folder, &buffer, &place))
-                .await
-                .map_err(|err| DownloadError::Disk {
-                    path: final_path.clone(),
-                    source: std::io::Error::other(err.to_string()),
-                })??;
-        }
-        Ok(Fetched { relative_path, bytes: got, sha256: hex(&hasher.finalize()), content_type })
+        let sha256 = hex(&hasher.finalize());
+        let body = match streaming {
+            Some((writer, temp_path)) => Body::Streamed(writer, temp_path),
+            None => Body::InMemory(buffer),
+        };
+        let placed = body.put_in_place(folder, final_path, &sha256, owner).await?;
+        let relative_path = placed
+            .strip_prefix(dir)
+            .map_or(relative_path, |path| path.to_string_lossy().into_owned());
+        Ok(Fetched { relative_path, bytes: got, sha256, content_type })
     }
 }
 
@@ -467,20 +481,135 @@ fn new_partial(folder: &Path) -> Result<tempfile::NamedTempFile, DownloadError> 
         .map_err(disk_error(folder))
 }
 
-/// Writes `bytes` to a temporary file in `folder`, syncs it and renames it to `place`.
-fn write_whole(folder: &Path, bytes: &[u8], place: &Path) -> Result<(), DownloadError> {
+/// A downloaded body on its way to its place.
+enum Body {
+    /// Small: still in memory.
+    InMemory(Vec<u8>),
+    /// Large: written to a temporary file as it came.
+    Streamed(tokio::io::BufWriter<tokio::fs::File>, tempfile::TempPath),
+}
+
+impl Body {
+    /// Syncs the body to disk and moves it to `final_path` (or another name, see [`place`]);
+    /// returns where it is.
+    async fn put_in_place(
+        self,
+        folder: PathBuf,
+        final_path: PathBuf,
+        sha256: &str,
+        owner: Option<&str>,
+    ) -> Result<PathBuf, DownloadError> {
+        let (sha256, owner) = (sha256.to_owned(), owner.map(str::to_owned));
+        let shown = final_path.clone();
+        let placed = match self {
+            Self::Streamed(mut writer, temp_path) => {
+                writer.flush().await.map_err(disk_error(&temp_path))?;
+                writer.into_inner().sync_all().await.map_err(disk_error(&temp_path))?;
+                tokio::task::spawn_blocking(move || {
+                    place(temp_path, &final_path, &sha256, owner.as_deref())
+                })
+                .await
+            }
+            Self::InMemory(buffer) => {
+                tokio::task::spawn_blocking(move || {
+                    let temp = write_whole(&folder, &buffer)?;
+                    place(temp, &final_path, &sha256, owner.as_deref())
+                })
+                .await
+            }
+        };
+        placed.map_err(|err| DownloadError::Disk {
+            path: shown,
+            source: std::io::Error::other(err.to_string()),
+        })?
+    }
+}
+
+/// Writes `bytes` to a temporary file in `folder` and syncs it.
+fn write_whole(folder: &Path, bytes: &[u8]) -> Result<tempfile::TempPath, DownloadError> {
     use std::io::Write as _;
     let mut temp = new_partial(folder)?;
     temp.write_all(bytes).map_err(disk_error(temp.path()))?;
     temp.as_file().sync_all().map_err(disk_error(temp.path()))?;
-    persist(temp.into_temp_path(), place)
+    Ok(temp.into_temp_path())
 }
 
-/// Renames a synced temporary file into place. rename(2) replaces whatever is at `place`, a
-/// planted symlink included, without following it.
-fn persist(temp: tempfile::TempPath, place: &Path) -> Result<(), DownloadError> {
-    temp.persist(place)
-        .map_err(|err| DownloadError::Disk { path: place.to_owned(), source: err.error })
+/// How many other names a result tries when its place is taken.
+const MAX_OTHER_NAMES: u32 = 100;
+
+/// Moves a synced temporary file to `wanted`, or to `<stem>-N.<ext>` when `wanted` holds a
+/// file that is neither this result (same SHA-256: then that file stays and is the result)
+/// nor an earlier download for the Krea job `owner`. Returns where the result now is. The move
+/// never replaces anything else (link and unlink, refusing an existing name), and never
+/// follows a link.
+fn place(
+    temp: tempfile::TempPath,
+    wanted: &Path,
+    sha256: &str,
+    owner: Option<&str>,
+) -> Result<PathBuf, DownloadError> {
+    let mut temp = temp;
+    let mut candidate = wanted.to_owned();
+    for number in 2..=MAX_OTHER_NAMES + 1 {
+        let taken = match temp.persist_noclobber(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(err) if err.error.kind() == std::io::ErrorKind::AlreadyExists => err.path,
+            Err(err) => return Err(disk_error(&candidate)(err.error)),
+        };
+        if is_same_file_content(&candidate, sha256) {
+            return Ok(candidate);
+        }
+        if owner.is_some() && sidecar_job_id(&candidate).as_deref() == owner {
+            // Our own earlier download of this job: a rename replaces it whole.
+            taken.persist(&candidate).map_err(|err| disk_error(&candidate)(err.error))?;
+            return Ok(candidate);
+        }
+        temp = taken;
+        if number == 2 {
+            tracing::warn!(
+                file = %candidate.display(),
+                "a file krea-batch did not download for this job is already there; it is left                  as it is and the result is saved under another name"
+            );
+        }
+        candidate = numbered(wanted, number);
+    }
+    Err(disk_error(wanted)(std::io::Error::other(format!(
+        "{MAX_OTHER_NAMES} other names are taken too"
+    ))))
+}
+
+/// `<stem>-<number>.<ext>` beside `path`.
+fn numbered(path: &Path, number: u32) -> PathBuf {
+    let stem = path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{number}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{number}"),
+    };
+    path.with_file_name(name)
+}
+
+/// Whether `path` is a regular file (not a link) whose SHA-256 is `sha256`.
+fn is_same_file_content(path: &Path, sha256: &str) -> bool {
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_file());
+    regular
+        && std::fs::File::open(path)
+            .and_then(|mut file| {
+                let mut hasher = Sha256::new();
+                std::io::copy(&mut file, &mut hasher)?;
+                Ok(hex(&hasher.finalize()))
+            })
+            .is_ok_and(|found| found == sha256)
+}
+
+/// The Krea job id the sidecar of `path` names, if it has a readable one (not a link).
+fn sidecar_job_id(path: &Path) -> Option<String> {
+    let sidecar = PathBuf::from(format!("{}.json", path.display()));
+    let meta = std::fs::symlink_metadata(&sidecar).ok()?;
+    if !meta.file_type().is_file() || meta.len() > 1 << 20 {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).ok()?).ok()?;
+    value.get("job_id")?.as_str().map(str::to_owned)
 }
 
 fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {

@@ -136,7 +136,9 @@ impl DownloadTask {
             // One result: `<name>.<ext>`; several: a folder, `<name>/<i>.<ext>`.
             let stem =
                 if several { format!("{}/{}", job.name, index + 1) } else { job.name.clone() };
-            let fetch = self.downloader.fetch_with_retries(url, &self.dir, &stem, &self.policy);
+            let owner = job.remote_id.as_deref().or(job.reused_from.as_deref());
+            let fetch =
+                self.downloader.fetch_with_retries(url, &self.dir, &stem, owner, &self.policy);
             let fetched = tokio::select! {
                 biased;
                 reason = &mut stop => return (written, Some(format!("stopped: {reason}"))),

@@ -209,3 +209,26 @@ fn a_folder_krea_batch_did_not_make_is_not_written_into() {
     work.run(&sim, &[]).expect_code(0);
     assert_eq!(sim.stats().jobs_created, 1);
 }
+
+#[test]
+fn a_file_in_a_results_place_is_never_replaced_the_result_gets_another_name() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs("  - {name: first, prompt: a first image}\n");
+    work.run(&sim, &[]).expect_code(0);
+    // A file krea-batch did not download for the job lies where its result would go.
+    std::fs::write(work.out().join("hero.png"), b"mine").expect("their file");
+    work.set_jobs("  - {name: first, prompt: a first image}\n  - {name: hero, prompt: a hero}\n");
+    let run = work.run(&sim, &[]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("saved under another name"), "warned: {}", run.stderr);
+    assert_eq!(std::fs::read(work.out().join("hero.png")).expect("kept"), b"mine");
+    let manifest = work.manifest();
+    let hero = manifest.iter().find(|line| line["name"] == "hero").expect("listed");
+    assert_eq!(hero["files"], serde_json::json!(["hero-2.png"]), "{hero}");
+    assert!(work.out().join("hero-2.png.json").is_file());
+    // The rerun finds the result where it was saved and fetches nothing again.
+    let again = results(&work.out());
+    work.run(&sim, &[]).expect_code(0);
+    assert_eq!(results(&work.out()), again);
+    assert_eq!(sim.stats().jobs_created, 2);
+}

@@ -122,9 +122,14 @@ fn planted_symlinks_are_not_followed_and_state_files_are_private() {
         b"precious",
         "the link was not followed"
     );
-    for name in ["fox.png", "owl.png.json"] {
+    // A result never replaces a file krea-batch did not write: the link stays, and the
+    // result is saved beside it under another name. A sidecar (derived data) replaces the link
+    // planted in its place, without following it.
+    let link = std::fs::symlink_metadata(work.out().join("fox.png")).expect("still there");
+    assert!(link.file_type().is_symlink(), "the planted fox.png was left as it is");
+    for name in ["fox-2.png", "fox-2.png.json", "owl.png", "owl.png.json"] {
         let meta = std::fs::symlink_metadata(work.out().join(name)).expect("written");
-        assert!(meta.file_type().is_file(), "{name} is a regular file now");
+        assert!(meta.file_type().is_file(), "{name} is a regular file");
     }
     for file in files_under(&work.out()) {
         let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
