@@ -9,7 +9,10 @@
 //!   download client (`download.rs`) never carries an `Authorization` header;
 //! - only `https` URLs, or `http` on loopback (tests, the simulation): [`check_url`];
 //! - response bodies are read up to a cap, never buffered whole;
-//! - every message taken from a response has the key redacted before it can reach a log.
+//! - every text taken from a response (the JSON body, whatever its shape, error bodies, and the
+//!   headers read) has the key redacted in [`KreaClient::call`], the one place where server
+//!   text enters, before any of it reaches a job, a log, the state or a file;
+//! - a `user:password@` in a URL (the API base, result URLs) is removed, never stored or logged.
 
 use crate::key::ApiKey;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -35,22 +38,62 @@ pub fn check_url(url: &Url) -> Result<(), String> {
         "https" => Ok(()),
         "http" if is_loopback(url) => Ok(()),
         "http" => Err(format!(
-            "{url} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)"
+            "{} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)",
+            display_url(url)
         )),
-        other => Err(format!("{url} uses the scheme {other}; only https is allowed")),
+        other => {
+            // Not quoted: without a host, a URL of another scheme keeps any password in its path.
+            Err(format!("the URL uses the scheme {other}; only https is allowed"))
+        }
     }
 }
 
-fn is_loopback(url: &Url) -> bool {
+/// Whether `url`'s host is a loopback address or `localhost`.
+#[must_use]
+pub fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// `url` without its `user:password@`, for messages: a password never reaches a log.
+#[must_use]
+pub fn display_url(url: &Url) -> String {
+    let mut clean = url.clone();
+    strip_userinfo(&mut clean);
+    printable(clean.as_str(), 300)
+}
+
+/// Removes `user:password@` from `url`; true if there was one.
+pub fn strip_userinfo(url: &mut Url) -> bool {
+    let had = !url.username().is_empty() || url.password().is_some();
+    if had {
+        // Both fail only for URLs that cannot have a user (no host), which have none.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    had
+}
+
 /// Parses and checks an API base URL (from the job file, `--api-base` or `KREA_API_BASE`).
+/// A `user:password@` in it is removed (with a warning), so it is never stored or logged.
 pub fn parse_base_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text.trim()).map_err(|err| format!("{text:?} is not a URL: {err}"))?;
+    let mut url = Url::parse(text.trim()).map_err(|err| {
+        // Quoted only without an '@': it might carry a password.
+        if text.contains('@') {
+            format!("the API base URL is not a URL: {err}")
+        } else {
+            format!("{text:?} is not a URL: {err}")
+        }
+    })?;
+    if strip_userinfo(&mut url) {
+        tracing::warn!(
+            base = %url,
+            "the API base URL carried a user name or password; removed (Krea authenticates with \
+             the API key only, and a password in a URL would end up in logs and the state file)"
+        );
+    }
     check_url(&url)?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("the API base URL {url} must not have a query or fragment"));
@@ -160,8 +203,8 @@ impl RemoteJob {
         let job_id = ["job_id", "id"]
             .iter()
             .find_map(|field| object.get(*field).and_then(Value::as_str))
-            .filter(|id| !id.is_empty() && id.len() <= 200)
-            .ok_or("the job has no job_id")?
+            .filter(|id| usable_job_id(id))
+            .ok_or("the job has no usable job_id (present, at most 200 bytes, not . or ..)")?
             .to_owned();
         let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
         let result = object.get("result").filter(|r| r.is_object());
@@ -190,12 +233,30 @@ impl RemoteJob {
     }
 }
 
-/// `["u", {"url": "u"}]` or a single `"u"` into a list of strings.
+/// Whether a job id from Krea can name the job: present, at most 200 bytes, and not `.` or `..`
+/// (which no percent-encoding keeps from meaning "this folder" or "the one above" in a URL).
+fn usable_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !matches!(id, "." | "..")
+}
+
+/// `["u", {"url": "u"}]` or a single `"u"` into a list of strings, each without a
+/// `user:password@` (removed, with a warning: it must never be stored or logged).
 fn collect_urls(value: &Value) -> Vec<String> {
-    let one = |item: &Value| match item {
-        Value::String(url) => Some(url.clone()),
-        Value::Object(object) => object.get("url").and_then(Value::as_str).map(str::to_owned),
-        _ => None,
+    let one = |item: &Value| {
+        let text = match item {
+            Value::String(url) => Some(url.as_str()),
+            Value::Object(object) => object.get("url").and_then(Value::as_str),
+            _ => None,
+        }?;
+        let Ok(mut url) = Url::parse(text) else { return Some(text.to_owned()) };
+        if !strip_userinfo(&mut url) {
+            return Some(text.to_owned());
+        }
+        tracing::warn!(
+            url = %url,
+            "a result URL carried a user name or password; removed (it is never stored or logged)"
+        );
+        Some(url.to_string())
     };
     match value {
         Value::Array(items) => items.iter().filter_map(one).collect(),
@@ -225,8 +286,21 @@ fn error_text(value: &Value) -> Option<String> {
 pub struct JobPage {
     /// The jobs, newest first.
     pub items: Vec<RemoteJob>,
+    /// Items that could not be read as jobs (skipped, not fatal: one bad item must not stop
+    /// reconciliation).
+    pub unreadable: Vec<UnreadableItem>,
     /// The cursor of the next page (`next_cursor`, or `nextCursor` as the docs page spells it).
     pub next_cursor: Option<String>,
+}
+
+/// An item of `GET /jobs` that is not a usable job (no id, an id over 200 characters, not an
+/// object), with what could still be read of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableItem {
+    /// Its `created_at`, if that much could be read.
+    pub created_at: Option<String>,
+    /// Why it could not be read.
+    pub reason: String,
 }
 
 /// What went wrong with a request, classified by what the runner must do about it.
@@ -406,16 +480,35 @@ impl KreaClient {
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
+    /// `<base>/jobs/<id>`, the id percent-encoded as one path segment (ids come from the
+    /// network): distinct ids give distinct URLs, and none can leave `/jobs/`.
+    fn job_url(&self, job_id: &str) -> Result<Url, ApiError> {
+        if !usable_job_id(job_id) {
+            return Err(ApiError::Malformed(format!(
+                "the job id {:?} cannot be used in a URL",
+                printable(job_id, 60)
+            )));
+        }
+        let mut url = self.endpoint("jobs")?;
+        url.path_segments_mut()
+            .map_err(|()| ApiError::Rejected {
+                status: 0,
+                message: format!("the API base URL {} cannot take a path", self.base),
+            })?
+            .push(job_id);
+        Ok(url)
+    }
+
     /// `GET /jobs/{id}`.
     pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
         RemoteJob::from_json(&json).map_err(ApiError::Malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
     pub async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
-        let url = self.endpoint(&format!("jobs/{}", path_segment(job_id)))?;
+        let url = self.job_url(job_id)?;
         self.call(Method::DELETE, url, None, None).await.map(drop)
     }
 
@@ -427,19 +520,29 @@ impl KreaClient {
             url.query_pairs_mut().append_pair("cursor", cursor);
         }
         let json = self.call(Method::GET, url, None, None).await?;
-        let items = json
+        let listed = json
             .get("items")
             .and_then(Value::as_array)
-            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?
-            .iter()
-            .map(RemoteJob::from_json)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::Malformed)?;
+            .ok_or_else(|| ApiError::Malformed("the job list has no items".into()))?;
+        let mut items = Vec::with_capacity(listed.len());
+        let mut unreadable = Vec::new();
+        for item in listed {
+            match RemoteJob::from_json(item) {
+                Ok(job) => items.push(job),
+                Err(reason) => unreadable.push(UnreadableItem {
+                    created_at: item
+                        .get("created_at")
+                        .and_then(Value::as_str)
+                        .map(|text| printable(text, 64)),
+                    reason: printable(&format!("{reason}: {item}"), 200),
+                }),
+            }
+        }
         let next_cursor = ["next_cursor", "nextCursor"]
             .iter()
             .find_map(|field| json.get(*field).and_then(Value::as_str))
             .map(str::to_owned);
-        Ok(JobPage { items, next_cursor })
+        Ok(JobPage { items, unreadable, next_cursor })
     }
 
     /// Sends one request and reads its JSON answer (up to [`MAX_JSON_BYTES`]).
@@ -471,10 +574,16 @@ impl KreaClient {
             if bytes.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_slice(&bytes)
-                .map_err(|err| ApiError::Malformed(format!("{err} in an answer of {status}")));
+            let mut json: Value = serde_json::from_slice(&bytes)
+                .map_err(|err| ApiError::Malformed(format!("{err} in an answer of {status}")))?;
+            // Every string of the answer, before anything reads it: nothing downstream (job
+            // errors, statuses, times, result URLs) can then carry the key.
+            self.key.redact_json(&mut json);
+            return Ok(json);
         }
-        let message = self.redact(&error_message(&bytes, status));
+        let bytes = self.redact_body(&bytes);
+        // Redacted before it is cut short: a cut could leave half a key behind.
+        let message = printable(&self.redact(&error_message(&bytes, status)), 1000);
         Err(self.classify(status, message, &bytes, retry_after))
     }
 
@@ -520,10 +629,20 @@ impl KreaClient {
         }
     }
 
+    /// An error body with the key removed, before anything reads it: a JSON body string by
+    /// string (its escapes decoded first), any other body as text.
+    fn redact_body(&self, bytes: &[u8]) -> Vec<u8> {
+        if let Ok(mut json) = serde_json::from_slice::<Value>(bytes) {
+            self.key.redact_json(&mut json);
+            return serde_json::to_vec(&json).unwrap_or_default();
+        }
+        self.redact(&String::from_utf8_lossy(bytes)).into_bytes()
+    }
+
     /// Removes the key from text that came from the network: a hostile or buggy server could
     /// echo the `Authorization` header back in an error message.
     fn redact(&self, text: &str) -> String {
-        text.replace(self.key.expose(), "<redacted>")
+        self.key.redact(text).into_owned()
     }
 
     fn warn_if_deprecated(&self, model: &str, headers: &HeaderMap) {
@@ -533,8 +652,10 @@ impl KreaClient {
         let first_time =
             self.deprecation_warned.lock().is_ok_and(|mut warned| warned.insert(model.to_owned()));
         if first_time {
+            // Header values are server text too: redacted and kept printable and short.
             let header = |name: &str| {
-                headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned()
+                let value = headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                printable(&self.redact(value), 300)
             };
             tracing::warn!(
                 model,
@@ -545,21 +666,6 @@ impl KreaClient {
             );
         }
     }
-}
-
-/// Escapes a job id for use as one path segment (ids come from the network).
-fn path_segment(id: &str) -> String {
-    id.chars()
-        .map(
-            |c| {
-                if c.is_ascii_alphanumeric() || "-_".contains(c) {
-                    c.to_string()
-                } else {
-                    "_".into()
-                }
-            },
-        )
-        .collect()
 }
 
 /// `reqwest::Error` and its sources in one line ("error sending request: connection reset").
@@ -600,16 +706,22 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec
     }
 }
 
-/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text.
+/// Krea's error message from a body: `{error}`, `{message}`, `{error: {message}}`, or the text,
+/// followed by its `details` (each with its path) when it has any; control characters
+/// replaced, not yet redacted nor shortened.
 fn error_message(body: &[u8], status: StatusCode) -> String {
     let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|json| {
         let error = json.get("error").and_then(error_text);
         let message = json.get("message").and_then(Value::as_str).map(str::to_owned);
-        match (error, message) {
+        let text = match (error, message) {
             // 410 puts a code in `error` and the sentence in `message`.
             (Some(code), Some(message)) if code != message => Some(format!("{message} ({code})")),
             (Some(text), _) | (None, Some(text)) => Some(text),
             (None, None) => None,
+        };
+        match (text, details_text(&json)) {
+            (Some(text), Some(details)) => Some(format!("{text}: {details}")),
+            (text, details) => text.or(details),
         }
     });
     let text = from_json.unwrap_or_else(|| {
@@ -621,7 +733,74 @@ fn error_message(body: &[u8], status: StatusCode) -> String {
             text.to_owned()
         }
     });
-    printable(&text, 500)
+    printable(&text, usize::MAX)
+}
+
+/// The `details` of an error answer, each with its path: `prompt: too long; width: above 2368`.
+/// Read leniently, as Krea documents no shape: a list of `{path|field|loc|param, message|msg}`
+/// objects or of strings, an object of field → message, under `details`, `errors` or
+/// `error.details`; a path may be a list of segments (`["styles", 0, "strength"]`).
+fn details_text(json: &Value) -> Option<String> {
+    let details = json
+        .get("details")
+        .or_else(|| json.get("errors"))
+        .or_else(|| json.get("error").and_then(|error| error.get("details")))?;
+    let one = |item: &Value| -> Option<String> {
+        match item {
+            Value::String(text) => Some(text.clone()),
+            Value::Object(object) => {
+                let path = ["path", "field", "loc", "param", "name"]
+                    .iter()
+                    .find_map(|key| object.get(*key))
+                    .map(path_text);
+                let message = ["message", "msg", "detail", "error", "reason"]
+                    .iter()
+                    .find_map(|key| object.get(*key).and_then(Value::as_str));
+                match (path, message) {
+                    (Some(path), Some(message)) => Some(format!("{path}: {message}")),
+                    (None, Some(message)) => Some(message.to_owned()),
+                    (Some(path), None) => Some(path),
+                    (None, None) => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    let parts: Vec<String> = match details {
+        Value::Array(items) => items.iter().filter_map(one).collect(),
+        Value::Object(fields) => fields
+            .iter()
+            .filter_map(|(path, value)| one(value).map(|message| format!("{path}: {message}")))
+            .collect(),
+        other => one(other).into_iter().collect(),
+    };
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// A detail's path as text: `styles[0].strength` from a list of segments, or the string itself.
+fn path_text(path: &Value) -> String {
+    match path {
+        Value::String(text) => text.clone(),
+        Value::Array(segments) => {
+            let mut text = String::new();
+            for segment in segments {
+                match segment {
+                    Value::Number(index) => {
+                        let _ = write!(text, "[{index}]");
+                    }
+                    Value::String(name) if text.is_empty() => text.push_str(name),
+                    Value::String(name) => {
+                        let _ = write!(text, ".{name}");
+                    }
+                    other => {
+                        let _ = write!(text, ".{other}");
+                    }
+                }
+            }
+            text
+        }
+        other => other.to_string(),
+    }
 }
 
 /// At most `limit` characters, control characters replaced: server text goes into log lines.
@@ -731,6 +910,30 @@ mod tests {
             "retired (model_unavailable)"
         );
         assert_eq!(error_message(b"", StatusCode::BAD_GATEWAY), "Bad Gateway");
+        assert_eq!(
+            error_message(
+                br#"{"error": "Invalid body", "details": [{"path": "prompt", "message": "too long"},
+                    {"path": ["styles", 0, "strength"], "message": "above 2"}]}"#,
+                ok
+            ),
+            "Invalid body: prompt: too long; styles[0].strength: above 2"
+        );
+        assert_eq!(
+            error_message(br#"{"errors": [{"loc": ["width"], "msg": "too big"}, "and more"]}"#, ok),
+            "width: too big; and more"
+        );
+        assert_eq!(
+            error_message(
+                br#"{"error": {"message": "bad", "details": {"steps": "at most 100"}}}"#,
+                ok
+            ),
+            "bad: steps: at most 100"
+        );
+        assert_eq!(
+            error_message(br#"{"error": "bad", "details": 7}"#, ok),
+            "bad",
+            "a shape not understood leaves the message alone"
+        );
         assert_eq!(error_message(b"<html>\n</html>", ok), "<html> </html>");
     }
 
@@ -783,13 +986,61 @@ mod tests {
         let client = KreaClient::new(&settings, key).expect("client");
         assert_eq!(
             client.redact("invalid token Bearer sk-echoed-back"),
-            "invalid token Bearer <redacted>"
+            "invalid token Bearer [redacted]"
         );
         assert!(!format!("{client:?}").contains("sk-echoed-back"));
     }
 
+    fn client_for(base: &str) -> KreaClient {
+        let settings = ClientSettings {
+            base_url: Url::parse(base).expect("url"),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        KreaClient::new(&settings, ApiKey::new("sk-test").expect("key")).expect("client")
+    }
+
     #[test]
-    fn path_segments_cannot_escape() {
-        assert_eq!(path_segment("../../admin?x=1"), "______admin_x_1");
+    fn job_ids_are_percent_encoded_not_sanitised() {
+        let client = client_for("https://api.krea.ai");
+        let url = |id: &str| client.job_url(id).expect("url").to_string();
+        let urls: HashSet<String> = ["a/b", "a.b", "a_b"].iter().map(|id| url(id)).collect();
+        assert_eq!(urls.len(), 3, "three ids, three URLs: {urls:?}");
+        assert_eq!(url("a/b"), "https://api.krea.ai/jobs/a%2Fb");
+        assert_eq!(url("a.b"), "https://api.krea.ai/jobs/a.b");
+        assert!(client.job_url("..").is_err() && client.job_url(".").is_err());
+        assert!(RemoteJob::from_json(&serde_json::json!({"job_id": ".."})).is_err());
+        for hostile in ["../../admin?x=1", "x#y", "%2e%2e", "a/../b"] {
+            let parsed = client.job_url(hostile).expect("url");
+            let segments: Vec<&str> = parsed.path_segments().expect("segments").collect();
+            assert_eq!(segments.len(), 2, "{hostile} stays one segment: {parsed}");
+            assert_eq!(segments[0], "jobs", "{hostile}: {parsed}");
+            assert!(!matches!(segments[1], "." | ".."), "{hostile}: {parsed}");
+            assert!(parsed.query().is_none() && parsed.fragment().is_none(), "{parsed}");
+        }
+        // A proxy's path prefix is kept.
+        let proxied = client_for("https://proxy.example/krea/");
+        assert_eq!(
+            proxied.job_url("j1").expect("url").as_str(),
+            "https://proxy.example/krea/jobs/j1"
+        );
+    }
+
+    #[test]
+    fn user_and_password_in_urls_are_never_kept() {
+        let base = parse_base_url("https://me:hunter2@api.krea.ai").expect("accepted");
+        assert_eq!(base.as_str(), "https://api.krea.ai/");
+        let err = parse_base_url("http://me:hunter2@10.0.0.1").expect_err("plain http");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse_base_url("htp:/me:hunter2@[bad").expect_err("not a URL");
+        assert!(!err.contains("hunter2"), "{err}");
+        let job = RemoteJob::from_json(&json!({
+            "job_id": "j", "status": "completed",
+            "result": {"urls": ["https://u:hunter2@gen.krea.ai/a.png", {"url": "https://gen.krea.ai/b.png"}]}
+        }))
+        .expect("parses");
+        assert_eq!(job.urls, ["https://gen.krea.ai/a.png", "https://gen.krea.ai/b.png"]);
+        let url = Url::parse("https://u:hunter2@h.example/x").expect("url");
+        assert_eq!(display_url(&url), "https://h.example/x");
     }
 }

@@ -6,20 +6,21 @@
 //! in one state file.
 
 use crate::api::{self, ClientSettings, KreaClient};
-use crate::download::{Downloader, ensure_real_dir, remove_partials};
+use crate::download::{DownloadSettings, Downloader, ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;
-use crate::openapi::{CACHE_FILE, SchemaReport, Source, obtain};
+use crate::openapi::{SchemaReport, Source, obtain};
+use crate::output::{self, Marker, OutputError};
 use crate::pace::PollSchedule;
 use crate::pricing::{Estimate, PriceTable, usd};
-use crate::report::{Counts, EngineStatus, Summary, rewrite_manifest};
+use crate::report::{Counts, EngineStatus, MANIFEST, Summary, rewrite_manifest};
 use crate::retry::RetryPolicy;
 use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
 use crate::store::{Change, JobRecord, Store, StoreWriter};
 use anyhow::Context as _;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,7 +56,8 @@ pub struct SchemaChoice {
     pub skip: bool,
 }
 
-/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached beside `state`).
+/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached per user, or
+/// beside `state` when the user has no cache folder: [`crate::openapi::cache_path`]).
 pub async fn schema_report(
     file: &JobFile,
     base: &reqwest::Url,
@@ -66,7 +68,7 @@ pub async fn schema_report(
         Some(path) => Source::File(path.clone()),
         None => Source::Api {
             base: base.clone(),
-            cache: state.parent().unwrap_or_else(|| Path::new(".")).join(CACHE_FILE),
+            cache: crate::openapi::cache_path(base, state),
             offline: choice.offline,
         },
     };
@@ -117,6 +119,12 @@ pub struct RunOptions {
     /// Results go to `<output>-simulated` with their own state: a simulated run never mixes
     /// with real results.
     pub simulated: bool,
+    /// `--fresh`: new generations even for jobs this state already completed for another job
+    /// file (the job file's `reuse: false` does the same).
+    pub fresh: bool,
+    /// `--force`: write into an output folder that holds files krea-batch did not write (it
+    /// still never replaces them).
+    pub force: bool,
     /// Stop requests from the outside (signals).
     pub controls: Controls,
     /// Live counts for a progress display.
@@ -130,6 +138,16 @@ pub struct Places {
     pub output_dir: PathBuf,
     /// The state file.
     pub state: PathBuf,
+}
+
+impl Places {
+    /// Whether the state file lives in the output folder itself (the default), where it can
+    /// belong to no other folder.
+    #[must_use]
+    pub fn state_in_folder(&self) -> bool {
+        let parent = self.state.parent().and_then(|parent| std::fs::canonicalize(parent).ok());
+        parent.is_some() && parent == std::fs::canonicalize(&self.output_dir).ok()
+    }
 }
 
 /// The output directory and state file of `file`, honouring `--state` and `--simulate`.
@@ -160,6 +178,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         },
         job_timeout: limits.job_timeout,
         download_concurrency: limits.download_concurrency as usize,
+        download_grace: limits.download_grace,
         retry: RetryPolicy::transient(limits.retry_backoff),
         rate_limit_backoff: limits.retry_backoff,
         request_timeout: limits.request_timeout,
@@ -255,9 +274,9 @@ pub struct RunResult {
 
 /// `krea-batch run`: imports the job file into the state, runs every job to its end (or to a
 /// stop), rewrites the manifest and summarises.
-pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult> {
+pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunResult> {
     let started = Instant::now();
-    let base = base_url(&file, options.api_base.as_deref())?;
+    let mut base = base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError(format!("output directory: {err}")))?;
@@ -271,29 +290,20 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
         }
         err => anyhow::Error::new(err),
     })?;
+    // After the state's own lock, so that a second run on the same state says that; this one
+    // keeps a run with another state file out of the same folder.
+    let _output_lock = match options.mode {
+        Mode::Run => Some(output::lock(&places.output_dir).map_err(output_error)?),
+        Mode::DownloadOnly => None,
+    };
     if options.mode == Mode::Run {
         enforce_schema(&file, &base, &places.state, &options.schema).await?;
         enforce_budget(&file)?;
     }
-    let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
-    let source = source.to_string_lossy();
-    let (batch_id, key) = match options.mode {
-        Mode::Run => {
-            guard_api_base(&mut store, &base)?;
-            let key = options.key.ok_or_else(|| InputError("no API key".into()))?;
-            (import(&mut store, &file, &source, &places.output_dir)?, key)
-        }
-        Mode::DownloadOnly => {
-            let batch_id = store.batch_id(&source)?.ok_or_else(|| {
-                InputError(format!(
-                    "{} has no record of {source}: run it first",
-                    places.state.display()
-                ))
-            })?;
-            // Downloads never carry the key; the API client is built but never called.
-            (batch_id, ApiKey::new("unused-by-downloads")?)
-        }
-    };
+    let (batch_id, key) = take_batch(&mut store, &file, &places, &base, &mut options)?;
+    if options.mode == Mode::DownloadOnly {
+        base = submitted_to(&mut store, base)?;
+    }
     // The jobs are in the state now; free the parsed file before the engine loads its own copy.
     let limits = file.limits;
     let budget = file.budget;
@@ -359,6 +369,52 @@ pub async fn run(file: JobFile, options: RunOptions) -> anyhow::Result<RunResult
     Ok(RunResult { summary })
 }
 
+/// The batch of the state that this run works on, and the key to work with: for a run, the
+/// output folder's (claimed, and the job file imported into it); for downloads, the one the
+/// folder's marker names, without claiming or importing anything.
+fn take_batch(
+    store: &mut Store,
+    file: &JobFile,
+    places: &Places,
+    base: &reqwest::Url,
+    options: &mut RunOptions,
+) -> anyhow::Result<(i64, ApiKey)> {
+    let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
+    let source = source.to_string_lossy();
+    let chosen = match options.mode {
+        Mode::Run => {
+            guard_api_base(store, base)?;
+            let key = options.key.take().ok_or_else(|| InputError("no API key".into()))?;
+            let batch = claim_output(store, places, &file.source, &source, options.force)?;
+            let reuse = file.reuse && !options.fresh;
+            (import(store, file, &batch, &places.output_dir, reuse)?, key)
+        }
+        Mode::DownloadOnly => {
+            let batch = if let Some(marker) =
+                output::read_marker(&places.output_dir).map_err(output_error)?
+            {
+                Some(marker.batch)
+            } else {
+                store.legacy_batch(&source, &places.output_dir, places.state_in_folder())?
+            };
+            let batch_id = match batch {
+                Some(batch) => store.batch_id(&batch)?,
+                None => None,
+            };
+            let batch_id = batch_id.ok_or_else(|| {
+                InputError(format!(
+                    "{} has no record of the results in {}: run it first",
+                    places.state.display(),
+                    places.output_dir.display()
+                ))
+            })?;
+            // Downloads never carry the key; the API client is built but never called.
+            (batch_id, ApiKey::new("unused-by-downloads")?)
+        }
+    };
+    Ok(chosen)
+}
+
 /// The API client and the download client for `limits`.
 pub(crate) fn clients(
     base: reqwest::Url,
@@ -371,9 +427,16 @@ pub(crate) fn clients(
         request_timeout: limits.request_timeout,
     };
     let client = KreaClient::new(&settings, key).map_err(InputError)?;
-    let downloader =
-        Downloader::new(settings.connect_timeout, limits.request_timeout, limits.max_result_size)
-            .map_err(anyhow::Error::msg)?;
+    let downloader = Downloader::new(&DownloadSettings {
+        connect_timeout: settings.connect_timeout,
+        read_timeout: limits.request_timeout,
+        max_bytes: limits.max_result_size,
+        timeout: limits.download_timeout,
+        min_rate: limits.download_min_rate,
+        // Loopback and private result hosts only beside an API on loopback (the simulation).
+        internal_addresses: crate::api::is_loopback(&settings.base_url),
+    })
+    .map_err(anyhow::Error::msg)?;
     Ok((client, downloader))
 }
 
@@ -381,11 +444,16 @@ pub(crate) fn clients(
 fn import(
     store: &mut Store,
     file: &JobFile,
-    source: &str,
+    batch: &str,
     output_dir: &Path,
+    reuse: bool,
 ) -> anyhow::Result<i64> {
     let prices = PriceTable::with_overrides(file.prices.clone());
-    let report = store.import(source, output_dir, &file.jobs, &prices)?;
+    let report = store.import(batch, output_dir, &file.jobs, &prices, reuse)?;
+    if !report.reusable.is_empty() {
+        let taken = crate::reuse::take_results(store, &report.reusable, &store.output_dirs()?)?;
+        tracing::info!(taken, "jobs took results this state already paid for: not paid again");
+    }
     if report.added > 0 {
         tracing::info!(added = report.added, "new jobs in the job file");
     }
@@ -403,6 +471,160 @@ fn import(
         );
     }
     Ok(report.batch_id)
+}
+
+/// The API the state's jobs were submitted to (else `base`): the result URLs came from it, so
+/// its base decides whether they may point at loopback (the simulation) or only at public hosts.
+fn submitted_to(store: &mut Store, base: reqwest::Url) -> anyhow::Result<reqwest::Url> {
+    let recorded = store.meta(META_API_BASE)?;
+    Ok(recorded.and_then(|text| api::parse_base_url(&text).ok()).unwrap_or(base))
+}
+
+/// An output folder's refusal as the error a user acts on (exit 2), or a disk failure.
+fn output_error(err: OutputError) -> anyhow::Error {
+    if err.is_input() { InputError(err.to_string()).into() } else { err.into() }
+}
+
+/// Decides whether this run may write into its output folder, and which batch of the state
+/// the folder's results belong to (its identity, `batch:<id>`); writes the folder's marker.
+///
+/// The folder is the batch: a job file renamed, moved or copied under another name resumes the
+/// same batch when it writes into the same folder. A folder marked by another state file, or
+/// holding results this state does not know (the state was lost), or holding files krea-batch
+/// did not write (unless `force`), is refused before anything is sent.
+fn claim_output(
+    store: &mut Store,
+    places: &Places,
+    job_file: &Path,
+    legacy_source: &str,
+    force: bool,
+) -> anyhow::Result<String> {
+    let dir = &places.output_dir;
+    let state_id = store.state_id()?;
+    let state_text = places.state.display().to_string();
+    let lost = |evidence: String| {
+        output_error(OutputError::LostState {
+            dir: dir.clone(),
+            state: state_text.clone(),
+            job_file: job_file.display().to_string(),
+            evidence,
+        })
+    };
+    let (batch, foreign, rewrite) = match output::read_marker(dir).map_err(output_error)? {
+        Some(marker) if marker.state_id == state_id => {
+            let moved = marker.state_file != state_text;
+            (marker.batch, marker.foreign, moved)
+        }
+        Some(marker) => {
+            let owner = Path::new(&marker.state_file);
+            let same_file =
+                std::fs::canonicalize(owner).ok() == std::fs::canonicalize(&places.state).ok();
+            if !same_file && Store::id_of(owner).as_deref() == Some(marker.state_id.as_str()) {
+                return Err(output_error(OutputError::OwnedByOther {
+                    dir: dir.clone(),
+                    owner: marker.state_file,
+                    state: state_text,
+                }));
+            }
+            let named = if same_file {
+                "its marker names this state file, which was deleted, emptied or replaced since"
+                    .to_owned()
+            } else {
+                format!("its marker names the state file {}, which is gone", marker.state_file)
+            };
+            return Err(lost(named));
+        }
+        None => {
+            let foreign = output::foreign_entries(dir, &places.state).map_err(output_error)?;
+            if let Some(legacy) =
+                store.legacy_batch(legacy_source, dir, places.state_in_folder())?
+            {
+                // Written by a krea-batch from before the marker: adopt it under a new identity.
+                let batch = format!("batch:{}", output::random_id());
+                store.rename_batch(&legacy, &batch)?;
+                (batch, Vec::new(), true)
+            } else {
+                let none = HashSet::new();
+                let unknown = output::unknown_jobs(dir, &none, &none, 1);
+                if let Some(first) = unknown.first() {
+                    return Err(lost(format!(
+                        "job {} with Krea id {}, and no marker naming a state file",
+                        first.name,
+                        first.job_id.as_deref().unwrap_or_default()
+                    )));
+                }
+                refuse_foreign(dir, &foreign, force)?;
+                (format!("batch:{}", output::random_id()), foreign, true)
+            }
+        }
+    };
+    // The marker matches, but the state may have been rolled back (a deleted or garbled
+    // write-ahead log): results naming Krea jobs it does not know give that away.
+    let known = store.remote_ids()?;
+    let recorded: HashSet<String> = match store.batch_id(&batch)? {
+        Some(batch_id) => store
+            .jobs(Some(batch_id))?
+            .into_iter()
+            .flat_map(|job| job.files.into_iter().map(|file| file.path))
+            .collect(),
+        None if !rewrite => {
+            return Err(lost("its marker names a batch this state file does not hold".into()));
+        }
+        None => HashSet::new(),
+    };
+    let unknown = output::unknown_jobs(dir, &known, &recorded, 3);
+    if !unknown.is_empty() {
+        let listed: Vec<String> = unknown
+            .iter()
+            .map(|job| format!("{} ({})", job.name, job.job_id.as_deref().unwrap_or_default()))
+            .collect();
+        return Err(lost(format!("Krea jobs {}", listed.join(", "))));
+    }
+    if rewrite {
+        let marker = Marker::new(&state_id, &places.state, &batch, foreign);
+        output::write_marker(dir, &marker).map_err(output_error)?;
+    }
+    Ok(batch)
+}
+
+/// With files krea-batch did not write in the folder: refused without `force`; with it, still
+/// refused when one of them is a file krea-batch would have to replace (its manifest, its
+/// gallery), since a file it did not write is never replaced.
+fn refuse_foreign(dir: &Path, foreign: &[String], force: bool) -> anyhow::Result<()> {
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return Err(output_error(OutputError::Foreign {
+            dir: dir.to_owned(),
+            listed: output::listed(foreign),
+        }));
+    }
+    let own_names: Vec<String> = foreign
+        .iter()
+        .filter(|name| {
+            let html = Path::new(name).extension().is_some_and(|ext| ext == "html");
+            name.as_str() == MANIFEST || (name.starts_with("index") && html)
+        })
+        .cloned()
+        .collect();
+    if !own_names.is_empty() {
+        return Err(InputError(format!(
+            "the output folder {} holds {} that krea-batch did not write and would have to \
+             replace; even with --force it never replaces a file it did not write: move them \
+             away or choose another folder",
+            dir.display(),
+            output::listed(&own_names)
+        ))
+        .into());
+    }
+    tracing::warn!(
+        folder = %dir.display(),
+        files = %output::listed(foreign),
+        "--force: writing into a folder that holds files krea-batch did not write; they are \
+         left as they are"
+    );
+    Ok(())
 }
 
 /// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing
@@ -450,6 +672,75 @@ pub struct Plan {
     pub schema: SchemaReport,
     /// How the estimate compares with the file's `budget:`, when it has one.
     pub budget: Option<BudgetFit>,
+    /// What a run would do now, given the state file (absent before the first run).
+    pub resume: Option<Resume>,
+}
+
+/// What a run of the job file would send now, given what its state file already holds.
+#[derive(Debug, Default, Serialize)]
+pub struct Resume {
+    /// Jobs already sent or ended: not sent again.
+    pub done: usize,
+    /// Jobs that would take a result this state already paid for (`reuse:`).
+    pub reused: usize,
+    /// Jobs that would be submitted and paid for.
+    pub to_pay: usize,
+    /// Their estimated cost, USD.
+    pub to_pay_usd: f64,
+    /// Why a run would refuse to start, if it would (its output folder is not its own).
+    pub refusal: Option<String>,
+}
+
+impl Resume {
+    /// Reads the state file of `file`'s output folder, when there is one.
+    fn of(file: &JobFile) -> Option<Self> {
+        let places = places(file, None, false);
+        let store = Store::open_reader(&places.state).ok();
+        let marker = output::read_marker(&places.output_dir);
+        if store.is_none() && !matches!(marker, Ok(Some(_))) {
+            return None;
+        }
+        let mut resume = Self::default();
+        let state_id = store.as_ref().and_then(|_| Store::id_of(&places.state));
+        let batch = match marker {
+            Ok(Some(marker)) if Some(&marker.state_id) == state_id.as_ref() => Some(marker.batch),
+            Ok(Some(_)) => {
+                resume.refusal = Some(format!(
+                    "the output folder {} belongs to another or a lost state file: a run would \
+                     refuse to start (it says what to do)",
+                    places.output_dir.display()
+                ));
+                None
+            }
+            // Written by a krea-batch from before the marker: the run adopts the same batch.
+            Ok(None) => store.as_ref().and_then(|store| {
+                let source = std::fs::canonicalize(&file.source).ok()?;
+                let dir = std::fs::canonicalize(&places.output_dir).ok()?;
+                let in_folder = places.state_in_folder();
+                store.legacy_batch(&source.to_string_lossy(), &dir, in_folder).ok().flatten()
+            }),
+            Err(err) => {
+                resume.refusal = Some(err.to_string());
+                None
+            }
+        };
+        let (known, reusable) = store
+            .as_ref()
+            .and_then(|store| store.preview(batch.as_deref()).ok())
+            .unwrap_or_default();
+        let prices = PriceTable::with_overrides(file.prices.clone());
+        for job in &file.jobs {
+            if known.contains(job.key.as_str()) {
+                resume.done += 1;
+            } else if file.reuse && reusable.contains(job.key.as_str()) {
+                resume.reused += 1;
+            } else {
+                resume.to_pay += 1;
+                resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
+            }
+        }
+        Some(resume)
+    }
 }
 
 /// The estimate against a budget, as `check` prints it.
@@ -515,6 +806,7 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         api_base: base.to_string(),
         schema,
         budget: file.budget.map(|budget| BudgetFit::of(file, budget, &costs)),
+        resume: Resume::of(file),
     })
 }
 
@@ -568,6 +860,17 @@ impl std::fmt::Display for Plan {
         writeln!(f)?;
         if let Some(budget) = &self.budget {
             self.write_budget(f, budget)?;
+        }
+        if let Some(resume) = &self.resume {
+            writeln!(
+                f,
+                "a run now: {} jobs already sent or done, {} would reuse results already paid for, \
+                 {} to submit (estimated ${:.4})",
+                resume.done, resume.reused, resume.to_pay, resume.to_pay_usd
+            )?;
+            if let Some(refusal) = &resume.refusal {
+                writeln!(f, "warning: {refusal}")?;
+            }
         }
         writeln!(
             f,

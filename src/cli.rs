@@ -40,6 +40,9 @@ pub enum Command {
     Download(DownloadArgs),
     /// Validate a job file and print the plan (jobs, models, estimated cost); sends nothing.
     Check(CheckArgs),
+    /// Rebuild a lost, emptied or rolled-back state file from the output folder (manifest,
+    /// sidecars) and Krea's records; submits nothing.
+    Recover(RecoverArgs),
     /// Show the jobs of a state file by state (also while a run is going).
     Status(StatusArgs),
     /// Run as a service: take job files from an inbox, for as long as it runs (systemd).
@@ -146,6 +149,14 @@ pub struct RunArgs {
     /// Run even if the job file does not fit Krea's request schemas.
     #[arg(long)]
     pub no_validate: bool,
+    /// Write into an output folder that holds files krea-batch did not write (it still never
+    /// replaces them).
+    #[arg(long)]
+    pub force: bool,
+    /// Generate again even the jobs this state already completed for another job file (by
+    /// default their results are reused, not paid again).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Where Krea's OpenAPI document (the request schemas) comes from.
@@ -170,6 +181,22 @@ pub struct DownloadArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `krea-batch recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The job file (YAML) whose output folder to recover.
+    pub job_file: PathBuf,
+    /// The state file to rebuild (default: `.krea-batch.sqlite` in the output directory).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// API settings.
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// `krea-batch check`.

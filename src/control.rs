@@ -145,6 +145,14 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
         Selection::File(file) => {
             let path = Path::new(file);
             let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
+            // A job file run on its own: its output folder's marker names the batch (older
+            // states named it by the file's path).
+            let marker = crate::jobfile::output_dir_of(path)
+                .ok()
+                .and_then(|dir| crate::output::read_marker(&dir).ok().flatten());
+            if let Some(marker) = marker {
+                sources.push(marker.batch);
+            }
             if let Ok(canonical) = std::fs::canonicalize(path) {
                 sources.push(canonical.to_string_lossy().into_owned());
             }

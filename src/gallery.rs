@@ -211,6 +211,7 @@ mod tests {
             error: (state == JobState::Failed).then(|| "content_moderation: flagged".into()),
             price_usd: None,
             in_file: true,
+            reused_from: None,
             files,
         }
     }

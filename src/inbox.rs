@@ -526,7 +526,7 @@ fn read_unchanged(path: &Path, expected: Signature, limit: u64) -> io::Result<Op
 /// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`, runs of
 /// characters other than ASCII letters, digits, `.`, `_` and `-` replaced by one `-`, leading
 /// `.`/`-` and trailing `-` trimmed, cut to 100 bytes; `job-file` if nothing is left, `job-`
-/// before a name Windows reserves. The result always passes [`check_name`].
+/// before a name Windows or krea-batch reserves. The result always passes [`check_name`].
 #[must_use]
 pub fn batch_name(file_name: &str) -> String {
     let lower = file_name.to_ascii_lowercase();
@@ -549,7 +549,7 @@ pub fn batch_name(file_name: &str) -> String {
     if name.is_empty() {
         "job-file".to_owned()
     } else if check_name(name).is_err() {
-        format!("job-{name}") // CON, NUL, COM1…: the only names left that fail
+        format!("job-{name}") // CON, NUL, COM1…, index.html: the only names left that fail
     } else {
         name.to_owned()
     }

@@ -183,9 +183,52 @@ impl fmt::Display for JobState {
 /// The longest job name accepted; names become file names with an extension and a suffix added.
 pub const MAX_NAME_LEN: usize = 120;
 
+/// A name krea-batch keeps for its own files in an output folder.
+#[derive(Clone, Copy, Debug)]
+pub enum Reserved {
+    /// Exactly this name (ignoring case).
+    Exact(&'static str),
+    /// Any name starting with this (ignoring case).
+    Prefix(&'static str),
+    /// `<prefix><digits><suffix>`, as the gallery's later pages (`index-2.html`).
+    Numbered(&'static str, &'static str),
+}
+
+/// Names a job may not have, because krea-batch writes a file or folder of that name into the
+/// output folder (a job's results go to `<name>.<ext>`, or to a folder `<name>/` when it has
+/// several, which would clash). Each with what the file is, for the error. The one list: add
+/// a name here when krea-batch starts writing a new file beside the results.
+pub const RESERVED_NAMES: &[(Reserved, &str)] = &[
+    (Reserved::Exact("manifest.jsonl"), "the manifest"),
+    (Reserved::Exact("index.html"), "the gallery"),
+    (Reserved::Numbered("index-", ".html"), "a page of the gallery"),
+    // The state file (`.krea-batch.sqlite` and its `-wal`, `-shm`, `.lock`), the OpenAPI cache
+    // of older versions, partial downloads (`.krea-part-…`) and whatever krea-batch adds later.
+    (Reserved::Prefix(".krea"), "krea-batch's own files"),
+];
+
+/// What `name` would collide with, if it is reserved ([`RESERVED_NAMES`]).
+#[must_use]
+pub fn reserved_name(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    RESERVED_NAMES.iter().find_map(|(pattern, what)| {
+        let hit = match pattern {
+            Reserved::Exact(reserved) => lower == *reserved,
+            Reserved::Prefix(prefix) => lower.starts_with(prefix),
+            Reserved::Numbered(prefix, suffix) => {
+                lower.strip_prefix(prefix).and_then(|rest| rest.strip_suffix(suffix)).is_some_and(
+                    |digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+                )
+            }
+        };
+        hit.then_some(*what)
+    })
+}
+
 /// Checks that `name` is safe to use as a file name inside the output directory: ASCII letters,
 /// digits, `.`, `_` and `-`; not starting with `.` or `-`; at most [`MAX_NAME_LEN`] bytes; not a
-/// name Windows reserves. Returns what is wrong otherwise.
+/// name Windows reserves, nor one of krea-batch's own files ([`RESERVED_NAMES`]). Returns what
+/// is wrong otherwise.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
@@ -196,6 +239,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
         return Err(format!(
             "the name contains {bad:?}; use only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if let Some(what) = reserved_name(name) {
+        return Err(format!(
+            "{name} is the name of {what} in the output folder; give the job another name"
         ));
     }
     if name.starts_with('.') || name.starts_with('-') {
@@ -294,6 +342,28 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_name(&"x".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn names_of_krea_batchs_own_files_are_refused() {
+        for reserved in [
+            "manifest.jsonl",
+            "MANIFEST.JSONL",
+            "index.html",
+            "Index.HTML",
+            "index-2.html",
+            "index-10.html",
+        ] {
+            let why = check_name(reserved).expect_err(reserved);
+            assert!(why.contains("output folder"), "{reserved}: {why}");
+        }
+        assert!(reserved_name(".krea-batch.sqlite").is_some());
+        assert!(reserved_name(".krea-batch.sqlite-wal").is_some());
+        for fine in
+            ["manifest", "index", "index-.html", "index-2a.html", "my-index.html", "manifest.json"]
+        {
+            assert_eq!(check_name(fine), Ok(()), "{fine}");
+        }
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! The key is never in a job file. It is read from, in this order: the file named by
 //! `--api-key-file`, the `KREA_API_KEY` environment variable, or the systemd credential
 //! `$CREDENTIALS_DIRECTORY/krea-api-key` (`LoadCredential=` in a unit). [`ApiKey`] prints as
-//! `<redacted>` in `Debug` and `Display`, so no log line or error can carry it by accident.
+//! `<redacted>` in `Debug` and `Display`, so no log line or error can carry it by accident, and
+//! [`ApiKey::redact`] removes it from text that came from the network (a hostile or buggy
+//! server may quote the `Authorization` header back).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub const KEY_ENV: &str = "KREA_API_KEY";
 /// The name of the systemd credential holding the key.
 pub const CREDENTIAL_NAME: &str = "krea-api-key";
+/// What stands where server text quoted the key.
+pub const REDACTED: &str = "[redacted]";
 
 /// A Krea API token. Only [`ApiKey::expose`] reveals it, for the `Authorization` header.
 #[derive(Clone, PartialEq, Eq)]
@@ -35,6 +40,67 @@ impl ApiKey {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// `text` with the key replaced by [`REDACTED`] wherever it appears. Text that holds the key
+    /// only in percent-encoded form (a URL's query, say) is replaced whole, since its parts
+    /// cannot be told apart safely.
+    #[must_use]
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        self.redacted(text).map_or(Cow::Borrowed(text), Cow::Owned)
+    }
+
+    /// The redacted text, or `None` when `text` does not carry the key.
+    fn redacted(&self, text: &str) -> Option<String> {
+        if text.contains(&self.0) {
+            return Some(text.replace(&self.0, REDACTED));
+        }
+        (text.contains('%') && percent_decoded(text).contains(&self.0)).then(|| REDACTED.to_owned())
+    }
+
+    /// Redacts every string of a JSON value, object keys included (JSON escapes are already
+    /// decoded by then, so `\u0073k-…` cannot hide the key).
+    pub fn redact_json(&self, value: &mut serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => {
+                if let Some(clean) = self.redacted(text) {
+                    *text = clean;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| self.redact_json(item)),
+            Value::Object(object) => {
+                let tainted: Vec<String> =
+                    object.keys().filter(|key| self.redacted(key).is_some()).cloned().collect();
+                for key in tainted {
+                    if let Some(item) = object.remove(&key) {
+                        object.insert(self.redact(&key).into_owned(), item);
+                    }
+                }
+                object.values_mut().for_each(|item| self.redact_json(item));
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+}
+
+/// `%XX` sequences decoded (invalid ones kept as they are), lossily as UTF-8.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| char::from(*b).to_digit(16));
+        if bytes[index] == b'%'
+            && let (Some(high), Some(low)) = (hex(index + 1), hex(index + 2))
+        {
+            out.push(u8::try_from(high * 16 + low).unwrap_or_default());
+            index += 3;
+            continue;
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl fmt::Debug for ApiKey {
@@ -209,6 +275,22 @@ mod tests {
         assert!(warning.expect("warned").contains("chmod 600"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert!(load(Some(&path), env_of(&[])).expect("key").permission_warning.is_none());
+    }
+
+    #[test]
+    fn the_key_is_redacted_from_server_text_and_json() {
+        let key = ApiKey::new("sk-echo/1").expect("key");
+        assert_eq!(key.redact("invalid token Bearer sk-echo/1"), "invalid token Bearer [redacted]");
+        assert_eq!(key.redact("https://h/x?t=sk-echo%2F1"), REDACTED, "percent-encoded");
+        assert_eq!(key.redact("100% fine"), "100% fine");
+        let mut json = serde_json::json!({
+            "a": ["Bearer sk-echo/1", 3, {"sk-echo/1": "x"}],
+            "b": "https://h/r.png?k=sk%2Decho%2F1",
+        });
+        key.redact_json(&mut json);
+        let text = json.to_string();
+        assert!(!text.contains("sk-echo") && !text.contains("sk%2Decho"), "{text}");
+        assert_eq!(json["a"][0], "Bearer [redacted]");
     }
 
     #[test]

@@ -20,11 +20,15 @@
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
-//! | `download.rs` | streaming result files to disk atomically, with sidecars |
+//! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
+//! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
+//! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
 //! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
+//! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
+//! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
 //! | `report.rs` | progress display, the run summary, the manifest |
 //! | `gallery.rs` | `index.html`: the batch as a static page of results |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) |
@@ -40,6 +44,7 @@
 //! module that ties them together; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.
 
+pub mod address;
 pub mod api;
 pub mod batch;
 pub mod beside;
@@ -54,11 +59,14 @@ pub mod jobfile;
 pub mod key;
 pub mod metrics;
 pub mod openapi;
+pub mod output;
 pub mod pace;
 pub mod pricing;
 pub mod reconcile;
+pub mod recover;
 pub mod report;
 pub mod retry;
+pub mod reuse;
 pub mod runner;
 pub mod schema;
 pub mod sim;

@@ -8,8 +8,8 @@
 use clap::Parser as _;
 use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
 use krea_batch::cli::{
-    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, ResumeArgs, RunArgs,
-    SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
+    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
+    ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
@@ -61,9 +61,10 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 {
     let result = match cli.command {
-        Command::Run(args) => run(args, progress_bar).await,
+        Command::Run(args) => run_reporting_failure(args, progress_bar).await,
         Command::Download(args) => download(args).await,
         Command::Check(args) => check(args).await,
+        Command::Recover(args) => recover(args).await,
         Command::Status(args) => status(&args),
         Command::Daemon(args) => run_daemon(args).await,
         Command::Cancel(args) => cancel(args).await,
@@ -84,8 +85,46 @@ fn is_input_error(err: &anyhow::Error) -> bool {
     })
 }
 
-async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> anyhow::Result<u8> {
+/// `run`, and with `--json` a JSON answer on stdout even when the run stops on an error (a full
+/// disk, a read-only state file, a bad job file): `{error, exit_code, counts, …}`, the counts
+/// read from the state file when it can be read, so a script always has something to parse.
+async fn run_reporting_failure(
+    args: RunArgs,
+    progress_bar: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<u8> {
+    let json = args.json;
+    let mut state = None;
+    let result = run(args, progress_bar, &mut state).await;
+    if let (Err(err), true) = (&result, json) {
+        println!("{}", failure_json(err, state.as_deref()));
+    }
+    result
+}
+
+/// The `--json` answer of a run that stopped on `err`; `state` is the state file, once known.
+fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String {
+    let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
+    let status = state.and_then(|path| batch::status(path).ok());
+    let value = serde_json::json!({
+        "error": format!("{err:#}"),
+        "exit_code": code,
+        "stopped": "error",
+        "state_file": state.map(|path| path.display().to_string()),
+        "counts": status.as_ref().map(|status| &status.counts),
+        "spend_usd": status.as_ref().map(|status| status.spent_usd),
+        "unknown": status.as_ref().map(|status| &status.unknown),
+        "download_pending": status.as_ref().map(|status| &status.download_pending),
+    });
+    serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string())
+}
+
+async fn run(
+    args: RunArgs,
+    progress_bar: Option<indicatif::ProgressBar>,
+    state: &mut Option<std::path::PathBuf>,
+) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
+    *state = Some(batch::places(&file, args.state.as_deref(), args.simulate).state);
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
     let key = if args.simulate {
@@ -120,6 +159,8 @@ async fn run(args: RunArgs, progress_bar: Option<indicatif::ProgressBar>) -> any
         api_base,
         key: Some(key),
         simulated: args.simulate,
+        force: args.force,
+        fresh: args.fresh,
         controls,
         status: status_tx,
     };
@@ -148,6 +189,8 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         api_base: None,
         key: None,
         simulated: false,
+        force: false,
+        fresh: false,
         controls,
         status,
     };
@@ -157,6 +200,23 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     }
     eprint!("{summary}");
     Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
+
+async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
+    let file = jobfile::load(&args.job_file)?;
+    let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let options = krea_batch::recover::RecoverOptions {
+        state: args.state,
+        api_base: args.api.api_base,
+        key: loaded.key,
+        simulated: false,
+    };
+    let report = krea_batch::recover::recover(file, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    eprint!("{report}");
+    Ok(EXIT_OK)
 }
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {

@@ -1,5 +1,6 @@
-//! Krea's OpenAPI document: where to get it (`<base_url>/openapi.json`, cached beside the state
-//! file for a day; `--offline` uses the cache whatever its age; `--openapi FILE` a file), and
+//! Krea's OpenAPI document: where to get it (`<base_url>/openapi.json`, cached for a day in the
+//! user's cache folder, one file per API base, see [`cache_path`]; `--offline` uses the cache
+//! whatever its age; `--openapi FILE` a file), and
 //! each model's request schema in it, so that `check` and `run` can refuse a job file whose
 //! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking).
 //!
@@ -15,8 +16,52 @@ use std::time::{Duration, SystemTime};
 
 /// How long a cached document is used before it is fetched again.
 pub const CACHE_FOR: Duration = Duration::from_hours(24);
-/// The file name of the cache, beside the state file.
+/// The file name of the cache beside the state file, where it lives when the user has no cache
+/// folder (neither `XDG_CACHE_HOME` nor `HOME` is set), and where earlier versions kept it.
 pub const CACHE_FILE: &str = ".krea-batch.openapi.json";
+/// krea-batch's folder in the user's cache folder.
+const CACHE_DIR: &str = "krea-batch";
+
+/// The user's cache folder for krea-batch, from `env`: `$XDG_CACHE_HOME/krea-batch`, else
+/// `$HOME/.cache/krea-batch` (the XDG base-directory rules: relative values are ignored).
+#[must_use]
+pub fn user_cache_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let absolute = |name: &str| env(name).map(PathBuf::from).filter(|path| path.is_absolute());
+    absolute("XDG_CACHE_HOME")
+        .or_else(|| absolute("HOME").map(|home| home.join(".cache")))
+        .map(|cache| cache.join(CACHE_DIR))
+}
+
+/// The cache file of `base`'s document in `dir`: `openapi-<host>[-<port>]-<hash>.json`, the
+/// hash over the whole base URL, so each API (Krea, a proxy, a simulation) has its own.
+#[must_use]
+pub fn cache_file_in(dir: &Path, base: &reqwest::Url) -> PathBuf {
+    use sha2::Digest as _;
+    let normalised = base.as_str().trim_end_matches('/');
+    let hash = crate::job::hex(&sha2::Sha256::digest(normalised.as_bytes()));
+    let mut host: String = base
+        .host_str()
+        .unwrap_or("api")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
+        .take(64)
+        .collect();
+    if let Some(port) = base.port() {
+        host = format!("{host}-{port}");
+    }
+    dir.join(format!("openapi-{host}-{}.json", &hash[..16]))
+}
+
+/// Where the document of `base` is cached: in the user's cache folder ([`user_cache_dir`]),
+/// whatever the state file, so `check --offline` finds it from any folder; beside `state`
+/// only when the user has no cache folder.
+#[must_use]
+pub fn cache_path(base: &reqwest::Url, state: &Path) -> PathBuf {
+    match user_cache_dir(|name| std::env::var_os(name)) {
+        Some(dir) => cache_file_in(&dir, base),
+        None => state.parent().unwrap_or_else(|| Path::new(".")).join(CACHE_FILE),
+    }
+}
 /// The largest document read.
 const MAX_BYTES: usize = 32 << 20;
 
@@ -172,7 +217,7 @@ pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
             match fetch(base).await {
                 Ok(bytes) => {
                     let document = ApiDocument::parse(&bytes, &openapi_url(base))?;
-                    if let Err(err) = crate::download::write_atomically(cache, &bytes, false) {
+                    if let Err(err) = write_cache(cache, &bytes) {
                         tracing::debug!(%err, "cannot cache the OpenAPI document");
                     }
                     Ok(document)
@@ -192,6 +237,16 @@ pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
 
 fn openapi_url(base: &reqwest::Url) -> String {
     format!("{}/openapi.json", base.as_str().trim_end_matches('/'))
+}
+
+/// Writes the cache file, creating its folder (private to the user) if needed.
+fn write_cache(cache: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(dir) = cache.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    crate::download::write_atomically(cache, bytes, false)?;
+    Ok(())
 }
 
 /// The cache's bytes and age, if there is one.
@@ -266,6 +321,46 @@ mod tests {
     fn not_a_document_is_refused() {
         assert!(ApiDocument::parse(b"{}", "x").is_err());
         assert!(ApiDocument::parse(b"<html>", "x").is_err());
+    }
+
+    #[test]
+    fn the_cache_is_per_user_and_per_api_base() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).into())
+            }
+        };
+        let both = env(&[("XDG_CACHE_HOME", "/x/cache"), ("HOME", "/home/u")]);
+        assert_eq!(user_cache_dir(both), Some(PathBuf::from("/x/cache/krea-batch")));
+        let home = env(&[("XDG_CACHE_HOME", "relative/ignored"), ("HOME", "/home/u")]);
+        assert_eq!(user_cache_dir(home), Some(PathBuf::from("/home/u/.cache/krea-batch")));
+        assert_eq!(user_cache_dir(env(&[])), None);
+
+        let dir = Path::new("/c");
+        let url = |text: &str| reqwest::Url::parse(text).expect("url");
+        let krea = cache_file_in(dir, &url("https://api.krea.ai"));
+        assert_eq!(
+            krea,
+            cache_file_in(dir, &url("https://api.krea.ai/")),
+            "a trailing / is the same base"
+        );
+        assert!(
+            krea.to_string_lossy().starts_with("/c/openapi-api.krea.ai-"),
+            "{}",
+            krea.display()
+        );
+        let sim = cache_file_in(dir, &url("http://127.0.0.1:4567"));
+        let proxy = cache_file_in(dir, &url("https://api.krea.ai/proxy"));
+        assert!(sim.to_string_lossy().contains("127.0.0.1-4567"), "{}", sim.display());
+        assert_ne!(krea, proxy, "another path, another API");
+    }
+
+    #[tokio::test]
+    async fn the_cache_folder_is_made_when_the_document_is_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("deeper/krea-batch/openapi.json");
+        write_cache(&cache, br#"{"paths": {}}"#).expect("written");
+        assert!(read_cache(&cache).is_some());
     }
 
     #[tokio::test]

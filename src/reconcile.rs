@@ -14,6 +14,12 @@
 //!   attempt made which job cannot be told, so those attempts are reported and left `unknown`,
 //!   never guessed into a second payment.
 //!
+//! An item of the list that cannot be read (no id, an id over 200 characters, not an object) is
+//! skipped, and the run says so once. It is never adopted, but it is not ignored either: if it
+//! was created in an attempt's window (or its time cannot be read), it might be that attempt's
+//! job, so the attempt is ambiguous rather than "not created". Items outside every window, the
+//! usual case (an old job of the account), change nothing.
+//!
 //! Windows are in Krea's clock. The offset between the local clock and Krea's is bounded from
 //! earlier successful POSTs (sent at `s`, answered at `r`, created at `c`: the offset lies in
 //! `[c − r, c − s]`); without any, a wide margin ([`UNMEASURED_CLOCK_MARGIN`]) is used.
@@ -51,10 +57,28 @@ pub struct Attempt {
 /// A job at Krea that no record claims.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Candidate {
-    /// The job as listed.
-    pub job: RemoteJob,
+    /// The job as listed; `None` for an item of the list that could not be read, which is
+    /// never adopted but keeps the attempts it may belong to from counting as "not created".
+    pub job: Option<RemoteJob>,
     /// Its `created_at` in ms since the epoch, if readable.
     pub created_ms: Option<i64>,
+}
+
+impl Candidate {
+    fn label(&self) -> &str {
+        self.job.as_ref().map_or("an unreadable item", |job| job.job_id.as_str())
+    }
+}
+
+/// What one reconciliation's listing found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Listing {
+    /// Unclaimed jobs created since the earliest attempt (unreadable ones included).
+    pub candidates: Vec<Candidate>,
+    /// Items of the list that could not be read, on every page read.
+    pub unreadable: usize,
+    /// Why the first of them could not be read.
+    pub first_unreadable: Option<String>,
 }
 
 /// Bounds on (Krea's clock − the local clock), in ms.
@@ -170,14 +194,18 @@ pub fn match_attempts(
             && members.iter().zip(&found).all(|(&i, &c)| {
                 candidates[c].created_ms.is_some() && fits(windows[i], &candidates[c])
             });
-        if in_order {
-            outcomes.extend(members.iter().zip(&found).map(|(&i, &c)| Outcome::Adopt {
-                slot: attempts[i].slot,
-                job: candidates[c].job.clone(),
-            }));
+        let jobs: Option<Vec<&RemoteJob>> =
+            found.iter().map(|&c| candidates[c].job.as_ref()).collect();
+        if let (true, Some(jobs)) = (in_order, jobs) {
+            outcomes.extend(
+                members
+                    .iter()
+                    .zip(jobs)
+                    .map(|(&i, job)| Outcome::Adopt { slot: attempts[i].slot, job: job.clone() }),
+            );
             continue;
         }
-        let ids: Vec<&str> = found.iter().map(|&c| candidates[c].job.job_id.as_str()).collect();
+        let ids: Vec<&str> = found.iter().map(|&c| candidates[c].label()).collect();
         let reason = format!(
             "{} unclaimed job(s) at Krea ({}) were created around {} unanswered submission(s); \
              which belongs to which cannot be told. Check them at Krea; this job is not \
@@ -204,7 +232,8 @@ fn root(group: &mut [usize], mut index: usize) -> usize {
 }
 
 /// Lists the account's jobs created at or after `since_ms` (Krea's clock) that are not in
-/// `claimed`, newest first, paging back with the cursor.
+/// `claimed`, newest first, paging back with the cursor. Items that cannot be read are counted,
+/// and kept as candidates without a job when they may be recent.
 ///
 /// Each next cursor is the oldest `created_at` seen plus a millisecond, so jobs that share the
 /// boundary millisecond are listed again rather than skipped; repeats are dropped by id.
@@ -213,9 +242,10 @@ pub async fn list_unclaimed<S: std::hash::BuildHasher>(
     since_ms: i64,
     claimed: &HashSet<String, S>,
     policy: &RetryPolicy,
-) -> Result<Vec<Candidate>, ApiError> {
+) -> Result<Listing, ApiError> {
     let mut seen: HashSet<String> = HashSet::new();
-    let mut found = Vec::new();
+    let mut listing = Listing::default();
+    let found = &mut listing.candidates;
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let page = crate::retry::retry(
@@ -231,6 +261,18 @@ pub async fn list_unclaimed<S: std::hash::BuildHasher>(
         .await?;
         let mut oldest: Option<i64> = None;
         let mut new_items = 0;
+        for item in page.unreadable {
+            let created_ms = item.created_at.as_deref().and_then(parse_time_ms);
+            oldest = match (oldest, created_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            listing.unreadable += 1;
+            listing.first_unreadable.get_or_insert(item.reason);
+            if created_ms.is_none_or(|t| t >= since_ms) {
+                found.push(Candidate { job: None, created_ms });
+            }
+        }
         for job in page.items {
             let created_ms = job.created_at.as_deref().and_then(parse_time_ms);
             oldest = match (oldest, created_ms) {
@@ -243,7 +285,7 @@ pub async fn list_unclaimed<S: std::hash::BuildHasher>(
             new_items += 1;
             let recent = created_ms.is_none_or(|t| t >= since_ms);
             if recent && !claimed.contains(&job.job_id) {
-                found.push(Candidate { job, created_ms });
+                found.push(Candidate { job: Some(job), created_ms });
             }
         }
         let Some(server_cursor) = page.next_cursor else { break };
@@ -254,7 +296,7 @@ pub async fn list_unclaimed<S: std::hash::BuildHasher>(
         // No progress (more jobs in one millisecond than a page holds): take Krea's cursor.
         cursor = if new_items == 0 || ours == cursor { Some(server_cursor) } else { ours };
     }
-    Ok(found)
+    Ok(listing)
 }
 
 /// Milliseconds since the epoch of an RFC 3339 UTC time (`Z` or `+00:00`); `None` otherwise.
@@ -297,7 +339,7 @@ mod tests {
             urls: Vec::new(),
             error: None,
         };
-        Candidate { job, created_ms }
+        Candidate { job: Some(job), created_ms }
     }
 
     /// Krea's clock 2 s ahead, known to ±10 ms.
@@ -400,9 +442,44 @@ mod tests {
             candidate("y", Some(202_060)),
         ];
         let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
-        assert!(outcomes.contains(&Outcome::Adopt { slot: 1, job: candidate("one", None).job }));
+        let one = candidate("one", None).job.expect("readable");
+        assert!(outcomes.contains(&Outcome::Adopt { slot: 1, job: one }));
         assert!(outcomes.contains(&Outcome::NotCreated { slot: 2 }));
         assert!(outcomes.iter().any(|o| matches!(o, Outcome::Ambiguous { slot: 3, .. })));
+    }
+
+    #[test]
+    fn an_unreadable_item_outside_every_window_changes_nothing() {
+        let old = Candidate { job: None, created_ms: Some(1_000) };
+        let outcomes = match_attempts(
+            &[attempt(7, 10_000, Some(10_300)), attempt(8, 20_000, Some(20_300))],
+            &[candidate("k", Some(12_100)), old],
+            offset(),
+            TIMEOUT,
+        );
+        assert!(outcomes.contains(&Outcome::NotCreated { slot: 8 }), "{outcomes:?}");
+        assert_eq!(adopted(&outcomes), [(7, "k")]);
+    }
+
+    #[test]
+    fn an_unreadable_item_in_the_window_is_never_taken_for_nothing() {
+        // It may be the attempt's own job under an id krea-batch cannot use: sending the job
+        // again could pay twice, adopting it is impossible, so the attempt is reported.
+        for created_ms in [Some(12_100), None] {
+            let unreadable = Candidate { job: None, created_ms };
+            let outcomes = match_attempts(
+                &[attempt(1, 10_000, Some(10_300))],
+                &[unreadable],
+                offset(),
+                TIMEOUT,
+            );
+            match &outcomes[..] {
+                [Outcome::Ambiguous { slot: 1, reason }] => {
+                    assert!(reason.contains("unreadable"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

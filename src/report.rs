@@ -178,6 +178,9 @@ pub struct ManifestLine<'a> {
     pub error: Option<&'a str>,
     /// Its estimated price, if billed (completed).
     pub price_usd: Option<f64>,
+    /// The Krea job whose result it took instead of being paid again, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<&'a str>,
 }
 
 impl<'a> ManifestLine<'a> {
@@ -193,6 +196,7 @@ impl<'a> ManifestLine<'a> {
             files: job.files.iter().map(|file| file.path.as_str()).collect(),
             error: job.error.as_deref(),
             price_usd: job.price_usd.filter(|_| billed),
+            reused_from: job.reused_from.as_deref(),
         }
     }
 }
@@ -262,6 +266,8 @@ pub struct Summary {
     pub unpriced: usize,
     /// Jobs the state file holds that the job file no longer lists (not cancelled).
     pub removed_from_file: usize,
+    /// Jobs that took a result this state already paid for instead of being paid again.
+    pub reused: usize,
     /// Why submitting stopped early, if it did.
     pub stopped: Option<StopReason>,
     /// The first failures: (job name, reason).
@@ -313,6 +319,7 @@ impl Summary {
             spend_usd: spend.usd,
             unpriced: spend.unpriced,
             removed_from_file: jobs.iter().filter(|job| !job.in_file).count(),
+            reused: jobs.iter().filter(|job| job.reused_from.is_some()).count(),
             stopped,
             failures,
             output_dir: output_dir.display().to_string(),
@@ -341,6 +348,14 @@ impl std::fmt::Display for Summary {
         )?;
         for (name, reason) in &self.failures {
             writeln!(f, "  {name}: {reason}")?;
+        }
+        if self.reused > 0 {
+            writeln!(
+                f,
+                "{} jobs took results this state already paid for (same model and request), \
+                 not paid again; `reuse: false` in the job file or `run --fresh` generates anew",
+                self.reused
+            )?;
         }
         if self.removed_from_file > 0 {
             writeln!(

@@ -220,6 +220,9 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
     settings.budget = config.budget;
+    // Downloads under way stop (download pending) before the drain time runs out, so they are
+    // recorded as stopped rather than cut off by the exit.
+    settings.download_grace = settings.download_grace.min(config.drain_time * 4 / 5);
     settings
 }
 
@@ -325,8 +328,18 @@ impl Daemon {
                     return Ok(None);
                 }
                 let prices = PriceTable::with_overrides(job_file.prices.clone());
-                let report = store.import(&source, &dir, &job_file.jobs, &prices)?;
+                let report =
+                    store.import(&source, &dir, &job_file.jobs, &prices, job_file.reuse)?;
                 store.set_content_hash(report.batch_id, &sha)?;
+                if !report.reusable.is_empty() {
+                    let dirs = store.output_dirs()?;
+                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)
+                        .map_err(|err| StoreError::WriteFailed(err.to_string()))?;
+                    tracing::info!(
+                        taken,
+                        "jobs took results this state already paid for: not paid again"
+                    );
+                }
                 let jobs = store.jobs(Some(report.batch_id))?;
                 Ok(Some((report, jobs, store.output_dirs()?)))
             })

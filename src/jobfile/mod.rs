@@ -84,6 +84,10 @@ pub struct JobFile {
     pub prices: BTreeMap<String, f64>,
     /// The `budget:` section: caps on the estimated spend, at least one set.
     pub budget: Option<Budget>,
+    /// `reuse:` (default true): a job whose model and request body match one that the state
+    /// already completed for another job file takes that result instead of being paid again;
+    /// `false` asks for new generations.
+    pub reuse: bool,
     /// One entry per generation, in file order (`count` copies next to each other).
     pub jobs: Vec<JobSpec>,
 }
@@ -326,7 +330,8 @@ enum NameSource {
 type Sweep = Box<(Option<Matrix>, Option<DataRows>)>;
 
 impl Assembly<'_> {
-    fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
+    /// The `limits:` and `budget:` rules spanning several keys.
+    fn check_settings(&self, raw: &RawFile) -> Result<(), JobFileError> {
         if let Err((field, message)) = raw.limits.check() {
             let path = [Seg::key("limits"), Seg::key(field)];
             let at = if self.find(&path, Target::Node).is_some() { &path[..] } else { &path[..1] };
@@ -343,6 +348,11 @@ impl Assembly<'_> {
         if let Some(Err(message)) = raw.budget.map(|budget| budget.check()) {
             return Err(self.error(&[Seg::key("budget")], message));
         }
+        Ok(())
+    }
+
+    fn build(mut self, raw: RawFile) -> Result<JobFile, JobFileError> {
+        self.check_settings(&raw)?;
         let mut jobs = Vec::new();
         // Names taken so far (lowercased: names become file names, and two names differing
         // only in case are one file on macOS and Windows), with the entry that took them.
@@ -429,6 +439,7 @@ impl Assembly<'_> {
             limits: raw.limits,
             prices: raw.prices,
             budget: raw.budget,
+            reuse: raw.reuse.unwrap_or(true),
             jobs,
         })
     }

@@ -59,6 +59,19 @@ pub struct Limits {
     /// Largest result file accepted, in bytes. Default 2 GiB.
     #[serde(deserialize_with = "size")]
     pub max_result_size: u64,
+    /// One result file's deadline: its headers must come within this, and the whole file
+    /// within this plus its announced size at `download_min_rate`. Default 10 min.
+    #[serde(deserialize_with = "duration")]
+    pub download_timeout: Duration,
+    /// The slowest a download may go, in bytes per second, over every 30 s (`16KiB`; a `/s`
+    /// may be written after it). Default 16 KiB/s.
+    #[serde(deserialize_with = "rate")]
+    pub download_min_rate: u64,
+    /// After the first Ctrl-C or SIGTERM, how long a download under way may go on before it is
+    /// stopped (the job stays download pending for the next run or `krea-batch download`).
+    /// Default 10 s; the service stops downloads within its `drain_time` in any case.
+    #[serde(deserialize_with = "duration")]
+    pub download_grace: Duration,
     /// First wait after a 429, a failed poll or a failed download; later waits grow from it.
     /// Default 5 s, as Krea's own scripts wait 5, 15, 45 s after a 429.
     #[serde(deserialize_with = "duration")]
@@ -83,6 +96,9 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             download_concurrency: 4,
             max_result_size: 2 << 30,
+            download_timeout: Duration::from_mins(10),
+            download_min_rate: 16 << 10,
+            download_grace: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(5),
             reconcile_after: Duration::from_secs(5),
         }
@@ -110,12 +126,17 @@ impl Limits {
             ("request_timeout", self.request_timeout),
             ("retry_backoff", self.retry_backoff),
             ("reconcile_after", self.reconcile_after),
+            ("download_timeout", self.download_timeout),
+            ("download_grace", self.download_grace),
         ];
         if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err((field, format!("{field} is zero; it must be longer than that")));
         }
         if self.max_result_size == 0 {
             return Err(("max_result_size", "max_result_size is 0 bytes".into()));
+        }
+        if self.download_min_rate == 0 {
+            return Err(("download_min_rate", "download_min_rate is 0 bytes per second".into()));
         }
         Ok(())
     }
@@ -270,31 +291,46 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Dur
 
 /// A size limit: bytes as a number, or text with a unit (`512MiB`, `2GiB`); more than zero.
 fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    struct SizeText;
-    impl Visitor<'_> for SizeText {
-        type Value = u64;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    deserializer.deserialize_any(SizeText { per_second: false })
+}
+
+/// A rate in bytes per second: a size (`16KiB`, `100000`), optionally followed by `/s`.
+fn rate<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    deserializer.deserialize_any(SizeText { per_second: true })
+}
+
+/// A size, or (`per_second`) a rate written as a size with an optional `/s`.
+struct SizeText {
+    per_second: bool,
+}
+
+impl Visitor<'_> for SizeText {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.per_second {
+            f.write_str("a rate in bytes per second like 16KiB, 1MiB/s or 20000")
+        } else {
             f.write_str("a size like 512MiB, 2GiB or 1000000 (bytes)")
         }
-        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
-            if value == 0 {
-                return Err(E::custom("the size is 0 bytes; it must be more than that"));
-            }
-            Ok(value)
-        }
-        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
-            Err(E::custom(format!("{value} is negative; a size must be more than 0 bytes")))
-        }
-        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
-            Err(E::custom(format!(
-                "{value} is not a whole number of bytes; use a unit, like 1536MiB"
-            )))
-        }
-        fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
-            self.visit_u64(parse_size(value).map_err(E::custom)?)
-        }
     }
-    deserializer.deserialize_any(SizeText)
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+        if value == 0 {
+            return Err(E::custom("the size is 0 bytes; it must be more than that"));
+        }
+        Ok(value)
+    }
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+        Err(E::custom(format!("{value} is negative; a size must be more than 0 bytes")))
+    }
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
+        Err(E::custom(format!("{value} is not a whole number of bytes; use a unit, like 1536MiB")))
+    }
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
+        let trimmed = value.trim();
+        let size =
+            if self.per_second { trimmed.strip_suffix("/s").unwrap_or(trimmed) } else { value };
+        self.visit_u64(parse_size(size).map_err(E::custom)?)
+    }
 }
 
 /// The base URL: `http://` or `https://` and a host, no spaces; a trailing `/` is dropped.
@@ -332,4 +368,25 @@ fn base_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>
         }
     }
     deserializer.deserialize_option(BaseUrl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_limits_read_rates_and_durations() {
+        let limits: Limits = serde_yaml::from_str(
+            "download_timeout: 90s\ndownload_min_rate: 1MiB/s\ndownload_grace: 2s\n",
+        )
+        .expect("valid");
+        assert_eq!(limits.download_timeout, Duration::from_secs(90));
+        assert_eq!(limits.download_min_rate, 1 << 20);
+        assert_eq!(limits.download_grace, Duration::from_secs(2));
+        let plain: Limits = serde_yaml::from_str("download_min_rate: 16KiB").expect("valid");
+        assert_eq!(plain.download_min_rate, 16 << 10);
+        for bad in ["download_min_rate: 0", "download_min_rate: fast", "download_grace: 10"] {
+            assert!(serde_yaml::from_str::<Limits>(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -295,7 +295,7 @@ fn unknown_keys_are_refused_with_the_valid_ones() {
         check("modle: x\njobs: [{prompt: a}]\n", 1, 1, Some("modle"), "unknown key \"modle\"");
     assert!(error.message.contains("did you mean `model`?"), "{error}");
     assert!(
-        error.message.contains("model, params, output, api, limits, prices, budget, jobs"),
+        error.message.contains("model, params, output, api, limits, prices, budget, reuse, jobs"),
         "{error}"
     );
     let error = check(

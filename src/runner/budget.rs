@@ -178,6 +178,7 @@ mod tests {
             error: None,
             price_usd: Some(price),
             in_file: true,
+            reused_from: None,
             files: Vec::new(),
         }
     }

@@ -1,22 +1,35 @@
 //! Downloads of completed jobs: at most `download_concurrency` at once, each fetching the job's
 //! missing files with retries and writing a sidecar beside each. A failed download leaves the
 //! job `completed` with its download pending; it is never a reason to generate again.
+//!
+//! A download under way when the run is asked to stop (the first Ctrl-C or SIGTERM, or the
+//! service's drain) has `download_grace` left, counted from the request or from its own start
+//! if later; then it is stopped and its job left download pending. An abort stops it at once.
 
-use super::{Engine, Event, Slot};
+use super::{Controls, Engine, Event, Slot};
 use crate::download::{DownloadError, Downloader, Sidecar, sidecar_path, write_sidecar};
 use crate::job::JobState;
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 impl Engine {
     pub(super) fn start_downloads(&mut self) {
         while self.downloads_running < self.settings.download_concurrency.max(1) {
             let Some(slot) = self.to_download.pop_front() else { break };
             self.downloads_running += 1;
-            let task =
-                DownloadTask::new(&self.slots[slot], self.downloader.clone(), self.settings.retry);
+            let stop = DownloadStop {
+                controls: self.controls.clone(),
+                grace: self.settings.download_grace,
+            };
+            let task = DownloadTask::new(
+                &self.slots[slot],
+                self.downloader.clone(),
+                self.settings.retry,
+                stop,
+            );
             self.tasks.spawn(async move {
                 let (files, error) = task.run().await;
                 Event::Downloaded { slot, files, error }
@@ -60,21 +73,54 @@ impl Engine {
     }
 }
 
+/// When a download must stop because the run is stopping.
+struct DownloadStop {
+    controls: Controls,
+    grace: Duration,
+}
+
+impl DownloadStop {
+    /// Resolves when the download must stop, saying why.
+    async fn requested(&self) -> String {
+        let controls = &self.controls;
+        let interrupted = async {
+            tokio::select! {
+                () = controls.stop_submitting.cancelled() => {}
+                () = controls.drain.cancelled() => {}
+            }
+            tokio::time::sleep(self.grace).await;
+        };
+        tokio::select! {
+            () = controls.abort.cancelled() => "the run was stopped at once".to_owned(),
+            () = interrupted => format!(
+                "the run was asked to stop (Ctrl-C or SIGTERM) and the download did not end \
+                 within limits.download_grace ({})",
+                humantime::format_duration(self.grace)
+            ),
+        }
+    }
+}
+
 /// Everything one download needs, detached from the engine.
 struct DownloadTask {
     downloader: Downloader,
     policy: RetryPolicy,
     dir: Arc<PathBuf>,
     job: JobRecord,
+    stop: DownloadStop,
 }
 
 impl DownloadTask {
-    fn new(slot: &Slot, downloader: Downloader, policy: RetryPolicy) -> Self {
-        Self { downloader, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone() }
+    fn new(slot: &Slot, downloader: Downloader, policy: RetryPolicy, stop: DownloadStop) -> Self {
+        Self { downloader, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone(), stop }
     }
 
     /// Downloads every URL not yet on disk; returns what was written and the first error.
+    /// Stopped between or within files when the run stops (see the module docs); a file cut
+    /// off leaves no trace (its temporary file is removed).
     async fn run(self) -> (Vec<FileRecord>, Option<String>) {
+        let stop = self.stop.requested();
+        tokio::pin!(stop);
         let job = &self.job;
         let several = job.urls.len() > 1;
         let mut written = Vec::new();
@@ -90,12 +136,17 @@ impl DownloadTask {
             // One result: `<name>.<ext>`; several: a folder, `<name>/<i>.<ext>`.
             let stem =
                 if several { format!("{}/{}", job.name, index + 1) } else { job.name.clone() };
-            let fetched =
-                match self.downloader.fetch_with_retries(url, &self.dir, &stem, &self.policy).await
-                {
+            let owner = job.remote_id.as_deref().or(job.reused_from.as_deref());
+            let fetch =
+                self.downloader.fetch_with_retries(url, &self.dir, &stem, owner, &self.policy);
+            let fetched = tokio::select! {
+                biased;
+                reason = &mut stop => return (written, Some(format!("stopped: {reason}"))),
+                result = fetch => match result {
                     Ok(fetched) => fetched,
                     Err(err) => return (written, Some(err.to_string())),
-                };
+                },
+            };
             let file = FileRecord {
                 index,
                 url: url.clone(),
@@ -114,7 +165,11 @@ impl DownloadTask {
 }
 
 /// Writes the sidecar of one of a job's files.
-fn write_sidecar_of(dir: &Path, job: &JobRecord, file: &FileRecord) -> Result<(), DownloadError> {
+pub(crate) fn write_sidecar_of(
+    dir: &Path,
+    job: &JobRecord,
+    file: &FileRecord,
+) -> Result<(), DownloadError> {
     let mut params: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&job.body).unwrap_or_default();
     let prompt = params.remove("prompt");

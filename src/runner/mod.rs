@@ -12,7 +12,11 @@
 //!   in which Krea created jobs is the order of the attempts;
 //! - a job with a Krea id is polled by that id after any restart, never submitted again;
 //! - a POST that ends without an answer leaves the job `unknown`, and no submission starts until
-//!   reconciliation (`reconcile.rs`) has found the job at Krea or shown it does not exist;
+//!   reconciliation (`reconcile.rs`) has found the job at Krea or shown it does not exist; a job
+//!   shown not to exist waits a back-off of its own before it is sent again, while the others
+//!   go on, and fails after a few such attempts (`submit.rs`);
+//! - the first Ctrl-C (or the service's SIGTERM) ends the waits of reconciliation at once: the
+//!   jobs still unknown stay so in the state file, and the next run reconciles them;
 //! - from the first 402 no new POST starts, while everything in flight is polled and downloaded.
 //!
 //! Polls are timers in one `DelayQueue`, not a task per job, so thousands of jobs in flight cost
@@ -32,16 +36,18 @@ use crate::api::{ApiError, KreaClient, RemoteJob};
 use crate::download::Downloader;
 use crate::job::JobState;
 use crate::pace::{Pacer, PollSchedule};
-use crate::reconcile::Candidate;
+use crate::reconcile::Listing;
 use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
+pub(crate) use fetch::write_sidecar_of;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
+pub use submit::{MAX_UNANSWERED_POSTS, unanswered_backoff};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +70,9 @@ pub struct EngineSettings {
     pub job_timeout: Duration,
     /// Downloads at once.
     pub download_concurrency: usize,
+    /// After the first interrupt (or the service's drain), how long a download may go on
+    /// before it is stopped and left download pending.
+    pub download_grace: Duration,
     /// Retries of GETs and downloads.
     pub retry: RetryPolicy,
     /// The first pause after a 429 (then ×3, with jitter).
@@ -140,11 +149,29 @@ pub struct EngineOutcome {
 /// The result of a network task, handed back to the loop.
 #[derive(Debug)]
 enum Event {
-    Submitted { slot: usize, result: Result<RemoteJob, ApiError> },
-    Polled { slot: usize, result: Result<RemoteJob, ApiError> },
-    CancelAnswered { slot: usize, result: Result<(), ApiError> },
-    Downloaded { slot: usize, files: Vec<FileRecord>, error: Option<String> },
-    Listed { slots: Vec<usize>, result: Result<Vec<Candidate>, ApiError> },
+    Submitted {
+        slot: usize,
+        result: Result<RemoteJob, ApiError>,
+    },
+    Polled {
+        slot: usize,
+        result: Result<RemoteJob, ApiError>,
+    },
+    CancelAnswered {
+        slot: usize,
+        result: Result<(), ApiError>,
+    },
+    Downloaded {
+        slot: usize,
+        files: Vec<FileRecord>,
+        error: Option<String>,
+    },
+    Listed {
+        slots: Vec<usize>,
+        result: Result<Listing, ApiError>,
+    },
+    /// A listing was cut short by a stop: its unknown jobs are left to the next run.
+    ListingStopped,
 }
 
 /// A job and the engine's bookkeeping for it.
@@ -158,6 +185,9 @@ struct Slot {
     cancel: Option<CancelCause>,
     /// A DELETE is on the wire.
     cancel_sent: bool,
+    /// This run's attempts of the job that got no usable answer and were shown to have created
+    /// nothing: (label, detail), e.g. ("500", "Internal Server Error").
+    unanswered: Vec<(String, String)>,
 }
 
 /// Why a job in flight is cancelled at Krea.
@@ -188,6 +218,12 @@ pub struct Engine {
     listing: bool,
     /// After a failed listing, when to try again.
     listing_retry_at: Option<Instant>,
+    /// Cancelled on the first Ctrl-C or SIGTERM: a listing under way ends at once.
+    listing_stop: CancellationToken,
+    /// Listings in this run that held unreadable items (only the first one warns).
+    unreadable_listings: u32,
+    /// Jobs whose attempt created nothing, waiting out their back-off: (when, slot).
+    backing_off: BTreeSet<(Instant, usize)>,
     /// Recent (sent, answered, created) times of accepted POSTs, bounding Krea's clock.
     clock_samples: VecDeque<(i64, i64, i64)>,
     /// Completed jobs waiting for a download slot.
@@ -271,6 +307,9 @@ impl Engine {
             unknown: BTreeSet::new(),
             listing: false,
             listing_retry_at: None,
+            listing_stop: CancellationToken::new(),
+            unreadable_listings: 0,
+            backing_off: BTreeSet::new(),
             clock_samples: VecDeque::new(),
             to_download: VecDeque::new(),
             downloads_running: 0,
@@ -356,6 +395,7 @@ impl Engine {
                 poll_delay: None,
                 cancel: None,
                 cancel_sent: false,
+                unanswered: Vec::new(),
             });
         }
     }
@@ -386,10 +426,11 @@ impl Engine {
                 break;
             }
 
-            let wake = [self.submit_wake, self.reconcile_wake(), self.gallery_wake()]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake =
+                [self.submit_wake, self.backoff_wake(), self.reconcile_wake(), self.gallery_wake()]
+                    .into_iter()
+                    .flatten()
+                    .min();
             let has_commands = self.commands.is_some();
             tokio::select! {
                 () = self.controls.abort.cancelled() => {}
@@ -435,6 +476,7 @@ impl Engine {
             Ok(Event::CancelAnswered { slot, result }) => self.on_cancel_answered(slot, result),
             Ok(Event::Downloaded { slot, files, error }) => self.on_downloaded(slot, files, error),
             Ok(Event::Listed { slots, result }) => self.on_listed(&slots, result),
+            Ok(Event::ListingStopped) => self.listing = false,
             Err(err) => tracing::error!(%err, "a network task failed"),
         }
     }
@@ -448,7 +490,8 @@ impl Engine {
         if self.settings.pause_probe.is_some() {
             return false;
         }
-        let may_submit = self.stopped.is_none() && !self.pending.is_empty();
+        let may_submit =
+            self.stopped.is_none() && !(self.pending.is_empty() && self.backing_off.is_empty());
         !may_submit
             && self.unknown.is_empty()
             && self.tasks.is_empty()
@@ -509,6 +552,7 @@ impl Engine {
         self.draining = true;
         self.stopped.get_or_insert(StopReason::Interrupted);
         self.to_download.clear();
+        self.leave_unknown_to_next_run();
         tracing::info!(requests = self.tasks.len(), "draining: finishing the requests under way");
     }
 
@@ -651,11 +695,14 @@ impl Engine {
                 "the Krea API balance is exhausted (402): no more submissions; jobs in flight \
                  are finished and downloaded"
             ),
-            StopReason::Interrupted => tracing::warn!(
-                in_flight = self.counts.in_flight,
-                "stopping: no more submissions; waiting for jobs in flight (press Ctrl-C again \
-                 to stop now; a rerun resumes)"
-            ),
+            StopReason::Interrupted => {
+                tracing::warn!(
+                    in_flight = self.counts.in_flight,
+                    "stopping: no more submissions; waiting for jobs in flight (press Ctrl-C \
+                     again to stop now; a rerun resumes)"
+                );
+                self.leave_unknown_to_next_run();
+            }
             StopReason::AuthRefused | StopReason::BudgetReached => {}
         }
     }

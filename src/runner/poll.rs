@@ -177,6 +177,7 @@ impl Engine {
             match self.slots[slot].job.state {
                 JobState::Pending => {
                     self.pending.retain(|&waiting| waiting != slot);
+                    self.backing_off.retain(|&(_, waiting)| waiting != slot);
                     tracing::info!(job = %name, "cancelled before submission");
                     self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
                 }

@@ -3,12 +3,18 @@
 //! An unknown job holds every submission back. Once its POST's timeout and `reconcile_after`
 //! have passed for every unknown job, and no POST is on the wire, the account's recent jobs are
 //! listed and matched: adopted jobs are polled, jobs shown not to exist go back to the head of
-//! the queue, ambiguous ones are reported and set aside (still `unknown`, never resubmitted).
+//! the queue (after a back-off when their POST got no usable answer: `submit.rs`), ambiguous
+//! ones are reported and set aside (still `unknown`, never resubmitted).
+//!
+//! Items of the list that cannot be read (an id of 300 characters, say) are skipped with one
+//! warning per run; one that may have been created in an attempt's window makes that attempt
+//! ambiguous rather than "not created" (`reconcile.rs`). The first Ctrl-C or SIGTERM ends every
+//! wait here at once: jobs still unknown stay so in the state file for the next run.
 
 use super::{Engine, Event};
 use crate::api::ApiError;
 use crate::job::JobState;
-use crate::reconcile::{Attempt, Candidate, ClockOffset, Outcome, list_unclaimed, match_attempts};
+use crate::reconcile::{Attempt, ClockOffset, Listing, Outcome, list_unclaimed, match_attempts};
 use crate::store::now_ms;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +22,38 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 impl Engine {
+    /// Holds submissions until reconciliation has decided what `slot`'s unanswered POST did;
+    /// after a Ctrl-C (or while draining) the job is left unknown for the next run instead.
+    pub(super) fn await_reconciliation(&mut self, slot: usize) {
+        if self.draining || self.stopped == Some(crate::report::StopReason::Interrupted) {
+            tracing::info!(
+                job = %self.slots[slot].job.name,
+                "left unknown: the next run looks for it at Krea before sending anything"
+            );
+            return;
+        }
+        self.unknown.insert(slot);
+    }
+
+    /// A Ctrl-C or SIGTERM: no more waiting to reconcile. A listing under way ends at once; the
+    /// unknown jobs stay `unknown` in the state file (never resubmitted blindly), and the next
+    /// run reconciles them first.
+    pub(super) fn leave_unknown_to_next_run(&mut self) {
+        self.listing_stop.cancel();
+        self.listing_retry_at = None;
+        if self.unknown.is_empty() {
+            return;
+        }
+        let names: Vec<&str> =
+            self.unknown.iter().map(|&slot| self.slots[slot].job.name.as_str()).collect();
+        tracing::warn!(
+            jobs = %names.join(", "),
+            "stopping before reconciliation: these jobs stay unknown; the next run looks for \
+             them at Krea before sending anything"
+        );
+        self.unknown.clear();
+    }
+
     /// When the unknown job settled last may be reconciled (ms since the epoch): its POST's end
     /// (or the attempt plus the request timeout, if the end was not seen) plus `reconcile_after`.
     fn settled_at_ms(&self) -> Option<i64> {
@@ -65,11 +103,16 @@ impl Engine {
             self.remote_ids.keys().chain(self.claimed_elsewhere.iter()).cloned().collect();
         let api = Arc::clone(&self.api);
         let policy = self.settings.retry;
+        let stop = self.listing_stop.clone();
         self.listing = true;
         tracing::info!(unknown = slots.len(), "looking for unanswered submissions at Krea");
         self.tasks.spawn(async move {
-            let result = list_unclaimed(&api, since_ms, &claimed, &policy).await;
-            Event::Listed { slots, result }
+            tokio::select! {
+                result = list_unclaimed(&api, since_ms, &claimed, &policy) => {
+                    Event::Listed { slots, result }
+                }
+                () = stop.cancelled() => Event::ListingStopped,
+            }
         });
     }
 
@@ -78,10 +121,13 @@ impl Engine {
         ClockOffset::measured(&samples)
     }
 
-    pub(super) fn on_listed(&mut self, slots: &[usize], result: Result<Vec<Candidate>, ApiError>) {
+    pub(super) fn on_listed(&mut self, slots: &[usize], result: Result<Listing, ApiError>) {
         self.listing = false;
         let candidates = match result {
-            Ok(candidates) => candidates,
+            Ok(listing) => {
+                self.report_unreadable(&listing);
+                listing.candidates
+            }
             Err(ApiError::Auth { status, message }) => {
                 self.listing_retry_at = Some(Instant::now() + self.settings.poll.max);
                 return self.refuse_auth(status, &message);
@@ -133,11 +179,7 @@ impl Engine {
                 }
                 Outcome::NotCreated { slot } => {
                     self.unknown.remove(&slot);
-                    tracing::info!(
-                        job = %self.slots[slot].job.name,
-                        "not found at Krea: the unanswered submission created nothing; it will be submitted again"
-                    );
-                    self.requeue(slot);
+                    self.retry_not_created(slot);
                 }
                 Outcome::Ambiguous { slot, reason } => {
                     self.unknown.remove(&slot);
@@ -145,6 +187,23 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Says that Krea's job list held items that could not be read: a warning the first time
+    /// in a run, then only at debug level (each reconciliation lists them again).
+    fn report_unreadable(&mut self, listing: &Listing) {
+        let Some(example) = &listing.first_unreadable else { return };
+        self.unreadable_listings += 1;
+        if self.unreadable_listings > 1 {
+            tracing::debug!(skipped = listing.unreadable, %example, "unreadable items in Krea's job list skipped");
+            return;
+        }
+        tracing::warn!(
+            skipped = listing.unreadable,
+            %example,
+            "Krea's job list holds items that cannot be read; they are skipped (one created \
+             around an unanswered submission leaves that job unknown rather than sent again)"
+        );
     }
 
     /// Reports an unknown job that cannot be reconciled with confidence and stops holding

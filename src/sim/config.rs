@@ -62,6 +62,12 @@ pub struct SimConfig {
     pub cancel_any_pending: bool,
     /// How many requests the request log keeps (the most recent ones); counters count all.
     pub request_log_limit: usize,
+    /// Hostile tests only (Krea does not do this): quote `Bearer <key>` in every failed job's
+    /// `error` and `result.error`, in `created_at` and `completed_at`, in `Deprecation`,
+    /// `Sunset` and `Link` headers on every `POST /generate`, and, when a job has more than one
+    /// result, in the query of its last result URL. (A status string quoting the key is
+    /// [`Quirks::undocumented_state`] set to such a text.)
+    pub echo_key: bool,
     /// Variants of the response shapes Krea's documents disagree about.
     pub quirks: Quirks,
     /// Fault injection at start; change it later with `SimServer::set_faults`.
@@ -94,6 +100,7 @@ impl Default for SimConfig {
             zero_data_retention: false,
             cancel_any_pending: false,
             request_log_limit: 20_000,
+            echo_key: false,
             quirks: Quirks::default(),
             faults: Faults::default(),
         }
@@ -145,6 +152,9 @@ pub struct Quirks {
     pub payment_error_key: bool,
     /// An undocumented state name (say `"warming"`) a job passes through before `processing`.
     pub undocumented_state: Option<String>,
+    /// Answer a request body the model refuses with `{"error", "details": [{path, message}]}`
+    /// (the shape Krea's 400s are said to take) instead of `{"error": message}`.
+    pub validation_details: bool,
 }
 
 /// Fault injection. Every rate is a probability per request in 0..1, drawn from the seeded RNG;
@@ -183,8 +193,17 @@ pub struct Faults {
     pub redirect_insecure_rate: f64,
     /// Downloads redirected in an endless loop.
     pub redirect_loop_rate: f64,
+    /// Downloads that drip: one byte per second, never finishing in any sane time (a result
+    /// host that has stalled without closing the connection).
+    pub download_drip_rate: f64,
     /// A 429 storm, starting when these faults are set.
     pub storm: Option<Storm>,
+    /// POSTs whose prompt contains this text are answered 500 every time, and create nothing
+    /// (a request Krea's servers choke on).
+    pub server_error_marker: Option<String>,
+    /// `GET /jobs` lists, after the account's jobs, an old item whose id is 300 characters long
+    /// (no client can use it as a job id).
+    pub unreadable_list_item: bool,
 }
 
 impl Default for Faults {
@@ -204,7 +223,10 @@ impl Default for Faults {
             redirect_api_origin_rate: 0.0,
             redirect_insecure_rate: 0.0,
             redirect_loop_rate: 0.0,
+            download_drip_rate: 0.0,
             storm: None,
+            server_error_marker: None,
+            unreadable_list_item: false,
         }
     }
 }

@@ -66,6 +66,7 @@ impl RedirectTarget {
 pub(crate) enum DownloadFault {
     Error,
     Truncate,
+    Drip,
     Redirect(RedirectTarget),
 }
 
@@ -120,6 +121,7 @@ pub(crate) fn draw_download(state: &mut State) -> Option<DownloadFault> {
     let candidates = [
         (faults.download_error_rate, DownloadFault::Error),
         (faults.download_truncate_rate, DownloadFault::Truncate),
+        (faults.download_drip_rate, DownloadFault::Drip),
         (faults.redirect_other_origin_rate, DownloadFault::Redirect(RedirectTarget::OtherOrigin)),
         (faults.redirect_api_origin_rate, DownloadFault::Redirect(RedirectTarget::ApiOrigin)),
         (faults.redirect_insecure_rate, DownloadFault::Redirect(RedirectTarget::Insecure)),

@@ -253,6 +253,7 @@ pub(crate) fn serve(
         return reply::redirect(&format!("{}{path}?loop={}", shared.files_base, round + 1));
     }
     let mut truncate = false;
+    let mut drip = false;
     match fault {
         Some(faults::DownloadFault::Error) => {
             return reply::error(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
@@ -261,6 +262,7 @@ pub(crate) fn serve(
             return reply::redirect(&target.location(shared, path));
         }
         Some(faults::DownloadFault::Truncate) => truncate = true,
+        Some(faults::DownloadFault::Drip) => drip = true,
         None => {}
     }
     let seed = seed(file.job_id, file.index, file.preview);
@@ -286,7 +288,13 @@ pub(crate) fn serve(
         })),
         finished: false,
     };
-    let body = if truncate { reply::cut_short(stream) } else { reply::streamed(stream.map(Ok)) };
+    let body = if truncate {
+        reply::cut_short(stream)
+    } else if drip {
+        reply::dripped(stream, std::time::Duration::from_secs(1))
+    } else {
+        reply::streamed(stream.map(Ok))
+    };
     file_response(body, content_type, len)
 }
 

@@ -118,8 +118,25 @@ async fn route(
         }
         return match list_query(request.uri().query().unwrap_or_default()) {
             Ok(query) => {
-                let (items, next) = shared.lock().world.list(now, &query);
-                ok(shared.renderer().page(&items, next))
+                let (items, next, junk) = {
+                    let mut state = shared.lock();
+                    let (items, next) = state.world.list(now, &query);
+                    (items, next, state.faults.unreadable_list_item)
+                };
+                let mut page = shared.renderer().page(&items, next);
+                // The junk item is an hour older than the simulation: the last page holds it.
+                if junk && next.is_none() {
+                    let created = shared.epoch_ms.saturating_sub(3_600_000);
+                    if let Some(listed) = page.get_mut("items").and_then(Value::as_array_mut) {
+                        listed.push(json!({
+                            "job_id": "x".repeat(300),
+                            "status": "completed",
+                            "created_at": super::world::rfc3339(created),
+                            "result": {"urls": []},
+                        }));
+                    }
+                }
+                ok(page)
             }
             Err(message) => reply::error(StatusCode::BAD_REQUEST, &message),
         };
@@ -154,7 +171,23 @@ async fn generate(
     request: Request<Incoming>,
 ) -> Response<reply::Body> {
     let mut response = create(shared, model, request).await;
-    if shared.config.deprecated_models.iter().any(|deprecated| deprecated == model) {
+    if shared.config.echo_key {
+        // Hostile: every deprecation header quotes the key.
+        let quoted = format!("Bearer {}", shared.config.api_key);
+        let headers = response.headers_mut();
+        for (name, value) in [
+            ("deprecation", format!("@1772323200 ({quoted})")),
+            ("sunset", format!("Wed, 01 Jul 2026 00:00:00 GMT ({quoted})")),
+            (
+                "link",
+                format!("<https://docs.krea.ai/deprecations?k={quoted}>; rel=\"deprecation\""),
+            ),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    } else if shared.config.deprecated_models.iter().any(|deprecated| deprecated == model) {
         // RFC 9745 and RFC 8594: deprecated since 2026-03-01, retired on 2026-07-01.
         let headers = response.headers_mut();
         headers.insert("deprecation", HeaderValue::from_static("@1772323200"));
@@ -199,8 +232,21 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
     };
     let accepted = match spec.validate(&value) {
         Ok(accepted) => accepted,
+        Err(message) if config.quirks.validation_details => {
+            // The message names its field in quotes: `Field 'steps' must be …`.
+            let path = message.split('\'').nth(1).unwrap_or_default();
+            let body = json!({
+                "error": "Invalid request body",
+                "details": [{"path": path, "message": message}],
+            });
+            return reply::json(StatusCode::BAD_REQUEST, &body);
+        }
         Err(message) => return reply::error(StatusCode::BAD_REQUEST, &message),
     };
+    let chokes = shared.lock().faults.server_error_marker.clone();
+    if chokes.is_some_and(|marker| accepted.prompt.contains(&marker)) {
+        return reply::error(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
+    }
     if config.zero_data_retention && accepted.input_urls.iter().any(|url| !url.starts_with("data:"))
     {
         return reply::error(

@@ -38,6 +38,8 @@
 //! - Cancelling follows the doc literally: only `queued` or `processing` jobs (see
 //!   [`SimConfig::cancel_any_pending`]); a failed or cancelled job is never billed.
 //! - Job `type`: `flux`, `krea-2`, `externalImage`, `externalVideo`, `enhance`.
+//! - **Hostile tests only:** [`SimConfig::echo_key`] makes the server quote `Bearer <key>` in
+//!   the texts it writes (Krea does not), to check that the client redacts server text.
 //! - Result files exist as soon as the job does (their URLs are only published on completion).
 //!
 //! # Files
@@ -232,6 +234,7 @@ impl Shared {
             files_base: &self.files_base,
             outputs: self.config.outputs_per_job,
             quirks: &self.config.quirks,
+            echo_key: self.config.echo_key.then_some(self.config.api_key.as_str()),
         }
     }
 

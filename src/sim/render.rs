@@ -12,6 +12,8 @@ pub(crate) struct Renderer<'a> {
     pub files_base: &'a str,
     pub outputs: u32,
     pub quirks: &'a Quirks,
+    /// Hostile tests: the key to quote in every text (`SimConfig::echo_key`).
+    pub echo_key: Option<&'a str>,
 }
 
 impl Renderer<'_> {
@@ -24,12 +26,20 @@ impl Renderer<'_> {
             object.insert("status".to_owned(), json!(status_name(view.status, undocumented)));
         }
         object.insert("type".to_owned(), json!(view.job_type));
-        object.insert("created_at".to_owned(), json!(rfc3339(view.created_ms)));
-        let completed_at = view.ended_ms.map_or(Value::Null, |ms| json!(rfc3339(ms)));
+        object.insert("created_at".to_owned(), json!(self.quoting(rfc3339(view.created_ms))));
+        let completed_at = view.ended_ms.map_or(Value::Null, |ms| json!(self.quoting(rfc3339(ms))));
         object.insert("completed_at".to_owned(), completed_at);
         let result = match (view.status, &view.failure) {
             (Status::Completed, _) => json!({ "urls": self.urls(view, "results") }),
             (Status::IntermediateComplete, _) => json!({ "urls": self.urls(view, "previews") }),
+            (Status::Failed, Some(failure)) if self.echo_key.is_some() => {
+                let message = self.quoting(failure.message.clone());
+                object.insert(
+                    "error".to_owned(),
+                    json!({ "code": failure.code, "message": message }),
+                );
+                json!({ "error": message })
+            }
             (Status::Failed, Some(failure)) if self.quirks.failure_in_result => {
                 json!({ "error": failure.message })
             }
@@ -44,6 +54,14 @@ impl Renderer<'_> {
         };
         object.insert("result".to_owned(), result);
         Value::Object(object)
+    }
+
+    /// `text`, quoting the key when the hostile `echo_key` is on.
+    fn quoting(&self, text: String) -> String {
+        match self.echo_key {
+            Some(key) => format!("{text} (Authorization: Bearer {key})"),
+            None => text,
+        }
     }
 
     /// A page of `GET /jobs`.
@@ -61,7 +79,12 @@ impl Renderer<'_> {
         let extension = if folder == "results" && view.kind == Kind::Video { "mp4" } else { "png" };
         (0..self.outputs)
             .map(|index| {
-                let url = format!("{}/{folder}/{}/{index}.{extension}", self.files_base, view.id);
+                let mut url =
+                    format!("{}/{folder}/{}/{index}.{extension}", self.files_base, view.id);
+                if let Some(key) = self.echo_key.filter(|_| index > 0 && index + 1 == self.outputs)
+                {
+                    url = format!("{url}?token={key}");
+                }
                 if self.quirks.result_urls_as_objects { json!({ "url": url }) } else { json!(url) }
             })
             .collect()
@@ -89,7 +112,8 @@ mod tests {
     #[test]
     fn jobs_render_in_the_documented_shape() {
         let quirks = Quirks::default();
-        let renderer = Renderer { files_base: "http://f", outputs: 2, quirks: &quirks };
+        let renderer =
+            Renderer { files_base: "http://f", outputs: 2, quirks: &quirks, echo_key: None };
         let pending = renderer.job(&view(Status::Queued), true);
         assert_eq!(pending["status"], "queued");
         assert_eq!(pending["created_at"], "2026-05-28T20:26:40.000Z");
@@ -117,7 +141,8 @@ mod tests {
             failure_in_result: true,
             ..Quirks::default()
         };
-        let renderer = Renderer { files_base: "http://f", outputs: 1, quirks: &quirks };
+        let renderer =
+            Renderer { files_base: "http://f", outputs: 1, quirks: &quirks, echo_key: None };
         assert!(renderer.job(&view(Status::Queued), true).get("status").is_none());
         assert_eq!(
             renderer.job(&view(Status::Completed), false)["result"]["urls"][0]["url"],

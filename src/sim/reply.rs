@@ -45,6 +45,20 @@ where
     StreamBody::new(frames.chain(failure)).boxed_unsync()
 }
 
+/// A body that sends the bytes of `chunks` one at a time, one every `every`: a stalled host
+/// that keeps the connection alive.
+pub(crate) fn dripped<I>(chunks: I, every: std::time::Duration) -> Body
+where
+    I: Iterator<Item = Bytes> + Send + 'static,
+{
+    let bytes = chunks.flat_map(|chunk| (0..chunk.len()).map(move |at| chunk.slice(at..=at)));
+    let frames = futures_util::stream::iter(bytes).then(move |byte| async move {
+        tokio::time::sleep(every).await;
+        Ok(Frame::data(byte))
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
 /// A response with `body`, typed `content_type`, with its `Content-Length`.
 pub(crate) fn bytes(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
     let length = body.len();

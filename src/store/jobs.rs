@@ -24,6 +24,7 @@ impl Store {
         output_dir: &Path,
         specs: &[JobSpec],
         prices: &PriceTable,
+        reuse: bool,
     ) -> Result<ImportReport, StoreError> {
         let path = self.path.clone();
         let err = sqlite(&path);
@@ -117,6 +118,9 @@ impl Store {
             report.added += 1;
         }
         report.removed = known.keys().filter(|key| !in_file.contains(key.as_str())).count();
+        if reuse {
+            report.reusable = reusable_pairs(&tx, batch_id).map_err(&err)?;
+        }
         tx.commit().map_err(&err)?;
         Ok(report)
     }
@@ -158,7 +162,7 @@ impl Store {
             .prepare(
                 "SELECT id, batch_id, key, name, model, body, state, remote_id, remote_status,
                         attempt_at, attempts, submitted_at, created_at, completed_at, finished_at,
-                        urls, error, price_usd, in_file, attempt_ended
+                        urls, error, price_usd, in_file, attempt_ended, reused_from
                  FROM jobs WHERE ?1 IS NULL OR batch_id = ?1 ORDER BY id",
             )
             .map_err(&err)?;
@@ -179,6 +183,138 @@ impl Store {
             .query_row("SELECT id FROM batches WHERE source = ?1", [source], |row| row.get(0))
             .optional()
             .map_err(sqlite(&self.path))
+    }
+
+    /// A batch imported before output folders carried a marker: the one whose job file was
+    /// `source`, else the one writing into `output_dir`, else, when the state file lives in
+    /// that folder (`in_folder`: it can belong to no other), the one imported last. Returns its
+    /// identity (`source`).
+    pub fn legacy_batch(
+        &self,
+        source: &str,
+        output_dir: &Path,
+        in_folder: bool,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT source FROM batches
+                 WHERE source = ?1 OR output_dir = ?2 OR (?3 AND source NOT LIKE 'inbox:%')
+                 ORDER BY source = ?1 DESC, output_dir = ?2 DESC, imported_at DESC, id DESC
+                 LIMIT 1",
+                params![source, output_dir.to_string_lossy(), in_folder],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Adds to a batch a job that the job file does not list, known only from the results it
+    /// left in the output folder (`krea-batch recover`), with its Krea job id; returns it.
+    pub fn insert_recovered(
+        &mut self,
+        batch_id: i64,
+        name: &str,
+        model: &str,
+        body: &str,
+        remote_id: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let err = sqlite(&self.path);
+        let key = format!("recovered:{remote_id}");
+        self.conn
+            .execute(
+                "INSERT INTO jobs (batch_id, key, name, model, body, state, remote_id, in_file,
+                                   updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'submitted', ?6, 0, ?7)",
+                params![batch_id, key, name, model, body, remote_id, now_ms()],
+            )
+            .map_err(&err)?;
+        let id = self.conn.last_insert_rowid();
+        self.jobs(Some(batch_id))?.into_iter().find(|job| job.id == id).ok_or_else(|| {
+            StoreError::Corrupt { path: self.path.clone(), message: format!("job {id} vanished") }
+        })
+    }
+
+    /// One job by its row id, with its files.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>, StoreError> {
+        let batch: Option<i64> = self
+            .conn
+            .query_row("SELECT batch_id FROM jobs WHERE id = ?1", [id], |row| row.get(0))
+            .optional()
+            .map_err(sqlite(&self.path))?;
+        let Some(batch) = batch else { return Ok(None) };
+        Ok(self.jobs(Some(batch))?.into_iter().find(|job| job.id == id))
+    }
+
+    /// Records that `job` took the result of the Krea job `reused_from` instead of being paid
+    /// again: its state, URLs, times and files as given, at no price, in one transaction.
+    pub fn record_reuse(&mut self, job: &JobRecord, reused_from: &str) -> Result<(), StoreError> {
+        let err = sqlite(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        let urls = serde_json::to_string(&job.urls).unwrap_or_default();
+        tx.execute(
+            "UPDATE jobs SET state = ?2, urls = ?3, created_at = ?4, completed_at = ?5,
+                finished_at = ?6, price_usd = 0.0, reused_from = ?7, updated_at = ?6
+             WHERE id = ?1 AND state = 'pending'",
+            params![
+                job.id,
+                job.state.as_str(),
+                urls,
+                job.created_at,
+                job.completed_at,
+                now_ms(),
+                reused_from
+            ],
+        )
+        .map_err(&err)?;
+        for file in &job.files {
+            tx.execute(
+                "INSERT OR REPLACE INTO files (job_id, idx, url, path, bytes, sha256, content_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    job.id,
+                    file.index,
+                    file.url,
+                    file.path,
+                    i64::try_from(file.bytes).unwrap_or(i64::MAX),
+                    file.sha256,
+                    file.content_type
+                ],
+            )
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)
+    }
+
+    /// Gives a batch a new identity (a legacy batch adopted by an output folder's marker).
+    pub fn rename_batch(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE batches SET source = ?2 WHERE source = ?1", params![from, to])
+            .map(drop)
+            .map_err(sqlite(&self.path))
+    }
+
+    /// For `check`: the keys of `batch` (when it is known) that were already sent or ended, and
+    /// the keys that some other batch completed (results a run could reuse).
+    pub fn preview(
+        &self,
+        batch: Option<&str>,
+    ) -> Result<(HashSet<String>, HashSet<String>), StoreError> {
+        let err = sqlite(&self.path);
+        let batch_id = match batch {
+            Some(batch) => self.batch_id(batch)?,
+            None => None,
+        };
+        let keys = |sql: &str| -> Result<HashSet<String>, StoreError> {
+            let mut stmt = self.conn.prepare(sql).map_err(&err)?;
+            let rows = stmt.query_map([batch_id], |row| row.get::<_, String>(0)).map_err(&err)?;
+            rows.map(|row| row.map_err(&err)).collect()
+        };
+        let known = keys("SELECT key FROM jobs WHERE batch_id = ?1 AND state != 'pending'")?;
+        let reusable = keys(
+            "SELECT DISTINCT key FROM jobs WHERE state = 'downloaded'
+             AND (?1 IS NULL OR batch_id != ?1)",
+        )?;
+        Ok((known, reusable))
     }
 
     /// Every Krea job id the state file holds, in every batch: reconciliation never adopts one.
@@ -350,6 +486,31 @@ impl Store {
     }
 }
 
+/// The unsent jobs of `batch_id` that an identical job of another batch already completed:
+/// (the job's row id, the completed job's row id). The same key is the same model, body and
+/// occurrence: one completed result per unsent job, the earliest, never one of its own batch.
+fn reusable_pairs(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: i64,
+) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let mut stmt = tx.prepare(
+        "SELECT jobs.id,
+            (SELECT done.id FROM jobs AS done
+             WHERE done.key = jobs.key AND done.batch_id != jobs.batch_id
+               AND done.state = 'downloaded' ORDER BY done.id LIMIT 1)
+         FROM jobs WHERE jobs.batch_id = ?1 AND jobs.state = 'pending' AND jobs.in_file = 1",
+    )?;
+    let rows = stmt
+        .query_map([batch_id], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?)))?;
+    let mut pairs = Vec::new();
+    for row in rows {
+        if let (id, Some(done)) = row? {
+            pairs.push((id, done));
+        }
+    }
+    Ok(pairs)
+}
+
 /// A row as read, before its JSON columns are parsed.
 struct RawJobRow {
     id: i64,
@@ -372,6 +533,7 @@ struct RawJobRow {
     price_usd: Option<f64>,
     in_file: bool,
     attempt_ended: Option<i64>,
+    reused_from: Option<String>,
 }
 
 fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
@@ -396,6 +558,7 @@ fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
         price_usd: row.get(17)?,
         in_file: row.get(18)?,
         attempt_ended: row.get(19)?,
+        reused_from: row.get(20)?,
     })
 }
 
@@ -435,6 +598,7 @@ impl RawJobRow {
             error: self.error,
             price_usd: self.price_usd,
             in_file: self.in_file,
+            reused_from: self.reused_from,
             files: Vec::new(),
         })
     }

@@ -94,6 +94,9 @@ pub enum StoreError {
     WriteFailed(String),
 }
 
+/// Meta key: the state file's random id ([`Store::state_id`]).
+const META_STATE_ID: &str = "state_id";
+
 /// Milliseconds since the Unix epoch, now.
 #[must_use]
 pub fn now_ms() -> i64 {
@@ -163,6 +166,8 @@ pub struct JobRecord {
     pub price_usd: Option<f64>,
     /// Whether the job file still has it.
     pub in_file: bool,
+    /// The Krea job id whose result this job took instead of being paid again (`reuse:`).
+    pub reused_from: Option<String>,
     /// The files on disk.
     pub files: Vec<FileRecord>,
 }
@@ -210,6 +215,9 @@ pub struct ImportReport {
     pub removed: usize,
     /// New jobs whose name was taken by an earlier job: (name in the file, name given).
     pub renamed: Vec<(String, String)>,
+    /// Unsent jobs of this batch that an identical job of another batch already completed:
+    /// (the job's row id, the completed job's row id). Empty unless reuse was asked for.
+    pub reusable: Vec<(i64, i64)>,
 }
 
 /// The state file, open.
@@ -378,6 +386,24 @@ impl Store {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state file's own random id, made on first use: an output folder's marker names the
+    /// state that owns it by this id, which survives the state file being moved or renamed.
+    pub fn state_id(&mut self) -> Result<String, StoreError> {
+        if let Some(id) = self.meta(META_STATE_ID)? {
+            return Ok(id);
+        }
+        let id = crate::output::random_id();
+        self.apply(&[Change::Meta { key: META_STATE_ID.into(), value: id.clone() }])?;
+        Ok(id)
+    }
+
+    /// The id of the state file at `path`, read without taking its lock; `None` when it has
+    /// none or cannot be read.
+    #[must_use]
+    pub fn id_of(path: &Path) -> Option<String> {
+        Self::open_reader(path).ok()?.meta(META_STATE_ID).ok().flatten()
     }
 
     /// Reads a meta value.

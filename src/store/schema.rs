@@ -5,7 +5,7 @@ use rusqlite::params;
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "
@@ -71,6 +71,13 @@ CREATE TABLE requests (
 ALTER TABLE batches ADD COLUMN content_sha256 TEXT;
 ";
 
+/// Version 3: a job may take the result of an identical job completed earlier in the same
+/// state instead of being paid again (`reused_from`: that job's Krea id), found by its key.
+const SCHEMA_V3: &str = "
+ALTER TABLE jobs ADD COLUMN reused_from TEXT;
+CREATE INDEX jobs_by_key ON jobs(key);
+";
+
 impl Store {
     pub(super) fn configure(&self) -> Result<(), StoreError> {
         self.conn
@@ -97,7 +104,7 @@ impl Store {
             return Err(StoreError::TooNew { path: self.path.clone(), found });
         }
         // Step n takes a file from version n to n + 1.
-        let steps: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
+        let steps: [&str; 3] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
         for (from, step) in steps.iter().enumerate().skip(found as usize) {
             let tx = self.conn.transaction().map_err(sqlite(&self.path))?;
             tx.execute_batch(step).map_err(sqlite(&self.path))?;

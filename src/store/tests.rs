@@ -29,6 +29,23 @@ fn the_first_schema_version_is_read_and_migrated() {
 }
 
 #[test]
+fn a_batch_from_before_folder_markers_is_found_for_its_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    let store = Store::open_writer(&path).expect("opens and migrates");
+    let elsewhere = Path::new("/elsewhere/out");
+    // By its job file's path, by its output folder, or as the one batch of a state file kept
+    // in the folder itself; never for a folder the state file is not in.
+    let by_source = store.legacy_batch("/tmp/fixture/jobs.yaml", elsewhere, false);
+    assert_eq!(by_source.expect("read").as_deref(), Some("/tmp/fixture/jobs.yaml"));
+    let by_folder = store.legacy_batch("/moved/jobs.yaml", Path::new("out"), false);
+    assert_eq!(by_folder.expect("read").as_deref(), Some("/tmp/fixture/jobs.yaml"));
+    let in_folder = store.legacy_batch("/moved/jobs.yaml", elsewhere, true);
+    assert_eq!(in_folder.expect("read").as_deref(), Some("/tmp/fixture/jobs.yaml"));
+    assert_eq!(store.legacy_batch("/moved/jobs.yaml", elsewhere, false).expect("read"), None);
+}
+
+#[test]
 fn a_newer_schema_is_refused_not_misread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = fixture_copy(dir.path());

@@ -352,6 +352,62 @@ fn requests_on(stats: &SimStats, listener: Listener, path: &str) -> usize {
     stats.requests.iter().filter(|r| r.listener == listener && r.path.starts_with(path)).count()
 }
 
+/// A prompt whose POST Krea answers 500 every time, creating nothing: after each 500 the job is
+/// reconciled (nothing was created), backs off while the other jobs are submitted, and fails
+/// after `MAX_UNANSWERED_POSTS` attempts saying so. The others complete, each created once.
+#[test]
+fn a_job_whose_post_always_gets_a_500_fails_alone_after_its_attempts() {
+    let fault = "one prompt always answered 500";
+    let attempts = krea_batch::runner::MAX_UNANSWERED_POSTS;
+    let sim =
+        sim_with(Faults { server_error_marker: Some("[chokes]".into()), ..Faults::default() });
+    let jobs = format!(
+        "  - {{name: choking, prompt: \"a fox [chokes]\"}}\n{}",
+        numbered_jobs("an owl", 6)
+    );
+    let work = workspace(&jobs, "");
+    let checked = run_once(fault, &work, &sim, 7);
+    assert_eq!(
+        (checked.run.code, checked.count("completed")),
+        (1, 6),
+        "{}",
+        tail(&checked.run.stderr)
+    );
+    let line = checked.line("choking");
+    assert_eq!(line["status"], "failed", "{line}");
+    let error = line["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("Krea answered 500 to {attempts} attempts")), "{error}");
+
+    let posts: Vec<u16> = checked
+        .stats
+        .requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/generate/"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(posts.iter().filter(|s| **s == 500).count(), attempts, "{posts:?}");
+    assert_eq!(posts.len(), attempts + 6, "each other job sent once: {posts:?}");
+    // The failing job is first in the file; once its first attempt is shown to have created
+    // nothing, it waits its back-off and the next POST is another job's.
+    assert_eq!(&posts[..2], [500, 200], "{posts:?}");
+    assert!(!checked.stats.creations_by_prompt.contains_key("a fox [chokes]"));
+}
+
+/// An item of `GET /jobs` that cannot be read (an id of 300 characters) is skipped with one
+/// warning; the jobs whose answers were lost are still found at Krea and adopted.
+#[test]
+fn an_unreadable_item_in_the_job_list_does_not_stop_reconciliation() {
+    let fault = "an unreadable item in the job list";
+    let sim =
+        sim_with(Faults { post_drop_rate: 1.0, unreadable_list_item: true, ..Faults::default() });
+    let work = workspace(&numbered_jobs("a lost answer", 3), "");
+    let checked = run_once(fault, &work, &sim, 3);
+    checked.all_completed(fault, 3);
+    assert_eq!(checked.stats.jobs_created, 3);
+    let warnings = checked.run.stderr.matches("holds items that cannot be read").count();
+    assert_eq!(warnings, 1, "one warning per run, not one per listing\n{}", checked.run.stderr);
+}
+
 /// 500/502/503 on a fifth of API requests: POSTs that met one are reconciled (nothing was
 /// created) and sent again, polls are retried; every job completes, each created once.
 #[test]
@@ -527,6 +583,7 @@ fn missing_fields_other_shapes_and_unknown_states() {
             failure_in_result: true,
             payment_error_key: true,
             undocumented_state: Some("warming-up".to_owned()),
+            validation_details: true,
         };
         // Dropped answers make the client read the job list (and its cursor).
         config.faults = Faults { post_drop_rate: 0.2, ..Faults::default() };

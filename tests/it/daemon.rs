@@ -446,3 +446,40 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
     let stats = sim.stats();
     assert_eq!(stats.jobs_created, 2, "{:?}", stats.creations_by_prompt);
 }
+
+#[test]
+fn the_same_jobs_in_a_new_file_are_not_paid_again() {
+    let sim = Sim::start(|_| {});
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+
+    service.drop_file("v1.yaml", &job_file("a product shot", 10));
+    wait_until(Duration::from_secs(30), "ten results", || service.results("v1") == 10);
+    // The same ten and one more, in a new file: only the new one is paid for.
+    let mut v2 = job_file("a product shot", 10);
+    v2.push_str(&numbered_jobs("a new product", 1));
+    service.drop_file("v2.yaml", &v2);
+    wait_until(Duration::from_secs(30), "eleven results", || service.results("v2") == 11);
+    assert_eq!(sim.stats().jobs_created, 11, "the ten known jobs were not bought again");
+    // Asked for deliberately, new generations are paid for.
+    let fresh = format!("reuse: false\n{}", job_file("a product shot", 2));
+    service.drop_file("fresh.yaml", &fresh);
+    wait_until(Duration::from_secs(30), "two fresh results", || service.results("fresh") == 2);
+    assert_eq!(sim.stats().jobs_created, 13);
+
+    daemon.signal("TERM");
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    assert!(run.stderr.contains("not paid again"), "the log says so: {}", run.stderr);
+    let results = service.dir.path().join("results");
+    let manifest = std::fs::read_to_string(results.join("v2/manifest.jsonl")).expect("manifest");
+    let reused = manifest.lines().filter(|line| line.contains("\"reused_from\"")).count();
+    assert_eq!(reused, 10, "{manifest}");
+    // The reused results are the very files paid for in v1, with sidecars of their own.
+    let first = std::fs::read(results.join("v1/001-a-product-shot-0.png")).expect("v1 file");
+    let again = std::fs::read(results.join("v2/001-a-product-shot-0.png")).expect("v2 file");
+    assert_eq!(first, again);
+    assert!(results.join("v2/001-a-product-shot-0.png.json").is_file());
+}

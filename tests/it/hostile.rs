@@ -233,3 +233,27 @@ fn requests_the_api_refuses_fail_alone_with_its_message() {
     assert_eq!(stats.jobs_created, 2, "only the valid jobs were created");
     assert!(run.stderr.contains("must be at most 1800 characters"), "{}", run.stderr);
 }
+
+/// A 400 whose body carries `details` (`{error, details: [{path, message}]}`): each detail, with
+/// its path, reaches the manifest and the log line of the failed job.
+#[test]
+fn the_details_of_a_400_reach_the_manifest_and_the_log() {
+    let sim = Sim::start(|config| config.quirks.validation_details = true);
+    let work = Workspace::with_jobs(
+        "  - {name: ranged, prompt: a fox, params: {steps: 500}}\n  - {name: fine, prompt: an owl}\n",
+    );
+    let run = work.run(&sim, &["--no-validate"]);
+    run.expect_code(1);
+    let manifest = work.manifest();
+    let ranged = manifest.iter().find(|line| line["name"] == "ranged").expect("listed");
+    let error = ranged["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("Krea refused the request (400): Invalid request body: steps: "),
+        "{error}"
+    );
+    assert!(error.contains("'steps' must be between 1 and 100"), "{error}");
+    let logged =
+        run.stderr.lines().find(|line| line.contains("Krea refused the job")).unwrap_or_default();
+    assert!(logged.contains("Invalid request body: steps: "), "{}", run.stderr);
+    assert_eq!(sim.stats().jobs_created, 1, "the other job went on");
+}

@@ -46,6 +46,76 @@ fn semantic_errors_name_the_key() {
     assert_eq!(sim.stats().requests_total, 0);
 }
 
+/// Names of krea-batch's own files in the output folder are refused when the job file is read
+/// (a job named `manifest.jsonl` was paid for and could never be downloaded), as a name: key
+/// and as a name a sweep makes; nothing is sent.
+#[test]
+fn job_names_of_krea_batchs_own_files_are_refused() {
+    let sim = Sim::start(|_| {});
+    let cases = [
+        ("jobs:\n  - {prompt: a, name: manifest.jsonl}\n", "jobs[0].name", 3, "manifest.jsonl"),
+        (
+            "jobs:\n  - prompt: a\n  - prompt: b\n    name: Index.html\n",
+            "jobs[1].name",
+            5,
+            "Index.html",
+        ),
+        (
+            "jobs:\n  - prompt: \"a {n}\"\n    name: \"index-{n}.html\"\n    matrix: {n: [2]}\n",
+            "jobs[0]",
+            3,
+            "index-2.html",
+        ),
+    ];
+    for (body, key, line, name) in cases {
+        let work = Workspace::with_file(&format!("model: image/bfl/flux-1-dev\n{body}"));
+        let run = work.run(&sim, &[]);
+        run.expect_code(2);
+        let message = run.stderr.trim();
+        assert!(message.contains(&format!("jobs.yaml:{line}:")), "line {line}: {message}");
+        assert!(message.contains(key) && message.contains(name), "{key}, {name}: {message}");
+        assert!(message.contains("output folder"), "{message}");
+        assert!(!work.out().join("manifest.jsonl").exists());
+    }
+    assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}
+
+/// The OpenAPI document is cached once per user and API base, not beside each state file:
+/// `check --offline` on a job file in another folder (so another state) finds it.
+#[test]
+fn the_openapi_cache_is_per_user_and_found_from_another_folder() {
+    let sim = Sim::start(|_| {});
+    let first = Workspace::with_jobs(&numbered_jobs("a fox", 1));
+    first.command(&sim, "unused", &["check"], &["--json"]).expect_code(0);
+    let cached = crate::support::files_under(&first.cache_home().join("krea-batch"));
+    assert_eq!(cached.len(), 1, "one document cached for the API base: {cached:?}");
+    assert!(
+        crate::support::files_under(first.dir.path())
+            .iter()
+            .all(|file| { !file.ends_with(".krea-batch.openapi.json") }),
+        "nothing cached beside the state"
+    );
+
+    let other = Workspace::with_jobs(&numbered_jobs("an owl", 1));
+    let output = krea_batch()
+        .args(["check", "--json", "--offline"])
+        .arg(other.job_file())
+        .env("KREA_API_BASE", sim.url())
+        .env("XDG_CACHE_HOME", first.cache_home())
+        .output()
+        .expect("check runs");
+    let offline = crate::support::Run::of(&output);
+    offline.expect_code(0);
+    let plan: serde_json::Value = serde_json::from_str(&offline.stdout).expect("JSON plan");
+    let origin = plan["schema"]["origin"].as_str().unwrap_or_default();
+    assert!(
+        origin.contains(&cached[0].display().to_string()) && origin.contains("(cached)"),
+        "{plan}"
+    );
+    let fetched = sim.stats().requests.iter().filter(|r| r.path == "/openapi.json").count();
+    assert_eq!(fetched, 1, "fetched once, then read from the cache");
+}
+
 #[test]
 fn a_missing_key_names_all_three_sources() {
     let work = Workspace::with_jobs(&numbered_jobs("x", 1));

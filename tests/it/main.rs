@@ -3,6 +3,7 @@
 
 mod chaos;
 mod daemon;
+mod folders;
 mod gallery;
 mod hostile;
 mod input;

@@ -2,7 +2,7 @@
 //! state file, downloads that fail on a full disk, and a job file edited between runs.
 
 use crate::support::{
-    Sim, ViaShell, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
+    Run, Sim, ViaShell, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
 };
 use krea_batch::sim::Faults;
 use std::time::Duration;
@@ -85,20 +85,27 @@ fn a_second_run_on_the_same_state_file_stops_at_once() {
     assert_eq!(work.manifest().iter().filter(|line| line["status"] == "completed").count(), 4);
 }
 
+/// `krea-batch run <extra> jobs.yaml` as on a disk with `blocks` of 512 bytes free: a file-size
+/// limit stands in for a full disk, as writes past it fail (EFBIG), and ignoring SIGXFSZ, which
+/// exec keeps, turns the signal into that error.
+fn run_on_a_full_disk(sim: &Sim, work: &Workspace, blocks: u32, extra: &[&str]) -> Run {
+    let script = format!("trap '' XFSZ; ulimit -f {blocks}; exec \"$0\" run \"$@\"");
+    let job_file = work.job_file().to_string_lossy().into_owned();
+    let args: Vec<&str> = extra.iter().copied().chain([job_file.as_str()]).collect();
+    Run::of(
+        &krea_batch()
+            .env("KREA_API_BASE", sim.url())
+            .env("KREA_API_KEY", sim.key())
+            .output_via_shell(&script, &args),
+    )
+}
+
 #[test]
 fn a_download_that_hits_a_write_error_is_left_pending_and_fetched_later() {
     // Results of 3 MiB; the first run may write no file past 1 MiB (as on a full disk).
     let sim = Sim::start(|config| config.result_bytes = 3 << 20);
     let work = Workspace::with_jobs(&numbered_jobs("a large result", 2));
-    // A file-size limit stands in for a full disk: writes past it fail (EFBIG), and ignoring
-    // SIGXFSZ, which exec keeps, turns the signal into that error.
-    let script = "trap '' XFSZ; ulimit -f 2048; exec \"$0\" run \"$1\"";
-    let run = crate::support::Run::of(
-        &krea_batch()
-            .env("KREA_API_BASE", sim.url())
-            .env("KREA_API_KEY", sim.key())
-            .output_via_shell(script, &[work.job_file().to_string_lossy().as_ref()]),
-    );
+    let run = run_on_a_full_disk(&sim, &work, 2048, &[]);
     run.expect_code(1);
     let manifest = work.manifest();
     assert!(manifest.iter().all(|line| line["status"] == "download_pending"), "{manifest:?}");
@@ -153,4 +160,24 @@ fn editing_the_job_file_adds_only_new_jobs_and_leaves_removed_ones_alone() {
     assert_eq!(stats.creations_by_prompt["a fox"], 3);
     assert_eq!(stats.creations_by_prompt["an owl"], 1, "the removed owl was not touched");
     assert!(run.stderr.contains("no longer in the job file"), "{}", run.stderr);
+}
+
+/// A failure that stops the run (here the state file cannot be written: a file-size limit
+/// stands in for a full disk) still answers `--json` with a JSON object naming the error and the
+/// exit code, so a script reading stdout is never left with nothing.
+#[test]
+fn a_run_stopped_by_a_write_error_still_prints_its_json_answer() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs(&numbered_jobs("a full disk", 2));
+    let run = run_on_a_full_disk(&sim, &work, 16, &["--json"]);
+    run.expect_code(1);
+    let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|err| {
+        panic!("--json printed no JSON ({err}): {}\n{}", run.stdout, run.stderr)
+    });
+    assert_eq!(answer["exit_code"], 1, "{answer}");
+    assert_eq!(answer["stopped"], "error", "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains(".krea-batch.sqlite"), "the error names the state file: {answer}");
+    assert!(run.stderr.contains(error), "the same error on stderr: {}", run.stderr);
+    assert_eq!(sim.stats().jobs_created, 0, "nothing was sent without a state to record it");
 }

@@ -104,12 +104,14 @@ fn a_key_file_readable_by_others_gets_a_warning() {
 #[test]
 fn planted_symlinks_are_not_followed_and_state_files_are_private() {
     let sim = Sim::start(|config| config.outputs_per_job = 1);
-    let work =
-        Workspace::with_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
+    // The links are planted in a folder that is already krea-batch's (a folder it did not make
+    // is refused whole), between two runs.
+    let work = Workspace::with_jobs("  - {name: first, prompt: a first job}\n");
+    work.run(&sim, &[]).expect_code(0);
+    work.set_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
     let outside = tempfile::tempdir().expect("outside");
     let precious = outside.path().join("precious.png");
     std::fs::write(&precious, b"precious").expect("precious file");
-    std::fs::create_dir_all(work.out()).expect("out");
     // A link where a result will go, and one where its sidecar will go.
     std::os::unix::fs::symlink(&precious, work.out().join("fox.png")).expect("symlink");
     std::os::unix::fs::symlink(&precious, work.out().join("owl.png.json")).expect("symlink");
@@ -120,9 +122,14 @@ fn planted_symlinks_are_not_followed_and_state_files_are_private() {
         b"precious",
         "the link was not followed"
     );
-    for name in ["fox.png", "owl.png.json"] {
+    // A result never replaces a file krea-batch did not write: the link stays, and the
+    // result is saved beside it under another name. A sidecar (derived data) replaces the link
+    // planted in its place, without following it.
+    let link = std::fs::symlink_metadata(work.out().join("fox.png")).expect("still there");
+    assert!(link.file_type().is_symlink(), "the planted fox.png was left as it is");
+    for name in ["fox-2.png", "fox-2.png.json", "owl.png", "owl.png.json"] {
         let meta = std::fs::symlink_metadata(work.out().join(name)).expect("written");
-        assert!(meta.file_type().is_file(), "{name} is a regular file now");
+        assert!(meta.file_type().is_file(), "{name} is a regular file");
     }
     for file in files_under(&work.out()) {
         let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
@@ -136,9 +143,10 @@ fn planted_symlinks_are_not_followed_and_state_files_are_private() {
 #[test]
 fn a_symlinked_folder_for_several_results_is_refused_not_followed() {
     let sim = Sim::start(|config| config.outputs_per_job = 2);
-    let work = Workspace::with_jobs("  - {name: pair, prompt: two images}\n");
+    let work = Workspace::with_jobs("  - {name: first, prompt: a first job}\n");
+    work.run(&sim, &[]).expect_code(0);
+    work.set_jobs("  - {name: pair, prompt: two images}\n");
     let outside = tempfile::tempdir().expect("outside");
-    std::fs::create_dir_all(work.out()).expect("out");
     std::os::unix::fs::symlink(outside.path(), work.out().join("pair")).expect("symlink");
     let run = work.run(&sim, &["--json"]);
     run.expect_code(1);
@@ -147,8 +155,69 @@ fn a_symlinked_folder_for_several_results_is_refused_not_followed() {
         0,
         "nothing written outside"
     );
-    let line = &work.manifest()[0];
+    let manifest = work.manifest();
+    let line = manifest.iter().find(|line| line["name"] == "pair").expect("pair listed");
     assert_eq!(line["status"], "download_pending");
     assert!(line["error"].as_str().is_some_and(|e| e.contains("symbolic link")), "{line}");
-    assert_eq!(sim.stats().jobs_created, 1);
+    assert_eq!(sim.stats().jobs_created, 2);
+}
+
+#[test]
+fn a_server_that_quotes_the_key_everywhere_leaves_it_in_no_byte_and_no_result_host() {
+    use krea_batch::sim::Listener;
+    let sim = Sim::start(|config| {
+        config.api_key = SECRET.into();
+        // Hostile: `Bearer <key>` in failed jobs' error and result.error, created_at and
+        // completed_at, Deprecation/Sunset/Link, the last of two result URLs, and a status.
+        config.echo_key = true;
+        config.outputs_per_job = 2;
+        config.job_time = Duration::from_millis(800);
+        config.quirks.undocumented_state = Some(format!("warming Bearer {SECRET}"));
+    });
+    let work = Workspace::with_jobs(
+        "  - {name: sea, prompt: a calm sea}\n  - {name: storm, prompt: \"[nsfw] a storm\"}\n",
+    );
+    let mut command = krea_batch();
+    command
+        .args(["-vv", "--log-format", "json", "run"])
+        .arg(work.job_file())
+        .arg("--json")
+        .env("KREA_API_BASE", sim.url())
+        .env("KREA_API_KEY", SECRET)
+        .env("RUST_LOG", "trace");
+    let child = crate::support::LiveChild::spawn(command);
+    let run = child.finish(Duration::from_mins(1));
+    run.expect_code(1);
+    assert!(run.stderr.lines().count() > 50, "trace logging was on");
+    assert!(run.stderr.contains("Bearer [redacted]"), "server text arrived, redacted");
+    assert_nowhere(work.dir.path(), &run);
+
+    let manifest = work.manifest();
+    let line = |name: &str| {
+        manifest.iter().find(|line| line["name"] == name).cloned().expect("in the manifest")
+    };
+    let storm = line("storm");
+    assert_eq!(storm["status"], "failed");
+    assert!(storm["error"].as_str().is_some_and(|e| e.contains("[redacted]")), "{storm}");
+    let sea = line("sea");
+    assert_eq!(sea["status"], "download_pending", "{sea}");
+    assert!(
+        sea["error"].as_str().is_some_and(|e| e.contains("quoted the API key")),
+        "the URL that quoted the key was refused: {sea}"
+    );
+    let sidecar: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(work.out().join("sea/1.png.json")).expect("the clean result's sidecar"),
+    )
+    .expect("JSON");
+    assert!(sidecar["created_at"].as_str().is_some_and(|t| t.contains("[redacted]")), "{sidecar}");
+
+    let stats = sim.stats();
+    let on_file_host: Vec<_> =
+        stats.requests.iter().filter(|request| request.listener == Listener::Files).collect();
+    assert!(!on_file_host.is_empty(), "the clean result was fetched");
+    assert!(
+        on_file_host.iter().all(|request| !request.path.contains(SECRET)),
+        "no request carried the key to the result host: {on_file_host:?}"
+    );
+    assert_eq!(stats.auth_header_on_file_host, 0);
 }

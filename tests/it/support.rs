@@ -82,6 +82,12 @@ impl Workspace {
         Self::with_file(&format!("model: image/bfl/flux-1-dev\n{FAST_LIMITS}\njobs:\n{jobs}"))
     }
 
+    /// Rewrites `jobs.yaml` as [`Workspace::with_jobs`] writes it, with other `jobs`.
+    pub(crate) fn set_jobs(&self, jobs: &str) {
+        let text = format!("model: image/bfl/flux-1-dev\n{FAST_LIMITS}\njobs:\n{jobs}");
+        std::fs::write(self.job_file(), text).expect("job file rewritten");
+    }
+
     /// A job file `jobs.yaml` with exactly `text`.
     pub(crate) fn with_file(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -117,7 +123,8 @@ impl Workspace {
             .arg("run")
             .arg(self.job_file())
             .env("KREA_API_BASE", sim.url())
-            .env("KREA_API_KEY", sim.key());
+            .env("KREA_API_KEY", sim.key())
+            .env("XDG_CACHE_HOME", self.cache_home());
         LiveChild::spawn(command)
     }
 
@@ -126,7 +133,14 @@ impl Workspace {
         let mut command = krea_batch();
         command.args(subcommand).arg(self.job_file()).args(extra);
         command.env("KREA_API_BASE", sim.url()).env("KREA_API_KEY", key);
+        command.env("XDG_CACHE_HOME", self.cache_home());
         Run::of(&command.output().expect("krea-batch runs"))
+    }
+
+    /// The user cache folder (`XDG_CACHE_HOME`) this workspace's commands share, as the
+    /// commands of one user would.
+    pub(crate) fn cache_home(&self) -> PathBuf {
+        self.dir.path().join("xdg-cache")
     }
 }
 
@@ -151,14 +165,20 @@ impl ViaShell for Command {
     }
 }
 
-/// The binary under test, with a clean environment.
+/// The binary under test, with a clean environment and a user cache folder of its own (so no
+/// test reads another's cached OpenAPI document, and none writes to the real `~/.cache`).
 pub(crate) fn krea_batch() -> Command {
+    static COMMANDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut command = Command::new(env!("CARGO_BIN_EXE_krea-batch"));
     for var in
         ["KREA_API_KEY", "KREA_API_BASE", "CREDENTIALS_DIRECTORY", "RUST_LOG", "JOURNAL_STREAM"]
     {
         command.env_remove(var);
     }
+    let n = COMMANDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("xdg-cache-{}-{n}", std::process::id()));
+    command.env("XDG_CACHE_HOME", cache);
     command
 }
 

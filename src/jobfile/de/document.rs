@@ -14,7 +14,7 @@ use std::fmt;
 
 /// The top-level keys, in the order the example documents them.
 const TOP_KEYS: &[&str] =
-    &["model", "params", "output", "api", "limits", "prices", "budget", "jobs"];
+    &["model", "params", "output", "api", "limits", "prices", "budget", "reuse", "jobs"];
 /// The keys of one job entry.
 const JOB_KEYS: &[&str] = &["prompt", "name", "model", "params", "count", "matrix", "from"];
 
@@ -66,6 +66,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
             limits: Limits::default(),
             prices: BTreeMap::new(),
             budget: None,
+            reuse: None,
             jobs: Vec::new(),
         };
         let mut has_jobs = false;
@@ -85,6 +86,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
                 "limits" => file.limits = map.next_value()?,
                 "prices" => file.prices = map.next_value_seed(PricesSeed { ctx })?,
                 "budget" => file.budget = Some(map.next_value()?),
+                "reuse" => file.reuse = Some(map.next_value()?),
                 _ => {
                     file.jobs = map.next_value_seed(JobsSeed { ctx })?;
                     has_jobs = true;

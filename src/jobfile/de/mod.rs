@@ -49,6 +49,8 @@ pub(crate) struct RawFile {
     pub(crate) prices: BTreeMap<String, f64>,
     /// The `budget:` section.
     pub(crate) budget: Option<Budget>,
+    /// `reuse:`, when written.
+    pub(crate) reuse: Option<bool>,
     /// The job entries, in file order; never empty.
     pub(crate) jobs: Vec<RawJob>,
 }
