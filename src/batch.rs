@@ -16,7 +16,7 @@ use crate::pace::PollSchedule;
 use crate::pricing::{Estimate, PriceTable, usd};
 use crate::report::{Counts, EngineStatus, MANIFEST, Summary, rewrite_manifest};
 use crate::retry::RetryPolicy;
-use crate::runner::{Controls, Engine, EngineIo, EngineSettings};
+use crate::runner::{Controls, Engine, EngineIo, EngineSettings, KreaApi, RefusingApi};
 use crate::store::{Change, JobRecord, Store, StoreWriter};
 use anyhow::Context as _;
 use serde::Serialize;
@@ -329,10 +329,14 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         }
     };
 
-    let (client, downloader) = clients(base, &limits, key)?;
+    // Downloads only: no key, and an API that refuses every call.
+    let (client, downloader): (Arc<dyn KreaApi>, Downloader) = match key {
+        Some(key) => clients(base, &limits, key).map(|(client, d)| (Arc::new(client) as _, d))?,
+        None => (Arc::new(RefusingApi), downloader(&base, &limits)?),
+    };
     let writer = StoreWriter::spawn(store)?;
     let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+        EngineIo::new(client, downloader, writer.clone(), claimed_elsewhere),
         engine_jobs,
         &output_dirs,
         EngineSettings { budget, ..engine_settings(&limits) },
@@ -378,7 +382,7 @@ fn take_batch(
     places: &Places,
     base: &reqwest::Url,
     options: &mut RunOptions,
-) -> anyhow::Result<(i64, ApiKey)> {
+) -> anyhow::Result<(i64, Option<ApiKey>)> {
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
     let source = source.to_string_lossy();
     let chosen = match options.mode {
@@ -387,7 +391,7 @@ fn take_batch(
             let key = options.key.take().ok_or_else(|| InputError("no API key".into()))?;
             let batch = claim_output(store, places, &file.source, &source, options.force)?;
             let reuse = file.reuse && !options.fresh;
-            (import(store, file, &batch, &places.output_dir, reuse)?, key)
+            (import(store, file, &batch, &places.output_dir, reuse)?, Some(key))
         }
         Mode::DownloadOnly => {
             let batch = if let Some(marker) =
@@ -408,8 +412,8 @@ fn take_batch(
                     places.output_dir.display()
                 ))
             })?;
-            // Downloads never carry the key; the API client is built but never called.
-            (batch_id, ApiKey::new("unused-by-downloads")?)
+            // Downloads never carry the key, and never call the API (`RefusingApi`).
+            (batch_id, None)
         }
     };
     Ok(chosen)
@@ -421,23 +425,31 @@ pub(crate) fn clients(
     limits: &Limits,
     key: ApiKey,
 ) -> anyhow::Result<(KreaClient, Downloader)> {
+    let downloader = downloader(&base, limits)?;
     let settings = ClientSettings {
         base_url: base,
-        connect_timeout: Duration::from_secs(10),
+        connect_timeout: CONNECT_TIMEOUT,
         request_timeout: limits.request_timeout,
     };
     let client = KreaClient::new(&settings, key).map_err(InputError)?;
-    let downloader = Downloader::new(&DownloadSettings {
-        connect_timeout: settings.connect_timeout,
+    Ok((client, downloader))
+}
+
+/// The longest wait for a connection, to Krea or a result host.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The download client for `limits`, beside the API at `base`.
+fn downloader(base: &reqwest::Url, limits: &Limits) -> anyhow::Result<Downloader> {
+    Downloader::new(&DownloadSettings {
+        connect_timeout: CONNECT_TIMEOUT,
         read_timeout: limits.request_timeout,
         max_bytes: limits.max_result_size,
         timeout: limits.download_timeout,
         min_rate: limits.download_min_rate,
         // Loopback and private result hosts only beside an API on loopback (the simulation).
-        internal_addresses: crate::api::is_loopback(&settings.base_url),
+        internal_addresses: crate::api::is_loopback(base),
     })
-    .map_err(anyhow::Error::msg)?;
-    Ok((client, downloader))
+    .map_err(anyhow::Error::msg)
 }
 
 /// Imports the job file's jobs into the state and reports what changed; returns the batch.

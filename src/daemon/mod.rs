@@ -86,7 +86,7 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+        EngineIo::new(Arc::new(client), downloader, writer.clone(), claimed_elsewhere),
         jobs,
         &output_dirs,
         service_settings(&config, watchdog),
