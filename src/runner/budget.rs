@@ -190,9 +190,9 @@ mod tests {
     #[test]
     fn the_ledger_counts_billed_and_in_flight_not_failed() {
         let mut ledger = Ledger::default();
-        ledger.add(&job(JobState::Downloaded, 1.0, 10, NOW));
-        ledger.add(&job(JobState::Failed, 5.0, 10, NOW));
-        ledger.add(&job(JobState::Pending, 7.0, 10, NOW));
+        ledger.add(&job(JobState::Downloaded, 1.0, 10), NOW);
+        ledger.add(&job(JobState::Failed, 5.0, 10), NOW);
+        ledger.add(&job(JobState::Pending, 7.0, 10), NOW);
         let mut flying = job(JobState::Submitted, 0.5, 11);
         ledger.add(&flying, NOW);
         assert!((ledger.total() - 1.5).abs() < 1e-9);

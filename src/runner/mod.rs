@@ -27,11 +27,15 @@
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
 
 mod budget;
+#[cfg(test)]
+mod doubles;
 mod fetch;
 mod poll;
 mod reconciling;
 mod seam;
 mod submit;
+#[cfg(test)]
+mod tests;
 
 use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;

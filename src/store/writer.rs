@@ -164,3 +164,29 @@ impl StoreWriter {
         done.await.map_err(|_| StoreError::WriterGone)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// Paused time jumps to the next timer whenever the runtime is idle, as it is while a reply
+    /// from the writer thread is awaited; inline, the store's work takes no virtual time.
+    #[tokio::test(start_paused = true)]
+    async fn an_inline_writer_takes_no_virtual_time() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let store = Store::open_writer(&dir.path().join("state.db")).expect("the state");
+        let writer = StoreWriter::inline(store);
+        let timer = tokio::spawn(tokio::time::sleep(Duration::from_hours(1)));
+        let started = Instant::now();
+        // Through a thread, one of these replies would come after the runtime went idle.
+        for _ in 0..100 {
+            let jobs = writer.with_store(|store| store.jobs(None)).await.expect("the writer");
+            assert!(jobs.expect("the jobs").is_empty());
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(!timer.is_finished());
+        writer.close().await;
+    }
+}
