@@ -25,6 +25,12 @@
 //!
 //! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
+//!
+//! The engine reaches the world only through its seam (`seam.rs`, bundled in [`EngineIo`]): Krea
+//! through [`KreaApi`], result hosts through [`ResultFetcher`], the wall clock through [`Clock`],
+//! the state file through its [`StoreWriter`]. Waits and deadlines use tokio's clock. So the
+//! in-process tests (`tests.rs`) run the engine against in-memory doubles (`doubles.rs`) on
+//! paused tokio time, with the writer inline ([`StoreWriter::inline`]).
 
 mod budget;
 #[cfg(test)]
