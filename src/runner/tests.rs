@@ -158,8 +158,8 @@ impl Handles {
 
     /// Waits (in virtual time) until the published status satisfies `done`.
     async fn until(&mut self, done: impl Fn(&EngineStatus) -> bool) {
-        let waited = tokio::time::timeout(Duration::from_hours(10), self.status.wait_for(done));
-        waited.await.expect("the state within 10 virtual hours").expect("the engine is running");
+        let waited = tokio::time::timeout(Duration::from_hours(48), self.status.wait_for(done));
+        waited.await.expect("the state within 48 virtual hours").expect("the engine is running");
     }
 }
 
@@ -343,6 +343,27 @@ async fn the_budget_stops_submitting_before_it_is_exceeded() {
     assert_eq!(h.posts().len(), 2, "0.3 would exceed 0.25");
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 2);
     assert_eq!(count(&outcome.jobs, JobState::Pending), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
+    let mut rig = Rig::new(2);
+    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.paused == Some(StopReason::BudgetReached)).await;
+    h.until(|status| status.counts.completed == 2).await;
+    let posts = h.posts();
+    assert_eq!(posts.len(), 2);
+    // The test clock starts at midnight UTC: the second job waits for the next day.
+    let day = Duration::from_hours(24);
+    assert!(posts[1] >= day && posts[1] <= day + SECOND, "{posts:?}");
+    h.controls.drain.cancel();
+    running.await.expect("the task").expect("the run");
 }
 
 #[tokio::test(start_paused = true)]
