@@ -68,6 +68,10 @@ pub struct SimConfig {
     /// result, in the query of its last result URL. (A status string quoting the key is
     /// [`Quirks::undocumented_state`] set to such a text.)
     pub echo_key: bool,
+    /// Hostile tests only (Krea does not do this): every job after the first is answered with
+    /// the first job's id. The new job still runs and is billed, but no id reaches it: what a
+    /// client sees from an API that hands out an id twice.
+    pub reuse_job_ids: bool,
     /// Variants of the response shapes Krea's documents disagree about.
     pub quirks: Quirks,
     /// Fault injection at start; change it later with `SimServer::set_faults`.
@@ -101,6 +105,7 @@ impl Default for SimConfig {
             cancel_any_pending: false,
             request_log_limit: 20_000,
             echo_key: false,
+            reuse_job_ids: false,
             quirks: Quirks::default(),
             faults: Faults::default(),
         }
