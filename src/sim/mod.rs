@@ -86,7 +86,9 @@ mod world_file;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Faults, Quirks, SimConfig, Storm, SunsetNotice};
+pub use config::{
+    DEFAULT_CONFIG_YAML, Faults, Quirks, SimConfig, Storm, SunsetNotice, config_keys_help,
+};
 pub use stats::{JobRecord, Listener, RequestRecord, ServedFile, SimStats};
 
 use hyper::server::conn::http1;
@@ -103,7 +105,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use world::{Millis, World};
-pub use world_file::{FileTopUp, WorldFileError, top_up_file};
+pub use world_file::{FileTopUp, WORLD_FILE, WorldFileError, top_up_file};
 use world_file::{SavedPorts, SavedWorld, WorldFile};
 
 /// A running simulated Krea API. Dropping it stops the listeners too; [`SimServer::shutdown`]
@@ -277,6 +279,13 @@ impl SimServer {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        // Settled up to now, so the file shows the charges of the jobs that have ended.
+        {
+            let now = self.shared.now_ms();
+            let mut state = self.shared.lock();
+            state.world.advance(now);
+            state.generation += 1;
         }
         self.shared.persist();
     }

@@ -21,6 +21,10 @@ use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+/// The world file's name in a simulated output folder (`run --simulate`). Its name starts
+/// with `.krea-batch`, which marks krea-batch's own files in an output folder.
+pub const WORLD_FILE: &str = ".krea-batch-sim.json";
+
 /// The version of the file's layout.
 const VERSION: u32 = 1;
 
@@ -125,6 +129,24 @@ pub(crate) enum SavedOutcome {
     Failed { code: String, message: String },
 }
 
+impl SavedAccount {
+    /// The balance once the jobs not yet ended have ended: less the price of each that is to
+    /// complete (the file holds the balance as of its last write; charges come on completion).
+    fn settled_balance_micros(&self) -> i64 {
+        let to_charge: i64 = self
+            .jobs
+            .iter()
+            .filter(|job| job.ended.is_none())
+            .filter(|job| match &job.due {
+                Some(end) => matches!(end.outcome, SavedOutcome::Completed),
+                None => matches!(job.plan, SavedOutcome::Completed),
+            })
+            .map(|job| job.price_micros)
+            .sum();
+        self.balance_micros.saturating_sub(to_charge)
+    }
+}
+
 impl SavedWorld {
     pub(crate) fn new(world_id: String, ports: SavedPorts, account: SavedAccount) -> Self {
         Self { about: ABOUT.to_owned(), version: VERSION, world_id, ports, account }
@@ -160,7 +182,8 @@ impl WorldFile {
 /// What a top-up of a world file did.
 #[derive(Debug, PartialEq)]
 pub enum FileTopUp {
-    /// No simulation serves the world: the file now holds this balance (USD).
+    /// No simulation serves the world: the file now holds a balance this much higher (USD,
+    /// counting the charges of jobs still running).
     Saved {
         /// The balance before.
         before_usd: f64,
@@ -198,11 +221,12 @@ pub fn top_up_file(path: &Path, usd: f64) -> Result<FileTopUp, WorldFileError> {
         path: path.into(),
         detail: "it went away while being topped up".into(),
     })?;
-    let before = world.account.balance_micros;
-    world.account.balance_micros = before.saturating_add(super::world::usd_to_micros(usd));
+    let added = super::world::usd_to_micros(usd);
+    world.account.balance_micros = world.account.balance_micros.saturating_add(added);
     write(path, &world)?;
     let usd = |micros: i64| micros as f64 / super::models::MICROS_PER_USD;
-    Ok(FileTopUp::Saved { before_usd: usd(before), balance_usd: usd(world.account.balance_micros) })
+    let balance = world.account.settled_balance_micros();
+    Ok(FileTopUp::Saved { before_usd: usd(balance - added), balance_usd: usd(balance) })
 }
 
 /// The lock file of a world.
