@@ -666,7 +666,9 @@ fn guard_api(
                 None => current,
             };
             return Err(InputError(format!(
-                "the state file {} holds jobs submitted to {sent_to}, but this run uses {now};                  use the same API, or another --state / output directory (a simulated folder                  whose world file .krea-batch-sim.json is gone is started over by deleting it)",
+                "the state file {} holds jobs submitted to {sent_to}, but this run uses {now}; \
+                 use the same API, or another --state / output directory (a simulated folder \
+                 whose world file .krea-batch-sim.json is gone is started over by deleting it)",
                 store.path().display()
             ))
             .into());

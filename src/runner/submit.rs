@@ -193,7 +193,10 @@ impl Engine {
             // names a job that is not ours to poll. Sending the job again could pay for it a
             // second time and would hide the anomaly; the job fails, for good, and says why.
             let message = format!(
-                "Krea answered the submission with job id {id}, which already belongs to                  {owner}: an anomaly at Krea, not recorded twice; the submission was accepted                  (Krea may bill it) so this job is not submitted again (look up job {id} at                  Krea)",
+                "Krea answered the submission with job id {id}, which already belongs to \
+                 {owner}: an anomaly at Krea, not recorded twice; the submission was accepted \
+                 (Krea may bill it) so this job is not submitted again (look up job {id} at \
+                 Krea)",
                 id = remote.job_id
             );
             tracing::error!(job = %name, job_id = %remote.job_id, "{message}");
