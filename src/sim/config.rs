@@ -46,6 +46,7 @@ pub fn config_keys_help() -> String {
 /// jobs at once, a few seconds per image, a generous balance, no faults.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
+#[allow(clippy::struct_excessive_bools, reason = "independent switches, each one behaviour")]
 pub struct SimConfig {
     /// Port of the API listener on 127.0.0.1 (0: any free port).
     pub api_port: u16,

@@ -263,10 +263,9 @@ impl SimServer {
         self.shared.set_balance(usd);
     }
 
-    /// Adds `usd` to the balance (a top-up), clears the "a 402 was answered" marker, and
-    /// returns the new balance.
-    pub fn top_up(&self, usd: f64) -> f64 {
-        self.shared.top_up(usd)
+    /// Adds `usd` to the balance (a top-up) and clears the "a 402 was answered" marker.
+    pub fn top_up(&self, usd: f64) {
+        self.shared.top_up(usd);
     }
 
     /// Replaces the fault injection; a storm's window starts now.

@@ -127,7 +127,7 @@ fn a_simulated_run_stopped_at_once_is_finished_by_a_rerun_from_the_kept_world() 
         .arg(&config)
         .arg(work.job_file());
     let child = LiveChild::spawn(command);
-    child.wait_for_log("submitted", Duration::from_secs(60));
+    child.wait_for_log("submitted", Duration::from_mins(1));
     child.signal("INT");
     child.wait_for_log("no more submissions", Duration::from_secs(30));
     child.signal("INT");
@@ -176,7 +176,7 @@ fn a_post_answered_with_an_id_already_claimed_is_reported_and_never_sent_again()
         .env("KREA_API_BASE", sim.url())
         .env("KREA_API_KEY", sim.key());
     // Bounded: without the fix the engine submitted the job again and again.
-    let run = LiveChild::spawn(command).finish(Duration::from_secs(60));
+    let run = LiveChild::spawn(command).finish(Duration::from_mins(1));
     run.expect_code(1);
     let stats = sim.stats();
     assert_eq!(stats.jobs_created, 2, "the second job was not sent again");
