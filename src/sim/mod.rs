@@ -164,21 +164,22 @@ impl SimServer {
         persisted: Option<Persisted>,
     ) -> std::io::Result<Self> {
         // A remembered port taken meanwhile by another program: any free one instead (only
-        // results not yet downloaded from the earlier address are then out of reach).
+        // results not yet downloaded from the earlier address are then out of reach). A port
+        // the configuration names is used or refused, never swapped.
         let remembered = persisted.is_some();
-        let bind = |port: u16| async move {
+        let bind = |port: u16, configured: u16| async move {
             let listen = |port| TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
             match listen(port).await {
-                Err(err) if remembered && port != 0 => {
+                Err(err) if remembered && port != 0 && configured == 0 => {
                     tracing::warn!(port, error = %err, "the simulation's earlier port is taken; listening on another");
                     listen(0).await
                 }
                 other => other,
             }
         };
-        let api = bind(ports.api).await?;
-        let files = bind(ports.files).await?;
-        let redirect = bind(ports.redirect).await?;
+        let api = bind(ports.api, config.api_port).await?;
+        let files = bind(ports.files, config.files_port).await?;
+        let redirect = bind(ports.redirect, config.redirect_port).await?;
         let origin = |listener: &TcpListener| -> std::io::Result<String> {
             Ok(format!("http://{}", listener.local_addr()?))
         };

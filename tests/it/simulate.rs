@@ -144,6 +144,31 @@ fn a_simulated_run_stopped_at_once_is_finished_by_a_rerun_from_the_kept_world() 
 }
 
 #[test]
+fn a_rerun_is_accepted_when_the_simulations_port_was_taken_meanwhile() {
+    let work = Workspace::with_jobs(&numbered_jobs("a moved pier", 1));
+    let config = sim_config(&work, "job_time: 50ms\n");
+    run_simulated(&work, &config).expect_code(0);
+    let before = world(&work);
+    let port = u16::try_from(before["ports"]["api"].as_u64().expect("a port")).expect("a port");
+    // Another program takes the port (SO_REUSEADDR, as the simulation binds, so the connections
+    // the last run left in TIME_WAIT do not stand in the way).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let _taken = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(([127, 0, 0, 1], port).into()).expect("the old port is free to take");
+        socket.listen(1).expect("listening")
+    });
+    work.set_jobs(&numbered_jobs("a moved pier", 2));
+    let rerun = run_simulated(&work, &config);
+    rerun.expect_code(0);
+    let after = world(&work);
+    assert_ne!(after["ports"]["api"], before["ports"]["api"], "another port");
+    assert_eq!(after["world_id"], before["world_id"]);
+    assert_eq!(created(&work), (2, vec![1, 1]), "only the new job was sent");
+}
+
+#[test]
 fn job_ids_are_unique_across_two_simulation_processes() {
     // The same seed in both: ids must still differ.
     let ids = |stem: &str| -> HashSet<String> {
