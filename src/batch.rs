@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 pub const STATE_FILE: &str = ".krea-batch.sqlite";
 /// Meta key: the API base URL the state's jobs were submitted to.
 const META_API_BASE: &str = "api_base";
+/// The state's meta key naming the simulated world its jobs were sent to ("" for none).
+const META_SIMULATION: &str = "simulation";
 
 /// Bad input or usage (exit code 2), as opposed to a failure while running.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,9 @@ pub struct RunOptions {
     /// Results go to `<output>-simulated` with their own state: a simulated run never mixes
     /// with real results.
     pub simulated: bool,
+    /// The identity of the simulated world this run talks to (`--simulate`): the same world
+    /// may listen on another port from one run to the next, and its jobs are still there.
+    pub simulation: Option<String>,
     /// `--fresh`: new generations even for jobs this state already completed for another job
     /// file (the job file's `reuse: false` does the same).
     pub fresh: bool,
@@ -387,7 +392,7 @@ fn take_batch(
     let source = source.to_string_lossy();
     let chosen = match options.mode {
         Mode::Run => {
-            guard_api_base(store, base)?;
+            guard_api(store, base, options.simulation.as_deref())?;
             let key = options.key.take().ok_or_else(|| InputError("no API key".into()))?;
             let batch = claim_output(store, places, &file.source, &source, options.force)?;
             let reuse = file.reuse && !options.fresh;
@@ -642,22 +647,49 @@ fn refuse_foreign(dir: &Path, foreign: &[String], force: bool) -> anyhow::Result
 /// Refuses to poll, with one API, jobs that were submitted to another: their ids mean nothing
 /// there, and a job that seemed lost could be submitted (and paid for) again.
 pub(crate) fn guard_api_base(store: &mut Store, base: &reqwest::Url) -> anyhow::Result<()> {
+    guard_api(store, base, None)
+}
+
+/// [`guard_api_base`] for a run against `simulation` (a simulated world's identity, when
+/// simulated): the same world is the same API whatever its address.
+fn guard_api(
+    store: &mut Store,
+    base: &reqwest::Url,
+    simulation: Option<&str>,
+) -> anyhow::Result<()> {
     let current = base.as_str().trim_end_matches('/').to_owned();
     if let Some(recorded) = store.meta(META_API_BASE)? {
+        let recorded_world = store.meta(META_SIMULATION)?.filter(|world| !world.is_empty());
+        let same = match simulation {
+            Some(world) => recorded_world.as_deref() == Some(world),
+            None => recorded == current && recorded_world.is_none(),
+        };
         let has_remote_work = store
             .jobs(None)?
             .iter()
             .any(|job| job.remote_id.is_some() || job.state == JobState::Unknown);
-        if recorded != current && has_remote_work {
+        if !same && has_remote_work {
+            let sent_to = match recorded_world {
+                Some(_) => format!("a simulation ({recorded}) whose world is not this one"),
+                None => recorded,
+            };
+            let now = match simulation {
+                Some(_) => format!("a new simulation ({current})"),
+                None => current,
+            };
             return Err(InputError(format!(
-                "the state file {} holds jobs submitted to {recorded}, but this run uses \
-                 {current}; use the same API, or another --state / output directory",
+                "the state file {} holds jobs submitted to {sent_to}, but this run uses {now}; \
+                 use the same API, or another --state / output directory (a simulated folder \
+                 whose world file .krea-batch-sim.json is gone is started over by deleting it)",
                 store.path().display()
             ))
             .into());
         }
     }
-    store.apply(&[Change::Meta { key: META_API_BASE.into(), value: current }])?;
+    store.apply(&[
+        Change::Meta { key: META_API_BASE.into(), value: current },
+        Change::Meta { key: META_SIMULATION.into(), value: simulation.unwrap_or_default().into() },
+    ])?;
     Ok(())
 }
 

@@ -51,7 +51,9 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Ask a running daemon (or run) to probe now whether submitting may resume, after a top-up.
     Resume(ResumeArgs),
-    /// Run the simulated Krea API as a server, for trying job files and for tests.
+    /// Run the simulated Krea API as a server, for trying job files and for tests; or top up a
+    /// simulation's balance (--top-up).
+    #[command(after_long_help = crate::sim::config_keys_help())]
     SimulateApi(SimulateArgs),
 }
 
@@ -233,19 +235,32 @@ pub struct StatusArgs {
 /// `krea-batch simulate-api`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Port of the API (0: any free port; the address is printed).
+    /// Port of the API (0: any free port; the address is printed). With --top-up: the port of
+    /// the running simulation to top up.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
     /// Port of the result-file host (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub files_port: u16,
-    /// The simulation's settings (YAML; see `SimConfig` in the docs).
+    /// The simulation's settings (YAML; the keys are listed below under --help, and
+    /// --print-config prints them with their defaults).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The API key the simulation accepts (default: its config's, `sim-key`).
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
-    /// The prepaid balance in USD.
+    /// The prepaid balance in USD (of a new world: a kept world keeps its own).
     #[arg(long, value_name = "USD")]
     pub balance: Option<f64>,
+    /// Keep the simulated account (its jobs, ids and balance) in FILE, and take it up again on
+    /// the next start, as `run --simulate` does in `<output>-simulated/.krea-batch-sim.json`.
+    #[arg(long, value_name = "FILE")]
+    pub world: Option<PathBuf>,
+    /// Add USD to a simulation's balance and exit: of the one running on --port, or of the
+    /// world in --world (topped up in the file, or through the simulation serving it).
+    #[arg(long, value_name = "USD", conflicts_with_all = ["files_port", "balance", "print_config"])]
+    pub top_up: Option<f64>,
+    /// Print every setting with its default and what it does (a valid --config file), and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }

@@ -17,7 +17,7 @@ use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
 use krea_batch::report::{self, EngineStatus, StopReason, Summary};
 use krea_batch::runner::Controls;
-use krea_batch::sim::{SimConfig, SimServer};
+use krea_batch::sim::{self, FileTopUp, SimConfig, SimError, SimServer, WorldFileError};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -124,18 +124,24 @@ async fn run(
     state: &mut Option<std::path::PathBuf>,
 ) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    *state = Some(batch::places(&file, args.state.as_deref(), args.simulate).state);
+    let places = batch::places(&file, args.state.as_deref(), args.simulate);
+    *state = Some(places.state.clone());
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
+    let mut world = None;
     let key = if args.simulate {
         let config = match &args.simulate_config {
             Some(path) => load_sim_config(path)?,
             None => SimConfig::default(),
         };
-        let server = SimServer::start(config).await?;
+        // The simulated account lives beside the simulated results, so a rerun finds its jobs,
+        // ids and balance as a rerun against Krea would.
+        let path = places.output_dir.join(sim::WORLD_FILE);
+        let server = SimServer::start_with_world(config, &path).await.map_err(sim_error)?;
         tracing::info!(api = %server.base_url(), "running against the simulated Krea API: nothing is spent");
         api_base = Some(server.base_url());
         let key = key::ApiKey::new(server.api_key())?;
+        world = Some((path, server.world_id().map(str::to_owned)));
         simulation = Some(server);
         key
     } else {
@@ -159,6 +165,7 @@ async fn run(
         api_base,
         key: Some(key),
         simulated: args.simulate,
+        simulation: world.as_ref().and_then(|(_, id)| id.clone()),
         force: args.force,
         fresh: args.fresh,
         controls,
@@ -174,7 +181,32 @@ async fn run(
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     eprint!("{summary}");
+    if let (Some((path, _)), Some(StopReason::PaymentRequired)) = (&world, summary.stopped) {
+        eprintln!(
+            "The simulated balance is spent. Top it up, then run the same command again:\n  \
+             krea-batch simulate-api --top-up 5 --world {}",
+            shell_word(&path.to_string_lossy())
+        );
+    }
     Ok(exit_code(&summary))
+}
+
+/// A simulation that cannot start: a world file in use or unreadable is the user's to sort
+/// out (exit 2).
+fn sim_error(err: SimError) -> anyhow::Error {
+    match err {
+        SimError::World(
+            err @ (WorldFileError::InUse { .. } | WorldFileError::Unreadable { .. }),
+        ) => InputError(err.to_string()).into(),
+        err => err.into(),
+    }
+}
+
+/// `text` as one word a POSIX shell reads back as it is: bare when it is plain, else quoted.
+fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if plain { text.to_owned() } else { format!("'{}'", text.replace('\'', r"'\''")) }
 }
 
 async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
@@ -189,6 +221,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         api_base: None,
         key: None,
         simulated: false,
+        simulation: None,
         force: false,
         fresh: false,
         controls,
@@ -352,31 +385,131 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
+    if args.print_config {
+        print!("{}", sim::DEFAULT_CONFIG_YAML);
+        return Ok(EXIT_OK);
+    }
     let mut config = match &args.config {
         Some(path) => load_sim_config(path)?,
         None => SimConfig::default(),
     };
-    config.api_port = args.port;
-    config.files_port = args.files_port;
     if let Some(key) = args.key {
         config.api_key = key;
     }
+    if let Some(usd) = args.top_up {
+        return top_up(usd, args.port, args.world.as_deref(), &config.api_key).await;
+    }
+    config.api_port = args.port;
+    config.files_port = args.files_port;
     if let Some(balance) = args.balance {
         config.balance_usd = balance;
     }
-    let server = SimServer::start(config).await?;
-    println!("Krea API simulation listening on {}", server.base_url());
-    println!("result files served from {}", server.files_base_url());
+    let server = match &args.world {
+        Some(path) => SimServer::start_with_world(config, path).await.map_err(sim_error)?,
+        None => SimServer::start(config).await?,
+    };
+    let base = server.base_url();
+    let port = base.rsplit(':').next().unwrap_or_default().to_owned();
+    let key = server.api_key();
+    let key_arg = if key == SimConfig::default().api_key {
+        String::new()
+    } else {
+        format!(" --key {}", shell_word(key))
+    };
     println!(
-        "API key: {}  (export KREA_API_BASE={} KREA_API_KEY=<that key>)",
-        server.api_key(),
-        server.base_url()
+        "Krea API simulation listening on {base} (result files on {})",
+        server.files_base_url()
     );
+    match &args.world {
+        Some(path) => println!(
+            "balance ${:.2}; the account is kept in {}",
+            server.stats().balance_usd,
+            path.display()
+        ),
+        None => println!("balance ${:.2}", server.stats().balance_usd),
+    }
+    println!("To point krea-batch at it, paste:");
+    println!("export KREA_API_BASE={base} KREA_API_KEY={}", shell_word(key));
+    println!("To top up its balance by $5, paste:");
+    println!("krea-batch simulate-api --top-up 5 --port {port}{key_arg}");
+    println!("Ctrl-C stops it.");
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     controls.stop_submitting.cancelled().await;
     server.shutdown().await;
     Ok(EXIT_OK)
+}
+
+/// `simulate-api --top-up USD`: of the world file `world` (or the simulation serving it), else
+/// of the simulation listening on `port`.
+async fn top_up(
+    usd: f64,
+    port: u16,
+    world: Option<&std::path::Path>,
+    key: &str,
+) -> anyhow::Result<u8> {
+    if !usd.is_finite() || usd <= 0.0 {
+        return Err(InputError(format!("--top-up {usd}: give a positive amount in USD")).into());
+    }
+    let port = match world {
+        Some(path) => {
+            match sim::top_up_file(path, usd).map_err(|err| InputError(err.to_string()))? {
+                FileTopUp::Saved { before_usd, balance_usd } => {
+                    println!(
+                        "simulated balance ${balance_usd:.2} (was ${before_usd:.2}) in {}",
+                        path.display()
+                    );
+                    return Ok(EXIT_OK);
+                }
+                FileTopUp::Served { api_port } => api_port,
+            }
+        }
+        None if port == 0 => {
+            return Err(InputError(
+                "--top-up needs the simulation: --port PORT (a running simulate-api) or --world \
+                 FILE (a kept world, such as <output>-simulated/.krea-batch-sim.json)"
+                    .into(),
+            )
+            .into());
+        }
+        None => port,
+    };
+    let balance = top_up_at(port, key, usd).await?;
+    println!("simulated balance ${balance:.2} (the simulation on 127.0.0.1:{port})");
+    Ok(EXIT_OK)
+}
+
+/// Sends a top-up to the simulation listening on `port` (`POST /_sim/top-up`).
+async fn top_up_at(port: u16, key: &str, usd: f64) -> anyhow::Result<f64> {
+    let url = format!("http://127.0.0.1:{port}/_sim/top-up");
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(key)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::json!({ "usd": usd }).to_string())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|err| {
+            InputError(format!(
+                "no simulation answers on 127.0.0.1:{port} ({err}); is `krea-batch simulate-api \
+                 --port {port}` running?"
+            ))
+        })?;
+    let status = answer.status();
+    let body = answer.bytes().await.unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    match body["balance_usd"].as_f64() {
+        Some(balance) if status.is_success() => Ok(balance),
+        _ if status == reqwest::StatusCode::UNAUTHORIZED => Err(InputError(format!(
+            "the simulation on 127.0.0.1:{port} refused the key: pass its key with --key"
+        ))
+        .into()),
+        _ => Err(InputError(format!(
+            "127.0.0.1:{port} did not take the top-up ({status}): is it a krea-batch simulation?"
+        ))
+        .into()),
+    }
 }
 
 /// First Ctrl-C or SIGTERM: stop submitting, finish what is in flight. Second: stop now.

@@ -3,7 +3,9 @@
 //! One POST at a time. The attempt is recorded (state `submitting`, time, count) in the turn's
 //! commit before the POST starts; the answer is recorded in the next turn's commit, together
 //! with the next attempt. An answer that proves nothing was created (402, 429, 400, a refused
-//! connection) puts the job back or fails it; a missing answer makes it `unknown`.
+//! connection) puts the job back or fails it; a missing answer makes it `unknown`. An accepted
+//! POST always created something: answered with a job id another job already holds, the job
+//! fails with both named and is never sent again.
 //!
 //! A job whose POST got no usable answer (a 5xx, a timeout) is sent again only once
 //! reconciliation has shown that the attempt created nothing, and then only after a back-off of
@@ -188,15 +190,19 @@ impl Engine {
         self.resume_after_pause();
         let name = self.slots[slot].job.name.clone();
         if let Some(owner) = self.claim_owner(&remote.job_id) {
+            // Krea accepted the POST, so it created a job (and may bill it), but its answer
+            // names a job that is not ours to poll. Sending the job again could pay for it a
+            // second time and would hide the anomaly; the job fails, for good, and says why.
             let message = format!(
-                "Krea answered with job id {} which already belongs to {owner}; not recorded \
-                 twice",
-                remote.job_id
+                "Krea answered the submission with job id {id}, which already belongs to \
+                 {owner}: an anomaly at Krea, not recorded twice; the submission was accepted \
+                 (Krea may bill it) so this job is not submitted again (look up job {id} at \
+                 Krea)",
+                id = remote.job_id
             );
-            tracing::error!(job = %name, "{message}");
+            tracing::error!(job = %name, job_id = %remote.job_id, "{message}");
             self.slots[slot].job.attempt_ended = Some(self.clock.now_ms());
-            self.set_state(slot, JobState::Unknown, Some(message));
-            self.await_reconciliation(slot);
+            self.set_state(slot, JobState::Failed, Some(message));
             return;
         }
         self.claim(slot, remote);

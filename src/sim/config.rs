@@ -5,12 +5,48 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::Duration;
+
+/// Every setting at its default, each with one line saying what it does: what
+/// `simulate-api --print-config` prints, and a valid configuration file as it is.
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("default_config.yaml");
+
+/// One line per setting (`faults.reset_rate  API requests whose connection …`), from
+/// [`DEFAULT_CONFIG_YAML`]: the knobs as `simulate-api --help` lists them.
+#[must_use]
+pub fn config_keys_help() -> String {
+    let mut help = String::from(
+        "Settings (YAML, for --config; `--print-config` prints them all with their defaults):\n",
+    );
+    let mut comment = String::new();
+    let mut parents: Vec<(usize, String)> = Vec::new();
+    for line in DEFAULT_CONFIG_YAML.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let text = line.trim();
+        if text.is_empty() {
+            comment.clear();
+        } else if let Some(said) = text.strip_prefix('#') {
+            said.trim().clone_into(&mut comment);
+        } else if let Some((key, value)) = text.split_once(':') {
+            parents.retain(|(depth, _)| *depth < indent);
+            let mut path: Vec<&str> = parents.iter().map(|(_, name)| name.as_str()).collect();
+            path.push(key);
+            let _ = writeln!(help, "  {:<34} {comment}", path.join("."));
+            if value.trim().is_empty() {
+                parents.push((indent, key.to_owned()));
+            }
+            comment.clear();
+        }
+    }
+    help
+}
 
 /// Everything the simulated Krea API can be told. `Default` is a pleasant demo account: a few
 /// jobs at once, a few seconds per image, a generous balance, no faults.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
+#[allow(clippy::struct_excessive_bools, reason = "independent switches, each one behaviour")]
 pub struct SimConfig {
     /// Port of the API listener on 127.0.0.1 (0: any free port).
     pub api_port: u16,
@@ -68,6 +104,10 @@ pub struct SimConfig {
     /// result, in the query of its last result URL. (A status string quoting the key is
     /// [`Quirks::undocumented_state`] set to such a text.)
     pub echo_key: bool,
+    /// Hostile tests only (Krea does not do this): every job after the first is answered with
+    /// the first job's id. The new job still runs and is billed, but no id reaches it: what a
+    /// client sees from an API that hands out an id twice.
+    pub reuse_job_ids: bool,
     /// Variants of the response shapes Krea's documents disagree about.
     pub quirks: Quirks,
     /// Fault injection at start; change it later with `SimServer::set_faults`.
@@ -101,6 +141,7 @@ impl Default for SimConfig {
             cancel_any_pending: false,
             request_log_limit: 20_000,
             echo_key: false,
+            reuse_job_ids: false,
             quirks: Quirks::default(),
             faults: Faults::default(),
         }
@@ -324,6 +365,30 @@ mod tests {
         assert_eq!(config.auto_timeout, Some(Duration::from_mins(3)));
         assert_eq!(config.faults.storm.map(|storm| storm.duration), Some(Duration::from_secs(2)));
         assert_eq!(config.api_key, "sim-key");
+    }
+
+    #[test]
+    fn the_printed_default_config_is_the_default_and_names_every_key() {
+        let printed: SimConfig = serde_yaml::from_str(DEFAULT_CONFIG_YAML).expect("valid YAML");
+        let json = |config: &SimConfig| serde_json::to_value(config).expect("serialisable");
+        assert_eq!(json(&printed), json(&SimConfig::default()));
+        let help = config_keys_help();
+        let defaults = json(&SimConfig::default());
+        let mut keys = Vec::new();
+        for (key, value) in defaults.as_object().expect("an object") {
+            match value.as_object() {
+                Some(inner) if key != "sunset_models" => {
+                    keys.extend(inner.keys().map(|inner| format!("{key}.{inner}")));
+                }
+                _ => keys.push(key.clone()),
+            }
+        }
+        for key in keys {
+            let line = help.lines().find(|line| line.split_whitespace().next() == Some(&key));
+            let line = line.unwrap_or_else(|| panic!("{key} missing from\n{help}"));
+            assert!(line.len() > key.len() + 10, "{key} has no description: {line}");
+        }
+        assert!(!help.contains("SimConfig"));
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn route(
             Some(view) => ok(shared.renderer().job(&view, false)),
             None => reply::error(StatusCode::NOT_FOUND, "Job not found"),
         },
-        Method::DELETE => match shared.lock().world.cancel(now, id) {
+        Method::DELETE => match cancel(shared, now, id) {
             Ok(()) => reply::empty(StatusCode::OK),
             Err(CancelError::NotFound) => reply::error(StatusCode::NOT_FOUND, "Job not found"),
             Err(CancelError::NotCancellable(status)) => {
@@ -262,16 +262,39 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
         price_micros: accepted.price_micros,
     };
     let now = shared.now_ms();
-    let mut state = shared.lock();
-    match state.world.create(now, new) {
-        Ok(view) => reply::json(StatusCode::OK, &shared.renderer().job(&view, true)),
+    let created = {
+        let mut state = shared.lock();
+        let created = state.world.create(now, new);
+        match &created {
+            Ok(_) => state.generation += 1,
+            Err(Refusal::InsufficientBalance) => state.after_402 = true,
+            Err(Refusal::AtCapacity) => {}
+        }
+        created
+    };
+    match created {
+        Ok(view) => {
+            // Kept before it is answered: a restarted simulation knows every id it handed out.
+            shared.persist();
+            reply::json(StatusCode::OK, &shared.renderer().job(&view, true))
+        }
         Err(Refusal::InsufficientBalance) => {
-            state.after_402 = true;
             let key = if config.quirks.payment_error_key { "error" } else { "message" };
             reply::json(StatusCode::PAYMENT_REQUIRED, &json!({ key: PAYMENT_MESSAGE }))
         }
         Err(Refusal::AtCapacity) => too_many(config.retry_after_secs),
     }
+}
+
+/// Cancels a job at Krea's request path, keeping the world file up to date.
+fn cancel(shared: &Shared, now: Millis, id: &str) -> Result<(), CancelError> {
+    {
+        let mut state = shared.lock();
+        state.world.cancel(now, id)?;
+        state.generation += 1;
+    }
+    shared.persist();
+    Ok(())
 }
 
 fn too_many(retry_after_secs: Option<u64>) -> Response<reply::Body> {
@@ -383,6 +406,14 @@ async fn control(shared: &Shared, request: Request<Incoming>) -> Response<reply:
                 shared.set_balance(body.usd);
                 reply::json(StatusCode::OK, &json!({ "balance_usd": body.usd }))
             }
+            Err(message) => reply::error(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::POST, "/_sim/top-up") => match parse_body::<BalanceBody>(request).await {
+            Ok(body) if body.usd.is_finite() && body.usd > 0.0 => {
+                let balance = shared.top_up(body.usd);
+                reply::json(StatusCode::OK, &json!({ "balance_usd": balance }))
+            }
+            Ok(_) => reply::error(StatusCode::BAD_REQUEST, "usd must be a positive amount"),
             Err(message) => reply::error(StatusCode::BAD_REQUEST, &message),
         },
         (Method::POST, "/_sim/faults") => match parse_body::<Faults>(request).await {

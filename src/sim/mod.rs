@@ -8,8 +8,10 @@
 //! [`SimServer::start`] binds three listeners on 127.0.0.1, three different origins:
 //! - the **API** ([`SimServer::base_url`]): `POST /generate/<kind>/<provider>/<model>`,
 //!   `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `GET /openapi.json` (no key needed), and the control
-//!   endpoints `GET /_sim/stats`, `POST /_sim/balance` (`{"usd": 12.5}`), `POST /_sim/faults`
-//!   (a [`Faults`] object), which need the key but are neither faulted nor recorded;
+//!   endpoints `GET /_sim/stats`, `POST /_sim/balance` (`{"usd": 12.5}`: sets it),
+//!   `POST /_sim/top-up` (`{"usd": 5}`: adds to it; what `simulate-api --top-up` sends),
+//!   `POST /_sim/faults` (a [`Faults`] object), which need the key but are neither faulted nor
+//!   recorded;
 //! - the **file host** ([`SimServer::files_base_url`]): `/results/<job_id>/<i>.png` (`.mp4` for
 //!   video) and `/previews/<job_id>/<i>.png`;
 //! - a **third origin** that redirect faults point at; it serves the same files.
@@ -41,6 +43,11 @@
 //! - **Hostile tests only:** [`SimConfig::echo_key`] makes the server quote `Bearer <key>` in
 //!   the texts it writes (Krea does not), to check that the client redacts server text.
 //! - Result files exist as soon as the job does (their URLs are only published on completion).
+//! - Job ids are random version-4 UUIDs from the operating system's randomness, never from
+//!   `seed`: two simulations never hand out the same id, as Krea never does. (`seed` keeps
+//!   random failures and faults reproducible.)
+//! - A world kept in a file ([`SimServer::start_with_world`]) outlives the process as Krea's
+//!   account outlives a client: jobs run on while no simulation serves them.
 //!
 //! # Files
 //!
@@ -48,6 +55,7 @@
 //! |---|---|
 //! | `config.rs` | [`SimConfig`], [`Faults`], [`Quirks`]: the settings |
 //! | `world.rs` | the pure model: jobs, lifecycle, concurrency, balance (no I/O) |
+//! | `world_file.rs` | the world kept in a file across restarts (`--simulate`, `--world`), its lock, top-ups of it |
 //! | `jobs.rs` | the job vocabulary: states and wire names, views, queries, refusals |
 //! | `models.rs` | the model table: schemas and prices |
 //! | `validate.rs` | request bodies checked against a model's schema |
@@ -73,11 +81,14 @@ mod reply;
 mod stats;
 mod validate;
 mod world;
+mod world_file;
 
 #[cfg(test)]
 mod tests;
 
-pub use config::{Faults, Quirks, SimConfig, Storm, SunsetNotice};
+pub use config::{
+    DEFAULT_CONFIG_YAML, Faults, Quirks, SimConfig, Storm, SunsetNotice, config_keys_help,
+};
 pub use stats::{JobRecord, Listener, RequestRecord, ServedFile, SimStats};
 
 use hyper::server::conn::http1;
@@ -87,12 +98,15 @@ use models::MICROS_PER_USD;
 use render::Renderer;
 use stats::Recorder;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use world::{Millis, World};
+pub use world_file::{FileTopUp, WORLD_FILE, WorldFileError, top_up_file};
+use world_file::{SavedPorts, SavedWorld, WorldFile};
 
 /// A running simulated Krea API. Dropping it stops the listeners too; [`SimServer::shutdown`]
 /// also waits for them.
@@ -105,34 +119,97 @@ pub struct SimServer {
 
 impl SimServer {
     /// Binds the three listeners on 127.0.0.1 (ports from `config`, 0 for any) and starts
-    /// serving on the current tokio runtime.
+    /// serving on the current tokio runtime. The world lives in memory only.
     pub async fn start(config: SimConfig) -> std::io::Result<Self> {
-        let bind = |port| TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-        let api = bind(config.api_port).await?;
-        let files = bind(config.files_port).await?;
-        let redirect = bind(config.redirect_port).await?;
+        let ports = SavedPorts {
+            api: config.api_port,
+            files: config.files_port,
+            redirect: config.redirect_port,
+        };
+        let world = World::new(&config);
+        Self::serve_world(config, world, ports, None).await
+    }
+
+    /// Like [`SimServer::start`], with the world kept in `path`: taken up again when the file
+    /// exists (its jobs, ids, timings and balance; `config` then sets the behaviour, not the
+    /// balance), saved after every change, and served on the ports it was served on before
+    /// when `config` names none and they are free. Refused while another simulation serves it.
+    pub async fn start_with_world(config: SimConfig, path: &Path) -> Result<Self, SimError> {
+        let (file, saved) = WorldFile::open(path)?;
+        let unreadable = |detail| WorldFileError::Unreadable { path: path.to_owned(), detail };
+        let (world, world_id, before) = match saved {
+            Some(saved) => {
+                let world = World::restore(&config, saved.account).map_err(unreadable)?;
+                (world, saved.world_id, saved.ports)
+            }
+            None => (World::new(&config), world::random_uuid(), SavedPorts::default()),
+        };
+        let pick = |configured: u16, before: u16| if configured == 0 { before } else { configured };
+        let ports = SavedPorts {
+            api: pick(config.api_port, before.api),
+            files: pick(config.files_port, before.files),
+            redirect: pick(config.redirect_port, before.redirect),
+        };
+        let persisted = Persisted { file, world_id, saved: Mutex::new(None) };
+        let server = Self::serve_world(config, world, ports, Some(persisted)).await?;
+        // Saved at once: the world exists (with its id and ports) from its first start.
+        server.shared.persist();
+        Ok(server)
+    }
+
+    async fn serve_world(
+        config: SimConfig,
+        world: World,
+        ports: SavedPorts,
+        persisted: Option<Persisted>,
+    ) -> std::io::Result<Self> {
+        // A remembered port taken meanwhile by another program: any free one instead (only
+        // results not yet downloaded from the earlier address are then out of reach). A port
+        // the configuration names is used or refused, never swapped.
+        let remembered = persisted.is_some();
+        let bind = |port: u16, configured: u16| async move {
+            let listen = |port| TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+            match listen(port).await {
+                Err(err) if remembered && port != 0 && configured == 0 => {
+                    tracing::warn!(port, error = %err, "the simulation's earlier port is taken; listening on another");
+                    listen(0).await
+                }
+                other => other,
+            }
+        };
+        let api = bind(ports.api, config.api_port).await?;
+        let files = bind(ports.files, config.files_port).await?;
+        let redirect = bind(ports.redirect, config.redirect_port).await?;
         let origin = |listener: &TcpListener| -> std::io::Result<String> {
             Ok(format!("http://{}", listener.local_addr()?))
         };
         let (api_base, files_base, redirect_base) =
             (origin(&api)?, origin(&files)?, origin(&redirect)?);
+        let bound = SavedPorts {
+            api: api.local_addr()?.port(),
+            files: files.local_addr()?.port(),
+            redirect: redirect.local_addr()?.port(),
+        };
         let epoch_ms = now_unix_ms();
         let state = State {
-            world: World::new(&config),
+            world,
             recorder: Recorder::new(config.request_log_limit),
             faults: config.faults.clone(),
             faults_set_ms: epoch_ms,
             rng: fastrand::Rng::with_seed(config.seed.wrapping_add(1)),
             after_402: false,
+            generation: 0,
         };
         let shared = Arc::new(Shared {
             config,
             api_base,
             files_base,
             redirect_base,
+            ports: bound,
             epoch: Instant::now(),
             epoch_ms,
             state: Mutex::new(state),
+            persisted,
         });
         let (stop, stopped) = watch::channel(false);
         let tasks =
@@ -143,6 +220,13 @@ impl SimServer {
                 })
                 .collect();
         Ok(Self { shared, stop, tasks })
+    }
+
+    /// The identity of a persistent world ([`SimServer::start_with_world`]): the same for as
+    /// long as its file lives, whatever ports it listens on.
+    #[must_use]
+    pub fn world_id(&self) -> Option<&str> {
+        self.shared.persisted.as_ref().map(|persisted| persisted.world_id.as_str())
     }
 
     /// The API origin, e.g. `http://127.0.0.1:41234`.
@@ -175,9 +259,14 @@ impl SimServer {
         self.shared.stats()
     }
 
-    /// Sets the balance (a top-up) and clears the "a 402 was answered" marker.
+    /// Sets the balance and clears the "a 402 was answered" marker.
     pub fn set_balance(&self, usd: f64) {
         self.shared.set_balance(usd);
+    }
+
+    /// Adds `usd` to the balance (a top-up) and clears the "a 402 was answered" marker.
+    pub fn top_up(&self, usd: f64) {
+        self.shared.top_up(usd);
     }
 
     /// Replaces the fault injection; a storm's window starts now.
@@ -191,7 +280,36 @@ impl SimServer {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Settled up to now, so the file shows the charges of the jobs that have ended.
+        {
+            let now = self.shared.now_ms();
+            let mut state = self.shared.lock();
+            state.world.advance(now);
+            state.generation += 1;
+        }
+        self.shared.persist();
     }
+}
+
+/// Why a simulation cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A listener cannot be bound.
+    #[error("the simulation cannot listen on 127.0.0.1: {0}")]
+    Bind(#[from] std::io::Error),
+    /// Its world file cannot be used.
+    #[error(transparent)]
+    World(#[from] WorldFileError),
+}
+
+/// A world kept in a file.
+#[derive(Debug)]
+struct Persisted {
+    file: WorldFile,
+    world_id: String,
+    /// The generation last written (none yet); held while writing, so writes never go back
+    /// in time.
+    saved: Mutex<Option<u64>>,
 }
 
 /// What every request handler shares.
@@ -201,10 +319,14 @@ pub(crate) struct Shared {
     api_base: String,
     files_base: String,
     redirect_base: String,
+    /// The ports listened on.
+    ports: SavedPorts,
     epoch: Instant,
     /// Unix time at `epoch`; `now_ms` moves on from it with the monotonic clock.
     epoch_ms: Millis,
     state: Mutex<State>,
+    /// Where the world is kept, if anywhere.
+    persisted: Option<Persisted>,
 }
 
 /// The mutable part, behind one mutex held only for short, non-async stretches.
@@ -217,6 +339,9 @@ pub(crate) struct State {
     rng: fastrand::Rng,
     /// A 402 has been answered since the last top-up.
     after_402: bool,
+    /// Counts the changes to the world that time alone does not explain (creations,
+    /// cancellations, top-ups): what the world file must catch up with.
+    generation: u64,
 }
 
 impl Shared {
@@ -256,9 +381,49 @@ impl Shared {
     }
 
     fn set_balance(&self, usd: f64) {
-        let mut state = self.lock();
-        state.world.set_balance(world::usd_to_micros(usd));
-        state.after_402 = false;
+        {
+            let mut state = self.lock();
+            state.world.set_balance(world::usd_to_micros(usd));
+            state.after_402 = false;
+            state.generation += 1;
+        }
+        self.persist();
+    }
+
+    fn top_up(&self, usd: f64) -> f64 {
+        let balance = {
+            let mut state = self.lock();
+            let balance = state.world.balance().saturating_add(world::usd_to_micros(usd));
+            state.world.set_balance(balance);
+            state.after_402 = false;
+            state.generation += 1;
+            balance
+        };
+        self.persist();
+        balance as f64 / MICROS_PER_USD
+    }
+
+    /// Writes the world to its file, if it is kept in one and has changed since it was last
+    /// written. Called before a change is answered, so that a client never holds an id the
+    /// file lacks. A failed write is logged: the simulation goes on in memory.
+    pub(crate) fn persist(&self) {
+        let Some(persisted) = &self.persisted else { return };
+        let mut saved = persisted.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let (generation, account) = {
+            let state = self.lock();
+            if *saved == Some(state.generation) {
+                return; // another request wrote this change already
+            }
+            (state.generation, state.world.save())
+        };
+        let world = SavedWorld::new(persisted.world_id.clone(), self.ports, account);
+        match persisted.file.save(&world) {
+            Ok(()) => *saved = Some(generation),
+            Err(err) => tracing::error!(
+                file = %persisted.file.path().display(), error = %err,
+                "cannot save the simulated world; a restarted simulation will miss the latest jobs"
+            ),
+        }
     }
 
     fn set_faults(&self, faults: Faults) {

@@ -364,3 +364,76 @@ async fn control_endpoints_need_the_key_and_report_stats() {
     let bad = sim.post("/_sim/faults", &json!({"no_such_fault": 1})).await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_world_kept_in_a_file_is_taken_up_again_with_its_jobs_ids_balance_and_ports() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out-simulated/.krea-batch-sim.json");
+    let config = || quick(SimConfig { balance_usd: 0.014, ..SimConfig::default() });
+    let server = SimServer::start_with_world(config(), &path).await.expect("starts");
+    let world_id = server.world_id().expect("a persistent world").to_owned();
+    let mut harness = Harness { server, client: Client::new() };
+    let done = body(harness.generate("kept done").await).await;
+    // A job that is still running when the simulation stops runs on meanwhile.
+    let running = body(harness.generate("kept [stuck]").await).await;
+    assert_eq!(harness.generate("one too many").await.status(), StatusCode::PAYMENT_REQUIRED);
+    let done_id = done["job_id"].as_str().expect("id").to_owned();
+    let done_job = harness.job_until(&done_id, "completed").await;
+    let url = done_job["result"]["urls"][0].as_str().expect("url").to_owned();
+    let (base, files) = (harness.server.base_url(), harness.server.files_base_url());
+    assert!(
+        matches!(SimServer::start_with_world(config(), &path).await, Err(SimError::World(_))),
+        "one simulation per world"
+    );
+    harness.server.shutdown().await;
+
+    let server = SimServer::start_with_world(config(), &path).await.expect("starts again");
+    assert_eq!(server.world_id(), Some(world_id.as_str()), "the same world");
+    assert_eq!((server.base_url(), server.files_base_url()), (base, files), "the same ports");
+    harness.server = server;
+    let again = body(harness.get(&format!("/jobs/{done_id}")).await).await;
+    assert_eq!(again["status"], "completed");
+    assert_eq!(again["result"]["urls"][0], url.as_str(), "the result URL still holds");
+    let file = harness.client.get(&url).send().await.expect("served");
+    assert_eq!(file.status(), StatusCode::OK, "the recorded URL downloads");
+    let stuck = running["job_id"].as_str().expect("id");
+    assert_eq!(body(harness.get(&format!("/jobs/{stuck}")).await).await["status"], "processing");
+    let stats = harness.server.stats();
+    assert_eq!(stats.jobs_created, 2);
+    assert!((stats.balance_usd - 0.007).abs() < 1e-9, "charged once: {}", stats.balance_usd);
+    // The balance is the world's, not the config's; a top-up adds to it.
+    assert_eq!(harness.generate("still too many").await.status(), StatusCode::PAYMENT_REQUIRED);
+    let topped = body(harness.post("/_sim/top-up", &json!({"usd": 1})).await).await;
+    assert!((topped["balance_usd"].as_f64().expect("number") - 1.007).abs() < 1e-9, "{topped}");
+    assert_eq!(harness.generate("after the top-up").await.status(), StatusCode::OK);
+    let bad = harness.post("/_sim/top-up", &json!({"usd": -1})).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    harness.server.shutdown().await;
+
+    // Offline, a top-up goes into the file (counting the charge of the job still running).
+    let topped = top_up_file(&path, 2.0).expect("topped up");
+    let FileTopUp::Saved { balance_usd, .. } = topped else { panic!("{topped:?}") };
+    assert!((balance_usd - 3.0).abs() < 1e-9, "{balance_usd}");
+}
+
+#[tokio::test]
+async fn two_simulations_with_the_same_seed_hand_out_different_ids() {
+    let first = Harness::start(quick(SimConfig::default())).await;
+    let second = Harness::start(quick(SimConfig::default())).await;
+    let a = body(first.generate("same seed").await).await;
+    let b = body(second.generate("same seed").await).await;
+    let (a, b) = (a["job_id"].as_str().expect("id"), b["job_id"].as_str().expect("id"));
+    assert_ne!(a, b, "ids come from the system's randomness, not the seed");
+    assert_eq!(a.len(), 36);
+    assert_eq!(&a[14..15], "4", "a version-4 UUID: {a}");
+}
+
+#[tokio::test]
+async fn the_hostile_reuse_job_ids_hands_out_the_first_id_again() {
+    let harness =
+        Harness::start(quick(SimConfig { reuse_job_ids: true, ..SimConfig::default() })).await;
+    let a = body(harness.generate("first").await).await;
+    let b = body(harness.generate("second").await).await;
+    assert_eq!(a["job_id"], b["job_id"]);
+    assert_eq!(harness.server.stats().jobs_created, 2, "both were created");
+}

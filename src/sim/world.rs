@@ -14,6 +14,7 @@ pub(crate) use super::jobs::{
 };
 use super::models::Kind;
 use super::stats::JobRecord;
+use super::world_file::{SavedAccount, SavedEnd, SavedJob, SavedOutcome};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, UNIX_EPOCH};
@@ -57,6 +58,7 @@ struct Settings {
     fail_rate: f64,
     undocumented_state: bool,
     cancel_any_pending: bool,
+    reuse_job_ids: bool,
 }
 
 /// The simulated account.
@@ -109,10 +111,13 @@ impl World {
             fail_rate: config.fail_rate,
             undocumented_state: config.quirks.undocumented_state.is_some(),
             cancel_any_pending: config.cancel_any_pending,
+            reuse_job_ids: config.reuse_job_ids,
         };
         Self {
             settings,
-            id_rng: fastrand::Rng::with_seed(config.seed),
+            // Ids are random as Krea's are, not drawn from `seed`: a restarted simulation must
+            // never hand out an id again (the seed keeps only failures and faults reproducible).
+            id_rng: fastrand::Rng::with_seed(random_seed()),
             failure_rng: fastrand::Rng::with_seed(config.seed ^ 0x5EED_FA11),
             jobs: Vec::new(),
             by_id: HashMap::new(),
@@ -143,14 +148,20 @@ impl World {
             return Err(Refusal::AtCapacity);
         }
         let plan = self.plan_for(&new.prompt);
-        let id = self.new_id();
+        // Hostile tests only: the first job's id handed out again (Krea does not do this).
+        let reused = self.jobs.first().filter(|_| self.settings.reuse_job_ids);
+        let id = match reused.map(|first| first.id.clone()) {
+            Some(id) => id,
+            None => self.new_id(),
+        };
         // Timestamps are unique, so a `cursor` of one job's `created_at` pages without gaps.
         let created_ms = now.max(self.last_created_ms + 1);
         self.last_created_ms = created_ms;
         *self.creations_by_prompt.entry(new.prompt.clone()).or_default() += 1;
         self.reserved += new.price_micros;
         let index = self.jobs.len();
-        self.by_id.insert(id.clone(), index);
+        // A reused id keeps pointing at its first job, as a lookup by id can only find one.
+        self.by_id.entry(id.clone()).or_insert(index);
         self.jobs.push(Job { id, new, created_ms, plan, started_ms: None, due: None, ended: None });
         self.waiting.push_back(index);
         self.waiting_count += 1;
@@ -244,6 +255,108 @@ impl World {
 
     pub(crate) fn creations_by_prompt(&self) -> &BTreeMap<String, u32> {
         &self.creations_by_prompt
+    }
+
+    /// The account as the world file keeps it: money, and every job with its timings.
+    pub(crate) fn save(&self) -> SavedAccount {
+        let end = |(at_ms, outcome): &(Millis, Outcome)| SavedEnd {
+            at_ms: *at_ms,
+            outcome: match outcome {
+                Outcome::Completed => SavedOutcome::Completed,
+                Outcome::Cancelled => SavedOutcome::Cancelled,
+                Outcome::Failed(failure) => saved_failure(failure),
+            },
+        };
+        let jobs = self
+            .jobs
+            .iter()
+            .map(|job| SavedJob {
+                id: job.id.clone(),
+                model: job.new.model.clone(),
+                prompt: job.new.prompt.clone(),
+                price_micros: job.new.price_micros,
+                created_ms: job.created_ms,
+                plan: match &job.plan {
+                    Plan::Complete => SavedOutcome::Completed,
+                    Plan::Stuck => SavedOutcome::Stuck,
+                    Plan::Fail(failure) => saved_failure(failure),
+                },
+                started_ms: job.started_ms,
+                due: job.due.as_ref().map(end),
+                ended: job.ended.as_ref().map(end),
+            })
+            .collect();
+        SavedAccount {
+            balance_micros: self.balance,
+            spent_micros: self.spent,
+            last_created_ms: self.last_created_ms,
+            creations_by_prompt: self.creations_by_prompt.clone(),
+            jobs,
+        }
+    }
+
+    /// The world of `config` holding a saved account: its jobs as they were (time moves them on
+    /// at the next call), its balance; reservations, the backlog and the running count are
+    /// recomputed from the jobs. Fails on a job whose model the table no longer knows.
+    pub(crate) fn restore(config: &SimConfig, account: SavedAccount) -> Result<Self, String> {
+        let mut world = Self::new(config);
+        world.balance = account.balance_micros;
+        world.spent = account.spent_micros;
+        world.last_created_ms = account.last_created_ms;
+        world.creations_by_prompt = account.creations_by_prompt;
+        for saved in account.jobs {
+            let spec = super::models::find(&saved.model).ok_or_else(|| {
+                format!(
+                    "job {} is of the model {}, which the simulation no longer has",
+                    saved.id, saved.model
+                )
+            })?;
+            let outcome = |outcome: SavedOutcome| match outcome {
+                SavedOutcome::Completed | SavedOutcome::Stuck => Outcome::Completed,
+                SavedOutcome::Cancelled => Outcome::Cancelled,
+                SavedOutcome::Failed { code, message } => {
+                    Outcome::Failed(Failure { code: failure_code(&code), message })
+                }
+            };
+            let plan = match saved.plan {
+                SavedOutcome::Completed | SavedOutcome::Cancelled => Plan::Complete,
+                SavedOutcome::Stuck => Plan::Stuck,
+                SavedOutcome::Failed { code, message } => {
+                    Plan::Fail(Failure { code: failure_code(&code), message })
+                }
+            };
+            let index = world.jobs.len();
+            let job = Job {
+                id: saved.id,
+                new: NewJob {
+                    model: saved.model,
+                    prompt: saved.prompt,
+                    kind: spec.kind,
+                    job_type: spec.job_type,
+                    price_micros: saved.price_micros,
+                },
+                created_ms: saved.created_ms,
+                plan,
+                started_ms: saved.started_ms,
+                due: saved.due.map(|end| (end.at_ms, outcome(end.outcome))),
+                ended: saved.ended.map(|end| (end.at_ms, outcome(end.outcome))),
+            };
+            if job.ended.is_none() {
+                world.reserved += job.new.price_micros;
+                if job.started_ms.is_some() {
+                    world.running_count += 1;
+                } else {
+                    world.waiting.push_back(index);
+                    world.waiting_count += 1;
+                }
+                if let Some((at, _)) = &job.due {
+                    world.due.push(Reverse((*at, index)));
+                }
+            }
+            world.by_id.entry(job.id.clone()).or_insert(index);
+            world.jobs.push(job);
+        }
+        Ok(world)
     }
 
     /// Every job, oldest first, as the statistics record them.
@@ -395,14 +508,53 @@ impl World {
         }
     }
 
-    /// A random (seeded) version-4 UUID.
+    /// A random version-4 UUID that no job of this world holds.
     fn new_id(&mut self) -> String {
-        let mut bytes = self.id_rng.u128(..).to_be_bytes();
-        bytes[6] = (bytes[6] & 0x0F) | 0x40;
-        bytes[8] = (bytes[8] & 0x3F) | 0x80;
-        let hex = super::stats::hex(&bytes);
-        format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+        loop {
+            let id = uuid_v4(&mut self.id_rng);
+            if !self.by_id.contains_key(&id) {
+                return id;
+            }
+        }
     }
+}
+
+/// A version-4 UUID drawn from `rng`.
+fn uuid_v4(rng: &mut fastrand::Rng) -> String {
+    let mut bytes = rng.u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0F) | 0x40;
+    bytes[8] = (bytes[8] & 0x3F) | 0x80;
+    let hex = super::stats::hex(&bytes);
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// A version-4 UUID no other process draws.
+pub(crate) fn random_uuid() -> String {
+    uuid_v4(&mut fastrand::Rng::with_seed(random_seed()))
+}
+
+/// A failure as the world file keeps it.
+fn saved_failure(failure: &Failure) -> SavedOutcome {
+    SavedOutcome::Failed { code: failure.code.to_owned(), message: failure.message.clone() }
+}
+
+/// The failure code the simulation uses that is named `code` (a provider error if none is).
+fn failure_code(code: &str) -> &'static str {
+    ["content_moderation", "timeout"]
+        .into_iter()
+        .find(|known| *known == code)
+        .unwrap_or("provider_error")
+}
+
+/// A seed no other process draws: the standard library's per-process random hash keys (from
+/// the operating system), mixed with the time and the process id.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let since = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    hasher.write_u128(since.as_nanos());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod resume;
 mod run;
 mod security;
 mod signals;
+mod simulate;
 mod spend;
 mod support;
 mod sweeps;
