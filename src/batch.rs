@@ -6,7 +6,8 @@
 //! in one state file.
 
 use crate::api::{self, ClientSettings, KreaClient};
-use crate::download::{DownloadSettings, Downloader, ensure_real_dir, remove_partials};
+use crate::download::{DownloadSettings, Downloader};
+use crate::files::{ensure_real_dir, remove_partials};
 use crate::job::JobState;
 use crate::jobfile::{Budget, JobFile, Limits};
 use crate::key::ApiKey;

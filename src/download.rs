@@ -18,6 +18,7 @@
 
 use crate::address::{PublicResolver, check_host};
 use crate::api::{check_url, display_url, error_chain, printable};
+use crate::files::{FileError, PARTIAL_PREFIX, ensure_real_dir, public_file, write_atomically};
 use crate::job::hex;
 use crate::key::REDACTED;
 use crate::retry::{RetryPolicy, Verdict};
@@ -30,8 +31,6 @@ use tokio::time::Instant;
 
 /// The most redirects followed for one result URL.
 pub const MAX_REDIRECTS: usize = 5;
-/// Temporary files start with this, so a restart can find and remove those of a killed run.
-pub const PARTIAL_PREFIX: &str = ".krea-part-";
 /// Every window this long must bring at least `limits.download_min_rate` bytes per second.
 pub const RATE_WINDOW: Duration = Duration::from_secs(30);
 /// The longest Content-Type kept (in sidecars and the state); a longer one is cut.
@@ -99,6 +98,12 @@ pub enum DownloadError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+impl From<FileError> for DownloadError {
+    fn from(err: FileError) -> Self {
+        Self::Disk { path: err.path, source: err.source }
+    }
 }
 
 impl DownloadError {
@@ -617,27 +622,6 @@ fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {
     move |source| DownloadError::Disk { path: path.clone(), source }
 }
 
-/// Results, sidecars and the manifest are ordinary files (0644 before the umask); only the
-/// state file is private.
-fn public_file() -> std::fs::Permissions {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::Permissions::from_mode(0o644)
-}
-
-/// Creates `dir` (and its parents) if needed, refusing a symlink where a folder belongs so that a
-/// link planted in the output directory cannot redirect writes elsewhere.
-pub fn ensure_real_dir(dir: &Path) -> Result<(), DownloadError> {
-    let disk = |source| DownloadError::Disk { path: dir.to_owned(), source };
-    match std::fs::symlink_metadata(dir) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(disk(std::io::Error::other(
-            "it is a symbolic link; krea-batch writes only into real folders",
-        ))),
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(disk(std::io::Error::other("it is a file, not a folder"))),
-        Err(_) => std::fs::create_dir_all(dir).map_err(disk),
-    }
-}
-
 /// The file extension for a Content-Type; unknown types get `bin`, never a name from the server.
 #[must_use]
 pub fn extension_for(content_type: &str) -> &'static str {
@@ -698,56 +682,13 @@ pub struct Sidecar<'a> {
 pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadError> {
     let mut text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
     text.push(b'\n');
-    write_atomically(&sidecar_path(dir, sidecar.file), &text, false)
+    Ok(write_atomically(&sidecar_path(dir, sidecar.file), &text, false)?)
 }
 
 /// The sidecar of `<dir>/<file>`: `<dir>/<file>.json`.
 #[must_use]
 pub fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!("{file}.json"))
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
-/// partial file; with `synced`, the data is on disk before the rename.
-pub fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), DownloadError> {
-    use std::io::Write as _;
-    let folder = path.parent().unwrap_or_else(|| Path::new("."));
-    let disk = |source| DownloadError::Disk { path: path.to_owned(), source };
-    let mut temp = tempfile::Builder::new()
-        .prefix(PARTIAL_PREFIX)
-        .permissions(public_file())
-        .tempfile_in(folder)
-        .map_err(disk)?;
-    temp.write_all(bytes).map_err(disk)?;
-    if synced {
-        temp.as_file().sync_all().map_err(disk)?;
-    }
-    temp.persist(path).map_err(|err| disk(err.error))?;
-    Ok(())
-}
-
-/// Removes the temporary files a killed run left in `dir` and its immediate sub-folders. Returns
-/// how many were removed.
-#[must_use]
-pub fn remove_partials(dir: &Path) -> usize {
-    let mut removed = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Ok(kind) = entry.file_type() else { continue };
-        if kind.is_file() && name.to_string_lossy().starts_with(PARTIAL_PREFIX) {
-            removed += usize::from(std::fs::remove_file(entry.path()).is_ok());
-        } else if kind.is_dir() && !kind.is_symlink() {
-            let Ok(inner) = std::fs::read_dir(entry.path()) else { continue };
-            for file in inner.flatten() {
-                let is_partial = file.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX);
-                if is_partial && file.file_type().is_ok_and(|kind| kind.is_file()) {
-                    removed += usize::from(std::fs::remove_file(file.path()).is_ok());
-                }
-            }
-        }
-    }
-    removed
 }
 
 /// A short, printable form of a URL for logs (at most 200 characters).
@@ -949,39 +890,5 @@ mod tests {
         assert_eq!(short.verdict(), Verdict::Retry(None));
         let big = DownloadError::TooLarge { url: "u".into(), limit: 1 };
         assert_eq!(big.verdict(), Verdict::GiveUp);
-    }
-
-    #[test]
-    fn a_symlink_is_not_a_folder_to_write_into() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let target = tempfile::tempdir().expect("tempdir");
-        let link = dir.path().join("job");
-        std::os::unix::fs::symlink(target.path(), &link).expect("symlink");
-        assert!(ensure_real_dir(&link).is_err());
-        assert!(ensure_real_dir(&dir.path().join("fresh/deeper")).is_ok());
-    }
-
-    #[test]
-    fn partials_are_cleaned_and_nothing_else() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(".krea-part-abc"), b"half").expect("write");
-        std::fs::create_dir(dir.path().join("multi")).expect("mkdir");
-        std::fs::write(dir.path().join("multi/.krea-part-x"), b"half").expect("write");
-        std::fs::write(dir.path().join("keep.png"), b"whole").expect("write");
-        assert_eq!(remove_partials(dir.path()), 2);
-        assert!(dir.path().join("keep.png").exists());
-    }
-
-    #[test]
-    fn atomic_writes_replace_links_without_following_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let outside = dir.path().join("outside.txt");
-        std::fs::write(&outside, b"precious").expect("write");
-        let inside = dir.path().join("file.json");
-        std::os::unix::fs::symlink(&outside, &inside).expect("symlink");
-        write_atomically(&inside, b"new", true).expect("written");
-        assert_eq!(std::fs::read(&outside).expect("read"), b"precious");
-        assert_eq!(std::fs::read(&inside).expect("read"), b"new");
-        assert!(!std::fs::symlink_metadata(&inside).expect("meta").file_type().is_symlink());
     }
 }

@@ -52,6 +52,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod download;
+pub mod files;
 pub mod gallery;
 pub mod inbox;
 pub mod job;

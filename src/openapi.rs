@@ -245,7 +245,7 @@ fn write_cache(cache: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = cache.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    crate::download::write_atomically(cache, bytes, false)?;
+    crate::files::write_atomically(cache, bytes, false)?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ mod notify;
 
 use crate::api;
 use crate::batch::{InputError, clients, engine_settings, guard_api_base};
-use crate::download::{ensure_real_dir, remove_partials};
+use crate::files::{ensure_real_dir, remove_partials};
 use crate::inbox::{Inbox, PROCESSING, ReadyFile};
 use crate::jobfile::{self, JobFile};
 use crate::key::ApiKey;
