@@ -6,18 +6,21 @@
 //! 4 the API key was refused; 5 stopped by the budget; 130 interrupted.
 
 use clap::Parser as _;
-use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
 use krea_batch::cli::{
     CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
     ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
+use krea_batch::error::InputError;
 use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
+use krea_batch::openapi::SchemaChoice;
 use krea_batch::report::{self, EngineStatus, StopReason, Summary};
+use krea_batch::run::{Mode, RunOptions};
 use krea_batch::runner::Controls;
 use krea_batch::sim::{SimConfig, SimServer};
+use krea_batch::{check, setup};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -104,7 +107,7 @@ async fn run_reporting_failure(
 /// The `--json` answer of a run that stopped on `err`; `state` is the state file, once known.
 fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String {
     let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
-    let status = state.and_then(|path| batch::status(path).ok());
+    let status = state.and_then(|path| krea_batch::status::status(path).ok());
     let value = serde_json::json!({
         "error": format!("{err:#}"),
         "exit_code": code,
@@ -124,7 +127,7 @@ async fn run(
     state: &mut Option<std::path::PathBuf>,
 ) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    *state = Some(batch::places(&file, args.state.as_deref(), args.simulate).state);
+    *state = Some(setup::places(&file, args.state.as_deref(), args.simulate).state);
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
     let key = if args.simulate {
@@ -164,7 +167,7 @@ async fn run(
         controls,
         status: status_tx,
     };
-    let result = batch::run(file, options).await;
+    let result = krea_batch::run::run(file, options).await;
     let _ = progress.await;
     if let Some(server) = simulation {
         server.shutdown().await;
@@ -194,7 +197,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         controls,
         status,
     };
-    let summary = batch::run(file, options).await?.summary;
+    let summary = krea_batch::run::run(file, options).await?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -240,7 +243,7 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
     }
     match job_file {
         Some(file) => {
-            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(batch::STATE_FILE))
+            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
         }
         None => {
             Err(InputError("name the state file: --state FILE or --config DAEMON.yaml".into())
@@ -307,12 +310,17 @@ fn exit_code(summary: &Summary) -> u8 {
 
 async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    let base = batch::base_url(&file, args.api_base.as_deref())?;
-    let state = batch::places(&file, None, false).state;
-    let report =
-        batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
+    let base = setup::base_url(&file, args.api_base.as_deref())?;
+    let state = setup::places(&file, None, false).state;
+    let report = krea_batch::openapi::schema_report(
+        &file,
+        &base,
+        &state,
+        &schema_choice(&args.schema, false),
+    )
+    .await;
     let fits = report.problems.is_empty();
-    let plan = batch::plan(&file, &base, report)?;
+    let plan = check::plan(&file, &base, report)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -335,7 +343,7 @@ fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let state_path = state_path(&args.target, args.job_file.as_deref())?;
     let json = args.json;
-    let status = batch::status(&state_path)?;
+    let status = krea_batch::status::status(&state_path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

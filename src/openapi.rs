@@ -2,11 +2,13 @@
 //! user's cache folder, one file per API base, see [`cache_path`]; `--offline` uses the cache
 //! whatever its age; `--openapi FILE` a file), and
 //! each model's request schema in it, so that `check` and `run` can refuse a job file whose
-//! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking).
+//! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking;
+//! [`schema_report`] and [`SchemaChoice`] are what the commands call).
 //!
 //! A model the document does not know gets a warning, not an error (the model list changes
 //! every few weeks); a document that cannot be had gets a warning and the run goes on.
 
+use crate::error::InputError;
 use crate::jobfile::JobFile;
 use crate::schema::{Problem, validate};
 use serde_json::Value;
@@ -286,6 +288,64 @@ async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, String> {
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
+}
+
+/// How request bodies are checked against Krea's schemas before anything is sent.
+#[derive(Clone, Debug, Default)]
+pub struct SchemaChoice {
+    /// `--openapi FILE`: this document instead of `<api>/openapi.json`.
+    pub openapi: Option<PathBuf>,
+    /// `--offline`: the cached document only.
+    pub offline: bool,
+    /// `--no-validate`: run even with problems (they are still logged).
+    pub skip: bool,
+}
+
+/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached per user, or
+/// beside `state` when the user has no cache folder: [`crate::openapi::cache_path`]).
+pub async fn schema_report(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> SchemaReport {
+    let source = match &choice.openapi {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Api {
+            base: base.clone(),
+            cache: cache_path(base, state),
+            offline: choice.offline,
+        },
+    };
+    let document = obtain(&source).await;
+    SchemaReport::of(document.as_ref().map_err(String::as_str), file)
+}
+
+/// Refuses to start a run whose bodies Krea would refuse, unless `--no-validate`; logs the
+/// warnings (a model the document does not know, no document at all).
+pub(crate) async fn enforce_schema(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> Result<(), InputError> {
+    let report = schema_report(file, base, state, choice).await;
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    let listed = report.problems.join("\n  ");
+    if choice.skip {
+        tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
+        return Ok(());
+    }
+    Err(InputError(format!(
+        "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
+         Fix the job file, or run with --no-validate to send them anyway.",
+        report.origin
+    )))
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@
 //!   say); krea-batch refuses it unless `--force`, and even then never replaces the files that
 //!   were there before it (the marker lists them).
 //!
-//! This module only reads and writes those two files and looks at the folder; `batch.rs`
-//! decides what a run does with the verdict.
+//! This module only reads and writes those two files and looks at the folder; `setup.rs`
+//! decides what a run does with the verdict (`setup::claim_output`).
 
 use crate::files::{PARTIAL_PREFIX, write_atomically};
 use crate::report::MANIFEST;

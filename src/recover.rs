@@ -17,12 +17,13 @@
 //! nothing lost" states this limit.
 
 use crate::api::{ApiError, KreaClient, RemoteStatus};
-use crate::batch::{InputError, Places, base_url, clients, guard_api_base, places};
+use crate::error::InputError;
 use crate::job::JobState;
 use crate::jobfile::JobFile;
 use crate::key::ApiKey;
 use crate::output::{self, Marker};
 use crate::report::MANIFEST;
+use crate::setup::{Places, base_url, clients, guard_api_base, places};
 use crate::store::{Change, FileRecord, JobRecord, Store};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};

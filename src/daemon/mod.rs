@@ -23,7 +23,7 @@ pub mod config;
 mod notify;
 
 use crate::api;
-use crate::batch::{InputError, clients, engine_settings, guard_api_base};
+use crate::error::InputError;
 use crate::files::{ensure_real_dir, remove_partials};
 use crate::inbox::{Inbox, PROCESSING, ReadyFile};
 use crate::jobfile::{self, JobFile};
@@ -32,9 +32,9 @@ use crate::metrics::MetricsSnapshot;
 use crate::pricing::PriceTable;
 use crate::report::{EngineStatus, rewrite_manifest};
 use crate::runner::{
-    Controls, Engine, EngineCommand, EngineIo, EngineSettings, sleep_until_or_forever,
-    tick_or_forever,
+    Controls, EngineCommand, EngineSettings, sleep_until_or_forever, tick_or_forever,
 };
+use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};
 pub use config::DaemonConfig;
 use std::path::Path;
@@ -66,34 +66,26 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
     ensure_real_dir(&config.output).map_err(|err| InputError(format!("output: {err}")))?;
     let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
         .map_err(|err| InputError(format!("inbox {}: {err}", config.inbox.display())))?;
-    let mut store = Store::open_writer(&config.state).map_err(|err| match err {
-        err @ StoreError::Locked { .. } => anyhow::Error::new(InputError(err.to_string())),
-        err => anyhow::Error::new(err),
-    })?;
-    guard_api_base(&mut store, &base)?;
+    let mut store = setup::open_store(&config.state)?;
+    setup::guard_api_base(&mut store, &base)?;
     file_away_interrupted(&mut inbox, &store)?;
     let jobs = store.jobs(None)?;
-    let output_dirs = store.output_dirs()?;
-    let claimed_elsewhere = store.remote_ids()?;
-    for dir in output_dirs.values() {
+    for dir in store.output_dirs()?.values() {
         let _ = remove_partials(dir);
     }
 
-    let (client, downloader) = clients(base, &config.limits, key)?;
-    let writer = StoreWriter::spawn(store)?;
+    let clients = setup::clients(base, &config.limits, key)?;
     let watchdog = sd_notify::watchdog_enabled();
     let controls = Controls::default();
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
-    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+    let Started { engine, writer, commands } = setup::start_engine(
+        store,
+        clients,
         jobs,
-        &output_dirs,
         service_settings(&config, watchdog),
         controls.clone(),
         status_tx,
-    )
-    .with_commands(command_rx);
+    )?;
     let engine_task = tokio::spawn(engine.run());
 
     let metrics = start_metrics(&config, &signals).await?;
@@ -216,7 +208,7 @@ impl Daemon {
 /// The engine settings of the service: the limits, plus pausing instead of stopping on a 402,
 /// and a heartbeat often enough for the watchdog.
 fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> EngineSettings {
-    let mut settings = engine_settings(&config.limits);
+    let mut settings = setup::engine_settings(&config.limits);
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
     settings.budget = config.budget;
@@ -284,7 +276,7 @@ impl Daemon {
             ));
         }
         if self.config.budget.is_some()
-            && let Some(refusal) = crate::batch::unpriced_under_budget(&job_file)
+            && let Some(refusal) = crate::costs::unpriced_under_budget(&job_file)
         {
             return Err(refusal);
         }
@@ -381,7 +373,7 @@ impl Daemon {
 
     /// Hands requests left by `krea-batch cancel` and `krea-batch resume` to the engine.
     async fn forward_requests(&self) {
-        crate::control::forward_requests(&self.writer, &self.commands).await;
+        setup::forward_requests(&self.writer, &self.commands).await;
     }
 
     /// SIGHUP: reads the config again (limits and the probe interval apply at once; paths and
