@@ -123,7 +123,7 @@ pub struct BudgetFit {
 
 impl BudgetFit {
     fn of(file: &JobFile, budget: Budget, costs: &Costs<'_>) -> Self {
-        let unpriced = costs.unpriced_refusal(file);
+        let unpriced = costs.unpriced_refusal(file).map(|refusal| refusal.to_string());
         let within = budget.max_usd.is_none_or(|cap| costs.total.usd <= cap + 1e-9);
         Self {
             max_usd: budget.max_usd,

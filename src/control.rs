@@ -164,7 +164,7 @@ async fn cancel_directly(
         (_, Some(key)) => {
             let base = setup::recorded_api_base(&store)?
                 .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
-            let base = api::parse_base_url(&base).map_err(InputError)?;
+            let base = api::parse_base_url(&base).map_err(|err| InputError(err.to_string()))?;
             Some(setup::api_client(base, Duration::from_secs(30), key)?)
         }
     };

@@ -6,6 +6,7 @@ use crate::error::InputError;
 use crate::jobfile::JobFile;
 use crate::pricing::{Estimate, PriceTable, usd};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Every job's estimated price, summed per model: one pass over the request bodies for the
 /// plan, the budget's checks and the warning at the start of a run.
@@ -33,30 +34,43 @@ impl<'f> Costs<'f> {
 
     /// Why these jobs cannot run under a budget: some have no known price, so what they
     /// commit cannot be counted. `None` when every job is priced.
-    pub(crate) fn unpriced_refusal(&self, file: &JobFile) -> Option<String> {
-        let unpriced: Vec<(&str, usize)> = self
+    pub(crate) fn unpriced_refusal(&self, file: &JobFile) -> Option<Unpriced> {
+        let models: Vec<(String, usize)> = self
             .by_model
             .iter()
             .filter(|(_, (_, estimate))| estimate.unpriced > 0)
-            .map(|(model, (_, estimate))| (*model, estimate.unpriced))
+            .map(|(model, (_, estimate))| ((*model).to_owned(), estimate.unpriced))
             .collect();
-        let (first, _) = unpriced.first()?;
-        let listed: Vec<String> =
-            unpriced.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
-        Some(format!(
-            "{}: a budget is set, but krea-batch knows no price for {}; add each under \
-             `prices:` (USD per generation, e.g. `prices: {{{first}: 0.05}}`) so the budget can \
-             count them",
-            file.source.display(),
-            listed.join(", "),
-        ))
+        (!models.is_empty()).then(|| Unpriced { file: file.source.clone(), models })
     }
+}
+
+/// A budget is set, but some jobs have no known price, so what they commit cannot be counted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` (USD \
+     per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
+    file.display(),
+    listed(models),
+    models.first().map_or("", |(model, _)| model.as_str())
+)]
+pub struct Unpriced {
+    /// The job file.
+    pub file: PathBuf,
+    /// Each model without a price, with its number of jobs.
+    pub models: Vec<(String, usize)>,
+}
+
+fn listed(models: &[(String, usize)]) -> String {
+    let listed: Vec<String> =
+        models.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
+    listed.join(", ")
 }
 
 /// Why `file`'s jobs cannot run under a budget (see [`Costs::unpriced_refusal`]); for the
 /// service's inbox.
 #[must_use]
-pub fn unpriced_under_budget(file: &JobFile) -> Option<String> {
+pub fn unpriced_under_budget(file: &JobFile) -> Option<Unpriced> {
     Costs::of(file).unpriced_refusal(file)
 }
 
@@ -66,7 +80,7 @@ pub(crate) fn enforce_budget(file: &JobFile) -> Result<(), InputError> {
     let Some(budget) = file.budget else { return Ok(()) };
     let costs = Costs::of(file);
     if let Some(refusal) = costs.unpriced_refusal(file) {
-        return Err(InputError(refusal));
+        return Err(InputError(refusal.to_string()));
     }
     if let Some(cap) = budget.max_usd.filter(|cap| costs.total.usd > *cap) {
         tracing::warn!(

@@ -16,8 +16,8 @@
 //! goes: the path comes from the job's name and the index of the URL; only the extension comes
 //! from the Content-Type, through a fixed table. The Content-Type kept is short and printable.
 
-use crate::address::{PublicResolver, check_host};
-use crate::api::{check_url, display_url, error_chain, printable};
+use crate::address::{HostError, PublicResolver, check_host};
+use crate::api::{UrlError, check_url, display_url, error_chain, printable};
 use crate::files::{FileError, PARTIAL_PREFIX, ensure_real_dir, public_file, write_atomically};
 use crate::job::hex;
 use crate::key::REDACTED;
@@ -80,7 +80,8 @@ pub enum DownloadError {
         /// The URL.
         url: String,
         /// Why.
-        reason: String,
+        #[source]
+        reason: Refusal,
     },
     /// The file did not come within its deadline, or came slower than the minimum rate.
     #[error("gave up downloading {url}: {detail}")]
@@ -98,6 +99,33 @@ pub enum DownloadError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Why a result URL, or a redirect from it, is not fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The API client found the key in it and put [`REDACTED`] in its place.
+    #[error(
+        "the API answer quoted the API key in this URL (removed here); fetching it would send \
+         the key to the result host, so it is not fetched"
+    )]
+    KeyInUrl,
+    /// It does not parse.
+    #[error("not a URL: {0}")]
+    NotAUrl(#[source] crate::api::UrlParseError),
+    /// It carries a `user:password@`.
+    #[error("the URL carries a user name or password")]
+    UserInfo,
+    /// Its scheme is not allowed.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// Its host is internal.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A redirect the policy refused (a loop, too many hops, one of the above), as the HTTP
+    /// client reported it, without the URL (a redirect's could carry a password).
+    #[error("{0}")]
+    Redirect(String),
 }
 
 impl From<FileError> for DownloadError {
@@ -178,11 +206,11 @@ pub struct Downloader {
 impl Downloader {
     /// A client with the given bounds (the read timeout bounds each pause; the deadline grows
     /// with the file's size, so large files are never cut for being large).
-    pub fn new(settings: &DownloadSettings) -> Result<Self, String> {
+    pub fn new(settings: &DownloadSettings) -> Result<Self, reqwest::Error> {
         Self::build(settings, None)
     }
 
-    fn build(settings: &DownloadSettings, trusted: Option<String>) -> Result<Self, String> {
+    fn build(settings: &DownloadSettings, trusted: Option<String>) -> Result<Self, reqwest::Error> {
         let internal_addresses = settings.internal_addresses;
         let exempt = trusted.clone();
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -196,11 +224,11 @@ impl Downloader {
             if !url.username().is_empty() || url.password().is_some() {
                 return attempt.error("a redirect to a URL with a user name or password");
             }
-            let checked = check_url(url).and_then(|()| {
+            let checked = check_url(url).map_err(Refusal::from).and_then(|()| {
                 if internal_addresses || exempt.as_deref() == Some(&origin_of(url)) {
                     Ok(())
                 } else {
-                    check_host(url)
+                    check_host(url).map_err(Refusal::from)
                 }
             });
             match checked {
@@ -216,8 +244,7 @@ impl Downloader {
         if !internal_addresses {
             builder = builder.dns_resolver(PublicResolver);
         }
-        let http =
-            builder.build().map_err(|err| format!("cannot set up the download client: {err}"))?;
+        let http = builder.build()?;
         Ok(Self {
             http,
             max_bytes: settings.max_bytes,
@@ -230,15 +257,13 @@ impl Downloader {
     }
 
     /// Checks a result URL before anything is sent to it.
-    fn check(&self, url: &str) -> Result<reqwest::Url, String> {
+    fn check(&self, url: &str) -> Result<reqwest::Url, Refusal> {
         if url.contains(REDACTED) {
-            return Err("the API answer quoted the API key in this URL (removed here); fetching \
-                 it would send the key to the result host, so it is not fetched"
-                .to_owned());
+            return Err(Refusal::KeyInUrl);
         }
-        let parsed = reqwest::Url::parse(url).map_err(|err| format!("not a URL: {err}"))?;
+        let parsed = reqwest::Url::parse(url).map_err(Refusal::NotAUrl)?;
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err("the URL carries a user name or password".to_owned());
+            return Err(Refusal::UserInfo);
         }
         check_url(&parsed)?;
         if !self.internal_addresses && self.trusted.as_deref() != Some(&origin_of(&parsed)) {
@@ -295,7 +320,7 @@ impl Downloader {
             let redirect = err.is_redirect();
             let detail = error_chain(&err.without_url());
             if redirect {
-                DownloadError::Refused { url: url.to_owned(), reason: detail }
+                DownloadError::Refused { url: url.to_owned(), reason: Refusal::Redirect(detail) }
             } else {
                 DownloadError::Transport { url: url.to_owned(), detail }
             }

@@ -83,6 +83,61 @@ pub enum Source {
     },
 }
 
+/// Why no OpenAPI document could be had. Callers warn and go on.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// Not JSON.
+    #[error("{origin} is not an OpenAPI document: {source}")]
+    NotJson {
+        /// Where it was read from.
+        origin: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// JSON without `paths`.
+    #[error("{0} has no `paths`: not an OpenAPI document")]
+    NoPaths(String),
+    /// `--openapi FILE` cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--offline` without a cached document.
+    #[error("--offline, and there is no cached OpenAPI document at {}", .0.display())]
+    NoCache(PathBuf),
+    /// The HTTP client could not be set up.
+    #[error("cannot set up a client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// The fetch failed.
+    #[error("cannot fetch {url}: {}", crate::api::error_chain(source))]
+    Fetch {
+        /// The document's URL.
+        url: String,
+        /// The error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The API answered with an error status.
+    #[error("{url} answered {status}")]
+    Status {
+        /// The document's URL.
+        url: String,
+        /// The status.
+        status: reqwest::StatusCode,
+    },
+    /// The document is larger than [`MAX_BYTES`].
+    #[error("{url} is larger than {} MiB", MAX_BYTES >> 20)]
+    TooLarge {
+        /// The document's URL.
+        url: String,
+    },
+}
+
 /// A parsed OpenAPI document and where it came from.
 #[derive(Clone, Debug)]
 pub struct ApiDocument {
@@ -93,11 +148,11 @@ pub struct ApiDocument {
 
 impl ApiDocument {
     /// Parses a document.
-    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, DocumentError> {
         let doc: Value = serde_json::from_slice(bytes)
-            .map_err(|err| format!("{origin} is not an OpenAPI document: {err}"))?;
+            .map_err(|source| DocumentError::NotJson { origin: origin.to_owned(), source })?;
         if doc.get("paths").and_then(Value::as_object).is_none() {
-            return Err(format!("{origin} has no `paths`: not an OpenAPI document"));
+            return Err(DocumentError::NoPaths(origin.to_owned()));
         }
         Ok(Self { doc, origin: origin.to_owned() })
     }
@@ -142,7 +197,7 @@ const LISTED_PROBLEMS: usize = 20;
 impl SchemaReport {
     /// Checks every job of `file`, or says why nothing could be checked.
     #[must_use]
-    pub fn of(document: Result<&ApiDocument, &str>, file: &JobFile) -> Self {
+    pub fn of(document: Result<&ApiDocument, &DocumentError>, file: &JobFile) -> Self {
         let document = match document {
             Ok(document) => document,
             Err(why) => {
@@ -197,11 +252,11 @@ impl SchemaReport {
 }
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.
-pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
+pub async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
     match source {
         Source::File(path) => {
             let bytes = std::fs::read(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                .map_err(|source| DocumentError::Read { path: path.clone(), source })?;
             ApiDocument::parse(&bytes, &path.display().to_string())
         }
         Source::Api { base, cache, offline } => {
@@ -211,10 +266,7 @@ pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
                     return ApiDocument::parse(bytes, &format!("{} (cached)", cache.display()));
                 }
             } else if *offline {
-                return Err(format!(
-                    "--offline, and there is no cached OpenAPI document at {}",
-                    cache.display()
-                ));
+                return Err(DocumentError::NoCache(cache.clone()));
             }
             match fetch(base).await {
                 Ok(bytes) => {
@@ -259,7 +311,7 @@ fn read_cache(path: &Path) -> Option<(Vec<u8>, Duration)> {
 }
 
 /// `GET <base>/openapi.json` (public: sent without the key).
-async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, String> {
+async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, DocumentError> {
     let url = openapi_url(base);
     let client = reqwest::Client::builder()
         .user_agent(crate::api::USER_AGENT)
@@ -267,23 +319,16 @@ async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, String> {
         .timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|err| format!("cannot set up a client: {err}"))?;
-    let mut response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|err| format!("cannot fetch {url}: {}", crate::api::error_chain(&err)))?;
+        .map_err(DocumentError::Client)?;
+    let fetch_error = |source| DocumentError::Fetch { url: url.clone(), source };
+    let mut response = client.get(&url).send().await.map_err(fetch_error)?;
     if !response.status().is_success() {
-        return Err(format!("{url} answered {}", response.status()));
+        return Err(DocumentError::Status { url, status: response.status() });
     }
     let mut bytes = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|err| format!("cannot fetch {url}: {}", crate::api::error_chain(&err)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(fetch_error)? {
         if bytes.len() + chunk.len() > MAX_BYTES {
-            return Err(format!("{url} is larger than {} MiB", MAX_BYTES >> 20));
+            return Err(DocumentError::TooLarge { url });
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -318,7 +363,7 @@ pub async fn schema_report(
         },
     };
     let document = obtain(&source).await;
-    SchemaReport::of(document.as_ref().map_err(String::as_str), file)
+    SchemaReport::of(document.as_ref(), file)
 }
 
 /// Refuses to start a run whose bodies Krea would refuse, unless `--no-validate`; logs the
@@ -429,7 +474,7 @@ mod tests {
         let cache = dir.path().join(CACHE_FILE);
         let base = reqwest::Url::parse("https://api.krea.ai").expect("url");
         let offline = Source::Api { base: base.clone(), cache: cache.clone(), offline: true };
-        let message = obtain(&offline).await.expect_err("no cache");
+        let message = obtain(&offline).await.expect_err("no cache").to_string();
         assert!(message.contains("--offline"), "{message}");
         std::fs::write(&cache, br#"{"paths": {}}"#).expect("cache");
         assert!(obtain(&offline).await.expect("cached").origin.contains("cached"));

@@ -20,6 +20,7 @@ use crate::report::{EngineStatus, MANIFEST};
 use crate::retry::RetryPolicy;
 use crate::runner::{Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings};
 use crate::store::{Change, JobRecord, Request, Store, StoreError, StoreWriter};
+use anyhow::Context as _;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -271,7 +272,7 @@ pub(crate) fn api_client(
 ) -> Result<KreaClient, InputError> {
     let settings =
         ClientSettings { base_url: base, connect_timeout: CONNECT_TIMEOUT, request_timeout };
-    KreaClient::new(&settings, key).map_err(InputError)
+    KreaClient::new(&settings, key).map_err(|err| InputError(err.to_string()))
 }
 
 /// The API client and the download client for `limits`.
@@ -291,7 +292,7 @@ pub(crate) fn clients(
         min_rate: limits.download_min_rate,
         internal_addresses,
     })
-    .map_err(anyhow::Error::msg)?;
+    .context("cannot set up the download client")?;
     Ok((client, downloader))
 }
 

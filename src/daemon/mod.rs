@@ -31,6 +31,7 @@ use crate::key::ApiKey;
 use crate::metrics::MetricsSnapshot;
 use crate::pricing::PriceTable;
 use crate::report::{EngineStatus, rewrite_manifest};
+use crate::reuse::ReuseError;
 use crate::runner::{
     Controls, EngineCommand, EngineSettings, sleep_until_or_forever, tick_or_forever,
 };
@@ -218,6 +219,24 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     settings
 }
 
+/// Why the service refuses a job file from its inbox.
+#[derive(Debug, thiserror::Error)]
+enum Unfit {
+    /// Not a valid job file.
+    #[error(transparent)]
+    JobFile(#[from] jobfile::JobFileError),
+    /// The file sets its own budget; the service's is in its configuration.
+    #[error(
+        "{}: budget: the service's budget is set in its configuration file (`budget:` there), \
+         not per job file; remove `budget:` from the job file",
+        .0.display()
+    )]
+    OwnBudget(std::path::PathBuf),
+    /// Under the service's budget, every job needs a price.
+    #[error(transparent)]
+    Unpriced(crate::costs::Unpriced),
+}
+
 /// The running service's parts besides the engine.
 struct Daemon {
     config: DaemonConfig,
@@ -267,18 +286,14 @@ impl Daemon {
     /// The service's own rules for an inbox file, beyond the job-file format: the budget is
     /// the service's (one cap over all files, in its configuration), so a file's `budget:`
     /// would be ignored and is refused instead; under that budget every job needs a price.
-    fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, String> {
+    fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, Unfit> {
         if job_file.budget.is_some() {
-            return Err(format!(
-                "{}: budget: the service's budget is set in its configuration file (`budget:` \
-                 there), not per job file; remove `budget:` from the job file",
-                job_file.source.display(),
-            ));
+            return Err(Unfit::OwnBudget(job_file.source));
         }
         if self.config.budget.is_some()
             && let Some(refusal) = crate::costs::unpriced_under_budget(&job_file)
         {
-            return Err(refusal);
+            return Err(Unfit::Unpriced(refusal));
         }
         Ok(job_file)
     }
@@ -291,13 +306,13 @@ impl Daemon {
             return;
         }
         let job_file = match jobfile::parse(&file.bytes, &dropped_at)
-            .map_err(|err| err.to_string())
+            .map_err(Unfit::from)
             .and_then(|job_file| self.fits_the_service(job_file))
         {
             Ok(job_file) => job_file,
             Err(err) => {
                 tracing::warn!(file = %file.file_name, error = %err, "job file rejected");
-                if let Err(io) = self.inbox.reject(&file, &err) {
+                if let Err(io) = self.inbox.reject(&file, &err.to_string()) {
                     tracing::error!(file = %file.file_name, %io, "cannot move the rejected file");
                 }
                 return;
@@ -315,7 +330,7 @@ impl Daemon {
         let dir = output_dir.clone();
         let imported = self
             .writer
-            .with_store(move |store| -> Result<Option<_>, StoreError> {
+            .with_store(move |store| -> Result<Option<_>, ReuseError> {
                 if store.content_imported(&sha)? {
                     return Ok(None);
                 }
@@ -325,8 +340,7 @@ impl Daemon {
                 store.set_content_hash(report.batch_id, &sha)?;
                 if !report.reusable.is_empty() {
                     let dirs = store.output_dirs()?;
-                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)
-                        .map_err(|err| StoreError::WriteFailed(err.to_string()))?;
+                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)?;
                     tracing::info!(
                         taken,
                         "jobs took results this state already paid for: not paid again"
