@@ -107,7 +107,7 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
             if let Some(missing) =
                 names.iter().find(|name| !chosen.iter().any(|job| &job.name == *name))
             {
-                return Err(InputError(format!(
+                return Err(InputError::msg(format!(
                     "no job named {missing} in {}",
                     store.path().display()
                 ))
@@ -134,7 +134,10 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
                 .iter()
                 .find_map(|source| store.batch_id(source).ok().flatten())
                 .ok_or_else(|| {
-                    InputError(format!("{file} is not a job file of {}", store.path().display()))
+                    InputError::msg(format!(
+                        "{file} is not a job file of {}",
+                        store.path().display()
+                    ))
                 })?;
             Ok(jobs.into_iter().filter(|job| job.batch_id == batch).collect())
         }
@@ -156,7 +159,7 @@ async fn cancel_directly(
     let client = match (in_flight, key) {
         (0, _) => None,
         (_, None) => {
-            return Err(InputError(format!(
+            return Err(InputError::msg(format!(
                 "{in_flight} selected jobs are running at Krea; cancelling them needs the API key"
             ))
             .into());
@@ -164,7 +167,7 @@ async fn cancel_directly(
         (_, Some(key)) => {
             let base = setup::recorded_api_base(&store)?
                 .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
-            let base = api::parse_base_url(&base).map_err(|err| InputError(err.to_string()))?;
+            let base = api::parse_base_url(&base).map_err(InputError::new)?;
             Some(setup::api_client(base, Duration::from_secs(30), key)?)
         }
     };

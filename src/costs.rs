@@ -80,7 +80,7 @@ pub(crate) fn enforce_budget(file: &JobFile) -> Result<(), InputError> {
     let Some(budget) = file.budget else { return Ok(()) };
     let costs = Costs::of(file);
     if let Some(refusal) = costs.unpriced_refusal(file) {
-        return Err(InputError(refusal.to_string()));
+        return Err(InputError::new(refusal));
     }
     if let Some(cap) = budget.max_usd.filter(|cap| costs.total.usd > *cap) {
         tracing::warn!(

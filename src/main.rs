@@ -239,15 +239,14 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
         return Ok(state.clone());
     }
     if let Some(config) = &choice.config {
-        return Ok(DaemonConfig::load(config).map_err(|err| InputError(err.to_string()))?.state);
+        return Ok(DaemonConfig::load(config).map_err(InputError::new)?.state);
     }
     match job_file {
         Some(file) => {
             Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
         }
         None => {
-            Err(InputError("name the state file: --state FILE or --config DAEMON.yaml".into())
-                .into())
+            Err(InputError::msg("name the state file: --state FILE or --config DAEMON.yaml").into())
         }
     }
 }
@@ -353,10 +352,11 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
 }
 
 fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| InputError(format!("cannot read {}: {err}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        InputError::because(format!("cannot read {}: {err}", path.display()), err)
+    })?;
     serde_yaml::from_str(&text)
-        .map_err(|err| InputError(format!("{}: {err}", path.display())).into())
+        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {

@@ -386,7 +386,7 @@ pub(crate) async fn enforce_schema(
         tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
         return Ok(());
     }
-    Err(InputError(format!(
+    Err(InputError::msg(format!(
         "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
          Fix the job file, or run with --no-validate to send them anyway.",
         report.origin

@@ -76,7 +76,7 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
     let mut base = setup::base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
     ensure_real_dir(&places.output_dir)
-        .map_err(|err| InputError(format!("output directory: {err}")))?;
+        .map_err(|err| InputError::because(format!("output directory: {err}"), err))?;
     // An absolute folder: every file created under a relative one costs a getcwd.
     if let Ok(absolute) = std::fs::canonicalize(&places.output_dir) {
         places.output_dir = absolute;
@@ -157,7 +157,7 @@ fn take_batch(
     let chosen = match options.mode {
         Mode::Run => {
             guard_api_base(store, base)?;
-            let key = options.key.take().ok_or_else(|| InputError("no API key".into()))?;
+            let key = options.key.take().ok_or_else(|| InputError::msg("no API key"))?;
             let batch = claim_output(store, places, &file.source, &source, options.force)?;
             let reuse = file.reuse && !options.fresh;
             (import(store, file, &batch, &places.output_dir, reuse)?, key)
@@ -175,7 +175,7 @@ fn take_batch(
                 None => None,
             };
             let batch_id = batch_id.ok_or_else(|| {
-                InputError(format!(
+                InputError::msg(format!(
                     "{} has no record of the results in {}: run it first",
                     places.state.display(),
                     places.output_dir.display()

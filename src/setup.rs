@@ -72,14 +72,15 @@ pub fn places(file: &JobFile, state: Option<&Path>, simulated: bool) -> Places {
 /// The API base URL: the command line, else the job file, else Krea's.
 pub fn base_url(file: &JobFile, override_url: Option<&str>) -> Result<reqwest::Url, InputError> {
     let text = override_url.or(file.api.base_url.as_deref()).unwrap_or(api::DEFAULT_BASE_URL);
-    api::parse_base_url(text).map_err(|err| InputError(format!("API base URL: {err}")))
+    api::parse_base_url(text)
+        .map_err(|err| InputError::because(format!("API base URL: {err}"), err))
 }
 
 /// Opens the state file to write to it; another process holding it is the user's to resolve
 /// (exit 2).
 pub(crate) fn open_store(state: &Path) -> anyhow::Result<Store> {
     Store::open_writer(state).map_err(|err| match err {
-        err @ StoreError::Locked { .. } => anyhow::Error::new(InputError(err.to_string())),
+        err @ StoreError::Locked { .. } => anyhow::Error::new(InputError::new(err)),
         err => anyhow::Error::new(err),
     })
 }
@@ -94,7 +95,7 @@ pub(crate) fn guard_api_base(store: &mut Store, base: &reqwest::Url) -> anyhow::
             .iter()
             .any(|job| job.remote_id.is_some() || job.state == JobState::Unknown);
         if recorded != current && has_remote_work {
-            return Err(InputError(format!(
+            return Err(InputError::msg(format!(
                 "the state file {} holds jobs submitted to {recorded}, but this run uses \
                  {current}; use the same API, or another --state / output directory",
                 store.path().display()
@@ -113,7 +114,7 @@ pub(crate) fn recorded_api_base(store: &Store) -> Result<Option<String>, StoreEr
 
 /// An output folder's refusal as the error a user acts on (exit 2), or a disk failure.
 pub(crate) fn output_error(err: OutputError) -> anyhow::Error {
-    if err.is_input() { InputError(err.to_string()).into() } else { err.into() }
+    if err.is_input() { InputError::new(err).into() } else { err.into() }
 }
 
 /// Takes the output folder's lock, after the state's own (so that a second run on the same
@@ -246,7 +247,7 @@ fn refuse_foreign(dir: &Path, foreign: &[String], force: bool) -> anyhow::Result
         .cloned()
         .collect();
     if !own_names.is_empty() {
-        return Err(InputError(format!(
+        return Err(InputError::msg(format!(
             "the output folder {} holds {} that krea-batch did not write and would have to \
              replace; even with --force it never replaces a file it did not write: move them \
              away or choose another folder",
@@ -272,7 +273,7 @@ pub(crate) fn api_client(
 ) -> Result<KreaClient, InputError> {
     let settings =
         ClientSettings { base_url: base, connect_timeout: CONNECT_TIMEOUT, request_timeout };
-    KreaClient::new(&settings, key).map_err(|err| InputError(err.to_string()))
+    KreaClient::new(&settings, key).map_err(InputError::new)
 }
 
 /// The API client and the download client for `limits`.

@@ -60,13 +60,15 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the service until `signals.shutdown`.
 pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> anyhow::Result<()> {
-    let config = DaemonConfig::load(config_path).map_err(|err| InputError(err.to_string()))?;
+    let config = DaemonConfig::load(config_path).map_err(InputError::new)?;
     let base_text = config.api.base_url.as_deref().unwrap_or(api::DEFAULT_BASE_URL);
-    let base =
-        api::parse_base_url(base_text).map_err(|err| InputError(format!("api.base_url: {err}")))?;
-    ensure_real_dir(&config.output).map_err(|err| InputError(format!("output: {err}")))?;
-    let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
-        .map_err(|err| InputError(format!("inbox {}: {err}", config.inbox.display())))?;
+    let base = api::parse_base_url(base_text)
+        .map_err(|err| InputError::because(format!("api.base_url: {err}"), err))?;
+    ensure_real_dir(&config.output)
+        .map_err(|err| InputError::because(format!("output: {err}"), err))?;
+    let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval).map_err(|err| {
+        InputError::because(format!("inbox {}: {err}", config.inbox.display()), err)
+    })?;
     let mut store = setup::open_store(&config.state)?;
     setup::guard_api_base(&mut store, &base)?;
     file_away_interrupted(&mut inbox, &store)?;
@@ -112,7 +114,8 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
 /// service's memory cannot make it crash at every start.
 fn file_away_interrupted(inbox: &mut Inbox, store: &Store) -> anyhow::Result<()> {
     let left = inbox.interrupted().map_err(|err| {
-        InputError(format!("inbox {}: {err}", inbox.dir().join(PROCESSING).display()))
+        let message = format!("inbox {}: {err}", inbox.dir().join(PROCESSING).display());
+        InputError::because(message, err)
     })?;
     for (path, name) in left {
         let imported = match inbox.sha256_of(&path) {
@@ -258,9 +261,9 @@ async fn start_metrics(
     signals: &DaemonSignals,
 ) -> anyhow::Result<Option<Metrics>> {
     let Some(metrics) = &config.metrics else { return Ok(None) };
-    let listener = crate::metrics::bind(metrics.listen)
-        .await
-        .map_err(|err| InputError(format!("metrics.listen {}: {err}", metrics.listen)))?;
+    let listener = crate::metrics::bind(metrics.listen).await.map_err(|err| {
+        InputError::because(format!("metrics.listen {}: {err}", metrics.listen), err)
+    })?;
     let (snapshot, snapshot_rx) = tokio::sync::watch::channel(MetricsSnapshot::default());
     let shutdown = signals.shutdown.child_token();
     tokio::spawn(crate::metrics::serve(listener, snapshot_rx, shutdown.clone()));
