@@ -214,19 +214,33 @@ pub struct RemoteJob {
     pub error: Option<String>,
 }
 
+/// Why a JSON answer is not a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobShapeError {
+    /// `[]`.
+    #[error("an empty array instead of a job")]
+    EmptyArray,
+    /// A string, a number, `null`.
+    #[error("the answer is not a JSON object")]
+    NotAnObject,
+    /// No `job_id` (or `id`) that can name a job safely.
+    #[error("the job has no usable job_id (present, at most 200 bytes, not . or ..)")]
+    NoJobId,
+}
+
 impl RemoteJob {
     /// Parses one job object (or the first of an array, as a node app answers).
-    pub fn from_json(value: &Value) -> Result<Self, String> {
+    pub fn from_json(value: &Value) -> Result<Self, JobShapeError> {
         let value = match value {
-            Value::Array(items) => items.first().ok_or("an empty array instead of a job")?,
+            Value::Array(items) => items.first().ok_or(JobShapeError::EmptyArray)?,
             other => other,
         };
-        let object = value.as_object().ok_or("the answer is not a JSON object")?;
+        let object = value.as_object().ok_or(JobShapeError::NotAnObject)?;
         let job_id = ["job_id", "id"]
             .iter()
             .find_map(|field| object.get(*field).and_then(Value::as_str))
             .filter(|id| usable_job_id(id))
-            .ok_or("the job has no usable job_id (present, at most 200 bytes, not . or ..)")?
+            .ok_or(JobShapeError::NoJobId)?
             .to_owned();
         let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
         let result = object.get("result").filter(|r| r.is_object());
@@ -409,6 +423,12 @@ fn gone_message(message: &str, replacement: Option<&str>, sunset: Option<&str>) 
 }
 
 impl ApiError {
+    /// An answer that is not a job. `Malformed` holds text because the client redacts the key
+    /// from it ([`KreaClient`]'s `redact`); a [`JobShapeError`] has no source to lose.
+    fn malformed(shape: JobShapeError) -> Self {
+        Self::Malformed(shape.to_string())
+    }
+
     /// For a POST: true when Krea may have created the job although no usable answer came back.
     /// Such a POST is never repeated blindly; the job is reconciled first.
     #[must_use]
@@ -514,7 +534,7 @@ impl KreaClient {
     pub async fn create_job(&self, model: &str, body: &str) -> Result<RemoteJob, ApiError> {
         let url = self.endpoint(&format!("generate/{model}"))?;
         let json = self.call(Method::POST, url, Some(body), Some(model)).await?;
-        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+        RemoteJob::from_json(&json).map_err(ApiError::malformed)
     }
 
     /// `<base>/jobs/<id>`, the id percent-encoded as one path segment (ids come from the
@@ -540,7 +560,7 @@ impl KreaClient {
     pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
         let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
-        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+        RemoteJob::from_json(&json).map_err(ApiError::malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
@@ -1061,6 +1081,15 @@ mod tests {
             proxied.job_url("j1").expect("url").as_str(),
             "https://proxy.example/krea/jobs/j1"
         );
+    }
+
+    #[test]
+    fn a_url_error_keeps_the_parse_error_beneath_it() {
+        use std::error::Error as _;
+        let err = parse_base_url("not a url").expect_err("not a URL");
+        assert!(matches!(err, UrlError::NotAUrl { .. }), "{err}");
+        let source = err.source().expect("the parse error is kept");
+        assert!(err.to_string().contains(&source.to_string()), "{err}");
     }
 
     #[test]

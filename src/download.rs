@@ -550,7 +550,7 @@ impl Body {
         };
         placed.map_err(|err| DownloadError::Disk {
             path: shown,
-            source: std::io::Error::other(err.to_string()),
+            source: std::io::Error::other(err),
         })?
     }
 }

@@ -76,9 +76,15 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
     };
     result.unwrap_or_else(|err| {
         let code = if is_input_error(&err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
-        eprintln!("krea-batch: {err:#}");
+        eprintln!("krea-batch: {}", describe(&err));
         code
     })
+}
+
+/// `err` and its causes in one line, each cause said once: most errors quote their source in
+/// their own message and also keep it as their source.
+fn describe(err: &anyhow::Error) -> String {
+    krea_batch::api::error_chain(err.as_ref())
 }
 
 /// Errors that mean "fix the input and try again": exit code 2.
@@ -109,7 +115,7 @@ fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String 
     let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
     let status = state.and_then(|path| krea_batch::status::status(path).ok());
     let value = serde_json::json!({
-        "error": format!("{err:#}"),
+        "error": describe(err),
         "exit_code": code,
         "stopped": "error",
         "state_file": state.map(|path| path.display().to_string()),

@@ -160,6 +160,15 @@ impl DaemonConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_unreadable_file_keeps_its_io_error() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = DaemonConfig::load(&dir.path().join("missing.yaml")).expect_err("missing");
+        let io = err.source().and_then(|source| source.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound), "{err}");
+    }
+
     fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
         DaemonConfig::parse(text, Path::new("/etc/krea-batch/daemon.yaml"))
     }

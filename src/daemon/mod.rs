@@ -37,6 +37,7 @@ use crate::runner::{
 };
 use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};
+use anyhow::Context as _;
 pub use config::DaemonConfig;
 use std::path::Path;
 use std::sync::Arc;
@@ -200,7 +201,7 @@ impl Daemon {
                     drain_deadline = None;
                 }
                 joined = &mut engine_task => {
-                    let outcome = joined.map_err(|err| anyhow::anyhow!("the engine failed: {err}"))??;
+                    let outcome = joined.context("the engine failed")??;
                     tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
                     return Ok(());
                 }

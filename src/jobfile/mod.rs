@@ -42,7 +42,7 @@ mod tests;
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Budget, Limits, NoCap};
-pub use values::{parse_model_path, parse_size};
+pub use values::{ModelPathError, SizeError, parse_model_path, parse_size};
 
 use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};
