@@ -25,18 +25,28 @@ fn module_of(src: &Path, file: &Path) -> String {
     first.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned()
 }
 
-#[test]
-fn no_module_below_the_commands_imports_a_command() {
+/// Every file of `src/`: its path, its top-level module and its text.
+fn sources() -> Vec<(PathBuf, String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
+    files
+        .into_iter()
+        .map(|file| {
+            let module = module_of(&src, &file);
+            let text = std::fs::read_to_string(&file).expect("readable");
+            (file, module, text)
+        })
+        .collect()
+}
+
+#[test]
+fn no_module_below_the_commands_imports_a_command() {
     let mut offences = Vec::new();
-    for file in &files {
-        let module = module_of(&src, file);
+    for (file, module, text) in sources() {
         if COMMANDS.contains(&module.as_str()) || module == "main" || module == "lib" {
             continue;
         }
-        let text = std::fs::read_to_string(file).expect("readable");
         for command in COMMANDS {
             let named = [format!("crate::{command}::"), format!("crate::{command}}}")];
             let imported = format!("crate::{{{command}");
@@ -50,16 +60,11 @@ fn no_module_below_the_commands_imports_a_command() {
 
 #[test]
 fn the_commands_do_not_import_each_other() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut offences = Vec::new();
-    for file in &files {
-        let module = module_of(&src, file);
+    for (file, module, text) in sources() {
         if !COMMANDS.contains(&module.as_str()) {
             continue;
         }
-        let text = std::fs::read_to_string(file).expect("readable");
         for command in COMMANDS.iter().filter(|command| **command != module) {
             if text.contains(&format!("crate::{command}::")) {
                 offences.push(format!("{} names crate::{command}", file.display()));
