@@ -146,7 +146,7 @@ pub struct ModelPlan {
 }
 
 /// `krea-batch check`: the plan, without sending anything (the schema check is done by the
-/// caller, [`schema_report`], and included).
+/// caller, [`crate::openapi::schema_report`], and included).
 pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result<Plan, InputError> {
     let places = places(file, None, false);
     let costs = Costs::of(file);

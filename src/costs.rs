@@ -67,7 +67,7 @@ fn listed(models: &[(String, usize)]) -> String {
     listed.join(", ")
 }
 
-/// Why `file`'s jobs cannot run under a budget (see [`Costs::unpriced_refusal`]); for the
+/// Why `file`'s jobs cannot run under a budget (see `Costs::unpriced_refusal`); for the
 /// service's inbox.
 #[must_use]
 pub fn unpriced_under_budget(file: &JobFile) -> Option<Unpriced> {

@@ -130,7 +130,7 @@ pub enum DocumentError {
         /// The status.
         status: reqwest::StatusCode,
     },
-    /// The document is larger than [`MAX_BYTES`].
+    /// The document is larger than `MAX_BYTES`.
     #[error("{url} is larger than {} MiB", MAX_BYTES >> 20)]
     TooLarge {
         /// The document's URL.

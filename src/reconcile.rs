@@ -29,8 +29,9 @@
 //! outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
 //! reconciliation concludes it was not created and it is submitted again.
 
-use crate::api::{ApiError, KreaClient, RemoteJob};
+use crate::api::{ApiError, RemoteJob};
 use crate::retry::{RetryPolicy, Verdict};
+use crate::runner::KreaApi;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -238,7 +239,7 @@ fn root(group: &mut [usize], mut index: usize) -> usize {
 /// Each next cursor is the oldest `created_at` seen plus a millisecond, so jobs that share the
 /// boundary millisecond are listed again rather than skipped; repeats are dropped by id.
 pub async fn list_unclaimed<S: std::hash::BuildHasher>(
-    api: &KreaClient,
+    api: &dyn KreaApi,
     since_ms: i64,
     claimed: &HashSet<String, S>,
     policy: &RetryPolicy,

@@ -7,6 +7,7 @@
 //! it), and which jobs the engine gets.
 
 use crate::api;
+use crate::download::Downloader;
 use crate::error::InputError;
 use crate::files::{ensure_real_dir, remove_partials};
 use crate::job::JobState;
@@ -16,12 +17,13 @@ use crate::openapi::{SchemaChoice, enforce_schema};
 use crate::output;
 use crate::pricing::PriceTable;
 use crate::report::{EngineStatus, Summary, rewrite_manifest};
-use crate::runner::{Controls, EngineSettings};
+use crate::runner::{Controls, EngineSettings, KreaApi, RefusingApi};
 use crate::setup::{self, Places, claim_output, guard_api_base, output_error, places};
 use crate::store::{JobRecord, Store};
 use anyhow::Context as _;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a run does.
@@ -117,7 +119,13 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         }
     };
 
-    let clients = setup::clients(base, &limits, key)?;
+    // Downloads only: no key, and an API that refuses every call.
+    let clients: (Arc<dyn KreaApi>, Downloader) = match key {
+        Some(key) => {
+            setup::clients(base, &limits, key).map(|(client, d)| (Arc::new(client) as _, d))?
+        }
+        None => (Arc::new(RefusingApi), setup::downloader(&base, &limits)?),
+    };
     let engine = setup::start_engine(
         store,
         clients,
@@ -151,7 +159,7 @@ fn take_batch(
     places: &Places,
     base: &reqwest::Url,
     options: &mut RunOptions,
-) -> anyhow::Result<(i64, ApiKey)> {
+) -> anyhow::Result<(i64, Option<ApiKey>)> {
     let source = std::fs::canonicalize(&file.source).unwrap_or_else(|_| file.source.clone());
     let source = source.to_string_lossy();
     let chosen = match options.mode {
@@ -160,7 +168,7 @@ fn take_batch(
             let key = options.key.take().ok_or_else(|| InputError::msg("no API key"))?;
             let batch = claim_output(store, places, &file.source, &source, options.force)?;
             let reuse = file.reuse && !options.fresh;
-            (import(store, file, &batch, &places.output_dir, reuse)?, key)
+            (import(store, file, &batch, &places.output_dir, reuse)?, Some(key))
         }
         Mode::DownloadOnly => {
             let batch = if let Some(marker) =
@@ -181,8 +189,8 @@ fn take_batch(
                     places.output_dir.display()
                 ))
             })?;
-            // Downloads never carry the key; the API client is built but never called.
-            (batch_id, ApiKey::new("unused-by-downloads")?)
+            // Downloads never carry the key, and never call the API (`RefusingApi`).
+            (batch_id, None)
         }
     };
     Ok(chosen)

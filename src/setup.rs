@@ -18,7 +18,9 @@ use crate::output::{self, Marker, OutputError, OutputLock};
 use crate::pace::PollSchedule;
 use crate::report::{EngineStatus, MANIFEST};
 use crate::retry::RetryPolicy;
-use crate::runner::{Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings};
+use crate::runner::{
+    Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, KreaApi,
+};
 use crate::store::{Change, JobRecord, Request, Store, StoreError, StoreWriter};
 use anyhow::Context as _;
 use std::collections::HashSet;
@@ -33,7 +35,7 @@ pub const STATE_FILE: &str = ".krea-batch.sqlite";
 const META_API_BASE: &str = "api_base";
 /// How often a running process reads the requests.
 pub const REQUESTS_EVERY: Duration = Duration::from_secs(2);
-/// How long the API client waits to connect.
+/// The longest wait for a connection, to Krea or a result host.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a job file's results and state go.
@@ -282,19 +284,23 @@ pub(crate) fn clients(
     limits: &Limits,
     key: ApiKey,
 ) -> anyhow::Result<(KreaClient, Downloader)> {
-    // Loopback and private result hosts only beside an API on loopback (the simulation).
-    let internal_addresses = crate::api::is_loopback(&base);
+    let downloader = downloader(&base, limits)?;
     let client = api_client(base, limits.request_timeout, key)?;
-    let downloader = Downloader::new(&DownloadSettings {
+    Ok((client, downloader))
+}
+
+/// The download client for `limits`, beside the API at `base`.
+pub(crate) fn downloader(base: &reqwest::Url, limits: &Limits) -> anyhow::Result<Downloader> {
+    Downloader::new(&DownloadSettings {
         connect_timeout: CONNECT_TIMEOUT,
         read_timeout: limits.request_timeout,
         max_bytes: limits.max_result_size,
         timeout: limits.download_timeout,
         min_rate: limits.download_min_rate,
-        internal_addresses,
+        // Loopback and private result hosts only beside an API on loopback (the simulation).
+        internal_addresses: crate::api::is_loopback(base),
     })
-    .context("cannot set up the download client")?;
-    Ok((client, downloader))
+    .context("cannot set up the download client")
 }
 
 /// The engine settings for a job file's limits.
@@ -332,10 +338,11 @@ pub(crate) struct Started {
     pub commands: UnboundedSender<EngineCommand>,
 }
 
-/// Hands the state to its writer thread and builds the engine over `jobs` with `clients`.
+/// Hands the state to its writer thread and builds the engine over `jobs` with `clients` (the
+/// API, or one that refuses every call for downloads only, and the download client).
 pub(crate) fn start_engine(
     store: Store,
-    clients: (KreaClient, Downloader),
+    clients: (Arc<dyn KreaApi>, Downloader),
     jobs: Vec<JobRecord>,
     settings: EngineSettings,
     controls: Controls,
@@ -347,7 +354,7 @@ pub(crate) fn start_engine(
     let writer = StoreWriter::spawn(store)?;
     let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::new(
-        EngineIo { api: Arc::new(client), downloader, writer: writer.clone(), claimed_elsewhere },
+        EngineIo::new(client, downloader, writer.clone(), claimed_elsewhere),
         jobs,
         &output_dirs,
         settings,

@@ -78,13 +78,13 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
         let _ = remove_partials(dir);
     }
 
-    let clients = setup::clients(base, &config.limits, key)?;
+    let (client, downloader) = setup::clients(base, &config.limits, key)?;
     let watchdog = sd_notify::watchdog_enabled();
     let controls = Controls::default();
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
     let Started { engine, writer, commands } = setup::start_engine(
         store,
-        clients,
+        (Arc::new(client), downloader),
         jobs,
         service_settings(&config, watchdog),
         controls.clone(),

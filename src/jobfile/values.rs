@@ -61,7 +61,7 @@ pub enum ModelPathError {
     /// No path.
     #[error("the model path is empty; {MODEL_PATH_FORM}")]
     Empty,
-    /// Longer than [`MAX_MODEL_PATH_LEN`] bytes.
+    /// Longer than `MAX_MODEL_PATH_LEN` bytes.
     #[error("the model path is {0} bytes long (at most {MAX_MODEL_PATH_LEN}); {MODEL_PATH_FORM}")]
     TooLong(usize),
     /// Starting with `/`.

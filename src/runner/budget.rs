@@ -41,24 +41,25 @@ fn weight(state: JobState) -> Weight {
 
 impl Ledger {
     /// Counts a job as it stands (when the engine takes it on).
-    pub(super) fn add(&mut self, job: &JobRecord) {
-        self.apply(job, job.state, 1.0);
+    /// `now_ms` dates a billed job that has no end time.
+    pub(super) fn add(&mut self, job: &JobRecord, now_ms: i64) {
+        self.apply(job, job.state, 1.0, now_ms);
     }
 
     /// A job moved from `from` to its current state.
-    pub(super) fn moved(&mut self, job: &JobRecord, from: JobState) {
-        self.apply(job, from, -1.0);
-        self.apply(job, job.state, 1.0);
+    pub(super) fn moved(&mut self, job: &JobRecord, from: JobState, now_ms: i64) {
+        self.apply(job, from, -1.0, now_ms);
+        self.apply(job, job.state, 1.0, now_ms);
     }
 
-    fn apply(&mut self, job: &JobRecord, state: JobState, sign: f64) {
+    fn apply(&mut self, job: &JobRecord, state: JobState, sign: f64, now_ms: i64) {
         let price = job.price_usd.unwrap_or_default() * sign;
         match weight(state) {
             Weight::Nothing => {}
             Weight::InFlight => self.in_flight_usd += price,
             Weight::Billed => {
                 self.billed_usd += price;
-                let day = job.finished_at.unwrap_or_else(crate::store::now_ms).div_euclid(DAY_MS);
+                let day = job.finished_at.unwrap_or(now_ms).div_euclid(DAY_MS);
                 *self.billed_by_day.entry(day).or_default() += price;
             }
         }
@@ -95,7 +96,7 @@ impl Engine {
                 retry_in: None,
             });
         };
-        let now = crate::store::now_ms();
+        let now = self.clock.now_ms();
         // A cent's thousandth of slack: prices are sums of floats.
         let over = |committed: f64, cap: f64| committed + price > cap + 1e-9;
         if let Some(cap) = budget.max_usd.filter(|cap| over(self.ledger.total(), *cap)) {
@@ -156,6 +157,9 @@ mod tests {
     use crate::job::JobKey;
     use std::sync::Arc;
 
+    /// Any time: every test job has an end time.
+    const NOW: i64 = 12 * DAY_MS;
+
     fn job(state: JobState, price: f64, finished_day: i64) -> JobRecord {
         JobRecord {
             id: 1,
@@ -186,23 +190,23 @@ mod tests {
     #[test]
     fn the_ledger_counts_billed_and_in_flight_not_failed() {
         let mut ledger = Ledger::default();
-        ledger.add(&job(JobState::Downloaded, 1.0, 10));
-        ledger.add(&job(JobState::Failed, 5.0, 10));
-        ledger.add(&job(JobState::Pending, 7.0, 10));
+        ledger.add(&job(JobState::Downloaded, 1.0, 10), NOW);
+        ledger.add(&job(JobState::Failed, 5.0, 10), NOW);
+        ledger.add(&job(JobState::Pending, 7.0, 10), NOW);
         let mut flying = job(JobState::Submitted, 0.5, 11);
-        ledger.add(&flying);
+        ledger.add(&flying, NOW);
         assert!((ledger.total() - 1.5).abs() < 1e-9);
         assert!((ledger.today(11 * DAY_MS) - 0.5).abs() < 1e-9, "yesterday's spend is not today's");
         flying.state = JobState::Completed;
-        ledger.moved(&flying, JobState::Submitted);
+        ledger.moved(&flying, JobState::Submitted, NOW);
         assert!((ledger.total() - 1.5).abs() < 1e-9);
         assert!((ledger.today(11 * DAY_MS) - 0.5).abs() < 1e-9);
         flying.state = JobState::Downloaded;
-        ledger.moved(&flying, JobState::Completed);
+        ledger.moved(&flying, JobState::Completed, NOW);
         let mut refused = job(JobState::Submitting, 2.0, 11);
-        ledger.add(&refused);
+        ledger.add(&refused, NOW);
         refused.state = JobState::Failed;
-        ledger.moved(&refused, JobState::Submitting);
+        ledger.moved(&refused, JobState::Submitting, NOW);
         assert!((ledger.total() - 1.5).abs() < 1e-9, "a failed job costs nothing");
     }
 }

@@ -6,8 +6,8 @@
 //! service's drain) has `download_grace` left, counted from the request or from its own start
 //! if later; then it is stopped and its job left download pending. An abort stops it at once.
 
-use super::{Controls, Engine, Event, Slot};
-use crate::download::{DownloadError, Downloader, Sidecar, sidecar_path, write_sidecar};
+use super::{Controls, Engine, Event, ResultFetcher, Slot};
+use crate::download::{DownloadError, Sidecar, sidecar_path, write_sidecar};
 use crate::job::JobState;
 use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord};
@@ -26,7 +26,7 @@ impl Engine {
             };
             let task = DownloadTask::new(
                 &self.slots[slot],
-                self.downloader.clone(),
+                Arc::clone(&self.fetcher),
                 self.settings.retry,
                 stop,
             );
@@ -103,7 +103,7 @@ impl DownloadStop {
 
 /// Everything one download needs, detached from the engine.
 struct DownloadTask {
-    downloader: Downloader,
+    fetcher: Arc<dyn ResultFetcher>,
     policy: RetryPolicy,
     dir: Arc<PathBuf>,
     job: JobRecord,
@@ -111,8 +111,13 @@ struct DownloadTask {
 }
 
 impl DownloadTask {
-    fn new(slot: &Slot, downloader: Downloader, policy: RetryPolicy, stop: DownloadStop) -> Self {
-        Self { downloader, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone(), stop }
+    fn new(
+        slot: &Slot,
+        fetcher: Arc<dyn ResultFetcher>,
+        policy: RetryPolicy,
+        stop: DownloadStop,
+    ) -> Self {
+        Self { fetcher, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone(), stop }
     }
 
     /// Downloads every URL not yet on disk; returns what was written and the first error.
@@ -137,8 +142,7 @@ impl DownloadTask {
             let stem =
                 if several { format!("{}/{}", job.name, index + 1) } else { job.name.clone() };
             let owner = job.remote_id.as_deref().or(job.reused_from.as_deref());
-            let fetch =
-                self.downloader.fetch_with_retries(url, &self.dir, &stem, owner, &self.policy);
+            let fetch = self.fetcher.fetch(url, &self.dir, &stem, owner, &self.policy);
             let fetched = tokio::select! {
                 biased;
                 reason = &mut stop => return (written, Some(format!("stopped: {reason}"))),

@@ -25,15 +25,25 @@
 //!
 //! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
+//!
+//! The engine reaches the world only through its seam (`seam.rs`, bundled in [`EngineIo`]): Krea
+//! through [`KreaApi`], result hosts through [`ResultFetcher`], the wall clock through [`Clock`],
+//! the state file through its [`StoreWriter`]. Waits and deadlines use tokio's clock. So the
+//! in-process tests (`tests.rs`) run the engine against in-memory doubles (`doubles.rs`) on
+//! paused tokio time, with the writer inline ([`StoreWriter::inline`]).
 
 mod budget;
+#[cfg(test)]
+mod doubles;
 mod fetch;
 mod poll;
 mod reconciling;
+mod seam;
 mod submit;
+#[cfg(test)]
+mod tests;
 
-use crate::api::{ApiError, KreaClient, RemoteJob};
-use crate::download::Downloader;
+use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
 use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Listing;
@@ -42,6 +52,9 @@ use crate::retry::RetryPolicy;
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
+pub use seam::{
+    ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
+};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -124,19 +137,6 @@ pub struct Controls {
     pub heartbeat: Arc<AtomicI64>,
 }
 
-/// The engine's connections to the world: the API, the result hosts, the state file.
-#[derive(Debug)]
-pub struct EngineIo {
-    /// The Krea client.
-    pub api: Arc<KreaClient>,
-    /// The download client.
-    pub downloader: Downloader,
-    /// The state file's writer.
-    pub writer: StoreWriter,
-    /// Krea job ids held by other batches of the same state file: never adopted.
-    pub claimed_elsewhere: HashSet<String>,
-}
-
 /// What a run ended with.
 #[derive(Debug)]
 pub struct EngineOutcome {
@@ -201,8 +201,9 @@ enum CancelCause {
 
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
 pub struct Engine {
-    api: Arc<KreaClient>,
-    downloader: Downloader,
+    api: Arc<dyn KreaApi>,
+    fetcher: Arc<dyn ResultFetcher>,
+    clock: Arc<dyn Clock>,
     writer: StoreWriter,
     settings: EngineSettings,
     controls: Controls,
@@ -285,7 +286,7 @@ impl Engine {
         controls: Controls,
         status_tx: tokio::sync::watch::Sender<EngineStatus>,
     ) -> Self {
-        let EngineIo { api, downloader, writer, claimed_elsewhere } = io;
+        let EngineIo { api, fetcher, clock, writer, claimed_elsewhere } = io;
         let pacer = Pacer::new(
             settings.submissions_per_minute,
             settings.burst,
@@ -296,7 +297,8 @@ impl Engine {
             output_dirs.iter().map(|(id, dir)| (*id, Arc::new(dir.clone()))).collect();
         let mut engine = Self {
             api,
-            downloader,
+            fetcher,
+            clock,
             writer,
             settings,
             controls,
@@ -350,17 +352,21 @@ impl Engine {
     /// Takes on jobs: each joins the queue its state calls for. Jobs already known (by row id)
     /// are skipped.
     fn add_jobs(&mut self, jobs: Vec<JobRecord>, dirs: &HashMap<i64, Arc<PathBuf>>) {
-        for job in jobs {
+        let now = self.clock.now_ms();
+        for mut job in jobs {
             if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id)
             {
                 continue;
+            }
+            if job.state == JobState::Submitted && job.remote_id.is_none() {
+                self.changes.push(Change::Job(Box::new(unknown_without_id(&mut job))));
             }
             let engine = &mut *self;
             let index = engine.slots.len();
             let output_dir = dirs.get(&job.batch_id).cloned().unwrap_or_default();
             engine.by_id.insert(job.id, index);
             engine.counts.add(job.state);
-            engine.ledger.add(&job);
+            engine.ledger.add(&job, now);
             if matches!(job.state, JobState::Completed | JobState::Downloaded) {
                 engine.status.spend_usd += job.price_usd.unwrap_or_default();
             }
@@ -410,7 +416,7 @@ impl Engine {
             tick
         });
         loop {
-            self.controls.heartbeat.store(crate::store::now_ms(), Ordering::Relaxed);
+            self.controls.heartbeat.store(self.clock.now_ms(), Ordering::Relaxed);
             let send = self.plan_submission();
             // Synced only when a POST depends on it; other turns survive a killed process and
             // become durable with the next synced commit.
@@ -612,6 +618,7 @@ impl Engine {
     /// Moves a job to `state`, queues the write, and keeps the counts. `error` replaces the
     /// recorded error when given; reaching `downloaded` clears it.
     fn set_state(&mut self, slot: usize, state: JobState, error: Option<String>) {
+        let now = self.clock.now_ms();
         let job = &mut self.slots[slot].job;
         let from = job.state;
         if !from.may_become(state) {
@@ -624,10 +631,10 @@ impl Engine {
             job.error = error;
         }
         if state.is_final() || state == JobState::Completed {
-            job.finished_at.get_or_insert_with(crate::store::now_ms);
+            job.finished_at.get_or_insert(now);
         }
         self.counts.moved(from, state);
-        self.ledger.moved(job, from);
+        self.ledger.moved(job, from, now);
         if state.is_final() {
             self.ended.push(slot);
         }
@@ -716,6 +723,26 @@ impl Engine {
         self.halt(StopReason::AuthRefused);
     }
 }
+
+/// A job recorded as submitted but without Krea's job id cannot be polled: it may exist at Krea
+/// (and be billed), so it is reconciled like a job whose POST got no answer, never dropped and
+/// never submitted blindly. The record is repaired before the engine counts it; returns it for
+/// the state file.
+fn unknown_without_id(job: &mut JobRecord) -> JobRecord {
+    tracing::warn!(
+        job = %job.name,
+        "recorded as submitted without a Krea job id: looking for it at Krea before anything \
+         else is submitted"
+    );
+    job.state = JobState::Unknown;
+    job.attempt_at = job.attempt_at.or(job.submitted_at);
+    job.error = Some(SUBMITTED_WITHOUT_ID.to_owned());
+    job.clone()
+}
+
+/// The error a job submitted without a Krea job id carries until reconciliation decides.
+const SUBMITTED_WITHOUT_ID: &str =
+    "recorded as submitted without a Krea job id; reconciled like an unanswered submission";
 
 async fn recv_command(
     commands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<EngineCommand>>,

@@ -5,7 +5,6 @@ use super::{Engine, Event};
 use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use crate::job::JobState;
 use crate::retry::Verdict;
-use crate::store::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,13 @@ pub(super) fn get_verdict(err: &ApiError) -> Verdict {
 impl Engine {
     pub(super) fn spawn_poll(&mut self, slot: usize) {
         let api = Arc::clone(&self.api);
-        let Some(job_id) = self.slots[slot].job.remote_id.clone() else { return };
+        let Some(job_id) = self.slots[slot].job.remote_id.clone() else {
+            // Jobs loaded so are reconciled (`add_jobs`); one that still got here is a bug, and
+            // failing it loudly beats leaving it unpolled forever.
+            let text = "cannot poll: the job has no Krea job id (a bug; please report it)";
+            tracing::error!(job = %self.slots[slot].job.name, "{text}");
+            return self.set_state(slot, JobState::Failed, Some(text.to_owned()));
+        };
         let policy = self.settings.retry;
         self.tasks.spawn(async move {
             let result = crate::retry::retry(
@@ -156,8 +161,9 @@ impl Engine {
     /// its POST, or from the attempt for an adopted job).
     fn timed_out(&self, slot: usize) -> bool {
         let job = &self.slots[slot].job;
-        let since = job.submitted_at.or(job.attempt_at).unwrap_or_else(now_ms);
-        let age = Duration::from_millis(u64::try_from(now_ms() - since).unwrap_or_default());
+        let now = self.clock.now_ms();
+        let since = job.submitted_at.or(job.attempt_at).unwrap_or(now);
+        let age = Duration::from_millis(u64::try_from(now - since).unwrap_or_default());
         age > self.settings.job_timeout
     }
 

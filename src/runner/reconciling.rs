@@ -15,7 +15,6 @@ use super::{Engine, Event};
 use crate::api::ApiError;
 use crate::job::JobState;
 use crate::reconcile::{Attempt, ClockOffset, Listing, Outcome, list_unclaimed, match_attempts};
-use crate::store::now_ms;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +73,7 @@ impl Engine {
         if self.unknown.is_empty() || self.listing {
             return None;
         }
-        let wait_ms = self.settled_at_ms()?.saturating_sub(now_ms()).max(0);
+        let wait_ms = self.settled_at_ms()?.saturating_sub(self.clock.now_ms()).max(0);
         let settled =
             Instant::now() + Duration::from_millis(u64::try_from(wait_ms).unwrap_or_default());
         Some(self.listing_retry_at.map_or(settled, |retry| retry.max(settled)))
@@ -86,18 +85,16 @@ impl Engine {
         if self.unknown.is_empty() || self.listing || self.post_running {
             return;
         }
-        if self.settled_at_ms().is_some_and(|settled| settled > now_ms())
+        let now = self.clock.now_ms();
+        if self.settled_at_ms().is_some_and(|settled| settled > now)
             || self.listing_retry_at.is_some_and(|retry| retry > Instant::now())
         {
             return;
         }
         let slots: Vec<usize> = self.unknown.iter().copied().collect();
         let offset = self.clock_offset();
-        let earliest = slots
-            .iter()
-            .filter_map(|&slot| self.slots[slot].job.attempt_at)
-            .min()
-            .unwrap_or_else(now_ms);
+        let earliest =
+            slots.iter().filter_map(|&slot| self.slots[slot].job.attempt_at).min().unwrap_or(now);
         let since_ms = earliest + offset.low_ms;
         let claimed: HashSet<String> =
             self.remote_ids.keys().chain(self.claimed_elsewhere.iter()).cloned().collect();
@@ -108,7 +105,7 @@ impl Engine {
         tracing::info!(unknown = slots.len(), "looking for unanswered submissions at Krea");
         self.tasks.spawn(async move {
             tokio::select! {
-                result = list_unclaimed(&api, since_ms, &claimed, &policy) => {
+                result = list_unclaimed(&*api, since_ms, &claimed, &policy) => {
                     Event::Listed { slots, result }
                 }
                 () = stop.cancelled() => Event::ListingStopped,
@@ -140,6 +137,7 @@ impl Engine {
             }
         };
         self.listing_retry_at = None;
+        let now = self.clock.now_ms();
         let attempts: Vec<Attempt> = slots
             .iter()
             .filter(|&&slot| self.slots[slot].job.state == JobState::Unknown)
@@ -147,7 +145,7 @@ impl Engine {
                 let job = &self.slots[slot].job;
                 Attempt {
                     slot,
-                    started_ms: job.attempt_at.unwrap_or_else(now_ms),
+                    started_ms: job.attempt_at.unwrap_or(now),
                     ended_ms: job.attempt_ended,
                 }
             })

@@ -15,7 +15,7 @@ use super::Engine;
 use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
 use crate::report::StopReason;
-use crate::store::{JobRecord, now_ms};
+use crate::store::JobRecord;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,8 +104,9 @@ impl Engine {
             return None;
         }
         let slot = self.pending.pop_front()?;
+        let now = self.clock.now_ms();
         let job = &mut self.slots[slot].job;
-        job.attempt_at = Some(now_ms());
+        job.attempt_at = Some(now);
         job.attempt_ended = None;
         job.attempts += 1;
         self.set_state(slot, JobState::Submitting, None);
@@ -163,7 +164,7 @@ impl Engine {
                      submissions pause until it is found or shown not to exist"
                 );
                 self.slots[slot].unanswered.push(unanswered_label(&err));
-                self.slots[slot].job.attempt_ended = Some(now_ms());
+                self.slots[slot].job.attempt_ended = Some(self.clock.now_ms());
                 self.set_state(slot, JobState::Unknown, Some(err.to_string()));
                 self.await_reconciliation(slot);
             }
@@ -193,14 +194,15 @@ impl Engine {
                 remote.job_id
             );
             tracing::error!(job = %name, "{message}");
-            self.slots[slot].job.attempt_ended = Some(now_ms());
+            self.slots[slot].job.attempt_ended = Some(self.clock.now_ms());
             self.set_state(slot, JobState::Unknown, Some(message));
             self.await_reconciliation(slot);
             return;
         }
         self.claim(slot, remote);
+        let now = self.clock.now_ms();
         let job = &mut self.slots[slot].job;
-        job.submitted_at = Some(now_ms());
+        job.submitted_at = Some(now);
         tracing::info!(job = %name, job_id = %remote.job_id, "submitted");
         self.set_state(slot, JobState::Submitted, None);
         let job = self.slots[slot].job.clone();

@@ -1,0 +1,320 @@
+//! In-memory doubles of the engine's seam, for the in-process tests (`tests.rs`): a fake Krea
+//! whose jobs take tokio time and whose POSTs can be scripted, a fetcher that writes bytes to
+//! the output folder, and a clock that follows tokio's (paused) time.
+
+use super::seam::{ApiFuture, Clock, FetchFuture, KreaApi, ResultFetcher};
+use crate::api::{ApiError, JobPage, RemoteJob, RemoteStatus};
+use crate::download::Fetched;
+use crate::reconcile::format_time_ms;
+use crate::retry::RetryPolicy;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Wall-clock ms derived from tokio's clock: paused time moves it.
+#[derive(Debug)]
+pub(super) struct TestClock {
+    base_ms: i64,
+    start: Instant,
+}
+
+impl TestClock {
+    /// 2026-01-01T00:00:00Z at the moment of creation.
+    pub(super) fn new() -> Self {
+        Self { base_ms: 1_767_225_600_000, start: Instant::now() }
+    }
+}
+
+impl Clock for TestClock {
+    fn now_ms(&self) -> i64 {
+        self.base_ms + i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// What the fake answers to one POST.
+#[derive(Clone, Debug)]
+pub(super) enum Post {
+    /// Creates the job and answers with it.
+    Accept,
+    /// 429, with or without `Retry-After`; creates nothing.
+    RateLimited(Option<Duration>),
+    /// 402; creates nothing.
+    PaymentRequired,
+    /// 401; creates nothing.
+    Auth,
+    /// 500; creates nothing.
+    ServerError,
+    /// Creates the job, but the answer is lost.
+    DroppedButCreated,
+    /// The answer is lost, and nothing was created.
+    DroppedNothingCreated,
+    /// The answer is lost; the job was created, and so was another (someone else's) in the same
+    /// moment: reconciliation cannot tell which is ours.
+    DroppedCreatedTwice,
+}
+
+/// One job at the fake Krea.
+#[derive(Clone, Debug)]
+pub(super) struct FakeJob {
+    pub(super) id: String,
+    created_ms: i64,
+    started: Instant,
+    duration: Duration,
+    pub(super) cancelled: bool,
+}
+
+/// What the fake saw, for assertions.
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    /// When each POST arrived, and what it was answered.
+    pub(super) posts: Vec<(Instant, String)>,
+    pub(super) gets: usize,
+    /// When each DELETE arrived, and for which job.
+    pub(super) cancels: Vec<(Instant, String)>,
+    /// When each listing was asked for.
+    pub(super) lists: Vec<Instant>,
+    /// The most jobs that ran at once.
+    pub(super) max_running: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    script: VecDeque<Post>,
+    jobs: Vec<FakeJob>,
+    seen: Seen,
+    next_id: u32,
+}
+
+/// A Krea in memory. Jobs are `queued` for their first quarter, then `processing`, then
+/// `completed` after `job_duration` of tokio time. Unscripted POSTs are accepted, or refused
+/// with a 429 without `Retry-After` when `concurrency` jobs are already running (as Krea does
+/// when the account's concurrency and backlog are full).
+#[derive(Debug)]
+pub(super) struct FakeKrea {
+    clock: Arc<TestClock>,
+    state: Mutex<State>,
+    /// How long each job runs.
+    pub(super) job_duration: Duration,
+    /// How long a POST takes to be answered.
+    pub(super) post_latency: Duration,
+    /// Jobs the account may run at once.
+    pub(super) concurrency: Option<usize>,
+}
+
+impl FakeKrea {
+    pub(super) fn new(clock: Arc<TestClock>) -> Self {
+        Self {
+            clock,
+            state: Mutex::new(State {
+                script: VecDeque::new(),
+                jobs: Vec::new(),
+                seen: Seen::default(),
+                next_id: 1,
+            }),
+            job_duration: Duration::from_secs(3),
+            post_latency: Duration::from_millis(100),
+            concurrency: None,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("the fake's lock")
+    }
+
+    /// Answers the next POSTs so, in order; then POSTs are accepted.
+    pub(super) fn script(&self, posts: impl IntoIterator<Item = Post>) {
+        self.state().script.extend(posts);
+    }
+
+    /// What the fake saw so far.
+    pub(super) fn seen<T>(&self, read: impl FnOnce(&Seen) -> T) -> T {
+        read(&self.state().seen)
+    }
+
+    /// The jobs created so far.
+    pub(super) fn jobs(&self) -> Vec<FakeJob> {
+        self.state().jobs.clone()
+    }
+
+    /// Creates a job as if a POST had, now; returns its id.
+    pub(super) fn create_now(&self) -> String {
+        let mut state = self.state();
+        self.create(&mut state)
+    }
+
+    fn create(&self, state: &mut State) -> String {
+        let id = format!("job-{:04}", state.next_id);
+        state.next_id += 1;
+        state.jobs.push(FakeJob {
+            id: id.clone(),
+            created_ms: self.clock.now_ms(),
+            started: Instant::now(),
+            duration: self.job_duration,
+            cancelled: false,
+        });
+        let running = state.jobs.iter().filter(|job| Self::running(job)).count();
+        state.seen.max_running = state.seen.max_running.max(running);
+        id
+    }
+
+    fn running(job: &FakeJob) -> bool {
+        !job.cancelled && job.started.elapsed() < job.duration
+    }
+
+    fn describe(job: &FakeJob) -> RemoteJob {
+        let age = job.started.elapsed();
+        let status = if job.cancelled {
+            RemoteStatus::Cancelled
+        } else if age >= job.duration {
+            RemoteStatus::Completed
+        } else if age < job.duration / 4 {
+            RemoteStatus::Queued
+        } else {
+            RemoteStatus::Processing
+        };
+        let done = status == RemoteStatus::Completed;
+        RemoteJob {
+            job_id: job.id.clone(),
+            status: Some(status),
+            created_at: Some(format_time_ms(job.created_ms)),
+            completed_at: None,
+            urls: if done { vec![format!("https://results.test/{}.png", job.id)] } else { vec![] },
+            error: None,
+        }
+    }
+
+    fn answer_post(&self) -> Result<RemoteJob, ApiError> {
+        let mut state = self.state();
+        let running = state.jobs.iter().filter(|job| Self::running(job)).count();
+        let full = self.concurrency.is_some_and(|cap| running >= cap);
+        let post = state.script.pop_front().unwrap_or(if full {
+            Post::RateLimited(None)
+        } else {
+            Post::Accept
+        });
+        state.seen.posts.push((Instant::now(), format!("{post:?}")));
+        let message = || "scripted".to_owned();
+        match post {
+            Post::Accept => {
+                let id = self.create(&mut state);
+                let job = state.jobs.iter().find(|job| job.id == id).expect("just created");
+                Ok(Self::describe(job))
+            }
+            Post::RateLimited(retry_after) => {
+                Err(ApiError::RateLimited { retry_after, message: message() })
+            }
+            Post::PaymentRequired => Err(ApiError::PaymentRequired { message: message() }),
+            Post::Auth => Err(ApiError::Auth { status: 401, message: message() }),
+            Post::ServerError => {
+                Err(ApiError::Server { status: 500, message: "Internal Server Error".into() })
+            }
+            Post::DroppedButCreated => {
+                self.create(&mut state);
+                Err(ApiError::NoAnswer("connection reset".into()))
+            }
+            Post::DroppedNothingCreated => Err(ApiError::NoAnswer("connection reset".into())),
+            Post::DroppedCreatedTwice => {
+                self.create(&mut state);
+                self.create(&mut state);
+                Err(ApiError::NoAnswer("connection reset".into()))
+            }
+        }
+    }
+}
+
+impl KreaApi for FakeKrea {
+    fn create_job<'a>(&'a self, _model: &'a str, _body: &'a str) -> ApiFuture<'a, RemoteJob> {
+        Box::pin(async move {
+            tokio::time::sleep(self.post_latency).await;
+            self.answer_post()
+        })
+    }
+
+    fn get_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, RemoteJob> {
+        Box::pin(async move {
+            let mut state = self.state();
+            state.seen.gets += 1;
+            state
+                .jobs
+                .iter()
+                .find(|job| job.id == job_id)
+                .map(Self::describe)
+                .ok_or_else(|| ApiError::NotFound { message: job_id.to_owned() })
+        })
+    }
+
+    fn cancel_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, ()> {
+        Box::pin(async move {
+            let mut state = self.state();
+            state.seen.cancels.push((Instant::now(), job_id.to_owned()));
+            let job = state
+                .jobs
+                .iter_mut()
+                .find(|job| job.id == job_id)
+                .ok_or_else(|| ApiError::NotFound { message: job_id.to_owned() })?;
+            if job.cancelled || job.started.elapsed() >= job.duration {
+                return Err(ApiError::Rejected { status: 409, message: "not cancellable".into() });
+            }
+            job.cancelled = true;
+            Ok(())
+        })
+    }
+
+    fn list_jobs<'a>(&'a self, _cursor: Option<&'a str>, _limit: u32) -> ApiFuture<'a, JobPage> {
+        Box::pin(async move {
+            let mut state = self.state();
+            state.seen.lists.push(Instant::now());
+            let items = state.jobs.iter().rev().map(Self::describe).collect();
+            Ok(JobPage { items, unreadable: Vec::new(), next_cursor: None })
+        })
+    }
+}
+
+/// A result host in memory: writes a few bytes for each URL, after `latency` of tokio time.
+#[derive(Debug, Default)]
+pub(super) struct FakeFetcher {
+    pub(super) latency: Duration,
+    fetched: Mutex<Vec<String>>,
+}
+
+impl FakeFetcher {
+    /// The URLs fetched so far.
+    pub(super) fn fetched(&self) -> Vec<String> {
+        self.fetched.lock().expect("the fetcher's lock").clone()
+    }
+}
+
+impl ResultFetcher for FakeFetcher {
+    fn fetch<'a>(
+        &'a self,
+        url: &'a str,
+        dir: &'a Path,
+        stem: &'a str,
+        _owner: Option<&'a str>,
+        _policy: &'a RetryPolicy,
+    ) -> FetchFuture<'a> {
+        Box::pin(async move {
+            tokio::time::sleep(self.latency).await;
+            let relative_path = format!("{stem}.png");
+            let bytes = format!("result of {url}");
+            let path = dir.join(&relative_path);
+            let io = |err: std::io::Error| crate::download::DownloadError::Transport {
+                url: url.to_owned(),
+                detail: err.to_string(),
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&path, &bytes).map_err(io)?;
+            self.fetched.lock().expect("the fetcher's lock").push(url.to_owned());
+            Ok(Fetched {
+                relative_path,
+                bytes: bytes.len() as u64,
+                sha256: "0".repeat(64),
+                content_type: "image/png".into(),
+            })
+        })
+    }
+}

@@ -1,0 +1,610 @@
+//! The engine driven in-process on paused tokio time, through the seam (`seam.rs`) with the
+//! doubles of `doubles.rs` and the state writer inline: each test runs a whole batch in
+//! milliseconds, and times are asserted in virtual time (`tokio::time::Instant`).
+
+use super::doubles::{FakeFetcher, FakeKrea, Post, TestClock};
+use super::*;
+use crate::pace::PollSchedule;
+use crate::pricing::PriceTable;
+use crate::store::Store;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Settings that let each behaviour under test show on its own: pacing wide open, polls every
+/// second or two, reconciliation 10 s after an unanswered POST.
+fn settings() -> EngineSettings {
+    let poll = PollSchedule { first: SECOND, max: 2 * SECOND };
+    EngineSettings {
+        submissions_per_minute: 6000,
+        burst: 100,
+        max_in_flight: 100,
+        poll,
+        video_poll: poll,
+        job_timeout: Duration::from_hours(1),
+        download_concurrency: 4,
+        download_grace: 10 * SECOND,
+        retry: RetryPolicy { first: SECOND, max: 4 * SECOND, attempts: 3 },
+        rate_limit_backoff: 2 * SECOND,
+        request_timeout: 30 * SECOND,
+        reconcile_after: 10 * SECOND,
+        pause_probe: None,
+        heartbeat: None,
+        budget: None,
+    }
+}
+
+/// One engine over `n` jobs, its doubles and its state file.
+struct Rig {
+    dir: tempfile::TempDir,
+    output: PathBuf,
+    clock: Arc<TestClock>,
+    krea: FakeKrea,
+    fetcher: FakeFetcher,
+    writer: StoreWriter,
+    jobs: Vec<JobRecord>,
+    output_dirs: HashMap<i64, PathBuf>,
+    settings: EngineSettings,
+    controls: Controls,
+}
+
+impl Rig {
+    fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let output = dir.path().join("out");
+        std::fs::create_dir_all(&output).expect("the output folder");
+        let text = format!("jobs:\n  - prompt: a fox\n    model: bfl/flux-1-dev\n    count: {n}\n");
+        let file = crate::jobfile::parse(text.as_bytes(), &dir.path().join("jobs.yaml"))
+            .expect("the job file");
+        let mut store = Store::open_writer(&dir.path().join("state.db")).expect("the state");
+        store
+            .import("jobs.yaml", &output, &file.jobs, &PriceTable::with_overrides([].into()), false)
+            .expect("the import");
+        let jobs = store.jobs(None).expect("the jobs");
+        assert_eq!(jobs.len(), n);
+        let output_dirs = store.output_dirs().expect("the folders");
+        let clock = Arc::new(TestClock::new());
+        Self {
+            dir,
+            output,
+            krea: FakeKrea::new(Arc::clone(&clock)),
+            clock,
+            fetcher: FakeFetcher::default(),
+            writer: StoreWriter::inline(store),
+            jobs,
+            output_dirs,
+            settings: settings(),
+            controls: Controls::default(),
+        }
+    }
+
+    /// The engine, with `krea` and `fetcher` moved behind the seam; returns handles on them.
+    fn engine(self) -> (Engine, Handles) {
+        let krea = Arc::new(self.krea);
+        let fetcher = Arc::new(self.fetcher);
+        let (status_tx, status) = tokio::sync::watch::channel(EngineStatus::default());
+        let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+        let io = EngineIo {
+            api: Arc::clone(&krea) as Arc<dyn KreaApi>,
+            fetcher: Arc::clone(&fetcher) as Arc<dyn ResultFetcher>,
+            clock: self.clock,
+            writer: self.writer.clone(),
+            claimed_elsewhere: HashSet::new(),
+        };
+        let engine = Engine::new(
+            io,
+            self.jobs,
+            &self.output_dirs,
+            self.settings,
+            self.controls.clone(),
+            status_tx,
+        )
+        .with_commands(command_rx);
+        let handles = Handles {
+            _dir: self.dir,
+            output: self.output,
+            krea,
+            fetcher,
+            writer: self.writer,
+            controls: self.controls,
+            status,
+            commands,
+            started: Instant::now(),
+        };
+        (engine, handles)
+    }
+
+    /// Runs the engine to its end.
+    async fn run(self) -> (EngineOutcome, Handles) {
+        let (engine, handles) = self.engine();
+        let outcome = engine.run().await.expect("the engine's run");
+        (outcome, handles)
+    }
+}
+
+struct Handles {
+    _dir: tempfile::TempDir,
+    output: PathBuf,
+    krea: Arc<FakeKrea>,
+    fetcher: Arc<FakeFetcher>,
+    writer: StoreWriter,
+    controls: Controls,
+    status: tokio::sync::watch::Receiver<EngineStatus>,
+    commands: tokio::sync::mpsc::UnboundedSender<EngineCommand>,
+    started: Instant,
+}
+
+impl Handles {
+    fn posts(&self) -> Vec<Duration> {
+        self.krea
+            .seen(|seen| seen.posts.iter().map(|(at, _)| at.duration_since(self.started)).collect())
+    }
+
+    fn lists(&self) -> Vec<Duration> {
+        self.krea.seen(|seen| seen.lists.iter().map(|at| at.duration_since(self.started)).collect())
+    }
+
+    fn cancels(&self) -> Vec<Duration> {
+        self.krea.seen(|seen| {
+            seen.cancels.iter().map(|(at, _)| at.duration_since(self.started)).collect()
+        })
+    }
+
+    /// The jobs as the state file has them.
+    async fn stored(&self) -> Vec<JobRecord> {
+        self.writer.with_store(|store| store.jobs(None)).await.expect("the writer").expect("jobs")
+    }
+
+    /// Waits (in virtual time) until the published status satisfies `done`.
+    async fn until(&mut self, done: impl Fn(&EngineStatus) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_hours(48), self.status.wait_for(done));
+        waited.await.expect("the state within 48 virtual hours").expect("the engine is running");
+    }
+}
+
+/// `later - earlier`, which the test expects in that order.
+fn gap(later: Duration, earlier: Duration) -> Duration {
+    later.checked_sub(earlier).expect("in order")
+}
+
+fn states(jobs: &[JobRecord]) -> Vec<JobState> {
+    jobs.iter().map(|job| job.state).collect()
+}
+
+fn count(jobs: &[JobRecord], state: JobState) -> usize {
+    jobs.iter().filter(|job| job.state == state).count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_job_is_submitted_once_polled_and_downloaded() {
+    let (outcome, h) = Rig::new(3).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    assert_eq!(outcome.stopped, None);
+    assert_eq!(h.posts().len(), 3, "one POST per job");
+    assert_eq!(h.fetcher.fetched().len(), 3);
+    for job in &outcome.jobs {
+        assert!(h.output.join(&job.files[0].path).is_file(), "{job:?}");
+    }
+    assert_eq!(states(&h.stored().await), [JobState::Downloaded; 3], "the state file agrees");
+    // Jobs take 3 s; polls come every 1 to 2 s.
+    let took = h.started.elapsed();
+    assert!(took >= 3 * SECOND && took <= 6 * SECOND, "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn submissions_go_in_a_burst_then_at_the_rate() {
+    let mut rig = Rig::new(5);
+    rig.settings.submissions_per_minute = 60;
+    rig.settings.burst = 2;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
+    let posts = h.posts();
+    assert_eq!(posts.len(), 5);
+    assert!(posts[1] < SECOND, "the burst goes at once: {posts:?}");
+    for pair in posts[1..].windows(2) {
+        let gap = gap(pair[1], pair[0]);
+        assert!(gap >= Duration::from_millis(900), "one a second after the burst: {posts:?}");
+        assert!(gap <= Duration::from_millis(1300), "no slower than the rate: {posts:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_rate_spaces_every_submission() {
+    let mut rig = Rig::new(3);
+    rig.settings.submissions_per_minute = 6;
+    rig.settings.burst = 1;
+    let (_, h) = rig.run().await;
+    let posts = h.posts();
+    assert_eq!(posts.len(), 3);
+    assert!(gap(posts[1], posts[0]) >= Duration::from_millis(9900), "{posts:?}");
+    assert!(gap(posts[2], posts[1]) >= Duration::from_millis(9900), "{posts:?}");
+    assert!(posts[2] <= 21 * SECOND, "{posts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_in_flight_cap_holds_submissions_back() {
+    let mut rig = Rig::new(5);
+    rig.settings.max_in_flight = 2;
+    rig.krea.job_duration = 10 * SECOND;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
+    assert_eq!(h.krea.seen(|seen| seen.max_running), 2, "never more than the cap at Krea");
+    let posts = h.posts();
+    assert!(posts[2] >= 10 * SECOND, "the third waits for a job to end: {posts:?}");
+    assert!(posts[4] >= 20 * SECOND, "{posts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_lowers_the_cap_to_what_krea_accepts() {
+    let mut rig = Rig::new(6);
+    rig.krea.concurrency = Some(2);
+    rig.krea.job_duration = 10 * SECOND;
+    let (outcome, mut h) = rig.run().await;
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 6);
+    let refused = h.krea.seen(|seen| {
+        seen.posts.iter().filter(|(_, answer)| answer.starts_with("RateLimited")).count()
+    });
+    // The cap drops to 2 at the first 429 and probes upwards only after two rounds accepted.
+    assert!((1..=2).contains(&refused), "{refused} 429s, not one per job");
+    assert_eq!(h.posts().len(), 6 + refused);
+    assert_eq!(h.status.borrow_and_update().rate_limited_total, refused as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let rig = Rig::new(1);
+    rig.krea.script([Post::RateLimited(Some(7 * SECOND))]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded]);
+    let posts = h.posts();
+    assert_eq!(posts.len(), 2);
+    let wait = gap(posts[1], posts[0]);
+    assert!(wait >= 7 * SECOND && wait <= 8 * SECOND, "{wait:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_retry_after_and_nothing_in_flight_backs_off_and_grows() {
+    let rig = Rig::new(1);
+    rig.krea.script([Post::RateLimited(None), Post::RateLimited(None)]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded]);
+    let posts = h.posts();
+    assert_eq!(posts.len(), 3);
+    // rate_limit_backoff 2 s with ±25 % jitter, then three times that.
+    let first = gap(posts[1], posts[0]);
+    let second = gap(posts[2], posts[1]);
+    assert!(first >= Duration::from_millis(1500) && first <= Duration::from_millis(2700));
+    assert!(second >= Duration::from_millis(4500) && second <= Duration::from_millis(7700));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_402_stops_a_run_and_finishes_what_is_in_flight() {
+    let rig = Rig::new(4);
+    rig.krea.script([Post::Accept, Post::PaymentRequired]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::PaymentRequired));
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 1, "the job in flight is finished");
+    assert_eq!(count(&outcome.jobs, JobState::Pending), 3);
+    assert_eq!(h.posts().len(), 2, "nothing is sent after the 402");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_402_pauses_the_service_which_probes_every_pause_probe() {
+    let mut rig = Rig::new(2);
+    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.krea.script([Post::PaymentRequired, Post::PaymentRequired]);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.paused == Some(StopReason::PaymentRequired)).await;
+    h.until(|status| status.counts.completed == 2).await;
+    let posts = h.posts();
+    assert_eq!(posts.len(), 4, "two 402s, then both jobs: {posts:?}");
+    for pair in posts[..3].windows(2) {
+        let gap = gap(pair[1], pair[0]);
+        assert!(gap >= Duration::from_mins(1) && gap <= Duration::from_secs(61), "{posts:?}");
+    }
+    assert!(gap(posts[3], posts[2]) < SECOND, "the accepted probe resumes submitting");
+    assert_eq!(h.status.borrow().paused, None);
+    assert!(!running.is_finished(), "the service waits for more jobs");
+    h.controls.drain.cancel();
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_command_resumes_the_paused_service_at_once() {
+    let mut rig = Rig::new(1);
+    rig.settings.pause_probe = Some(Duration::from_hours(1));
+    rig.krea.script([Post::PaymentRequired]);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.paused.is_some()).await;
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(h.posts().len(), 1, "no probe before it is due");
+    h.commands.send(EngineCommand::Probe).expect("the engine listens");
+    h.until(|status| status.counts.completed == 1).await;
+    let posts = h.posts();
+    assert_eq!(posts.len(), 2);
+    assert!(posts[1] >= 10 * SECOND && posts[1] < 11 * SECOND, "{posts:?}");
+    h.controls.drain.cancel();
+    running.await.expect("the task").expect("the run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_stops_submitting_before_it_is_exceeded() {
+    let mut rig = Rig::new(5);
+    rig.settings.budget = Some(Budget { max_usd: Some(0.25), per_day_usd: None });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::BudgetReached));
+    assert_eq!(h.posts().len(), 2, "0.3 would exceed 0.25");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 2);
+    assert_eq!(count(&outcome.jobs, JobState::Pending), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
+    let mut rig = Rig::new(2);
+    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.paused == Some(StopReason::BudgetReached)).await;
+    h.until(|status| status.counts.completed == 2).await;
+    let posts = h.posts();
+    assert_eq!(posts.len(), 2);
+    // The test clock starts at midnight UTC: the second job waits for the next day.
+    let day = Duration::from_hours(24);
+    assert!(posts[1] >= day && posts[1] <= day + SECOND, "{posts:?}");
+    h.controls.drain.cancel();
+    running.await.expect("the task").expect("the run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconciliation_waits_for_reconcile_after_and_holds_submissions() {
+    let rig = Rig::new(2);
+    rig.krea.script([Post::DroppedButCreated]);
+    let (_, h) = rig.run().await;
+    let (posts, lists) = (h.posts(), h.lists());
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    assert!(gap(lists[0], posts[0]) >= 10 * SECOND, "not before reconcile_after: {lists:?}");
+    assert!(gap(lists[0], posts[0]) <= 11 * SECOND, "{lists:?}");
+    assert!(posts[1] > lists[0], "nothing is sent while a job is unknown: {posts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconciliation_adopts_a_job_whose_answer_was_lost() {
+    let rig = Rig::new(2);
+    rig.krea.script([Post::DroppedButCreated]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 2]);
+    assert_eq!(h.posts().len(), 2, "the lost one is adopted, not paid again");
+    assert_eq!(h.krea.jobs().len(), 2);
+    let adopted = &outcome.jobs[0];
+    assert_eq!(adopted.remote_id.as_deref(), Some(h.krea.jobs()[0].id.as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_500_that_created_nothing_is_sent_again_after_its_backoff() {
+    let rig = Rig::new(1);
+    rig.krea.script([Post::ServerError]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded]);
+    let (posts, lists) = (h.posts(), h.lists());
+    assert_eq!(posts.len(), 2);
+    assert_eq!(h.krea.jobs().len(), 1, "paid once");
+    assert_eq!(lists.len(), 1);
+    // Its own back-off: rate_limit_backoff (2 s) for the first unanswered attempt.
+    assert!(gap(posts[1], lists[0]) >= 2 * SECOND, "{posts:?} {lists:?}");
+    assert!(gap(posts[1], lists[0]) <= 3 * SECOND, "{posts:?} {lists:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_without_an_answer_that_created_nothing_is_sent_again() {
+    let rig = Rig::new(1);
+    rig.krea.script([Post::DroppedNothingCreated]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded]);
+    assert_eq!(h.posts().len(), 2);
+    assert_eq!(h.lists().len(), 1, "sent again only once shown not to exist");
+    assert_eq!(h.krea.jobs().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_listing_sets_the_job_aside_unknown() {
+    let rig = Rig::new(1);
+    rig.krea.script([Post::DroppedCreatedTwice]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Unknown], "never sent again");
+    assert_eq!(h.posts().len(), 1);
+    let error = outcome.jobs[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("cannot be told"), "{error}");
+    let stored = h.stored().await;
+    assert_eq!(stored[0].error.as_deref(), Some(error), "reported in the state file");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_fails_after_max_unanswered_posts_that_created_nothing() {
+    let rig = Rig::new(1);
+    rig.krea.script(vec![Post::ServerError; MAX_UNANSWERED_POSTS]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Failed]);
+    let error = outcome.jobs[0].error.as_deref().unwrap_or_default();
+    assert!(error.starts_with("Krea answered 500 to 6 attempts"), "{error}");
+    let posts = h.posts();
+    assert_eq!(posts.len(), MAX_UNANSWERED_POSTS);
+    assert!(h.krea.jobs().is_empty());
+    let gaps: Vec<Duration> = posts.windows(2).map(|pair| gap(pair[1], pair[0])).collect();
+    assert!(gaps.windows(2).all(|pair| pair[1] > pair[0]), "growing back-offs: {gaps:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_key_stops_a_run_at_once() {
+    let rig = Rig::new(3);
+    rig.krea.script([Post::Auth]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::AuthRefused));
+    assert_eq!(states(&outcome.jobs), [JobState::Pending; 3]);
+    assert_eq!(h.posts().len(), 1);
+    assert!(h.started.elapsed() < SECOND, "{:?}", h.started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ctrl_c_stops_submitting_and_waits_for_jobs_in_flight() {
+    let mut rig = Rig::new(3);
+    rig.settings.submissions_per_minute = 6;
+    rig.settings.burst = 1;
+    rig.krea.job_duration = 20 * SECOND;
+    let stop = rig.controls.stop_submitting.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(5 * SECOND).await;
+        stop.cancel();
+    });
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::Interrupted));
+    assert_eq!(h.posts().len(), 1);
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 1, "the job in flight is finished");
+    assert_eq!(count(&outcome.jobs, JobState::Pending), 2);
+    assert!(h.started.elapsed() >= 20 * SECOND, "it waited for the job");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ctrl_c_leaves_an_unknown_job_to_the_next_run() {
+    let rig = Rig::new(2);
+    rig.krea.script([Post::DroppedButCreated]);
+    let stop = rig.controls.stop_submitting.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(2 * SECOND).await;
+        stop.cancel();
+    });
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Pending]);
+    assert!(h.lists().is_empty(), "no waiting for reconciliation after Ctrl-C");
+    assert!(h.started.elapsed() < 3 * SECOND, "{:?}", h.started.elapsed());
+    assert_eq!(states(&h.stored().await), [JobState::Unknown, JobState::Pending]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_drains_the_service_leaving_jobs_running_at_krea() {
+    let mut rig = Rig::new(2);
+    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.krea.job_duration = Duration::from_hours(1);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.in_flight == 2).await;
+    tokio::time::sleep(5 * SECOND).await;
+    let drained_at = Instant::now();
+    h.controls.drain.cancel();
+    let outcome = running.await.expect("the task").expect("the run");
+    assert!(drained_at.elapsed() < 3 * SECOND, "{:?}", drained_at.elapsed());
+    assert_eq!(states(&outcome.jobs), [JobState::Submitted; 2], "polled again at the next start");
+    assert!(h.cancels().is_empty(), "nothing is cancelled at Krea");
+    assert_eq!(states(&h.stored().await), [JobState::Submitted; 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_returns_at_once_with_the_state_saved() {
+    let mut rig = Rig::new(2);
+    rig.krea.job_duration = Duration::from_hours(1);
+    rig.fetcher.latency = Duration::from_hours(1);
+    let abort = rig.controls.abort.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(5 * SECOND).await;
+        abort.cancel();
+    });
+    let (outcome, h) = rig.run().await;
+    let took = h.started.elapsed();
+    assert!(took >= 5 * SECOND && took < 6 * SECOND, "{took:?}");
+    assert_eq!(states(&outcome.jobs), [JobState::Submitted; 2]);
+    assert_eq!(states(&h.stored().await), [JobState::Submitted; 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_past_its_timeout_is_cancelled_at_krea() {
+    let mut rig = Rig::new(1);
+    rig.settings.job_timeout = 30 * SECOND;
+    rig.krea.job_duration = Duration::from_hours(1);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Failed]);
+    let error = outcome.jobs[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("job timeout (30s)"), "{error}");
+    let cancels = h.cancels();
+    assert_eq!(cancels.len(), 1);
+    // The next poll after 30 s sends the DELETE: polls come at most 2 s apart.
+    assert!(cancels[0] >= 30 * SECOND && cancels[0] <= 33 * SECOND, "{cancels:?}");
+    assert!(h.krea.jobs()[0].cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_submitted_without_a_remote_id_is_reconciled_and_adopted() {
+    let mut rig = Rig::new(1);
+    let remote = rig.krea.create_now();
+    let now = rig.clock.now_ms();
+    let job = &mut rig.jobs[0];
+    job.state = JobState::Submitted;
+    job.attempts = 1;
+    job.attempt_at = Some(now - 200);
+    job.attempt_ended = Some(now + 100);
+    job.submitted_at = Some(now + 100);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded], "{outcome:?}");
+    assert_eq!(outcome.jobs[0].remote_id.as_deref(), Some(remote.as_str()));
+    assert!(h.posts().is_empty(), "found at Krea, not paid again");
+    assert_eq!(h.lists().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_submitted_without_a_remote_id_that_krea_lacks_is_sent_again() {
+    let mut rig = Rig::new(1);
+    let now = rig.clock.now_ms();
+    let job = &mut rig.jobs[0];
+    job.state = JobState::Submitted;
+    job.attempts = 1;
+    job.attempt_at = Some(now - 200);
+    job.submitted_at = Some(now - 100);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded]);
+    assert_eq!(h.lists().len(), 1, "looked for first");
+    assert_eq!(h.posts().len(), 1);
+    assert_eq!(outcome.jobs[0].attempts, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refusing_api_refuses_everything_without_a_key() {
+    let api: Arc<dyn KreaApi> = Arc::new(RefusingApi);
+    let created = api.create_job("m", "{}").await;
+    assert!(matches!(created, Err(ApiError::NotSent(_))), "{created:?}");
+    assert!(matches!(api.get_job("j").await, Err(ApiError::NotSent(_))));
+    assert!(matches!(api.cancel_job("j").await, Err(ApiError::NotSent(_))));
+    assert!(matches!(api.list_jobs(None, 10).await, Err(ApiError::NotSent(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn downloads_only_need_no_api() {
+    let mut rig = Rig::new(2);
+    for (index, job) in rig.jobs.iter_mut().enumerate() {
+        job.state = JobState::Completed;
+        job.remote_id = Some(format!("done-{index}"));
+        job.urls = vec![format!("https://results.test/done-{index}.png")];
+    }
+    let fetcher = Arc::new(FakeFetcher::default());
+    // As `krea-batch download` builds it: no key, an API that refuses every call.
+    let io = EngineIo {
+        api: Arc::new(RefusingApi),
+        fetcher: Arc::clone(&fetcher) as Arc<dyn ResultFetcher>,
+        clock: rig.clock,
+        writer: rig.writer,
+        claimed_elsewhere: HashSet::new(),
+    };
+    let (status_tx, _) = tokio::sync::watch::channel(EngineStatus::default());
+    let engine = Engine::new(io, rig.jobs, &rig.output_dirs, rig.settings, rig.controls, status_tx);
+    let outcome = engine.run().await.expect("the run");
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 2]);
+    assert_eq!(fetcher.fetched().len(), 2);
+}
