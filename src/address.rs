@@ -62,29 +62,36 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
 /// Refuses a URL whose host is written as an internal address, or is `localhost` (or a name
 /// under `.localhost`, which resolvers send to loopback). Other names pass here; their
 /// addresses are checked when they are resolved ([`PublicResolver`]).
-pub fn check_host(url: &Url) -> Result<(), String> {
+pub fn check_host(url: &Url) -> Result<(), HostError> {
     let Some(host) = url.host_str() else {
-        return Err("the URL has no host".to_owned());
+        return Err(HostError::NoHost);
     };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         if is_internal(ip) {
-            return Err(internal_reason(&ip.to_string()));
+            return Err(HostError::Internal(ip.to_string()));
         }
         return Ok(());
     }
     let name = bare.trim_end_matches('.').to_ascii_lowercase();
     if name == "localhost" || name.ends_with(".localhost") {
-        return Err(internal_reason(bare));
+        return Err(HostError::Internal(bare.to_owned()));
     }
     Ok(())
 }
 
-fn internal_reason(host: &str) -> String {
-    format!(
-        "{host} is a loopback, private or link-local address; result files are downloaded only \
+/// Why a result host is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The URL names no host.
+    #[error("the URL has no host")]
+    NoHost,
+    /// The host is (or resolves only to) an internal address.
+    #[error(
+        "{0} is a loopback, private or link-local address; result files are downloaded only \
          from public addresses (unless the API itself is on loopback, as the simulation is)"
-    )
+    )]
+    Internal(String),
 }
 
 /// The download client's DNS resolver: the system's, minus every internal address. A name
@@ -100,7 +107,7 @@ impl Resolve for PublicResolver {
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let public = public_only(found);
             if public.is_empty() {
-                return Err(internal_reason(&host).into());
+                return Err(HostError::Internal(host).into());
             }
             let addrs: Addrs = Box::new(public.into_iter());
             Ok(addrs)
@@ -117,7 +124,7 @@ fn public_only(found: Vec<SocketAddr>) -> Vec<SocketAddr> {
 mod tests {
     use super::*;
 
-    fn host_check(url: &str) -> Result<(), String> {
+    fn host_check(url: &str) -> Result<(), HostError> {
         check_host(&Url::parse(url).expect("a URL"))
     }
 

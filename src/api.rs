@@ -32,19 +32,43 @@ pub const DEFAULT_BASE_URL: &str = "https://api.krea.ai";
 /// server cannot make krea-batch buffer 100 MB).
 pub const MAX_JSON_BYTES: usize = 4 << 20;
 
+/// Why a text is not a URL (the `url` crate's `ParseError`, named through reqwest's `Url`).
+pub type UrlParseError = <Url as std::str::FromStr>::Err;
+
+/// Why a URL may not be contacted, or is no API base URL. The URLs it names are shown without
+/// their `user:password@`.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// The text does not parse as a URL.
+    #[error("{shown} is not a URL: {source}")]
+    NotAUrl {
+        /// The text, quoted, or "the API base URL" when it might carry a password.
+        shown: String,
+        /// Why it does not parse.
+        #[source]
+        source: UrlParseError,
+    },
+    /// Plain http off loopback.
+    #[error(
+        "{0} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)"
+    )]
+    PlainHttp(String),
+    /// Another scheme than http(s). Not quoted: without a host, a URL of another scheme keeps
+    /// any password in its path.
+    #[error("the URL uses the scheme {0}; only https is allowed")]
+    Scheme(String),
+    /// An API base URL with a query or a fragment.
+    #[error("the API base URL {0} must not have a query or fragment")]
+    QueryOrFragment(String),
+}
+
 /// Checks that `url` may be contacted: `https`, or `http` to a loopback address.
-pub fn check_url(url: &Url) -> Result<(), String> {
+pub fn check_url(url: &Url) -> Result<(), UrlError> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback(url) => Ok(()),
-        "http" => Err(format!(
-            "{} uses plain http; only https is allowed, except on loopback (127.0.0.1, ::1, localhost)",
-            display_url(url)
-        )),
-        other => {
-            // Not quoted: without a host, a URL of another scheme keeps any password in its path.
-            Err(format!("the URL uses the scheme {other}; only https is allowed"))
-        }
+        "http" => Err(UrlError::PlainHttp(display_url(url))),
+        other => Err(UrlError::Scheme(other.to_owned())),
     }
 }
 
@@ -78,14 +102,12 @@ pub fn strip_userinfo(url: &mut Url) -> bool {
 
 /// Parses and checks an API base URL (from the job file, `--api-base` or `KREA_API_BASE`).
 /// A `user:password@` in it is removed (with a warning), so it is never stored or logged.
-pub fn parse_base_url(text: &str) -> Result<Url, String> {
-    let mut url = Url::parse(text.trim()).map_err(|err| {
+pub fn parse_base_url(text: &str) -> Result<Url, UrlError> {
+    let mut url = Url::parse(text.trim()).map_err(|source| {
         // Quoted only without an '@': it might carry a password.
-        if text.contains('@') {
-            format!("the API base URL is not a URL: {err}")
-        } else {
-            format!("{text:?} is not a URL: {err}")
-        }
+        let shown =
+            if text.contains('@') { "the API base URL".to_owned() } else { format!("{text:?}") };
+        UrlError::NotAUrl { shown, source }
     })?;
     if strip_userinfo(&mut url) {
         tracing::warn!(
@@ -96,7 +118,7 @@ pub fn parse_base_url(text: &str) -> Result<Url, String> {
     }
     check_url(&url)?;
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("the API base URL {url} must not have a query or fragment"));
+        return Err(UrlError::QueryOrFragment(url.to_string()));
     }
     Ok(url)
 }
@@ -192,19 +214,33 @@ pub struct RemoteJob {
     pub error: Option<String>,
 }
 
+/// Why a JSON answer is not a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobShapeError {
+    /// `[]`.
+    #[error("an empty array instead of a job")]
+    EmptyArray,
+    /// A string, a number, `null`.
+    #[error("the answer is not a JSON object")]
+    NotAnObject,
+    /// No `job_id` (or `id`) that can name a job safely.
+    #[error("the job has no usable job_id (present, at most 200 bytes, not . or ..)")]
+    NoJobId,
+}
+
 impl RemoteJob {
     /// Parses one job object (or the first of an array, as a node app answers).
-    pub fn from_json(value: &Value) -> Result<Self, String> {
+    pub fn from_json(value: &Value) -> Result<Self, JobShapeError> {
         let value = match value {
-            Value::Array(items) => items.first().ok_or("an empty array instead of a job")?,
+            Value::Array(items) => items.first().ok_or(JobShapeError::EmptyArray)?,
             other => other,
         };
-        let object = value.as_object().ok_or("the answer is not a JSON object")?;
+        let object = value.as_object().ok_or(JobShapeError::NotAnObject)?;
         let job_id = ["job_id", "id"]
             .iter()
             .find_map(|field| object.get(*field).and_then(Value::as_str))
             .filter(|id| usable_job_id(id))
-            .ok_or("the job has no usable job_id (present, at most 200 bytes, not . or ..)")?
+            .ok_or(JobShapeError::NoJobId)?
             .to_owned();
         let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
         let result = object.get("result").filter(|r| r.is_object());
@@ -387,6 +423,12 @@ fn gone_message(message: &str, replacement: Option<&str>, sunset: Option<&str>) 
 }
 
 impl ApiError {
+    /// An answer that is not a job. `Malformed` holds text because the client redacts the key
+    /// from it ([`KreaClient`]'s `redact`); a [`JobShapeError`] has no source to lose.
+    fn malformed(shape: JobShapeError) -> Self {
+        Self::Malformed(shape.to_string())
+    }
+
     /// For a POST: true when Krea may have created the job although no usable answer came back.
     /// Such a POST is never repeated blindly; the job is reconciled first.
     #[must_use]
@@ -436,13 +478,28 @@ impl fmt::Debug for KreaClient {
     }
 }
 
+/// Why the API client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL may not be contacted.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The key holds a byte an HTTP header cannot carry.
+    #[error("the API key cannot be sent in an HTTP header")]
+    KeyNotAHeader,
+    /// The HTTP client could not be set up (TLS, the resolver).
+    #[error("cannot set up the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
 impl KreaClient {
     /// Builds the client. It follows no redirects: the API has none to give, and a redirect
     /// would be the one way a header could travel to a host that is not the API's.
-    pub fn new(settings: &ClientSettings, key: ApiKey) -> Result<Self, String> {
+    pub fn new(settings: &ClientSettings, key: ApiKey) -> Result<Self, ClientError> {
         check_url(&settings.base_url)?;
+        // The header error is not kept: it could quote the key.
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| "the API key cannot be sent in an HTTP header".to_owned())?;
+            .map_err(|_| ClientError::KeyNotAHeader)?;
         auth.set_sensitive(true);
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -450,7 +507,7 @@ impl KreaClient {
             .read_timeout(settings.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|err| format!("cannot set up the HTTP client: {err}"))?;
+            .map_err(ClientError::Build)?;
         Ok(Self {
             http,
             base: settings.base_url.clone(),
@@ -477,7 +534,7 @@ impl KreaClient {
     pub async fn create_job(&self, model: &str, body: &str) -> Result<RemoteJob, ApiError> {
         let url = self.endpoint(&format!("generate/{model}"))?;
         let json = self.call(Method::POST, url, Some(body), Some(model)).await?;
-        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+        RemoteJob::from_json(&json).map_err(ApiError::malformed)
     }
 
     /// `<base>/jobs/<id>`, the id percent-encoded as one path segment (ids come from the
@@ -503,7 +560,7 @@ impl KreaClient {
     pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
         let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
-        RemoteJob::from_json(&json).map_err(ApiError::Malformed)
+        RemoteJob::from_json(&json).map_err(ApiError::malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
@@ -1027,12 +1084,21 @@ mod tests {
     }
 
     #[test]
+    fn a_url_error_keeps_the_parse_error_beneath_it() {
+        use std::error::Error as _;
+        let err = parse_base_url("not a url").expect_err("not a URL");
+        assert!(matches!(err, UrlError::NotAUrl { .. }), "{err}");
+        let source = err.source().expect("the parse error is kept");
+        assert!(err.to_string().contains(&source.to_string()), "{err}");
+    }
+
+    #[test]
     fn user_and_password_in_urls_are_never_kept() {
         let base = parse_base_url("https://me:hunter2@api.krea.ai").expect("accepted");
         assert_eq!(base.as_str(), "https://api.krea.ai/");
-        let err = parse_base_url("http://me:hunter2@10.0.0.1").expect_err("plain http");
+        let err = parse_base_url("http://me:hunter2@10.0.0.1").expect_err("plain http").to_string();
         assert!(!err.contains("hunter2"), "{err}");
-        let err = parse_base_url("htp:/me:hunter2@[bad").expect_err("not a URL");
+        let err = parse_base_url("htp:/me:hunter2@[bad").expect_err("not a URL").to_string();
         assert!(!err.contains("hunter2"), "{err}");
         let job = RemoteJob::from_json(&json!({
             "job_id": "j", "status": "completed",

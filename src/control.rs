@@ -6,13 +6,13 @@
 //! does, `cancel` acts itself: pending jobs are marked cancelled, and jobs in flight are
 //! cancelled at Krea with `DELETE /jobs/{id}` (cancelled jobs are not billed).
 
-use crate::api::{self, ClientSettings, KreaClient};
-use crate::batch::InputError;
+use crate::api;
+use crate::error::InputError;
 use crate::inbox;
 use crate::job::JobState;
 use crate::key::ApiKey;
-use crate::runner::EngineCommand;
-use crate::store::{Change, JobRecord, Request, Store, StoreWriter};
+use crate::setup;
+use crate::store::{Change, JobRecord, Request, Store};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -81,33 +81,6 @@ pub async fn resume(state: &Path) -> anyhow::Result<String> {
     Ok("asked the running krea-batch to probe now; it resumes submitting if Krea accepts".into())
 }
 
-/// How often a running process reads the requests.
-pub const REQUESTS_EVERY: Duration = Duration::from_secs(2);
-
-/// Hands the requests waiting in the state file to the engine (in the process that holds it).
-pub(crate) async fn forward_requests(
-    writer: &StoreWriter,
-    commands: &tokio::sync::mpsc::UnboundedSender<EngineCommand>,
-) {
-    let requests = match writer.with_store(Store::take_requests).await {
-        Ok(Ok(requests)) => requests,
-        Ok(Err(err)) => return tracing::warn!(%err, "cannot read requests"),
-        Err(_) => return,
-    };
-    let mut cancel = Vec::new();
-    for request in requests {
-        match request {
-            Request::Resume => {
-                let _ = commands.send(EngineCommand::Probe);
-            }
-            Request::Cancel(id) => cancel.push(id),
-        }
-    }
-    if !cancel.is_empty() {
-        let _ = commands.send(EngineCommand::Cancel(cancel));
-    }
-}
-
 async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + TAKEN_WITHIN;
     while requester.has_requests()? {
@@ -134,7 +107,7 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
             if let Some(missing) =
                 names.iter().find(|name| !chosen.iter().any(|job| &job.name == *name))
             {
-                return Err(InputError(format!(
+                return Err(InputError::msg(format!(
                     "no job named {missing} in {}",
                     store.path().display()
                 ))
@@ -161,7 +134,10 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
                 .iter()
                 .find_map(|source| store.batch_id(source).ok().flatten())
                 .ok_or_else(|| {
-                    InputError(format!("{file} is not a job file of {}", store.path().display()))
+                    InputError::msg(format!(
+                        "{file} is not a job file of {}",
+                        store.path().display()
+                    ))
                 })?;
             Ok(jobs.into_iter().filter(|job| job.batch_id == batch).collect())
         }
@@ -178,24 +154,21 @@ async fn cancel_directly(
     open: &[&JobRecord],
     key: Option<ApiKey>,
 ) -> anyhow::Result<String> {
-    let mut store = Store::open_writer(state)?;
+    let mut store = setup::open_store(state)?;
     let in_flight = open.iter().filter(|job| job.state == JobState::Submitted).count();
     let client = match (in_flight, key) {
         (0, _) => None,
         (_, None) => {
-            return Err(InputError(format!(
+            return Err(InputError::msg(format!(
                 "{in_flight} selected jobs are running at Krea; cancelling them needs the API key"
             ))
             .into());
         }
         (_, Some(key)) => {
-            let base = store.meta("api_base")?.unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
-            let settings = ClientSettings {
-                base_url: api::parse_base_url(&base).map_err(InputError)?,
-                connect_timeout: Duration::from_secs(10),
-                request_timeout: Duration::from_secs(30),
-            };
-            Some(KreaClient::new(&settings, key).map_err(InputError)?)
+            let base = setup::recorded_api_base(&store)?
+                .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
+            let base = api::parse_base_url(&base).map_err(InputError::new)?;
+            Some(setup::api_client(base, Duration::from_secs(30), key)?)
         }
     };
     let (mut changes, mut cancelled, mut refused) = (Vec::new(), 0, Vec::new());

@@ -16,8 +16,9 @@
 //! goes: the path comes from the job's name and the index of the URL; only the extension comes
 //! from the Content-Type, through a fixed table. The Content-Type kept is short and printable.
 
-use crate::address::{PublicResolver, check_host};
-use crate::api::{check_url, display_url, error_chain, printable};
+use crate::address::{HostError, PublicResolver, check_host};
+use crate::api::{UrlError, check_url, display_url, error_chain, printable};
+use crate::files::{FileError, PARTIAL_PREFIX, ensure_real_dir, public_file, write_atomically};
 use crate::job::hex;
 use crate::key::REDACTED;
 use crate::retry::{RetryPolicy, Verdict};
@@ -30,8 +31,6 @@ use tokio::time::Instant;
 
 /// The most redirects followed for one result URL.
 pub const MAX_REDIRECTS: usize = 5;
-/// Temporary files start with this, so a restart can find and remove those of a killed run.
-pub const PARTIAL_PREFIX: &str = ".krea-part-";
 /// Every window this long must bring at least `limits.download_min_rate` bytes per second.
 pub const RATE_WINDOW: Duration = Duration::from_secs(30);
 /// The longest Content-Type kept (in sidecars and the state); a longer one is cut.
@@ -81,7 +80,8 @@ pub enum DownloadError {
         /// The URL.
         url: String,
         /// Why.
-        reason: String,
+        #[source]
+        reason: Refusal,
     },
     /// The file did not come within its deadline, or came slower than the minimum rate.
     #[error("gave up downloading {url}: {detail}")]
@@ -99,6 +99,39 @@ pub enum DownloadError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Why a result URL, or a redirect from it, is not fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The API client found the key in it and put [`REDACTED`] in its place.
+    #[error(
+        "the API answer quoted the API key in this URL (removed here); fetching it would send \
+         the key to the result host, so it is not fetched"
+    )]
+    KeyInUrl,
+    /// It does not parse.
+    #[error("not a URL: {0}")]
+    NotAUrl(#[source] crate::api::UrlParseError),
+    /// It carries a `user:password@`.
+    #[error("the URL carries a user name or password")]
+    UserInfo,
+    /// Its scheme is not allowed.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// Its host is internal.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A redirect the policy refused (a loop, too many hops, one of the above), as the HTTP
+    /// client reported it, without the URL (a redirect's could carry a password).
+    #[error("{0}")]
+    Redirect(String),
+}
+
+impl From<FileError> for DownloadError {
+    fn from(err: FileError) -> Self {
+        Self::Disk { path: err.path, source: err.source }
+    }
 }
 
 impl DownloadError {
@@ -173,11 +206,11 @@ pub struct Downloader {
 impl Downloader {
     /// A client with the given bounds (the read timeout bounds each pause; the deadline grows
     /// with the file's size, so large files are never cut for being large).
-    pub fn new(settings: &DownloadSettings) -> Result<Self, String> {
+    pub fn new(settings: &DownloadSettings) -> Result<Self, reqwest::Error> {
         Self::build(settings, None)
     }
 
-    fn build(settings: &DownloadSettings, trusted: Option<String>) -> Result<Self, String> {
+    fn build(settings: &DownloadSettings, trusted: Option<String>) -> Result<Self, reqwest::Error> {
         let internal_addresses = settings.internal_addresses;
         let exempt = trusted.clone();
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -191,11 +224,11 @@ impl Downloader {
             if !url.username().is_empty() || url.password().is_some() {
                 return attempt.error("a redirect to a URL with a user name or password");
             }
-            let checked = check_url(url).and_then(|()| {
+            let checked = check_url(url).map_err(Refusal::from).and_then(|()| {
                 if internal_addresses || exempt.as_deref() == Some(&origin_of(url)) {
                     Ok(())
                 } else {
-                    check_host(url)
+                    check_host(url).map_err(Refusal::from)
                 }
             });
             match checked {
@@ -211,8 +244,7 @@ impl Downloader {
         if !internal_addresses {
             builder = builder.dns_resolver(PublicResolver);
         }
-        let http =
-            builder.build().map_err(|err| format!("cannot set up the download client: {err}"))?;
+        let http = builder.build()?;
         Ok(Self {
             http,
             max_bytes: settings.max_bytes,
@@ -225,15 +257,13 @@ impl Downloader {
     }
 
     /// Checks a result URL before anything is sent to it.
-    fn check(&self, url: &str) -> Result<reqwest::Url, String> {
+    fn check(&self, url: &str) -> Result<reqwest::Url, Refusal> {
         if url.contains(REDACTED) {
-            return Err("the API answer quoted the API key in this URL (removed here); fetching \
-                 it would send the key to the result host, so it is not fetched"
-                .to_owned());
+            return Err(Refusal::KeyInUrl);
         }
-        let parsed = reqwest::Url::parse(url).map_err(|err| format!("not a URL: {err}"))?;
+        let parsed = reqwest::Url::parse(url).map_err(Refusal::NotAUrl)?;
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err("the URL carries a user name or password".to_owned());
+            return Err(Refusal::UserInfo);
         }
         check_url(&parsed)?;
         if !self.internal_addresses && self.trusted.as_deref() != Some(&origin_of(&parsed)) {
@@ -290,7 +320,7 @@ impl Downloader {
             let redirect = err.is_redirect();
             let detail = error_chain(&err.without_url());
             if redirect {
-                DownloadError::Refused { url: url.to_owned(), reason: detail }
+                DownloadError::Refused { url: url.to_owned(), reason: Refusal::Redirect(detail) }
             } else {
                 DownloadError::Transport { url: url.to_owned(), detail }
             }
@@ -520,7 +550,7 @@ impl Body {
         };
         placed.map_err(|err| DownloadError::Disk {
             path: shown,
-            source: std::io::Error::other(err.to_string()),
+            source: std::io::Error::other(err),
         })?
     }
 }
@@ -617,27 +647,6 @@ fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {
     move |source| DownloadError::Disk { path: path.clone(), source }
 }
 
-/// Results, sidecars and the manifest are ordinary files (0644 before the umask); only the
-/// state file is private.
-fn public_file() -> std::fs::Permissions {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::Permissions::from_mode(0o644)
-}
-
-/// Creates `dir` (and its parents) if needed, refusing a symlink where a folder belongs so that a
-/// link planted in the output directory cannot redirect writes elsewhere.
-pub fn ensure_real_dir(dir: &Path) -> Result<(), DownloadError> {
-    let disk = |source| DownloadError::Disk { path: dir.to_owned(), source };
-    match std::fs::symlink_metadata(dir) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(disk(std::io::Error::other(
-            "it is a symbolic link; krea-batch writes only into real folders",
-        ))),
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(disk(std::io::Error::other("it is a file, not a folder"))),
-        Err(_) => std::fs::create_dir_all(dir).map_err(disk),
-    }
-}
-
 /// The file extension for a Content-Type; unknown types get `bin`, never a name from the server.
 #[must_use]
 pub fn extension_for(content_type: &str) -> &'static str {
@@ -698,56 +707,13 @@ pub struct Sidecar<'a> {
 pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadError> {
     let mut text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
     text.push(b'\n');
-    write_atomically(&sidecar_path(dir, sidecar.file), &text, false)
+    Ok(write_atomically(&sidecar_path(dir, sidecar.file), &text, false)?)
 }
 
 /// The sidecar of `<dir>/<file>`: `<dir>/<file>.json`.
 #[must_use]
 pub fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!("{file}.json"))
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
-/// partial file; with `synced`, the data is on disk before the rename.
-pub fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), DownloadError> {
-    use std::io::Write as _;
-    let folder = path.parent().unwrap_or_else(|| Path::new("."));
-    let disk = |source| DownloadError::Disk { path: path.to_owned(), source };
-    let mut temp = tempfile::Builder::new()
-        .prefix(PARTIAL_PREFIX)
-        .permissions(public_file())
-        .tempfile_in(folder)
-        .map_err(disk)?;
-    temp.write_all(bytes).map_err(disk)?;
-    if synced {
-        temp.as_file().sync_all().map_err(disk)?;
-    }
-    temp.persist(path).map_err(|err| disk(err.error))?;
-    Ok(())
-}
-
-/// Removes the temporary files a killed run left in `dir` and its immediate sub-folders. Returns
-/// how many were removed.
-#[must_use]
-pub fn remove_partials(dir: &Path) -> usize {
-    let mut removed = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Ok(kind) = entry.file_type() else { continue };
-        if kind.is_file() && name.to_string_lossy().starts_with(PARTIAL_PREFIX) {
-            removed += usize::from(std::fs::remove_file(entry.path()).is_ok());
-        } else if kind.is_dir() && !kind.is_symlink() {
-            let Ok(inner) = std::fs::read_dir(entry.path()) else { continue };
-            for file in inner.flatten() {
-                let is_partial = file.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX);
-                if is_partial && file.file_type().is_ok_and(|kind| kind.is_file()) {
-                    removed += usize::from(std::fs::remove_file(file.path()).is_ok());
-                }
-            }
-        }
-    }
-    removed
 }
 
 /// A short, printable form of a URL for logs (at most 200 characters).
@@ -949,39 +915,5 @@ mod tests {
         assert_eq!(short.verdict(), Verdict::Retry(None));
         let big = DownloadError::TooLarge { url: "u".into(), limit: 1 };
         assert_eq!(big.verdict(), Verdict::GiveUp);
-    }
-
-    #[test]
-    fn a_symlink_is_not_a_folder_to_write_into() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let target = tempfile::tempdir().expect("tempdir");
-        let link = dir.path().join("job");
-        std::os::unix::fs::symlink(target.path(), &link).expect("symlink");
-        assert!(ensure_real_dir(&link).is_err());
-        assert!(ensure_real_dir(&dir.path().join("fresh/deeper")).is_ok());
-    }
-
-    #[test]
-    fn partials_are_cleaned_and_nothing_else() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(".krea-part-abc"), b"half").expect("write");
-        std::fs::create_dir(dir.path().join("multi")).expect("mkdir");
-        std::fs::write(dir.path().join("multi/.krea-part-x"), b"half").expect("write");
-        std::fs::write(dir.path().join("keep.png"), b"whole").expect("write");
-        assert_eq!(remove_partials(dir.path()), 2);
-        assert!(dir.path().join("keep.png").exists());
-    }
-
-    #[test]
-    fn atomic_writes_replace_links_without_following_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let outside = dir.path().join("outside.txt");
-        std::fs::write(&outside, b"precious").expect("write");
-        let inside = dir.path().join("file.json");
-        std::os::unix::fs::symlink(&outside, &inside).expect("symlink");
-        write_atomically(&inside, b"new", true).expect("written");
-        assert_eq!(std::fs::read(&outside).expect("read"), b"precious");
-        assert_eq!(std::fs::read(&inside).expect("read"), b"new");
-        assert!(!std::fs::symlink_metadata(&inside).expect("meta").file_type().is_symlink());
     }
 }

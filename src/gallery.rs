@@ -8,7 +8,7 @@
 //! It reads job records and writes HTML; `runner` decides when (at the end of a run, and every
 //! few seconds while jobs end, so the daemon keeps it current).
 
-use crate::download::{DownloadError, write_atomically};
+use crate::files::{FileError, write_atomically};
 use crate::job::JobState;
 use crate::report::manifest_status;
 use crate::store::JobRecord;
@@ -22,7 +22,7 @@ pub const PER_PAGE: usize = 500;
 pub fn write<'a>(
     dir: &Path,
     jobs: impl IntoIterator<Item = &'a JobRecord>,
-) -> Result<(), DownloadError> {
+) -> Result<(), FileError> {
     let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
     let pages = jobs.len().div_ceil(PER_PAGE).max(1);
     for page in 0..pages {

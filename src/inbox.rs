@@ -20,7 +20,7 @@
 //! bytes as read (at most [`MAX_FILE_SIZE`] + 1, so the loader's size message still applies) and
 //! their SHA-256. Nothing here follows a symbolic link or reads anything but regular files.
 
-use crate::download::{DownloadError, ensure_real_dir, write_atomically};
+use crate::files::{FileError, ensure_real_dir, write_atomically};
 use crate::job::{check_name, hex};
 use crate::jobfile::MAX_FILE_SIZE;
 use inotify::{EventMask, WatchMask};
@@ -598,11 +598,9 @@ fn sync_dir(dir: &Path) {
     let _ = std::fs::File::open(dir).and_then(|folder| folder.sync_all());
 }
 
-fn into_io(err: DownloadError) -> io::Error {
-    match err {
-        DownloadError::Disk { source, .. } => source,
-        other => io::Error::other(other.to_string()),
-    }
+/// The I/O error under a helper's [`FileError`] (the inbox's callers name the file themselves).
+fn into_io(err: FileError) -> io::Error {
+    err.source
 }
 
 #[cfg(test)]

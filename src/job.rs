@@ -151,9 +151,11 @@ impl JobState {
         matches!(self, Self::Submitting | Self::Unknown | Self::Submitted)
     }
 
-    /// Whether a job in this state may move to `next`. The runner and the store check every
-    /// transition against this table, so a bug shows up as a refused transition rather than as
-    /// a job paid for twice.
+    /// Whether a job in this state may move to `next`. The engine checks every transition it
+    /// makes against this table (`runner::Engine::set_state`), so a bug shows up as a refused
+    /// transition rather than as a job paid for twice. The store does not check: it records
+    /// states others decided, including ones that are no transition (`recover` rebuilding a
+    /// lost record, `cancel` on a state no process holds).
     #[must_use]
     pub fn may_become(self, next: Self) -> bool {
         use JobState::{
@@ -229,25 +231,21 @@ pub fn reserved_name(name: &str) -> Option<&'static str> {
 /// digits, `.`, `_` and `-`; not starting with `.` or `-`; at most [`MAX_NAME_LEN`] bytes; not a
 /// name Windows reserves, nor one of krea-batch's own files ([`RESERVED_NAMES`]). Returns what
 /// is wrong otherwise.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("the name is empty".into());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("the name is {} bytes long; the limit is {MAX_NAME_LEN}", name.len()));
+        return Err(NameError::TooLong(name.len()));
     }
     if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
-        return Err(format!(
-            "the name contains {bad:?}; use only letters, digits, '.', '_' and '-'"
-        ));
+        return Err(NameError::Character(bad));
     }
     if let Some(what) = reserved_name(name) {
-        return Err(format!(
-            "{name} is the name of {what} in the output folder; give the job another name"
-        ));
+        return Err(NameError::OwnFile { name: name.to_owned(), what });
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err("the name must not start with '.' or '-'".into());
+        return Err(NameError::Start);
     }
     let stem = name.split('.').next().unwrap_or(name).to_ascii_uppercase();
     let reserved = matches!(stem.as_str(), "CON" | "PRN" | "AUX" | "NUL")
@@ -255,9 +253,37 @@ pub fn check_name(name: &str) -> Result<(), String> {
             && stem.len() == 4
             && stem.as_bytes()[3].is_ascii_digit());
     if reserved {
-        return Err(format!("{stem} is a device name on Windows"));
+        return Err(NameError::Device(stem));
     }
     Ok(())
+}
+
+/// What is wrong with a job name ([`check_name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// No name.
+    #[error("the name is empty")]
+    Empty,
+    /// Longer than [`MAX_NAME_LEN`] bytes.
+    #[error("the name is {0} bytes long; the limit is {MAX_NAME_LEN}")]
+    TooLong(usize),
+    /// A character outside letters, digits, `.`, `_` and `-`.
+    #[error("the name contains {0:?}; use only letters, digits, '.', '_' and '-'")]
+    Character(char),
+    /// The name of one of krea-batch's own files.
+    #[error("{name} is the name of {what} in the output folder; give the job another name")]
+    OwnFile {
+        /// The name.
+        name: String,
+        /// Which file.
+        what: &'static str,
+    },
+    /// Starting with `.` or `-`.
+    #[error("the name must not start with '.' or '-'")]
+    Start,
+    /// A device name on Windows.
+    #[error("{0} is a device name on Windows")]
+    Device(String),
 }
 
 /// A readable, safe name for a job that has none: its 1-based position in the file and the first
@@ -354,7 +380,7 @@ mod tests {
             "index-2.html",
             "index-10.html",
         ] {
-            let why = check_name(reserved).expect_err(reserved);
+            let why = check_name(reserved).expect_err(reserved).to_string();
             assert!(why.contains("output folder"), "{reserved}: {why}");
         }
         assert!(reserved_name(".krea-batch.sqlite").is_some());

@@ -6,18 +6,21 @@
 //! 4 the API key was refused; 5 stopped by the budget; 130 interrupted.
 
 use clap::Parser as _;
-use krea_batch::batch::{self, InputError, Mode, RunOptions, SchemaChoice};
 use krea_batch::cli::{
     CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
     ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::control::{self, Selection};
 use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
+use krea_batch::error::InputError;
 use krea_batch::jobfile::{self, JobFileError};
 use krea_batch::key::{self, KeyError};
+use krea_batch::openapi::SchemaChoice;
 use krea_batch::report::{self, EngineStatus, StopReason, Summary};
+use krea_batch::run::{Mode, RunOptions};
 use krea_batch::runner::Controls;
 use krea_batch::sim::{self, FileTopUp, SimConfig, SimError, SimServer, WorldFileError};
+use krea_batch::{check, setup};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,9 +76,15 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
     };
     result.unwrap_or_else(|err| {
         let code = if is_input_error(&err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
-        eprintln!("krea-batch: {err:#}");
+        eprintln!("krea-batch: {}", describe(&err));
         code
     })
+}
+
+/// `err` and its causes in one line, each cause said once: most errors quote their source in
+/// their own message and also keep it as their source.
+fn describe(err: &anyhow::Error) -> String {
+    krea_batch::api::error_chain(err.as_ref())
 }
 
 /// Errors that mean "fix the input and try again": exit code 2.
@@ -104,9 +113,9 @@ async fn run_reporting_failure(
 /// The `--json` answer of a run that stopped on `err`; `state` is the state file, once known.
 fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String {
     let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
-    let status = state.and_then(|path| batch::status(path).ok());
+    let status = state.and_then(|path| krea_batch::status::status(path).ok());
     let value = serde_json::json!({
-        "error": format!("{err:#}"),
+        "error": describe(err),
         "exit_code": code,
         "stopped": "error",
         "state_file": state.map(|path| path.display().to_string()),
@@ -124,7 +133,7 @@ async fn run(
     state: &mut Option<std::path::PathBuf>,
 ) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    let places = batch::places(&file, args.state.as_deref(), args.simulate);
+    let places = setup::places(&file, args.state.as_deref(), args.simulate);
     *state = Some(places.state.clone());
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
@@ -171,7 +180,7 @@ async fn run(
         controls,
         status: status_tx,
     };
-    let result = batch::run(file, options).await;
+    let result = krea_batch::run::run(file, options).await;
     let _ = progress.await;
     if let Some(server) = simulation {
         server.shutdown().await;
@@ -197,7 +206,7 @@ fn sim_error(err: SimError) -> anyhow::Error {
     match err {
         SimError::World(
             err @ (WorldFileError::InUse { .. } | WorldFileError::Unreadable { .. }),
-        ) => InputError(err.to_string()).into(),
+        ) => InputError::new(err).into(),
         err => err.into(),
     }
 }
@@ -227,7 +236,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         controls,
         status,
     };
-    let summary = batch::run(file, options).await?.summary;
+    let summary = krea_batch::run::run(file, options).await?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -269,15 +278,14 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
         return Ok(state.clone());
     }
     if let Some(config) = &choice.config {
-        return Ok(DaemonConfig::load(config).map_err(|err| InputError(err.to_string()))?.state);
+        return Ok(DaemonConfig::load(config).map_err(InputError::new)?.state);
     }
     match job_file {
         Some(file) => {
-            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(batch::STATE_FILE))
+            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
         }
         None => {
-            Err(InputError("name the state file: --state FILE or --config DAEMON.yaml".into())
-                .into())
+            Err(InputError::msg("name the state file: --state FILE or --config DAEMON.yaml").into())
         }
     }
 }
@@ -340,12 +348,17 @@ fn exit_code(summary: &Summary) -> u8 {
 
 async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    let base = batch::base_url(&file, args.api_base.as_deref())?;
-    let state = batch::places(&file, None, false).state;
-    let report =
-        batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
+    let base = setup::base_url(&file, args.api_base.as_deref())?;
+    let state = setup::places(&file, None, false).state;
+    let report = krea_batch::openapi::schema_report(
+        &file,
+        &base,
+        &state,
+        &schema_choice(&args.schema, false),
+    )
+    .await;
     let fits = report.problems.is_empty();
-    let plan = batch::plan(&file, &base, report)?;
+    let plan = check::plan(&file, &base, report)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -368,7 +381,7 @@ fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let state_path = state_path(&args.target, args.job_file.as_deref())?;
     let json = args.json;
-    let status = batch::status(&state_path)?;
+    let status = krea_batch::status::status(&state_path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -378,10 +391,11 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
 }
 
 fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| InputError(format!("cannot read {}: {err}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        InputError::because(format!("cannot read {}: {err}", path.display()), err)
+    })?;
     serde_yaml::from_str(&text)
-        .map_err(|err| InputError(format!("{}: {err}", path.display())).into())
+        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
@@ -449,26 +463,25 @@ async fn top_up(
     key: &str,
 ) -> anyhow::Result<u8> {
     if !usd.is_finite() || usd <= 0.0 {
-        return Err(InputError(format!("--top-up {usd}: give a positive amount in USD")).into());
+        return Err(
+            InputError::msg(format!("--top-up {usd}: give a positive amount in USD")).into()
+        );
     }
     let port = match world {
-        Some(path) => {
-            match sim::top_up_file(path, usd).map_err(|err| InputError(err.to_string()))? {
-                FileTopUp::Saved { before_usd, balance_usd } => {
-                    println!(
-                        "simulated balance ${balance_usd:.2} (was ${before_usd:.2}) in {}",
-                        path.display()
-                    );
-                    return Ok(EXIT_OK);
-                }
-                FileTopUp::Served { api_port } => api_port,
+        Some(path) => match sim::top_up_file(path, usd).map_err(InputError::new)? {
+            FileTopUp::Saved { before_usd, balance_usd } => {
+                println!(
+                    "simulated balance ${balance_usd:.2} (was ${before_usd:.2}) in {}",
+                    path.display()
+                );
+                return Ok(EXIT_OK);
             }
-        }
+            FileTopUp::Served { api_port } => api_port,
+        },
         None if port == 0 => {
-            return Err(InputError(
+            return Err(InputError::msg(
                 "--top-up needs the simulation: --port PORT (a running simulate-api) or --world \
-                 FILE (a kept world, such as <output>-simulated/.krea-batch-sim.json)"
-                    .into(),
+                 FILE (a kept world, such as <output>-simulated/.krea-batch-sim.json)",
             )
             .into());
         }
@@ -491,7 +504,7 @@ async fn top_up_at(port: u16, key: &str, usd: f64) -> anyhow::Result<f64> {
         .send()
         .await
         .map_err(|err| {
-            InputError(format!(
+            InputError::msg(format!(
                 "no simulation answers on 127.0.0.1:{port} ({err}); is `krea-batch simulate-api \
                  --port {port}` running?"
             ))
@@ -501,11 +514,11 @@ async fn top_up_at(port: u16, key: &str, usd: f64) -> anyhow::Result<f64> {
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     match body["balance_usd"].as_f64() {
         Some(balance) if status.is_success() => Ok(balance),
-        _ if status == reqwest::StatusCode::UNAUTHORIZED => Err(InputError(format!(
+        _ if status == reqwest::StatusCode::UNAUTHORIZED => Err(InputError::msg(format!(
             "the simulation on 127.0.0.1:{port} refused the key: pass its key with --key"
         ))
         .into()),
-        _ => Err(InputError(format!(
+        _ => Err(InputError::msg(format!(
             "127.0.0.1:{port} did not take the top-up ({status}): is it a krea-batch simulation?"
         ))
         .into()),

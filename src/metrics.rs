@@ -58,17 +58,21 @@ pub struct MetricsSnapshot {
 }
 
 /// Accepts only loopback addresses (127.0.0.0/8, `::1`); the error says why not.
-pub fn check_listen(addr: &SocketAddr) -> Result<(), String> {
-    let ip = addr.ip().to_canonical();
-    if ip.is_loopback() {
+pub fn check_listen(addr: &SocketAddr) -> Result<(), ListenRefused> {
+    if addr.ip().to_canonical().is_loopback() {
         return Ok(());
     }
-    let every = if ip.is_unspecified() { " (that is every interface)" } else { "" };
-    Err(format!(
-        "the metrics endpoint may not listen on {addr}{every}: it has no authentication, so only \
-         loopback addresses (127.0.0.0/8 or [::1]) are allowed"
-    ))
+    Err(ListenRefused(*addr))
 }
+
+/// The metrics endpoint may not listen on this address: it is not loopback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the metrics endpoint may not listen on {0}{every}: it has no authentication, so only \
+     loopback addresses (127.0.0.0/8 or [::1]) are allowed",
+    every = if .0.ip().to_canonical().is_unspecified() { " (that is every interface)" } else { "" }
+)]
+pub struct ListenRefused(pub SocketAddr);
 
 /// Checks `addr` with [`check_listen`] (an `InvalidInput` error if it is refused), then binds it.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -322,7 +326,7 @@ mod tests {
             assert_eq!(check_listen(&ok.parse().unwrap()), Ok(()), "{ok}");
         }
         for refused in ["0.0.0.0:9100", "10.0.0.1:9100", "[::]:9100", "192.168.1.5:0"] {
-            let why = check_listen(&refused.parse().unwrap()).unwrap_err();
+            let why = check_listen(&refused.parse().unwrap()).unwrap_err().to_string();
             assert!(why.contains("loopback"), "{refused}: {why}");
         }
         let err = bind("0.0.0.0:0".parse().unwrap()).await.unwrap_err();

@@ -2,11 +2,13 @@
 //! user's cache folder, one file per API base, see [`cache_path`]; `--offline` uses the cache
 //! whatever its age; `--openapi FILE` a file), and
 //! each model's request schema in it, so that `check` and `run` can refuse a job file whose
-//! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking).
+//! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking;
+//! [`schema_report`] and [`SchemaChoice`] are what the commands call).
 //!
 //! A model the document does not know gets a warning, not an error (the model list changes
 //! every few weeks); a document that cannot be had gets a warning and the run goes on.
 
+use crate::error::InputError;
 use crate::jobfile::JobFile;
 use crate::schema::{Problem, validate};
 use serde_json::Value;
@@ -81,6 +83,61 @@ pub enum Source {
     },
 }
 
+/// Why no OpenAPI document could be had. Callers warn and go on.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// Not JSON.
+    #[error("{origin} is not an OpenAPI document: {source}")]
+    NotJson {
+        /// Where it was read from.
+        origin: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// JSON without `paths`.
+    #[error("{0} has no `paths`: not an OpenAPI document")]
+    NoPaths(String),
+    /// `--openapi FILE` cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--offline` without a cached document.
+    #[error("--offline, and there is no cached OpenAPI document at {}", .0.display())]
+    NoCache(PathBuf),
+    /// The HTTP client could not be set up.
+    #[error("cannot set up a client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// The fetch failed.
+    #[error("cannot fetch {url}: {}", crate::api::error_chain(source))]
+    Fetch {
+        /// The document's URL.
+        url: String,
+        /// The error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The API answered with an error status.
+    #[error("{url} answered {status}")]
+    Status {
+        /// The document's URL.
+        url: String,
+        /// The status.
+        status: reqwest::StatusCode,
+    },
+    /// The document is larger than `MAX_BYTES`.
+    #[error("{url} is larger than {} MiB", MAX_BYTES >> 20)]
+    TooLarge {
+        /// The document's URL.
+        url: String,
+    },
+}
+
 /// A parsed OpenAPI document and where it came from.
 #[derive(Clone, Debug)]
 pub struct ApiDocument {
@@ -91,11 +148,11 @@ pub struct ApiDocument {
 
 impl ApiDocument {
     /// Parses a document.
-    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, DocumentError> {
         let doc: Value = serde_json::from_slice(bytes)
-            .map_err(|err| format!("{origin} is not an OpenAPI document: {err}"))?;
+            .map_err(|source| DocumentError::NotJson { origin: origin.to_owned(), source })?;
         if doc.get("paths").and_then(Value::as_object).is_none() {
-            return Err(format!("{origin} has no `paths`: not an OpenAPI document"));
+            return Err(DocumentError::NoPaths(origin.to_owned()));
         }
         Ok(Self { doc, origin: origin.to_owned() })
     }
@@ -140,7 +197,7 @@ const LISTED_PROBLEMS: usize = 20;
 impl SchemaReport {
     /// Checks every job of `file`, or says why nothing could be checked.
     #[must_use]
-    pub fn of(document: Result<&ApiDocument, &str>, file: &JobFile) -> Self {
+    pub fn of(document: Result<&ApiDocument, &DocumentError>, file: &JobFile) -> Self {
         let document = match document {
             Ok(document) => document,
             Err(why) => {
@@ -195,11 +252,11 @@ impl SchemaReport {
 }
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.
-pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
+pub async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
     match source {
         Source::File(path) => {
             let bytes = std::fs::read(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                .map_err(|source| DocumentError::Read { path: path.clone(), source })?;
             ApiDocument::parse(&bytes, &path.display().to_string())
         }
         Source::Api { base, cache, offline } => {
@@ -209,10 +266,7 @@ pub async fn obtain(source: &Source) -> Result<ApiDocument, String> {
                     return ApiDocument::parse(bytes, &format!("{} (cached)", cache.display()));
                 }
             } else if *offline {
-                return Err(format!(
-                    "--offline, and there is no cached OpenAPI document at {}",
-                    cache.display()
-                ));
+                return Err(DocumentError::NoCache(cache.clone()));
             }
             match fetch(base).await {
                 Ok(bytes) => {
@@ -245,7 +299,7 @@ fn write_cache(cache: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = cache.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    crate::download::write_atomically(cache, bytes, false)?;
+    crate::files::write_atomically(cache, bytes, false)?;
     Ok(())
 }
 
@@ -257,7 +311,7 @@ fn read_cache(path: &Path) -> Option<(Vec<u8>, Duration)> {
 }
 
 /// `GET <base>/openapi.json` (public: sent without the key).
-async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, String> {
+async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, DocumentError> {
     let url = openapi_url(base);
     let client = reqwest::Client::builder()
         .user_agent(crate::api::USER_AGENT)
@@ -265,27 +319,78 @@ async fn fetch(base: &reqwest::Url) -> Result<Vec<u8>, String> {
         .timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|err| format!("cannot set up a client: {err}"))?;
-    let mut response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|err| format!("cannot fetch {url}: {}", crate::api::error_chain(&err)))?;
+        .map_err(DocumentError::Client)?;
+    let fetch_error = |source| DocumentError::Fetch { url: url.clone(), source };
+    let mut response = client.get(&url).send().await.map_err(fetch_error)?;
     if !response.status().is_success() {
-        return Err(format!("{url} answered {}", response.status()));
+        return Err(DocumentError::Status { url, status: response.status() });
     }
     let mut bytes = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|err| format!("cannot fetch {url}: {}", crate::api::error_chain(&err)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(fetch_error)? {
         if bytes.len() + chunk.len() > MAX_BYTES {
-            return Err(format!("{url} is larger than {} MiB", MAX_BYTES >> 20));
+            return Err(DocumentError::TooLarge { url });
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
+}
+
+/// How request bodies are checked against Krea's schemas before anything is sent.
+#[derive(Clone, Debug, Default)]
+pub struct SchemaChoice {
+    /// `--openapi FILE`: this document instead of `<api>/openapi.json`.
+    pub openapi: Option<PathBuf>,
+    /// `--offline`: the cached document only.
+    pub offline: bool,
+    /// `--no-validate`: run even with problems (they are still logged).
+    pub skip: bool,
+}
+
+/// Checks `file`'s bodies against the OpenAPI document `choice` names (cached per user, or
+/// beside `state` when the user has no cache folder: [`crate::openapi::cache_path`]).
+pub async fn schema_report(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> SchemaReport {
+    let source = match &choice.openapi {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Api {
+            base: base.clone(),
+            cache: cache_path(base, state),
+            offline: choice.offline,
+        },
+    };
+    let document = obtain(&source).await;
+    SchemaReport::of(document.as_ref(), file)
+}
+
+/// Refuses to start a run whose bodies Krea would refuse, unless `--no-validate`; logs the
+/// warnings (a model the document does not know, no document at all).
+pub(crate) async fn enforce_schema(
+    file: &JobFile,
+    base: &reqwest::Url,
+    state: &Path,
+    choice: &SchemaChoice,
+) -> Result<(), InputError> {
+    let report = schema_report(file, base, state, choice).await;
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    let listed = report.problems.join("\n  ");
+    if choice.skip {
+        tracing::warn!("--no-validate: sending bodies Krea may refuse:\n  {listed}");
+        return Ok(());
+    }
+    Err(InputError::msg(format!(
+        "Krea would refuse these request bodies (checked against {}):\n  {listed}\n\
+         Fix the job file, or run with --no-validate to send them anyway.",
+        report.origin
+    )))
 }
 
 #[cfg(test)]
@@ -369,7 +474,7 @@ mod tests {
         let cache = dir.path().join(CACHE_FILE);
         let base = reqwest::Url::parse("https://api.krea.ai").expect("url");
         let offline = Source::Api { base: base.clone(), cache: cache.clone(), offline: true };
-        let message = obtain(&offline).await.expect_err("no cache");
+        let message = obtain(&offline).await.expect_err("no cache").to_string();
         assert!(message.contains("--offline"), "{message}");
         std::fs::write(&cache, br#"{"paths": {}}"#).expect("cache");
         assert!(obtain(&offline).await.expect("cached").origin.contains("cached"));

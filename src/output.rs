@@ -16,10 +16,10 @@
 //!   say); krea-batch refuses it unless `--force`, and even then never replaces the files that
 //!   were there before it (the marker lists them).
 //!
-//! This module only reads and writes those two files and looks at the folder; `batch.rs`
-//! decides what a run does with the verdict.
+//! This module only reads and writes those two files and looks at the folder; `setup.rs`
+//! decides what a run does with the verdict (`setup::claim_output`).
 
-use crate::download::{PARTIAL_PREFIX, write_atomically};
+use crate::files::{PARTIAL_PREFIX, write_atomically};
 use crate::report::MANIFEST;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -198,8 +198,7 @@ pub fn write_marker(dir: &Path, marker: &Marker) -> Result<(), OutputError> {
     let path = dir.join(MARKER);
     let mut text = serde_json::to_vec_pretty(marker).unwrap_or_default();
     text.push(b'\n');
-    write_atomically(&path, &text, true)
-        .map_err(|err| OutputError::Io { path, source: std::io::Error::other(err.to_string()) })
+    write_atomically(&path, &text, true).map_err(|err| OutputError::Io { path, source: err.source })
 }
 
 /// The entries of `dir` that krea-batch did not put there: everything but its own files (the

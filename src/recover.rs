@@ -17,12 +17,13 @@
 //! nothing lost" states this limit.
 
 use crate::api::{ApiError, KreaClient, RemoteStatus};
-use crate::batch::{InputError, Places, base_url, clients, guard_api_base, places};
+use crate::error::InputError;
 use crate::job::JobState;
 use crate::jobfile::JobFile;
 use crate::key::ApiKey;
 use crate::output::{self, Marker};
 use crate::report::MANIFEST;
+use crate::setup::{Places, base_url, clients, guard_api_base, places};
 use crate::store::{Change, FileRecord, JobRecord, Store};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -219,13 +220,14 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
     let base = base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
     places.output_dir = std::fs::canonicalize(&places.output_dir).map_err(|err| {
-        InputError(format!(
+        let message = format!(
             "the output folder {} cannot be read ({err}): there is nothing to recover",
             places.output_dir.display()
-        ))
+        );
+        InputError::because(message, err)
     })?;
     let dir = places.output_dir.clone();
-    let _lock = output::lock(&dir).map_err(|err| InputError(err.to_string()))?;
+    let _lock = output::lock(&dir).map_err(InputError::new)?;
     let mut store = open_for_recovery(&places)?;
     guard_api_base(&mut store, &base)?;
     let state_id = store.state_id()?;
@@ -293,8 +295,7 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
     }
 
     report.unclaimed = unclaimed_at_krea(&client, &store, &claimed).await;
-    output::write_marker(&dir, &Marker::new(&state_id, &places.state, &batch, foreign))
-        .map_err(|err| anyhow::anyhow!(err))?;
+    output::write_marker(&dir, &Marker::new(&state_id, &places.state, &batch, foreign))?;
     crate::report::rewrite_manifest(&dir, &store.jobs(Some(batch_id))?, false)?;
     Ok(report)
 }
@@ -302,13 +303,15 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
 /// Opens the state file to rebuild it, or says what to do with one SQLite cannot read.
 fn open_for_recovery(places: &Places) -> anyhow::Result<Store> {
     Store::open_writer(&places.state).map_err(|err| match err {
-        err @ crate::store::StoreError::Locked { .. } => InputError(err.to_string()).into(),
-        crate::store::StoreError::Sqlite { path, source } => InputError(format!(
-            "the state file {} cannot be read ({source}); move it aside (for example `mv {0} \
-             {0}.damaged`) and run recover again",
-            path.display()
-        ))
-        .into(),
+        err @ crate::store::StoreError::Locked { .. } => InputError::new(err).into(),
+        crate::store::StoreError::Sqlite { path, source } => {
+            let message = format!(
+                "the state file {} cannot be read ({source}); move it aside (for example `mv {0} \
+                 {0}.damaged`) and run recover again",
+                path.display()
+            );
+            InputError::because(message, source).into()
+        }
         err => anyhow::Error::new(err),
     })
 }

@@ -238,7 +238,7 @@ pub fn rewrite_manifest<'a>(
     dir: &Path,
     jobs: impl IntoIterator<Item = &'a JobRecord>,
     ended_only: bool,
-) -> Result<(), crate::download::DownloadError> {
+) -> Result<(), crate::files::FileError> {
     let mut text = Vec::new();
     for job in jobs {
         if ended_only && !job.state.is_final() {
@@ -248,7 +248,7 @@ pub fn rewrite_manifest<'a>(
         text.push(b'\n');
     }
     // Derived from the state, rewritten at every start: no need to sync it.
-    crate::download::write_atomically(&dir.join(MANIFEST), &text, false)
+    crate::files::write_atomically(&dir.join(MANIFEST), &text, false)
 }
 
 /// The end of a run, for people (`Display`) and programs (`--json`).

@@ -107,8 +107,7 @@ fn place_files(
         }
         let io = |source| ReuseError::Io { path: to.clone(), source };
         if let Some(folder) = to.parent() {
-            crate::download::ensure_real_dir(folder)
-                .map_err(|err| io(std::io::Error::other(err.to_string())))?;
+            crate::files::ensure_real_dir(folder).map_err(|err| io(err.source))?;
         }
         if std::fs::hard_link(&from, &to).is_err() {
             std::fs::copy(&from, &to).map_err(io)?;

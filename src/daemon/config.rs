@@ -63,39 +63,88 @@ fn default_scan_interval() -> Duration {
 
 /// A configuration error: the file, the place, what is wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not YAML, or not a configuration (an unknown key, a value of the wrong type).
+    #[error("{place}{message}")]
+    Yaml {
+        /// `file:line:column: `, or `file: ` without a position.
+        place: String,
+        /// `serde_yaml`'s message without its own " at line L column C".
+        message: String,
+        /// The error.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A limit out of range or contradicting another.
+    #[error("{}: limits.{field}: {message}", path.display())]
+    Limits {
+        /// The file.
+        path: PathBuf,
+        /// The key under `limits:`.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A budget without a cap.
+    #[error("{}: budget: {source}", path.display())]
+    Budget {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::jobfile::NoCap,
+    },
+    /// A metrics address that is not loopback.
+    #[error("{}: metrics.listen: {source}", path.display())]
+    Listen {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::metrics::ListenRefused,
+    },
+}
 
 impl DaemonConfig {
     /// Reads and checks the file; relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|err| ConfigError(format!("cannot read {}: {err}", path.display())))?;
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses `text`, read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Self = serde_yaml::from_str(text).map_err(|err| {
-            let place = err.location().map_or_else(
+        let mut config: Self = serde_yaml::from_str(text).map_err(|source| {
+            let place = source.location().map_or_else(
                 || format!("{}: ", path.display()),
                 |at| format!("{}:{}:{}: ", path.display(), at.line(), at.column()),
             );
             // serde_yaml appends " at line L column C"; the place is already in front.
-            let message = err.to_string();
+            let message = source.to_string();
             let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-            ConfigError(format!("{place}{message}"))
+            ConfigError::Yaml { place, message, source }
         })?;
-        config.limits.check().map_err(|(field, message)| {
-            ConfigError(format!("{}: limits.{field}: {message}", path.display()))
+        config.limits.check().map_err(|(field, message)| ConfigError::Limits {
+            path: path.to_owned(),
+            field,
+            message,
         })?;
-        if let Some(Err(message)) = config.budget.map(|budget| budget.check()) {
-            return Err(ConfigError(format!("{}: budget: {message}", path.display())));
+        if let Some(Err(source)) = config.budget.map(|budget| budget.check()) {
+            return Err(ConfigError::Budget { path: path.to_owned(), source });
         }
         if let Some(metrics) = &config.metrics {
-            crate::metrics::check_listen(&metrics.listen).map_err(|message| {
-                ConfigError(format!("{}: metrics.listen: {message}", path.display()))
-            })?;
+            crate::metrics::check_listen(&metrics.listen)
+                .map_err(|source| ConfigError::Listen { path: path.to_owned(), source })?;
         }
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         for dir in [&mut config.inbox, &mut config.output, &mut config.state] {
@@ -110,6 +159,15 @@ impl DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_file_keeps_its_io_error() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = DaemonConfig::load(&dir.path().join("missing.yaml")).expect_err("missing");
+        let io = err.source().and_then(|source| source.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound), "{err}");
+    }
 
     fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
         DaemonConfig::parse(text, Path::new("/etc/krea-batch/daemon.yaml"))

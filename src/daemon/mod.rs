@@ -23,19 +23,21 @@ pub mod config;
 mod notify;
 
 use crate::api;
-use crate::batch::{InputError, clients, engine_settings, guard_api_base};
-use crate::download::{ensure_real_dir, remove_partials};
+use crate::error::InputError;
+use crate::files::{ensure_real_dir, remove_partials};
 use crate::inbox::{Inbox, PROCESSING, ReadyFile};
 use crate::jobfile::{self, JobFile};
 use crate::key::ApiKey;
 use crate::metrics::MetricsSnapshot;
 use crate::pricing::PriceTable;
 use crate::report::{EngineStatus, rewrite_manifest};
+use crate::reuse::ReuseError;
 use crate::runner::{
-    Controls, Engine, EngineCommand, EngineIo, EngineSettings, sleep_until_or_forever,
-    tick_or_forever,
+    Controls, EngineCommand, EngineSettings, sleep_until_or_forever, tick_or_forever,
 };
+use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};
+use anyhow::Context as _;
 pub use config::DaemonConfig;
 use std::path::Path;
 use std::sync::Arc;
@@ -59,41 +61,35 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the service until `signals.shutdown`.
 pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> anyhow::Result<()> {
-    let config = DaemonConfig::load(config_path).map_err(|err| InputError(err.to_string()))?;
+    let config = DaemonConfig::load(config_path).map_err(InputError::new)?;
     let base_text = config.api.base_url.as_deref().unwrap_or(api::DEFAULT_BASE_URL);
-    let base =
-        api::parse_base_url(base_text).map_err(|err| InputError(format!("api.base_url: {err}")))?;
-    ensure_real_dir(&config.output).map_err(|err| InputError(format!("output: {err}")))?;
-    let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval)
-        .map_err(|err| InputError(format!("inbox {}: {err}", config.inbox.display())))?;
-    let mut store = Store::open_writer(&config.state).map_err(|err| match err {
-        err @ StoreError::Locked { .. } => anyhow::Error::new(InputError(err.to_string())),
-        err => anyhow::Error::new(err),
+    let base = api::parse_base_url(base_text)
+        .map_err(|err| InputError::because(format!("api.base_url: {err}"), err))?;
+    ensure_real_dir(&config.output)
+        .map_err(|err| InputError::because(format!("output: {err}"), err))?;
+    let mut inbox = Inbox::open(&config.inbox, config.inbox_scan_interval).map_err(|err| {
+        InputError::because(format!("inbox {}: {err}", config.inbox.display()), err)
     })?;
-    guard_api_base(&mut store, &base)?;
+    let mut store = setup::open_store(&config.state)?;
+    setup::guard_api_base(&mut store, &base)?;
     file_away_interrupted(&mut inbox, &store)?;
     let jobs = store.jobs(None)?;
-    let output_dirs = store.output_dirs()?;
-    let claimed_elsewhere = store.remote_ids()?;
-    for dir in output_dirs.values() {
+    for dir in store.output_dirs()?.values() {
         let _ = remove_partials(dir);
     }
 
-    let (client, downloader) = clients(base, &config.limits, key)?;
-    let writer = StoreWriter::spawn(store)?;
+    let (client, downloader) = setup::clients(base, &config.limits, key)?;
     let watchdog = sd_notify::watchdog_enabled();
     let controls = Controls::default();
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
-    let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::new(
-        EngineIo::new(Arc::new(client), downloader, writer.clone(), claimed_elsewhere),
+    let Started { engine, writer, commands } = setup::start_engine(
+        store,
+        (Arc::new(client), downloader),
         jobs,
-        &output_dirs,
         service_settings(&config, watchdog),
         controls.clone(),
         status_tx,
-    )
-    .with_commands(command_rx);
+    )?;
     let engine_task = tokio::spawn(engine.run());
 
     let metrics = start_metrics(&config, &signals).await?;
@@ -119,7 +115,8 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
 /// service's memory cannot make it crash at every start.
 fn file_away_interrupted(inbox: &mut Inbox, store: &Store) -> anyhow::Result<()> {
     let left = inbox.interrupted().map_err(|err| {
-        InputError(format!("inbox {}: {err}", inbox.dir().join(PROCESSING).display()))
+        let message = format!("inbox {}: {err}", inbox.dir().join(PROCESSING).display());
+        InputError::because(message, err)
     })?;
     for (path, name) in left {
         let imported = match inbox.sha256_of(&path) {
@@ -204,7 +201,7 @@ impl Daemon {
                     drain_deadline = None;
                 }
                 joined = &mut engine_task => {
-                    let outcome = joined.map_err(|err| anyhow::anyhow!("the engine failed: {err}"))??;
+                    let outcome = joined.context("the engine failed")??;
                     tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
                     return Ok(());
                 }
@@ -216,7 +213,7 @@ impl Daemon {
 /// The engine settings of the service: the limits, plus pausing instead of stopping on a 402,
 /// and a heartbeat often enough for the watchdog.
 fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> EngineSettings {
-    let mut settings = engine_settings(&config.limits);
+    let mut settings = setup::engine_settings(&config.limits);
     settings.pause_probe = Some(config.probe_interval);
     settings.heartbeat = watchdog.map(|every| every / 4);
     settings.budget = config.budget;
@@ -224,6 +221,24 @@ fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> Engine
     // recorded as stopped rather than cut off by the exit.
     settings.download_grace = settings.download_grace.min(config.drain_time * 4 / 5);
     settings
+}
+
+/// Why the service refuses a job file from its inbox.
+#[derive(Debug, thiserror::Error)]
+enum Unfit {
+    /// Not a valid job file.
+    #[error(transparent)]
+    JobFile(#[from] jobfile::JobFileError),
+    /// The file sets its own budget; the service's is in its configuration.
+    #[error(
+        "{}: budget: the service's budget is set in its configuration file (`budget:` there), \
+         not per job file; remove `budget:` from the job file",
+        .0.display()
+    )]
+    OwnBudget(std::path::PathBuf),
+    /// Under the service's budget, every job needs a price.
+    #[error(transparent)]
+    Unpriced(crate::costs::Unpriced),
 }
 
 /// The running service's parts besides the engine.
@@ -247,9 +262,9 @@ async fn start_metrics(
     signals: &DaemonSignals,
 ) -> anyhow::Result<Option<Metrics>> {
     let Some(metrics) = &config.metrics else { return Ok(None) };
-    let listener = crate::metrics::bind(metrics.listen)
-        .await
-        .map_err(|err| InputError(format!("metrics.listen {}: {err}", metrics.listen)))?;
+    let listener = crate::metrics::bind(metrics.listen).await.map_err(|err| {
+        InputError::because(format!("metrics.listen {}: {err}", metrics.listen), err)
+    })?;
     let (snapshot, snapshot_rx) = tokio::sync::watch::channel(MetricsSnapshot::default());
     let shutdown = signals.shutdown.child_token();
     tokio::spawn(crate::metrics::serve(listener, snapshot_rx, shutdown.clone()));
@@ -275,18 +290,14 @@ impl Daemon {
     /// The service's own rules for an inbox file, beyond the job-file format: the budget is
     /// the service's (one cap over all files, in its configuration), so a file's `budget:`
     /// would be ignored and is refused instead; under that budget every job needs a price.
-    fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, String> {
+    fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, Unfit> {
         if job_file.budget.is_some() {
-            return Err(format!(
-                "{}: budget: the service's budget is set in its configuration file (`budget:` \
-                 there), not per job file; remove `budget:` from the job file",
-                job_file.source.display(),
-            ));
+            return Err(Unfit::OwnBudget(job_file.source));
         }
         if self.config.budget.is_some()
-            && let Some(refusal) = crate::batch::unpriced_under_budget(&job_file)
+            && let Some(refusal) = crate::costs::unpriced_under_budget(&job_file)
         {
-            return Err(refusal);
+            return Err(Unfit::Unpriced(refusal));
         }
         Ok(job_file)
     }
@@ -299,13 +310,13 @@ impl Daemon {
             return;
         }
         let job_file = match jobfile::parse(&file.bytes, &dropped_at)
-            .map_err(|err| err.to_string())
+            .map_err(Unfit::from)
             .and_then(|job_file| self.fits_the_service(job_file))
         {
             Ok(job_file) => job_file,
             Err(err) => {
                 tracing::warn!(file = %file.file_name, error = %err, "job file rejected");
-                if let Err(io) = self.inbox.reject(&file, &err) {
+                if let Err(io) = self.inbox.reject(&file, &err.to_string()) {
                     tracing::error!(file = %file.file_name, %io, "cannot move the rejected file");
                 }
                 return;
@@ -323,7 +334,7 @@ impl Daemon {
         let dir = output_dir.clone();
         let imported = self
             .writer
-            .with_store(move |store| -> Result<Option<_>, StoreError> {
+            .with_store(move |store| -> Result<Option<_>, ReuseError> {
                 if store.content_imported(&sha)? {
                     return Ok(None);
                 }
@@ -333,8 +344,7 @@ impl Daemon {
                 store.set_content_hash(report.batch_id, &sha)?;
                 if !report.reusable.is_empty() {
                     let dirs = store.output_dirs()?;
-                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)
-                        .map_err(|err| StoreError::WriteFailed(err.to_string()))?;
+                    let taken = crate::reuse::take_results(store, &report.reusable, &dirs)?;
                     tracing::info!(
                         taken,
                         "jobs took results this state already paid for: not paid again"
@@ -381,7 +391,7 @@ impl Daemon {
 
     /// Hands requests left by `krea-batch cancel` and `krea-batch resume` to the engine.
     async fn forward_requests(&self) {
-        crate::control::forward_requests(&self.writer, &self.commands).await;
+        setup::forward_requests(&self.writer, &self.commands).await;
     }
 
     /// SIGHUP: reads the config again (limits and the probe interval apply at once; paths and

@@ -20,8 +20,11 @@
 //! checking each node as it is read (so `serde_yaml` gives the node's position), within a budget
 //! that stops alias bombs; this file then checks the rules spanning several nodes (unique
 //! names, a model per job, limits that contradict each other), has `sweep` expand matrices and
-//! data files, and finds positions with `locate`. `serde_yaml` is used nowhere else in the
-//! crate, so replacing it stays a change to this folder.
+//! data files, and finds positions with `locate`. The workarounds for `serde_yaml` live only in
+//! this folder. Outside it, `serde_yaml` is called in two places, each a `from_str` of an
+//! operator's file with no workaround: the daemon's configuration (`daemon/config.rs`, which
+//! only moves the error's position to the front) and the simulation's (`main.rs`,
+//! `--simulate-config`). Replacing `serde_yaml` means this folder and those two calls.
 
 mod de;
 mod locate;
@@ -38,8 +41,8 @@ mod tests;
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
-pub use settings::{ApiSettings, Budget, Limits};
-pub use values::{parse_model_path, parse_size};
+pub use settings::{ApiSettings, Budget, Limits, NoCap};
+pub use values::{ModelPathError, SizeError, parse_model_path, parse_size};
 
 use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};
@@ -346,7 +349,7 @@ impl Assembly<'_> {
             }
         }
         if let Some(Err(message)) = raw.budget.map(|budget| budget.check()) {
-            return Err(self.error(&[Seg::key("budget")], message));
+            return Err(self.error(&[Seg::key("budget")], message.to_string()));
         }
         Ok(())
     }

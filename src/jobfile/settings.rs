@@ -182,15 +182,21 @@ pub struct Budget {
 impl Budget {
     /// Checks the rule deserialization cannot see alone: at least one cap is set (`budget: {}`
     /// sets none). The job file and the daemon configuration both apply it.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), NoCap> {
         if self.max_usd.is_some() || self.per_day_usd.is_some() {
             return Ok(());
         }
-        Err("the budget sets no cap; write `max_usd:` (all jobs) and/or `per_day_usd:` (per UTC \
-             day), e.g. `budget: {max_usd: 25}`"
-            .to_owned())
+        Err(NoCap)
     }
 }
+
+/// A budget that sets no cap (`budget: {}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the budget sets no cap; write `max_usd:` (all jobs) and/or `per_day_usd:` (per UTC day), \
+     e.g. `budget: {{max_usd: 25}}`"
+)]
+pub struct NoCap;
 
 /// An amount in USD: a number, 0 or more, written without quotes or currency sign.
 fn usd<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {

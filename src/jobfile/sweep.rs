@@ -45,26 +45,35 @@ pub(super) enum Refusal {
 /// relative path without `..` (and, when it is read, without links: [`open_beside`]): when the
 /// service runs job files written by others, `from:` must not read files elsewhere and send
 /// them to Krea as prompts.
-pub(crate) fn check_data_path(text: &str) -> Result<(), String> {
+pub(crate) fn check_data_path(text: &str) -> Result<(), DataPathError> {
     if text.trim().is_empty() {
-        return Err(
-            "the data file is empty; write a file beside the job file, e.g. prompts.csv".to_owned()
-        );
+        return Err(DataPathError::Empty);
     }
     let path = Path::new(text);
     if check_relative(path).is_err() {
-        return Err(format!(
-            "{text:?} is not inside the job file's folder; write a path relative to it, \
-             without `..`"
-        ));
+        return Err(DataPathError::Outside(text.to_owned()));
     }
     match DataFormat::of(path) {
         Some(_) => Ok(()),
-        None => Err(format!(
-            "{text:?} is neither .csv nor .jsonl; prompts are read from CSV (with a header row) \
-             or JSON Lines (one object per line)"
-        )),
+        None => Err(DataPathError::Format(text.to_owned())),
     }
+}
+
+/// What is wrong with what `from:` names ([`check_data_path`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DataPathError {
+    /// Nothing named.
+    #[error("the data file is empty; write a file beside the job file, e.g. prompts.csv")]
+    Empty,
+    /// Absolute, or with `..`.
+    #[error("{0:?} is not inside the job file's folder; write a path relative to it, without `..`")]
+    Outside(String),
+    /// Neither `.csv` nor `.jsonl`.
+    #[error(
+        "{0:?} is neither .csv nor .jsonl; prompts are read from CSV (with a header row) or \
+         JSON Lines (one object per line)"
+    )]
+    Format(String),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -422,6 +431,12 @@ fn is_variable(text: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A brace in a template that is neither `{{`, `}}` nor part of a `{variable}`: the text from
+/// it (up to 20 characters).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a `{{variable}}`; in a sweep, write `{{{{` and `}}}}` for literal braces")]
+pub(super) struct BraceError(String);
+
 /// A prompt or name with `{variable}` slots.
 pub(super) struct Template {
     parts: Vec<Part>,
@@ -434,7 +449,7 @@ enum Part {
 
 impl Template {
     /// Parses `text`; a brace that is neither `{{`, `}}` nor part of a `{variable}` is refused.
-    pub(super) fn parse(text: &str) -> Result<Self, String> {
+    pub(super) fn parse(text: &str) -> Result<Self, BraceError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut rest = text;
@@ -448,11 +463,7 @@ impl Template {
             }
             let closed = tail.starts_with('{').then(|| tail.find('}')).flatten();
             let Some(end) = closed.filter(|end| is_variable(&tail[1..*end])) else {
-                let shown: String = tail.chars().take(20).collect();
-                return Err(format!(
-                    "{shown:?} is not a `{{variable}}`; in a sweep, write `{{{{` and `}}}}` for \
-                     literal braces"
-                ));
+                return Err(BraceError(tail.chars().take(20).collect()));
             };
             if !literal.is_empty() {
                 parts.push(Part::Text(std::mem::take(&mut literal)));
@@ -523,11 +534,13 @@ pub(super) fn expand(
     emit: &mut dyn FnMut(Instance<'static>) -> Result<(), Refusal>,
 ) -> Result<(), Refusal> {
     let at = |key: &str| vec![Seg::key("jobs"), Seg::Index(index), Seg::key(key)];
-    let prompt = Template::parse(prompt).map_err(|message| Refusal::At(at("prompt"), message))?;
+    let prompt = Template::parse(prompt)
+        .map_err(|message| Refusal::At(at("prompt"), message.to_string()))?;
     let name_template = match name.filter(|name| name.contains(['{', '}'])) {
-        Some(name) => {
-            Some(Template::parse(name).map_err(|message| Refusal::At(at("name"), message))?)
-        }
+        Some(name) => Some(
+            Template::parse(name)
+                .map_err(|message| Refusal::At(at("name"), message.to_string()))?,
+        ),
         None => None,
     };
     let swept: &[(String, Vec<Value>)] = matrix.map_or(&[], |matrix| &matrix.variables);
@@ -682,7 +695,7 @@ impl Entry<'_> {
             None | Some(Value::Null) => None,
             Some(Value::String(model)) if model.is_empty() => None,
             Some(Value::String(model)) => {
-                Some(parse_model_path(model).map_err(|why| fail("matrix", why))?)
+                Some(parse_model_path(model).map_err(|why| fail("matrix", why.to_string()))?)
             }
             Some(other) => {
                 return Err(fail("matrix", format!("a model is a model path; found {other}")));

@@ -22,59 +22,92 @@ const MODEL_PATH_FORM: &str = "expected a path like image/bfl/flux-1-dev \
 /// digits, `.`, `_` and `-`, no empty, `.` or `..` segment, no leading `/`. The short form
 /// `bfl/flux-1-dev` means `image/bfl/flux-1-dev`: `image/` is prefixed when the first segment
 /// is not `image`, `video` or `enhance`. The result has at least three segments.
-pub fn parse_model_path(text: &str) -> Result<String, String> {
+pub fn parse_model_path(text: &str) -> Result<String, ModelPathError> {
     if text.is_empty() {
-        return Err(format!("the model path is empty; {MODEL_PATH_FORM}"));
+        return Err(ModelPathError::Empty);
     }
     if text.len() > MAX_MODEL_PATH_LEN {
-        return Err(format!(
-            "the model path is {} bytes long (at most {MAX_MODEL_PATH_LEN}); {MODEL_PATH_FORM}",
-            text.len()
-        ));
+        return Err(ModelPathError::TooLong(text.len()));
     }
     if text.starts_with('/') {
-        return Err(format!("the model path {text:?} starts with '/'; {MODEL_PATH_FORM}"));
+        return Err(ModelPathError::LeadingSlash(text.to_owned()));
     }
     for segment in text.split('/') {
         if segment.is_empty() {
-            return Err(format!(
-                "the model path {text:?} has an empty segment ('//' or a trailing '/'); \
-                 {MODEL_PATH_FORM}"
-            ));
+            return Err(ModelPathError::EmptySegment(text.to_owned()));
         }
         if segment == "." || segment == ".." {
-            return Err(format!(
-                "the model path {text:?} contains a {segment:?} segment; {MODEL_PATH_FORM}"
-            ));
+            return Err(ModelPathError::DotSegment {
+                path: text.to_owned(),
+                segment: segment.to_owned(),
+            });
         }
         let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
         if let Some(bad) = segment.chars().find(|c| !allowed(*c)) {
-            return Err(format!(
-                "the model path {text:?} contains {bad:?}; segments use only lowercase letters, \
-                 digits, '.', '_' and '-'; {MODEL_PATH_FORM}"
-            ));
+            return Err(ModelPathError::Character { path: text.to_owned(), bad });
         }
     }
     let first = text.split('/').next().unwrap_or_default();
     let full = if MODEL_KINDS.contains(&first) { text.to_owned() } else { format!("image/{text}") };
     if full.split('/').count() < 3 {
-        return Err(format!(
-            "the model path {text:?} names a provider but no model; {MODEL_PATH_FORM}"
-        ));
+        return Err(ModelPathError::NoModel(text.to_owned()));
     }
     Ok(full)
 }
 
+/// What is wrong with a model path ([`parse_model_path`]); each says the form to use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelPathError {
+    /// No path.
+    #[error("the model path is empty; {MODEL_PATH_FORM}")]
+    Empty,
+    /// Longer than `MAX_MODEL_PATH_LEN` bytes.
+    #[error("the model path is {0} bytes long (at most {MAX_MODEL_PATH_LEN}); {MODEL_PATH_FORM}")]
+    TooLong(usize),
+    /// Starting with `/`.
+    #[error("the model path {0:?} starts with '/'; {MODEL_PATH_FORM}")]
+    LeadingSlash(String),
+    /// `//` or a trailing `/`.
+    #[error(
+        "the model path {0:?} has an empty segment ('//' or a trailing '/'); {MODEL_PATH_FORM}"
+    )]
+    EmptySegment(String),
+    /// A `.` or `..` segment.
+    #[error("the model path {path:?} contains a {segment:?} segment; {MODEL_PATH_FORM}")]
+    DotSegment {
+        /// The path.
+        path: String,
+        /// The segment.
+        segment: String,
+    },
+    /// A character outside lowercase letters, digits, `.`, `_` and `-`.
+    #[error(
+        "the model path {path:?} contains {bad:?}; segments use only lowercase letters, \
+         digits, '.', '_' and '-'; {MODEL_PATH_FORM}"
+    )]
+    Character {
+        /// The path.
+        path: String,
+        /// The character.
+        bad: char,
+    },
+    /// A provider without a model.
+    #[error("the model path {0:?} names a provider but no model; {MODEL_PATH_FORM}")]
+    NoModel(String),
+}
+
+/// How a size is written, for [`SizeError`].
+const SIZE_FORM: &str = "expected a size like 512MiB, 2GiB or 1000000 (bytes)";
+
 /// Parses a size in bytes: a whole number with an optional unit, e.g. `1000000`, `512MiB`,
 /// `2GiB`, `10 MB`. Binary units (`KiB`, `MiB`, `GiB`, `TiB`) are powers of 1024, decimal ones
 /// (`kB`, `MB`, `GB`, `TB`) powers of 1000; `B` means bytes. Units are case-insensitive.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    const FORM: &str = "expected a size like 512MiB, 2GiB or 1000000 (bytes)";
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let trimmed = text.trim();
     let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(digits_end);
     if digits.is_empty() {
-        return Err(format!("{text:?} is not a size; {FORM}"));
+        return Err(SizeError::NotASize(text.to_owned()));
     }
     let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -86,13 +119,34 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         "tib" => 1 << 40,
-        _ => return Err(format!("{text:?} has an unknown unit {:?}; {FORM}", unit.trim())),
+        _ => {
+            return Err(SizeError::Unit { text: text.to_owned(), unit: unit.trim().to_owned() });
+        }
     };
     digits
         .parse::<u64>()
         .ok()
         .and_then(|number| number.checked_mul(multiplier))
-        .ok_or_else(|| format!("{text:?} is too large for a size in bytes"))
+        .ok_or_else(|| SizeError::TooLarge(text.to_owned()))
+}
+
+/// What is wrong with a size ([`parse_size`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// No number in front.
+    #[error("{0:?} is not a size; {SIZE_FORM}")]
+    NotASize(String),
+    /// A unit it does not know.
+    #[error("{text:?} has an unknown unit {unit:?}; {SIZE_FORM}")]
+    Unit {
+        /// The size as written.
+        text: String,
+        /// The unit.
+        unit: String,
+    },
+    /// More than `u64::MAX` bytes.
+    #[error("{0:?} is too large for a size in bytes")]
+    TooLarge(String),
 }
 
 /// The longest duration accepted for any limit. Far above any sensible setting, and low enough
@@ -101,17 +155,36 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_hours(30 * 24);
 
 /// Parses a duration limit in humantime syntax (`500ms`, `2s`, `1m30s`, `2h`): more than zero
 /// and at most 30 days.
-pub(crate) fn parse_limit_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim()).map_err(|error| {
-        format!("{text:?} is not a duration ({error}); write it like 500ms, 2s, 1m30s or 2h")
-    })?;
+pub(crate) fn parse_limit_duration(text: &str) -> Result<Duration, DurationError> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|source| DurationError::NotADuration { text: text.to_owned(), source })?;
     if duration.is_zero() {
-        return Err(format!("{text:?} is zero; a duration limit must be longer than that"));
+        return Err(DurationError::Zero(text.to_owned()));
     }
     if duration > MAX_DURATION {
-        return Err(format!("{text:?} is longer than the 30 days allowed for a limit"));
+        return Err(DurationError::TooLong(text.to_owned()));
     }
     Ok(duration)
+}
+
+/// What is wrong with a duration limit ([`parse_limit_duration`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DurationError {
+    /// Not humantime syntax.
+    #[error("{text:?} is not a duration ({source}); write it like 500ms, 2s, 1m30s or 2h")]
+    NotADuration {
+        /// The duration as written.
+        text: String,
+        /// Why humantime refused it.
+        #[source]
+        source: humantime::DurationError,
+    },
+    /// Zero.
+    #[error("{0:?} is zero; a duration limit must be longer than that")]
+    Zero(String),
+    /// More than [`MAX_DURATION`].
+    #[error("{0:?} is longer than the 30 days allowed for a limit")]
+    TooLong(String),
 }
 
 /// Levenshtein distance, small strings only: used to suggest the key a typo meant.

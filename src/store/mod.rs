@@ -89,9 +89,10 @@ pub enum StoreError {
     /// The writer thread is gone (it failed earlier, or the engine is shutting down).
     #[error("the state writer has stopped")]
     WriterGone,
-    /// A commit by the writer thread failed; the message names the file and the cause.
-    #[error("{0}")]
-    WriteFailed(String),
+    /// A commit by the writer thread failed (shared by the commits it merged); it names the
+    /// file and the cause.
+    #[error(transparent)]
+    WriteFailed(std::sync::Arc<StoreError>),
 }
 
 /// Meta key: the state file's random id ([`Store::state_id`]).

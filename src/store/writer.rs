@@ -39,7 +39,7 @@ impl std::fmt::Debug for Inner {
 /// Work for the writer thread: changes to commit, or a function to run on the store.
 enum WriteRequest {
     /// Changes, whether they must be fsynced, and where to say it is done.
-    Commit(Vec<Change>, bool, tokio::sync::oneshot::Sender<Result<(), String>>),
+    Commit(Vec<Change>, bool, tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>),
     Call(Box<dyn FnOnce(&mut Store) + Send>),
 }
 
@@ -77,7 +77,8 @@ impl StoreWriter {
                             Err(_) => break,
                         }
                     }
-                    let result = store.apply_with(&changes, synced).map_err(|err| err.to_string());
+                    // One error for every merged commit: shared, not flattened to text.
+                    let result = store.apply_with(&changes, synced).map_err(Arc::new);
                     for reply in replies {
                         let _ = reply.send(result.clone());
                     }
@@ -132,7 +133,7 @@ impl StoreWriter {
             Inner::Thread { requests, .. } => requests,
             Inner::Inline(store) => {
                 return Self::run_inline(store, |store| store.apply_with(&changes, synced))?
-                    .map_err(|err| StoreError::WriteFailed(err.to_string()));
+                    .map_err(|err| StoreError::WriteFailed(Arc::new(err)));
             }
         };
         let (reply, done) = tokio::sync::oneshot::channel();
@@ -141,7 +142,7 @@ impl StoreWriter {
             .map_err(|_| StoreError::WriterGone)?;
         match done.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::WriteFailed(message)),
+            Ok(Err(err)) => Err(StoreError::WriteFailed(err)),
             Err(_) => Err(StoreError::WriterGone),
         }
     }

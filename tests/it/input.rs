@@ -207,3 +207,18 @@ fn status_reads_the_state_file() {
     assert_eq!(status["counts"]["completed"], 3);
     assert!((status["spent_usd"].as_f64().expect("spend") - 0.021).abs() < 1e-9);
 }
+
+/// An error keeps the error beneath it as its source, and the message printed says each cause
+/// once: an output folder that is a file is refused (exit 2) with its reason, not repeated.
+#[test]
+fn a_refusal_says_its_cause_once() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_jobs("  - prompt: a fox\n");
+    std::fs::write(work.out(), b"not a folder").expect("a file where the folder goes");
+    let run = work.run(&sim, &[]);
+    run.expect_code(2);
+    let said = run.stderr.matches("it is a file, not a folder").count();
+    assert_eq!(said, 1, "the cause once in {}", run.stderr);
+    assert!(run.stderr.contains("output directory"), "{}", run.stderr);
+    assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}

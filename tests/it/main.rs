@@ -8,6 +8,7 @@ mod gallery;
 mod hostile;
 mod input;
 mod kill;
+mod layers;
 mod resume;
 mod run;
 mod security;

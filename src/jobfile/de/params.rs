@@ -264,7 +264,7 @@ impl<'de> Visitor<'de> for PricesSeed<'_, 'de> {
                         format!("a price for {model} is already set above"),
                     )),
                     Ok(model) => Ok((text.to_owned(), model)),
-                    Err(why) => Err(Reject::at_key(text, why)),
+                    Err(why) => Err(Reject::at_key(text, why.to_string())),
                 },
                 other => Err(format!(
                     "keys of `prices` are model paths like image/bfl/flux-1-dev; found {}",

@@ -293,8 +293,8 @@ pub(super) fn text_value<'a, 'de>(
             },
             TextKind::DataFile => crate::jobfile::sweep::check_data_path(text)
                 .map(|()| text.to_owned())
-                .map_err(Reject::from),
-            TextKind::Model => parse_model_path(text).map_err(Reject::from),
+                .map_err(|why| Reject::from(why.to_string())),
+            TextKind::Model => parse_model_path(text).map_err(|why| Reject::from(why.to_string())),
             TextKind::Output if text.trim().is_empty() => {
                 Err("the output directory is empty; write a directory, e.g. ./out"
                     .to_owned()

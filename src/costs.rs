@@ -1,0 +1,94 @@
+//! What a job file is estimated to cost: every job priced (`pricing.rs`) and summed per model,
+//! for `check`'s plan, the budget's checks at the start of a run, and the service's inbox
+//! (a job file whose jobs a budget cannot count is refused). Reads the parsed job file only.
+
+use crate::error::InputError;
+use crate::jobfile::JobFile;
+use crate::pricing::{Estimate, PriceTable, usd};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Every job's estimated price, summed per model: one pass over the request bodies for the
+/// plan, the budget's checks and the warning at the start of a run.
+pub(crate) struct Costs<'f> {
+    /// Every job's estimate, summed.
+    pub(crate) total: Estimate,
+    /// Per model: its jobs and their estimate.
+    pub(crate) by_model: BTreeMap<&'f str, (usize, Estimate)>,
+}
+
+impl<'f> Costs<'f> {
+    /// Prices every job of `file` (its `prices:` over the built-in table).
+    pub(crate) fn of(file: &'f JobFile) -> Self {
+        let prices = PriceTable::with_overrides(file.prices.clone());
+        let mut costs = Self { total: Estimate::default(), by_model: BTreeMap::new() };
+        for job in &file.jobs {
+            let price = prices.price(&job.model, &job.body_map());
+            costs.total.add(price);
+            let (jobs, estimate) = costs.by_model.entry(&job.model).or_default();
+            *jobs += 1;
+            estimate.add(price);
+        }
+        costs
+    }
+
+    /// Why these jobs cannot run under a budget: some have no known price, so what they
+    /// commit cannot be counted. `None` when every job is priced.
+    pub(crate) fn unpriced_refusal(&self, file: &JobFile) -> Option<Unpriced> {
+        let models: Vec<(String, usize)> = self
+            .by_model
+            .iter()
+            .filter(|(_, (_, estimate))| estimate.unpriced > 0)
+            .map(|(model, (_, estimate))| ((*model).to_owned(), estimate.unpriced))
+            .collect();
+        (!models.is_empty()).then(|| Unpriced { file: file.source.clone(), models })
+    }
+}
+
+/// A budget is set, but some jobs have no known price, so what they commit cannot be counted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` (USD \
+     per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
+    file.display(),
+    listed(models),
+    models.first().map_or("", |(model, _)| model.as_str())
+)]
+pub struct Unpriced {
+    /// The job file.
+    pub file: PathBuf,
+    /// Each model without a price, with its number of jobs.
+    pub models: Vec<(String, usize)>,
+}
+
+fn listed(models: &[(String, usize)]) -> String {
+    let listed: Vec<String> =
+        models.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
+    listed.join(", ")
+}
+
+/// Why `file`'s jobs cannot run under a budget (see `Costs::unpriced_refusal`); for the
+/// service's inbox.
+#[must_use]
+pub fn unpriced_under_budget(file: &JobFile) -> Option<Unpriced> {
+    Costs::of(file).unpriced_refusal(file)
+}
+
+/// Refuses to start a run under a budget with jobs of unknown price, and says at the start
+/// when the estimate is above the total cap (the run will stop at the cap).
+pub(crate) fn enforce_budget(file: &JobFile) -> Result<(), InputError> {
+    let Some(budget) = file.budget else { return Ok(()) };
+    let costs = Costs::of(file);
+    if let Some(refusal) = costs.unpriced_refusal(file) {
+        return Err(InputError::new(refusal));
+    }
+    if let Some(cap) = budget.max_usd.filter(|cap| costs.total.usd > *cap) {
+        tracing::warn!(
+            "the jobs are estimated at {}, above the budget of {}; submitting stops before the \
+             budget would be exceeded (jobs already done count against it)",
+            usd(costs.total.usd),
+            usd(cap)
+        );
+    }
+    Ok(())
+}
