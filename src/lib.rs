@@ -4,7 +4,7 @@
 //! in flight, polls each job to its end, downloads every result whole, and keeps a durable record
 //! so that nothing paid for is lost and nothing is paid twice. The binary (`main.rs`) is a thin
 //! shell around this library. The integration tests drive the binary against the simulation;
-//! the engine's own tests drive it in-process, through its seam (`runner/seam.rs`), on paused
+//! the engine's own tests drive it in-process, through its seam (`seam.rs`), on paused
 //! tokio time.
 //!
 //! # Layout
@@ -28,7 +28,8 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; `runner/seam.rs` is what it needs from the world (Krea, result hosts, the clock) |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together |
+//! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records (command) |
@@ -83,6 +84,7 @@ pub mod reuse;
 pub mod run;
 pub mod runner;
 pub mod schema;
+pub mod seam;
 pub mod setup;
 pub mod sim;
 pub mod status;

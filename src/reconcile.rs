@@ -31,7 +31,7 @@
 
 use crate::api::{ApiError, RemoteJob};
 use crate::retry::{RetryPolicy, Verdict};
-use crate::runner::KreaApi;
+use crate::seam::KreaApi;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 

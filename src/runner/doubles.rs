@@ -2,11 +2,11 @@
 //! whose jobs take tokio time and whose POSTs can be scripted, a fetcher that writes bytes to
 //! the output folder, and a clock that follows tokio's (paused) time.
 
-use super::seam::{ApiFuture, Clock, FetchFuture, KreaApi, ResultFetcher};
 use crate::api::{ApiError, JobPage, RemoteJob, RemoteStatus};
 use crate::download::Fetched;
 use crate::reconcile::format_time_ms;
 use crate::retry::RetryPolicy;
+use crate::seam::{ApiFuture, Clock, FetchFuture, KreaApi, ResultFetcher};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};

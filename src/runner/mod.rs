@@ -26,7 +26,7 @@
 //! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
 //!
-//! The engine reaches the world only through its seam (`seam.rs`, bundled in [`EngineIo`]): Krea
+//! The engine reaches the world only through its seam (`seam.rs` beside it, bundled in [`EngineIo`]): Krea
 //! through [`KreaApi`], result hosts through [`ResultFetcher`], the wall clock through [`Clock`],
 //! the state file through its [`StoreWriter`]. Waits and deadlines use tokio's clock. So the
 //! in-process tests (`tests.rs`) run the engine against in-memory doubles (`doubles.rs`) on
@@ -38,7 +38,6 @@ mod doubles;
 mod fetch;
 mod poll;
 mod reconciling;
-mod seam;
 mod submit;
 #[cfg(test)]
 mod tests;
@@ -49,12 +48,12 @@ use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Listing;
 use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
 use crate::retry::RetryPolicy;
+pub use crate::seam::{
+    ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
+};
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
-pub use seam::{
-    ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
-};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
