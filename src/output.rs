@@ -342,12 +342,6 @@ pub fn read_sidecar(path: &Path) -> Option<Recorded> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// A new random id for a state file or a batch: 128 bits as hex.
-#[must_use]
-pub fn random_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

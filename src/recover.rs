@@ -238,9 +238,10 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
             None
         }
     };
-    let batch = marker
-        .as_ref()
-        .map_or_else(|| format!("batch:{}", output::random_id()), |marker| marker.batch.clone());
+    let batch = marker.as_ref().map_or_else(
+        || format!("batch:{}", crate::store::random_id()),
+        |marker| marker.batch.clone(),
+    );
     let foreign = marker.map(|marker| marker.foreign).unwrap_or_default();
     let prices = crate::pricing::PriceTable::with_overrides(file.prices.clone());
     let batch_id = store.import(&batch, &dir, &file.jobs, &prices, false)?.batch_id;

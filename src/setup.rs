@@ -209,7 +209,7 @@ pub(crate) fn claim_output(
                 store.legacy_batch(legacy_source, dir, places.state_in_folder())?
             {
                 // Written by a krea-batch from before the marker: adopt it under a new identity.
-                let batch = format!("batch:{}", output::random_id());
+                let batch = format!("batch:{}", crate::store::random_id());
                 store.rename_batch(&legacy, &batch)?;
                 (batch, Vec::new(), true)
             } else {
@@ -223,7 +223,7 @@ pub(crate) fn claim_output(
                     )));
                 }
                 refuse_foreign(dir, &foreign, force)?;
-                (format!("batch:{}", output::random_id()), foreign, true)
+                (format!("batch:{}", crate::store::random_id()), foreign, true)
             }
         }
     };

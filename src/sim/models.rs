@@ -8,6 +8,11 @@ use serde_json::{Map, Value};
 /// One micro-USD unit per millionth of a dollar.
 pub(crate) const MICROS_PER_USD: f64 = 1_000_000.0;
 
+/// USD to micro-USD, rounded to the nearest unit.
+pub(crate) fn usd_to_micros(usd: f64) -> i64 {
+    (usd * MICROS_PER_USD).round() as i64
+}
+
 /// Which family of generation a model belongs to: the first path segment after `/generate/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {

@@ -87,10 +87,7 @@ fn millis(duration: Duration) -> Millis {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// USD to micro-USD, rounded to the nearest unit.
-pub(crate) fn usd_to_micros(usd: f64) -> i64 {
-    (usd * super::models::MICROS_PER_USD).round() as i64
-}
+pub(crate) use super::models::usd_to_micros;
 
 /// RFC 3339 in UTC with milliseconds, as Krea writes timestamps.
 pub(crate) fn rfc3339(ms: Millis) -> String {

@@ -221,7 +221,7 @@ pub fn top_up_file(path: &Path, usd: f64) -> Result<FileTopUp, WorldFileError> {
         path: path.into(),
         detail: "it went away while being topped up".into(),
     })?;
-    let added = super::world::usd_to_micros(usd);
+    let added = super::models::usd_to_micros(usd);
     world.account.balance_micros = world.account.balance_micros.saturating_add(added);
     write(path, &world)?;
     let usd = |micros: i64| micros as f64 / super::models::MICROS_PER_USD;

@@ -98,6 +98,12 @@ pub enum StoreError {
 /// Meta key: the state file's random id ([`Store::state_id`]).
 const META_STATE_ID: &str = "state_id";
 
+/// A new random id for a state file or a batch: 128 bits as hex.
+#[must_use]
+pub fn random_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
 /// Milliseconds since the Unix epoch, now.
 #[must_use]
 pub fn now_ms() -> i64 {
@@ -395,7 +401,7 @@ impl Store {
         if let Some(id) = self.meta(META_STATE_ID)? {
             return Ok(id);
         }
-        let id = crate::output::random_id();
+        let id = random_id();
         self.apply(&[Change::Meta { key: META_STATE_ID.into(), value: id.clone() }])?;
         Ok(id)
     }
