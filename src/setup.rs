@@ -19,7 +19,7 @@ use crate::pace::PollSchedule;
 use crate::report::{EngineStatus, MANIFEST};
 use crate::retry::RetryPolicy;
 use crate::runner::{
-    Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, KreaApi,
+    Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, KreaApi, RunKind,
 };
 use crate::store::{Change, JobRecord, Request, Store, StoreError, StoreWriter};
 use anyhow::Context as _;
@@ -351,7 +351,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         rate_limit_backoff: limits.retry_backoff,
         request_timeout: limits.request_timeout,
         reconcile_after: limits.reconcile_after,
-        pause_probe: None,
+        kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
     }

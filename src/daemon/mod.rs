@@ -33,7 +33,7 @@ use crate::pricing::PriceTable;
 use crate::report::{EngineStatus, rewrite_manifest};
 use crate::reuse::ReuseError;
 use crate::runner::{
-    Controls, EngineCommand, EngineSettings, sleep_until_or_forever, tick_or_forever,
+    Controls, EngineCommand, EngineSettings, RunKind, sleep_until_or_forever, tick_or_forever,
 };
 use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};
@@ -214,7 +214,7 @@ impl Daemon {
 /// and a heartbeat often enough for the watchdog.
 fn service_settings(config: &DaemonConfig, watchdog: Option<Duration>) -> EngineSettings {
     let mut settings = setup::engine_settings(&config.limits);
-    settings.pause_probe = Some(config.probe_interval);
+    settings.kind = RunKind::Service { probe_every: config.probe_interval };
     settings.heartbeat = watchdog.map(|every| every / 4);
     settings.budget = config.budget;
     // Downloads under way stop (download pending) before the drain time runs out, so they are

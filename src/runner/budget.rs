@@ -4,7 +4,7 @@
 //! submitting stops exactly as on a 402: jobs in flight finish; a one-shot run ends (exit 5),
 //! the service pauses until the next day or a reload. Failed and cancelled jobs cost nothing.
 
-use super::Engine;
+use super::{Engine, RunKind};
 use crate::job::JobState;
 use crate::pricing::usd;
 use crate::report::StopReason;
@@ -131,7 +131,7 @@ impl Engine {
 
     /// Stops (one-shot) or pauses (service) submitting because the budget is reached.
     pub(super) fn halt_on_budget(&mut self, exceeded: &Exceeded) {
-        if self.settings.pause_probe.is_none() {
+        if self.settings.kind == RunKind::OneShot {
             if self.stopped.is_none() {
                 tracing::warn!(
                     "{}; no more submissions; jobs in flight are finished",

@@ -93,13 +93,28 @@ pub struct EngineSettings {
     pub request_timeout: Duration,
     /// How long after an unanswered POST's end reconciliation looks for the job.
     pub reconcile_after: Duration,
-    /// `None` for a one-shot run: a 402 or a refused key ends submitting for good. For the
-    /// service: submitting pauses instead, and one submission probes every this often.
-    pub pause_probe: Option<Duration>,
+    /// A one-shot run or the service: what a 402, a refused key or the budget does to
+    /// submitting.
+    pub kind: RunKind,
     /// Wake up at least this often, to show the loop is alive (the systemd watchdog).
     pub heartbeat: Option<Duration>,
     /// The spending cap, if any.
     pub budget: Option<Budget>,
+}
+
+/// Whether the engine runs once over a batch or as the long-running service. The two differ
+/// only when submitting cannot go on (402, refused key, budget reached).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// `krea-batch run`: a 402, a refused key or the budget ends submitting for good, and the
+    /// run ends once nothing is left to do.
+    OneShot,
+    /// `krea-batch daemon`: submitting pauses instead, one submission probes every
+    /// `probe_every`, and the engine waits for new jobs until it drains.
+    Service {
+        /// How often a paused service probes with one submission.
+        probe_every: Duration,
+    },
 }
 
 /// Requests to a running engine (the service uses them; a one-shot run needs none).
@@ -492,7 +507,7 @@ impl Engine {
         if self.draining {
             return self.tasks.is_empty();
         }
-        if self.settings.pause_probe.is_some() {
+        if let RunKind::Service { .. } = self.settings.kind {
             return false;
         }
         let may_submit =
@@ -647,9 +662,9 @@ impl Engine {
 
     /// Submitting cannot go on: Krea wants payment, or refused the key. A one-shot run stops
     /// submitting for good; the service pauses and probes with one submission every
-    /// `pause_probe`.
+    /// `probe_every`.
     fn halt(&mut self, reason: StopReason) {
-        let Some(every) = self.settings.pause_probe else {
+        let RunKind::Service { probe_every: every } = self.settings.kind else {
             if reason == StopReason::AuthRefused {
                 self.stopped = Some(StopReason::AuthRefused);
                 self.controls.abort.cancel();
@@ -716,7 +731,7 @@ impl Engine {
     /// Krea refused the key: nothing else can succeed. A one-shot run stops at once (a rerun
     /// resumes); the service pauses.
     fn refuse_auth(&mut self, status: u16, message: &str) {
-        if self.settings.pause_probe.is_none() {
+        if self.settings.kind == RunKind::OneShot {
             tracing::error!(status, %message, "Krea refused the API key; stopping");
         }
         self.halt(StopReason::AuthRefused);

@@ -29,7 +29,7 @@ fn settings() -> EngineSettings {
         rate_limit_backoff: 2 * SECOND,
         request_timeout: 30 * SECOND,
         reconcile_after: 10 * SECOND,
-        pause_probe: None,
+        kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
     }
@@ -290,9 +290,9 @@ async fn a_402_stops_a_run_and_finishes_what_is_in_flight() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_402_pauses_the_service_which_probes_every_pause_probe() {
+async fn a_402_pauses_the_service_which_probes_periodically() {
     let mut rig = Rig::new(2);
-    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
     rig.krea.script([Post::PaymentRequired, Post::PaymentRequired]);
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
@@ -315,7 +315,7 @@ async fn a_402_pauses_the_service_which_probes_every_pause_probe() {
 #[tokio::test(start_paused = true)]
 async fn a_probe_command_resumes_the_paused_service_at_once() {
     let mut rig = Rig::new(1);
-    rig.settings.pause_probe = Some(Duration::from_hours(1));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_hours(1) };
     rig.krea.script([Post::PaymentRequired]);
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
@@ -348,7 +348,7 @@ async fn the_budget_stops_submitting_before_it_is_exceeded() {
 #[tokio::test(start_paused = true)]
 async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     let mut rig = Rig::new(2);
-    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
     rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
     for job in &mut rig.jobs {
         job.price_usd = Some(0.1);
@@ -493,7 +493,7 @@ async fn ctrl_c_leaves_an_unknown_job_to_the_next_run() {
 #[tokio::test(start_paused = true)]
 async fn sigterm_drains_the_service_leaving_jobs_running_at_krea() {
     let mut rig = Rig::new(2);
-    rig.settings.pause_probe = Some(Duration::from_mins(1));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
     rig.krea.job_duration = Duration::from_hours(1);
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
