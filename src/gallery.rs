@@ -40,7 +40,7 @@ fn page_name(page: usize) -> String {
 }
 
 fn render_page(all: &[&JobRecord], jobs: &[&JobRecord], page: usize, pages: usize) -> String {
-    let counts = crate::report::Counts::of(all.iter().copied());
+    let counts = crate::runner::status::Counts::of(all.iter().copied());
     let mut html = String::with_capacity(2048 + jobs.len() * 1024);
     html.push_str(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\

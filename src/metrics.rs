@@ -9,7 +9,7 @@
 //! Left to others: gathering the figures and publishing snapshots, the config switch (off by
 //! default) and its address (`daemon.rs`); what the job counts mean (`report.rs`).
 
-use crate::report::Counts;
+use crate::runner::Counts;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};

@@ -16,10 +16,11 @@ use crate::jobfile::{JobFile, Limits};
 use crate::key::ApiKey;
 use crate::output::{self, Marker, OutputError, OutputLock};
 use crate::pace::PollSchedule;
-use crate::report::{EngineStatus, MANIFEST};
+use crate::report::MANIFEST;
 use crate::retry::RetryPolicy;
 use crate::runner::{
-    Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, KreaApi, RunKind,
+    Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, EngineStatus,
+    KreaApi, RunKind,
 };
 use crate::store::{Change, JobRecord, Request, Store, StoreError, StoreWriter};
 use anyhow::Context as _;

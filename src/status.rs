@@ -2,7 +2,7 @@
 //! the daemon writes to it).
 
 use crate::job::JobState;
-use crate::report::Counts;
+use crate::runner::Counts;
 use crate::store::Store;
 use serde::Serialize;
 use std::path::Path;

@@ -30,10 +30,11 @@ use crate::jobfile::{self, JobFile};
 use crate::key::ApiKey;
 use crate::metrics::MetricsSnapshot;
 use crate::pricing::PriceTable;
-use crate::report::{EngineStatus, rewrite_manifest};
+use crate::report::rewrite_manifest;
 use crate::reuse::ReuseError;
 use crate::runner::{
-    Controls, EngineCommand, EngineSettings, RunKind, sleep_until_or_forever, tick_or_forever,
+    Controls, EngineCommand, EngineSettings, EngineStatus, RunKind, sleep_until_or_forever,
+    tick_or_forever,
 };
 use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};

@@ -2,7 +2,7 @@
 //! `sd-notify`. Without `NOTIFY_SOCKET` every call does nothing, so the daemon works the same
 //! outside systemd.
 
-use crate::report::{EngineStatus, StopReason};
+use crate::runner::{EngineStatus, StopReason};
 use std::fmt::Write as _;
 
 /// Sends `states`; a failure is logged once at debug level and otherwise ignored (systemd is

@@ -4,10 +4,9 @@
 //! submitting stops exactly as on a 402: jobs in flight finish; a one-shot run ends (exit 5),
 //! the service pauses until the next day or a reload. Failed and cancelled jobs cost nothing.
 
-use super::{Engine, RunKind};
+use super::{Engine, RunKind, StopReason};
 use crate::job::JobState;
 use crate::pricing::usd;
-use crate::report::StopReason;
 use crate::store::JobRecord;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -25,6 +25,7 @@
 //!
 //! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
 //! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
+//! What it tells the outside (why it stopped, counts, its published status) is in `status.rs`.
 //!
 //! The engine reaches the world only through its seam (`seam.rs` beside it, bundled in [`EngineIo`]): Krea
 //! through [`KreaApi`], result hosts through [`ResultFetcher`], the wall clock through [`Clock`],
@@ -38,6 +39,7 @@ mod doubles;
 mod fetch;
 mod poll;
 mod reconciling;
+pub(crate) mod status;
 mod submit;
 #[cfg(test)]
 mod tests;
@@ -46,7 +48,7 @@ use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
 use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Listing;
-use crate::report::{Counts, EngineStatus, StopReason, append_manifest};
+use crate::report::append_manifest;
 use crate::retry::RetryPolicy;
 pub use crate::seam::{
     ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
@@ -54,6 +56,7 @@ pub use crate::seam::{
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
+pub use status::{Counts, EngineStatus, StopReason};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -24,7 +24,7 @@ impl Engine {
     /// Holds submissions until reconciliation has decided what `slot`'s unanswered POST did;
     /// after a Ctrl-C (or while draining) the job is left unknown for the next run instead.
     pub(super) fn await_reconciliation(&mut self, slot: usize) {
-        if self.draining || self.stopped == Some(crate::report::StopReason::Interrupted) {
+        if self.draining || self.stopped == Some(super::StopReason::Interrupted) {
             tracing::info!(
                 job = %self.slots[slot].job.name,
                 "left unknown: the next run looks for it at Krea before sending anything"

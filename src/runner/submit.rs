@@ -14,9 +14,9 @@
 //! to 6 attempts"): one job that Krea cannot take never starves the rest.
 
 use super::Engine;
+use super::StopReason;
 use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
-use crate::report::StopReason;
 use crate::store::JobRecord;
 use std::sync::Arc;
 use std::time::Duration;
