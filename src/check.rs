@@ -65,7 +65,7 @@ impl Resume {
             return None;
         }
         let mut resume = Self::default();
-        let state_id = store.as_ref().and_then(|_| Store::id_of(&places.state));
+        let state_id = store.as_ref().and_then(Store::recorded_id);
         let batch = match marker {
             Ok(Some(marker)) if Some(&marker.state_id) == state_id.as_ref() => Some(marker.batch),
             Ok(Some(_)) => {

@@ -633,13 +633,13 @@ fn is_same_file_content(path: &Path, sha256: &str) -> bool {
 
 /// The Krea job id the sidecar of `path` names, if it has a readable one (not a link).
 fn sidecar_job_id(path: &Path) -> Option<String> {
-    let sidecar = PathBuf::from(format!("{}.json", path.display()));
-    let meta = std::fs::symlink_metadata(&sidecar).ok()?;
-    if !meta.file_type().is_file() || meta.len() > 1 << 20 {
-        return None;
+    /// The one field of a sidecar read here.
+    #[derive(serde::Deserialize)]
+    struct Owner {
+        job_id: Option<String>,
     }
-    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).ok()?).ok()?;
-    value.get("job_id")?.as_str().map(str::to_owned)
+    let sidecar = PathBuf::from(format!("{}.json", path.display()));
+    crate::files::read_small_json::<Owner>(&sidecar)?.job_id
 }
 
 fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {

@@ -95,6 +95,20 @@ pub fn remove_partials(dir: &Path) -> usize {
     removed
 }
 
+/// The largest JSON file [`read_small_json`] reads: sidecars and markers are far smaller.
+const SMALL_JSON: u64 = 1 << 20;
+
+/// Parses a small JSON file krea-batch wrote (a sidecar): `None` when it is missing, not a
+/// regular file (a link is not followed), larger than 1 MiB, or not that JSON.
+#[must_use]
+pub fn read_small_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.len() > SMALL_JSON {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,11 +335,7 @@ pub fn sidecars(dir: &Path) -> Vec<SidecarPath> {
 /// The name and job id a sidecar records, if it is one (at most 1 MiB is read).
 #[must_use]
 pub fn read_sidecar(path: &Path) -> Option<Recorded> {
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.len() > 1 << 20 {
-        return None;
-    }
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    crate::files::read_small_json(path)
 }
 
 #[cfg(test)]

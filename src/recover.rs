@@ -162,14 +162,7 @@ fn read_traces(dir: &Path) -> BTreeMap<String, Trace> {
     }
     for sidecar in output::sidecars(dir) {
         let path = dir.join(&sidecar.path);
-        let Some(entry) = std::fs::metadata(&path)
-            .ok()
-            .filter(|meta| meta.len() <= 1 << 20)
-            .and_then(|_| std::fs::read(&path).ok())
-            .and_then(|bytes| serde_json::from_slice::<SidecarEntry>(&bytes).ok())
-        else {
-            continue;
-        };
+        let Some(entry) = crate::files::read_small_json::<SidecarEntry>(&path) else { continue };
         // A sidecar speaks for the file beside it only: one that names another file is ignored.
         if entry.file != sidecar.result || entry.job_id.is_empty() {
             continue;

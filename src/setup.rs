@@ -232,11 +232,7 @@ pub(crate) fn claim_output(
     // write-ahead log): results naming Krea jobs it does not know give that away.
     let known = store.remote_ids()?;
     let recorded: HashSet<String> = match store.batch_id(&batch)? {
-        Some(batch_id) => store
-            .jobs(Some(batch_id))?
-            .into_iter()
-            .flat_map(|job| job.files.into_iter().map(|file| file.path))
-            .collect(),
+        Some(batch_id) => store.file_paths(batch_id)?,
         None if !rewrite => {
             return Err(lost("its marker names a batch this state file does not hold".into()));
         }

@@ -127,18 +127,38 @@ impl Store {
 
     /// The jobs of one batch, or of all batches, with their files, in file order.
     pub fn jobs(&self, batch_id: Option<i64>) -> Result<Vec<JobRecord>, StoreError> {
+        self.select_jobs(Selection::Batch, batch_id)
+    }
+
+    /// One job by its row id, with its files.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>, StoreError> {
+        Ok(self.select_jobs(Selection::Job, Some(id))?.pop())
+    }
+
+    /// The jobs `selection` picks with `value` (a batch, all batches, or one job), with their
+    /// files, in file order.
+    fn select_jobs(
+        &self,
+        selection: Selection,
+        value: Option<i64>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let (files_where, jobs_where) = match selection {
+            // Separate statements, so that one job is found by its key, not by a scan.
+            Selection::Batch => ("?1 IS NULL OR jobs.batch_id = ?1", "?1 IS NULL OR batch_id = ?1"),
+            Selection::Job => ("files.job_id = ?1", "id = ?1"),
+        };
         let err = sqlite(&self.path);
         let mut files: HashMap<i64, Vec<FileRecord>> = HashMap::new();
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare_cached(&format!(
                 "SELECT files.job_id, idx, url, path, bytes, sha256, content_type FROM files
-                 JOIN jobs ON jobs.id = files.job_id WHERE ?1 IS NULL OR jobs.batch_id = ?1
-                 ORDER BY files.job_id, idx",
-            )
+                 JOIN jobs ON jobs.id = files.job_id WHERE {files_where}
+                 ORDER BY files.job_id, idx"
+            ))
             .map_err(&err)?;
         let rows = stmt
-            .query_map([batch_id], |row| {
+            .query_map([value], |row| {
                 Ok((
                     row.get::<_, i64>(0)?,
                     FileRecord {
@@ -159,14 +179,14 @@ impl Store {
 
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare_cached(&format!(
                 "SELECT id, batch_id, key, name, model, body, state, remote_id, remote_status,
                         attempt_at, attempts, submitted_at, created_at, completed_at, finished_at,
                         urls, error, price_usd, in_file, attempt_ended, reused_from
-                 FROM jobs WHERE ?1 IS NULL OR batch_id = ?1 ORDER BY id",
-            )
+                 FROM jobs WHERE {jobs_where} ORDER BY id"
+            ))
             .map_err(&err)?;
-        let rows = stmt.query_map([batch_id], read_job_row).map_err(&err)?;
+        let rows = stmt.query_map([value], read_job_row).map_err(&err)?;
         let mut jobs = Vec::new();
         for row in rows {
             let raw = row.map_err(&err)?;
@@ -229,20 +249,10 @@ impl Store {
             )
             .map_err(&err)?;
         let id = self.conn.last_insert_rowid();
-        self.jobs(Some(batch_id))?.into_iter().find(|job| job.id == id).ok_or_else(|| {
-            StoreError::Corrupt { path: self.path.clone(), message: format!("job {id} vanished") }
+        self.job(id)?.ok_or_else(|| StoreError::Corrupt {
+            path: self.path.clone(),
+            message: format!("job {id} vanished"),
         })
-    }
-
-    /// One job by its row id, with its files.
-    pub fn job(&self, id: i64) -> Result<Option<JobRecord>, StoreError> {
-        let batch: Option<i64> = self
-            .conn
-            .query_row("SELECT batch_id FROM jobs WHERE id = ?1", [id], |row| row.get(0))
-            .optional()
-            .map_err(sqlite(&self.path))?;
-        let Some(batch) = batch else { return Ok(None) };
-        Ok(self.jobs(Some(batch))?.into_iter().find(|job| job.id == id))
     }
 
     /// Records that `job` took the result of the Krea job `reused_from` instead of being paid
@@ -283,6 +293,20 @@ impl Store {
             .map_err(&err)?;
         }
         tx.commit().map_err(&err)
+    }
+
+    /// The paths of the files a batch's jobs have on disk, relative to its output folder.
+    pub fn file_paths(&self, batch_id: i64) -> Result<HashSet<String>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT files.path FROM files JOIN jobs ON jobs.id = files.job_id
+                 WHERE jobs.batch_id = ?1",
+            )
+            .map_err(&err)?;
+        let rows = stmt.query_map([batch_id], |row| row.get::<_, String>(0)).map_err(&err)?;
+        rows.map(|row| row.map_err(&err)).collect()
     }
 
     /// Gives a batch a new identity (a legacy batch adopted by an output folder's marker).
@@ -509,6 +533,15 @@ fn reusable_pairs(
         }
     }
     Ok(pairs)
+}
+
+/// Which jobs [`Store::select_jobs`] reads.
+#[derive(Clone, Copy)]
+enum Selection {
+    /// Those of one batch (`Some`), or of all (`None`).
+    Batch,
+    /// One job, by its row id.
+    Job,
 }
 
 /// A row as read, before its JSON columns are parsed.

@@ -410,7 +410,13 @@ impl Store {
     /// none or cannot be read.
     #[must_use]
     pub fn id_of(path: &Path) -> Option<String> {
-        Self::open_reader(path).ok()?.meta(META_STATE_ID).ok().flatten()
+        Self::open_reader(path).ok()?.recorded_id()
+    }
+
+    /// This state file's id, if it has one yet (reading never makes one).
+    #[must_use]
+    pub fn recorded_id(&self) -> Option<String> {
+        self.meta(META_STATE_ID).ok().flatten()
     }
 
     /// Reads a meta value.
