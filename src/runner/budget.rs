@@ -98,26 +98,28 @@ impl Engine {
         let now = self.clock.now_ms();
         // A cent's thousandth of slack: prices are sums of floats.
         let over = |committed: f64, cap: f64| committed + price > cap + 1e-9;
-        if let Some(cap) = budget.max_usd.filter(|cap| over(self.ledger.total(), *cap)) {
+        if let Some(cap) = budget.max_usd.filter(|cap| over(self.table.ledger().total(), *cap)) {
             return Err(Exceeded {
                 message: format!(
                     "the budget of {} would be exceeded: {} committed (completed and in \
                      flight) + {} for the next job",
                     usd(cap),
-                    usd(self.ledger.total()),
+                    usd(self.table.ledger().total()),
                     usd(price)
                 ),
                 retry_in: None,
             });
         }
-        if let Some(cap) = budget.per_day_usd.filter(|cap| over(self.ledger.today(now), *cap)) {
+        if let Some(cap) =
+            budget.per_day_usd.filter(|cap| over(self.table.ledger().today(now), *cap))
+        {
             let to_midnight = DAY_MS - now.rem_euclid(DAY_MS);
             return Err(Exceeded {
                 message: format!(
                     "the daily budget of {} would be exceeded: {} committed today (UTC) + {} \
                      for the next job",
                     usd(cap),
-                    usd(self.ledger.today(now)),
+                    usd(self.table.ledger().today(now)),
                     usd(price)
                 ),
                 retry_in: Some(Duration::from_millis(

@@ -6,11 +6,11 @@
 //! service's drain) has `download_grace` left, counted from the request or from its own start
 //! if later; then it is stopped and its job left download pending. An abort stops it at once.
 
-use super::{Controls, Engine, Event, ResultFetcher, Slot};
+use super::table::IllegalTransition;
+use super::{Controls, Engine, Event, ResultFetcher};
 use crate::download::{DownloadError, Sidecar, sidecar_path, write_sidecar};
-use crate::job::JobState;
 use crate::retry::RetryPolicy;
-use crate::store::{Change, FileRecord, JobRecord};
+use crate::store::{FileRecord, JobRecord};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,18 +18,19 @@ use std::time::Duration;
 impl Engine {
     pub(super) fn start_downloads(&mut self) {
         while self.downloads_running < self.settings.download_concurrency.max(1) {
-            let Some(slot) = self.to_download.pop_front() else { break };
+            let Some(slot) = self.table.next_download() else { break };
             self.downloads_running += 1;
             let stop = DownloadStop {
                 controls: self.controls.clone(),
                 grace: self.settings.download_grace,
             };
-            let task = DownloadTask::new(
-                &self.slots[slot],
-                Arc::clone(&self.fetcher),
-                self.settings.retry,
+            let task = DownloadTask {
+                fetcher: Arc::clone(&self.fetcher),
+                policy: self.settings.retry,
+                dir: Arc::clone(self.table.output_dir(slot)),
+                job: self.table.job(slot).clone(),
                 stop,
-            );
+            };
             self.tasks.spawn(async move {
                 let (files, error) = task.run().await;
                 Event::Downloaded { slot, files, error }
@@ -42,32 +43,27 @@ impl Engine {
         slot: usize,
         files: Vec<FileRecord>,
         error: Option<String>,
-    ) {
+    ) -> Result<(), IllegalTransition> {
         self.downloads_running = self.downloads_running.saturating_sub(1);
-        let job_id = self.slots[slot].job.id;
         for file in files {
             self.status.downloads_total += 1;
             self.status.download_bytes_total += file.bytes;
-            self.changes.push(Change::File { job_id, file: file.clone() });
-            let job = &mut self.slots[slot].job;
-            job.files.retain(|known| known.index != file.index);
-            job.files.push(file);
-            job.files.sort_by_key(|file| file.index);
+            self.table.file_written(slot, file);
         }
-        let name = self.slots[slot].job.name.clone();
+        let job = self.table.job(slot);
         match error {
             None => {
-                tracing::info!(job = %name, files = self.slots[slot].job.files.len(), "downloaded");
-                self.set_state(slot, JobState::Downloaded, None);
+                tracing::info!(job = %job.name, files = job.files.len(), "downloaded");
+                self.table.downloaded(slot, self.clock.now_ms())
             }
             Some(error) => {
                 tracing::warn!(
-                    job = %name, %error,
+                    job = %job.name, %error,
                     "download failed; the job stays completed with its download pending (a \
                      rerun or `krea-batch download` fetches it)"
                 );
-                self.slots[slot].job.error = Some(format!("download pending: {error}"));
-                self.touch(slot);
+                self.table.download_pending(slot, error);
+                Ok(())
             }
         }
     }
@@ -111,15 +107,6 @@ struct DownloadTask {
 }
 
 impl DownloadTask {
-    fn new(
-        slot: &Slot,
-        fetcher: Arc<dyn ResultFetcher>,
-        policy: RetryPolicy,
-        stop: DownloadStop,
-    ) -> Self {
-        Self { fetcher, policy, dir: Arc::clone(&slot.output_dir), job: slot.job.clone(), stop }
-    }
-
     /// Downloads every URL not yet on disk; returns what was written and the first error.
     /// Stopped between or within files when the run stops (see the module docs); a file cut
     /// off leaves no trace (its temporary file is removed).

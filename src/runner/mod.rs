@@ -41,6 +41,7 @@ mod poll;
 mod reconciling;
 pub(crate) mod status;
 mod submit;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -53,20 +54,20 @@ use crate::retry::RetryPolicy;
 pub use crate::seam::{
     ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
 };
-use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
+use crate::store::{FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
 pub use status::{Counts, EngineStatus, StopReason};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 pub use submit::{MAX_UNANSWERED_POSTS, unanswered_backoff};
+use table::{IllegalTransition, JobTable};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::DelayQueue;
 
 /// How the engine paces, polls and reconciles; built from a job file's `limits`.
 #[derive(Clone, Debug)]
@@ -191,31 +192,6 @@ enum Event {
     ListingStopped,
 }
 
-/// A job and the engine's bookkeeping for it.
-#[derive(Debug)]
-struct Slot {
-    job: JobRecord,
-    output_dir: Arc<PathBuf>,
-    /// The last poll delay, for the back-off.
-    poll_delay: Option<Duration>,
-    /// Why the job is to be cancelled at Krea, if it is.
-    cancel: Option<CancelCause>,
-    /// A DELETE is on the wire.
-    cancel_sent: bool,
-    /// This run's attempts of the job that got no usable answer and were shown to have created
-    /// nothing: (label, detail), e.g. ("500", "Internal Server Error").
-    unanswered: Vec<(String, String)>,
-}
-
-/// Why a job in flight is cancelled at Krea.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CancelCause {
-    /// It outlived `job_timeout`.
-    Timeout,
-    /// The user asked (`krea-batch cancel`).
-    User,
-}
-
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
 pub struct Engine {
     api: Arc<dyn KreaApi>,
@@ -225,13 +201,10 @@ pub struct Engine {
     settings: EngineSettings,
     controls: Controls,
     pacer: Pacer,
-    slots: Vec<Slot>,
-    /// Jobs to submit, in order.
-    pending: VecDeque<usize>,
-    /// Whether a POST is on the wire (there is never more than one).
+    /// Every job, its phase and its queue, and the writes not yet committed (`table.rs`).
+    table: JobTable,
+    /// Whether a POST is on the wire (the loop sends one at a time).
     post_running: bool,
-    /// Unknown jobs awaiting reconciliation (not those reported as ambiguous).
-    unknown: BTreeSet<usize>,
     /// Whether a reconciliation listing is running.
     listing: bool,
     /// After a failed listing, when to try again.
@@ -240,27 +213,15 @@ pub struct Engine {
     listing_stop: CancellationToken,
     /// Listings in this run that held unreadable items (only the first one warns).
     unreadable_listings: u32,
-    /// Jobs whose attempt created nothing, waiting out their back-off: (when, slot).
-    backing_off: BTreeSet<(Instant, usize)>,
     /// Recent (sent, answered, created) times of accepted POSTs, bounding Krea's clock.
     clock_samples: VecDeque<(i64, i64, i64)>,
-    /// Completed jobs waiting for a download slot.
-    to_download: VecDeque<usize>,
     downloads_running: usize,
-    polls: DelayQueue<usize>,
     tasks: JoinSet<Event>,
-    /// Krea job ids claimed by a job of this engine.
-    remote_ids: HashMap<String, usize>,
-    /// Krea job ids claimed by other batches of the state file.
-    claimed_elsewhere: HashSet<String>,
-    counts: Counts,
     /// Totals and the pause, published with the counts.
     status: EngineStatus,
     status_tx: tokio::sync::watch::Sender<EngineStatus>,
     /// Requests from the outside (the service).
     commands: Option<tokio::sync::mpsc::UnboundedReceiver<EngineCommand>>,
-    /// Slot of each state-file row id.
-    by_id: HashMap<i64, usize>,
     /// Why submitting stopped for good in this run (one-shot), if it did.
     stopped: Option<StopReason>,
     /// Why submitting is paused (service), if it is.
@@ -269,14 +230,8 @@ pub struct Engine {
     probe_at: Option<Instant>,
     /// Draining for shutdown: nothing new starts.
     draining: bool,
-    /// Changes to commit at the end of this turn.
-    changes: Vec<Change>,
-    /// Jobs that ended this turn, for the manifest once committed.
-    ended: Vec<usize>,
     /// When the pacer will next grant a submission, if it is what holds submissions back.
     submit_wake: Option<Instant>,
-    /// What is committed against the budget.
-    ledger: budget::Ledger,
     /// Output folders whose gallery is out of date, and when each was last written.
     gallery_stale: HashSet<Arc<PathBuf>>,
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
@@ -287,7 +242,7 @@ const GALLERY_EVERY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("counts", &self.counts).finish_non_exhaustive()
+        f.debug_struct("Engine").field("counts", &self.table.counts()).finish_non_exhaustive()
     }
 }
 
@@ -320,35 +275,23 @@ impl Engine {
             settings,
             controls,
             pacer,
-            slots: Vec::with_capacity(jobs.len()),
-            pending: VecDeque::new(),
+            table: JobTable::new(claimed_elsewhere),
             post_running: false,
-            unknown: BTreeSet::new(),
             listing: false,
             listing_retry_at: None,
             listing_stop: CancellationToken::new(),
             unreadable_listings: 0,
-            backing_off: BTreeSet::new(),
             clock_samples: VecDeque::new(),
-            to_download: VecDeque::new(),
             downloads_running: 0,
-            polls: DelayQueue::new(),
             tasks: JoinSet::new(),
-            remote_ids: HashMap::new(),
-            claimed_elsewhere,
-            counts: Counts::default(),
             status: EngineStatus::default(),
             status_tx,
             commands: None,
-            by_id: HashMap::new(),
             stopped: None,
             paused: None,
             probe_at: None,
             draining: false,
-            changes: Vec::new(),
-            ended: Vec::new(),
             submit_wake: None,
-            ledger: budget::Ledger::default(),
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
         };
@@ -366,60 +309,24 @@ impl Engine {
         self
     }
 
-    /// Takes on jobs: each joins the queue its state calls for. Jobs already known (by row id)
-    /// are skipped.
+    /// Takes on jobs, each in the queue its state calls for ([`JobTable::add`]). Jobs already
+    /// known (by row id) are skipped.
     fn add_jobs(&mut self, jobs: Vec<JobRecord>, dirs: &HashMap<i64, Arc<PathBuf>>) {
         let now = self.clock.now_ms();
-        for mut job in jobs {
-            if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id)
-            {
-                continue;
-            }
-            if job.state == JobState::Submitted && job.remote_id.is_none() {
-                self.changes.push(Change::Job(Box::new(unknown_without_id(&mut job))));
-            }
-            let engine = &mut *self;
-            let index = engine.slots.len();
+        for job in jobs {
             let output_dir = dirs.get(&job.batch_id).cloned().unwrap_or_default();
-            engine.by_id.insert(job.id, index);
-            engine.counts.add(job.state);
-            engine.ledger.add(&job, now);
+            let Some(slot) = self.table.add(job, output_dir, now) else { continue };
+            let job = self.table.job(slot);
             if matches!(job.state, JobState::Completed | JobState::Downloaded) {
-                engine.status.spend_usd += job.price_usd.unwrap_or_default();
+                self.status.spend_usd += job.price_usd.unwrap_or_default();
             }
-            if let Some(id) = &job.remote_id {
-                engine.remote_ids.insert(id.clone(), index);
-                engine.claimed_elsewhere.remove(id);
+            if job.state == JobState::Downloaded {
+                let repaired = fetch::repair_sidecars(job, self.table.output_dir(slot));
+                if repaired > 0 {
+                    tracing::info!(job = %job.name, repaired, "rewrote missing sidecars");
+                }
             }
-            engine.note_clock_sample(&job);
-            match job.state {
-                JobState::Pending => engine.pending.push_back(index),
-                // Polled at once: the job may have ended while nobody was looking.
-                JobState::Submitted => {
-                    engine.polls.insert(index, Duration::ZERO);
-                }
-                JobState::Completed => engine.to_download.push_back(index),
-                JobState::Downloaded => {
-                    let repaired = fetch::repair_sidecars(&job, &output_dir);
-                    if repaired > 0 {
-                        tracing::info!(job = %job.name, repaired, "rewrote missing sidecars");
-                    }
-                }
-                // Left by a crash or an earlier unanswered POST: reconciled before anything
-                // else is submitted.
-                JobState::Unknown | JobState::Submitting => {
-                    engine.unknown.insert(index);
-                }
-                _ => {}
-            }
-            engine.slots.push(Slot {
-                job,
-                output_dir,
-                poll_delay: None,
-                cancel: None,
-                cancel_sent: false,
-                unanswered: Vec::new(),
-            });
+            self.note_clock_sample(slot);
         }
     }
 
@@ -477,8 +384,8 @@ impl Engine {
                         self.take(joined);
                     }
                 }
-                Some(expired) = futures_util::StreamExt::next(&mut self.polls), if !self.polls.is_empty() && !self.draining => {
-                    self.spawn_poll(expired.into_inner());
+                Some(slot) = self.table.next_poll(), if self.table.has_polls() && !self.draining => {
+                    self.spawn_poll(slot);
                 }
                 () = sleep_until_or_forever(wake) => {}
             }
@@ -486,21 +393,27 @@ impl Engine {
         self.commit(true).await?;
         self.refresh_galleries(true);
         self.tasks.abort_all();
-        Ok(EngineOutcome {
-            jobs: self.slots.into_iter().map(|slot| slot.job).collect(),
-            stopped: self.stopped,
-        })
+        Ok(EngineOutcome { jobs: self.table.into_records(), stopped: self.stopped })
     }
 
     fn take(&mut self, joined: Result<Event, tokio::task::JoinError>) {
-        match joined {
+        let taken = match joined {
             Ok(Event::Submitted { slot, result }) => self.on_submitted(slot, result),
             Ok(Event::Polled { slot, result }) => self.on_polled(slot, result),
             Ok(Event::CancelAnswered { slot, result }) => self.on_cancel_answered(slot, result),
             Ok(Event::Downloaded { slot, files, error }) => self.on_downloaded(slot, files, error),
             Ok(Event::Listed { slots, result }) => self.on_listed(&slots, result),
-            Ok(Event::ListingStopped) => self.listing = false,
-            Err(err) => tracing::error!(%err, "a network task failed"),
+            Ok(Event::ListingStopped) => {
+                self.listing = false;
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(%err, "a network task failed");
+                Ok(())
+            }
+        };
+        if let Err(err) = taken {
+            report_bug(&err);
         }
     }
 
@@ -513,13 +426,12 @@ impl Engine {
         if let RunKind::Service { .. } = self.settings.kind {
             return false;
         }
-        let may_submit =
-            self.stopped.is_none() && !(self.pending.is_empty() && self.backing_off.is_empty());
+        let may_submit = self.stopped.is_none() && self.table.has_pending();
         !may_submit
-            && self.unknown.is_empty()
+            && self.table.waiting_to_reconcile() == 0
             && self.tasks.is_empty()
-            && self.polls.is_empty()
-            && self.to_download.is_empty()
+            && !self.table.has_polls()
+            && !self.table.has_downloads()
     }
 
     /// Rewrites the galleries of folders where jobs ended, each at most every
@@ -537,8 +449,7 @@ impl Engine {
         for dir in due {
             self.gallery_stale.remove(&dir);
             self.gallery_written.insert(Arc::clone(&dir), Instant::now());
-            let jobs =
-                self.slots.iter().filter(|slot| slot.output_dir == dir).map(|slot| &slot.job);
+            let jobs = self.table.jobs().filter(|(of, _)| **of == dir).map(|(_, job)| job);
             if let Err(err) = crate::gallery::write(&dir, jobs) {
                 tracing::warn!(%err, "cannot write the gallery");
             }
@@ -556,7 +467,7 @@ impl Engine {
     }
 
     fn publish_status(&mut self) {
-        self.status.counts = self.counts;
+        self.status.counts = self.table.counts();
         self.status.paused = self.paused.or(self.stopped);
         let status = &self.status;
         self.status_tx.send_if_modified(|shown| {
@@ -574,7 +485,7 @@ impl Engine {
     fn start_draining(&mut self) {
         self.draining = true;
         self.stopped.get_or_insert(StopReason::Interrupted);
-        self.to_download.clear();
+        self.table.drop_downloads();
         self.leave_unknown_to_next_run();
         tracing::info!(requests = self.tasks.len(), "draining: finishing the requests under way");
     }
@@ -606,25 +517,25 @@ impl Engine {
 
     /// Jobs that may be running at Krea: they count against the cap.
     fn in_flight(&self) -> usize {
-        self.counts.in_flight + self.unknown.len()
+        self.table.counts().in_flight + self.table.waiting_to_reconcile()
     }
 
     /// Writes the turn's changes (fsynced if `synced`), then the manifest lines of the jobs
     /// that ended: one append per output folder.
     async fn commit(&mut self, synced: bool) -> Result<(), StoreError> {
-        if self.changes.is_empty() {
+        if !self.table.has_changes() {
             return Ok(());
         }
-        let changes = std::mem::take(&mut self.changes);
+        let (changes, mut ended) = self.table.take_changes();
         self.writer.commit_with(changes, synced).await?;
-        let mut ended = std::mem::take(&mut self.ended);
+        let table = &self.table;
         for &slot in &ended {
-            self.gallery_stale.insert(Arc::clone(&self.slots[slot].output_dir));
+            self.gallery_stale.insert(Arc::clone(table.output_dir(slot)));
         }
-        ended.sort_by(|a, b| self.slots[*a].output_dir.cmp(&self.slots[*b].output_dir));
-        for group in ended.chunk_by(|a, b| self.slots[*a].output_dir == self.slots[*b].output_dir) {
-            let dir = &self.slots[group[0]].output_dir;
-            let jobs = group.iter().map(|&slot| &self.slots[slot].job);
+        ended.sort_by(|a, b| table.output_dir(*a).cmp(table.output_dir(*b)));
+        for group in ended.chunk_by(|a, b| table.output_dir(*a) == table.output_dir(*b)) {
+            let dir = table.output_dir(group[0]);
+            let jobs = group.iter().map(|&slot| table.job(slot));
             if let Err(err) = append_manifest(dir, jobs) {
                 tracing::warn!(%err, "cannot append to the manifest; it is rewritten at the end");
             }
@@ -632,35 +543,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Moves a job to `state`, queues the write, and keeps the counts. `error` replaces the
-    /// recorded error when given; reaching `downloaded` clears it.
-    fn set_state(&mut self, slot: usize, state: JobState, error: Option<String>) {
-        let now = self.clock.now_ms();
-        let job = &mut self.slots[slot].job;
-        let from = job.state;
-        if !from.may_become(state) {
-            // A refused transition is a bug; refusing it keeps the promise not to pay twice.
-            tracing::error!(job = %job.name, %from, to = %state, "refused a state transition");
-            return;
-        }
-        job.state = state;
-        if error.is_some() || state == JobState::Downloaded {
-            job.error = error;
-        }
-        if state.is_final() || state == JobState::Completed {
-            job.finished_at.get_or_insert(now);
-        }
-        self.counts.moved(from, state);
-        self.ledger.moved(job, from, now);
-        if state.is_final() {
-            self.ended.push(slot);
-        }
-        self.changes.push(Change::Job(Box::new(job.clone())));
+    /// Puts a job that was not created back at the head of the queue.
+    fn requeue(&mut self, slot: usize) -> Result<(), IllegalTransition> {
+        self.table.requeue(slot, self.clock.now_ms())
     }
 
-    /// Queues a write of the job as it is (a remote status change, new times).
-    fn touch(&mut self, slot: usize) {
-        self.changes.push(Change::Job(Box::new(self.slots[slot].job.clone())));
+    /// Fails a job for `reason`.
+    fn fail(&mut self, slot: usize, reason: String) -> Result<(), IllegalTransition> {
+        self.table.failed(slot, reason, self.clock.now_ms())
     }
 
     /// Submitting cannot go on: Krea wants payment, or refused the key. A one-shot run stops
@@ -681,7 +571,7 @@ impl Engine {
             return;
         }
         self.paused = Some(reason);
-        let waiting = self.counts.pending;
+        let waiting = self.table.counts().pending;
         let probe = humantime::format_duration(every);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
@@ -714,14 +604,14 @@ impl Engine {
         self.stopped = Some(reason);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
-                waiting = self.counts.pending,
-                in_flight = self.counts.in_flight,
+                waiting = self.table.counts().pending,
+                in_flight = self.table.counts().in_flight,
                 "the Krea API balance is exhausted (402): no more submissions; jobs in flight \
                  are finished and downloaded"
             ),
             StopReason::Interrupted => {
                 tracing::warn!(
-                    in_flight = self.counts.in_flight,
+                    in_flight = self.table.counts().in_flight,
                     "stopping: no more submissions; waiting for jobs in flight (press Ctrl-C \
                      again to stop now; a rerun resumes)"
                 );
@@ -741,25 +631,12 @@ impl Engine {
     }
 }
 
-/// A job recorded as submitted but without Krea's job id cannot be polled: it may exist at Krea
-/// (and be billed), so it is reconciled like a job whose POST got no answer, never dropped and
-/// never submitted blindly. The record is repaired before the engine counts it; returns it for
-/// the state file.
-fn unknown_without_id(job: &mut JobRecord) -> JobRecord {
-    tracing::warn!(
-        job = %job.name,
-        "recorded as submitted without a Krea job id: looking for it at Krea before anything \
-         else is submitted"
-    );
-    job.state = JobState::Unknown;
-    job.attempt_at = job.attempt_at.or(job.submitted_at);
-    job.error = Some(SUBMITTED_WITHOUT_ID.to_owned());
-    job.clone()
+/// An illegal transition reached the loop: a bug in the engine (`table.rs` says why it is
+/// refused rather than a panic). Logged; fatal in debug builds, so the tests catch it.
+fn report_bug(err: &IllegalTransition) {
+    tracing::error!(%err, "refused a state transition");
+    debug_assert!(false, "{err}");
 }
-
-/// The error a job submitted without a Krea job id carries until reconciliation decides.
-const SUBMITTED_WITHOUT_ID: &str =
-    "recorded as submitted without a Krea job id; reconciled like an unanswered submission";
 
 async fn recv_command(
     commands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<EngineCommand>>,

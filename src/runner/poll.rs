@@ -1,6 +1,7 @@
 //! Polling: `GET /jobs/{id}` on each submitted job's own schedule, what Krea's answer means for
 //! the job, and the job timeout (cancel at Krea with `DELETE`, report).
 
+use super::table::{CancelCause, IllegalTransition};
 use super::{Engine, Event};
 use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use crate::job::JobState;
@@ -18,15 +19,14 @@ pub(super) fn get_verdict(err: &ApiError) -> Verdict {
 }
 
 impl Engine {
+    /// Polls a submitted job whose poll is due. Its phase carries its Krea id, so a job
+    /// without one never gets here (it is reconciled instead: `table.rs`).
     pub(super) fn spawn_poll(&mut self, slot: usize) {
         let api = Arc::clone(&self.api);
-        let Some(job_id) = self.slots[slot].job.remote_id.clone() else {
-            // Jobs loaded so are reconciled (`add_jobs`); one that still got here is a bug, and
-            // failing it loudly beats leaving it unpolled forever.
-            let text = "cannot poll: the job has no Krea job id (a bug; please report it)";
-            tracing::error!(job = %self.slots[slot].job.name, "{text}");
-            return self.set_state(slot, JobState::Failed, Some(text.to_owned()));
+        let Some(at) = self.table.at_krea(slot) else {
+            return super::report_bug(&self.table.refused(slot, JobState::Submitted));
         };
+        let job_id = at.remote_id().to_owned();
         let policy = self.settings.retry;
         self.tasks.spawn(async move {
             let result = crate::retry::retry(
@@ -40,78 +40,76 @@ impl Engine {
         });
     }
 
-    pub(super) fn schedule_poll(&mut self, slot: usize, near_end: bool) {
-        let entry = &mut self.slots[slot];
-        let schedule = if entry.job.model.starts_with("video/") {
+    pub(super) fn schedule_poll(
+        &mut self,
+        slot: usize,
+        near_end: bool,
+    ) -> Result<(), IllegalTransition> {
+        let schedule = if self.table.job(slot).model.starts_with("video/") {
             self.settings.video_poll
         } else {
             self.settings.poll
         };
-        let delay = schedule.next_delay(entry.poll_delay, near_end);
-        entry.poll_delay = Some(delay);
-        self.polls.insert(slot, delay);
+        self.table.schedule_poll(slot, |last| schedule.next_delay(last, near_end))
     }
 
-    pub(super) fn on_polled(&mut self, slot: usize, result: Result<RemoteJob, ApiError>) {
-        if self.slots[slot].job.state != JobState::Submitted {
-            return;
+    pub(super) fn on_polled(
+        &mut self,
+        slot: usize,
+        result: Result<RemoteJob, ApiError>,
+    ) -> Result<(), IllegalTransition> {
+        if self.table.state(slot) != JobState::Submitted {
+            return Ok(());
         }
         match result {
             Ok(remote) => self.on_remote_state(slot, &remote),
             Err(ApiError::NotFound { message }) => {
-                let job = &self.slots[slot].job;
+                let job = self.table.job(slot);
                 let text = format!(
                     "lost: Krea no longer knows job {} ({message})",
                     job.remote_id.as_deref().unwrap_or("?")
                 );
                 tracing::error!(job = %job.name, "{text}");
-                self.set_state(slot, JobState::Failed, Some(text));
+                self.fail(slot, text)
             }
             Err(ApiError::Auth { status, message }) => {
                 self.refuse_auth(status, &message);
-                self.retry_poll_later(slot);
+                self.retry_poll_later(slot)
             }
             Err(err) => {
-                tracing::warn!(job = %self.slots[slot].job.name, %err, "polling failed; trying again later");
-                self.retry_poll_later(slot);
+                tracing::warn!(job = %self.table.job(slot).name, %err, "polling failed; trying again later");
+                self.retry_poll_later(slot)
             }
         }
     }
 
-    fn retry_poll_later(&mut self, slot: usize) {
+    fn retry_poll_later(&mut self, slot: usize) -> Result<(), IllegalTransition> {
         let max = self.settings.poll.max;
-        self.slots[slot].poll_delay = Some(max);
-        self.polls.insert(slot, max);
+        self.table.schedule_poll(slot, |_| max)
     }
 
     /// Takes in what Krea says of a submitted job.
-    pub(super) fn on_remote_state(&mut self, slot: usize, remote: &RemoteJob) {
-        let job = &mut self.slots[slot].job;
+    pub(super) fn on_remote_state(
+        &mut self,
+        slot: usize,
+        remote: &RemoteJob,
+    ) -> Result<(), IllegalTransition> {
         let status =
             remote.status.clone().unwrap_or_else(|| RemoteStatus::Other("unstated".into()));
-        let changed = job.remote_status.as_deref() != Some(status.as_str());
-        job.remote_status = Some(status.to_string());
-        if remote.created_at.is_some() {
-            job.created_at.clone_from(&remote.created_at);
-        }
-        if remote.completed_at.is_some() {
-            job.completed_at.clone_from(&remote.completed_at);
-        }
-        let name = job.name.clone();
+        let changed = self.table.remote_update(slot, status.as_str(), remote);
+        let name = self.table.job(slot).name.clone();
+        let cancel = self.table.at_krea(slot).and_then(|at| at.cancel);
         match status {
             RemoteStatus::Completed => {
                 let urls = remote.result_urls().unwrap_or_default().to_vec();
                 if urls.is_empty() {
                     let text = "Krea reported the job completed without result URLs".to_owned();
                     tracing::error!(job = %name, "{text}");
-                    self.set_state(slot, JobState::Failed, Some(text));
-                    return;
+                    return self.fail(slot, text);
                 }
-                self.slots[slot].job.urls = urls;
-                self.status.spend_usd += self.slots[slot].job.price_usd.unwrap_or_default();
+                self.status.spend_usd += self.table.job(slot).price_usd.unwrap_or_default();
                 tracing::info!(job = %name, "completed");
-                self.set_state(slot, JobState::Completed, None);
-                self.to_download.push_back(slot);
+                self.table.completed(slot, urls, self.clock.now_ms())
             }
             RemoteStatus::Failed => {
                 let reason = remote
@@ -119,40 +117,43 @@ impl Engine {
                     .clone()
                     .unwrap_or_else(|| "failed at Krea (no reason given)".into());
                 tracing::warn!(job = %name, %reason, "failed at Krea");
-                self.set_state(slot, JobState::Failed, Some(reason));
+                self.fail(slot, reason)
             }
             // Our own DELETE may have done it, its answer lost: say why, as the answer would.
-            RemoteStatus::Cancelled => match self.slots[slot].cancel {
-                Some(super::CancelCause::Timeout) => {
+            RemoteStatus::Cancelled => match cancel {
+                Some(CancelCause::Timeout) => {
                     let text = self.timeout_text();
                     tracing::warn!(job = %name, "{text}");
-                    self.set_state(slot, JobState::Failed, Some(text));
+                    self.fail(slot, text)
                 }
-                Some(super::CancelCause::User) => {
+                Some(CancelCause::User) => {
                     tracing::info!(job = %name, "cancelled at Krea, not billed");
-                    self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+                    self.cancelled(slot, Some("cancelled by the user".into()))
                 }
                 None => {
                     tracing::info!(job = %name, "cancelled at Krea");
-                    self.set_state(slot, JobState::Cancelled, None);
+                    self.cancelled(slot, None)
                 }
             },
             pending => {
                 if changed {
                     tracing::debug!(job = %name, status = %pending, "status");
-                    self.touch(slot);
+                    self.table.touch(slot);
                 }
-                if self.slots[slot].cancel.is_none() && self.timed_out(slot) {
+                let timed_out = cancel.is_none() && self.timed_out(slot);
+                let Some(at) = self.table.at_krea(slot) else {
+                    return Err(self.table.refused(slot, JobState::Submitted));
+                };
+                if timed_out {
                     tracing::warn!(job = %name, "the job timeout passed; cancelling it at Krea");
-                    self.slots[slot].cancel = Some(super::CancelCause::Timeout);
+                    at.cancel = Some(CancelCause::Timeout);
                 }
-                if self.slots[slot].cancel.is_some() && !self.slots[slot].cancel_sent {
-                    self.spawn_cancel(slot);
-                    return;
+                if at.cancel.is_some() && !at.cancel_sent {
+                    return self.spawn_cancel(slot);
                 }
                 let near_end =
                     matches!(pending, RemoteStatus::Sampling | RemoteStatus::IntermediateComplete);
-                self.schedule_poll(slot, near_end && changed);
+                self.schedule_poll(slot, near_end && changed)
             }
         }
     }
@@ -160,7 +161,7 @@ impl Engine {
     /// Whether the job has been in flight longer than `job_timeout` (counted from the answer to
     /// its POST, or from the attempt for an adopted job).
     fn timed_out(&self, slot: usize) -> bool {
-        let job = &self.slots[slot].job;
+        let job = self.table.job(slot);
         let now = self.clock.now_ms();
         let since = job.submitted_at.or(job.attempt_at).unwrap_or(now);
         let age = Duration::from_millis(u64::try_from(now - since).unwrap_or_default());
@@ -174,22 +175,28 @@ impl Engine {
         )
     }
 
+    fn cancelled(&mut self, slot: usize, note: Option<String>) -> Result<(), IllegalTransition> {
+        self.table.cancelled(slot, note, self.clock.now_ms())
+    }
+
     /// `krea-batch cancel`: pending jobs are cancelled at once; jobs in flight are cancelled at
     /// Krea (not billed) as soon as Krea allows; finished jobs are left as they are.
     pub(super) fn cancel_jobs(&mut self, ids: &[i64]) {
         for id in ids {
-            let Some(&slot) = self.by_id.get(id) else { continue };
-            let name = self.slots[slot].job.name.clone();
-            match self.slots[slot].job.state {
+            let Some(slot) = self.table.slot_of(*id) else { continue };
+            let name = self.table.job(slot).name.clone();
+            match self.table.state(slot) {
                 JobState::Pending => {
-                    self.pending.retain(|&waiting| waiting != slot);
-                    self.backing_off.retain(|&(_, waiting)| waiting != slot);
                     tracing::info!(job = %name, "cancelled before submission");
-                    self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+                    if let Err(err) = self.cancelled(slot, Some("cancelled by the user".into())) {
+                        super::report_bug(&err);
+                    }
                 }
                 JobState::Submitted => {
                     tracing::info!(job = %name, "cancelling at Krea");
-                    self.slots[slot].cancel = Some(super::CancelCause::User);
+                    if let Some(at) = self.table.at_krea(slot) {
+                        at.cancel = Some(CancelCause::User);
+                    }
                 }
                 state => {
                     tracing::info!(job = %name, %state, "not cancelled: nothing to cancel in this state");
@@ -198,36 +205,43 @@ impl Engine {
         }
     }
 
-    fn spawn_cancel(&mut self, slot: usize) {
+    fn spawn_cancel(&mut self, slot: usize) -> Result<(), IllegalTransition> {
         let api = Arc::clone(&self.api);
-        let Some(job_id) = self.slots[slot].job.remote_id.clone() else { return };
-        self.slots[slot].cancel_sent = true;
+        let Some(at) = self.table.at_krea(slot) else {
+            return Err(self.table.refused(slot, JobState::Submitted));
+        };
+        at.cancel_sent = true;
+        let job_id = at.remote_id().to_owned();
         self.tasks.spawn(async move {
             let result = api.cancel_job(&job_id).await;
             Event::CancelAnswered { slot, result }
         });
+        Ok(())
     }
 
-    pub(super) fn on_cancel_answered(&mut self, slot: usize, result: Result<(), ApiError>) {
-        if self.slots[slot].job.state != JobState::Submitted {
-            return;
-        }
-        match (result, self.slots[slot].cancel) {
-            (Ok(()), Some(super::CancelCause::User)) => {
-                tracing::info!(job = %self.slots[slot].job.name, "cancelled at Krea, not billed");
-                self.set_state(slot, JobState::Cancelled, Some("cancelled by the user".into()));
+    pub(super) fn on_cancel_answered(
+        &mut self,
+        slot: usize,
+        result: Result<(), ApiError>,
+    ) -> Result<(), IllegalTransition> {
+        let name = self.table.job(slot).name.clone();
+        let Some(at) = self.table.at_krea(slot) else { return Ok(()) };
+        match (result, at.cancel) {
+            (Ok(()), Some(CancelCause::User)) => {
+                tracing::info!(job = %name, "cancelled at Krea, not billed");
+                self.cancelled(slot, Some("cancelled by the user".into()))
             }
             (Ok(()), _) => {
                 let text = self.timeout_text();
-                tracing::warn!(job = %self.slots[slot].job.name, "{text}");
-                self.set_state(slot, JobState::Failed, Some(text));
+                tracing::warn!(job = %name, "{text}");
+                self.fail(slot, text)
             }
             (Err(err), _) => {
                 // Not cancellable now (Krea cancels only queued or processing jobs; it may also
                 // just have completed): keep polling, and try again at the next poll.
-                tracing::debug!(job = %self.slots[slot].job.name, %err, "cancel refused");
-                self.slots[slot].cancel_sent = false;
-                self.schedule_poll(slot, true);
+                tracing::debug!(job = %name, %err, "cancel refused");
+                at.cancel_sent = false;
+                self.schedule_poll(slot, true)
             }
         }
     }

@@ -11,27 +11,28 @@
 //! ambiguous rather than "not created" (`reconcile.rs`). The first Ctrl-C or SIGTERM ends every
 //! wait here at once: jobs still unknown stay so in the state file for the next run.
 
+use super::table::IllegalTransition;
 use super::{Engine, Event};
 use crate::api::ApiError;
 use crate::job::JobState;
 use crate::reconcile::{Attempt, ClockOffset, Listing, Outcome, list_unclaimed, match_attempts};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 impl Engine {
-    /// Holds submissions until reconciliation has decided what `slot`'s unanswered POST did;
-    /// after a Ctrl-C (or while draining) the job is left unknown for the next run instead.
-    pub(super) fn await_reconciliation(&mut self, slot: usize) {
+    /// Whether an unanswered POST's job holds submissions until reconciliation has decided
+    /// what it did; after a Ctrl-C (or while draining) it is left unknown for the next run
+    /// instead.
+    pub(super) fn reconciles_now(&self, slot: usize) -> bool {
         if self.draining || self.stopped == Some(super::StopReason::Interrupted) {
             tracing::info!(
-                job = %self.slots[slot].job.name,
+                job = %self.table.job(slot).name,
                 "left unknown: the next run looks for it at Krea before sending anything"
             );
-            return;
+            return false;
         }
-        self.unknown.insert(slot);
+        true
     }
 
     /// A Ctrl-C or SIGTERM: no more waiting to reconcile. A listing under way ends at once; the
@@ -40,17 +41,15 @@ impl Engine {
     pub(super) fn leave_unknown_to_next_run(&mut self) {
         self.listing_stop.cancel();
         self.listing_retry_at = None;
-        if self.unknown.is_empty() {
+        let names = self.table.leave_unknown_to_next_run();
+        if names.is_empty() {
             return;
         }
-        let names: Vec<&str> =
-            self.unknown.iter().map(|&slot| self.slots[slot].job.name.as_str()).collect();
         tracing::warn!(
             jobs = %names.join(", "),
             "stopping before reconciliation: these jobs stay unknown; the next run looks for \
              them at Krea before sending anything"
         );
-        self.unknown.clear();
     }
 
     /// When the unknown job settled last may be reconciled (ms since the epoch): its POST's end
@@ -58,10 +57,10 @@ impl Engine {
     fn settled_at_ms(&self) -> Option<i64> {
         let timeout = millis(self.settings.request_timeout);
         let after = millis(self.settings.reconcile_after);
-        self.unknown
-            .iter()
-            .map(|&slot| {
-                let job = &self.slots[slot].job;
+        self.table
+            .awaiting_reconciliation()
+            .map(|slot| {
+                let job = self.table.job(slot);
                 let started = job.attempt_at.unwrap_or(0);
                 job.attempt_ended.unwrap_or(started + timeout) + after
             })
@@ -70,7 +69,7 @@ impl Engine {
 
     /// When the loop must wake up to start a reconciliation, if one is waiting.
     pub(super) fn reconcile_wake(&self) -> Option<Instant> {
-        if self.unknown.is_empty() || self.listing {
+        if self.table.waiting_to_reconcile() == 0 || self.listing {
             return None;
         }
         let wait_ms = self.settled_at_ms()?.saturating_sub(self.clock.now_ms()).max(0);
@@ -82,7 +81,7 @@ impl Engine {
     /// Starts listing the account's recent jobs when every unknown job has settled and no POST
     /// is on the wire (its job would be unclaimed but ours).
     pub(super) fn maybe_start_listing(&mut self) {
-        if self.unknown.is_empty() || self.listing || self.post_running {
+        if self.table.waiting_to_reconcile() == 0 || self.listing || self.post_running {
             return;
         }
         let now = self.clock.now_ms();
@@ -91,13 +90,12 @@ impl Engine {
         {
             return;
         }
-        let slots: Vec<usize> = self.unknown.iter().copied().collect();
+        let slots: Vec<usize> = self.table.awaiting_reconciliation().collect();
         let offset = self.clock_offset();
         let earliest =
-            slots.iter().filter_map(|&slot| self.slots[slot].job.attempt_at).min().unwrap_or(now);
+            slots.iter().filter_map(|&slot| self.table.job(slot).attempt_at).min().unwrap_or(now);
         let since_ms = earliest + offset.low_ms;
-        let claimed: HashSet<String> =
-            self.remote_ids.keys().chain(self.claimed_elsewhere.iter()).cloned().collect();
+        let claimed = self.table.claimed();
         let api = Arc::clone(&self.api);
         let policy = self.settings.retry;
         let stop = self.listing_stop.clone();
@@ -118,7 +116,11 @@ impl Engine {
         ClockOffset::measured(&samples)
     }
 
-    pub(super) fn on_listed(&mut self, slots: &[usize], result: Result<Listing, ApiError>) {
+    pub(super) fn on_listed(
+        &mut self,
+        slots: &[usize],
+        result: Result<Listing, ApiError>,
+    ) -> Result<(), IllegalTransition> {
         self.listing = false;
         let candidates = match result {
             Ok(listing) => {
@@ -127,22 +129,23 @@ impl Engine {
             }
             Err(ApiError::Auth { status, message }) => {
                 self.listing_retry_at = Some(Instant::now() + self.settings.poll.max);
-                return self.refuse_auth(status, &message);
+                self.refuse_auth(status, &message);
+                return Ok(());
             }
             Err(err) => {
                 let wait = self.settings.poll.max;
                 tracing::warn!(%err, "cannot list jobs at Krea to reconcile; trying again later");
                 self.listing_retry_at = Some(Instant::now() + wait);
-                return;
+                return Ok(());
             }
         };
         self.listing_retry_at = None;
         let now = self.clock.now_ms();
         let attempts: Vec<Attempt> = slots
             .iter()
-            .filter(|&&slot| self.slots[slot].job.state == JobState::Unknown)
+            .filter(|&&slot| self.table.state(slot) == JobState::Unknown)
             .map(|&slot| {
-                let job = &self.slots[slot].job;
+                let job = self.table.job(slot);
                 Attempt {
                     slot,
                     started_ms: job.attempt_at.unwrap_or(now),
@@ -159,32 +162,25 @@ impl Engine {
         for outcome in outcomes {
             match outcome {
                 Outcome::Adopt { slot, job } => {
-                    self.unknown.remove(&slot);
-                    if let Some(owner) = self.claim_owner(&job.job_id) {
+                    if let Some(owner) = self.table.claim_owner(&job.job_id) {
                         self.set_aside(
                             slot,
                             format!("Krea job {} is already held by {owner}", job.job_id),
-                        );
+                        )?;
                         continue;
                     }
                     tracing::info!(
-                        job = %self.slots[slot].job.name, job_id = %job.job_id,
+                        job = %self.table.job(slot).name, job_id = %job.job_id,
                         "found at Krea: the unanswered submission had created it; adopted"
                     );
-                    self.claim(slot, &job);
-                    self.set_state(slot, JobState::Submitted, None);
-                    self.on_remote_state(slot, &job);
+                    self.table.adopted(slot, &job, self.clock.now_ms())?;
+                    self.on_remote_state(slot, &job)?;
                 }
-                Outcome::NotCreated { slot } => {
-                    self.unknown.remove(&slot);
-                    self.retry_not_created(slot);
-                }
-                Outcome::Ambiguous { slot, reason } => {
-                    self.unknown.remove(&slot);
-                    self.set_aside(slot, reason);
-                }
+                Outcome::NotCreated { slot } => self.retry_not_created(slot)?,
+                Outcome::Ambiguous { slot, reason } => self.set_aside(slot, reason)?,
             }
         }
+        Ok(())
     }
 
     /// Says that Krea's job list held items that could not be read: a warning the first time
@@ -206,10 +202,9 @@ impl Engine {
 
     /// Reports an unknown job that cannot be reconciled with confidence and stops holding
     /// submissions for it. It stays `unknown`: never submitted again by krea-batch.
-    fn set_aside(&mut self, slot: usize, reason: String) {
-        tracing::error!(job = %self.slots[slot].job.name, "{reason}");
-        self.slots[slot].job.error = Some(reason);
-        self.touch(slot);
+    fn set_aside(&mut self, slot: usize, reason: String) -> Result<(), IllegalTransition> {
+        tracing::error!(job = %self.table.job(slot).name, "{reason}");
+        self.table.set_aside(slot, reason)
     }
 }
 

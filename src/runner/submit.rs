@@ -13,13 +13,12 @@
 //! jobs are submitted. After [`MAX_UNANSWERED_POSTS`] of them the job fails ("Krea answered 500
 //! to 6 attempts"): one job that Krea cannot take never starves the rest.
 
-use super::Engine;
-use super::StopReason;
+use super::table::IllegalTransition;
+use super::{Engine, StopReason};
 use crate::api::{ApiError, RemoteJob};
-use crate::job::JobState;
-use crate::store::JobRecord;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How many recent accepted POSTs bound the offset to Krea's clock.
 const CLOCK_SAMPLES: usize = 20;
@@ -78,25 +77,25 @@ impl Engine {
     /// its attempt for the coming commit.
     pub(super) fn plan_submission(&mut self) -> Option<usize> {
         self.submit_wake = None;
-        self.release_backed_off();
+        self.table.release_backed_off(Instant::now());
         if self.stopped.is_some()
             || self.draining
             || self.post_running
-            || !self.unknown.is_empty()
-            || self.pending.is_empty()
+            || self.table.waiting_to_reconcile() > 0
+            || self.table.next_to_submit().is_none()
             || self.in_flight() >= self.pacer.in_flight_cap()
         {
             return None;
         }
         // Paused (service): one submission probes when the probe is due.
         if let (Some(_), Some(probe_at)) = (self.paused, self.probe_at)
-            && probe_at > tokio::time::Instant::now()
+            && probe_at > Instant::now()
         {
             self.submit_wake = Some(probe_at);
             return None;
         }
-        let next = *self.pending.front()?;
-        if let Err(exceeded) = self.budget_check(self.slots[next].job.price_usd) {
+        let next = self.table.next_to_submit()?;
+        if let Err(exceeded) = self.budget_check(self.table.job(next).price_usd) {
             self.halt_on_budget(&exceeded);
             self.submit_wake = self.probe_at.filter(|_| self.paused.is_some());
             return None;
@@ -105,46 +104,48 @@ impl Engine {
             self.submit_wake = Some(wake);
             return None;
         }
-        let slot = self.pending.pop_front()?;
-        let now = self.clock.now_ms();
-        let job = &mut self.slots[slot].job;
-        job.attempt_at = Some(now);
-        job.attempt_ended = None;
-        job.attempts += 1;
-        self.set_state(slot, JobState::Submitting, None);
-        Some(slot)
+        // Refused only by a bug; then the job is not sent.
+        if let Err(err) = self.table.submitting(next, self.clock.now_ms()) {
+            super::report_bug(&err);
+            return None;
+        }
+        Some(next)
     }
 
     pub(super) fn spawn_submit(&mut self, slot: usize) {
         self.post_running = true;
         self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
-        let model = self.slots[slot].job.model.clone();
-        let body = Arc::clone(&self.slots[slot].job.body);
+        let model = self.table.job(slot).model.clone();
+        let body = Arc::clone(&self.table.job(slot).body);
         self.tasks.spawn(async move {
             let result = api.create_job(&model, &body).await;
             super::Event::Submitted { slot, result }
         });
     }
 
-    pub(super) fn on_submitted(&mut self, slot: usize, result: Result<RemoteJob, ApiError>) {
+    pub(super) fn on_submitted(
+        &mut self,
+        slot: usize,
+        result: Result<RemoteJob, ApiError>,
+    ) -> Result<(), IllegalTransition> {
         self.post_running = false;
-        let name = self.slots[slot].job.name.clone();
+        let name = self.table.job(slot).name.clone();
         match result {
-            Ok(remote) => self.on_accepted(slot, &remote),
+            Ok(remote) => self.on_accepted(slot, &remote)?,
             Err(ApiError::PaymentRequired { message }) => {
                 tracing::debug!(job = %name, %message, "402 on submission");
                 self.status.payment_required_total += 1;
-                self.requeue(slot);
+                self.requeue(slot)?;
                 self.halt(StopReason::PaymentRequired);
             }
             Err(ApiError::Auth { status, message }) => {
-                self.requeue(slot);
+                self.requeue(slot)?;
                 self.refuse_auth(status, &message);
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
                 self.status.rate_limited_total += 1;
-                self.requeue(slot);
+                self.requeue(slot)?;
                 let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
                     %message,
@@ -155,7 +156,7 @@ impl Engine {
             }
             Err(err @ ApiError::NotSent(_)) => {
                 // Nothing reached Krea: safe to send again after a pause.
-                self.requeue(slot);
+                self.requeue(slot)?;
                 let wait = self.pacer.on_unreachable();
                 tracing::warn!(%err, wait_ms = wait.as_millis() as u64, "cannot reach Krea; pausing submissions");
             }
@@ -165,31 +166,31 @@ impl Engine {
                     "the submission got no usable answer: Krea may have created the job; \
                      submissions pause until it is found or shown not to exist"
                 );
-                self.slots[slot].unanswered.push(unanswered_label(&err));
-                self.slots[slot].job.attempt_ended = Some(self.clock.now_ms());
-                self.set_state(slot, JobState::Unknown, Some(err.to_string()));
-                self.await_reconciliation(slot);
+                self.table.notes_mut(slot).unanswered.push(unanswered_label(&err));
+                let reconcile = self.reconciles_now(slot);
+                self.table.unanswered(slot, self.clock.now_ms(), err.to_string(), reconcile)?;
             }
             Err(err @ (ApiError::ModelGone { .. } | ApiError::NotFound { .. })) => {
                 // The model itself is refused: every waiting job of it would be refused too.
                 let message = err.to_string();
-                let model = self.slots[slot].job.model.clone();
+                let model = self.table.job(slot).model.clone();
                 tracing::error!(job = %name, %model, %message, "model refused; failing its jobs");
-                self.set_state(slot, JobState::Failed, Some(message.clone()));
-                self.fail_pending_of_model(&model, &message);
+                self.fail(slot, message.clone())?;
+                self.table.fail_pending_of_model(&model, &message, self.clock.now_ms())?;
             }
             Err(err) => {
                 tracing::warn!(job = %name, %err, "Krea refused the job");
-                self.set_state(slot, JobState::Failed, Some(err.to_string()));
+                self.fail(slot, err.to_string())?;
             }
         }
+        Ok(())
     }
 
-    fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) {
+    fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
         self.pacer.on_accepted();
         self.resume_after_pause();
-        let name = self.slots[slot].job.name.clone();
-        if let Some(owner) = self.claim_owner(&remote.job_id) {
+        let name = self.table.job(slot).name.clone();
+        if let Some(owner) = self.table.claim_owner(&remote.job_id) {
             // Krea accepted the POST, so it created a job (and may bill it), but its answer
             // names a job that is not ours to poll. Sending the job again could pay for it a
             // second time and would hide the anomaly; the job fails, for good, and says why.
@@ -201,42 +202,19 @@ impl Engine {
                 id = remote.job_id
             );
             tracing::error!(job = %name, job_id = %remote.job_id, "{message}");
-            self.slots[slot].job.attempt_ended = Some(self.clock.now_ms());
-            self.set_state(slot, JobState::Failed, Some(message));
-            return;
+            self.table.attempt_ended(slot, self.clock.now_ms());
+            return self.fail(slot, message);
         }
-        self.claim(slot, remote);
-        let now = self.clock.now_ms();
-        let job = &mut self.slots[slot].job;
-        job.submitted_at = Some(now);
         tracing::info!(job = %name, job_id = %remote.job_id, "submitted");
-        self.set_state(slot, JobState::Submitted, None);
-        let job = self.slots[slot].job.clone();
-        self.note_clock_sample(&job);
-        self.on_remote_state(slot, remote);
+        self.table.accepted(slot, remote, self.clock.now_ms())?;
+        self.note_clock_sample(slot);
+        self.on_remote_state(slot, remote)
     }
 
-    /// Records `remote` as this slot's job at Krea.
-    pub(super) fn claim(&mut self, slot: usize, remote: &RemoteJob) {
-        self.remote_ids.insert(remote.job_id.clone(), slot);
-        let job = &mut self.slots[slot].job;
-        job.remote_id = Some(remote.job_id.clone());
-        if remote.created_at.is_some() {
-            job.created_at.clone_from(&remote.created_at);
-        }
-    }
-
-    /// Who already holds a Krea job id, if anyone.
-    pub(super) fn claim_owner(&self, job_id: &str) -> Option<String> {
-        if let Some(&owner) = self.remote_ids.get(job_id) {
-            return Some(format!("job {}", self.slots[owner].job.name));
-        }
-        self.claimed_elsewhere.contains(job_id).then(|| "another job file's job".to_owned())
-    }
-
-    /// Remembers when an accepted POST was sent, answered and created, to bound the offset
-    /// between the local clock and Krea's for reconciliation.
-    pub(super) fn note_clock_sample(&mut self, job: &JobRecord) {
+    /// Remembers when the job's accepted POST was sent, answered and created, to bound the
+    /// offset between the local clock and Krea's for reconciliation.
+    pub(super) fn note_clock_sample(&mut self, slot: usize) {
+        let job = self.table.job(slot);
         let created = job.created_at.as_deref().and_then(crate::reconcile::parse_time_ms);
         if let (Some(sent), Some(answered), Some(created)) =
             (job.attempt_at, job.submitted_at, created)
@@ -248,73 +226,40 @@ impl Engine {
         }
     }
 
-    /// Puts a job that was not created back at the head of the queue.
-    pub(super) fn requeue(&mut self, slot: usize) {
-        self.set_state(slot, JobState::Pending, None);
-        self.pending.push_front(slot);
-    }
-
     /// Reconciliation showed that the job's last attempt created nothing. A job whose attempts
     /// got no usable answer waits its own back-off (the others are submitted meanwhile), and
     /// fails after [`MAX_UNANSWERED_POSTS`] of them; one left unknown by a crash is sent again
     /// at once.
-    pub(super) fn retry_not_created(&mut self, slot: usize) {
-        let unanswered = self.slots[slot].unanswered.len();
-        let name = self.slots[slot].job.name.clone();
-        if unanswered == 0 {
+    pub(super) fn retry_not_created(&mut self, slot: usize) -> Result<(), IllegalTransition> {
+        let unanswered = &self.table.notes(slot).unanswered;
+        let name = self.table.job(slot).name.clone();
+        if unanswered.is_empty() {
             tracing::info!(
                 job = %name,
                 "not found at Krea: the unanswered submission created nothing; it will be submitted again"
             );
             return self.requeue(slot);
         }
-        if unanswered >= MAX_UNANSWERED_POSTS {
-            let message = unanswered_message(&self.slots[slot].unanswered);
+        if unanswered.len() >= MAX_UNANSWERED_POSTS {
+            let message = unanswered_message(unanswered);
             tracing::error!(job = %name, "{message}");
-            return self.set_state(slot, JobState::Failed, Some(message));
+            return self.fail(slot, message);
         }
-        let wait = unanswered_backoff(self.settings.rate_limit_backoff, unanswered);
+        let attempts = unanswered.len();
+        let wait = unanswered_backoff(self.settings.rate_limit_backoff, attempts);
         tracing::info!(
             job = %name,
-            attempts = unanswered,
+            attempts,
             wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             "not found at Krea: the unanswered submission created nothing; this job is sent \
              again after its back-off, the others meanwhile"
         );
-        self.set_state(slot, JobState::Pending, None);
-        self.backing_off.insert((tokio::time::Instant::now() + wait, slot));
-    }
-
-    /// Moves the jobs whose back-off has ended to the head of the queue.
-    fn release_backed_off(&mut self) {
-        let now = tokio::time::Instant::now();
-        while let Some(&(due, slot)) = self.backing_off.first() {
-            if due > now {
-                break;
-            }
-            self.backing_off.remove(&(due, slot));
-            if self.slots[slot].job.state == JobState::Pending {
-                self.pending.push_front(slot);
-            }
-        }
+        self.table.back_to_pending_after(slot, Instant::now() + wait, self.clock.now_ms())
     }
 
     /// When the next job's back-off ends, if one is backing off.
-    pub(super) fn backoff_wake(&self) -> Option<tokio::time::Instant> {
-        self.backing_off.first().map(|(due, _)| *due)
-    }
-
-    fn fail_pending_of_model(&mut self, model: &str, message: &str) {
-        let (same, others): (Vec<usize>, Vec<usize>) =
-            self.pending.drain(..).partition(|slot| self.slots[*slot].job.model == model);
-        self.pending = others.into();
-        let backing_off: Vec<usize> = self.backing_off.iter().map(|(_, slot)| *slot).collect();
-        self.backing_off.retain(|(_, slot)| self.slots[*slot].job.model != model);
-        let backing_off: Vec<usize> =
-            backing_off.into_iter().filter(|slot| self.slots[*slot].job.model == model).collect();
-        for slot in same.into_iter().chain(backing_off) {
-            self.set_state(slot, JobState::Failed, Some(message.to_owned()));
-        }
+    pub(super) fn backoff_wake(&self) -> Option<Instant> {
+        self.table.backoff_wake()
     }
 }
 
