@@ -62,7 +62,7 @@ impl Engine {
                     "download failed; the job stays completed with its download pending (a \
                      rerun or `krea-batch download` fetches it)"
                 );
-                self.table.download_pending(slot, error);
+                self.table.download_pending(slot, &error);
                 Ok(())
             }
         }

@@ -789,7 +789,7 @@ impl JobTable {
     }
 
     /// A completed job's download failed: it stays `completed`, in no queue, with why.
-    pub(super) fn download_pending(&mut self, slot: usize, error: String) {
+    pub(super) fn download_pending(&mut self, slot: usize, error: &str) {
         self.slots[slot].record.error = Some(format!("download pending: {error}"));
         self.touch(slot);
     }
@@ -828,3 +828,7 @@ fn repair_to_unknown(job: &mut JobRecord) {
 /// The error a job submitted without a Krea job id carries until reconciliation decides.
 const SUBMITTED_WITHOUT_ID: &str =
     "recorded as submitted without a Krea job id; reconciled like an unanswered submission";
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;
