@@ -155,36 +155,15 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::JobKey;
-    use std::sync::Arc;
 
     /// Any time: every test job has an end time.
     const NOW: i64 = 12 * DAY_MS;
 
     fn job(state: JobState, price: f64, finished_day: i64) -> JobRecord {
         JobRecord {
-            id: 1,
-            batch_id: 1,
-            key: JobKey::from_stored("k".into()),
-            name: "j".into(),
-            model: "m".into(),
-            body: Arc::from("{}"),
-            state,
-            remote_id: None,
-            remote_status: None,
-            attempt_at: None,
-            attempt_ended: None,
-            attempts: 0,
-            submitted_at: None,
-            created_at: None,
-            completed_at: None,
             finished_at: Some(finished_day * DAY_MS + 1000),
-            urls: Vec::new(),
-            error: None,
             price_usd: Some(price),
-            in_file: true,
-            reused_from: None,
-            files: Vec::new(),
+            ..super::super::doubles::job_record(1, state)
         }
     }
 

@@ -1,6 +1,7 @@
 //! In-memory doubles of the engine's seam, for the in-process tests (`tests.rs`): a fake Krea
 //! whose jobs take tokio time and whose POSTs can be scripted, a fetcher that writes bytes to
-//! the output folder, and a clock that follows tokio's (paused) time.
+//! the output folder, and a clock that follows tokio's (paused) time; and job records as the
+//! state file would hold them, for the unit tests of the engine's parts.
 
 use crate::api::{ApiError, JobPage, RemoteJob, RemoteStatus};
 use crate::download::Fetched;
@@ -316,5 +317,36 @@ impl ResultFetcher for FakeFetcher {
                 content_type: "image/png".into(),
             })
         })
+    }
+}
+
+/// A job as the state file would hold it: row `id`, named `job-<id>`, in `state`, with a Krea
+/// id (`krea-<id>`) when the state implies one, priced at 0.25 USD.
+pub(super) fn job_record(id: i64, state: crate::job::JobState) -> crate::store::JobRecord {
+    use crate::job::JobState;
+    let known = matches!(state, JobState::Submitted | JobState::Completed | JobState::Downloaded);
+    crate::store::JobRecord {
+        id,
+        batch_id: 1,
+        key: crate::job::JobKey::from_stored(format!("key-{id}")),
+        name: format!("job-{id}"),
+        model: "image/bfl/flux-1-dev".into(),
+        body: Arc::from("{}"),
+        state,
+        remote_id: known.then(|| format!("krea-{id}")),
+        remote_status: None,
+        attempt_at: None,
+        attempt_ended: None,
+        attempts: 0,
+        submitted_at: None,
+        created_at: None,
+        completed_at: None,
+        finished_at: None,
+        urls: Vec::new(),
+        error: None,
+        price_usd: Some(0.25),
+        in_file: true,
+        reused_from: None,
+        files: Vec::new(),
     }
 }

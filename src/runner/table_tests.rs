@@ -1,39 +1,11 @@
 //! The job table on its own: which moves it allows, and that a job's queue follows its phase.
 //! Paused tokio time, since the poll timers and back-offs are tokio timers.
 
+use super::super::doubles::job_record as record;
 use super::*;
-use crate::job::JobKey;
 use crate::store::FileRecord;
 
 const NOW: i64 = 1_767_225_600_000;
-
-fn record(id: i64, state: JobState) -> JobRecord {
-    let known = matches!(state, JobState::Submitted | JobState::Completed | JobState::Downloaded);
-    JobRecord {
-        id,
-        batch_id: 1,
-        key: JobKey::from_stored(format!("key-{id}")),
-        name: format!("job-{id}"),
-        model: "image/bfl/flux-1-dev".into(),
-        body: Arc::from("{}"),
-        state,
-        remote_id: known.then(|| format!("krea-{id}")),
-        remote_status: None,
-        attempt_at: None,
-        attempt_ended: None,
-        attempts: 0,
-        submitted_at: None,
-        created_at: None,
-        completed_at: None,
-        finished_at: None,
-        urls: Vec::new(),
-        error: None,
-        price_usd: Some(0.25),
-        in_file: true,
-        reused_from: None,
-        files: Vec::new(),
-    }
-}
 
 fn remote(id: &str) -> RemoteJob {
     RemoteJob {
@@ -174,7 +146,7 @@ async fn a_failed_job_leaves_every_queue() {
         JobState::Unknown,   // awaiting reconciliation
         JobState::Submitted, // in the poll timers
     ]);
-    table.back_to_pending_after(1, Instant::now() + Duration::from_secs(60), NOW).expect("stay");
+    table.back_to_pending_after(1, Instant::now() + Duration::from_mins(1), NOW).expect("stay");
     assert!(!in_no_queue(&table, 1));
     for slot in 0..4 {
         table.failed(slot, format!("reason {slot}"), NOW).expect("any unfinished job may fail");
