@@ -152,10 +152,10 @@ impl JobState {
     }
 
     /// Whether a job in this state may move to `next`. The engine checks every transition it
-    /// makes against this table (`runner::Engine::set_state`), so a bug shows up as a refused
-    /// transition rather than as a job paid for twice. The store does not check: it records
-    /// states others decided, including ones that are no transition (`recover` rebuilding a
-    /// lost record, `cancel` on a state no process holds).
+    /// makes against this table, in one place (its job table, `runner/table.rs`), so a bug
+    /// shows up as a refused transition rather than as a job paid for twice. The store does not
+    /// check: it records states others decided, including ones that are no transition
+    /// (`recover` rebuilding a lost record, `cancel` on a state no process holds).
     #[must_use]
     pub fn may_become(self, next: Self) -> bool {
         use JobState::{

@@ -28,7 +28,7 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store` |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store` |
 //! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |

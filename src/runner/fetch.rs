@@ -6,7 +6,7 @@
 //! service's drain) has `download_grace` left, counted from the request or from its own start
 //! if later; then it is stopped and its job left download pending. An abort stops it at once.
 
-use super::table::IllegalTransition;
+use super::phase::IllegalTransition;
 use super::{Controls, Engine, Event, ResultFetcher};
 use crate::download::{DownloadError, Sidecar, sidecar_path, write_sidecar};
 use crate::retry::RetryPolicy;

@@ -23,20 +23,30 @@
 //! no busy loops. Shutdown is injected through [`Controls`]; this module installs no signal
 //! handlers.
 //!
-//! The loop and the bookkeeping are here; each step has its own file: `submit.rs` (POSTs),
-//! `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown jobs).
-//! What it tells the outside (why it stopped, counts, its published status) is in `status.rs`.
+//! The jobs themselves live in one job table (`table.rs`): each job's phase, which carries
+//! the data it needs (`phase.rs`: a submitted job its Krea id, a completed one its URLs, a
+//! failed one its reason), and the queue it waits in (to submit, backing off, to reconcile, to
+//! poll, to download). A transition is one call on the table, which checks it against
+//! `JobState::may_become`, moves the job between queues and queues its write; an illegal one is
+//! refused, logged here as a bug (`report_bug`), and fatal only in debug builds.
+//!
+//! The loop and the engine's decisions are here; each step has its own file: `submit.rs`
+//! (POSTs), `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown
+//! jobs), `budget.rs` (the spending cap). What it tells the outside (why it stopped, counts,
+//! its published status) is in `status.rs`.
 //!
 //! The engine reaches the world only through its seam (`seam.rs` beside it, bundled in [`EngineIo`]): Krea
 //! through [`KreaApi`], result hosts through [`ResultFetcher`], the wall clock through [`Clock`],
 //! the state file through its [`StoreWriter`]. Waits and deadlines use tokio's clock. So the
 //! in-process tests (`tests.rs`) run the engine against in-memory doubles (`doubles.rs`) on
-//! paused tokio time, with the writer inline ([`StoreWriter::inline`]).
+//! paused tokio time, with the writer inline ([`StoreWriter::inline`]); the table has unit
+//! tests of its own (`table_tests.rs`).
 
 mod budget;
 #[cfg(test)]
 mod doubles;
 mod fetch;
+mod phase;
 mod poll;
 mod reconciling;
 pub(crate) mod status;
@@ -57,6 +67,7 @@ pub use crate::seam::{
 use crate::store::{FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
+use phase::IllegalTransition;
 pub use status::{Counts, EngineStatus, StopReason};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -64,7 +75,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 pub use submit::{MAX_UNANSWERED_POSTS, unanswered_backoff};
-use table::{IllegalTransition, JobTable};
+use table::JobTable;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

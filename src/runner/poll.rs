@@ -1,7 +1,7 @@
 //! Polling: `GET /jobs/{id}` on each submitted job's own schedule, what Krea's answer means for
 //! the job, and the job timeout (cancel at Krea with `DELETE`, report).
 
-use super::table::{CancelCause, IllegalTransition};
+use super::phase::{CancelCause, IllegalTransition};
 use super::{Engine, Event};
 use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use crate::job::JobState;

@@ -11,7 +11,7 @@
 //! ambiguous rather than "not created" (`reconcile.rs`). The first Ctrl-C or SIGTERM ends every
 //! wait here at once: jobs still unknown stay so in the state file for the next run.
 
-use super::table::IllegalTransition;
+use super::phase::IllegalTransition;
 use super::{Engine, Event};
 use crate::api::ApiError;
 use crate::job::JobState;

@@ -13,7 +13,7 @@
 //! jobs are submitted. After [`MAX_UNANSWERED_POSTS`] of them the job fails ("Krea answered 500
 //! to 6 attempts"): one job that Krea cannot take never starves the rest.
 
-use super::table::IllegalTransition;
+use super::phase::IllegalTransition;
 use super::{Engine, StopReason};
 use crate::api::{ApiError, RemoteJob};
 use std::sync::Arc;

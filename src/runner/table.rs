@@ -1,49 +1,39 @@
-//! The engine's job table: every job the engine holds, the phase it is in with the data that
-//! phase needs ([`Phase`]), and the one queue it waits in. A transition is one call here: it
-//! checks that the move is allowed, changes the phase, moves the job between queues, keeps the
-//! counts and the budget's ledger, and queues the state-file write. The engine decides *what*
-//! happens to a job (`submit.rs`, `poll.rs`, `fetch.rs`, `reconciling.rs`); it never touches
-//! a queue or a state column itself.
-//!
-//! # Phases and the state file
-//!
-//! The state file keeps flat columns (`state`, `remote_id`, `urls`, `error`), and any
-//! combination of them can be read back. Here a phase carries its data, so a job polled
-//! without a Krea id, or completed without the list of its results, cannot be written down.
-//! Rows are converted once, when the engine takes a job on ([`JobTable::add`]):
-//!
-//! - `submitted` without a Krea id becomes `unknown` (it may exist at Krea and be billed, so it
-//!   is reconciled like a POST that got no answer: never dropped, never sent blindly), and the
-//!   repaired row is written back;
-//! - `submitting` (the store turns it into `unknown` when it opens; a row handed over as
-//!   `submitting` means the same) becomes `unknown` too, and is written back;
-//! - `failed` without a reason keeps an empty one.
-//!
-//! Each job's record is the image of its row: the table alone writes its state columns, from
-//! the phase, in the same step that changes the phase ([`JobTable::enter`]).
+//! The engine's job table: every job the engine holds, its phase (`phase.rs`: where it stands,
+//! with the data that needs), and the one queue it waits in. A transition is one call here: it
+//! checks that the move is allowed, changes the phase, moves the job between queues, writes the
+//! state columns of the job's record from the phase, keeps the counts and the budget's ledger,
+//! and queues the state-file write. The engine decides *what* happens to a job (`submit.rs`,
+//! `poll.rs`, `fetch.rs`, `reconciling.rs`); it never touches a queue or a state column itself.
 //!
 //! # Queues
 //!
-//! A job waits in at most one queue, and only in the one its phase allows: `pending` jobs in
-//! the submission queue or backing off, `unknown` ones awaiting reconciliation (or in none once
-//! set aside or left to the next run), `submitted` ones in the poll timers (or in none while a
-//! GET or DELETE is under way), `completed` ones in the download queue (or in none while
+//! A job waits in at most one queue, and only in one its phase allows: `pending` jobs in the
+//! submission queue or backing off, `unknown` ones awaiting reconciliation (or in none once set
+//! aside or left to the next run), `submitted` ones in the poll timers (or in none while a GET
+//! or DELETE is under way), `completed` ones in the download queue (or in none while
 //! downloading, or once a download failed). Leaving a phase always leaves its queue, so a
-//! failed or cancelled job is in none. Nothing here limits how many jobs are `submitting` at
-//! once: the loop sends one POST at a time, and may send several later.
+//! failed or cancelled job is in none.
+//!
+//! The table does not limit how many jobs are `submitting` at once, nor say when a pending job
+//! may go: the loop sends one POST at a time today, and whatever decides later (several POSTs
+//! in flight, a stage waiting for its parent's result) decides before calling
+//! [`JobTable::submitting`].
 //!
 //! # An illegal transition
 //!
 //! [`JobState::may_become`] is the one table of allowed moves; [`JobTable::enter`] is the one
-//! place that consults it. A move it refuses is a bug in the engine, never bad input (rows are
-//! made consistent on the way in, and requests from outside are checked against the phase
-//! first). It is refused with an [`IllegalTransition`] error and the job is left exactly as it
-//! was: the caller stops acting on that job (`?`), and the engine's loop logs the error and,
-//! in debug builds, fails loudly (`debug_assert!`) so the tests catch it. Refusing rather than
-//! panicking in release keeps the run going for every other job and keeps the promise not to
-//! pay twice: a job whose move to `submitting` is refused is not sent.
+//! place that consults it, and operations that keep a job in its phase (a poll scheduled, an
+//! unknown job set aside) check that phase. A move it refuses is a bug in the engine, never
+//! bad input: rows are made consistent on the way in (`phase.rs`), and requests from outside
+//! (`krea-batch cancel`) are checked against the phase first. It is refused with an
+//! [`IllegalTransition`] and the job is left exactly as it was, nothing written. The caller
+//! stops acting on that job (`?`); the engine's loop logs the error and, in debug builds,
+//! fails loudly (`debug_assert!`) so the tests catch it. Refusing rather than panicking in
+//! release keeps every other job going and keeps the promise not to pay twice: a job whose
+//! move to `submitting` is refused is not sent, a job Krea has is never put back to `pending`.
 
 use super::budget::Ledger;
+use super::phase::{AtKrea, IllegalTransition, Phase};
 use super::status::Counts;
 use crate::api::RemoteJob;
 use crate::job::JobState;
@@ -54,102 +44,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
-
-/// Where a job stands in the engine, with what that phase needs. Mirrors [`JobState`]; see the
-/// module docs for how rows become phases.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Phase {
-    /// Waiting to be sent.
-    Pending,
-    /// Its attempt is recorded; its POST may be on the wire.
-    Submitting,
-    /// Its POST got no answer: Krea may have created it.
-    Unknown,
-    /// Krea has it, under this id.
-    Submitted(AtKrea),
-    /// Krea completed it with these results; some are not on disk yet.
-    Completed {
-        /// Where the results are.
-        urls: Vec<String>,
-    },
-    /// Every result is on disk.
-    Downloaded,
-    /// Ended without results.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-    /// Cancelled, before submission or at Krea.
-    Cancelled,
-}
-
-impl Phase {
-    /// The state stored for this phase.
-    pub(super) fn state(&self) -> JobState {
-        match self {
-            Self::Pending => JobState::Pending,
-            Self::Submitting => JobState::Submitting,
-            Self::Unknown => JobState::Unknown,
-            Self::Submitted(_) => JobState::Submitted,
-            Self::Completed { .. } => JobState::Completed,
-            Self::Downloaded => JobState::Downloaded,
-            Self::Failed { .. } => JobState::Failed,
-            Self::Cancelled => JobState::Cancelled,
-        }
-    }
-
-    /// The phase of a stored row, and whether the row had to be repaired to get it (see the
-    /// module docs).
-    fn of_record(job: &JobRecord) -> (Self, bool) {
-        match job.state {
-            JobState::Pending => (Self::Pending, false),
-            JobState::Submitting => (Self::Unknown, true),
-            JobState::Unknown => (Self::Unknown, false),
-            JobState::Submitted => match &job.remote_id {
-                Some(id) => (Self::Submitted(AtKrea::new(id.clone())), false),
-                None => (Self::Unknown, true),
-            },
-            JobState::Completed => (Self::Completed { urls: job.urls.clone() }, false),
-            JobState::Downloaded => (Self::Downloaded, false),
-            JobState::Failed => {
-                (Self::Failed { reason: job.error.clone().unwrap_or_default() }, false)
-            }
-            JobState::Cancelled => (Self::Cancelled, false),
-        }
-    }
-}
-
-/// A job Krea has: its id, and the engine's dealings with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct AtKrea {
-    remote_id: String,
-    /// The last poll delay, for the back-off.
-    poll_delay: Option<Duration>,
-    /// Why the job is to be cancelled at Krea, if it is.
-    pub(super) cancel: Option<CancelCause>,
-    /// A DELETE is on the wire.
-    pub(super) cancel_sent: bool,
-}
-
-impl AtKrea {
-    fn new(remote_id: String) -> Self {
-        Self { remote_id, poll_delay: None, cancel: None, cancel_sent: false }
-    }
-
-    /// Krea's id of the job.
-    pub(super) fn remote_id(&self) -> &str {
-        &self.remote_id
-    }
-}
-
-/// Why a job in flight is cancelled at Krea.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum CancelCause {
-    /// It outlived `job_timeout`.
-    Timeout,
-    /// The user asked (`krea-batch cancel`).
-    User,
-}
 
 /// The queue a job waits in; at most one, and only one its phase allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,21 +73,6 @@ impl Queue {
             Self::Download => matches!(phase, Phase::Completed { .. }),
         }
     }
-}
-
-/// A move the lifecycle does not allow: a bug in the engine (see the module docs).
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "job {job} cannot go from {from} to {to}: refused and left as it was, so nothing is paid \
-     twice (a bug in krea-batch; please report it)"
-)]
-pub(super) struct IllegalTransition {
-    /// The job's name.
-    pub(super) job: String,
-    /// Where it is.
-    pub(super) from: JobState,
-    /// Where it was to go (or the phase an operation needs it to be in).
-    pub(super) to: JobState,
 }
 
 /// What the engine keeps about a job beyond its phase.
@@ -267,7 +146,7 @@ impl JobTable {
     /// Takes a stored job on, in the queue its state calls for: pending ones at the end of the
     /// submission queue, submitted ones polled at once (they may have ended while nobody was
     /// looking), completed ones in the download queue, unknown ones awaiting reconciliation.
-    /// A row is converted into its phase as the module docs say. Returns the job's slot, or
+    /// A row is converted into its phase as `phase.rs` says. Returns the job's slot, or
     /// `None` when the job is not taken: already held (by row id), or pending and no longer in
     /// its job file.
     pub(super) fn add(
@@ -279,9 +158,8 @@ impl JobTable {
         if (!job.in_file && job.state == JobState::Pending) || self.by_id.contains_key(&job.id) {
             return None;
         }
-        let (phase, repaired) = Phase::of_record(&job);
+        let (phase, repaired) = Phase::of_row(&mut job);
         if repaired {
-            repair_to_unknown(&mut job);
             self.changes.push(Change::Job(Box::new(job.clone())));
         }
         let slot = self.slots.len();
@@ -608,7 +486,7 @@ impl JobTable {
         details(job);
         job.state = to;
         match &phase {
-            Phase::Submitted(at) => job.remote_id = Some(at.remote_id.clone()),
+            Phase::Submitted(at) => job.remote_id = Some(at.remote_id().to_owned()),
             Phase::Completed { urls } => job.urls.clone_from(urls),
             _ => {}
         }
@@ -809,25 +687,6 @@ impl JobTable {
         !self.changes.is_empty()
     }
 }
-
-/// A row that cannot be taken as it reads (module docs): it becomes `unknown`, reconciled like
-/// a POST that got no answer.
-fn repair_to_unknown(job: &mut JobRecord) {
-    if job.state == JobState::Submitted {
-        tracing::warn!(
-            job = %job.name,
-            "recorded as submitted without a Krea job id: looking for it at Krea before \
-             anything else is submitted"
-        );
-        job.error = Some(SUBMITTED_WITHOUT_ID.to_owned());
-    }
-    job.state = JobState::Unknown;
-    job.attempt_at = job.attempt_at.or(job.submitted_at);
-}
-
-/// The error a job submitted without a Krea job id carries until reconciliation decides.
-const SUBMITTED_WITHOUT_ID: &str =
-    "recorded as submitted without a Krea job id; reconciled like an unanswered submission";
 
 #[cfg(test)]
 #[path = "table_tests.rs"]

@@ -2,6 +2,7 @@
 //! Paused tokio time, since the poll timers and back-offs are tokio timers.
 
 use super::super::doubles::job_record as record;
+use super::super::phase::SUBMITTED_WITHOUT_ID;
 use super::*;
 use crate::store::FileRecord;
 
