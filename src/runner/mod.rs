@@ -351,6 +351,8 @@ impl Engine {
             tick
         });
         loop {
+            #[cfg(test)]
+            assert_sound(&self.table);
             self.controls.heartbeat.store(self.clock.now_ms(), Ordering::Relaxed);
             let send = self.plan_submission();
             // Synced only when a POST depends on it; other turns survive a killed process and
@@ -647,6 +649,15 @@ impl Engine {
 fn report_bug(err: &IllegalTransition) {
     tracing::error!(%err, "refused a state transition");
     debug_assert!(false, "{err}");
+}
+
+/// The in-process tests check the job table's invariants at every turn of the loop, so each
+/// of them also shows that queue membership followed every state change it made.
+#[cfg(test)]
+fn assert_sound(table: &JobTable) {
+    if let Some(broken) = table.broken() {
+        panic!("the job table is broken: {broken}");
+    }
 }
 
 async fn recv_command(

@@ -686,6 +686,63 @@ impl JobTable {
     pub(super) fn has_changes(&self) -> bool {
         !self.changes.is_empty()
     }
+
+    /// What is broken in the table, if anything: a job in a queue its phase does not allow, a
+    /// queue and a job disagreeing on whether it waits there, a record whose state columns do
+    /// not follow its phase, counts that are not the jobs'. Checked by the tests after every
+    /// operation of theirs and after every turn of the engine's loop.
+    #[cfg(test)]
+    pub(super) fn broken(&self) -> Option<String> {
+        let once = |count: usize, waits: bool| count == usize::from(waits);
+        for (slot, entry) in self.slots.iter().enumerate() {
+            let name = &entry.record.name;
+            let (phase, queue) = (&entry.phase, entry.queue);
+            if !queue.fits(phase) {
+                return Some(format!("{name}: {phase:?} waits in {queue:?}"));
+            }
+            let in_queues = [
+                once(self.submit.iter().filter(|&&s| s == slot).count(), queue == Queue::Submit),
+                once(
+                    self.backing_off.iter().filter(|(_, s)| *s == slot).count(),
+                    matches!(queue, Queue::BackingOff(_)),
+                ),
+                self.reconcile.contains(&slot) == (queue == Queue::Reconcile),
+                once(
+                    self.downloads.iter().filter(|&&s| s == slot).count(),
+                    queue == Queue::Download,
+                ),
+            ];
+            if in_queues.contains(&false) {
+                return Some(format!("{name}: marked {queue:?}, queues say {in_queues:?}"));
+            }
+            if let Queue::BackingOff(due) = queue
+                && !self.backing_off.contains(&(due, slot))
+            {
+                return Some(format!("{name}: backing off until another time"));
+            }
+            if entry.record.state != phase.state() {
+                return Some(format!("{name}: recorded {} but {phase:?}", entry.record.state));
+            }
+            let columns_follow = match phase {
+                Phase::Submitted(at) => {
+                    entry.record.remote_id.as_deref() == Some(at.remote_id())
+                        && self.remote_ids.get(at.remote_id()) == Some(&slot)
+                }
+                Phase::Completed { urls } => entry.record.urls == *urls,
+                Phase::Failed { reason } => entry.record.error.as_deref().unwrap_or("") == reason,
+                _ => true,
+            };
+            if !columns_follow {
+                return Some(format!("{name}: its record's columns do not follow {phase:?}"));
+            }
+        }
+        let polled = self.slots.iter().filter(|entry| matches!(entry.queue, Queue::Poll(_)));
+        if polled.count() != self.polls.len() {
+            return Some(format!("{} poll timers for other jobs", self.polls.len()));
+        }
+        let recounted = Counts::of(self.slots.iter().map(|entry| &entry.record));
+        (recounted != self.counts).then(|| format!("counts {:?}, jobs {recounted:?}", self.counts))
+    }
 }
 
 #[cfg(test)]

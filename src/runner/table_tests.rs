@@ -40,6 +40,12 @@ fn written(table: &mut JobTable) -> Vec<(String, JobState)> {
         .collect()
 }
 
+/// Panics if the table's invariants do not hold (`JobTable::broken`).
+#[track_caller]
+fn sound(table: &JobTable) {
+    assert_eq!(table.broken(), None);
+}
+
 /// Whether the job waits in no queue at all.
 fn in_no_queue(table: &JobTable, slot: usize) -> bool {
     table.slots[slot].queue == Queue::None
@@ -70,6 +76,7 @@ async fn rows_join_the_queue_their_state_calls_for() {
     let counts = table.counts();
     assert_eq!((counts.total, counts.pending, counts.in_flight, counts.unknown), (6, 1, 1, 1));
     assert!(written(&mut table).is_empty(), "consistent rows are not written back");
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -83,6 +90,7 @@ async fn a_job_known_or_dropped_from_its_file_is_not_taken() {
     let mut sent = record(3, JobState::Submitted);
     sent.in_file = false;
     assert_eq!(table.add(sent, Arc::default(), NOW), Some(1));
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -100,6 +108,7 @@ async fn a_submitted_row_without_a_krea_id_is_reconciled_not_polled() {
     assert_eq!(job.attempt_at, Some(NOW - 5000), "its window starts at its submission");
     assert_eq!(job.error.as_deref(), Some(SUBMITTED_WITHOUT_ID));
     assert_eq!(written(&mut table), [("job-1".to_owned(), JobState::Unknown)], "repaired row");
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -137,6 +146,7 @@ async fn an_accepted_job_leaves_pending_carries_its_id_and_is_polled_when_schedu
         written(&mut table),
         [("job-1".to_owned(), JobState::Submitting), ("job-1".to_owned(), JobState::Submitted)]
     );
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -161,6 +171,7 @@ async fn a_failed_job_leaves_every_queue() {
     assert_eq!(table.counts().failed, 4);
     let (_, ended) = table.take_changes();
     assert_eq!(ended, [0, 1, 2, 3], "each ended job is listed once, for the manifest");
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -190,6 +201,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
     assert!(table.has_polls(), "the submitted job keeps its poll");
     assert_eq!(table.counts(), before);
     assert!(written(&mut table).is_empty(), "a refused move writes nothing");
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -220,6 +232,7 @@ async fn the_table_allows_exactly_what_the_lifecycle_allows() {
             let now = if moved.is_ok() { to } else { from };
             assert_eq!(table.state(0), now);
             assert_eq!(table.job(0).state, now, "the record follows the phase");
+            sound(&table);
             assert!(
                 table.slots[0].queue.fits(table.phase(0)),
                 "{from} -> {to}: {:?} in {:?}",
@@ -231,6 +244,7 @@ async fn the_table_allows_exactly_what_the_lifecycle_allows() {
     // Backing off is a way of being pending.
     let mut table = table_of(&[JobState::Completed]);
     assert!(table.back_to_pending_after(0, now_plus, NOW).is_err());
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -264,6 +278,7 @@ async fn an_unanswered_job_holds_submissions_then_backs_off_and_rejoins_the_head
     assert_eq!(table.leave_unknown_to_next_run(), ["job-2"]);
     assert_eq!(table.waiting_to_reconcile(), 0);
     assert_eq!(table.state(1), JobState::Unknown);
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -276,6 +291,7 @@ async fn an_ambiguous_job_is_set_aside_unknown_and_only_an_unknown_one() {
     let err = table.set_aside(1, "no".into()).expect_err("only unknown jobs are set aside");
     assert_eq!((err.from, err.to), (JobState::Submitted, JobState::Unknown));
     assert!(table.schedule_poll(0, |_| Duration::ZERO).is_err(), "only submitted jobs are polled");
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -285,6 +301,7 @@ async fn cancelling_a_pending_job_takes_it_out_of_the_middle_of_the_queue() {
     assert_eq!(table.submit, [0, 2]);
     assert_eq!(table.job(1).error.as_deref(), Some("cancelled by the user"));
     assert_eq!(table.counts().cancelled, 1);
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -308,6 +325,7 @@ async fn a_refused_model_fails_its_waiting_jobs_and_no_others() {
     );
     assert_eq!(table.next_to_submit(), Some(2));
     assert_eq!(table.backoff_wake(), None);
+    sound(&table);
 }
 
 #[tokio::test(start_paused = true)]
@@ -341,4 +359,19 @@ async fn a_completed_job_is_downloaded_once_its_files_are_on_disk() {
     assert_eq!(table.job(0).error, None, "the pending download's error is cleared");
     assert_eq!(table.job(0).finished_at, Some(NOW), "the end is when Krea finished");
     assert_eq!(table.counts().completed, 1);
+    sound(&table);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_invariant_check_finds_a_job_out_of_step_with_its_queue() {
+    let mut table = table_of(&[JobState::Pending, JobState::Submitted]);
+    sound(&table);
+    table.submit.push_back(0);
+    assert!(table.broken().is_some_and(|why| why.contains("job-1")), "twice in the queue");
+    table.submit.pop_back();
+    table.slots[1].record.state = JobState::Pending;
+    assert!(table.broken().is_some_and(|why| why.contains("job-2")), "columns out of step");
+    table.slots[1].record.state = JobState::Submitted;
+    table.counts.pending += 1;
+    assert!(table.broken().is_some_and(|why| why.contains("counts")), "counts out of step");
 }
