@@ -34,6 +34,7 @@
 //! paused tokio time, with the writer inline ([`StoreWriter::inline`]).
 
 mod budget;
+pub mod controller;
 #[cfg(test)]
 mod doubles;
 mod fetch;
