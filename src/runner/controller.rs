@@ -287,15 +287,6 @@ impl Controller {
         }
     }
 
-    /// `K` in the ramp grows by a quarter (at least one) per `K` running answers.
-    fn ramp(&mut self) {
-        self.ramp_clean = self.ramp_clean.saturating_add(1);
-        if self.ramp_clean >= self.ramp_posts {
-            self.ramp_posts = self.ramp_posts.saturating_add((self.ramp_posts / 4).max(1));
-            self.ramp_clean = 0;
-        }
-    }
-
     /// Krea answered a POST with 429 of `kind` after `round_trip`, with `Retry-After` if any.
     /// Returns how long submitting now waits (zero: only until a job ends).
     pub fn rate_limited(
@@ -582,6 +573,15 @@ impl Controller {
         }
     }
 
+    /// `K` in the ramp grows by a quarter (at least one) per `K` running answers.
+    fn ramp(&mut self) {
+        self.ramp_clean = self.ramp_clean.saturating_add(1);
+        if self.ramp_clean >= self.ramp_posts {
+            self.ramp_posts = self.ramp_posts.saturating_add((self.ramp_posts / 4).max(1));
+            self.ramp_clean = 0;
+        }
+    }
+
     /// Clean submissions at a full window before the next probe: at least a window's worth
     /// (and `MIN_PROBE_RUN`), doubled for each probe that met a 429, up to 16 times.
     fn probe_run(&self) -> u32 {
@@ -613,14 +613,11 @@ impl Controller {
     /// POSTs sent per second over the last `RATE_SPAN` (over the time since the first of them,
     /// at least a second, when they began more recently).
     fn sent_rate(&self, now: Instant) -> f64 {
-        let recent: Vec<&Instant> = self
-            .sent
-            .iter()
-            .filter(|at| now.saturating_duration_since(**at) <= RATE_SPAN)
-            .collect();
-        let Some(first) = recent.first() else { return 0.0 };
-        let span = now.saturating_duration_since(**first).max(Duration::from_secs(1));
-        f64::from(u32::try_from(recent.len()).unwrap_or(u32::MAX)) / span.as_secs_f64()
+        let within = |at: &&Instant| now.saturating_duration_since(**at) <= RATE_SPAN;
+        let Some(first) = self.sent.iter().find(within) else { return 0.0 };
+        let count = self.sent.iter().filter(within).count();
+        let span = now.saturating_duration_since(*first).max(Duration::from_secs(1));
+        f64::from(u32::try_from(count).unwrap_or(u32::MAX)) / span.as_secs_f64()
     }
 }
 

@@ -392,6 +392,13 @@ mod tests {
         assert_eq!(config.auto_timeout, Some(Duration::from_mins(3)));
         assert_eq!(config.faults.storm.map(|storm| storm.duration), Some(Duration::from_secs(2)));
         assert_eq!(config.api_key, "sim-key");
+        let limited: SimConfig =
+            serde_yaml::from_str("post_latency: 300ms\npost_rate_limit: {requests: 10, per: 1s}\n")
+                .expect("valid config");
+        assert_eq!(limited.post_latency, Duration::from_millis(300));
+        let limit = RateLimit { requests: 10, per: Duration::from_secs(1) };
+        assert_eq!(limited.post_rate_limit, Some(limit));
+        assert!(serde_yaml::from_str::<SimConfig>("post_rate_limit: {requests: 10}").is_err());
     }
 
     #[test]
