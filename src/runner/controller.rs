@@ -422,6 +422,13 @@ impl Controller {
         self.capacity
     }
 
+    /// How long a job of ours has lasted from its answer to its end being seen (a moving
+    /// average), once one has: what a poll schedule can aim its first poll at.
+    #[must_use]
+    pub fn job_time(&self) -> Option<Duration> {
+        self.job_time
+    }
+
     /// Our jobs at Krea now (not yet seen ending), and how many of them were last seen
     /// backlogged.
     #[must_use]
@@ -930,6 +937,12 @@ mod tests {
             control.posts_allowed()
         };
         assert_eq!(posts_at_once(Duration::ZERO), 1, "answers at once: one POST at a time");
+        let mut control = open();
+        let now = Instant::now();
+        control.accepted("a", Some(&RemoteStatus::Queued), RTT, now);
+        assert_eq!(control.job_time(), None);
+        control.observed("a", &RemoteStatus::Completed, now + Duration::from_secs(2));
+        assert_eq!(control.job_time(), Some(Duration::from_secs(2)), "a terminal poll ends it");
         assert_eq!(posts_at_once(Duration::from_millis(100)), 3, "ceil(1.5 × 10/s × 0.1 s) + 1");
         assert_eq!(posts_at_once(Duration::from_millis(300)), 6, "ceil(1.5 × 10/s × 0.3 s) + 1");
         assert_eq!(posts_at_once(Duration::from_secs(10)), 25, "never above the window");
