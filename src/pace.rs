@@ -2,6 +2,10 @@
 //! back-off after a 429, the cap on jobs in flight that adapts when Krea says it is full, and
 //! the schedule on which each job is polled.
 //!
+//! The pace can change while the pacer runs ([`Pacer::set_pace`]): the controller
+//! (`runner/controller.rs`) learns the account's request rate and sets it here, and governor
+//! stays the one limiter every POST goes through.
+//!
 //! Everything here is owned by the engine loop (`runner.rs`) and touched through `&mut self`:
 //! one pacer per engine, so every POST goes through the same limiter. Time is read from tokio's
 //! clock, so tests can pause it.
@@ -29,10 +33,49 @@ impl Clock for TokioClock {
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
-/// The submission pacer: a token bucket (`submissions_per_minute` with a `burst`), a cool-down
-/// after 429s, and the adaptive cap on jobs in flight.
+/// How fast submissions may go: POSTs per second (`None`: no limit at all) and how many may go
+/// at once before that rate applies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pace {
+    /// Steady rate, POSTs per second; `None` lets every POST through at once.
+    pub per_second: Option<f64>,
+    /// POSTs allowed at once before the rate applies (0 counts as 1).
+    pub burst: u32,
+}
+
+impl Pace {
+    /// The slowest pace a limiter is built for (one POST an hour): a lower or non-finite rate
+    /// asked for is taken as this, never as "no limit".
+    pub const SLOWEST_PER_SECOND: f64 = 1.0 / 3600.0;
+
+    /// `per_minute` POSTs a minute with bursts of `burst`.
+    #[must_use]
+    pub fn per_minute(per_minute: u32, burst: u32) -> Self {
+        Self { per_second: Some(f64::from(per_minute.max(1)) / 60.0), burst }
+    }
+
+    /// governor's quota for this pace; `None` when there is no limit.
+    fn quota(self) -> Option<Quota> {
+        let per_second = self.per_second?;
+        let per_second = if per_second.is_finite() {
+            per_second.max(Self::SLOWEST_PER_SECOND)
+        } else {
+            Self::SLOWEST_PER_SECOND
+        };
+        // Above ~1e9 per second the period rounds to zero nanoseconds: no limit in effect.
+        let period = Duration::try_from_secs_f64(1.0 / per_second).ok()?;
+        let burst = NonZeroU32::new(self.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        Some(Quota::with_period(period)?.allow_burst(burst))
+    }
+}
+
+/// The submission pacer: a token bucket (a [`Pace`]: `submissions_per_minute` with a `burst`,
+/// or what the controller learned), a cool-down after 429s, and the adaptive cap on jobs in
+/// flight.
 pub struct Pacer {
-    limiter: Limiter,
+    /// `None` while the pace sets no limit.
+    limiter: Option<Limiter>,
+    pace: Pace,
     cooldown_until: Option<Instant>,
     /// 429s in a row without an accepted submission in between.
     rate_limited_streak: u32,
@@ -43,6 +86,7 @@ pub struct Pacer {
 impl std::fmt::Debug for Pacer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pacer")
+            .field("pace", &self.pace)
             .field("cooldown_until", &self.cooldown_until)
             .field("streak", &self.rate_limited_streak)
             .field("cap", &self.cap)
@@ -55,16 +99,36 @@ impl Pacer {
     /// in flight, and `backoff_start` as the first wait after a 429.
     #[must_use]
     pub fn new(per_minute: u32, burst: u32, max_in_flight: u32, backoff_start: Duration) -> Self {
-        let rate = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_minute(rate).allow_burst(burst);
+        let pace = Pace::per_minute(per_minute, burst);
         Self {
-            limiter: RateLimiter::direct_with_clock(quota, TokioClock),
+            limiter: pace.quota().map(|quota| RateLimiter::direct_with_clock(quota, TokioClock)),
+            pace,
             cooldown_until: None,
             rate_limited_streak: 0,
             backoff_start,
             cap: AdaptiveCap::new(max_in_flight.max(1) as usize),
         }
+    }
+
+    /// The pace in force.
+    #[must_use]
+    pub fn pace(&self) -> Pace {
+        self.pace
+    }
+
+    /// Changes the pace from now on: governor's limiter is built again with the new quota.
+    /// The new bucket starts empty, so a change never hands out a burst on top of what the old
+    /// limiter already let through (after a request-rate 429 that would earn another one).
+    pub fn set_pace(&mut self, pace: Pace) {
+        if pace == self.pace {
+            return;
+        }
+        self.pace = pace;
+        self.limiter = pace.quota().map(|quota| {
+            let limiter = RateLimiter::direct_with_clock(quota, TokioClock);
+            let _ = limiter.check_n(quota.burst_size());
+            limiter
+        });
     }
 
     /// How many jobs may be in flight now.
@@ -83,7 +147,8 @@ impl Pacer {
             }
             self.cooldown_until = None;
         }
-        self.limiter
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        limiter
             .check()
             .map(drop)
             .map_err(|not_until| now + not_until.wait_time_from(TokioClock.now()))
@@ -233,6 +298,25 @@ mod tests {
         pacer.on_accepted();
         let after_success = pacer.on_rate_limited(Some(Duration::from_secs(9)), 4);
         assert_eq!(after_success, Duration::from_secs(9), "Retry-After is honoured");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pace_changes_at_runtime_without_a_fresh_burst() {
+        let mut pacer = Pacer::new(60, 5, 10, Duration::from_secs(1));
+        pacer.set_pace(Pace { per_second: Some(10.0), burst: 3 });
+        let retry_at = pacer.try_acquire().expect_err("the new bucket starts empty");
+        let wait = retry_at - Instant::now();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        tokio::time::sleep_until(retry_at).await;
+        assert!(pacer.try_acquire().is_ok(), "ten a second");
+        assert!(pacer.try_acquire().is_err());
+        pacer.set_pace(Pace { per_second: None, burst: 1 });
+        for _ in 0..100 {
+            assert!(pacer.try_acquire().is_ok(), "no limit");
+        }
+        pacer.set_pace(Pace { per_second: Some(f64::NAN), burst: 1 });
+        assert!(pacer.try_acquire().is_err(), "a rate that is no number is the slowest");
+        assert_eq!(pacer.pace().per_second.map(f64::is_nan), Some(true));
     }
 
     #[test]

@@ -333,9 +333,11 @@ pub(crate) fn downloader(base: &reqwest::Url, limits: &Limits) -> anyhow::Result
 #[must_use]
 pub fn engine_settings(limits: &Limits) -> EngineSettings {
     EngineSettings {
-        submissions_per_minute: limits.submissions_per_minute,
-        burst: limits.burst,
-        max_in_flight: limits.max_in_flight,
+        submissions_per_minute: limits
+            .submissions_per_minute
+            .unwrap_or(Limits::FIXED_SUBMISSIONS_PER_MINUTE),
+        burst: limits.burst.unwrap_or(Limits::FIXED_BURST),
+        max_in_flight: limits.max_in_flight.unwrap_or(Limits::FIXED_MAX_IN_FLIGHT),
         poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },
         video_poll: PollSchedule {
             first: limits.video_poll_interval,

@@ -23,20 +23,34 @@ pub struct ApiSettings {
     pub base_url: Option<String>,
 }
 
-/// How hard krea-batch may push: the `limits:` section. Krea publishes no numbers for its rate
-/// and concurrency limits, so the client keeps its own.
+/// How hard krea-batch may push: the `limits:` section.
+///
+/// Krea publishes no numbers for its rate and concurrency limits, so the four pushing limits
+/// (`submissions_per_minute`, `burst`, `max_in_flight`, `submission_concurrency`) are
+/// **ceilings, per key**: a key written in the job file is a ceiling the controller
+/// (`runner/controller.rs`) never exceeds, whatever it learns; a key left out (`None`) puts no
+/// ceiling there, and the controller finds the account's capacity by itself. It is decided key
+/// by key, not by whether a `limits:` section exists: a file that sets only `poll_interval`
+/// still lets every pace be discovered, and a user under a quota writes just that quota. (Until
+/// the controller drives the engine, a key left out falls back to the fixed `FIXED_*` values
+/// below.)
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Steady submission rate (POSTs per minute) of the governor. Default 60.
-    #[serde(deserialize_with = "positive_u32")]
-    pub submissions_per_minute: u32,
-    /// Submissions allowed at once before the rate applies. Default 5.
-    #[serde(deserialize_with = "positive_u32")]
-    pub burst: u32,
-    /// Cap on jobs submitted and not yet terminal, backlogged ones included. Default 8.
-    #[serde(deserialize_with = "positive_u32")]
-    pub max_in_flight: u32,
+    /// Ceiling of the submission rate, POSTs per minute. Left out: learned from Krea's 429s.
+    #[serde(deserialize_with = "some_positive_u32")]
+    pub submissions_per_minute: Option<u32>,
+    /// Ceiling of the submissions allowed at once before the rate applies. Left out: chosen.
+    #[serde(deserialize_with = "some_positive_u32")]
+    pub burst: Option<u32>,
+    /// Ceiling of the jobs submitted and not yet terminal, backlogged ones included. Left out:
+    /// the account's running capacity as learned, plus a shallow backlog.
+    #[serde(deserialize_with = "some_positive_u32")]
+    pub max_in_flight: Option<u32>,
+    /// Ceiling of the submissions (POSTs) waiting for their answer at once. Left out: chosen
+    /// from the measured round trip and the rate needed.
+    #[serde(deserialize_with = "some_positive_u32")]
+    pub submission_concurrency: Option<u32>,
     /// Delay before the first poll of an image or enhance job. Default 2 s.
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
@@ -86,9 +100,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            submissions_per_minute: 60,
-            burst: 5,
-            max_in_flight: 8,
+            submissions_per_minute: None,
+            burst: None,
+            max_in_flight: None,
+            submission_concurrency: None,
             poll_interval: Duration::from_secs(2),
             video_poll_interval: Duration::from_secs(5),
             poll_interval_max: Duration::from_secs(30),
@@ -106,6 +121,14 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The submission rate of an engine that does not learn it, where the job file sets none.
+    pub const FIXED_SUBMISSIONS_PER_MINUTE: u32 = 60;
+    /// The burst of an engine that does not learn it, where the job file sets none.
+    pub const FIXED_BURST: u32 = 5;
+    /// The cap on jobs in flight of an engine that does not learn it, where the job file sets
+    /// none.
+    pub const FIXED_MAX_IN_FLIGHT: u32 = 8;
+
     /// Checks the rules deserialization cannot see alone: every count and duration above zero
     /// (also for values built in code). Returns the offending field and what is wrong.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
@@ -113,9 +136,10 @@ impl Limits {
             ("submissions_per_minute", self.submissions_per_minute),
             ("burst", self.burst),
             ("max_in_flight", self.max_in_flight),
-            ("download_concurrency", self.download_concurrency),
+            ("submission_concurrency", self.submission_concurrency),
+            ("download_concurrency", Some(self.download_concurrency)),
         ];
-        if let Some((field, _)) = counts.iter().find(|(_, value)| *value == 0) {
+        if let Some((field, _)) = counts.iter().find(|(_, value)| *value == Some(0)) {
             return Err((field, format!("{field} is 0; it must be at least 1")));
         }
         let durations = [
@@ -270,6 +294,11 @@ fn positive_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Er
     deserializer.deserialize_any(PositiveU32)
 }
 
+/// A ceiling written in the file: a whole number from 1 to 4294967295 (see [`positive_u32`]).
+fn some_positive_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    positive_u32(deserializer).map(Some)
+}
+
 /// A duration limit in humantime syntax: `500ms`, `2s`, `1m30s`, `2h`.
 pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationText;
@@ -379,6 +408,20 @@ fn base_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pushing_limit_is_a_ceiling_only_where_written() {
+        let written: Limits =
+            serde_yaml::from_str("max_in_flight: 12\nsubmission_concurrency: 3\n").expect("valid");
+        assert_eq!(written.max_in_flight, Some(12));
+        assert_eq!(written.submission_concurrency, Some(3));
+        assert_eq!((written.submissions_per_minute, written.burst), (None, None), "discovered");
+        let other: Limits = serde_yaml::from_str("poll_interval: 1s\n").expect("valid");
+        assert_eq!(other.max_in_flight, None, "another key sets no ceiling");
+        for bad in ["submission_concurrency: 0", "max_in_flight: null", "burst: -1"] {
+            assert!(serde_yaml::from_str::<Limits>(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn download_limits_read_rates_and_durations() {

@@ -125,13 +125,13 @@ fn limits_and_output_are_read() {
                    jobs: [{prompt: x, model: video/kling/kling-2.5}]\n");
     assert_eq!(file.output_dir, Path::new("/tmp/results/x"));
     assert_eq!(file.api.base_url.as_deref(), Some("http://127.0.0.1:8080"));
-    assert_eq!(file.limits.burst, 1);
+    assert_eq!(file.limits.burst, Some(1));
     assert_eq!(file.limits.poll_interval, Duration::from_millis(500));
     assert_eq!(file.limits.video_poll_interval, Duration::from_mins(1));
     assert_eq!(file.limits.poll_interval_max, Duration::from_secs(90));
     assert_eq!(file.limits.job_timeout, Duration::from_hours(3));
     assert_eq!(file.limits.max_result_size, 512 << 20);
-    assert_eq!(file.limits.submissions_per_minute, 60);
+    assert_eq!(file.limits.submissions_per_minute, None, "not written: no ceiling");
     assert_eq!(file.jobs[0].line, 10);
 }
 
@@ -946,7 +946,7 @@ fn limits_and_api_deserialize_on_their_own() {
     assert_eq!(
         limits,
         Limits {
-            burst: 2,
+            burst: Some(2),
             poll_interval: Duration::from_secs(1),
             max_result_size: 1024,
             ..Limits::default()
@@ -964,7 +964,7 @@ fn limits_and_api_deserialize_on_their_own() {
 #[test]
 fn limits_check_catches_values_built_in_code() {
     assert_eq!(Limits::default().check(), Ok(()));
-    let zero = Limits { max_in_flight: 0, ..Limits::default() };
+    let zero = Limits { max_in_flight: Some(0), ..Limits::default() };
     assert_eq!(zero.check().map_err(|(field, _)| field), Err("max_in_flight"));
     let slow = Limits { video_poll_interval: Duration::from_mins(1), ..Limits::default() };
     assert_eq!(slow.check(), Ok(()), "capped by the schedule, not refused");

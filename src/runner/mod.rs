@@ -43,6 +43,7 @@
 //! tests of its own (`table_tests.rs`).
 
 mod budget;
+pub mod controller;
 #[cfg(test)]
 mod doubles;
 mod fetch;

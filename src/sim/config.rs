@@ -64,6 +64,14 @@ pub struct SimConfig {
     pub backlog: usize,
     /// `Retry-After` seconds sent with the concurrency 429 (Krea documents none).
     pub retry_after_secs: Option<u64>,
+    /// How long every `POST /generate` takes to be answered: the request is handled (its job
+    /// created) on arrival and its answer held back this long, as a distant API's round trip
+    /// would. Each connection waits on its own; other requests are not held up.
+    #[serde(with = "duration_text")]
+    pub post_latency: Duration,
+    /// A request-rate limit on `POST /generate` (none by default): beyond it, 429 with
+    /// `Retry-After` and [`RATE_LIMIT_MESSAGE`], a different text from the concurrency 429's.
+    pub post_rate_limit: Option<RateLimit>,
     /// Starting API balance in USD.
     pub balance_usd: f64,
     /// Time an image or enhance job runs once started (0: it completes at once).
@@ -125,6 +133,8 @@ impl Default for SimConfig {
             concurrency: 4,
             backlog: 16,
             retry_after_secs: None,
+            post_latency: Duration::ZERO,
+            post_rate_limit: None,
             balance_usd: 100.0,
             job_time: Duration::from_secs(3),
             video_job_time: Duration::from_secs(12),
@@ -272,6 +282,23 @@ impl Default for Faults {
     }
 }
 
+/// The request-rate 429's message. Krea publishes none; this one names the request rate so that
+/// a client can tell it from the concurrency 429 ("maximum number of concurrent jobs").
+pub const RATE_LIMIT_MESSAGE: &str = "Too many requests: the request rate limit was exceeded.";
+
+/// A request-rate limit: at most `requests` POSTs to `/generate` in any window of `per` (a
+/// sliding window). POSTs refused by it do not count against it, so a client that waits out
+/// `Retry-After` gets through.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// POSTs allowed per window (0 refuses every POST).
+    pub requests: u32,
+    /// The window's length.
+    #[serde(with = "duration_text")]
+    pub per: Duration,
+}
+
 /// A window during which a fraction of API requests get 429.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -365,6 +392,13 @@ mod tests {
         assert_eq!(config.auto_timeout, Some(Duration::from_mins(3)));
         assert_eq!(config.faults.storm.map(|storm| storm.duration), Some(Duration::from_secs(2)));
         assert_eq!(config.api_key, "sim-key");
+        let limited: SimConfig =
+            serde_yaml::from_str("post_latency: 300ms\npost_rate_limit: {requests: 10, per: 1s}\n")
+                .expect("valid config");
+        assert_eq!(limited.post_latency, Duration::from_millis(300));
+        let limit = RateLimit { requests: 10, per: Duration::from_secs(1) };
+        assert_eq!(limited.post_rate_limit, Some(limit));
+        assert!(serde_yaml::from_str::<SimConfig>("post_rate_limit: {requests: 10}").is_err());
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Request handling: every request on every listener enters [`handle`], which records it and
 //! routes it. On the API listener: the control endpoints (`/_sim/...`), `/openapi.json`, file
 //! paths (the API origin as a redirect target), then fault injection, authentication and the Krea
-//! routes (`POST /generate/...`, `GET /jobs`, `GET`/`DELETE /jobs/{id}`), in that order.
+//! routes (`POST /generate/...`, `GET /jobs`, `GET`/`DELETE /jobs/{id}`), in that order. Every
+//! answer to `POST /generate` is held back by the configured POST latency.
 
 use super::faults::{self, Early, Garble};
 use super::models;
+use super::rate;
 use super::reply::{self, Dropped, Reply};
 use super::stats::{Listener, RequestRecord};
 use super::world::{CancelError, ListQuery, Millis, NewJob, Refusal, parse_status, status_name};
-use super::{Faults, Shared, files, openapi};
+use super::{Faults, RATE_LIMIT_MESSAGE, Shared, files, openapi};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -53,7 +55,21 @@ pub(crate) async fn handle(
     reply
 }
 
+/// An API request answered, a `POST /generate` after the POST latency. The wait is this
+/// connection's own: other requests are served meanwhile.
 async fn api(shared: &Arc<Shared>, request: Request<Incoming>, now: Millis) -> Reply {
+    let latency = shared.config.post_latency;
+    let held = !latency.is_zero()
+        && request.method() == Method::POST
+        && request.uri().path().starts_with("/generate/");
+    let reply = answer_api(shared, request, now).await;
+    if held {
+        tokio::time::sleep(latency).await;
+    }
+    reply
+}
+
+async fn answer_api(shared: &Arc<Shared>, request: Request<Incoming>, now: Millis) -> Reply {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     if path == "/openapi.json" {
@@ -204,6 +220,13 @@ async fn generate(
 
 async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Response<reply::Body> {
     let config = &shared.config;
+    if let Some(limit) = &config.post_rate_limit {
+        let now = shared.now_ms();
+        if let Err(wait_ms) = shared.lock().post_rate.admit(limit, now) {
+            let seconds = rate::retry_after_secs(wait_ms);
+            return limited(RATE_LIMIT_MESSAGE, Some(seconds));
+        }
+    }
     if let Some(notice) = config.sunset_models.get(model) {
         let body = json!({
             "error": "model_unavailable",
@@ -297,8 +320,14 @@ fn cancel(shared: &Shared, now: Millis, id: &str) -> Result<(), CancelError> {
     Ok(())
 }
 
+/// The concurrency 429 (also the storm's).
 fn too_many(retry_after_secs: Option<u64>) -> Response<reply::Body> {
-    let mut response = reply::error(StatusCode::TOO_MANY_REQUESTS, CAPACITY_MESSAGE);
+    limited(CAPACITY_MESSAGE, retry_after_secs)
+}
+
+/// A 429 saying `message`, with `Retry-After` seconds if any.
+fn limited(message: &str, retry_after_secs: Option<u64>) -> Response<reply::Body> {
+    let mut response = reply::error(StatusCode::TOO_MANY_REQUESTS, message);
     if let Some(seconds) = retry_after_secs {
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
@@ -399,6 +428,10 @@ async fn control(shared: &Shared, request: Request<Incoming>) -> Response<reply:
     match (method, path.as_str()) {
         (Method::GET, "/_sim/stats") => match serde_json::to_value(shared.stats()) {
             Ok(stats) => reply::json(StatusCode::OK, &stats),
+            Err(err) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+        },
+        (Method::GET, "/_sim/jobs") => match serde_json::to_value(shared.jobs()) {
+            Ok(jobs) => reply::json(StatusCode::OK, &json!({ "jobs": jobs })),
             Err(err) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
         },
         (Method::POST, "/_sim/balance") => match parse_body::<BalanceBody>(request).await {

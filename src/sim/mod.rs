@@ -10,8 +10,10 @@
 //!   `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `GET /openapi.json` (no key needed), and the control
 //!   endpoints `GET /_sim/stats`, `POST /_sim/balance` (`{"usd": 12.5}`: sets it),
 //!   `POST /_sim/top-up` (`{"usd": 5}`: adds to it; what `simulate-api --top-up` sends),
-//!   `POST /_sim/faults` (a [`Faults`] object), which need the key but are neither faulted nor
-//!   recorded;
+//!   `POST /_sim/faults` (a [`Faults`] object), and `GET /_sim/jobs` (every job created, oldest
+//!   first, with the prompt that created it: `{"jobs": [`[`JobRecord`]`, …]}`, so a test can check
+//!   that a result was attributed to the job its prompt made), which need the key but are
+//!   neither faulted nor recorded;
 //! - the **file host** ([`SimServer::files_base_url`]): `/results/<job_id>/<i>.png` (`.mp4` for
 //!   video) and `/previews/<job_id>/<i>.png`;
 //! - a **third origin** that redirect faults point at; it serves the same files.
@@ -23,8 +25,10 @@
 //!   not fit in (balance − reserved) gets 402. So the balance covers every job in flight, and
 //!   jobs in flight always finish normally, as Krea documents. Setting the balance below what is
 //!   reserved (a test cutting funds) lets it go negative as those jobs complete.
-//! - A POST is checked in this order: faults, 401, 410 (sunset), 403, 404 (unknown model), 400,
-//!   422, 402, 429. A 402 turns on the "after 402" marker that [`SimStats::posts_after_402`]
+//! - A POST is checked in this order: faults, 401, the request-rate 429
+//!   ([`SimConfig::post_rate_limit`]), 410 (sunset), 403, 404 (unknown model), 400, 422, 402,
+//!   the concurrency 429. The two 429s say different things (Krea documents only the
+//!   concurrency one's text), so a client can tell them apart. A 402 turns on the "after 402" marker that [`SimStats::posts_after_402`]
 //!   counts against; [`SimServer::set_balance`] turns it off.
 //! - Lifecycle by fraction of the job time, once started: `queued` 0–10 %, `scheduled` 10–20 %,
 //!   (the undocumented state 20–30 %, if configured), `processing` to 50 %, `sampling` to 80 %,
@@ -42,6 +46,10 @@
 //! - Job `type`: `flux`, `krea-2`, `externalImage`, `externalVideo`, `enhance`.
 //! - **Hostile tests only:** [`SimConfig::echo_key`] makes the server quote `Bearer <key>` in
 //!   the texts it writes (Krea does not), to check that the client redacts server text.
+//! - **POST latency** ([`SimConfig::post_latency`]): a `POST /generate` is handled on arrival
+//!   (its job created then) and answered after the latency, on its own connection, so other
+//!   requests go on meanwhile: the round trip of a distant API, and the worst case for a client
+//!   that loses the answer, since the job exists all that time.
 //! - Result files exist as soon as the job does (their URLs are only published on completion).
 //! - Job ids are random version-4 UUIDs from the operating system's randomness, never from
 //!   `seed`: two simulations never hand out the same id, as Krea never does. (`seed` keeps
@@ -66,6 +74,7 @@
 //! | `files.rs` | the file host: streamed, hashed result files |
 //! | `png.rs` | PNG bytes by hand: CRC-32, Adler-32, stored deflate |
 //! | `reply.rs` | response bodies and builders |
+//! | `rate.rs` | the request-rate limit on `POST /generate`: a sliding window |
 //! | `stats.rs` | [`SimStats`] and its recorder |
 
 mod config;
@@ -76,6 +85,7 @@ mod jobs;
 mod models;
 mod openapi;
 mod png;
+mod rate;
 mod render;
 mod reply;
 mod stats;
@@ -87,7 +97,8 @@ mod world_file;
 mod tests;
 
 pub use config::{
-    DEFAULT_CONFIG_YAML, Faults, Quirks, SimConfig, Storm, SunsetNotice, config_keys_help,
+    DEFAULT_CONFIG_YAML, Faults, Quirks, RATE_LIMIT_MESSAGE, RateLimit, SimConfig, Storm,
+    SunsetNotice, config_keys_help,
 };
 pub use stats::{JobRecord, Listener, RequestRecord, ServedFile, SimStats};
 
@@ -199,6 +210,7 @@ impl SimServer {
             rng: fastrand::Rng::with_seed(config.seed.wrapping_add(1)),
             after_402: false,
             generation: 0,
+            post_rate: rate::RateWindow::default(),
         };
         let shared = Arc::new(Shared {
             config,
@@ -257,6 +269,14 @@ impl SimServer {
     #[must_use]
     pub fn stats(&self) -> SimStats {
         self.shared.stats()
+    }
+
+    /// Every job created so far, oldest first, each with the prompt that created it: what a
+    /// test checks attribution against (a result's job id must be one its prompt created).
+    /// Cheaper than [`SimServer::stats`], which also copies the request log.
+    #[must_use]
+    pub fn jobs(&self) -> Vec<JobRecord> {
+        self.shared.jobs()
     }
 
     /// Sets the balance and clears the "a 402 was answered" marker.
@@ -342,6 +362,8 @@ pub(crate) struct State {
     /// Counts the changes to the world that time alone does not explain (creations,
     /// cancellations, top-ups): what the world file must catch up with.
     generation: u64,
+    /// The POSTs the request-rate limit let through lately.
+    post_rate: rate::RateWindow,
 }
 
 impl Shared {
@@ -363,9 +385,20 @@ impl Shared {
         }
     }
 
+    /// The name jobs show in the undocumented state, if the quirk is on (else never shown).
+    fn undocumented_state(&self) -> &str {
+        self.config.quirks.undocumented_state.as_deref().unwrap_or("processing")
+    }
+
+    fn jobs(&self) -> Vec<JobRecord> {
+        let now = self.now_ms();
+        let undocumented = self.undocumented_state();
+        self.lock().world.job_records(now, undocumented)
+    }
+
     fn stats(&self) -> SimStats {
         let now = self.now_ms();
-        let undocumented = self.config.quirks.undocumented_state.as_deref().unwrap_or("processing");
+        let undocumented = self.undocumented_state();
         let mut state = self.lock();
         let jobs = state.world.job_records(now, undocumented);
         let world = &state.world;

@@ -437,3 +437,102 @@ async fn the_hostile_reuse_job_ids_hands_out_the_first_id_again() {
     assert_eq!(a["job_id"], b["job_id"]);
     assert_eq!(harness.server.stats().jobs_created, 2, "both were created");
 }
+
+#[tokio::test]
+async fn post_latency_holds_each_answer_on_its_own_connection() {
+    let held = Harness::start(SimConfig {
+        post_latency: Duration::from_hours(1),
+        job_time: Duration::from_hours(1),
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("{}/generate/{FLUX}", held.server.base_url());
+    let posts: Vec<_> = ["first", "second"]
+        .into_iter()
+        .map(|prompt| {
+            let request = held
+                .client
+                .post(&url)
+                .bearer_auth(held.server.api_key())
+                .body(json!({ "prompt": prompt }).to_string());
+            tokio::spawn(request.send())
+        })
+        .collect();
+    // Both jobs exist while neither answer has come: one held POST does not hold up the next.
+    poll(|| async { (held.server.jobs().len() == 2).then_some(()) }).await;
+    assert!(posts.iter().all(|post| !post.is_finished()), "the answers are held back");
+    let listed = body(held.get("/jobs").await).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(2), "a GET is answered meanwhile");
+    for post in posts {
+        post.abort();
+    }
+    held.server.shutdown().await;
+
+    let short = Harness::start(quick(SimConfig {
+        post_latency: Duration::from_millis(30),
+        ..SimConfig::default()
+    }))
+    .await;
+    let answered = short.generate("answered").await;
+    assert_eq!(answered.status(), StatusCode::OK);
+    let id = body(answered).await["job_id"].as_str().expect("a job id").to_owned();
+    assert_eq!(short.server.jobs()[0].id, id);
+}
+
+#[tokio::test]
+async fn the_request_rate_limit_answers_its_own_429_with_retry_after() {
+    let sim = Harness::start(SimConfig {
+        concurrency: 1,
+        backlog: 0,
+        job_time: Duration::from_hours(1),
+        post_rate_limit: Some(RateLimit { requests: 2, per: Duration::from_hours(1) }),
+        ..SimConfig::default()
+    })
+    .await;
+    assert_eq!(sim.generate("one").await.status(), StatusCode::OK);
+    // The second POST passes the rate limit and meets the concurrency limit.
+    let full = sim.generate("two").await;
+    assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(full.headers().get("retry-after").is_none(), "Krea documents none on this one");
+    let full = body(full).await["error"].as_str().expect("a message").to_owned();
+    assert!(full.contains("maximum number of concurrent jobs"), "{full}");
+    let fast = sim.generate("three").await;
+    assert_eq!(fast.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = fast.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=3600).contains(&retry_after), "{retry_after}");
+    let fast = body(fast).await["error"].as_str().expect("a message").to_owned();
+    assert_eq!(fast, RATE_LIMIT_MESSAGE);
+    assert!(!fast.contains("concurrent"), "told apart from the concurrency 429 by its text");
+    assert_eq!(sim.get("/jobs").await.status(), StatusCode::OK, "GETs are not rate limited");
+    assert_eq!(sim.server.jobs().len(), 1);
+}
+
+#[tokio::test]
+async fn every_job_is_reported_with_the_prompt_that_created_it() {
+    let sim = Harness::start(quick(SimConfig::default())).await;
+    let mut created = Vec::new();
+    for prompt in ["a fox", "a heron", "a fox"] {
+        let job = body(sim.generate(prompt).await).await;
+        created.push((job["job_id"].as_str().expect("id").to_owned(), prompt.to_owned()));
+    }
+    let listed = body(sim.get("/_sim/jobs").await).await;
+    let listed: Vec<(String, String)> = listed["jobs"]
+        .as_array()
+        .expect("a list of jobs")
+        .iter()
+        .map(|job| {
+            let text = |key: &str| job[key].as_str().expect("a string").to_owned();
+            (text("id"), text("prompt"))
+        })
+        .collect();
+    assert_eq!(listed, created, "oldest first, each id with its own prompt");
+    let in_process: Vec<_> =
+        sim.server.jobs().into_iter().map(|job| (job.id, job.prompt)).collect();
+    assert_eq!(in_process, created);
+    let anonymous = sim.client.get(format!("{}/_sim/jobs", sim.server.base_url())).send().await;
+    assert_eq!(anonymous.expect("answered").status(), StatusCode::UNAUTHORIZED);
+}
