@@ -20,11 +20,15 @@
 //! checking each node as it is read (so `serde_yaml` gives the node's position), within a budget
 //! that stops alias bombs; this file then checks the rules spanning several nodes (unique
 //! names, a model per job, limits that contradict each other), has `sweep` expand matrices and
-//! data files, and finds positions with `locate`. The workarounds for `serde_yaml` live only in
-//! this folder. Outside it, `serde_yaml` is called in two places, each a `from_str` of an
-//! operator's file with no workaround: the daemon's configuration (`daemon/config.rs`, which
-//! only moves the error's position to the front) and the simulation's (`main.rs`,
-//! `--simulate-config`). Replacing `serde_yaml` means this folder and those two calls.
+//! data files, and finds positions with `locate`.
+//!
+//! `serde_yaml` is called only in this folder, and so are its workarounds. The crate's other
+//! YAML files, the daemon's configuration (`daemon/config.rs`) and the simulation's (`main.rs`,
+//! `--simulate-config`), are read through [`yaml::parse_document`], which names the file, line
+//! and column of an error. Outside `src/`, the tests and the benchmark use `serde_yaml` directly
+//! to check or write a simulation's configuration, and so do the simulation's own unit tests
+//! (`sim/config.rs`; the simulation imports nothing from the rest of the crate). Replacing
+//! `serde_yaml` means this folder and those tests.
 
 mod de;
 mod locate;
@@ -32,6 +36,7 @@ mod nesting;
 mod settings;
 pub(crate) mod sweep;
 mod values;
+pub(crate) mod yaml;
 
 #[cfg(test)]
 mod proptests;
@@ -42,7 +47,8 @@ mod tests;
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Budget, Limits, NoCap};
-pub use values::{ModelPathError, SizeError, parse_model_path, parse_size};
+#[cfg(test)]
+use values::{parse_model_path, parse_size};
 
 use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};

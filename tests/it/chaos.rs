@@ -358,7 +358,7 @@ fn requests_on(stats: &SimStats, listener: Listener, path: &str) -> usize {
 #[test]
 fn a_job_whose_post_always_gets_a_500_fails_alone_after_its_attempts() {
     let fault = "one prompt always answered 500";
-    let attempts = krea_batch::runner::MAX_UNANSWERED_POSTS;
+    let attempts = krea_batch::MAX_UNANSWERED_POSTS;
     let sim =
         sim_with(Faults { server_error_marker: Some("[chokes]".into()), ..Faults::default() });
     let jobs = format!(

@@ -410,7 +410,7 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
 
     // Over the cap of jobs per file: one more row than a file may make.
     let rows: String = std::iter::once("prompt".to_owned())
-        .chain((0..=krea_batch::jobfile::MAX_JOBS).map(|row| format!("row {row}")))
+        .chain((0..=krea_batch::MAX_JOBS).map(|row| format!("row {row}")))
         .map(|line| line + "\n")
         .collect();
     std::fs::write(inbox.join("huge.csv"), rows).expect("huge.csv");
@@ -427,7 +427,7 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
     service.drop_file("next.yaml", &job_file("the next job", 2));
 
     let huge = note("huge.yaml");
-    let limit = krea_batch::jobfile::MAX_JOBS;
+    let limit = krea_batch::MAX_JOBS;
     assert!(huge.contains(&format!("huge.csv:{}: more than {limit} rows", limit + 2)), "{huge}");
     let private_note = note("private.yaml");
     assert!(

@@ -221,7 +221,7 @@ pub(crate) fn numbered_jobs(stem: &str, n: usize) -> String {
 /// SHA-256 of a file, lowercase hex.
 pub(crate) fn sha256_of(path: &Path) -> String {
     use sha2::Digest as _;
-    krea_batch::job::hex(&sha2::Sha256::digest(std::fs::read(path).expect("file readable")))
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).expect("file readable")))
 }
 
 /// Every regular file under `dir`, recursively.
