@@ -25,10 +25,11 @@
 //! `serde_yaml` is called only in this folder, and so are its workarounds. The crate's other
 //! YAML files, the daemon's configuration (`daemon/config.rs`) and the simulation's (`main.rs`,
 //! `--simulate-config`), are read through [`yaml::parse_document`], which names the file, line
-//! and column of an error. Outside `src/`, the tests and the benchmark use `serde_yaml` directly
-//! to check or write a simulation's configuration, and so do the simulation's own unit tests
-//! (`sim/config.rs`; the simulation imports nothing from the rest of the crate). Replacing
-//! `serde_yaml` means this folder and those tests.
+//! and column of an error. Two test-side uses remain, with no workaround: the simulation's
+//! own unit tests read its default configuration (`sim/config.rs`; the simulation imports
+//! nothing from the rest of the crate), and the benchmark writes a configuration for the
+//! simulation it starts (`benches/bench/harness.rs`). Replacing `serde_yaml` means this folder
+//! and those two.
 
 mod de;
 mod locate;

@@ -182,15 +182,18 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
 #[test]
 fn cancel_and_resume_reach_the_running_daemon_and_metrics_show_it() {
     let sim = Sim::start(|config| config.cancel_any_pending = false);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let service = Service::new(&sim, &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    // Port 0: the daemon binds a free port and logs it. A port picked here and freed for the
+    // daemon could be taken by another program in between.
+    let service = Service::new(&sim, "metrics:\n  listen: 127.0.0.1:0\n");
     let systemd = Systemd::listen(service.dir.path());
     let daemon = service.start(&sim, &systemd);
     systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    let listen = daemon.log_field("metrics at /metrics", "listen", Duration::from_secs(30));
+    let port: u16 = listen
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("the metrics address {listen:?} has a port"));
+    assert_ne!(port, 0, "the bound port is logged, not the configured one");
     // Stuck jobs stay processing at Krea until cancelled; four in flight, two waiting.
     let jobs = numbered_jobs("[stuck] job", 6);
     service.drop_file("stuck.yaml", &format!("model: image/bfl/flux-1-dev\njobs:\n{jobs}"));

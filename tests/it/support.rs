@@ -296,6 +296,17 @@ impl LiveChild {
         });
     }
 
+    /// Waits until a log line contains `message`; returns that line's field `name` (the text
+    /// log format writes fields as `name=value` after the message).
+    pub(crate) fn log_field(&self, message: &str, name: &str, limit: Duration) -> String {
+        self.wait_for_log(message, limit);
+        let text = self.stderr.lock().expect("stderr buffer");
+        let line = text.lines().find(|line| line.contains(message)).expect("the line waited for");
+        let prefix = format!("{name}=");
+        let value = line.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str()));
+        value.unwrap_or_else(|| panic!("no {name}= in the log line {line:?}")).to_owned()
+    }
+
     /// Sends a signal ("INT", "TERM", "HUP", "KILL").
     pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
