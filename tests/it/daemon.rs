@@ -5,7 +5,7 @@ use crate::support::{LiveChild, Sim, krea_batch, numbered_jobs, wait_until};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A fake systemd: a datagram socket collecting every notification.
 struct Systemd {
@@ -152,16 +152,17 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
     wait_until(Duration::from_secs(10), "the copy is accepted", || accepted.is_file());
     assert_eq!(sim.stats().jobs_created, 6);
 
-    // SIGTERM while jobs run: exit 0 within the drain time; nothing is lost.
+    // SIGTERM while jobs run: exit 0; nothing is lost. That the exit comes within the drain
+    // time is shown on virtual time by the engine's tests
+    // (`sigterm_drains_the_service_leaving_jobs_running_at_krea`,
+    // `sigterm_stops_a_download_under_way_after_its_grace`); here the wait only has a deadline.
     service.drop_file("late.yaml", &job_file("a late job", 4));
     wait_until(Duration::from_secs(10), "late jobs are submitted", || {
         sim.stats().jobs_created >= 8
     });
-    let stopped = Instant::now();
     daemon.signal("TERM");
-    let run = daemon.finish(Duration::from_secs(10));
+    let run = daemon.finish(Duration::from_secs(30));
     run.expect_code(0);
-    assert!(stopped.elapsed() < Duration::from_secs(4), "exited within the 2 s drain time");
     systemd.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
 
     // The next start polls what was in flight and submits the rest; nothing twice.

@@ -148,11 +148,16 @@ impl Workspace {
 pub(crate) trait ViaShell {
     /// Runs `script` in `sh` with `$0` the binary and `$1…` the `args`; the environment set on
     /// the command is kept.
-    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output;
+    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output {
+        self.via_shell(script, args).output().expect("sh runs")
+    }
+
+    /// The command that [`ViaShell::output_via_shell`] runs, to spawn it instead.
+    fn via_shell(&self, script: &str, args: &[&str]) -> Command;
 }
 
 impl ViaShell for Command {
-    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output {
+    fn via_shell(&self, script: &str, args: &[&str]) -> Command {
         let mut shell = Command::new("sh");
         shell.arg("-c").arg(script).arg(self.get_program()).args(args);
         for (name, value) in self.get_envs() {
@@ -161,7 +166,7 @@ impl ViaShell for Command {
                 None => shell.env_remove(name),
             };
         }
-        shell.output().expect("sh runs")
+        shell
     }
 }
 
@@ -315,6 +320,22 @@ impl LiveChild {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the exit; past it, kills the process and fails the test, saying
+    /// `what` with the stderr collected. A deadline on a wait, not a measure of speed: `limit`
+    /// is set far above what the process needs.
+    pub(crate) fn finish_within(mut self, limit: Duration, what: &str) -> Run {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.has_exited() {
+            if std::time::Instant::now() >= deadline {
+                self.signal("KILL");
+                let run = self.finish(Duration::from_secs(10));
+                panic!("{what}: killed after {limit:?}\n{}", run.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.finish(Duration::from_secs(10))
     }
 
     /// Waits up to `limit` for the exit; returns code, stdout and the collected stderr.
