@@ -179,7 +179,7 @@ impl JobFileError {
     }
 }
 
-/// Reads and parses the job file at `path` (at most [`MAX_FILE_SIZE`] bytes).
+/// Reads and parses the job file at `path` (at most 8 MiB, `MAX_FILE_SIZE`).
 pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
     let cannot_read = |error: std::io::Error| {
         JobFileError::whole_file(path, format!("cannot read the job file: {error}"))
@@ -240,7 +240,7 @@ pub fn output_dir_of(path: &Path) -> Result<PathBuf, JobFileError> {
 }
 
 /// Parses job-file text read from `source` (used for messages, to resolve `output`, and to
-/// find the data files of `from:` entries, the only I/O here). Text longer than [`MAX_FILE_SIZE`] is refused, as [`load`] refuses the file:
+/// find the data files of `from:` entries, the only I/O here). Text longer than 8 MiB (`MAX_FILE_SIZE`) is refused, as [`load`] refuses the file:
 /// the daemon reads its inbox files up to one byte past the limit and hands them here.
 pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> {
     if text_bytes.len() as u64 > MAX_FILE_SIZE {
