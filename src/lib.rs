@@ -68,8 +68,9 @@
 //!   ([`load_key`]), a job file's places and API ([`places`], [`base_url`], [`STATE_FILE`]), the
 //!   schema check ([`schema_report`]), and the other YAML files ([`parse_yaml_document`]);
 //! - how a run is steered and watched ([`Controls`], [`EngineStatus`], [`show_progress`]) and
-//!   how it ends: [`Summary`], [`StopReason`], and the errors the binary sorts into exit codes
-//!   ([`InputError`], [`JobFileError`], [`KeyError`]), printed with [`error_chain`];
+//!   how it ends: [`Summary`], [`Counts`], [`StopReason`], and the errors the binary sorts
+//!   into exit codes ([`InputError`], [`JobFileError`], [`KeyError`]), printed with
+//!   [`error_chain`];
 //! - limits the tests check against ([`MAX_JOBS`], [`MAX_UNANSWERED_POSTS`]) and what the fuzz
 //!   targets call ([`parse_job_file`], [`check_job_name`], and the hidden `flow_depth`);
 //! - [`sim`], the simulated Krea API (below).
@@ -220,6 +221,9 @@ pub use report::Summary;
 pub use report::show_progress;
 /// Stop switches handed to a run: stop submitting (first Ctrl-C), drain, abort (second Ctrl-C).
 pub use runner::Controls;
+/// Jobs by where they stand: in [`EngineStatus`], [`Summary`] and [`Status`], and what the
+/// binary's exit code is decided from.
+pub use runner::Counts;
 /// The live counts a run publishes, for [`show_progress`].
 pub use runner::EngineStatus;
 /// Attempts of one job that may go unanswered before the job fails.
