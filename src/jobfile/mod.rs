@@ -22,14 +22,14 @@
 //! names, a model per job, limits that contradict each other), has `sweep` expand matrices and
 //! data files, and finds positions with `locate`.
 //!
-//! `serde_yaml` is called only in this folder, and so are its workarounds. The crate's other
-//! YAML files, the daemon's configuration (`daemon/config.rs`) and the simulation's (`main.rs`,
-//! `--simulate-config`), are read through [`yaml::parse_document`], which names the file, line
-//! and column of an error. Two test-side uses remain, with no workaround: the simulation's
-//! own unit tests read its default configuration (`sim/config.rs`; the simulation imports
-//! nothing from the rest of the crate), and the benchmark writes a configuration for the
-//! simulation it starts (`benches/bench/harness.rs`). Replacing `serde_yaml` means this folder
-//! and those two.
+//! Outside tests, `serde_yaml` is called only in this folder, with its workarounds. The
+//! crate's other YAML files, the daemon's configuration (`daemon/config.rs`) and the
+//! simulation's (`main.rs`, `--simulate-config`), are read through [`yaml::parse_document`],
+//! which names the file, line and column of an error. Two test-side uses remain, with no
+//! workaround: the simulation's own unit tests read its default configuration (`sim/config.rs`;
+//! the simulation imports nothing from the rest of the crate), and the benchmark writes a
+//! configuration for the simulation it starts (`benches/bench/harness.rs`). Replacing
+//! `serde_yaml` means this folder and those two.
 
 mod de;
 mod locate;
