@@ -184,6 +184,7 @@ impl RemoteStatus {
     }
 
     /// True for `completed`, `failed` and `cancelled`.
+    #[cfg(test)]
     #[must_use]
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
@@ -516,12 +517,6 @@ impl KreaClient {
             request_timeout: settings.request_timeout,
             deprecation_warned: Mutex::new(HashSet::new()),
         })
-    }
-
-    /// The API's base URL.
-    #[must_use]
-    pub fn base_url(&self) -> &Url {
-        &self.base
     }
 
     fn endpoint(&self, path: &str) -> Result<Url, ApiError> {

@@ -53,7 +53,7 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Run the simulated Krea API as a server, for trying job files and for tests; or top up a
     /// simulation's balance (--top-up).
-    #[command(after_long_help = crate::sim::config_keys_help())]
+    #[command(after_long_help = krea_batch::sim::config_keys_help())]
     SimulateApi(SimulateArgs),
 }
 

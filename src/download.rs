@@ -17,7 +17,7 @@
 //! from the Content-Type, through a fixed table. The Content-Type kept is short and printable.
 
 use crate::address::{HostError, PublicResolver, check_host};
-use crate::api::{UrlError, check_url, display_url, error_chain, printable};
+use crate::api::{UrlError, check_url, display_url, error_chain};
 use crate::files::{FileError, PARTIAL_PREFIX, ensure_real_dir, public_file, write_atomically};
 use crate::job::hex;
 use crate::key::REDACTED;
@@ -292,6 +292,7 @@ impl Downloader {
     }
 
     /// One attempt to download `url` to `<dir>/<stem>.<ext>`, for no job in particular.
+    #[cfg(test)]
     pub async fn fetch(&self, url: &str, dir: &Path, stem: &str) -> Result<Fetched, DownloadError> {
         self.fetch_for(url, dir, stem, None).await
     }
@@ -714,12 +715,6 @@ pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadEr
 #[must_use]
 pub fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!("{file}.json"))
-}
-
-/// A short, printable form of a URL for logs (at most 200 characters).
-#[must_use]
-pub fn short_url(url: &str) -> String {
-    printable(url, 200)
 }
 
 #[cfg(test)]

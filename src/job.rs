@@ -228,8 +228,8 @@ pub fn reserved_name(name: &str) -> Option<&'static str> {
 }
 
 /// Checks that `name` is safe to use as a file name inside the output directory: ASCII letters,
-/// digits, `.`, `_` and `-`; not starting with `.` or `-`; at most [`MAX_NAME_LEN`] bytes; not a
-/// name Windows reserves, nor one of krea-batch's own files ([`RESERVED_NAMES`]). Returns what
+/// digits, `.`, `_` and `-`; not starting with `.` or `-`; at most 120 bytes (`MAX_NAME_LEN`); not a
+/// name Windows reserves, nor one of krea-batch's own files (`RESERVED_NAMES`). Returns what
 /// is wrong otherwise.
 pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {

@@ -41,7 +41,7 @@ impl ApiKey {
         &self.0
     }
 
-    /// `text` with the key replaced by [`REDACTED`] wherever it appears. Text that holds the key
+    /// `text` with the key replaced by `[redacted]` (`REDACTED`) wherever it appears. Text that holds the key
     /// only in percent-encoded form (a URL's query, say) is replaced whole, since its parts
     /// cannot be told apart safely.
     #[must_use]

@@ -12,7 +12,7 @@
 //! | file | job |
 //! |---|---|
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
-//! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors |
+//! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
 //! | `beside.rs` | opening a file named relative to a folder without leaving it (no `..`, no links) |
 //! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
@@ -23,7 +23,7 @@
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
-//! | `error.rs` | [`error::InputError`]: bad input or usage (exit 2), raised at any layer |
+//! | `error.rs` | [`InputError`]: bad input or usage (exit 2), raised at any layer |
 //! | `files.rs` | general file helpers: atomic writes, real folders (no links), temporary files of a killed run |
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
@@ -42,9 +42,9 @@
 //! | `check.rs` | `krea-batch check`: the plan, nothing sent (command) |
 //! | `status.rs` | `krea-batch status`: a state file read (command) |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
-//! | `cli.rs` | the command line (clap types) |
+//! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |
-//! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate` |
+//! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate`; the one public module |
 //!
 //! # Dependency direction
 //!
@@ -54,38 +54,179 @@
 //! the commands (`run`, `check`, `status`, `control`, `recover`, `daemon`) build on `setup`, and no
 //! module imports a command; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.
+//!
+//! # Public surface
+//!
+//! The library has one user that matters, the `krea-batch` binary, and three that check it:
+//! the integration tests (`tests/`), the fuzz targets (`fuzz/`) and the benchmark (`benches/`).
+//! Every module is private; this file re-exports what those users call, and nothing else:
+//!
+//! - the commands, one function each, with their options and results: [`run`] (`run` and
+//!   `download`), [`plan`] (`check`), [`status`], [`recover`], [`cancel`], [`resume`] and
+//!   [`run_daemon`];
+//! - what the commands take: a job file ([`load_job_file`], [`output_dir_of`]), a key
+//!   ([`load_key`]), a job file's places and API ([`places`], [`base_url`], [`STATE_FILE`]), the
+//!   schema check ([`schema_report`]), and the other YAML files ([`parse_yaml_document`]);
+//! - how a run is steered and watched ([`Controls`], [`EngineStatus`], [`show_progress`]) and
+//!   how it ends: [`Summary`], [`Counts`], [`StopReason`], and the errors the binary sorts
+//!   into exit codes ([`InputError`], [`JobFileError`], [`KeyError`]), printed with
+//!   [`error_chain`];
+//! - limits the tests check against ([`MAX_JOBS`], [`MAX_UNANSWERED_POSTS`]) and what the fuzz
+//!   targets call ([`parse_job_file`], [`check_job_name`], and the hidden `flow_depth`);
+//! - [`sim`], the simulated Krea API (below).
+//!
+//! Why so narrow: the engine, the store, the client and the seam change as the engine does;
+//! private, they can change without a semver promise, and rustc reports what nobody uses
+//! (`dead_code`), where `pub` says more than is true (`unreachable_pub`) and what the surface
+//! leaves undocumented (`missing_docs`). The engine's own tests live inside the crate
+//! (`runner/tests.rs`, with `runner/doubles.rs`), so they need no public engine. The
+//! command-line types belong to the binary, which declares `cli.rs` itself.
+//!
+//! # The simulation
+//!
+//! [`sim`] is the one public module. It is a model of Krea, not a part of krea-batch: its files
+//! are private and `sim/mod.rs` re-exports its own surface, as a crate's root would, for the
+//! tests, the benchmark and `--simulate`. It imports nothing from the rest of the crate, and
+//! `tests/it/layers.rs` checks that. It could be a crate of its own in a workspace (issue 11
+//! allows it); it stays a module because that boundary would be the same one, enforced by the
+//! compiler instead of by a test, at the price of a second manifest whose dependencies must be
+//! kept in step with this one and a `cargo test` that has to name both packages for the
+//! simulation's unit tests to run.
 
-pub mod address;
-pub mod api;
-pub mod beside;
-pub mod check;
-pub mod cli;
-pub mod control;
-pub mod costs;
-pub mod daemon;
-pub mod download;
-pub mod error;
-pub mod files;
-pub mod gallery;
-pub mod inbox;
-pub mod job;
-pub mod jobfile;
-pub mod key;
-pub mod metrics;
-pub mod openapi;
-pub mod output;
-pub mod pace;
-pub mod pricing;
-pub mod reconcile;
-pub mod recover;
-pub mod report;
-pub mod retry;
-pub mod reuse;
-pub mod run;
-pub mod runner;
-pub mod schema;
-pub mod seam;
-pub mod setup;
+mod address;
+mod api;
+mod beside;
+mod check;
+mod control;
+mod costs;
+mod daemon;
+mod download;
+mod error;
+mod files;
+mod gallery;
+mod inbox;
+mod job;
+mod jobfile;
+mod key;
+mod metrics;
+mod openapi;
+mod output;
+mod pace;
+mod pricing;
+mod reconcile;
+mod recover;
+mod report;
+mod retry;
+mod reuse;
+mod run;
+mod runner;
+mod schema;
+mod seam;
+mod setup;
 pub mod sim;
-pub mod status;
-pub mod store;
+mod status;
+mod store;
+
+// The commands.
+
+/// The answer of [`plan`], printed or as JSON.
+pub use check::Plan;
+/// `krea-batch check`: what a job file would do and cost, nothing sent.
+pub use check::plan;
+/// Which jobs [`cancel`] cancels.
+pub use control::Selection;
+/// `krea-batch cancel`: through the running process when there is one, else at Krea.
+pub use control::cancel;
+/// `krea-batch resume`: the running process probes whether it may submit again.
+pub use control::resume;
+/// The service's configuration file, also read to find its state file.
+pub use daemon::DaemonConfig;
+/// What the binary's signal handlers tell [`run_daemon`]: drain and stop, or reload.
+pub use daemon::DaemonSignals;
+/// `krea-batch daemon`: the service, until [`DaemonSignals::shutdown`].
+pub use daemon::run as run_daemon;
+/// What [`recover`] needs besides the job file.
+pub use recover::RecoverOptions;
+/// What [`recover`] found and recorded.
+pub use recover::RecoverReport;
+/// `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records.
+pub use recover::recover;
+/// Whether [`run`] runs everything or only fetches missing result files.
+pub use run::Mode;
+/// What [`run`] needs besides the job file: the key, the API, the places, the stop controls.
+pub use run::RunOptions;
+/// What [`run`] ended with.
+pub use run::RunResult;
+/// `krea-batch run` and `krea-batch download` ([`Mode`]): a job file run end to end, from
+/// the state file it resumes to the summary it ends with.
+pub use run::run;
+/// The answer of [`status`], printed or as JSON.
+pub use status::Status;
+/// `krea-batch status`: a state file read, also while a run writes it.
+pub use status::status;
+
+// What the commands take.
+
+/// A validated job file: its settings and one job per generation.
+pub use jobfile::JobFile;
+/// Why a job file was refused: the file, the place, the key and what to do (exit code 2).
+pub use jobfile::JobFileError;
+/// The most jobs one job file may expand to.
+pub use jobfile::MAX_JOBS;
+/// Reads and validates a job file; every refusal names the file, line, column and key.
+pub use jobfile::load as load_job_file;
+/// The output folder a job file names, read without validating the rest (for `status`).
+pub use jobfile::output_dir_of;
+/// Parses job-file text, as [`load_job_file`] does after reading the file; for the fuzz target.
+pub use jobfile::parse as parse_job_file;
+/// A YAML file that is not the settings it should be, with its file, line and column.
+pub use jobfile::yaml::YamlError;
+/// Reads one YAML document into a settings type (the simulation's configuration); the one way
+/// in to the YAML crate outside the job file.
+pub use jobfile::yaml::parse_document as parse_yaml_document;
+/// The API key, which no log line, error or file shows.
+pub use key::ApiKey;
+/// Why no usable key was found (exit code 2).
+pub use key::KeyError;
+/// The key [`load_key`] found, where it found it, and a warning about its file's permissions.
+pub use key::LoadedKey;
+/// Finds the API key: `--api-key-file`, then `KREA_API_KEY`, then the systemd credential.
+pub use key::load as load_key;
+/// Which OpenAPI document the schema check uses, and whether a failed check stops a run.
+pub use openapi::SchemaChoice;
+/// A job file's request bodies checked against Krea's OpenAPI document, for [`plan`].
+pub use openapi::schema_report;
+/// What [`places`] answers.
+pub use setup::Places;
+/// The state file's name inside the output folder.
+pub use setup::STATE_FILE;
+/// The API base URL of a job file, unless the command line overrides it.
+pub use setup::base_url;
+/// The output folder and state file of a job file, as `--state` and `--simulate` change them.
+pub use setup::places;
+
+// How a run is steered and watched, and how it ends.
+
+/// An error and its causes in one line, each cause said once: how the binary prints errors.
+pub use api::error_chain;
+/// Bad input or usage, from any layer: the binary's exit code 2.
+pub use error::InputError;
+/// Whether a job name is safe as a file name in the output folder; for the fuzz target.
+pub use job::check_name as check_job_name;
+#[doc(hidden)]
+pub use jobfile::flow_depth;
+/// The end of a run: counts, files, spend, why it stopped; printed or as JSON.
+pub use report::Summary;
+/// Shows a run's live counts on a progress bar or as log lines.
+pub use report::show_progress;
+/// Stop switches handed to a run: stop submitting (first Ctrl-C), drain, abort (second Ctrl-C).
+pub use runner::Controls;
+/// Jobs by where they stand: in [`EngineStatus`], [`Summary`] and [`Status`], and what the
+/// binary's exit code is decided from.
+pub use runner::Counts;
+/// The live counts a run publishes, for [`show_progress`].
+pub use runner::EngineStatus;
+/// Attempts of one job that may go unanswered before the job fails.
+pub use runner::MAX_UNANSWERED_POSTS;
+/// Why a run stopped submitting early; the binary turns it into an exit code.
+pub use runner::StopReason;

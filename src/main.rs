@@ -5,23 +5,18 @@
 //! with downloads pending); 2 bad input or usage; 3 stopped by 402 (balance exhausted);
 //! 4 the API key was refused; 5 stopped by the budget; 130 interrupted.
 
+mod cli;
+
 use clap::Parser as _;
-use krea_batch::cli::{
+use cli::{
     CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
     ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
-use krea_batch::control::{self, Selection};
-use krea_batch::daemon::{self, DaemonConfig, DaemonSignals};
-use krea_batch::error::InputError;
-use krea_batch::jobfile::{self, JobFileError};
-use krea_batch::key::{self, KeyError};
-use krea_batch::openapi::SchemaChoice;
-use krea_batch::report::{self, Summary};
-use krea_batch::run::{Mode, RunOptions};
-use krea_batch::runner::Controls;
-use krea_batch::runner::{EngineStatus, StopReason};
 use krea_batch::sim::{self, FileTopUp, SimConfig, SimError, SimServer, WorldFileError};
-use krea_batch::{check, setup};
+use krea_batch::{
+    Controls, DaemonConfig, DaemonSignals, EngineStatus, InputError, JobFileError, KeyError, Mode,
+    RunOptions, SchemaChoice, Selection, StopReason, Summary,
+};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -85,7 +80,7 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
 /// `err` and its causes in one line, each cause said once: most errors quote their source in
 /// their own message and also keep it as their source.
 fn describe(err: &anyhow::Error) -> String {
-    krea_batch::api::error_chain(err.as_ref())
+    krea_batch::error_chain(err.as_ref())
 }
 
 /// Errors that mean "fix the input and try again": exit code 2.
@@ -114,7 +109,7 @@ async fn run_reporting_failure(
 /// The `--json` answer of a run that stopped on `err`; `state` is the state file, once known.
 fn failure_json(err: &anyhow::Error, state: Option<&std::path::Path>) -> String {
     let code = if is_input_error(err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
-    let status = state.and_then(|path| krea_batch::status::status(path).ok());
+    let status = state.and_then(|path| krea_batch::status(path).ok());
     let value = serde_json::json!({
         "error": describe(err),
         "exit_code": code,
@@ -133,8 +128,8 @@ async fn run(
     progress_bar: Option<indicatif::ProgressBar>,
     state: &mut Option<std::path::PathBuf>,
 ) -> anyhow::Result<u8> {
-    let file = jobfile::load(&args.job_file)?;
-    let places = setup::places(&file, args.state.as_deref(), args.simulate);
+    let file = krea_batch::load_job_file(&args.job_file)?;
+    let places = krea_batch::places(&file, args.state.as_deref(), args.simulate);
     *state = Some(places.state.clone());
     let mut api_base = args.api.api_base.clone();
     let mut simulation = None;
@@ -150,12 +145,14 @@ async fn run(
         let server = SimServer::start_with_world(config, &path).await.map_err(sim_error)?;
         tracing::info!(api = %server.base_url(), "running against the simulated Krea API: nothing is spent");
         api_base = Some(server.base_url());
-        let key = key::ApiKey::new(server.api_key())?;
+        let key = krea_batch::ApiKey::new(server.api_key())?;
         world = Some((path, server.world_id().map(str::to_owned)));
         simulation = Some(server);
         key
     } else {
-        let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
+            std::env::var(name).ok()
+        })?;
         if let Some(warning) = &loaded.permission_warning {
             tracing::warn!("{warning}");
         }
@@ -167,7 +164,7 @@ async fn run(
     tokio::spawn(watch_signals(controls.clone()));
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
     let progress =
-        tokio::spawn(report::show_progress(status_rx, progress_bar, Duration::from_secs(10)));
+        tokio::spawn(krea_batch::show_progress(status_rx, progress_bar, Duration::from_secs(10)));
     let options = RunOptions {
         mode: Mode::Run,
         schema: schema_choice(&args.schema, args.no_validate),
@@ -181,7 +178,7 @@ async fn run(
         controls,
         status: status_tx,
     };
-    let result = krea_batch::run::run(file, options).await;
+    let result = krea_batch::run(file, options).await;
     let _ = progress.await;
     if let Some(server) = simulation {
         server.shutdown().await;
@@ -220,7 +217,7 @@ fn shell_word(text: &str) -> String {
 }
 
 async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
-    let file = jobfile::load(&args.job_file)?;
+    let file = krea_batch::load_job_file(&args.job_file)?;
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     let (status, _) = tokio::sync::watch::channel(EngineStatus::default());
@@ -237,7 +234,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         controls,
         status,
     };
-    let summary = krea_batch::run::run(file, options).await?.summary;
+    let summary = krea_batch::run(file, options).await?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -246,15 +243,16 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
 }
 
 async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
-    let file = jobfile::load(&args.job_file)?;
-    let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
-    let options = krea_batch::recover::RecoverOptions {
+    let file = krea_batch::load_job_file(&args.job_file)?;
+    let loaded =
+        krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let options = krea_batch::RecoverOptions {
         state: args.state,
         api_base: args.api.api_base,
         key: loaded.key,
         simulated: false,
     };
-    let report = krea_batch::recover::recover(file, options).await?;
+    let report = krea_batch::recover(file, options).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -263,13 +261,14 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
-    let loaded = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let loaded =
+        krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
     if let Some(warning) = &loaded.permission_warning {
         tracing::warn!("{warning}");
     }
     let signals = DaemonSignals::default();
     tokio::spawn(watch_daemon_signals(signals.clone()));
-    daemon::run(&args.config, loaded.key, signals).await?;
+    krea_batch::run_daemon(&args.config, loaded.key, signals).await?;
     Ok(EXIT_OK)
 }
 
@@ -283,7 +282,7 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
     }
     match job_file {
         Some(file) => {
-            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
+            Ok(krea_batch::output_dir_of(std::path::Path::new(file))?.join(krea_batch::STATE_FILE))
         }
         None => {
             Err(InputError::msg("name the state file: --state FILE or --config DAEMON.yaml").into())
@@ -300,16 +299,16 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     };
     // The key is needed only to cancel at Krea when no krea-batch is running; without one,
     // that case says so.
-    let key = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())
+    let key = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())
         .ok()
         .map(|loaded| loaded.key);
-    println!("{}", control::cancel(&state, &selection, key).await?);
+    println!("{}", krea_batch::cancel(&state, &selection, key).await?);
     Ok(EXIT_OK)
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, None)?;
-    println!("{}", control::resume(&state).await?);
+    println!("{}", krea_batch::resume(&state).await?);
     Ok(EXIT_OK)
 }
 
@@ -348,18 +347,13 @@ fn exit_code(summary: &Summary) -> u8 {
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<u8> {
-    let file = jobfile::load(&args.job_file)?;
-    let base = setup::base_url(&file, args.api_base.as_deref())?;
-    let state = setup::places(&file, None, false).state;
-    let report = krea_batch::openapi::schema_report(
-        &file,
-        &base,
-        &state,
-        &schema_choice(&args.schema, false),
-    )
-    .await;
+    let file = krea_batch::load_job_file(&args.job_file)?;
+    let base = krea_batch::base_url(&file, args.api_base.as_deref())?;
+    let state = krea_batch::places(&file, None, false).state;
+    let report =
+        krea_batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
     let fits = report.problems.is_empty();
-    let plan = check::plan(&file, &base, report)?;
+    let plan = krea_batch::plan(&file, &base, report)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -382,7 +376,7 @@ fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let state_path = state_path(&args.target, args.job_file.as_deref())?;
     let json = args.json;
-    let status = krea_batch::status::status(&state_path)?;
+    let status = krea_batch::status(&state_path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -395,8 +389,7 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         InputError::because(format!("cannot read {}: {err}", path.display()), err)
     })?;
-    serde_yaml::from_str(&text)
-        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
+    Ok(krea_batch::parse_yaml_document(&text, path).map_err(InputError::new)?)
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {

@@ -347,7 +347,7 @@ pub struct SchemaChoice {
 }
 
 /// Checks `file`'s bodies against the OpenAPI document `choice` names (cached per user, or
-/// beside `state` when the user has no cache folder: [`crate::openapi::cache_path`]).
+/// beside `state` when the user has no cache folder: `cache_path`).
 pub async fn schema_report(
     file: &JobFile,
     base: &reqwest::Url,

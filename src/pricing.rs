@@ -1,16 +1,12 @@
 //! What a generation costs, for the estimates in `check`, the run summary and `status`.
 //!
-//! Krea has no endpoint for prices or the balance, so krea-batch carries a table, dated, taken
-//! from Krea's published per-model prices. A job file's `prices:` overrides it per model. The
-//! figures are estimates: Krea's bill is the truth. Only completed jobs are billed.
+//! Krea has no endpoint for prices or the balance, so krea-batch carries a table, taken in May
+//! 2026 from Krea's published per-model API prices (docs.krea.ai). A job file's `prices:`
+//! overrides it per model. The figures are estimates: Krea's bill is the truth. Only completed
+//! jobs are billed.
 
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-
-/// When the built-in table was taken from Krea's pricing pages.
-pub const TABLE_DATE: &str = "2026-05";
-/// Where the built-in table comes from.
-pub const TABLE_SOURCE: &str = "docs.krea.ai per-model API pricing";
 
 /// Prices in USD per generation, by model, with the parameters that change them.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -51,7 +51,7 @@ fn libyaml_depth(text: &[u8]) -> (usize, bool) {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let ours = krea_batch::jobfile::flow_depth(text);
+    let ours = krea_batch::flow_depth(text);
     let (theirs, complete) = libyaml_depth(data);
     assert!(ours >= theirs, "the pre-scan saw depth {ours}, libyaml {theirs}: {text:?}");
     if complete {

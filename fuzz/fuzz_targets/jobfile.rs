@@ -4,12 +4,12 @@
 
 #![no_main]
 
-use krea_batch::job::check_name;
+use krea_batch::check_job_name;
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    match krea_batch::jobfile::parse(data, Path::new("fuzz.yaml")) {
+    match krea_batch::parse_job_file(data, Path::new("fuzz.yaml")) {
         Ok(file) => {
             assert!(!file.jobs.is_empty(), "a file without jobs was accepted");
             for job in &file.jobs {
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
                     "job {} has no prompt",
                     job.name
                 );
-                assert!(check_name(&job.name).is_ok(), "job name {:?} is invalid", job.name);
+                assert!(check_job_name(&job.name).is_ok(), "job name {:?} is invalid", job.name);
                 assert!(!job.key.to_string().is_empty(), "job {} has no key", job.name);
                 assert!(!job.model.is_empty(), "job {} has no model", job.name);
             }

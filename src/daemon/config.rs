@@ -2,6 +2,7 @@
 //! documents every key). Paths are relative to the file's folder. Unknown keys are refused, and
 //! every error names the file, line and column.
 
+use crate::jobfile::yaml::{YamlError, parse_document};
 use crate::jobfile::{ApiSettings, Budget, Limits, deserialize_duration};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -73,17 +74,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// Not YAML, or not a configuration (an unknown key, a value of the wrong type).
-    #[error("{place}{message}")]
-    Yaml {
-        /// `file:line:column: `, or `file: ` without a position.
-        place: String,
-        /// `serde_yaml`'s message without its own " at line L column C".
-        message: String,
-        /// The error.
-        #[source]
-        source: serde_yaml::Error,
-    },
+    /// Not YAML, or not a configuration (an unknown key, a value of the wrong type): the
+    /// file, line and column, and what is wrong.
+    #[error(transparent)]
+    Yaml(#[from] YamlError),
     /// A limit out of range or contradicting another.
     #[error("{}: limits.{field}: {message}", path.display())]
     Limits {
@@ -124,16 +118,7 @@ impl DaemonConfig {
 
     /// Parses `text`, read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Self = serde_yaml::from_str(text).map_err(|source| {
-            let place = source.location().map_or_else(
-                || format!("{}: ", path.display()),
-                |at| format!("{}:{}:{}: ", path.display(), at.line(), at.column()),
-            );
-            // serde_yaml appends " at line L column C"; the place is already in front.
-            let message = source.to_string();
-            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-            ConfigError::Yaml { place, message, source }
-        })?;
+        let mut config: Self = parse_document(text, path)?;
         config.limits.check().map_err(|(field, message)| ConfigError::Limits {
             path: path.to_owned(),
             field,

@@ -266,10 +266,13 @@ async fn start_metrics(
     let listener = crate::metrics::bind(metrics.listen).await.map_err(|err| {
         InputError::because(format!("metrics.listen {}: {err}", metrics.listen), err)
     })?;
+    // The address bound, not the one configured: with port 0 the system picks the port, and
+    // this line is how the operator (or a test) learns it.
+    let bound = listener.local_addr().unwrap_or(metrics.listen);
     let (snapshot, snapshot_rx) = tokio::sync::watch::channel(MetricsSnapshot::default());
     let shutdown = signals.shutdown.child_token();
     tokio::spawn(crate::metrics::serve(listener, snapshot_rx, shutdown.clone()));
-    tracing::info!(listen = %metrics.listen, "metrics at /metrics");
+    tracing::info!(listen = %bound, "metrics at /metrics");
     Ok(Some(Metrics { snapshot, shutdown }))
 }
 

@@ -292,6 +292,17 @@ pub(super) fn alias_culprit(path: &[Seg]) -> Vec<Seg> {
 const MORE_THAN_ONE_DOCUMENT: &str =
     "deserializing from YAML containing more than one document is not supported";
 
+/// `shown`, a `serde_yaml` error's text, without the " at line L column C" it appends for
+/// `location` (it appends none at line 1 column 1).
+pub(super) fn without_position<'s>(
+    shown: &'s str,
+    location: Option<&serde_yaml::Location>,
+) -> &'s str {
+    location
+        .and_then(|l| shown.strip_suffix(&format!(" at line {} column {}", l.line(), l.column())))
+        .unwrap_or(shown)
+}
+
 /// Turns a `serde_yaml` error into a [`JobFileError`].
 ///
 /// `failure` is the last error the job file's deserializers raised, `path` where they were
@@ -305,11 +316,7 @@ pub(super) fn convert(
 ) -> JobFileError {
     let shown = error.to_string();
     let location = error.location();
-    // serde_yaml appends " at line L column C" except at line 1 column 1.
-    let bare = location
-        .as_ref()
-        .and_then(|l| shown.strip_suffix(&format!(" at line {} column {}", l.line(), l.column())))
-        .unwrap_or(&shown);
+    let bare = without_position(&shown, location.as_ref());
     let mut position = location.as_ref().map(|l| (l.line(), l.column()));
     let mut key_path = path.to_vec();
     let message;

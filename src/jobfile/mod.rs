@@ -20,11 +20,16 @@
 //! checking each node as it is read (so `serde_yaml` gives the node's position), within a budget
 //! that stops alias bombs; this file then checks the rules spanning several nodes (unique
 //! names, a model per job, limits that contradict each other), has `sweep` expand matrices and
-//! data files, and finds positions with `locate`. The workarounds for `serde_yaml` live only in
-//! this folder. Outside it, `serde_yaml` is called in two places, each a `from_str` of an
-//! operator's file with no workaround: the daemon's configuration (`daemon/config.rs`, which
-//! only moves the error's position to the front) and the simulation's (`main.rs`,
-//! `--simulate-config`). Replacing `serde_yaml` means this folder and those two calls.
+//! data files, and finds positions with `locate`.
+//!
+//! Outside tests, `serde_yaml` is called only in this folder, with its workarounds. The
+//! crate's other YAML files, the daemon's configuration (`daemon/config.rs`) and the
+//! simulation's (`main.rs`, `--simulate-config`), are read through [`yaml::parse_document`],
+//! which names the file, line and column of an error. Two test-side uses remain, with no
+//! workaround: the simulation's own unit tests read its default configuration (`sim/config.rs`;
+//! the simulation imports nothing from the rest of the crate), and the benchmark writes a
+//! configuration for the simulation it starts (`benches/bench/harness.rs`). Replacing
+//! `serde_yaml` means this folder and those two.
 
 mod de;
 mod locate;
@@ -32,6 +37,7 @@ mod nesting;
 mod settings;
 pub(crate) mod sweep;
 mod values;
+pub(crate) mod yaml;
 
 #[cfg(test)]
 mod proptests;
@@ -42,7 +48,8 @@ mod tests;
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
 pub use settings::{ApiSettings, Budget, Limits, NoCap};
-pub use values::{ModelPathError, SizeError, parse_model_path, parse_size};
+#[cfg(test)]
+use values::{parse_model_path, parse_size};
 
 use crate::job::{JobKey, canonical_json, check_name, derive_name};
 use de::{RawFile, RawJob};
@@ -172,7 +179,7 @@ impl JobFileError {
     }
 }
 
-/// Reads and parses the job file at `path` (at most [`MAX_FILE_SIZE`] bytes).
+/// Reads and parses the job file at `path` (at most 8 MiB, `MAX_FILE_SIZE`).
 pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
     let cannot_read = |error: std::io::Error| {
         JobFileError::whole_file(path, format!("cannot read the job file: {error}"))
@@ -233,7 +240,7 @@ pub fn output_dir_of(path: &Path) -> Result<PathBuf, JobFileError> {
 }
 
 /// Parses job-file text read from `source` (used for messages, to resolve `output`, and to
-/// find the data files of `from:` entries, the only I/O here). Text longer than [`MAX_FILE_SIZE`] is refused, as [`load`] refuses the file:
+/// find the data files of `from:` entries, the only I/O here). Text longer than 8 MiB (`MAX_FILE_SIZE`) is refused, as [`load`] refuses the file:
 /// the daemon reads its inbox files up to one byte past the limit and hands them here.
 pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> {
     if text_bytes.len() as u64 > MAX_FILE_SIZE {

@@ -62,9 +62,7 @@ use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Listing;
 use crate::report::append_manifest;
 use crate::retry::RetryPolicy;
-pub use crate::seam::{
-    ApiFuture, Clock, EngineIo, FetchFuture, KreaApi, RefusingApi, ResultFetcher, SystemClock,
-};
+pub use crate::seam::{Clock, EngineIo, KreaApi, RefusingApi, ResultFetcher};
 use crate::store::{FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
 pub(crate) use fetch::write_sidecar_of;
@@ -75,7 +73,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
-pub use submit::{MAX_UNANSWERED_POSTS, unanswered_backoff};
+pub use submit::MAX_UNANSWERED_POSTS;
 use table::JobTable;
 use tokio::task::JoinSet;
 use tokio::time::Instant;

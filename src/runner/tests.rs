@@ -508,6 +508,30 @@ async fn sigterm_drains_the_service_leaving_jobs_running_at_krea() {
     assert_eq!(states(&h.stored().await), [JobState::Submitted; 2]);
 }
 
+/// Why the service exits within its `drain_time` even with a download under way: the download
+/// has `download_grace` (the daemon sets it below the drain time), then stops with its job left
+/// download pending. Measured here in virtual time, in place of the daemon integration test's
+/// wall-clock bound on its exit.
+#[tokio::test(start_paused = true)]
+async fn sigterm_stops_a_download_under_way_after_its_grace() {
+    let mut rig = Rig::new(1);
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
+    rig.settings.download_grace = 2 * SECOND;
+    rig.fetcher.latency = Duration::from_hours(1);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.download_pending == 1).await;
+    tokio::time::sleep(5 * SECOND).await;
+    let drained_at = Instant::now();
+    h.controls.drain.cancel();
+    let outcome = running.await.expect("the task").expect("the run");
+    let took = drained_at.elapsed();
+    assert!(took >= 2 * SECOND && took < 3 * SECOND, "the grace, then no longer: {took:?}");
+    assert_eq!(states(&outcome.jobs), [JobState::Completed], "its download is pending");
+    assert!(h.fetcher.fetched().is_empty());
+    assert_eq!(states(&h.stored().await), [JobState::Completed]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn abort_returns_at_once_with_the_state_saved() {
     let mut rig = Rig::new(2);

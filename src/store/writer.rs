@@ -24,6 +24,8 @@ enum Inner {
         requests: tokio::sync::mpsc::UnboundedSender<WriteRequest>,
         thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     },
+    /// Only tests on paused time keep the store inline ([`StoreWriter::inline`]).
+    #[cfg(test)]
     Inline(Arc<std::sync::Mutex<Store>>),
 }
 
@@ -31,6 +33,7 @@ impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Thread { .. } => "Thread",
+            #[cfg(test)]
             Self::Inline(_) => "Inline",
         })
     }
@@ -94,12 +97,14 @@ impl StoreWriter {
 
     /// Keeps `store` on the caller: every call runs synchronously where it is awaited, taking no
     /// (virtual) time. For tests on paused tokio time.
+    #[cfg(test)]
     #[must_use]
     pub fn inline(store: Store) -> Self {
         Self { inner: Inner::Inline(Arc::new(std::sync::Mutex::new(store))) }
     }
 
     /// Runs `call` on the inline store.
+    #[cfg(test)]
     fn run_inline<T>(
         store: &std::sync::Mutex<Store>,
         call: impl FnOnce(&mut Store) -> T,
@@ -111,17 +116,15 @@ impl StoreWriter {
     /// Waits until every handle is dropped and the queue is written, then for the thread to
     /// close the state file and release the one-writer lock.
     pub async fn close(self) {
-        let Inner::Thread { thread, .. } = &self.inner else { return };
-        let thread = thread.lock().ok().and_then(|mut thread| thread.take());
+        let thread = match &self.inner {
+            Inner::Thread { thread, .. } => thread.lock().ok().and_then(|mut thread| thread.take()),
+            #[cfg(test)]
+            Inner::Inline(_) => return,
+        };
         drop(self);
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-    }
-
-    /// Commits `changes`; returns once they are on disk.
-    pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
-        self.commit_with(changes, true).await
     }
 
     /// Commits `changes`, fsynced only if `synced` (see [`Store::apply_with`]).
@@ -131,6 +134,7 @@ impl StoreWriter {
         }
         let requests = match &self.inner {
             Inner::Thread { requests, .. } => requests,
+            #[cfg(test)]
             Inner::Inline(store) => {
                 return Self::run_inline(store, |store| store.apply_with(&changes, synced))?
                     .map_err(|err| StoreError::WriteFailed(Arc::new(err)));
@@ -155,6 +159,7 @@ impl StoreWriter {
     ) -> Result<T, StoreError> {
         let requests = match &self.inner {
             Inner::Thread { requests, .. } => requests,
+            #[cfg(test)]
             Inner::Inline(store) => return Self::run_inline(store, call),
         };
         let (reply, done) = tokio::sync::oneshot::channel();

@@ -23,7 +23,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Quick client limits: a 1 s read timeout, quick reconciliation and back-off.
 const LIMITS: &str = "limits:
@@ -93,17 +93,7 @@ fn peak_rss_kib(stderr: &str) -> Option<u64> {
 
 /// Runs `command` to its end, killing it (and failing the test) if it outlives `RUN_LIMIT`.
 fn run_bounded(fault: &str, command: Command) -> Run {
-    let mut child = LiveChild::spawn(command);
-    let deadline = Instant::now() + RUN_LIMIT;
-    while !child.has_exited() {
-        if Instant::now() >= deadline {
-            child.signal("KILL");
-            let run = child.finish(Duration::from_secs(10));
-            panic!("{fault}: the run hung and was killed after {RUN_LIMIT:?}\n{}", run.stderr);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.finish(Duration::from_secs(10))
+    LiveChild::spawn(command).finish_within(RUN_LIMIT, &format!("{fault}: the run hung"))
 }
 
 /// One run of `krea-batch run`, checked.
@@ -358,7 +348,7 @@ fn requests_on(stats: &SimStats, listener: Listener, path: &str) -> usize {
 #[test]
 fn a_job_whose_post_always_gets_a_500_fails_alone_after_its_attempts() {
     let fault = "one prompt always answered 500";
-    let attempts = krea_batch::runner::MAX_UNANSWERED_POSTS;
+    let attempts = krea_batch::MAX_UNANSWERED_POSTS;
     let sim =
         sim_with(Faults { server_error_marker: Some("[chokes]".into()), ..Faults::default() });
     let jobs = format!(

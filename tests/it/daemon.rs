@@ -5,7 +5,7 @@ use crate::support::{LiveChild, Sim, krea_batch, numbered_jobs, wait_until};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A fake systemd: a datagram socket collecting every notification.
 struct Systemd {
@@ -152,16 +152,17 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
     wait_until(Duration::from_secs(10), "the copy is accepted", || accepted.is_file());
     assert_eq!(sim.stats().jobs_created, 6);
 
-    // SIGTERM while jobs run: exit 0 within the drain time; nothing is lost.
+    // SIGTERM while jobs run: exit 0; nothing is lost. That the exit comes within the drain
+    // time is shown on virtual time by the engine's tests
+    // (`sigterm_drains_the_service_leaving_jobs_running_at_krea`,
+    // `sigterm_stops_a_download_under_way_after_its_grace`); here the wait only has a deadline.
     service.drop_file("late.yaml", &job_file("a late job", 4));
     wait_until(Duration::from_secs(10), "late jobs are submitted", || {
         sim.stats().jobs_created >= 8
     });
-    let stopped = Instant::now();
     daemon.signal("TERM");
-    let run = daemon.finish(Duration::from_secs(10));
+    let run = daemon.finish(Duration::from_secs(30));
     run.expect_code(0);
-    assert!(stopped.elapsed() < Duration::from_secs(4), "exited within the 2 s drain time");
     systemd.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
 
     // The next start polls what was in flight and submits the rest; nothing twice.
@@ -182,15 +183,18 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
 #[test]
 fn cancel_and_resume_reach_the_running_daemon_and_metrics_show_it() {
     let sim = Sim::start(|config| config.cancel_any_pending = false);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let service = Service::new(&sim, &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    // Port 0: the daemon binds a free port and logs it. A port picked here and freed for the
+    // daemon could be taken by another program in between.
+    let service = Service::new(&sim, "metrics:\n  listen: 127.0.0.1:0\n");
     let systemd = Systemd::listen(service.dir.path());
     let daemon = service.start(&sim, &systemd);
     systemd.wait_for("READY=1", |m| m.contains("READY=1"));
+    let listen = daemon.log_field("metrics at /metrics", "listen", Duration::from_secs(30));
+    let port: u16 = listen
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("the metrics address {listen:?} has a port"));
+    assert_ne!(port, 0, "the bound port is logged, not the configured one");
     // Stuck jobs stay processing at Krea until cancelled; four in flight, two waiting.
     let jobs = numbered_jobs("[stuck] job", 6);
     service.drop_file("stuck.yaml", &format!("model: image/bfl/flux-1-dev\njobs:\n{jobs}"));
@@ -410,7 +414,7 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
 
     // Over the cap of jobs per file: one more row than a file may make.
     let rows: String = std::iter::once("prompt".to_owned())
-        .chain((0..=krea_batch::jobfile::MAX_JOBS).map(|row| format!("row {row}")))
+        .chain((0..=krea_batch::MAX_JOBS).map(|row| format!("row {row}")))
         .map(|line| line + "\n")
         .collect();
     std::fs::write(inbox.join("huge.csv"), rows).expect("huge.csv");
@@ -427,7 +431,7 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
     service.drop_file("next.yaml", &job_file("the next job", 2));
 
     let huge = note("huge.yaml");
-    let limit = krea_batch::jobfile::MAX_JOBS;
+    let limit = krea_batch::MAX_JOBS;
     assert!(huge.contains(&format!("huge.csv:{}: more than {limit} rows", limit + 2)), "{huge}");
     let private_note = note("private.yaml");
     assert!(

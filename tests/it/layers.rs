@@ -73,3 +73,24 @@ fn the_commands_do_not_import_each_other() {
     }
     assert!(offences.is_empty(), "commands import each other:\n{}", offences.join("\n"));
 }
+
+#[test]
+fn the_simulation_imports_nothing_from_the_rest_of_the_crate() {
+    // It models Krea, not krea-batch: kept apart as a crate of its own would be (`src/lib.rs`,
+    // "The simulation"), so a change to the client cannot make the simulation agree with it.
+    let mut offences = Vec::new();
+    for (file, module, text) in sources() {
+        if module != "sim" {
+            continue;
+        }
+        for (at, _) in text.match_indices("crate::") {
+            let rest = &text[at + "crate::".len()..];
+            if !rest.starts_with("sim::") {
+                let line = text[..at].matches('\n').count() + 1;
+                let named: String = rest.chars().take_while(|c| *c != ';').take(40).collect();
+                offences.push(format!("{}:{line} names crate::{named}", file.display()));
+            }
+        }
+    }
+    assert!(offences.is_empty(), "the simulation imports the client:\n{}", offences.join("\n"));
+}

@@ -236,8 +236,10 @@ fn simulate_api_help_lists_its_settings_and_print_config_is_a_valid_config() {
     let printed =
         Run::of(&krea_batch().args(["simulate-api", "--print-config"]).output().expect("runs"));
     printed.expect_code(0);
+    // Read as `--simulate-config` and `simulate-api --config` read a file.
     let config: krea_batch::sim::SimConfig =
-        serde_yaml::from_str(&printed.stdout).expect("a valid configuration");
+        krea_batch::parse_yaml_document(&printed.stdout, std::path::Path::new("printed.yaml"))
+            .expect("a valid configuration");
     assert_eq!(config.api_key, "sim-key");
 }
 

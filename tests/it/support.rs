@@ -148,11 +148,16 @@ impl Workspace {
 pub(crate) trait ViaShell {
     /// Runs `script` in `sh` with `$0` the binary and `$1…` the `args`; the environment set on
     /// the command is kept.
-    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output;
+    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output {
+        self.via_shell(script, args).output().expect("sh runs")
+    }
+
+    /// The command that [`ViaShell::output_via_shell`] runs, to spawn it instead.
+    fn via_shell(&self, script: &str, args: &[&str]) -> Command;
 }
 
 impl ViaShell for Command {
-    fn output_via_shell(&mut self, script: &str, args: &[&str]) -> Output {
+    fn via_shell(&self, script: &str, args: &[&str]) -> Command {
         let mut shell = Command::new("sh");
         shell.arg("-c").arg(script).arg(self.get_program()).args(args);
         for (name, value) in self.get_envs() {
@@ -161,7 +166,7 @@ impl ViaShell for Command {
                 None => shell.env_remove(name),
             };
         }
-        shell.output().expect("sh runs")
+        shell
     }
 }
 
@@ -221,7 +226,7 @@ pub(crate) fn numbered_jobs(stem: &str, n: usize) -> String {
 /// SHA-256 of a file, lowercase hex.
 pub(crate) fn sha256_of(path: &Path) -> String {
     use sha2::Digest as _;
-    krea_batch::job::hex(&sha2::Sha256::digest(std::fs::read(path).expect("file readable")))
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).expect("file readable")))
 }
 
 /// Every regular file under `dir`, recursively.
@@ -296,6 +301,17 @@ impl LiveChild {
         });
     }
 
+    /// Waits until a log line contains `message`; returns that line's field `name` (the text
+    /// log format writes fields as `name=value` after the message).
+    pub(crate) fn log_field(&self, message: &str, name: &str, limit: Duration) -> String {
+        self.wait_for_log(message, limit);
+        let text = self.stderr.lock().expect("stderr buffer");
+        let line = text.lines().find(|line| line.contains(message)).expect("the line waited for");
+        let prefix = format!("{name}=");
+        let value = line.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str()));
+        value.unwrap_or_else(|| panic!("no {name}= in the log line {line:?}")).to_owned()
+    }
+
     /// Sends a signal ("INT", "TERM", "HUP", "KILL").
     pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -304,6 +320,22 @@ impl LiveChild {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the exit; past it, kills the process and fails the test, saying
+    /// `what` with the stderr collected. A deadline on a wait, not a measure of speed: `limit`
+    /// is set far above what the process needs.
+    pub(crate) fn finish_within(mut self, limit: Duration, what: &str) -> Run {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.has_exited() {
+            if std::time::Instant::now() >= deadline {
+                self.signal("KILL");
+                let run = self.finish(Duration::from_secs(10));
+                panic!("{what}: killed after {limit:?}\n{}", run.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.finish(Duration::from_secs(10))
     }
 
     /// Waits up to `limit` for the exit; returns code, stdout and the collected stderr.
