@@ -184,7 +184,6 @@ impl RemoteStatus {
     }
 
     /// True for `completed`, `failed` and `cancelled`.
-    #[cfg(test)]
     #[must_use]
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
