@@ -222,3 +222,30 @@ fn a_refusal_says_its_cause_once() {
     assert!(run.stderr.contains("output directory"), "{}", run.stderr);
     assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
 }
+
+/// `duration: 5` fits a schema whose allowed values are written `5.0` and `10.0` (numbers
+/// compare by value), and a value that fits none is told every allowed one.
+#[test]
+fn check_compares_numbers_by_value_and_lists_every_allowed_one() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(
+        "model: video/kling/kling-2.5\njobs:\n  - {prompt: waves, params: {duration: 5}}\n  \
+         - {prompt: dunes, params: {duration: 10}}\n",
+    );
+    let fits = work.command(&sim, "unused", &["check"], &[]);
+    fits.expect_code(0);
+    assert!(fits.stdout.contains("request bodies fit"), "{}", fits.stdout);
+
+    work_with_duration(&work, "7");
+    let refused = work.command(&sim, "unused", &["check"], &[]);
+    refused.expect_code(2);
+    assert!(refused.stdout.contains("duration: 7 is not one of 5.0, 10.0"), "{}", refused.stdout);
+}
+
+fn work_with_duration(work: &Workspace, duration: &str) {
+    std::fs::write(
+        work.job_file(),
+        format!("model: video/kling/kling-2.5\njobs:\n  - {{prompt: waves, params: {{duration: {duration}}}}}\n"),
+    )
+    .expect("job file rewritten");
+}
