@@ -82,15 +82,16 @@ pub struct StateChoice {
 /// `krea-batch cancel`.
 #[derive(Debug, Args)]
 pub struct CancelArgs {
-    /// Names of the jobs to cancel.
+    /// Names of the jobs to cancel (among --file's jobs when it is given).
     #[arg(required_unless_present_any = ["file", "all"])]
     pub names: Vec<String>,
-    /// Cancel every job of this job file (a path, or its name in the daemon's inbox); with
-    /// neither --state nor --config, also finds the state file from it.
-    #[arg(long, value_name = "FILE", conflicts_with = "names")]
+    /// The job file whose jobs to cancel (a path, or its name in the daemon's inbox): all of
+    /// them, or the NAMES given. With neither --state nor --config, its state file is found
+    /// from it, as `status` finds it.
+    #[arg(long, value_name = "FILE")]
     pub file: Option<String>,
-    /// Cancel every job not yet finished.
-    #[arg(long, conflicts_with_all = ["names", "file"])]
+    /// Cancel every job not yet finished (of --file, when it is given).
+    #[arg(long, conflicts_with = "names")]
     pub all: bool,
     /// Which state file.
     #[command(flatten)]

@@ -17,15 +17,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-/// Which jobs to cancel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Selection {
-    /// Jobs with these names (in any job file of the state).
-    Names(Vec<String>),
-    /// Every job of one job file: its path, its file name in the daemon's inbox, or its name.
-    File(String),
-    /// Every job not yet finished.
-    All,
+/// Which jobs to cancel: the named ones, or every one; of one job file, or of the whole state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Only the jobs of this job file: its path, its file name in the daemon's inbox, or its
+    /// name.
+    pub file: Option<String>,
+    /// Only the jobs with these names; none: every job (of `file`, when given).
+    pub names: Vec<String>,
 }
 
 /// How long to wait for a running process to take a request.
@@ -98,50 +97,46 @@ async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
 
 /// The jobs `selection` names; an unknown name or job file is an error.
 fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
-    let jobs = store.jobs(None)?;
-    match selection {
-        Selection::All => Ok(jobs),
-        Selection::Names(names) => {
-            let chosen: Vec<JobRecord> =
-                jobs.into_iter().filter(|job| names.contains(&job.name)).collect();
-            if let Some(missing) =
-                names.iter().find(|name| !chosen.iter().any(|job| &job.name == *name))
-            {
-                return Err(InputError::msg(format!(
-                    "no job named {missing} in {}",
-                    store.path().display()
-                ))
-                .into());
-            }
-            Ok(chosen)
-        }
-        Selection::File(file) => {
-            let path = Path::new(file);
-            let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
-            // A job file run on its own: its output folder's marker names the batch (older
-            // states named it by the file's path).
-            let marker = crate::jobfile::output_dir_of(path)
-                .ok()
-                .and_then(|dir| crate::output::read_marker(&dir).ok().flatten());
-            if let Some(marker) = marker {
-                sources.push(marker.batch);
-            }
-            if let Ok(canonical) = std::fs::canonicalize(path) {
-                sources.push(canonical.to_string_lossy().into_owned());
-            }
-            sources.push(format!("inbox:{file}"));
-            let batch = sources
-                .iter()
-                .find_map(|source| store.batch_id(source).ok().flatten())
-                .ok_or_else(|| {
-                    InputError::msg(format!(
-                        "{file} is not a job file of {}",
-                        store.path().display()
-                    ))
-                })?;
-            Ok(jobs.into_iter().filter(|job| job.batch_id == batch).collect())
-        }
+    let mut jobs = store.jobs(None)?;
+    if let Some(file) = &selection.file {
+        let batch = batch_of(store, file)?;
+        jobs.retain(|job| job.batch_id == batch);
     }
+    let names = &selection.names;
+    if names.is_empty() {
+        return Ok(jobs);
+    }
+    jobs.retain(|job| names.contains(&job.name));
+    if let Some(missing) = names.iter().find(|name| !jobs.iter().any(|job| &job.name == *name)) {
+        let among = selection.file.as_ref().map_or_else(String::new, |file| format!(" of {file}"));
+        return Err(InputError::msg(format!(
+            "no job named {missing}{among} in {} (`krea-batch status` lists the state's jobs)",
+            store.path().display()
+        ))
+        .into());
+    }
+    Ok(jobs)
+}
+
+/// The batch of the state that the job file `file` was imported as.
+fn batch_of(store: &Store, file: &str) -> anyhow::Result<i64> {
+    let path = Path::new(file);
+    let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
+    // A job file run on its own: its output folder's marker names the batch (older states
+    // named it by the file's path).
+    let marker = crate::jobfile::output_dir_of(path)
+        .ok()
+        .and_then(|dir| crate::output::read_marker(&dir).ok().flatten());
+    if let Some(marker) = marker {
+        sources.push(marker.batch);
+    }
+    if let Ok(canonical) = std::fs::canonicalize(path) {
+        sources.push(canonical.to_string_lossy().into_owned());
+    }
+    sources.push(format!("inbox:{file}"));
+    sources.iter().find_map(|source| store.batch_id(source).ok().flatten()).ok_or_else(|| {
+        InputError::msg(format!("{file} is not a job file of {}", store.path().display())).into()
+    })
 }
 
 fn file_name(path: &Path) -> String {

@@ -285,19 +285,18 @@ fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<st
         Some(file) => {
             Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
         }
-        None => {
-            Err(InputError::msg("name the state file: --state FILE or --config DAEMON.yaml").into())
-        }
+        None => Err(InputError::msg(
+            "name where the jobs are: --file JOBS.yaml (the job file that was run), --state \
+             FILE or --config DAEMON.yaml",
+        )
+        .into()),
     }
 }
 
 async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, args.file.as_deref())?;
-    let selection = match (args.all, args.file) {
-        (true, _) => Selection::All,
-        (false, Some(file)) => Selection::File(file),
-        (false, None) => Selection::Names(args.names),
-    };
+    // `--all` and no names are the same: every job, of the job file when one is named.
+    let selection = Selection { file: args.file, names: args.names };
     // The key is needed only to cancel at Krea when no krea-batch is running; without one,
     // that case says so.
     let key = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())

@@ -2,6 +2,7 @@
 //! One test binary; a module per area.
 
 mod chaos;
+mod commands;
 mod daemon;
 mod folders;
 mod gallery;

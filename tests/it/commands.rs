@@ -1,0 +1,69 @@
+//! The commands that act on a state after a run, as the README and their usage lines print
+//! them: `cancel --file FILE --all`, `cancel --file FILE NAME`, and the exit codes and
+//! messages when the state is not where a command looks.
+
+use crate::support::{Run, Sim, Workspace, krea_batch};
+
+/// A run stopped by a 402 after two of six named jobs (`p0`…`p5`): four are left unsent.
+fn four_left_unsent(sim: &Sim) -> Workspace {
+    let work = Workspace::with_jobs(
+        "  - {name: p0, prompt: a pier 0}\n  - {name: p1, prompt: a pier 1}\n  \
+         - {name: p2, prompt: a pier 2}\n  - {name: p3, prompt: a pier 3}\n  \
+         - {name: p4, prompt: a pier 4}\n  - {name: p5, prompt: a pier 5}\n",
+    );
+    work.run(sim, &[]).expect_code(3);
+    work
+}
+
+/// `krea-batch cancel ARGS` with the simulation's key.
+fn cancel(sim: &Sim, args: &[&str]) -> Run {
+    Run::of(
+        &krea_batch()
+            .arg("cancel")
+            .args(args)
+            .env("KREA_API_KEY", sim.key())
+            .env("KREA_API_BASE", sim.url())
+            .output()
+            .expect("cancel runs"),
+    )
+}
+
+fn counts(work: &Workspace, sim: &Sim) -> serde_json::Value {
+    let status = work.command(sim, "unused", &["status"], &["--json"]);
+    status.expect_code(0);
+    serde_json::from_str::<serde_json::Value>(&status.stdout).expect("JSON status")["counts"]
+        .clone()
+}
+
+#[test]
+fn cancel_takes_a_job_file_with_names_or_all_as_its_usage_says() {
+    let sim = Sim::start(|config| config.balance_usd = 0.014);
+    let work = four_left_unsent(&sim);
+    let file = work.job_file();
+    let file = file.to_str().expect("a UTF-8 path");
+    assert_eq!(counts(&work, &sim)["pending"], 4);
+
+    // One job of the file by name: the state is found from the job file.
+    let named = cancel(&sim, &["--file", file, "p5"]);
+    named.expect_code(0);
+    assert!(named.stdout.contains("cancelled 1 job"), "{}", named.stdout);
+    assert_eq!(counts(&work, &sim)["cancelled"], 1);
+
+    // A name the file does not have is refused with the place looked in.
+    let unknown = cancel(&sim, &["--file", file, "nope"]);
+    unknown.expect_code(2);
+    assert!(unknown.stderr.contains("no job named nope"), "{}", unknown.stderr);
+
+    // The README's line: everything of the file not yet finished.
+    let all = cancel(&sim, &["--file", file, "--all"]);
+    all.expect_code(0);
+    assert!(all.stdout.contains("cancelled 3 jobs"), "{}", all.stdout);
+    let counts = counts(&work, &sim);
+    assert_eq!((counts["cancelled"].as_u64(), counts["pending"].as_u64()), (Some(4), Some(0)));
+    assert_eq!(sim.stats().jobs_created, 2, "a cancel sends no job");
+
+    // Names alone do not say which state: the message says how to name it.
+    let nowhere = cancel(&sim, &["p0"]);
+    nowhere.expect_code(2);
+    assert!(nowhere.stderr.contains("--file JOBS.yaml"), "{}", nowhere.stderr);
+}
