@@ -77,6 +77,9 @@ pub struct StateChoice {
     /// The daemon's configuration file (its state file).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The state of a `run --simulate`: the one in the job file's `<output>-simulated` folder.
+    #[arg(long, conflicts_with = "config")]
+    pub simulate: bool,
 }
 
 /// `krea-batch cancel`.
@@ -105,6 +108,10 @@ pub struct CancelArgs {
 /// `krea-batch resume`.
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
+    /// The job file whose run to ask (its default state file), unless --state or --config is
+    /// given.
+    #[arg(required_unless_present_any = ["state", "config"])]
+    pub job_file: Option<String>,
     /// Which state file.
     #[command(flatten)]
     pub target: StateChoice,
@@ -181,6 +188,10 @@ pub struct DownloadArgs {
     /// The state file (default: `.krea-batch.sqlite` in the output directory).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// The results of a `run --simulate` (in `<output>-simulated`), from the simulated account
+    /// kept beside them.
+    #[arg(long)]
+    pub simulate: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -194,6 +205,10 @@ pub struct RecoverArgs {
     /// The state file to rebuild (default: `.krea-batch.sqlite` in the output directory).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// The results of a `run --simulate` (in `<output>-simulated`), asking the simulated
+    /// account kept beside them instead of Krea.
+    #[arg(long)]
+    pub simulate: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

@@ -25,16 +25,20 @@ pub struct Selection {
     pub file: Option<String>,
     /// Only the jobs with these names; none: every job (of `file`, when given).
     pub names: Vec<String>,
+    /// `file` was run with `--simulate` (its results are in `<output>-simulated`).
+    pub simulated: bool,
 }
 
 /// How long to wait for a running process to take a request.
 const TAKEN_WITHIN: Duration = Duration::from_secs(30);
 
-/// `krea-batch cancel`. Returns what to tell the user.
+/// `krea-batch cancel`. Returns what to tell the user. `api_base`, when given, is where the
+/// state's jobs are now served (a simulated world started again), else the recorded one.
 pub async fn cancel(
     state: &Path,
     selection: &Selection,
     key: Option<ApiKey>,
+    api_base: Option<&str>,
 ) -> anyhow::Result<String> {
     let reader = Store::open_reader(state)?;
     let jobs = select(&reader, selection)?;
@@ -61,7 +65,7 @@ pub async fn cancel(
             open.len()
         ));
     }
-    cancel_directly(state, &open, key).await
+    cancel_directly(state, &open, key, api_base).await
 }
 
 /// `krea-batch resume`: asks the process holding `state` to probe now whether submitting may
@@ -99,7 +103,7 @@ async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
 fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
     let mut jobs = store.jobs(None)?;
     if let Some(file) = &selection.file {
-        let batch = batch_of(store, file)?;
+        let batch = batch_of(store, file, selection.simulated)?;
         jobs.retain(|job| job.batch_id == batch);
     }
     let names = &selection.names;
@@ -118,15 +122,16 @@ fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>
     Ok(jobs)
 }
 
-/// The batch of the state that the job file `file` was imported as.
-fn batch_of(store: &Store, file: &str) -> anyhow::Result<i64> {
+/// The batch of the state that the job file `file` was imported as (`simulated`: by
+/// `run --simulate`, whose results go to another folder).
+fn batch_of(store: &Store, file: &str, simulated: bool) -> anyhow::Result<i64> {
     let path = Path::new(file);
     let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
     // A job file run on its own: its output folder's marker names the batch (older states
     // named it by the file's path).
-    let marker = crate::jobfile::output_dir_of(path)
+    let marker = setup::places_of(path, None, simulated)
         .ok()
-        .and_then(|dir| crate::output::read_marker(&dir).ok().flatten());
+        .and_then(|places| crate::output::read_marker(&places.output_dir).ok().flatten());
     if let Some(marker) = marker {
         sources.push(marker.batch);
     }
@@ -148,6 +153,7 @@ async fn cancel_directly(
     state: &Path,
     open: &[&JobRecord],
     key: Option<ApiKey>,
+    api_base: Option<&str>,
 ) -> anyhow::Result<String> {
     let mut store = setup::open_store(state)?;
     let in_flight = open.iter().filter(|job| job.state == JobState::Submitted).count();
@@ -160,8 +166,11 @@ async fn cancel_directly(
             .into());
         }
         (_, Some(key)) => {
-            let base = setup::recorded_api_base(&store)?
-                .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
+            let base = match api_base {
+                Some(base) => base.to_owned(),
+                None => setup::recorded_api_base(&store)?
+                    .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned()),
+            };
             let base = api::parse_base_url(&base).map_err(InputError::new)?;
             Some(setup::api_client(base, Duration::from_secs(30), key)?)
         }

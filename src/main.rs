@@ -221,6 +221,10 @@ fn shell_word(text: &str) -> String {
 
 async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
+    let places = setup::places(&file, args.state.as_deref(), args.simulate);
+    setup::existing_state(&places.state)?;
+    // Simulated results are fetched from the simulated account's file host, served again.
+    let simulation = if args.simulate { serve_kept_world(&places.output_dir).await? } else { None };
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     let (status, _) = tokio::sync::watch::channel(EngineStatus::default());
@@ -230,14 +234,18 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         state: args.state,
         api_base: None,
         key: None,
-        simulated: false,
+        simulated: args.simulate,
         simulation: None,
         force: false,
         fresh: false,
         controls,
         status,
     };
-    let summary = krea_batch::run::run(file, options).await?.summary;
+    let result = krea_batch::run::run(file, options).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let summary = result?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -247,14 +255,44 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
 
 async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
-    let options = krea_batch::recover::RecoverOptions {
-        state: args.state,
-        api_base: args.api.api_base,
-        key: loaded.key,
-        simulated: false,
+    let mut simulation = None;
+    let options = if args.simulate {
+        // Krea's records are the simulated account's, kept beside the simulated results.
+        let dir = setup::places(&file, args.state.as_deref(), true).output_dir;
+        let Some(server) = serve_kept_world(&dir).await? else {
+            return Err(InputError::msg(format!(
+                "there is no simulated account to ask in {} (its {} is missing, or a run is \
+                 using it now): recover --simulate rebuilds the state of a `run --simulate` from \
+                 the account it kept",
+                dir.display(),
+                sim::WORLD_FILE
+            ))
+            .into());
+        };
+        let options = krea_batch::recover::RecoverOptions {
+            state: args.state,
+            api_base: Some(server.base_url()),
+            key: key::ApiKey::new(server.api_key())?,
+            simulated: true,
+            simulation: server.world_id().map(str::to_owned),
+        };
+        simulation = Some(server);
+        options
+    } else {
+        let loaded = key::load(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        krea_batch::recover::RecoverOptions {
+            state: args.state,
+            api_base: args.api.api_base,
+            key: loaded.key,
+            simulated: false,
+            simulation: None,
+        }
     };
-    let report = krea_batch::recover::recover(file, options).await?;
+    let result = krea_batch::recover::recover(file, options).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let report = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -273,41 +311,68 @@ async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-/// The state file a command names: `--state`, the daemon's `--config`, or a job file's default.
+/// The state file a command names: `--state`, the daemon's `--config`, or a job file's default
+/// (with `--simulate`, that of its simulated run). It must exist: a command that reads a state
+/// never creates one.
 fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
-    if let Some(state) = &choice.state {
-        return Ok(state.clone());
-    }
-    if let Some(config) = &choice.config {
-        return Ok(DaemonConfig::load(config).map_err(InputError::new)?.state);
-    }
-    match job_file {
-        Some(file) => {
-            Ok(jobfile::output_dir_of(std::path::Path::new(file))?.join(setup::STATE_FILE))
-        }
-        None => Err(InputError::msg(
+    let path = if let Some(state) = &choice.state {
+        state.clone()
+    } else if let Some(config) = &choice.config {
+        DaemonConfig::load(config).map_err(InputError::new)?.state
+    } else if let Some(file) = job_file {
+        setup::places_of(std::path::Path::new(file), None, choice.simulate)?.state
+    } else {
+        return Err(InputError::msg(
             "name where the jobs are: --file JOBS.yaml (the job file that was run), --state \
              FILE or --config DAEMON.yaml",
         )
-        .into()),
+        .into());
+    };
+    setup::existing_state(&path)?;
+    Ok(path)
+}
+
+/// The simulated account kept in `dir` by `run --simulate`, served again so that a command
+/// reading its results reaches it; `None` when there is none, or while a run serves it.
+async fn serve_kept_world(dir: &std::path::Path) -> anyhow::Result<Option<SimServer>> {
+    let path = dir.join(sim::WORLD_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    match SimServer::start_with_world(SimConfig::default(), &path).await {
+        Ok(server) => Ok(Some(server)),
+        Err(SimError::World(WorldFileError::InUse { .. })) => Ok(None),
+        Err(err) => Err(sim_error(err)),
     }
 }
 
 async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, args.file.as_deref())?;
+    let simulated = args.target.simulate;
     // `--all` and no names are the same: every job, of the job file when one is named.
-    let selection = Selection { file: args.file, names: args.names };
+    let selection = Selection { file: args.file, names: args.names, simulated };
+    // Simulated jobs in flight are cancelled at the simulated account, served again unless a
+    // run serves it (that run then takes the request).
+    let dir = state.parent().unwrap_or(std::path::Path::new("."));
+    let simulation = if simulated { serve_kept_world(dir).await? } else { None };
     // The key is needed only to cancel at Krea when no krea-batch is running; without one,
     // that case says so.
-    let key = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok())
-        .ok()
-        .map(|loaded| loaded.key);
-    println!("{}", control::cancel(&state, &selection, key).await?);
+    let (key, api_base) = if let Some(server) = &simulation {
+        (Some(key::ApiKey::new(server.api_key())?), Some(server.base_url()))
+    } else {
+        let loaded = key::load(args.api_key_file.as_deref(), |name| std::env::var(name).ok());
+        (loaded.ok().map(|loaded| loaded.key), None)
+    };
+    let result = control::cancel(&state, &selection, key, api_base.as_deref()).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    println!("{}", result?);
     Ok(EXIT_OK)
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
-    let state = state_path(&args.target, None)?;
+    let state = state_path(&args.target, args.job_file.as_deref())?;
     println!("{}", control::resume(&state).await?);
     Ok(EXIT_OK)
 }

@@ -23,7 +23,7 @@ use crate::jobfile::JobFile;
 use crate::key::ApiKey;
 use crate::output::{self, Marker};
 use crate::report::MANIFEST;
-use crate::setup::{Places, base_url, clients, guard_api_base, places};
+use crate::setup::{Places, base_url, clients, guard_api, places};
 use crate::store::{Change, FileRecord, JobRecord, Store};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -40,6 +40,9 @@ pub struct RecoverOptions {
     pub key: ApiKey,
     /// The results of a `--simulate` run.
     pub simulated: bool,
+    /// The identity of the simulated world `api_base` serves (`--simulate`): the same world
+    /// is the same API whatever port it listens on.
+    pub simulation: Option<String>,
 }
 
 /// What `recover` did.
@@ -222,7 +225,7 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
     let dir = places.output_dir.clone();
     let _lock = output::lock(&dir).map_err(InputError::new)?;
     let mut store = open_for_recovery(&places)?;
-    guard_api_base(&mut store, &base)?;
+    guard_api(&mut store, &base, options.simulation.as_deref())?;
     let state_id = store.state_id()?;
     let marker = match output::read_marker(&dir) {
         Ok(marker) => marker,

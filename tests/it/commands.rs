@@ -67,3 +67,74 @@ fn cancel_takes_a_job_file_with_names_or_all_as_its_usage_says() {
     nowhere.expect_code(2);
     assert!(nowhere.stderr.contains("--file JOBS.yaml"), "{}", nowhere.stderr);
 }
+
+/// `krea-batch ARGS` run in the workspace folder.
+fn in_folder(work: &Workspace, args: &[&str]) -> Run {
+    Run::of(&krea_batch().current_dir(work.dir.path()).args(args).output().expect("runs"))
+}
+
+/// After `run --simulate`, every command that reads a state takes `--simulate` and reads the
+/// simulated folder's; without it, it says where the simulated results are (exit 2) and
+/// creates nothing in `out/`.
+#[test]
+fn commands_that_read_a_state_take_simulate_and_never_create_one() {
+    let work =
+        Workspace::with_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
+    std::fs::write(work.dir.path().join("sim.yaml"), "job_time: 100ms\n").expect("sim config");
+    in_folder(&work, &["run", "--simulate", "--simulate-config", "sim.yaml", "jobs.yaml"])
+        .expect_code(0);
+    let simulated = work.dir.path().join("out-simulated");
+
+    for command in
+        [&["status", "jobs.yaml"][..], &["download", "jobs.yaml"], &["resume", "jobs.yaml"]]
+    {
+        let refused = in_folder(&work, command);
+        refused.expect_code(2);
+        assert!(refused.stderr.contains("there is no state file at"), "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("out-simulated") && refused.stderr.contains("add --simulate"),
+            "{command:?}: {}",
+            refused.stderr
+        );
+        assert!(!work.out().exists(), "{command:?} created {}", work.out().display());
+    }
+    let cancel = in_folder(&work, &["cancel", "--file", "jobs.yaml", "fox"]);
+    cancel.expect_code(2);
+    assert!(!work.out().exists(), "cancel created {}", work.out().display());
+
+    let status = in_folder(&work, &["status", "--simulate", "jobs.yaml", "--json"]);
+    status.expect_code(0);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON");
+    assert_eq!(status["counts"]["completed"], 2, "{status}");
+    let download = in_folder(&work, &["download", "--simulate", "jobs.yaml"]);
+    download.expect_code(0);
+    assert!(download.stderr.contains("2 jobs: 2 done"), "{}", download.stderr);
+    let cancel = in_folder(&work, &["cancel", "--simulate", "--file", "jobs.yaml", "--all"]);
+    cancel.expect_code(0);
+    assert!(cancel.stdout.contains("have all ended"), "{}", cancel.stdout);
+    let resume = in_folder(&work, &["resume", "--simulate", "jobs.yaml"]);
+    resume.expect_code(0);
+    assert!(resume.stdout.contains("no krea-batch is running"), "{}", resume.stdout);
+
+    // A lost simulated state is rebuilt from the simulated account kept beside the results.
+    std::fs::remove_file(simulated.join(".krea-batch.sqlite")).expect("state removed");
+    let recover = in_folder(&work, &["recover", "--simulate", "jobs.yaml"]);
+    recover.expect_code(0);
+    assert!(recover.stderr.contains("2 jobs recovered"), "{}", recover.stderr);
+    let status = in_folder(&work, &["status", "--simulate", "jobs.yaml", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON");
+    assert_eq!(status["counts"]["completed"], 2, "{status}");
+    assert!(!work.out().exists(), "nothing was ever written to {}", work.out().display());
+}
+
+/// `status` of a job file never run is a usage error (exit 2, as README says), naming the
+/// state file it looked for.
+#[test]
+fn status_of_a_job_file_never_run_exits_2() {
+    let work = Workspace::with_jobs("  - {prompt: a fox}\n");
+    let status = in_folder(&work, &["status", "jobs.yaml"]);
+    status.expect_code(2);
+    assert!(status.stderr.contains(".krea-batch.sqlite"), "{}", status.stderr);
+    assert!(status.stderr.contains("krea-batch run"), "{}", status.stderr);
+    assert!(!work.out().exists());
+}
