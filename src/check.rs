@@ -9,6 +9,7 @@ use crate::jobfile::{Budget, JobFile};
 use crate::openapi::SchemaReport;
 use crate::output;
 use crate::pricing::{PriceTable, usd};
+use crate::report::count;
 use crate::setup::places;
 use crate::store::Store;
 use serde::Serialize;
@@ -210,7 +211,12 @@ impl Plan {
 
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{}: {} jobs, valid", self.file, self.jobs)?;
+        // "valid" only when nothing below says otherwise.
+        let verdict = match self.schema.problems.len() {
+            0 => "valid".to_owned(),
+            n => format!("NOT valid: {}, listed below", count(n, "problem")),
+        };
+        writeln!(f, "{}: {}, {verdict}", self.file, count(self.jobs, "job"))?;
         for model in &self.models {
             let cost = model
                 .estimated_usd

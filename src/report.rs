@@ -251,6 +251,12 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// `n` and `noun`, plural unless `n` is 1: `1 job`, `3 jobs`, `0 jobs` (nouns that take `s`).
+#[must_use]
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
 /// `1536` → `1.5 KiB`.
 #[must_use]
 pub fn human_bytes(bytes: u64) -> String {
@@ -330,6 +336,13 @@ mod tests {
         assert_eq!(manifest_status(JobState::Pending), "not_submitted");
         assert_eq!(manifest_status(JobState::Completed), "download_pending");
         assert_eq!(manifest_status(JobState::Submitting), "unknown");
+    }
+
+    #[test]
+    fn counted_nouns() {
+        assert_eq!(count(1, "job"), "1 job");
+        assert_eq!(count(0, "job"), "0 jobs");
+        assert_eq!(count(2, "file"), "2 files");
     }
 
     #[test]
