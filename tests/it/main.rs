@@ -10,6 +10,7 @@ mod hostile;
 mod input;
 mod kill;
 mod layers;
+mod manifest;
 mod resume;
 mod run;
 mod security;
