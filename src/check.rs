@@ -8,7 +8,7 @@ use crate::error::InputError;
 use crate::jobfile::{Budget, JobFile};
 use crate::openapi::SchemaReport;
 use crate::output;
-use crate::pricing::{PriceTable, usd};
+use crate::pricing::{PriceTable, round_usd, usd};
 use crate::report::count;
 use crate::setup::places;
 use crate::store::Store;
@@ -104,6 +104,7 @@ impl Resume {
                 resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
             }
         }
+        resume.to_pay_usd = round_usd(resume.to_pay_usd);
         Some(resume)
     }
 }
@@ -157,14 +158,14 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         .map(|(model, (jobs, estimate))| ModelPlan {
             model: (*model).to_owned(),
             jobs: *jobs,
-            estimated_usd: (estimate.unpriced == 0).then_some(estimate.usd),
+            estimated_usd: (estimate.unpriced == 0).then_some(round_usd(estimate.usd)),
         })
         .collect();
     Ok(Plan {
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
         models,
-        estimated_usd: costs.total.usd,
+        estimated_usd: round_usd(costs.total.usd),
         unpriced: costs.total.unpriced,
         output_dir: places.output_dir.display().to_string(),
         state: places.state.display().to_string(),
@@ -221,11 +222,12 @@ impl std::fmt::Display for Plan {
             let cost = model
                 .estimated_usd
                 .map_or_else(|| "no known price".into(), |usd| format!("${usd:.4}"));
-            writeln!(f, "  {:<40} {:>6} jobs  {cost}", model.model, model.jobs)?;
+            let noun = if model.jobs == 1 { "job" } else { "jobs" };
+            writeln!(f, "  {:<40} {:>6} {noun:<4}  {cost}", model.model, model.jobs)?;
         }
         write!(f, "estimated cost: ${:.4}", self.estimated_usd)?;
         if self.unpriced > 0 {
-            write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
+            write!(f, " (+ {} with no known price)", count(self.unpriced, "job"))?;
         }
         writeln!(f)?;
         if let Some(budget) = &self.budget {
@@ -234,9 +236,12 @@ impl std::fmt::Display for Plan {
         if let Some(resume) = &self.resume {
             writeln!(
                 f,
-                "a run now: {} jobs already sent or done, {} would reuse results already paid for, \
+                "a run now: {} already sent or done, {} would reuse results already paid for, \
                  {} to submit (estimated ${:.4})",
-                resume.done, resume.reused, resume.to_pay, resume.to_pay_usd
+                count(resume.done, "job"),
+                resume.reused,
+                resume.to_pay,
+                resume.to_pay_usd
             )?;
             if let Some(refusal) = &resume.refusal {
                 writeln!(f, "warning: {refusal}")?;

@@ -11,6 +11,7 @@ use crate::error::InputError;
 use crate::inbox;
 use crate::job::JobState;
 use crate::key::ApiKey;
+use crate::report::count;
 use crate::setup;
 use crate::store::{Change, JobRecord, Request, Store};
 use std::fmt::Write as _;
@@ -48,10 +49,12 @@ pub async fn cancel(
         .filter(|job| matches!(job.state, JobState::Pending | JobState::Submitted))
         .collect();
     if open.is_empty() {
-        return Ok(format!(
-            "nothing to cancel: the {} selected jobs have all ended or were never sent",
-            jobs.len()
-        ));
+        return Ok(match jobs.len() {
+            1 => "nothing to cancel: the selected job has ended or was never sent".to_owned(),
+            n => format!(
+                "nothing to cancel: the {n} selected jobs have all ended or were never sent"
+            ),
+        });
     }
     if Store::is_locked(state) {
         let requester = Store::open_requester(state)?;
@@ -60,9 +63,9 @@ pub async fn cancel(
         }
         wait_until_taken(&requester).await?;
         return Ok(format!(
-            "asked the running krea-batch to cancel {} jobs: pending ones are cancelled at once, \
+            "asked the running krea-batch to cancel {}: pending ones are cancelled at once, \
              jobs in flight at Krea as soon as Krea allows (see `krea-batch status`)",
-            open.len()
+            count(open.len(), "job")
         ));
     }
     cancel_directly(state, &open, key, api_base).await
@@ -192,7 +195,7 @@ async fn cancel_directly(
         cancelled += 1;
     }
     store.apply(&changes)?;
-    let mut message = format!("cancelled {cancelled} jobs");
+    let mut message = format!("cancelled {}", count(cancelled, "job"));
     if !refused.is_empty() {
         let _ = write!(
             message,

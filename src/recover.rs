@@ -22,7 +22,7 @@ use crate::job::JobState;
 use crate::jobfile::JobFile;
 use crate::key::ApiKey;
 use crate::output::{self, Marker};
-use crate::report::MANIFEST;
+use crate::report::{MANIFEST, count};
 use crate::setup::{Places, base_url, clients, guard_api, places};
 use crate::store::{Change, FileRecord, JobRecord, Store};
 use serde::Deserialize;
@@ -70,7 +70,7 @@ pub struct RecoverReport {
 
 impl std::fmt::Display for RecoverReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{} jobs recovered into {}:", self.recovered, self.state)?;
+        writeln!(f, "{} recovered into {}:", count(self.recovered, "job"), self.state)?;
         for (label, count) in [
             ("downloaded, every file whole", self.downloaded),
             ("download pending", self.download_pending),
@@ -82,15 +82,15 @@ impl std::fmt::Display for RecoverReport {
         }
         writeln!(
             f,
-            "{} jobs of the job file have no record in the folder: the next run submits them",
-            self.without_record
+            "{} of the job file with no record in the folder: the next run submits them",
+            count(self.without_record, "job")
         )?;
         if !self.unclaimed.is_empty() {
             writeln!(
                 f,
-                "{} jobs at Krea, created since the first result here, are claimed by no record \
+                "{} at Krea, created since the first result here, claimed by no record \
                  (they may be jobs whose record was lost; they are not attributed): {}",
-                self.unclaimed.len(),
+                count(self.unclaimed.len(), "job"),
                 output::listed(&self.unclaimed)
             )?;
         }

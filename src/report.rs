@@ -170,7 +170,7 @@ impl Summary {
             ),
             files,
             bytes,
-            spend_usd: spend.usd,
+            spend_usd: crate::pricing::round_usd(spend.usd),
             unpriced: spend.unpriced,
             removed_from_file: jobs.iter().filter(|job| !job.in_file).count(),
             reused: jobs.iter().filter(|job| job.reused_from.is_some()).count(),
@@ -185,7 +185,7 @@ impl Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counts;
-        writeln!(f, "{} jobs: {c}", c.total)?;
+        writeln!(f, "{}: {c}", count(c.total, "job"))?;
         writeln!(
             f,
             "{} files ({}) in {}; estimated spend ${:.4}{}; {:.1} s",
@@ -206,25 +206,25 @@ impl std::fmt::Display for Summary {
         if self.reused > 0 {
             writeln!(
                 f,
-                "{} jobs took results this state already paid for (same model and request), \
-                 not paid again; `reuse: false` in the job file or `run --fresh` generates anew",
-                self.reused
+                "{} took results this state already paid for (same model and request), not \
+                 paid again; `reuse: false` in the job file or `run --fresh` generates anew",
+                count(self.reused, "job")
             )?;
         }
         if self.removed_from_file > 0 {
             writeln!(
                 f,
-                "{} jobs in the state file are no longer in the job file; they were left alone",
-                self.removed_from_file
+                "{} in the state file no longer in the job file; left alone",
+                count(self.removed_from_file, "job")
             )?;
         }
         match self.stopped {
             Some(StopReason::PaymentRequired) => writeln!(
                 f,
-                "Stopped submitting: the Krea API balance is exhausted (402). {} jobs finished, \
-                 {} not submitted. Top up the API balance, then run the same command again: it \
+                "Stopped submitting: the Krea API balance is exhausted (402). {} finished, {} \
+                 not submitted. Top up the API balance, then run the same command again: it \
                  continues where it stopped and submits nothing twice.",
-                c.finished(),
+                count(c.finished(), "job"),
                 c.pending
             )?,
             Some(StopReason::AuthRefused) => writeln!(
@@ -234,10 +234,10 @@ impl std::fmt::Display for Summary {
             )?,
             Some(StopReason::BudgetReached) => writeln!(
                 f,
-                "Stopped submitting: the next job would exceed the budget. {} jobs finished, {} \
-                 not submitted. Raise the budget (budget: in the job file), then run the same \
+                "Stopped submitting: the next job would exceed the budget. {} finished, {} not \
+                 submitted. Raise the budget (budget: in the job file), then run the same \
                  command again: it continues where it stopped.",
-                c.finished(),
+                count(c.finished(), "job"),
                 c.pending
             )?,
             Some(StopReason::Interrupted) => writeln!(

@@ -42,11 +42,15 @@ fn cancel_takes_a_job_file_with_names_or_all_as_its_usage_says() {
     let file = work.job_file();
     let file = file.to_str().expect("a UTF-8 path");
     assert_eq!(counts(&work, &sim)["pending"], 4);
+    // The text names the state as the JSON does.
+    let text = work.command(&sim, "unused", &["status"], &[]);
+    let pending = text.stdout.lines().find(|line| line.contains("pending (not submitted)"));
+    assert!(pending.is_some_and(|line| line.trim_end().ends_with(" 4")), "{}", text.stdout);
 
     // One job of the file by name: the state is found from the job file.
     let named = cancel(&sim, &["--file", file, "p5"]);
     named.expect_code(0);
-    assert!(named.stdout.contains("cancelled 1 job"), "{}", named.stdout);
+    assert_eq!(named.stdout.trim(), "cancelled 1 job", "one job, said in the singular");
     assert_eq!(counts(&work, &sim)["cancelled"], 1);
 
     // A name the file does not have is refused with the place looked in.

@@ -220,7 +220,8 @@ fn status_reads_the_state_file() {
     run.expect_code(0);
     let status: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON status");
     assert_eq!(status["counts"]["completed"], 3);
-    assert!((status["spent_usd"].as_f64().expect("spend") - 0.021).abs() < 1e-9);
+    // Money as it means: three prices of $0.007 summed, without binary noise.
+    assert_eq!(status["spent_usd"].to_string(), "0.021", "{status}");
 }
 
 /// An error keeps the error beneath it as its source, and the message printed says each cause
