@@ -613,11 +613,7 @@ async fn watch_signals(controls: Controls) {
 
 fn new_progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
-    let style = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · {msg} · ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
+    bar.set_style(report::progress_style());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }

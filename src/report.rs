@@ -270,6 +270,27 @@ pub fn human_bytes(bytes: u64) -> String {
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
+/// The progress bar's template (`eta_known` is [`progress_style`]'s own key).
+const PROGRESS_TEMPLATE: &str =
+    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · {msg} · ETA {eta_known}";
+
+/// The progress bar's look: elapsed time, bar, jobs finished of all, the counts, and the time
+/// left, which says nothing (`--`) until a first job has finished (before that the estimate
+/// is 0 s, which reads as "done").
+#[must_use]
+pub fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key("eta_known", |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+            let _ = out.write_str(&eta_text(state.pos(), state.eta()));
+        })
+}
+
+/// The time left once `finished` jobs have, as indicatif would say it; `--` before any.
+fn eta_text(finished: u64, eta: Duration) -> String {
+    if finished == 0 { "--".to_owned() } else { format!("{:#}", indicatif::HumanDuration(eta)) }
+}
+
 /// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
 /// line every `every` when something changed.
 pub async fn show_progress(
@@ -336,6 +357,14 @@ mod tests {
         assert_eq!(manifest_status(JobState::Pending), "not_submitted");
         assert_eq!(manifest_status(JobState::Completed), "download_pending");
         assert_eq!(manifest_status(JobState::Submitting), "unknown");
+    }
+
+    #[test]
+    fn no_time_left_is_claimed_before_a_job_has_finished() {
+        assert_eq!(eta_text(0, Duration::ZERO), "--");
+        assert_eq!(eta_text(3, Duration::from_secs(90)), "2m");
+        // A template error would fall back to a bare bar without the counts.
+        assert!(indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
     }
 
     #[test]
