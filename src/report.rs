@@ -200,6 +200,8 @@ impl std::fmt::Display for Summary {
             },
             self.elapsed_seconds
         )?;
+        // The page to look the batch over in (written at the end of every run and download).
+        writeln!(f, "gallery: {}", Path::new(&self.output_dir).join("index.html").display())?;
         for (name, reason) in &self.failures {
             writeln!(f, "  {name}: {reason}")?;
         }

@@ -85,8 +85,16 @@ fn commands_that_read_a_state_take_simulate_and_never_create_one() {
     let work =
         Workspace::with_jobs("  - {name: fox, prompt: a fox}\n  - {name: owl, prompt: an owl}\n");
     std::fs::write(work.dir.path().join("sim.yaml"), "job_time: 100ms\n").expect("sim config");
-    in_folder(&work, &["run", "--simulate", "--simulate-config", "sim.yaml", "jobs.yaml"])
-        .expect_code(0);
+    let run =
+        in_folder(&work, &["run", "--simulate", "--simulate-config", "sim.yaml", "jobs.yaml"]);
+    run.expect_code(0);
+    assert!(
+        run.stderr.lines().any(|line| {
+            line.starts_with("gallery: ") && line.ends_with("out-simulated/index.html")
+        }),
+        "the summary names the page: {}",
+        run.stderr
+    );
     let simulated = work.dir.path().join("out-simulated");
 
     for command in
