@@ -273,8 +273,10 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 /// The progress bar's template (`eta_known` is [`progress_style`]'s own key).
+/// The counts come last as `wide_msg`, cut to what the terminal leaves, so the bar stays on one
+/// line at 80 columns.
 const PROGRESS_TEMPLATE: &str =
-    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · {msg} · ETA {eta_known}";
+    "{spinner} {elapsed:>3} {bar:20} {pos}/{len} ETA {eta_known} · {wide_msg}";
 
 /// The progress bar's look: elapsed time, bar, jobs finished of all, the counts, and the time
 /// left, which says nothing (`--`) until a first job has finished (before that the estimate
@@ -286,6 +288,18 @@ pub fn progress_style() -> indicatif::ProgressStyle {
         .with_key("eta_known", |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
             let _ = out.write_str(&eta_text(state.pos(), state.eta()));
         })
+}
+
+/// The counts on the progress bar, most telling first (the end may be cut on a narrow
+/// terminal).
+fn progress_message(now: &Counts) -> String {
+    format!(
+        "{} in flight · {} done · {} failed · {} to send",
+        now.in_flight + now.unknown,
+        now.completed,
+        now.failed,
+        now.pending
+    )
 }
 
 /// The time left once `finished` jobs have, as indicatif would say it; `--` before any.
@@ -313,13 +327,7 @@ pub async fn show_progress(
                     let now = status.borrow_and_update().counts;
                     bar.set_length(now.total as u64);
                     bar.set_position(now.finished() as u64);
-                    bar.set_message(format!(
-                        "{} submitted · {} in flight · {} done · {} failed",
-                        now.total - now.pending,
-                        now.in_flight + now.unknown,
-                        now.completed,
-                        now.failed
-                    ));
+                    bar.set_message(progress_message(&now));
                 }
             }
             _ = tick.tick(), if bar.is_none() => {
@@ -367,6 +375,70 @@ mod tests {
         assert_eq!(eta_text(3, Duration::from_secs(90)), "2m");
         // A template error would fall back to a bare bar without the counts.
         assert!(indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
+    }
+
+    /// A terminal of 80 columns that keeps what is drawn on it.
+    #[derive(Clone, Debug, Default)]
+    struct Narrow(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl indicatif::TermLike for Narrow {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, line: &str) -> std::io::Result<()> {
+            self.write_str(line)
+        }
+        fn write_str(&self, text: &str) -> std::io::Result<()> {
+            self.0.lock().expect("not poisoned").push(text.to_owned());
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_progress_bar_stays_on_one_line_at_80_columns() {
+        let term = Narrow::default();
+        let target = indicatif::ProgressDrawTarget::term_like(Box::new(term.clone()));
+        let bar = indicatif::ProgressBar::with_draw_target(Some(100_000), target);
+        bar.set_style(progress_style());
+        let counts = Counts {
+            total: 100_000,
+            pending: 88_000,
+            in_flight: 8,
+            completed: 11_990,
+            failed: 2,
+            ..Counts::default()
+        };
+        bar.set_position(11_992);
+        bar.set_message(progress_message(&counts));
+        // Drawing is rate-limited; abandoning the bar draws it as it stands, at once.
+        bar.abandon();
+        let drawn = term.0.lock().expect("not poisoned").clone();
+        let lines: Vec<&str> =
+            drawn.iter().filter(|text| text.contains("ETA")).map(String::as_str).collect();
+        assert!(!lines.is_empty(), "the bar was drawn: {drawn:?}");
+        for line in &lines {
+            assert!(line.chars().count() <= 80, "{} columns: {line:?}", line.chars().count());
+        }
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(last.contains("11992/100000") && last.contains("8 in flight"), "{last:?}");
     }
 
     #[test]
