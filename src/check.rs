@@ -57,9 +57,10 @@ pub struct Resume {
 }
 
 impl Resume {
-    /// Reads the state file of `file`'s output folder, when there is one.
-    fn of(file: &JobFile) -> Option<Self> {
-        let places = places(file, None, false);
+    /// Reads the state file of `file`'s output folder (its simulated one when `simulated`),
+    /// when there is one.
+    fn of(file: &JobFile, simulated: bool) -> Option<Self> {
+        let places = places(file, None, simulated);
         let store = Store::open_reader(&places.state).ok();
         let marker = output::read_marker(&places.output_dir);
         if store.is_none() && !matches!(marker, Ok(Some(_))) {
@@ -148,9 +149,15 @@ pub struct ModelPlan {
 }
 
 /// `krea-batch check`: the plan, without sending anything (the schema check is done by the
-/// caller, [`crate::openapi::schema_report`], and included).
-pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result<Plan, InputError> {
-    let places = places(file, None, false);
+/// caller, [`crate::openapi::schema_report`], and included); `simulated`: the plan of
+/// `run --simulate`, whose results and state are in `<output>-simulated`.
+pub fn plan(
+    file: &JobFile,
+    base: &reqwest::Url,
+    schema: SchemaReport,
+    simulated: bool,
+) -> Result<Plan, InputError> {
+    let places = places(file, None, simulated);
     let costs = Costs::of(file);
     let models = costs
         .by_model
@@ -172,7 +179,7 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         api_base: base.to_string(),
         schema,
         budget: file.budget.map(|budget| BudgetFit::of(file, budget, &costs)),
-        resume: Resume::of(file),
+        resume: Resume::of(file, simulated),
     })
 }
 

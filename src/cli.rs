@@ -228,6 +228,10 @@ pub struct CheckArgs {
     /// The API base URL, instead of the job file's `api.base_url` (where the schemas come from).
     #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
     pub api_base: Option<String>,
+    /// The plan of `run --simulate`: checked against the simulation's schemas, and resumed from
+    /// the state in `<output>-simulated`.
+    #[arg(long, conflicts_with = "api_base")]
+    pub simulate: bool,
     /// Schema checking.
     #[command(flatten)]
     pub schema: SchemaArgs,

@@ -413,8 +413,12 @@ fn exit_code(summary: &Summary) -> u8 {
 
 async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     let file = jobfile::load(&args.job_file)?;
-    let base = setup::base_url(&file, args.api_base.as_deref())?;
-    let state = setup::places(&file, None, false).state;
+    // The simulation's own schemas, as `run --simulate` checks against them; nothing is kept.
+    let simulation =
+        if args.simulate { Some(SimServer::start(SimConfig::default()).await?) } else { None };
+    let api_base = simulation.as_ref().map(SimServer::base_url).or(args.api_base);
+    let base = setup::base_url(&file, api_base.as_deref())?;
+    let state = setup::places(&file, None, args.simulate).state;
     let report = krea_batch::openapi::schema_report(
         &file,
         &base,
@@ -422,8 +426,15 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
         &schema_choice(&args.schema, false),
     )
     .await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
     let fits = report.problems.is_empty();
-    let plan = check::plan(&file, &base, report)?;
+    let mut plan = check::plan(&file, &base, report, args.simulate)?;
+    if args.simulate {
+        // The simulation served its schemas and is gone: name it, not its passing address.
+        "the built-in simulation (--simulate)".clone_into(&mut plan.api_base);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {

@@ -124,6 +124,15 @@ fn commands_that_read_a_state_take_simulate_and_never_create_one() {
     let cancel = in_folder(&work, &["cancel", "--simulate", "--file", "jobs.yaml", "--all"]);
     cancel.expect_code(0);
     assert!(cancel.stdout.contains("have all ended"), "{}", cancel.stdout);
+    let check = in_folder(&work, &["check", "--simulate", "jobs.yaml", "--json"]);
+    check.expect_code(0);
+    let plan: serde_json::Value = serde_json::from_str(&check.stdout).expect("JSON plan");
+    assert_eq!(
+        (plan["resume"]["done"].as_u64(), plan["resume"]["to_pay"].as_u64()),
+        (Some(2), Some(0)),
+        "{plan}"
+    );
+    assert!(plan["state"].as_str().is_some_and(|state| state.contains("out-simulated")), "{plan}");
     let resume = in_folder(&work, &["resume", "--simulate", "jobs.yaml"]);
     resume.expect_code(0);
     assert!(resume.stdout.contains("no krea-batch is running"), "{}", resume.stdout);
