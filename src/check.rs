@@ -8,7 +8,8 @@ use crate::error::InputError;
 use crate::jobfile::{Budget, JobFile};
 use crate::openapi::SchemaReport;
 use crate::output;
-use crate::pricing::{PriceTable, usd};
+use crate::pricing::{PriceTable, round_usd, usd};
+use crate::report::count;
 use crate::setup::places;
 use crate::store::Store;
 use serde::Serialize;
@@ -56,9 +57,10 @@ pub struct Resume {
 }
 
 impl Resume {
-    /// Reads the state file of `file`'s output folder, when there is one.
-    fn of(file: &JobFile) -> Option<Self> {
-        let places = places(file, None, false);
+    /// Reads the state file of `file`'s output folder (its simulated one when `simulated`),
+    /// when there is one.
+    fn of(file: &JobFile, simulated: bool) -> Option<Self> {
+        let places = places(file, None, simulated);
         let store = Store::open_reader(&places.state).ok();
         let marker = output::read_marker(&places.output_dir);
         if store.is_none() && !matches!(marker, Ok(Some(_))) {
@@ -103,6 +105,7 @@ impl Resume {
                 resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
             }
         }
+        resume.to_pay_usd = round_usd(resume.to_pay_usd);
         Some(resume)
     }
 }
@@ -146,9 +149,15 @@ pub struct ModelPlan {
 }
 
 /// `krea-batch check`: the plan, without sending anything (the schema check is done by the
-/// caller, [`crate::openapi::schema_report`], and included).
-pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result<Plan, InputError> {
-    let places = places(file, None, false);
+/// caller, [`crate::openapi::schema_report`], and included); `simulated`: the plan of
+/// `run --simulate`, whose results and state are in `<output>-simulated`.
+pub fn plan(
+    file: &JobFile,
+    base: &reqwest::Url,
+    schema: SchemaReport,
+    simulated: bool,
+) -> Result<Plan, InputError> {
+    let places = places(file, None, simulated);
     let costs = Costs::of(file);
     let models = costs
         .by_model
@@ -156,21 +165,21 @@ pub fn plan(file: &JobFile, base: &reqwest::Url, schema: SchemaReport) -> Result
         .map(|(model, (jobs, estimate))| ModelPlan {
             model: (*model).to_owned(),
             jobs: *jobs,
-            estimated_usd: (estimate.unpriced == 0).then_some(estimate.usd),
+            estimated_usd: (estimate.unpriced == 0).then_some(round_usd(estimate.usd)),
         })
         .collect();
     Ok(Plan {
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
         models,
-        estimated_usd: costs.total.usd,
+        estimated_usd: round_usd(costs.total.usd),
         unpriced: costs.total.unpriced,
         output_dir: places.output_dir.display().to_string(),
         state: places.state.display().to_string(),
         api_base: base.to_string(),
         schema,
         budget: file.budget.map(|budget| BudgetFit::of(file, budget, &costs)),
-        resume: Resume::of(file),
+        resume: Resume::of(file, simulated),
     })
 }
 
@@ -210,16 +219,22 @@ impl Plan {
 
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{}: {} jobs, valid", self.file, self.jobs)?;
+        // "valid" only when nothing below says otherwise.
+        let verdict = match self.schema.problems.len() {
+            0 => "valid".to_owned(),
+            n => format!("NOT valid: {}, listed below", count(n, "problem")),
+        };
+        writeln!(f, "{}: {}, {verdict}", self.file, count(self.jobs, "job"))?;
         for model in &self.models {
             let cost = model
                 .estimated_usd
                 .map_or_else(|| "no known price".into(), |usd| format!("${usd:.4}"));
-            writeln!(f, "  {:<40} {:>6} jobs  {cost}", model.model, model.jobs)?;
+            let noun = if model.jobs == 1 { "job" } else { "jobs" };
+            writeln!(f, "  {:<40} {:>6} {noun:<4}  {cost}", model.model, model.jobs)?;
         }
         write!(f, "estimated cost: ${:.4}", self.estimated_usd)?;
         if self.unpriced > 0 {
-            write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
+            write!(f, " (+ {} with no known price)", count(self.unpriced, "job"))?;
         }
         writeln!(f)?;
         if let Some(budget) = &self.budget {
@@ -228,9 +243,12 @@ impl std::fmt::Display for Plan {
         if let Some(resume) = &self.resume {
             writeln!(
                 f,
-                "a run now: {} jobs already sent or done, {} would reuse results already paid for, \
+                "a run now: {} already sent or done, {} would reuse results already paid for, \
                  {} to submit (estimated ${:.4})",
-                resume.done, resume.reused, resume.to_pay, resume.to_pay_usd
+                count(resume.done, "job"),
+                resume.reused,
+                resume.to_pay,
+                resume.to_pay_usd
             )?;
             if let Some(refusal) = &resume.refusal {
                 writeln!(f, "warning: {refusal}")?;

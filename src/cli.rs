@@ -77,20 +77,24 @@ pub struct StateChoice {
     /// The daemon's configuration file (its state file).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The state of a `run --simulate`: the one in the job file's `<output>-simulated` folder.
+    #[arg(long, conflicts_with = "config")]
+    pub simulate: bool,
 }
 
 /// `krea-batch cancel`.
 #[derive(Debug, Args)]
 pub struct CancelArgs {
-    /// Names of the jobs to cancel.
+    /// Names of the jobs to cancel (among --file's jobs when it is given).
     #[arg(required_unless_present_any = ["file", "all"])]
     pub names: Vec<String>,
-    /// Cancel every job of this job file (a path, or its name in the daemon's inbox); with
-    /// neither --state nor --config, also finds the state file from it.
-    #[arg(long, value_name = "FILE", conflicts_with = "names")]
+    /// The job file whose jobs to cancel (a path, or its name in the daemon's inbox): all of
+    /// them, or the NAMES given. With neither --state nor --config, its state file is found
+    /// from it, as `status` finds it.
+    #[arg(long, value_name = "FILE")]
     pub file: Option<String>,
-    /// Cancel every job not yet finished.
-    #[arg(long, conflicts_with_all = ["names", "file"])]
+    /// Cancel every job not yet finished (of --file, when it is given).
+    #[arg(long, conflicts_with = "names")]
     pub all: bool,
     /// Which state file.
     #[command(flatten)]
@@ -104,6 +108,10 @@ pub struct CancelArgs {
 /// `krea-batch resume`.
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
+    /// The job file whose run to ask (its default state file), unless --state or --config is
+    /// given.
+    #[arg(required_unless_present_any = ["state", "config"])]
+    pub job_file: Option<String>,
     /// Which state file.
     #[command(flatten)]
     pub target: StateChoice,
@@ -180,6 +188,10 @@ pub struct DownloadArgs {
     /// The state file (default: `.krea-batch.sqlite` in the output directory).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// The results of a `run --simulate` (in `<output>-simulated`), from the simulated account
+    /// kept beside them.
+    #[arg(long)]
+    pub simulate: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -193,6 +205,10 @@ pub struct RecoverArgs {
     /// The state file to rebuild (default: `.krea-batch.sqlite` in the output directory).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// The results of a `run --simulate` (in `<output>-simulated`), asking the simulated
+    /// account kept beside them instead of Krea.
+    #[arg(long)]
+    pub simulate: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -212,6 +228,10 @@ pub struct CheckArgs {
     /// The API base URL, instead of the job file's `api.base_url` (where the schemas come from).
     #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
     pub api_base: Option<String>,
+    /// The plan of `run --simulate`: checked against the simulation's schemas, and resumed from
+    /// the state in `<output>-simulated`.
+    #[arg(long, conflicts_with = "api_base")]
+    pub simulate: bool,
     /// Schema checking.
     #[command(flatten)]
     pub schema: SchemaArgs,

@@ -11,31 +11,35 @@ use crate::error::InputError;
 use crate::inbox;
 use crate::job::JobState;
 use crate::key::ApiKey;
+use crate::report::count;
 use crate::setup;
 use crate::store::{Change, JobRecord, Request, Store};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-/// Which jobs to cancel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Selection {
-    /// Jobs with these names (in any job file of the state).
-    Names(Vec<String>),
-    /// Every job of one job file: its path, its file name in the daemon's inbox, or its name.
-    File(String),
-    /// Every job not yet finished.
-    All,
+/// Which jobs to cancel: the named ones, or every one; of one job file, or of the whole state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Only the jobs of this job file: its path, its file name in the daemon's inbox, or its
+    /// name.
+    pub file: Option<String>,
+    /// Only the jobs with these names; none: every job (of `file`, when given).
+    pub names: Vec<String>,
+    /// `file` was run with `--simulate` (its results are in `<output>-simulated`).
+    pub simulated: bool,
 }
 
 /// How long to wait for a running process to take a request.
 const TAKEN_WITHIN: Duration = Duration::from_secs(30);
 
-/// `krea-batch cancel`. Returns what to tell the user.
+/// `krea-batch cancel`. Returns what to tell the user. `api_base`, when given, is where the
+/// state's jobs are now served (a simulated world started again), else the recorded one.
 pub async fn cancel(
     state: &Path,
     selection: &Selection,
     key: Option<ApiKey>,
+    api_base: Option<&str>,
 ) -> anyhow::Result<String> {
     let reader = Store::open_reader(state)?;
     let jobs = select(&reader, selection)?;
@@ -45,10 +49,12 @@ pub async fn cancel(
         .filter(|job| matches!(job.state, JobState::Pending | JobState::Submitted))
         .collect();
     if open.is_empty() {
-        return Ok(format!(
-            "nothing to cancel: the {} selected jobs have all ended or were never sent",
-            jobs.len()
-        ));
+        return Ok(match jobs.len() {
+            1 => "nothing to cancel: the selected job has ended or was never sent".to_owned(),
+            n => format!(
+                "nothing to cancel: the {n} selected jobs have all ended or were never sent"
+            ),
+        });
     }
     if Store::is_locked(state) {
         let requester = Store::open_requester(state)?;
@@ -57,12 +63,12 @@ pub async fn cancel(
         }
         wait_until_taken(&requester).await?;
         return Ok(format!(
-            "asked the running krea-batch to cancel {} jobs: pending ones are cancelled at once, \
+            "asked the running krea-batch to cancel {}: pending ones are cancelled at once, \
              jobs in flight at Krea as soon as Krea allows (see `krea-batch status`)",
-            open.len()
+            count(open.len(), "job")
         ));
     }
-    cancel_directly(state, &open, key).await
+    cancel_directly(state, &open, key, api_base).await
 }
 
 /// `krea-batch resume`: asks the process holding `state` to probe now whether submitting may
@@ -98,50 +104,47 @@ async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
 
 /// The jobs `selection` names; an unknown name or job file is an error.
 fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
-    let jobs = store.jobs(None)?;
-    match selection {
-        Selection::All => Ok(jobs),
-        Selection::Names(names) => {
-            let chosen: Vec<JobRecord> =
-                jobs.into_iter().filter(|job| names.contains(&job.name)).collect();
-            if let Some(missing) =
-                names.iter().find(|name| !chosen.iter().any(|job| &job.name == *name))
-            {
-                return Err(InputError::msg(format!(
-                    "no job named {missing} in {}",
-                    store.path().display()
-                ))
-                .into());
-            }
-            Ok(chosen)
-        }
-        Selection::File(file) => {
-            let path = Path::new(file);
-            let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
-            // A job file run on its own: its output folder's marker names the batch (older
-            // states named it by the file's path).
-            let marker = crate::jobfile::output_dir_of(path)
-                .ok()
-                .and_then(|dir| crate::output::read_marker(&dir).ok().flatten());
-            if let Some(marker) = marker {
-                sources.push(marker.batch);
-            }
-            if let Ok(canonical) = std::fs::canonicalize(path) {
-                sources.push(canonical.to_string_lossy().into_owned());
-            }
-            sources.push(format!("inbox:{file}"));
-            let batch = sources
-                .iter()
-                .find_map(|source| store.batch_id(source).ok().flatten())
-                .ok_or_else(|| {
-                    InputError::msg(format!(
-                        "{file} is not a job file of {}",
-                        store.path().display()
-                    ))
-                })?;
-            Ok(jobs.into_iter().filter(|job| job.batch_id == batch).collect())
-        }
+    let mut jobs = store.jobs(None)?;
+    if let Some(file) = &selection.file {
+        let batch = batch_of(store, file, selection.simulated)?;
+        jobs.retain(|job| job.batch_id == batch);
     }
+    let names = &selection.names;
+    if names.is_empty() {
+        return Ok(jobs);
+    }
+    jobs.retain(|job| names.contains(&job.name));
+    if let Some(missing) = names.iter().find(|name| !jobs.iter().any(|job| &job.name == *name)) {
+        let among = selection.file.as_ref().map_or_else(String::new, |file| format!(" of {file}"));
+        return Err(InputError::msg(format!(
+            "no job named {missing}{among} in {} (`krea-batch status` lists the state's jobs)",
+            store.path().display()
+        ))
+        .into());
+    }
+    Ok(jobs)
+}
+
+/// The batch of the state that the job file `file` was imported as (`simulated`: by
+/// `run --simulate`, whose results go to another folder).
+fn batch_of(store: &Store, file: &str, simulated: bool) -> anyhow::Result<i64> {
+    let path = Path::new(file);
+    let mut sources = vec![format!("inbox:{}", inbox::batch_name(&file_name(path)))];
+    // A job file run on its own: its output folder's marker names the batch (older states
+    // named it by the file's path).
+    let marker = setup::places_of(path, None, simulated)
+        .ok()
+        .and_then(|places| crate::output::read_marker(&places.output_dir).ok().flatten());
+    if let Some(marker) = marker {
+        sources.push(marker.batch);
+    }
+    if let Ok(canonical) = std::fs::canonicalize(path) {
+        sources.push(canonical.to_string_lossy().into_owned());
+    }
+    sources.push(format!("inbox:{file}"));
+    sources.iter().find_map(|source| store.batch_id(source).ok().flatten()).ok_or_else(|| {
+        InputError::msg(format!("{file} is not a job file of {}", store.path().display())).into()
+    })
 }
 
 fn file_name(path: &Path) -> String {
@@ -153,6 +156,7 @@ async fn cancel_directly(
     state: &Path,
     open: &[&JobRecord],
     key: Option<ApiKey>,
+    api_base: Option<&str>,
 ) -> anyhow::Result<String> {
     let mut store = setup::open_store(state)?;
     let in_flight = open.iter().filter(|job| job.state == JobState::Submitted).count();
@@ -165,8 +169,11 @@ async fn cancel_directly(
             .into());
         }
         (_, Some(key)) => {
-            let base = setup::recorded_api_base(&store)?
-                .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned());
+            let base = match api_base {
+                Some(base) => base.to_owned(),
+                None => setup::recorded_api_base(&store)?
+                    .unwrap_or_else(|| api::DEFAULT_BASE_URL.to_owned()),
+            };
             let base = api::parse_base_url(&base).map_err(InputError::new)?;
             Some(setup::api_client(base, Duration::from_secs(30), key)?)
         }
@@ -188,7 +195,7 @@ async fn cancel_directly(
         cancelled += 1;
     }
     store.apply(&changes)?;
-    let mut message = format!("cancelled {cancelled} jobs");
+    let mut message = format!("cancelled {}", count(cancelled, "job"));
     if !refused.is_empty() {
         let _ = write!(
             message,

@@ -52,7 +52,7 @@ fn render_page(all: &[&JobRecord], jobs: &[&JobRecord], page: usize, pages: usiz
     let _ = writeln!(
         html,
         "<p class=\"counts\">{}</p>",
-        escape(&format!("{} jobs: {counts}", counts.total))
+        escape(&format!("{}: {counts}", crate::report::count(counts.total, "job")))
     );
     if pages > 1 {
         html.push_str(&pager(page, pages));

@@ -202,8 +202,12 @@ pub use setup::Places;
 pub use setup::STATE_FILE;
 /// The API base URL of a job file, unless the command line overrides it.
 pub use setup::base_url;
+/// Refuses, as a usage error, a command that reads a state file that is not there.
+pub use setup::existing_state;
 /// The output folder and state file of a job file, as `--state` and `--simulate` change them.
 pub use setup::places;
+/// [`places`] for a job file on disk, reading no more of it than its `output:` line.
+pub use setup::places_of;
 
 // How a run is steered and watched, and how it ends.
 
@@ -217,6 +221,8 @@ pub use job::check_name as check_job_name;
 pub use jobfile::flow_depth;
 /// The end of a run: counts, files, spend, why it stopped; printed or as JSON.
 pub use report::Summary;
+/// The progress bar's look (one line at 80 columns; no time left claimed before a job ends).
+pub use report::progress_style;
 /// Shows a run's live counts on a progress bar or as log lines.
 pub use report::show_progress;
 /// Stop switches handed to a run: stop submitting (first Ctrl-C), drain, abort (second Ctrl-C).

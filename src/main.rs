@@ -150,9 +150,7 @@ async fn run(
         simulation = Some(server);
         key
     } else {
-        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
-            std::env::var(name).ok()
-        })?;
+        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
         if let Some(warning) = &loaded.permission_warning {
             tracing::warn!("{warning}");
         }
@@ -218,6 +216,10 @@ fn shell_word(text: &str) -> String {
 
 async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     let file = krea_batch::load_job_file(&args.job_file)?;
+    let places = krea_batch::places(&file, args.state.as_deref(), args.simulate);
+    krea_batch::existing_state(&places.state)?;
+    // Simulated results are fetched from the simulated account's file host, served again.
+    let simulation = if args.simulate { serve_kept_world(&places.output_dir).await? } else { None };
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     let (status, _) = tokio::sync::watch::channel(EngineStatus::default());
@@ -227,14 +229,18 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
         state: args.state,
         api_base: None,
         key: None,
-        simulated: false,
+        simulated: args.simulate,
         simulation: None,
         force: false,
         fresh: false,
         controls,
         status,
     };
-    let summary = krea_batch::run(file, options).await?.summary;
+    let result = krea_batch::run(file, options).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let summary = result?.summary;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -244,15 +250,44 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
 
 async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
     let file = krea_batch::load_job_file(&args.job_file)?;
-    let loaded =
-        krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
-    let options = krea_batch::RecoverOptions {
-        state: args.state,
-        api_base: args.api.api_base,
-        key: loaded.key,
-        simulated: false,
+    let mut simulation = None;
+    let options = if args.simulate {
+        // Krea's records are the simulated account's, kept beside the simulated results.
+        let dir = krea_batch::places(&file, args.state.as_deref(), true).output_dir;
+        let Some(server) = serve_kept_world(&dir).await? else {
+            return Err(InputError::msg(format!(
+                "there is no simulated account to ask in {} (its {} is missing, or a run is \
+                 using it now): recover --simulate rebuilds the state of a `run --simulate` from \
+                 the account it kept",
+                dir.display(),
+                sim::WORLD_FILE
+            ))
+            .into());
+        };
+        let options = krea_batch::RecoverOptions {
+            state: args.state,
+            api_base: Some(server.base_url()),
+            key: krea_batch::ApiKey::new(server.api_key())?,
+            simulated: true,
+            simulation: server.world_id().map(str::to_owned),
+        };
+        simulation = Some(server);
+        options
+    } else {
+        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        krea_batch::RecoverOptions {
+            state: args.state,
+            api_base: args.api.api_base,
+            key: loaded.key,
+            simulated: false,
+            simulation: None,
+        }
     };
-    let report = krea_batch::recover(file, options).await?;
+    let result = krea_batch::recover(file, options).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let report = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -261,8 +296,7 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
-    let loaded =
-        krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let loaded = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
     if let Some(warning) = &loaded.permission_warning {
         tracing::warn!("{warning}");
     }
@@ -272,42 +306,68 @@ async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-/// The state file a command names: `--state`, the daemon's `--config`, or a job file's default.
+/// The state file a command names: `--state`, the daemon's `--config`, or a job file's default
+/// (with `--simulate`, that of its simulated run). It must exist: a command that reads a state
+/// never creates one.
 fn state_path(choice: &StateChoice, job_file: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
-    if let Some(state) = &choice.state {
-        return Ok(state.clone());
+    let path = if let Some(state) = &choice.state {
+        state.clone()
+    } else if let Some(config) = &choice.config {
+        DaemonConfig::load(config).map_err(InputError::new)?.state
+    } else if let Some(file) = job_file {
+        krea_batch::places_of(std::path::Path::new(file), None, choice.simulate)?.state
+    } else {
+        return Err(InputError::msg(
+            "name where the jobs are: --file JOBS.yaml (the job file that was run), --state \
+             FILE or --config DAEMON.yaml",
+        )
+        .into());
+    };
+    krea_batch::existing_state(&path)?;
+    Ok(path)
+}
+
+/// The simulated account kept in `dir` by `run --simulate`, served again so that a command
+/// reading its results reaches it; `None` when there is none, or while a run serves it.
+async fn serve_kept_world(dir: &std::path::Path) -> anyhow::Result<Option<SimServer>> {
+    let path = dir.join(sim::WORLD_FILE);
+    if !path.exists() {
+        return Ok(None);
     }
-    if let Some(config) = &choice.config {
-        return Ok(DaemonConfig::load(config).map_err(InputError::new)?.state);
-    }
-    match job_file {
-        Some(file) => {
-            Ok(krea_batch::output_dir_of(std::path::Path::new(file))?.join(krea_batch::STATE_FILE))
-        }
-        None => {
-            Err(InputError::msg("name the state file: --state FILE or --config DAEMON.yaml").into())
-        }
+    match SimServer::start_with_world(SimConfig::default(), &path).await {
+        Ok(server) => Ok(Some(server)),
+        Err(SimError::World(WorldFileError::InUse { .. })) => Ok(None),
+        Err(err) => Err(sim_error(err)),
     }
 }
 
 async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, args.file.as_deref())?;
-    let selection = match (args.all, args.file) {
-        (true, _) => Selection::All,
-        (false, Some(file)) => Selection::File(file),
-        (false, None) => Selection::Names(args.names),
-    };
+    let simulated = args.target.simulate;
+    // `--all` and no names are the same: every job, of the job file when one is named.
+    let selection = Selection { file: args.file, names: args.names, simulated };
+    // Simulated jobs in flight are cancelled at the simulated account, served again unless a
+    // run serves it (that run then takes the request).
+    let dir = state.parent().unwrap_or(std::path::Path::new("."));
+    let simulation = if simulated { serve_kept_world(dir).await? } else { None };
     // The key is needed only to cancel at Krea when no krea-batch is running; without one,
     // that case says so.
-    let key = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())
-        .ok()
-        .map(|loaded| loaded.key);
-    println!("{}", krea_batch::cancel(&state, &selection, key).await?);
+    let (key, api_base) = if let Some(server) = &simulation {
+        (Some(krea_batch::ApiKey::new(server.api_key())?), Some(server.base_url()))
+    } else {
+        let loaded = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok());
+        (loaded.ok().map(|loaded| loaded.key), None)
+    };
+    let result = krea_batch::cancel(&state, &selection, key, api_base.as_deref()).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    println!("{}", result?);
     Ok(EXIT_OK)
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
-    let state = state_path(&args.target, None)?;
+    let state = state_path(&args.target, args.job_file.as_deref())?;
     println!("{}", krea_batch::resume(&state).await?);
     Ok(EXIT_OK)
 }
@@ -348,12 +408,28 @@ fn exit_code(summary: &Summary) -> u8 {
 
 async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     let file = krea_batch::load_job_file(&args.job_file)?;
-    let base = krea_batch::base_url(&file, args.api_base.as_deref())?;
-    let state = krea_batch::places(&file, None, false).state;
-    let report =
-        krea_batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
+    // The simulation's own schemas, as `run --simulate` checks against them; nothing is kept.
+    let simulation =
+        if args.simulate { Some(SimServer::start(SimConfig::default()).await?) } else { None };
+    let api_base = simulation.as_ref().map(SimServer::base_url).or(args.api_base);
+    let base = krea_batch::base_url(&file, api_base.as_deref())?;
+    let state = krea_batch::places(&file, None, args.simulate).state;
+    let report = krea_batch::schema_report(
+        &file,
+        &base,
+        &state,
+        &schema_choice(&args.schema, false),
+    )
+    .await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
     let fits = report.problems.is_empty();
-    let plan = krea_batch::plan(&file, &base, report)?;
+    let mut plan = krea_batch::plan(&file, &base, report, args.simulate)?;
+    if args.simulate {
+        // The simulation served its schemas and is gone: name it, not its passing address.
+        "the built-in simulation (--simulate)".clone_into(&mut plan.api_base);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -389,7 +465,8 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         InputError::because(format!("cannot read {}: {err}", path.display()), err)
     })?;
-    Ok(krea_batch::parse_yaml_document(&text, path).map_err(InputError::new)?)
+    serde_yaml::from_str(&text)
+        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
@@ -542,11 +619,7 @@ async fn watch_signals(controls: Controls) {
 
 fn new_progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
-    let style = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} · {msg} · ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
+    bar.set_style(krea_batch::progress_style());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }

@@ -118,7 +118,7 @@ pub fn render(snapshot: &MetricsSnapshot) -> String {
     }
     let spend = "spend_usd_estimate";
     family(&mut out, spend, "gauge", "Completed jobs at their estimated price, in US dollars.");
-    sample(&mut out, spend, None, float(snapshot.spend_usd_estimate));
+    sample(&mut out, spend, None, float(crate::pricing::round_usd(snapshot.spend_usd_estimate)));
     out
 }
 
@@ -318,6 +318,10 @@ mod tests {
         assert!(text.lines().any(|l| l == "krea_batch_paused 0"), "{text}");
         assert!(text.lines().any(|l| l == "krea_batch_spend_usd_estimate NaN"), "{text}");
         assert_eq!((float(f64::INFINITY), float(0.0)), ("+Inf".to_owned(), "0".to_owned()));
+        // A sum of prices is shown as the money it is, not with its binary noise.
+        let snapshot = MetricsSnapshot { spend_usd_estimate: 0.1 + 0.2, ..Default::default() };
+        let text = render(&snapshot);
+        assert!(text.lines().any(|l| l == "krea_batch_spend_usd_estimate 0.3"), "{text}");
     }
 
     #[tokio::test]

@@ -5,14 +5,16 @@
 //! bodies Krea would refuse, before anything is spent (`schema.rs` does the checking;
 //! [`schema_report`] and [`SchemaChoice`] are what the commands call).
 //!
-//! A model the document does not know gets a warning, not an error (the model list changes
-//! every few weeks); a document that cannot be had gets a warning and the run goes on.
+//! A model path the document does not list but lists one close to is a typo, refused with
+//! "did you mean"; one far from every listed model gets a warning, not an error (the model
+//! list changes every few weeks, and it may be newer than the document). A document that cannot
+//! be had gets a warning and the run goes on.
 
 use crate::error::InputError;
-use crate::jobfile::JobFile;
+use crate::jobfile::{self, JobFile};
 use crate::schema::{Problem, validate};
-use serde_json::Value;
-use std::collections::{BTreeSet, HashSet};
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -170,6 +172,14 @@ impl ApiDocument {
             .get("schema")
     }
 
+    /// The models the document describes (`image/bfl/flux-1-dev`, …).
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        let paths = self.doc.get("paths").and_then(Value::as_object).into_iter().flatten();
+        paths.filter_map(|(path, item)| {
+            item.get("post").and(path.strip_prefix("/generate/")).filter(|model| !model.is_empty())
+        })
+    }
+
     /// The problems of `body` (JSON text) for `model`; `None` when the document does not know
     /// the model.
     #[must_use]
@@ -208,40 +218,70 @@ impl SchemaReport {
             }
         };
         let mut report = Self { origin: document.origin.clone(), ..Self::default() };
+        let models: Vec<&str> = document.models().collect();
         let mut unknown_models = BTreeSet::new();
+        let mut typos = HashSet::new();
         let mut seen = HashSet::new();
+        let mut params_lines = HashMap::new();
         let mut more = 0;
+        let source = file.source.display();
+        let mut push = |report: &mut Self, line: String| {
+            if report.problems.len() < LISTED_PROBLEMS {
+                report.problems.push(line);
+            } else {
+                more += 1;
+            }
+        };
         for job in &file.jobs {
-            match document.check(&job.model, &job.body) {
-                None => {
-                    unknown_models.insert(job.model.clone());
+            let Some(problems) = document.check(&job.model, &job.body) else {
+                // A path close to one the document lists is a typo Krea would refuse; one far
+                // from all of them may be a model newer than the document.
+                if !unknown_models.insert(job.model.clone()) {
+                    continue;
                 }
-                Some(problems) => {
-                    for problem in problems {
-                        let line = format!(
-                            "{}:{}: job {} ({}): {problem}",
-                            file.source.display(),
-                            job.line,
-                            job.name,
-                            job.model
-                        );
-                        // `count` copies share one entry: report it once.
-                        if !seen.insert((job.line, problem.to_string())) {
-                            continue;
-                        }
-                        if report.problems.len() < LISTED_PROBLEMS {
-                            report.problems.push(line);
-                        } else {
-                            more += 1;
-                        }
+                if let Some(near) = crate::schema::closest(&job.model, &models) {
+                    let line = format!(
+                        "{source}:{}: job {}: model {}: {} lists no such model; did you mean \
+                         {near}?",
+                        job.line, job.name, job.model, document.origin
+                    );
+                    push(&mut report, line);
+                    typos.insert(job.model.clone());
+                }
+                continue;
+            };
+            let body = if problems.is_empty() { Map::new() } else { job.body_map() };
+            for problem in problems {
+                // A field the job takes from the top-level `params:` is wrong there, once.
+                let field = problem.path.split(['.', '[']).next().unwrap_or_default();
+                let default = file.params.get(field).filter(|value| body.get(field) == Some(value));
+                let at_params = default.and_then(|_| {
+                    *params_lines
+                        .entry(field.to_owned())
+                        .or_insert_with(|| jobfile::params_line(&file.source, field))
+                });
+                let (line, text) = match at_params {
+                    Some(line) => {
+                        (line, format!("{source}:{line}: params ({}): {problem}", job.model))
                     }
+                    None => (
+                        job.line,
+                        format!(
+                            "{source}:{}: job {} ({}): {problem}",
+                            job.line, job.name, job.model
+                        ),
+                    ),
+                };
+                // `count` copies share one entry, and jobs share the defaults: report it once.
+                if seen.insert((line, problem.to_string())) {
+                    push(&mut report, text);
                 }
             }
         }
         if more > 0 {
             report.problems.push(format!("… and {more} more"));
         }
-        for model in unknown_models {
+        for model in unknown_models.iter().filter(|model| !typos.contains(*model)) {
             report.warnings.push(format!(
                 "{} does not describe {model}; its jobs were not checked (a new model?)",
                 document.origin

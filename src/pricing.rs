@@ -73,6 +73,14 @@ pub fn usd(amount: f64) -> String {
     if decimals <= 2 { format!("${amount:.2}") } else { format!("${trimmed}") }
 }
 
+/// `amount` rounded to a millionth of a dollar, the finest step of a price: a sum of prices
+/// carries binary noise (`0.1 + 0.2` is `0.30000000000000004`) that means nothing, and is
+/// rounded away before it is shown or exported.
+#[must_use]
+pub fn round_usd(amount: f64) -> f64 {
+    (amount * 1e6).round() / 1e6
+}
+
 /// A sum of prices that remembers how many jobs had none.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Estimate {
@@ -96,7 +104,8 @@ impl std::fmt::Display for Estimate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "${:.4}", self.usd)?;
         if self.unpriced > 0 {
-            write!(f, " (+ {} jobs with no known price)", self.unpriced)?;
+            let noun = if self.unpriced == 1 { "job" } else { "jobs" };
+            write!(f, " (+ {} {noun} with no known price)", self.unpriced)?;
         }
         Ok(())
     }
@@ -109,6 +118,14 @@ mod tests {
 
     fn body(value: &Value) -> Map<String, Value> {
         value.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn money_is_rounded_to_what_it_means() {
+        assert_eq!(serde_json::json!(0.1 + 0.2).to_string(), "0.30000000000000004");
+        assert_eq!(serde_json::json!(round_usd(0.1 + 0.2)).to_string(), "0.3");
+        assert_eq!(serde_json::json!(round_usd(0.007 * 3.0)).to_string(), "0.021");
+        assert!(round_usd(f64::NAN).is_nan());
     }
 
     #[test]
@@ -154,6 +171,6 @@ mod tests {
         let mut estimate = Estimate::default();
         estimate.add(Some(0.5));
         estimate.add(None);
-        assert_eq!(estimate.to_string(), "$0.5000 (+ 1 jobs with no known price)");
+        assert_eq!(estimate.to_string(), "$0.5000 (+ 1 job with no known price)");
     }
 }

@@ -22,8 +22,8 @@ use crate::job::JobState;
 use crate::jobfile::JobFile;
 use crate::key::ApiKey;
 use crate::output::{self, Marker};
-use crate::report::MANIFEST;
-use crate::setup::{Places, base_url, clients, guard_api_base, places};
+use crate::report::{MANIFEST, count};
+use crate::setup::{Places, base_url, clients, guard_api, places};
 use crate::store::{Change, FileRecord, JobRecord, Store};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -40,6 +40,9 @@ pub struct RecoverOptions {
     pub key: ApiKey,
     /// The results of a `--simulate` run.
     pub simulated: bool,
+    /// The identity of the simulated world `api_base` serves (`--simulate`): the same world
+    /// is the same API whatever port it listens on.
+    pub simulation: Option<String>,
 }
 
 /// What `recover` did.
@@ -67,7 +70,7 @@ pub struct RecoverReport {
 
 impl std::fmt::Display for RecoverReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{} jobs recovered into {}:", self.recovered, self.state)?;
+        writeln!(f, "{} recovered into {}:", count(self.recovered, "job"), self.state)?;
         for (label, count) in [
             ("downloaded, every file whole", self.downloaded),
             ("download pending", self.download_pending),
@@ -79,15 +82,15 @@ impl std::fmt::Display for RecoverReport {
         }
         writeln!(
             f,
-            "{} jobs of the job file have no record in the folder: the next run submits them",
-            self.without_record
+            "{} of the job file with no record in the folder: the next run submits them",
+            count(self.without_record, "job")
         )?;
         if !self.unclaimed.is_empty() {
             writeln!(
                 f,
-                "{} jobs at Krea, created since the first result here, are claimed by no record \
+                "{} at Krea, created since the first result here, claimed by no record \
                  (they may be jobs whose record was lost; they are not attributed): {}",
-                self.unclaimed.len(),
+                count(self.unclaimed.len(), "job"),
                 output::listed(&self.unclaimed)
             )?;
         }
@@ -222,7 +225,7 @@ pub async fn recover(file: JobFile, options: RecoverOptions) -> anyhow::Result<R
     let dir = places.output_dir.clone();
     let _lock = output::lock(&dir).map_err(InputError::new)?;
     let mut store = open_for_recovery(&places)?;
-    guard_api_base(&mut store, &base)?;
+    guard_api(&mut store, &base, options.simulation.as_deref())?;
     let state_id = store.state_id()?;
     let marker = match output::read_marker(&dir) {
         Ok(marker) => marker,

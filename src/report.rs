@@ -170,7 +170,7 @@ impl Summary {
             ),
             files,
             bytes,
-            spend_usd: spend.usd,
+            spend_usd: crate::pricing::round_usd(spend.usd),
             unpriced: spend.unpriced,
             removed_from_file: jobs.iter().filter(|job| !job.in_file).count(),
             reused: jobs.iter().filter(|job| job.reused_from.is_some()).count(),
@@ -185,7 +185,7 @@ impl Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counts;
-        writeln!(f, "{} jobs: {c}", c.total)?;
+        writeln!(f, "{}: {c}", count(c.total, "job"))?;
         writeln!(
             f,
             "{} files ({}) in {}; estimated spend ${:.4}{}; {:.1} s",
@@ -200,31 +200,33 @@ impl std::fmt::Display for Summary {
             },
             self.elapsed_seconds
         )?;
+        // The page to look the batch over in (written at the end of every run and download).
+        writeln!(f, "gallery: {}", Path::new(&self.output_dir).join("index.html").display())?;
         for (name, reason) in &self.failures {
             writeln!(f, "  {name}: {reason}")?;
         }
         if self.reused > 0 {
             writeln!(
                 f,
-                "{} jobs took results this state already paid for (same model and request), \
-                 not paid again; `reuse: false` in the job file or `run --fresh` generates anew",
-                self.reused
+                "{} took results this state already paid for (same model and request), not \
+                 paid again; `reuse: false` in the job file or `run --fresh` generates anew",
+                count(self.reused, "job")
             )?;
         }
         if self.removed_from_file > 0 {
             writeln!(
                 f,
-                "{} jobs in the state file are no longer in the job file; they were left alone",
-                self.removed_from_file
+                "{} in the state file no longer in the job file; left alone",
+                count(self.removed_from_file, "job")
             )?;
         }
         match self.stopped {
             Some(StopReason::PaymentRequired) => writeln!(
                 f,
-                "Stopped submitting: the Krea API balance is exhausted (402). {} jobs finished, \
-                 {} not submitted. Top up the API balance, then run the same command again: it \
+                "Stopped submitting: the Krea API balance is exhausted (402). {} finished, {} \
+                 not submitted. Top up the API balance, then run the same command again: it \
                  continues where it stopped and submits nothing twice.",
-                c.finished(),
+                count(c.finished(), "job"),
                 c.pending
             )?,
             Some(StopReason::AuthRefused) => writeln!(
@@ -234,10 +236,10 @@ impl std::fmt::Display for Summary {
             )?,
             Some(StopReason::BudgetReached) => writeln!(
                 f,
-                "Stopped submitting: the next job would exceed the budget. {} jobs finished, {} \
-                 not submitted. Raise the budget (budget: in the job file), then run the same \
+                "Stopped submitting: the next job would exceed the budget. {} finished, {} not \
+                 submitted. Raise the budget (budget: in the job file), then run the same \
                  command again: it continues where it stopped.",
-                c.finished(),
+                count(c.finished(), "job"),
                 c.pending
             )?,
             Some(StopReason::Interrupted) => writeln!(
@@ -251,6 +253,12 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// `n` and `noun`, plural unless `n` is 1: `1 job`, `3 jobs`, `0 jobs` (nouns that take `s`).
+#[must_use]
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
 /// `1536` → `1.5 KiB`.
 #[must_use]
 pub fn human_bytes(bytes: u64) -> String {
@@ -262,6 +270,41 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// The progress bar's template (`eta_known` is [`progress_style`]'s own key).
+/// The counts come last as `wide_msg`, cut to what the terminal leaves, so the bar stays on one
+/// line at 80 columns.
+const PROGRESS_TEMPLATE: &str =
+    "{spinner} {elapsed:>3} {bar:20} {pos}/{len} ETA {eta_known} · {wide_msg}";
+
+/// The progress bar's look: elapsed time, bar, jobs finished of all, the counts, and the time
+/// left, which says nothing (`--`) until a first job has finished (before that the estimate
+/// is 0 s, which reads as "done").
+#[must_use]
+pub fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key("eta_known", |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+            let _ = out.write_str(&eta_text(state.pos(), state.eta()));
+        })
+}
+
+/// The counts on the progress bar, most telling first (the end may be cut on a narrow
+/// terminal).
+fn progress_message(now: &Counts) -> String {
+    format!(
+        "{} in flight · {} done · {} failed · {} to send",
+        now.in_flight + now.unknown,
+        now.completed,
+        now.failed,
+        now.pending
+    )
+}
+
+/// The time left once `finished` jobs have, as indicatif would say it; `--` before any.
+fn eta_text(finished: u64, eta: Duration) -> String {
+    if finished == 0 { "--".to_owned() } else { format!("{:#}", indicatif::HumanDuration(eta)) }
 }
 
 /// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
@@ -284,13 +327,7 @@ pub async fn show_progress(
                     let now = status.borrow_and_update().counts;
                     bar.set_length(now.total as u64);
                     bar.set_position(now.finished() as u64);
-                    bar.set_message(format!(
-                        "{} submitted · {} in flight · {} done · {} failed",
-                        now.total - now.pending,
-                        now.in_flight + now.unknown,
-                        now.completed,
-                        now.failed
-                    ));
+                    bar.set_message(progress_message(&now));
                 }
             }
             _ = tick.tick(), if bar.is_none() => {
@@ -330,6 +367,85 @@ mod tests {
         assert_eq!(manifest_status(JobState::Pending), "not_submitted");
         assert_eq!(manifest_status(JobState::Completed), "download_pending");
         assert_eq!(manifest_status(JobState::Submitting), "unknown");
+    }
+
+    #[test]
+    fn no_time_left_is_claimed_before_a_job_has_finished() {
+        assert_eq!(eta_text(0, Duration::ZERO), "--");
+        assert_eq!(eta_text(3, Duration::from_secs(90)), "2m");
+        // A template error would fall back to a bare bar without the counts.
+        assert!(indicatif::ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
+    }
+
+    /// A terminal of 80 columns that keeps what is drawn on it.
+    #[derive(Clone, Debug, Default)]
+    struct Narrow(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl indicatif::TermLike for Narrow {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, line: &str) -> std::io::Result<()> {
+            self.write_str(line)
+        }
+        fn write_str(&self, text: &str) -> std::io::Result<()> {
+            self.0.lock().expect("not poisoned").push(text.to_owned());
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_progress_bar_stays_on_one_line_at_80_columns() {
+        let term = Narrow::default();
+        let target = indicatif::ProgressDrawTarget::term_like(Box::new(term.clone()));
+        let bar = indicatif::ProgressBar::with_draw_target(Some(100_000), target);
+        bar.set_style(progress_style());
+        let counts = Counts {
+            total: 100_000,
+            pending: 88_000,
+            in_flight: 8,
+            completed: 11_990,
+            failed: 2,
+            ..Counts::default()
+        };
+        bar.set_position(11_992);
+        bar.set_message(progress_message(&counts));
+        // Drawing is rate-limited; abandoning the bar draws it as it stands, at once.
+        bar.abandon();
+        let drawn = term.0.lock().expect("not poisoned").clone();
+        let lines: Vec<&str> =
+            drawn.iter().filter(|text| text.contains("ETA")).map(String::as_str).collect();
+        assert!(!lines.is_empty(), "the bar was drawn: {drawn:?}");
+        for line in &lines {
+            assert!(line.chars().count() <= 80, "{} columns: {line:?}", line.chars().count());
+        }
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(last.contains("11992/100000") && last.contains("8 in flight"), "{last:?}");
+    }
+
+    #[test]
+    fn counted_nouns() {
+        assert_eq!(count(1, "job"), "1 job");
+        assert_eq!(count(0, "job"), "0 jobs");
+        assert_eq!(count(2, "file"), "2 files");
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
     let started = Instant::now();
     let mut base = setup::base_url(&file, options.api_base.as_deref())?;
     let mut places = places(&file, options.state.as_deref(), options.simulated);
+    if options.mode == Mode::DownloadOnly {
+        // Downloads read a state; they never start an empty one.
+        setup::existing_state(&places.state)?;
+    }
     ensure_real_dir(&places.output_dir)
         .map_err(|err| InputError::because(format!("output directory: {err}"), err))?;
     // An absolute folder: every file created under a relative one costs a getcwd.

@@ -57,9 +57,9 @@ fn check(
     for all in schema.get("allOf").and_then(Value::as_array).into_iter().flatten() {
         check(all, value, root, path, depth + 1, out);
     }
-    for key in ["anyOf", "oneOf"] {
+    for (key, exactly_one) in [("anyOf", false), ("oneOf", true)] {
         if let Some(branches) = schema.get(key).and_then(Value::as_array) {
-            check_any(branches, value, root, path, depth, out);
+            check_alternatives(branches, exactly_one, value, root, path, depth, out);
         }
     }
     if let Some(types) = schema.get("type")
@@ -70,13 +70,13 @@ fn check(
         return;
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
+        && !allowed.iter().any(|allowed| same(allowed, value))
     {
         let list: Vec<String> = allowed.iter().map(short).collect();
         out.push(problem(path, format!("{} is not one of {}", short(value), list.join(", "))));
     }
     if let Some(constant) = schema.get("const")
-        && constant != value
+        && !same(constant, value)
     {
         out.push(problem(path, format!("must be {}, got {}", short(constant), short(value))));
     }
@@ -98,10 +98,13 @@ fn check(
     }
 }
 
-/// A value must satisfy one of the branches; when none fits, the problems of the branch that
-/// came closest (fewest problems) are reported.
-fn check_any(
+/// A value must fit one of the `branches` (`anyOf`), or exactly one (`oneOf`, when
+/// `exactly_one`). When none fits: if every branch is a set of values (`const`, `enum`, or
+/// `null`), every allowed value is listed; otherwise the problems of the branch that came
+/// closest (fewest problems) are reported.
+fn check_alternatives(
     branches: &[Value],
+    exactly_one: bool,
     value: &Value,
     root: &Value,
     path: &str,
@@ -109,17 +112,83 @@ fn check_any(
     out: &mut Vec<Problem>,
 ) {
     let mut best: Option<Vec<Problem>> = None;
+    let mut fitting = 0;
     for branch in branches {
         let mut problems = Vec::new();
         check(branch, value, root, path, depth + 1, &mut problems);
         if problems.is_empty() {
-            return;
-        }
-        if best.as_ref().is_none_or(|best| problems.len() < best.len()) {
+            fitting += 1;
+            if !exactly_one {
+                return;
+            }
+        } else if best.as_ref().is_none_or(|best| problems.len() < best.len()) {
             best = Some(problems);
         }
     }
-    out.extend(best.unwrap_or_default());
+    if fitting > 1 {
+        let message = format!(
+            "{} fits {fitting} of the {} alternatives where exactly one must fit (oneOf)",
+            short(value),
+            branches.len()
+        );
+        return out.push(problem(path, message));
+    }
+    if fitting == 1 {
+        return;
+    }
+    match allowed_values(branches, root) {
+        Some(allowed) if !allowed.is_empty() => {
+            let list: Vec<String> = allowed.into_iter().map(short).collect();
+            out.push(problem(path, format!("{} is not one of {}", short(value), list.join(", "))));
+        }
+        _ => out.extend(best.unwrap_or_default()),
+    }
+}
+
+/// The values the branches allow, when each is only a set of values: `const`, `enum`, or
+/// `type: null` (with `$ref`s followed one step); `None` when a branch allows more.
+fn allowed_values<'a>(branches: &'a [Value], root: &'a Value) -> Option<Vec<&'a Value>> {
+    static NULL: Value = Value::Null;
+    let mut allowed = Vec::new();
+    for branch in branches {
+        let branch = match branch.get("$ref").and_then(Value::as_str) {
+            Some(target) => resolve(root, target)?,
+            None => branch,
+        };
+        if let Some(constant) = branch.get("const") {
+            allowed.push(constant);
+        } else if let Some(list) = branch.get("enum").and_then(Value::as_array) {
+            allowed.extend(list);
+        } else if branch.get("type").and_then(Value::as_str) == Some("null") {
+            allowed.push(&NULL);
+        } else {
+            return None;
+        }
+    }
+    Some(allowed)
+}
+
+/// Equality as JSON Schema defines it: numbers by value (`5` equals `5.0`), arrays item by
+/// item, objects key by key; `serde_json`'s own `==` tells an integer from a float.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => {
+            match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+                (Some(a), Some(b), _, _) => a == b,
+                (_, _, Some(a), Some(b)) => a == b,
+                // Exact, as the schema means it: `5.0` is 5, and 5.000001 is not.
+                #[allow(clippy::float_cmp, reason = "JSON Schema equality is exact")]
+                _ => a.as_f64().zip(b.as_f64()).is_some_and(|(a, b)| a == b),
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same(a, b))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len() && a.iter().all(|(key, a)| b.get(key).is_some_and(|b| same(a, b)))
+        }
+        _ => a == b,
+    }
 }
 
 fn check_number(schema: &Map<String, Value>, number: f64, path: &str, out: &mut Vec<Problem>) {
@@ -355,7 +424,7 @@ mod tests {
         );
         assert_eq!(
             problems(&json!({"prompt": "x", "resolution": "4K"})),
-            [r#"resolution: "4K" is not one of "1K", "2K""#]
+            [r#"resolution: "4K" is not one of "1K", "2K", null"#]
         );
         assert_eq!(
             problems(&json!({"prompt": "x", "styles": [{"id": "s", "strength": 3}]})),
@@ -380,6 +449,57 @@ mod tests {
         assert_eq!(closest("aspect_ration", &["aspect_ratio", "seed"]), Some("aspect_ratio"));
         assert_eq!(closest("sede", &["aspect_ratio", "seed"]), Some("seed"));
         assert_eq!(closest("guidance", &["steps", "seed"]), None);
+    }
+
+    /// `duration: 5` for a schema that says `5.0` (or the other way round) is the same number.
+    #[test]
+    fn numbers_compare_by_value() {
+        let schema = json!({"properties": {
+            "duration": {"anyOf": [{"const": 5.0}, {"const": 10.0}]},
+            "fps": {"enum": [24, 30]},
+            "seconds": {"const": 5},
+        }});
+        let body = json!({"duration": 5, "fps": 30.0, "seconds": 5.0});
+        assert!(validate(&schema, &body, &json!({})).is_empty());
+        let wrong = json!({"duration": 7, "fps": 25, "seconds": 6});
+        let found: Vec<String> =
+            validate(&schema, &wrong, &json!({})).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            found,
+            [
+                "duration: 7 is not one of 5.0, 10.0",
+                "fps: 25 is not one of 24, 30",
+                "seconds: must be 5, got 6"
+            ]
+        );
+        assert!(same(&json!([1, {"a": 2}]), &json!([1.0, {"a": 2.0}])));
+        assert!(!same(&json!([1]), &json!([1, 1])));
+        assert!(!same(&json!(u64::MAX), &json!(-1)));
+    }
+
+    /// An `anyOf` of constants names every allowed value, also through `$ref`s.
+    #[test]
+    fn an_any_of_constants_lists_every_value() {
+        let root = json!({"components": {"schemas": {"Ten": {"const": 10}}}});
+        let schema = json!({"anyOf": [{"const": 5}, {"$ref": "#/components/schemas/Ten"}, {"enum": [15, 20]}]});
+        let found = validate(&schema, &json!(6), &root);
+        assert_eq!(found[0].message, "6 is not one of 5, 10, 15, 20");
+        assert!(validate(&schema, &json!(20.0), &root).is_empty());
+    }
+
+    /// `oneOf` means exactly one: a value fitting two alternatives is refused, one fitting none
+    /// gets the closest alternative's problems.
+    #[test]
+    fn one_of_means_exactly_one() {
+        let schema = json!({"oneOf": [{"type": "integer"}, {"type": "number", "maximum": 10}]});
+        let root = json!({});
+        assert!(validate(&schema, &json!(2.5), &root).is_empty(), "only the number fits");
+        assert!(validate(&schema, &json!(50), &root).is_empty(), "only the integer fits");
+        let both = validate(&schema, &json!(5), &root);
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(both[0].message.contains("fits 2 of the 2 alternatives"), "{both:?}");
+        let neither = validate(&schema, &json!(12.5), &root);
+        assert_eq!(neither.len(), 1, "the closest alternative's one problem: {neither:?}");
     }
 
     #[test]

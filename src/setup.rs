@@ -63,15 +63,54 @@ impl Places {
 /// The output directory and state file of `file`, honouring `--state` and `--simulate`.
 #[must_use]
 pub fn places(file: &JobFile, state: Option<&Path>, simulated: bool) -> Places {
-    let output_dir = if simulated {
-        let mut name = file.output_dir.as_os_str().to_owned();
-        name.push("-simulated");
-        PathBuf::from(name)
-    } else {
-        file.output_dir.clone()
-    };
+    places_in(&file.output_dir, state, simulated)
+}
+
+/// [`places`] for the job file at `job_file`, reading no more of it than its `output:` line
+/// (for the commands that only need to find its state).
+pub fn places_of(
+    job_file: &Path,
+    state: Option<&Path>,
+    simulated: bool,
+) -> Result<Places, crate::jobfile::JobFileError> {
+    Ok(places_in(&crate::jobfile::output_dir_of(job_file)?, state, simulated))
+}
+
+fn places_in(output_dir: &Path, state: Option<&Path>, simulated: bool) -> Places {
+    let output_dir = if simulated { simulated_dir(output_dir) } else { output_dir.to_owned() };
     let state = state.map_or_else(|| output_dir.join(STATE_FILE), Path::to_owned);
     Places { output_dir, state }
+}
+
+/// `<dir>-simulated`: where `--simulate` keeps results, state and simulated account.
+fn simulated_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push("-simulated");
+    PathBuf::from(name)
+}
+
+/// Refuses, as a usage error, a command that reads a state file that is not there: such a
+/// command never creates one. The message says where it looked and what to do, and points at
+/// the simulated results when they are what the user ran.
+pub fn existing_state(state: &Path) -> Result<(), InputError> {
+    if state.exists() {
+        return Ok(());
+    }
+    let simulated = state
+        .parent()
+        .filter(|dir| !dir.to_string_lossy().ends_with("-simulated"))
+        .map(|dir| simulated_dir(dir).join(STATE_FILE))
+        .filter(|simulated| simulated.exists());
+    let hint = match simulated {
+        Some(found) => format!(
+            "the results of `run --simulate` are in {}: add --simulate",
+            found.parent().unwrap_or(&found).display()
+        ),
+        None => "run the job file first (`krea-batch run FILE`), or name the state file with \
+                 --state"
+            .to_owned(),
+    };
+    Err(InputError::msg(format!("there is no state file at {}; {hint}", state.display())))
 }
 
 /// The API base URL: the command line, else the job file, else Krea's.

@@ -2,6 +2,8 @@
 //! the daemon writes to it).
 
 use crate::job::JobState;
+use crate::pricing::round_usd;
+use crate::report::count;
 use crate::runner::Counts;
 use crate::store::Store;
 use serde::Serialize;
@@ -43,21 +45,22 @@ pub fn status(state_path: &Path) -> anyhow::Result<Status> {
         counts,
         unknown: store.names_in(JobState::Unknown, LISTED_NAMES)?,
         download_pending: store.names_in(JobState::Completed, LISTED_NAMES)?,
-        spent_usd,
-        in_flight_usd,
+        spent_usd: round_usd(spent_usd),
+        in_flight_usd: round_usd(in_flight_usd),
     })
 }
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counts;
-        writeln!(f, "{}: {} jobs", self.state_file, c.total)?;
+        writeln!(f, "{}: {}", self.state_file, count(c.total, "job"))?;
         for (label, count) in [
             ("completed", c.completed),
             ("download pending", c.download_pending),
             ("in flight", c.in_flight),
             ("unknown (awaiting reconciliation)", c.unknown),
-            ("not submitted", c.pending),
+            // The JSON's word first, so text and JSON name the state alike.
+            ("pending (not submitted)", c.pending),
             ("failed", c.failed),
             ("cancelled", c.cancelled),
         ] {

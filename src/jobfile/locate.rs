@@ -374,6 +374,12 @@ pub(super) fn convert(
         if index.and_then(|at| text.get(at..)).is_some_and(|rest| rest.starts_with('\t')) {
             described.push_str(" (a tab: YAML indents with spaces only)");
         }
+        // `prompt: a cat: sitting`: a second `: ` in a plain value reads as a nested mapping.
+        if bare.starts_with("mapping values are not allowed") {
+            described.push_str(
+                "; a value holding \": \" must be quoted, e.g. prompt: \"a cat: sitting\"",
+            );
+        }
         message = described;
     }
     if position.is_none() && !key_path.is_empty() {

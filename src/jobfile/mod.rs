@@ -100,6 +100,9 @@ pub struct JobFile {
     pub reuse: bool,
     /// One entry per generation, in file order (`count` copies next to each other).
     pub jobs: Vec<JobSpec>,
+    /// The top-level `params:`, the request fields every job starts from: a mistake in one
+    /// is reported at its own line ([`params_line`]), not at each job's.
+    pub params: Map<String, Value>,
 }
 
 /// One generation to run.
@@ -193,6 +196,15 @@ pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
     let mut bytes = Vec::new();
     file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).map_err(cannot_read)?;
     parse(&bytes, path)
+}
+
+/// The line (from 1) of `field` under the top-level `params:` of the job file at `path`, read
+/// again: only asked when that field is wrong, so loading a file does not pay for it.
+#[must_use]
+pub fn params_line(path: &Path, field: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let at = [Seg::key("params"), Seg::key(field)];
+    locate(&text, 0, &at, Target::Key { nth: 0 }).map(|(line, _)| line)
 }
 
 /// The error for a file larger than [`MAX_FILE_SIZE`].
@@ -451,6 +463,7 @@ impl Assembly<'_> {
             budget: raw.budget,
             reuse: raw.reuse.unwrap_or(true),
             jobs,
+            params: raw.params,
         })
     }
 

@@ -289,6 +289,33 @@ fn the_error_reads_file_line_column_key_message() {
 
 // ---- rejections: one per rule, each with its position ----
 
+/// A request field written in the job (or at the top) instead of under `params:` says where
+/// it goes.
+#[test]
+fn a_request_field_beside_the_prompt_is_told_to_go_under_params() {
+    let error = check(
+        "model: image/bfl/flux-1-dev\njobs:\n  - prompt: a fox\n    seed: 3\n",
+        4,
+        5,
+        Some("jobs[0].seed"),
+        "unknown key \"seed\" in a job; request fields go under params:, e.g. `params: {seed: …}`",
+    );
+    assert!(error.message.contains("valid keys here: prompt"), "{error}");
+    check("seed: 3\njobs: [{prompt: a}]\n", 1, 1, Some("seed"), "request fields go under params:");
+    // A close job key is suggested instead.
+    let typo =
+        check(&with_job("prompt: a\n    nmae: b"), 4, 5, Some("jobs[0].nmae"), "did you mean");
+    assert!(!typo.message.contains("params:"), "{typo}");
+}
+
+/// `prompt: a cat: sitting` is YAML's nested mapping where none may start: quote the value.
+#[test]
+fn a_colon_in_a_plain_value_gets_a_quote_it_hint() {
+    let error = refused(&with_job("prompt: a cat: sitting"));
+    assert_eq!(error.line, Some(3), "{error}");
+    assert!(error.message.contains(r#"must be quoted, e.g. prompt: "a cat: sitting""#), "{error}");
+}
+
 #[test]
 fn unknown_keys_are_refused_with_the_valid_ones() {
     let error =

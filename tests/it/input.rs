@@ -114,6 +114,21 @@ fn the_openapi_cache_is_per_user_and_found_from_another_folder() {
     );
     let fetched = sim.stats().requests.iter().filter(|r| r.path == "/openapi.json").count();
     assert_eq!(fetched, 1, "fetched once, then read from the cache");
+
+    // Offline, a body the cached document refuses is refused, from any folder.
+    let bad = Workspace::with_jobs("  - {prompt: a fox, params: {steps: 500}}\n");
+    let output = krea_batch()
+        .args(["check", "--offline"])
+        .arg(bad.job_file())
+        .env("KREA_API_BASE", sim.url())
+        .env("XDG_CACHE_HOME", first.cache_home())
+        .output()
+        .expect("check runs");
+    let refused = crate::support::Run::of(&output);
+    refused.expect_code(2);
+    assert!(refused.stdout.contains("steps: 500 is above the maximum 100"), "{}", refused.stdout);
+    let fetched = sim.stats().requests.iter().filter(|r| r.path == "/openapi.json").count();
+    assert_eq!(fetched, 1, "nothing fetched offline");
 }
 
 #[test]
@@ -205,7 +220,8 @@ fn status_reads_the_state_file() {
     run.expect_code(0);
     let status: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON status");
     assert_eq!(status["counts"]["completed"], 3);
-    assert!((status["spent_usd"].as_f64().expect("spend") - 0.021).abs() < 1e-9);
+    // Money as it means: three prices of $0.007 summed, without binary noise.
+    assert_eq!(status["spent_usd"].to_string(), "0.021", "{status}");
 }
 
 /// An error keeps the error beneath it as its source, and the message printed says each cause
@@ -221,4 +237,68 @@ fn a_refusal_says_its_cause_once() {
     assert_eq!(said, 1, "the cause once in {}", run.stderr);
     assert!(run.stderr.contains("output directory"), "{}", run.stderr);
     assert_eq!(sim.stats().requests_total, 0, "nothing was sent");
+}
+
+/// `duration: 5` fits a schema whose allowed values are written `5.0` and `10.0` (numbers
+/// compare by value), and a value that fits none is told every allowed one.
+#[test]
+fn check_compares_numbers_by_value_and_lists_every_allowed_one() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(
+        "model: video/kling/kling-2.5\njobs:\n  - {prompt: waves, params: {duration: 5}}\n  \
+         - {prompt: dunes, params: {duration: 10}}\n",
+    );
+    let fits = work.command(&sim, "unused", &["check"], &[]);
+    fits.expect_code(0);
+    assert!(fits.stdout.contains("request bodies fit"), "{}", fits.stdout);
+
+    work_with_duration(&work, "7");
+    let refused = work.command(&sim, "unused", &["check"], &[]);
+    refused.expect_code(2);
+    assert!(refused.stdout.contains("duration: 7 is not one of 5.0, 10.0"), "{}", refused.stdout);
+}
+
+fn work_with_duration(work: &Workspace, duration: &str) {
+    std::fs::write(
+        work.job_file(),
+        format!("model: video/kling/kling-2.5\njobs:\n  - {{prompt: waves, params: {{duration: {duration}}}}}\n"),
+    )
+    .expect("job file rewritten");
+}
+
+/// `check` says "valid" only when nothing it lists says otherwise; a mistake in the top-level
+/// `params:` is reported once, at its own line; a model path close to one Krea lists is a typo.
+#[test]
+fn check_reports_defaults_at_their_line_and_model_typos_with_did_you_mean() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(
+        "model: image/bfl/flux-1-dev\nparams:\n  width: 1024\n  steps: 500\njobs:\n  - prompt: a\n  \
+         - prompt: b\n  - prompt: c\n    params: {steps: 20, width: 9000}\n",
+    );
+    let run = work.command(&sim, "unused", &["check"], &[]);
+    run.expect_code(2);
+    let first = run.stdout.lines().next().unwrap_or_default();
+    assert!(first.ends_with("3 jobs, NOT valid: 2 problems, listed below"), "{}", run.stdout);
+    assert!(!run.stdout.contains(", valid"), "{}", run.stdout);
+    let steps: Vec<&str> = run.stdout.lines().filter(|line| line.contains("steps:")).collect();
+    assert_eq!(steps.len(), 1, "the default's mistake once: {}", run.stdout);
+    assert!(
+        steps[0].trim().ends_with(
+            "jobs.yaml:4: params (image/bfl/flux-1-dev): steps: 500 is above the maximum 100"
+        ),
+        "{}",
+        run.stdout
+    );
+    // A job's own value is the job's mistake, at its line.
+    let width = run.stdout.lines().find(|line| line.contains("width:")).unwrap_or_default();
+    assert!(width.contains("jobs.yaml:8: job "), "{}", run.stdout);
+
+    let typo =
+        Workspace::with_file("model: image/bfl/flux-dev\njobs:\n  - prompt: a\n  - prompt: b\n");
+    let run = typo.command(&sim, "unused", &["check"], &[]);
+    run.expect_code(2);
+    let said: Vec<&str> = run.stdout.lines().filter(|line| line.contains("flux-dev:")).collect();
+    assert_eq!(said.len(), 1, "once per model: {}", run.stdout);
+    assert!(said[0].contains("did you mean image/bfl/flux-1-dev?"), "{}", run.stdout);
+    assert!(!run.stdout.contains("does not describe"), "{}", run.stdout);
 }

@@ -2,6 +2,7 @@
 //! One test binary; a module per area.
 
 mod chaos;
+mod commands;
 mod daemon;
 mod folders;
 mod gallery;
@@ -9,6 +10,7 @@ mod hostile;
 mod input;
 mod kill;
 mod layers;
+mod manifest;
 mod resume;
 mod run;
 mod security;

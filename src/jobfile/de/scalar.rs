@@ -228,10 +228,17 @@ pub(super) fn field_key<'a, 'de>(
                 seen[index] = true;
                 Ok((index, offset))
             }
-            None => Err(Reject::at_key(
-                text,
-                format!("unknown key {text:?} {place}; {}", valid_keys_hint(text, keys)),
-            )),
+            None => {
+                let mut hint = valid_keys_hint(text, keys);
+                // A request field (seed, width, …) written beside `prompt:` instead of under
+                // `params:`: the commonest unknown key in a job or at the top.
+                if keys.contains(&"params") && !hint.starts_with("did you mean") {
+                    hint = format!(
+                        "request fields go under params:, e.g. `params: {{{text}: …}}`; {hint}"
+                    );
+                }
+                Err(Reject::at_key(text, format!("unknown key {text:?} {place}; {hint}")))
+            }
         },
         other => Err(format!(
             "keys {place} must be text; found {}; {}",
