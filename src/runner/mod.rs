@@ -54,6 +54,7 @@ mod submit;
 mod table;
 #[cfg(test)]
 mod tests;
+mod unattributed;
 
 use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
@@ -89,6 +90,10 @@ pub struct EngineSettings {
     pub burst: u32,
     /// Cap on jobs in flight.
     pub max_in_flight: u32,
+    /// How many POSTs may be on the wire at once (K). 1 sends one at a time; the submission
+    /// controller sets it from the measured round trip and the needed rate. While any attempt
+    /// is unknown, fewer go (`submit.rs`).
+    pub max_concurrent_posts: u32,
     /// Poll schedule of image and enhance jobs.
     pub poll: PollSchedule,
     /// Poll schedule of video jobs.
@@ -201,6 +206,16 @@ enum Event {
     },
     /// A listing was cut short by a stop: its unknown jobs are left to the next run.
     ListingStopped,
+    /// A poll of a Krea job that could not be attributed (`unattributed.rs`).
+    UnattributedPolled {
+        index: usize,
+        result: Result<RemoteJob, ApiError>,
+    },
+    /// Its results are on disk, or why not.
+    UnattributedDownloaded {
+        index: usize,
+        error: Option<String>,
+    },
 }
 
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
@@ -214,8 +229,13 @@ pub struct Engine {
     pacer: Pacer,
     /// Every job, its phase and its queue, and the writes not yet committed (`table.rs`).
     table: JobTable,
-    /// Whether a POST is on the wire (the loop sends one at a time).
-    post_running: bool,
+    /// POSTs on the wire (at most `max_concurrent_posts`; see `submit.rs`).
+    posts_running: usize,
+    /// When a POST last got no usable answer (ms), until Krea accepts one sent since: POSTs go
+    /// one at a time meanwhile (`submit.rs`).
+    posts_narrowed_since: Option<i64>,
+    /// Krea jobs whose results are downloaded to `unattributed/` (`unattributed.rs`).
+    unattributed: unattributed::Unattributed,
     /// Whether a reconciliation listing is running.
     listing: bool,
     /// After a failed listing, when to try again.
@@ -287,7 +307,9 @@ impl Engine {
             controls,
             pacer,
             table: JobTable::new(claimed_elsewhere),
-            post_running: false,
+            posts_running: 0,
+            posts_narrowed_since: None,
+            unattributed: unattributed::Unattributed::default(),
             listing: false,
             listing_retry_at: None,
             listing_stop: CancellationToken::new(),
@@ -354,14 +376,16 @@ impl Engine {
             #[cfg(test)]
             assert_sound(&self.table);
             self.controls.heartbeat.store(self.clock.now_ms(), Ordering::Relaxed);
-            let send = self.plan_submission();
+            let sends = self.plan_submissions();
             // Synced only when a POST depends on it; other turns survive a killed process and
-            // become durable with the next synced commit.
-            self.commit(send.is_some()).await?;
-            if let Some(slot) = send {
+            // become durable with the next synced commit. Every attempt planned in this turn
+            // shares that one commit (group commit).
+            self.commit(!sends.is_empty()).await?;
+            for slot in sends {
                 self.spawn_submit(slot);
             }
             self.start_downloads();
+            self.start_unattributed();
             self.maybe_start_listing();
             self.refresh_galleries(false);
             self.publish_status();
@@ -369,11 +393,16 @@ impl Engine {
                 break;
             }
 
-            let wake =
-                [self.submit_wake, self.backoff_wake(), self.reconcile_wake(), self.gallery_wake()]
-                    .into_iter()
-                    .flatten()
-                    .min();
+            let wake = [
+                self.submit_wake,
+                self.backoff_wake(),
+                self.reconcile_wake(),
+                self.gallery_wake(),
+                self.unattributed.wake(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let has_commands = self.commands.is_some();
             tokio::select! {
                 () = self.controls.abort.cancelled() => {}
@@ -416,6 +445,14 @@ impl Engine {
             Ok(Event::CancelAnswered { slot, result }) => self.on_cancel_answered(slot, result),
             Ok(Event::Downloaded { slot, files, error }) => self.on_downloaded(slot, files, error),
             Ok(Event::Listed { slots, result }) => self.on_listed(&slots, result),
+            Ok(Event::UnattributedPolled { index, result }) => {
+                self.on_unattributed_polled(index, result);
+                Ok(())
+            }
+            Ok(Event::UnattributedDownloaded { index, error }) => {
+                self.on_unattributed_downloaded(index, error);
+                Ok(())
+            }
             Ok(Event::ListingStopped) => {
                 self.listing = false;
                 Ok(())
@@ -445,6 +482,7 @@ impl Engine {
             && self.tasks.is_empty()
             && !self.table.has_polls()
             && !self.table.has_downloads()
+            && self.unattributed.is_idle()
     }
 
     /// Rewrites the galleries of folders where jobs ended, each at most every

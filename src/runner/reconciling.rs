@@ -81,7 +81,7 @@ impl Engine {
     /// Starts listing the account's recent jobs when every unknown job has settled and no POST
     /// is on the wire (its job would be unclaimed but ours).
     pub(super) fn maybe_start_listing(&mut self) {
-        if self.table.waiting_to_reconcile() == 0 || self.listing || self.post_running {
+        if self.table.waiting_to_reconcile() == 0 || self.listing || self.posts_running > 0 {
             return;
         }
         let now = self.clock.now_ms();
@@ -141,7 +141,7 @@ impl Engine {
         };
         self.listing_retry_at = None;
         let now = self.clock.now_ms();
-        let attempts: Vec<Attempt> = slots
+        let mut attempts: Vec<Attempt> = slots
             .iter()
             .filter(|&&slot| self.table.state(slot) == JobState::Unknown)
             .map(|&slot| {
@@ -150,9 +150,11 @@ impl Engine {
                     slot,
                     started_ms: job.attempt_at.unwrap_or(now),
                     ended_ms: job.attempt_ended,
+                    raced: false,
                 }
             })
             .collect();
+        Attempt::raced_among(&mut attempts);
         let outcomes = match_attempts(
             &attempts,
             &candidates,
@@ -178,8 +180,13 @@ impl Engine {
                 }
                 Outcome::NotCreated { slot } => self.retry_not_created(slot)?,
                 Outcome::Ambiguous { slot, reason } => self.set_aside(slot, reason)?,
+                Outcome::Unattributed { slot, jobs, reason } => {
+                    self.set_aside(slot, reason)?;
+                    self.add_unattributed(slot, jobs);
+                }
             }
         }
+        self.report_unattributed();
         Ok(())
     }
 

@@ -72,15 +72,42 @@ fn unanswered_message(attempts: &[(String, String)]) -> String {
 }
 
 impl Engine {
-    /// Takes the next pending job if nothing holds submissions back (a stop, a POST on the
-    /// wire, an unknown job awaiting reconciliation, the in-flight cap, the pacer) and records
-    /// its attempt for the coming commit.
-    pub(super) fn plan_submission(&mut self) -> Option<usize> {
+    /// How many POSTs may be on the wire now: none while an unknown job awaits
+    /// reconciliation (its listing must not see a job whose answer is still coming), one while
+    /// narrowed (since a POST got no usable answer, until Krea accepts one again) or while a
+    /// paused service probes, else `max_concurrent_posts` (at least 1).
+    pub(super) fn post_window(&self) -> usize {
+        if self.table.waiting_to_reconcile() > 0 {
+            0
+        } else if self.posts_narrowed_since.is_some() || self.paused.is_some() {
+            1
+        } else {
+            usize::try_from(self.settings.max_concurrent_posts.max(1)).unwrap_or(usize::MAX)
+        }
+    }
+
+    /// Takes as many pending jobs as may be sent now (up to the POST window, see
+    /// [`Self::post_window`], each granted by the pacer and within the in-flight cap and the
+    /// budget) and records their attempts for the coming commit, in send order.
+    pub(super) fn plan_submissions(&mut self) -> Vec<usize> {
+        let mut planned = Vec::new();
+        while self.posts_running + planned.len() < self.post_window() {
+            match self.plan_submission() {
+                Some(slot) => planned.push(slot),
+                None => break,
+            }
+        }
+        planned
+    }
+
+    /// Takes the next pending job if nothing holds submissions back (a stop, an unknown job
+    /// awaiting reconciliation, the in-flight cap, the pacer) and records its attempt for the
+    /// coming commit.
+    fn plan_submission(&mut self) -> Option<usize> {
         self.submit_wake = None;
         self.table.release_backed_off(Instant::now());
         if self.stopped.is_some()
             || self.draining
-            || self.post_running
             || self.table.waiting_to_reconcile() > 0
             || self.table.next_to_submit().is_none()
             || self.in_flight() >= self.pacer.in_flight_cap()
@@ -113,7 +140,7 @@ impl Engine {
     }
 
     pub(super) fn spawn_submit(&mut self, slot: usize) {
-        self.post_running = true;
+        self.posts_running += 1;
         self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
         let model = self.table.job(slot).model.clone();
@@ -129,7 +156,7 @@ impl Engine {
         slot: usize,
         result: Result<RemoteJob, ApiError>,
     ) -> Result<(), IllegalTransition> {
-        self.post_running = false;
+        self.posts_running = self.posts_running.saturating_sub(1);
         let name = self.table.job(slot).name.clone();
         match result {
             Ok(remote) => self.on_accepted(slot, &remote)?,
@@ -167,6 +194,7 @@ impl Engine {
                      submissions pause until it is found or shown not to exist"
                 );
                 self.table.notes_mut(slot).unanswered.push(unanswered_label(&err));
+                self.posts_narrowed_since = Some(self.clock.now_ms());
                 let reconcile = self.reconciles_now(slot);
                 self.table.unanswered(slot, self.clock.now_ms(), err.to_string(), reconcile)?;
             }
@@ -188,6 +216,13 @@ impl Engine {
 
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
         self.pacer.on_accepted();
+        // Narrowing ends with the first POST sent alone since then that Krea accepts (one sent
+        // before, still on the wire, proves nothing about Krea now).
+        let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
+        if self.posts_narrowed_since.is_some_and(|since| sent_at >= since) {
+            self.posts_narrowed_since = None;
+            tracing::info!("Krea answers submissions again: several may be on the wire again");
+        }
         self.resume_after_pause();
         let name = self.table.job(slot).name.clone();
         if let Some(owner) = self.table.claim_owner(&remote.job_id) {
