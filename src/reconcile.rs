@@ -8,11 +8,35 @@
 //!
 //! - none in the attempt's time window: the job was not created and may be submitted again;
 //! - as many unclaimed jobs as unknown attempts in a group of overlapping windows: they are
-//!   adopted in order (Krea creates jobs in the order the POSTs arrive, and krea-batch sends
-//!   one POST at a time, so arrival order is attempt order);
+//!   adopted where the windows force the pairing (an attempt only one job fits, or a job only
+//!   one attempt fits, taken one by one), else in order when the attempts were sent one after
+//!   another (Krea creates jobs in the order the POSTs arrive, so for POSTs that never shared
+//!   the wire arrival order is attempt order);
 //! - anything else (fewer jobs than attempts, or more, or a job without a readable time): which
 //!   attempt made which job cannot be told, so those attempts are reported and left `unknown`,
 //!   never guessed into a second payment.
+//!
+//! # What cannot be told apart (several POSTs on the wire)
+//!
+//! With up to K POSTs on the wire, two POSTs whose answers are lost while they overlap may
+//! reach Krea in either order, and Krea's job list says nothing that ties a job to its request
+//! (no prompt, no parameters; only times, states and the type). So the rules are:
+//!
+//! - (a) no job is created twice because of a guess: an attempt is "not created" only when no
+//!   unclaimed job (readable or not) was created in its window, and the engine lists only when
+//!   no POST is on the wire and sends none while an attempt is unknown
+//!   (`runner/reconciling.rs`);
+//! - (b) no result goes to the wrong job: attempts that raced ([`Attempt::raced`]) are never
+//!   paired by order, only where the windows leave no choice; a group of one attempt with one
+//!   job is adopted as before, since the job can be no other attempt's;
+//! - (c) what cannot be told apart is paid once and still delivered: a group of raced attempts
+//!   with unclaimed jobs that no forced pairing explains becomes [`Outcome::Unattributed`].
+//!   Every attempt of the group stays `unknown`, set aside and never sent again (whether one of
+//!   them created nothing cannot be known either); the group's jobs are polled and their
+//!   results downloaded to `<output>/unattributed/` with sidecars naming every candidate job.
+//!
+//! Attempts sent one at a time (K = 1, or the one-at-a-time window after a lost answer) never
+//! race, and are decided exactly as before K existed.
 //!
 //! An item of the list that cannot be read (no id, an id over 200 characters, not an object) is
 //! skipped, and the run says so once. It is never adopted, but it is not ignored either: if it
@@ -24,10 +48,12 @@
 //! earlier successful POSTs (sent at `s`, answered at `r`, created at `c`: the offset lies in
 //! `[c − r, c − s]`); without any, a wide margin ([`UNMEASURED_CLOCK_MARGIN`]) is used.
 //!
-//! The matching is pure and unit-tested here; `runner.rs` decides when to reconcile (after
-//! the POST's own timeout and `limits.reconcile_after`, with no POST in flight) and applies the
-//! outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
-//! reconciliation concludes it was not created and it is submitted again.
+//! The matching is pure and unit-tested here; `runner/reconciling.rs` decides when to reconcile
+//! (after the POST's own timeout and `limits.reconcile_after`, with no POST in flight) and
+//! applies the outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
+//! reconciliation concludes it was not created and it is submitted again. With several POSTs
+//! on the wire, a job that another program made with the same key inside a raced group's
+//! windows may be downloaded to `unattributed/` among the group's jobs (it costs nothing more).
 
 use crate::api::{ApiError, RemoteJob};
 use crate::retry::{RetryPolicy, Verdict};

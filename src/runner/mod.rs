@@ -7,14 +7,18 @@
 //! transaction, and only then starts the requests that depend on those changes. So:
 //!
 //! - a POST starts only after its attempt (`submitting`, with the time) is on disk;
-//! - POSTs go one at a time, and the outcome of one is committed with the attempt of the next:
-//!   a crash leaves at most one job whose POST may or may not have reached Krea, and the order
-//!   in which Krea created jobs is the order of the attempts;
+//! - up to `max_concurrent_posts` (K) POSTs are on the wire at once; the attempts planned in
+//!   one turn share its one synced commit, and the outcome of each POST is committed with the
+//!   next turn's attempts. A crash leaves at most K jobs whose POSTs may or may not have
+//!   reached Krea; with K = 1 the order in which Krea created jobs is the order of the attempts,
+//!   with K > 1 it is not, and reconciliation knows which attempts raced (`reconcile.rs`);
 //! - a job with a Krea id is polled by that id after any restart, never submitted again;
-//! - a POST that ends without an answer leaves the job `unknown`, and no submission starts until
-//!   reconciliation (`reconcile.rs`) has found the job at Krea or shown it does not exist; a job
-//!   shown not to exist waits a back-off of its own before it is sent again, while the others
-//!   go on, and fails after a few such attempts (`submit.rs`);
+//! - a POST that ends without an answer leaves the job `unknown`; no submission starts until
+//!   reconciliation has found the job at Krea or shown it does not exist, and then POSTs go one
+//!   at a time until Krea accepts one (`submit.rs`); a job shown not to exist waits a back-off
+//!   of its own before it is sent again, while the others go on, and fails after a few such
+//!   attempts; jobs whose lost answers raced and cannot be told apart are never sent again, and
+//!   what Krea made for them is downloaded to `unattributed/` (`unattributed.rs`);
 //! - the first Ctrl-C (or the service's SIGTERM) ends the waits of reconciliation at once: the
 //!   jobs still unknown stay so in the state file, and the next run reconciles them;
 //! - from the first 402 no new POST starts, while everything in flight is polled and downloaded.
@@ -32,7 +36,8 @@
 //!
 //! The loop and the engine's decisions are here; each step has its own file: `submit.rs`
 //! (POSTs), `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown
-//! jobs), `budget.rs` (the spending cap). What it tells the outside (why it stopped, counts,
+//! jobs), `unattributed.rs` (Krea jobs reconciliation could not attribute), `budget.rs` (the
+//! spending cap). What it tells the outside (why it stopped, counts,
 //! its published status) is in `status.rs`.
 //!
 //! The engine reaches the world only through its seam (`seam.rs` beside it, bundled in [`EngineIo`]): Krea

@@ -6,6 +6,24 @@
 //! the queue (after a back-off when their POST got no usable answer: `submit.rs`), ambiguous
 //! ones are reported and set aside (still `unknown`, never resubmitted).
 //!
+//! # Several POSTs on the wire
+//!
+//! With K > 1 the send order no longer tells which lost answer made which job, so the engine
+//! keeps three rules (the matching itself is in `reconcile.rs`, "What cannot be told apart"):
+//!
+//! - no listing while any POST is on the wire, and no POST while an unknown job awaits its
+//!   listing: every job an answered POST made is claimed before the list is read, so the
+//!   unclaimed jobs in the windows are the unknown attempts' (or a foreign program's);
+//! - each attempt handed to the matching says whether it raced, that is whether its POST may
+//!   have been on the wire with another unknown one ([`Attempt::raced_among`], from the
+//!   recorded start and end of each attempt; an end not seen, after a kill, counts as never):
+//!   raced attempts are paired with jobs only where the windows force it, never by order;
+//! - a group of raced attempts that cannot be paired is set aside (each job stays `unknown`,
+//!   never sent again, its error naming the Krea jobs), and the group's readable jobs are
+//!   polled and downloaded to `unattributed/` with every candidate named (`unattributed.rs`).
+//!   The next run reconciles the set-aside jobs again, finds the same jobs, and skips the
+//!   files already there.
+//!
 //! Items of the list that cannot be read (an id of 300 characters, say) are skipped with one
 //! warning per run; one that may have been created in an attempt's window makes that attempt
 //! ambiguous rather than "not created" (`reconcile.rs`). The first Ctrl-C or SIGTERM ends every

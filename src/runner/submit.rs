@@ -1,8 +1,17 @@
 //! Submissions: choosing the next job to POST, and taking in Krea's answer.
 //!
-//! One POST at a time. The attempt is recorded (state `submitting`, time, count) in the turn's
-//! commit before the POST starts; the answer is recorded in the next turn's commit, together
-//! with the next attempt. An answer that proves nothing was created (402, 429, 400, a refused
+//! Up to K POSTs on the wire (`max_concurrent_posts`; the submission controller chooses K). Each
+//! attempt is recorded (state `submitting`, time, count) in the turn's commit before its POST
+//! starts, and every attempt planned in one turn (as many as the window, the pacer, the
+//! in-flight cap and the budget allow) shares that one synced commit; each answer is recorded
+//! in the next turn's commit, together with the next attempts.
+//!
+//! The window narrows when an answer is lost ([`Engine::post_window`]): to none while an
+//! unknown job awaits reconciliation (its listing must see no job whose answer is still to
+//! come), then to one POST at a time until Krea accepts a POST sent since. So a POST that is
+//! in doubt is followed by POSTs that cannot race with another lost answer, and a job sent
+//! again after "not created" goes alone: if its answer is lost again, its window holds no
+//! other unknown attempt and reconciliation can attribute what it finds. An answer that proves nothing was created (402, 429, 400, a refused
 //! connection) puts the job back or fails it; a missing answer makes it `unknown`. An accepted
 //! POST always created something: answered with a job id another job already holds, the job
 //! fails with both named and is never sent again.
