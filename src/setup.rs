@@ -336,8 +336,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
         submissions_per_minute: limits.submissions_per_minute,
         burst: limits.burst,
         max_in_flight: limits.max_in_flight,
-        // One at a time until the submission controller chooses K.
-        max_concurrent_posts: 1,
+        max_concurrent_posts: limits.max_concurrent_posts,
         poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },
         video_poll: PollSchedule {
             first: limits.video_poll_interval,

@@ -37,6 +37,11 @@ pub struct Limits {
     /// Cap on jobs submitted and not yet terminal, backlogged ones included. Default 8.
     #[serde(deserialize_with = "positive_u32")]
     pub max_in_flight: u32,
+    /// POSTs on the wire at once. Default 1. Each attempt is still on disk before its POST;
+    /// lost answers of POSTs that were on the wire together are never guessed (README,
+    /// "Nothing paid twice, nothing lost").
+    #[serde(deserialize_with = "positive_u32")]
+    pub max_concurrent_posts: u32,
     /// Delay before the first poll of an image or enhance job. Default 2 s.
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
@@ -89,6 +94,7 @@ impl Default for Limits {
             submissions_per_minute: 60,
             burst: 5,
             max_in_flight: 8,
+            max_concurrent_posts: 1,
             poll_interval: Duration::from_secs(2),
             video_poll_interval: Duration::from_secs(5),
             poll_interval_max: Duration::from_secs(30),
@@ -113,6 +119,7 @@ impl Limits {
             ("submissions_per_minute", self.submissions_per_minute),
             ("burst", self.burst),
             ("max_in_flight", self.max_in_flight),
+            ("max_concurrent_posts", self.max_concurrent_posts),
             ("download_concurrency", self.download_concurrency),
         ];
         if let Some((field, _)) = counts.iter().find(|(_, value)| *value == 0) {

@@ -732,7 +732,7 @@ async fn two_lost_answers_on_the_wire_together_go_to_unattributed_and_are_not_se
             &std::fs::read(file.with_extension("png.json")).expect("its sidecar"),
         )
         .expect("JSON");
-        assert_eq!(sidecar["job_id"], made.id.as_str());
+        assert_eq!(sidecar["krea_job_id"], made.id.as_str());
         assert_eq!(sidecar["unattributed"], true);
         let mut candidates: Vec<&str> = sidecar["candidates"]
             .as_array()

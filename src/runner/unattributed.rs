@@ -5,8 +5,10 @@
 //! Nothing is guessed and nothing is paid again: the jobs of the group stay `unknown` in the
 //! state file (set aside, never submitted again), and each of these Krea jobs is polled to its
 //! end here and its results downloaded to `<output>/unattributed/<krea id>-<n>.<ext>`, with a
-//! sidecar that names every candidate job (name, prompt, model, parameters) instead of one. The
-//! run reports them. They are not rows of the state file: the set-aside jobs are reconciled
+//! sidecar that names every candidate job (name, prompt, model, parameters) instead of one, and
+//! the Krea job as `krea_job_id`, not `job_id`: what reads a sidecar as one job's result (the
+//! output folder's evidence check, `recover`) must not take it for any job's. The run reports
+//! them. They are not rows of the state file: the set-aside jobs are reconciled
 //! again by the next run, which finds the same jobs and skips the files already on disk.
 //!
 //! Polled and downloaded outside the job table (they belong to no job), at the slow end of the
@@ -275,7 +277,7 @@ impl OrphanFiles {
             "note": "Krea created this job for one of the candidates, but which one cannot be \
                      told: their submissions were on the wire together and the answers were \
                      lost. It was paid once; no candidate was submitted again.",
-            "job_id": self.remote_id,
+            "krea_job_id": self.remote_id,
             "candidates": candidates,
             "created_at": self.created_at,
             "completed_at": self.completed_at,
