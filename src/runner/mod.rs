@@ -239,6 +239,9 @@ pub struct Engine {
     /// When a POST last got no usable answer (ms), until Krea accepts one sent since: POSTs go
     /// one at a time meanwhile (`submit.rs`).
     posts_narrowed_since: Option<i64>,
+    /// When the latest 429 to a POST arrived (ms): a 429 to a POST sent before it is the same
+    /// refusal, and backs off no further (`submit.rs`).
+    rate_limited_at_ms: Option<i64>,
     /// Krea jobs whose results are downloaded to `unattributed/` (`unattributed.rs`).
     unattributed: unattributed::Unattributed,
     /// Whether a reconciliation listing is running.
@@ -314,6 +317,7 @@ impl Engine {
             table: JobTable::new(claimed_elsewhere),
             posts_running: 0,
             posts_narrowed_since: None,
+            rate_limited_at_ms: None,
             unattributed: unattributed::Unattributed::default(),
             listing: false,
             listing_retry_at: None,

@@ -181,7 +181,15 @@ impl Engine {
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
                 self.status.rate_limited_total += 1;
+                let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
                 self.requeue(slot)?;
+                // POSTs on the wire together meet one full account: one 429 among them backs
+                // off, the others sent before it was answered only go back to the queue.
+                let now = self.clock.now_ms();
+                if self.rate_limited_at_ms.replace(now).is_some_and(|last| sent_at < last) {
+                    tracing::debug!(%message, "429 to a POST sent before the last one; requeued");
+                    return Ok(());
+                }
                 let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
                     %message,

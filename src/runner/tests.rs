@@ -827,3 +827,14 @@ async fn a_restart_with_several_attempts_that_created_nothing_sends_each_once() 
     assert_eq!(h.krea.jobs().len(), 4);
     assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
 }
+
+#[tokio::test(start_paused = true)]
+async fn refusals_429_of_posts_on_the_wire_together_back_off_once() {
+    let (outcome, h) = on_the_wire(3, 3, vec![Post::RateLimited(None); 3]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    let posts = h.posts();
+    assert_eq!(posts.len(), 6, "{posts:?}");
+    // One refusal of a full account, not three growing back-offs (2 s, then 6 s, then 18 s).
+    assert!(posts[3] < SECOND, "sent again at once: {posts:?}");
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
