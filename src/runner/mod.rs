@@ -242,6 +242,9 @@ pub struct Engine {
     /// When the latest 429 to a POST arrived (ms): a 429 to a POST sent before it is the same
     /// refusal, and backs off no further (`submit.rs`).
     rate_limited_at_ms: Option<i64>,
+    /// Krea jobs that an earlier listing of this run showed unclaimed: none of them can be
+    /// the job of a POST sent after that listing (`reconciling.rs`).
+    listed_before: HashSet<String>,
     /// Krea jobs whose results are downloaded to `unattributed/` (`unattributed.rs`).
     unattributed: unattributed::Unattributed,
     /// Whether a reconciliation listing is running.
@@ -318,6 +321,7 @@ impl Engine {
             posts_running: 0,
             posts_narrowed_since: None,
             rate_limited_at_ms: None,
+            listed_before: HashSet::new(),
             unattributed: unattributed::Unattributed::default(),
             listing: false,
             listing_retry_at: None,

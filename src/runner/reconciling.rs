@@ -18,6 +18,11 @@
 //!   have been on the wire with another unknown one ([`Attempt::raced_among`], from the
 //!   recorded start and end of each attempt; an end not seen, after a kill, counts as never):
 //!   raced attempts are paired with jobs only where the windows force it, never by order;
+//! - a job that a listing showed unclaimed is never a candidate of a later listing in the same
+//!   run: every POST after a listing was sent after it, so that job cannot be theirs. Without
+//!   this, a job set aside as unattributed (or ambiguous) could be adopted by a later lost
+//!   answer whose window it falls in. (The next run reconciles all unknown jobs together,
+//!   those set aside included, so their jobs go back to their own groups.)
 //! - a group of raced attempts that cannot be paired is set aside (each job stays `unknown`,
 //!   never sent again, its error naming the Krea jobs), and the group's readable jobs are
 //!   polled and downloaded to `unattributed/` with every candidate named (`unattributed.rs`).
@@ -113,7 +118,8 @@ impl Engine {
         let earliest =
             slots.iter().filter_map(|&slot| self.table.job(slot).attempt_at).min().unwrap_or(now);
         let since_ms = earliest + offset.low_ms;
-        let claimed = self.table.claimed();
+        let mut claimed = self.table.claimed();
+        claimed.extend(self.listed_before.iter().cloned());
         let api = Arc::clone(&self.api);
         let policy = self.settings.retry;
         let stop = self.listing_stop.clone();
@@ -158,6 +164,10 @@ impl Engine {
             }
         };
         self.listing_retry_at = None;
+        // Every POST from now on is sent after this listing, so no job it shows can be theirs;
+        // a job set aside here (unattributed, ambiguous) is never taken for a later one's.
+        let shown = candidates.iter().filter_map(|c| c.job.as_ref()).map(|job| job.job_id.clone());
+        self.listed_before.extend(shown);
         let now = self.clock.now_ms();
         let mut attempts: Vec<Attempt> = slots
             .iter()

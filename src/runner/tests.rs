@@ -838,3 +838,20 @@ async fn refusals_429_of_posts_on_the_wire_together_back_off_once() {
     assert!(posts[3] < SECOND, "sent again at once: {posts:?}");
     assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_set_aside_is_never_taken_for_a_later_lost_answers() {
+    // Two POSTs on the wire lose their answers, one of them having created a job: it cannot be
+    // told whose, so it is set aside. Then a third POST loses its answer having created
+    // nothing; with no earlier POST to bound Krea's clock its window is wide and holds the job
+    // set aside, which must not be adopted for it.
+    let script =
+        [Post::DroppedButCreated, Post::DroppedNothingCreated, Post::DroppedNothingCreated];
+    let (outcome, h) = on_the_wire(3, 2, script).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Unknown, JobState::Downloaded]);
+    assert_eq!(h.lists().len(), 2);
+    assert_eq!(h.krea.jobs().len(), 2, "the set-aside job and the third job's, once");
+    let set_aside = &h.krea.jobs()[0];
+    assert!(h.output.join("unattributed").join(format!("{}-1.png", set_aside.id)).is_file());
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}

@@ -7,7 +7,9 @@
 //! Scale with `KREA_BATCH_KILL_JOBS` (default 200) and `KREA_BATCH_KILLS` (default 30);
 //! `KREA_BATCH_KILL_SEED` replays a run (the seed is printed).
 
-use crate::support::{Sim, Workspace, files_under, numbered_jobs, sha256_of};
+use crate::support::{
+    Sim, Workspace, assert_each_result_where_it_belongs, files_under, numbered_jobs, sha256_of,
+};
 use krea_batch::sim::Faults;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -174,54 +176,10 @@ fn killed_with_several_posts_on_the_wire_it_pays_once_and_misfiles_nothing() {
     let duplicated: Vec<_> =
         stats.creations_by_prompt.iter().filter(|(_, count)| **count != 1).collect();
     assert!(duplicated.is_empty(), "paid more than once: {duplicated:?}");
-    let prompt_of_job: std::collections::HashMap<&str, &str> =
-        stats.jobs.iter().map(|job| (job.id.as_str(), job.prompt.as_str())).collect();
-
-    // Every result filed under a job was created by that job's prompt.
-    let mut delivered: HashSet<String> = HashSet::new();
-    for line in work.manifest().iter().filter(|line| line["status"] == "completed") {
-        let file = line["files"][0].as_str().expect("a file");
-        let sidecar: Value = serde_json::from_slice(
-            &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
-        )
-        .expect("sidecar JSON");
-        let job_id = sidecar["job_id"].as_str().expect("a job id");
-        let prompt = sidecar["prompt"].as_str().expect("a prompt");
-        assert_eq!(prompt_of_job.get(job_id), Some(&prompt), "{file} holds {job_id}");
-        delivered.insert(prompt.to_owned());
-    }
-    // Every other job Krea created is in unattributed/, its prompt among the candidates.
-    let unattributed = work.out().join("unattributed");
-    let parked_files = if unattributed.is_dir() { files_under(&unattributed) } else { Vec::new() };
-    let mut parked = 0;
-    for path in &parked_files {
-        if path.extension().is_none_or(|ext| ext != "json") {
-            continue;
-        }
-        let sidecar: Value =
-            serde_json::from_slice(&std::fs::read(path).expect("sidecar")).expect("JSON");
-        let job_id = sidecar["krea_job_id"].as_str().expect("a Krea job id");
-        let made_by = prompt_of_job.get(job_id).expect("a job the simulation created");
-        let candidates: Vec<&str> = sidecar["candidates"]
-            .as_array()
-            .expect("candidates")
-            .iter()
-            .filter_map(|candidate| candidate["prompt"].as_str())
-            .collect();
-        assert!(candidates.len() >= 2, "{path:?} names its candidates: {candidates:?}");
-        assert!(candidates.contains(made_by), "{path:?}: {made_by} not among {candidates:?}");
-        assert!(!delivered.contains(*made_by), "{made_by} is both attributed and unattributed");
-        parked += 1;
-    }
-    for job in &stats.jobs {
-        let reached = delivered.contains(&job.prompt)
-            || parked_files.iter().any(|path| {
-                path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&job.id))
-            });
-        assert!(reached, "the result of {} ({}) reached the user", job.id, job.prompt);
-    }
+    let (attributed, parked) =
+        assert_each_result_where_it_belongs("kill test, 4 POSTs at once", &work, &stats);
     eprintln!(
-        "kill test, 4 POSTs at once: {} attributed, {parked} unattributed, {killed} kills",
-        delivered.len()
+        "kill test, 4 POSTs at once: {attributed} results attributed, {parked} unattributed, \
+         {killed} kills"
     );
 }
