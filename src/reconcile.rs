@@ -8,11 +8,35 @@
 //!
 //! - none in the attempt's time window: the job was not created and may be submitted again;
 //! - as many unclaimed jobs as unknown attempts in a group of overlapping windows: they are
-//!   adopted in order (Krea creates jobs in the order the POSTs arrive, and krea-batch sends
-//!   one POST at a time, so arrival order is attempt order);
+//!   adopted where the windows force the pairing (an attempt only one job fits, or a job only
+//!   one attempt fits, taken one by one), else in order when the attempts were sent one after
+//!   another (Krea creates jobs in the order the POSTs arrive, so for POSTs that never shared
+//!   the wire arrival order is attempt order);
 //! - anything else (fewer jobs than attempts, or more, or a job without a readable time): which
 //!   attempt made which job cannot be told, so those attempts are reported and left `unknown`,
 //!   never guessed into a second payment.
+//!
+//! # What cannot be told apart (several POSTs on the wire)
+//!
+//! With up to K POSTs on the wire, two POSTs whose answers are lost while they overlap may
+//! reach Krea in either order, and Krea's job list says nothing that ties a job to its request
+//! (no prompt, no parameters; only times, states and the type). So the rules are:
+//!
+//! - (a) no job is created twice because of a guess: an attempt is "not created" only when no
+//!   unclaimed job (readable or not) was created in its window, and the engine lists only when
+//!   no POST is on the wire and sends none while an attempt is unknown
+//!   (`runner/reconciling.rs`);
+//! - (b) no result goes to the wrong job: attempts that raced ([`Attempt::raced`]) are never
+//!   paired by order, only where the windows leave no choice; a group of one attempt with one
+//!   job is adopted as before, since the job can be no other attempt's;
+//! - (c) what cannot be told apart is paid once and still delivered: a group of raced attempts
+//!   with unclaimed jobs that no forced pairing explains becomes [`Outcome::Unattributed`].
+//!   Every attempt of the group stays `unknown`, set aside and never sent again (whether one of
+//!   them created nothing cannot be known either); the group's jobs are polled and their
+//!   results downloaded to `<output>/unattributed/` with sidecars naming every candidate job.
+//!
+//! Attempts sent one at a time (K = 1, or the one-at-a-time window after a lost answer) never
+//! race, and are decided exactly as before K existed.
 //!
 //! An item of the list that cannot be read (no id, an id over 200 characters, not an object) is
 //! skipped, and the run says so once. It is never adopted, but it is not ignored either: if it
@@ -24,10 +48,12 @@
 //! earlier successful POSTs (sent at `s`, answered at `r`, created at `c`: the offset lies in
 //! `[c − r, c − s]`); without any, a wide margin ([`UNMEASURED_CLOCK_MARGIN`]) is used.
 //!
-//! The matching is pure and unit-tested here; `runner.rs` decides when to reconcile (after
-//! the POST's own timeout and `limits.reconcile_after`, with no POST in flight) and applies the
-//! outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
-//! reconciliation concludes it was not created and it is submitted again.
+//! The matching is pure and unit-tested here; `runner/reconciling.rs` decides when to reconcile
+//! (after the POST's own timeout and `limits.reconcile_after`, with no POST in flight) and
+//! applies the outcomes. The one honest limit: if Krea loses a job, or `GET /jobs` does not show it,
+//! reconciliation concludes it was not created and it is submitted again. With several POSTs
+//! on the wire, a job that another program made with the same key inside a raced group's
+//! windows may be downloaded to `unattributed/` among the group's jobs (it costs nothing more).
 
 use crate::api::{ApiError, RemoteJob};
 use crate::retry::{RetryPolicy, Verdict};
@@ -53,6 +79,26 @@ pub struct Attempt {
     pub started_ms: i64,
     /// Local time the POST ended without an answer; `None` when the process died during it.
     pub ended_ms: Option<i64>,
+    /// Whether another unknown attempt may have been on the wire at the same time (their
+    /// local spans overlap; an attempt whose end was not seen spans to the end of time). Krea
+    /// may have created the jobs of such attempts in either order, so their order proves
+    /// nothing ([`Attempt::raced_among`]).
+    pub raced: bool,
+}
+
+impl Attempt {
+    /// Sets `raced` on each of `attempts` that may have been on the wire together with
+    /// another one of them.
+    pub fn raced_among(attempts: &mut [Attempt]) {
+        let span = |a: &Attempt| (a.started_ms, a.ended_ms.unwrap_or(i64::MAX));
+        for i in 0..attempts.len() {
+            let (start, end) = span(&attempts[i]);
+            attempts[i].raced = attempts.iter().enumerate().any(|(j, other)| {
+                let (other_start, other_end) = span(other);
+                j != i && start < other_end && other_start < end
+            });
+        }
+    }
 }
 
 /// A job at Krea that no record claims.
@@ -128,6 +174,19 @@ pub enum Outcome {
         /// The engine's handle of the job.
         slot: usize,
     },
+    /// Attempts that raced (several POSTs on the wire) and as many unclaimed jobs, or jobs
+    /// that cannot all be ours, with no pairing forced by the times: which job is which
+    /// attempt's cannot be told. Every attempt of the group is left `unknown` (never sent
+    /// again), and the results of these jobs are downloaded to `unattributed/` naming every
+    /// attempt of the group as a candidate.
+    Unattributed {
+        /// The engine's handle of the job.
+        slot: usize,
+        /// The group's readable unclaimed jobs: one of them may be this attempt's.
+        jobs: Vec<RemoteJob>,
+        /// What was seen.
+        reason: String,
+    },
     /// Cannot be told: reported, left `unknown`.
     Ambiguous {
         /// The engine's handle of the job.
@@ -191,22 +250,51 @@ pub fn match_attempts(
                 .extend(members.iter().map(|&i| Outcome::NotCreated { slot: attempts[i].slot }));
             continue;
         }
-        let in_order = found.len() == members.len()
-            && members.iter().zip(&found).all(|(&i, &c)| {
-                candidates[c].created_ms.is_some() && fits(windows[i], &candidates[c])
-            });
-        let jobs: Option<Vec<&RemoteJob>> =
-            found.iter().map(|&c| candidates[c].job.as_ref()).collect();
-        if let (true, Some(jobs)) = (in_order, jobs) {
-            outcomes.extend(
-                members
-                    .iter()
-                    .zip(jobs)
-                    .map(|(&i, job)| Outcome::Adopt { slot: attempts[i].slot, job: job.clone() }),
-            );
+        let timed_and_readable = found.len() == members.len()
+            && found
+                .iter()
+                .all(|&c| candidates[c].created_ms.is_some() && candidates[c].job.is_some());
+        // A group of one is decided as before (adopt its only job, or report a foreign one).
+        let raced = members.len() > 1 && members.iter().any(|&i| attempts[i].raced);
+        // A pairing the windows force (each step pairs an attempt and a job that fit only each
+        // other among those left) assumes nothing about order, so it holds for raced attempts.
+        let forced = timed_and_readable
+            .then(|| forced_pairs(&members, &found, |i, c| fits(windows[i], &candidates[c])))
+            .flatten();
+        // In order: sequential POSTs reach Krea in the order they were sent.
+        let in_order = timed_and_readable
+            && !raced
+            && members.iter().zip(&found).all(|(&i, &c)| fits(windows[i], &candidates[c]));
+        let pairs: Option<Vec<(usize, usize)>> = forced.or_else(|| {
+            in_order.then(|| members.iter().copied().zip(found.iter().copied()).collect())
+        });
+        if let Some(pairs) = pairs {
+            outcomes.extend(pairs.into_iter().filter_map(|(i, c)| {
+                let job = candidates[c].job.clone()?;
+                Some(Outcome::Adopt { slot: attempts[i].slot, job })
+            }));
             continue;
         }
         let ids: Vec<&str> = found.iter().map(|&c| candidates[c].label()).collect();
+        if raced {
+            let jobs: Vec<RemoteJob> =
+                found.iter().filter_map(|&c| candidates[c].job.clone()).collect();
+            let reason = format!(
+                "{} unclaimed job(s) at Krea ({}) were created while {} submission(s) without an \
+                 answer were on the wire together; which belongs to which cannot be told. Their \
+                 results go to unattributed/ in the output folder, each naming every candidate \
+                 job; this job is not submitted again",
+                found.len(),
+                ids.join(", "),
+                members.len()
+            );
+            outcomes.extend(members.iter().map(|&i| Outcome::Unattributed {
+                slot: attempts[i].slot,
+                jobs: jobs.clone(),
+                reason: reason.clone(),
+            }));
+            continue;
+        }
         let reason = format!(
             "{} unclaimed job(s) at Krea ({}) were created around {} unanswered submission(s); \
              which belongs to which cannot be told. Check them at Krea; this job is not \
@@ -222,6 +310,40 @@ pub fn match_attempts(
         );
     }
     outcomes
+}
+
+/// Pairs every attempt of `members` with a job of `found` when the windows (`fits`) leave no
+/// choice: repeatedly, an attempt that only one remaining job fits, or a job that fits only
+/// one remaining attempt, is paired with it. `None` as soon as a choice would be a guess.
+fn forced_pairs(
+    members: &[usize],
+    found: &[usize],
+    fits: impl Fn(usize, usize) -> bool,
+) -> Option<Vec<(usize, usize)>> {
+    let mut attempts: Vec<usize> = members.to_vec();
+    let mut jobs: Vec<usize> = found.to_vec();
+    let mut pairs = Vec::with_capacity(members.len());
+    while !attempts.is_empty() {
+        let by_attempt = attempts.iter().enumerate().find_map(|(a, &i)| {
+            let mut fitting = jobs.iter().enumerate().filter(|&(_, &c)| fits(i, c));
+            match (fitting.next(), fitting.next()) {
+                (Some((j, _)), None) => Some((a, j)),
+                _ => None,
+            }
+        });
+        let by_job = || {
+            jobs.iter().enumerate().find_map(|(j, &c)| {
+                let mut fitting = attempts.iter().enumerate().filter(|&(_, &i)| fits(i, c));
+                match (fitting.next(), fitting.next()) {
+                    (Some((a, _)), None) => Some((a, j)),
+                    _ => None,
+                }
+            })
+        };
+        let (a, j) = by_attempt.or_else(by_job)?;
+        pairs.push((attempts.swap_remove(a), jobs.swap_remove(j)));
+    }
+    Some(pairs)
 }
 
 fn root(group: &mut [usize], mut index: usize) -> usize {
@@ -327,8 +449,15 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(30);
 
+    /// An attempt sent alone (one POST at a time).
     fn attempt(slot: usize, started_ms: i64, ended_ms: Option<i64>) -> Attempt {
-        Attempt { slot, started_ms, ended_ms }
+        Attempt { slot, started_ms, ended_ms, raced: false }
+    }
+
+    /// Attempts as the engine hands them over, `raced` computed from their spans.
+    fn raced(mut attempts: Vec<Attempt>) -> Vec<Attempt> {
+        Attempt::raced_among(&mut attempts);
+        attempts
     }
 
     fn candidate(id: &str, created_ms: Option<i64>) -> Candidate {
@@ -481,6 +610,69 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn attempts_race_when_their_spans_overlap() {
+        let attempts = raced(vec![
+            attempt(1, 10_000, Some(10_300)),
+            attempt(2, 10_100, Some(10_400)),
+            attempt(3, 20_000, Some(20_100)),
+            // Killed mid-request: on the wire to the end of time, so raced with what came after.
+            attempt(4, 30_000, None),
+            attempt(5, 40_000, Some(40_100)),
+        ]);
+        let flags: Vec<bool> = attempts.iter().map(|a| a.raced).collect();
+        assert_eq!(flags, [true, true, false, true, true]);
+    }
+
+    #[test]
+    fn raced_attempts_with_as_many_jobs_are_not_paired_by_order() {
+        // Two POSTs on the wire together, both answers lost, two unclaimed jobs created in
+        // both windows: Krea may have created them in either order.
+        let attempts =
+            raced(vec![attempt(1, 10_000, Some(10_300)), attempt(2, 10_010, Some(10_310))]);
+        let candidates = [candidate("b", Some(12_200)), candidate("a", Some(12_100))];
+        let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
+        assert!(adopted(&outcomes).is_empty(), "{outcomes:?}");
+        for slot in [1, 2] {
+            let found = outcomes.iter().find_map(|o| match o {
+                Outcome::Unattributed { slot: s, jobs, reason } if *s == slot => {
+                    Some((jobs, reason))
+                }
+                _ => None,
+            });
+            let (jobs, reason) = found.unwrap_or_else(|| panic!("slot {slot}: {outcomes:?}"));
+            let mut ids: Vec<&str> = jobs.iter().map(|job| job.job_id.as_str()).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, ["a", "b"]);
+            assert!(reason.contains("unattributed/"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn raced_attempts_with_fewer_jobs_download_what_exists_and_send_nothing_again() {
+        let attempts = raced(vec![attempt(1, 10_000, None), attempt(2, 10_050, None)]);
+        let outcomes =
+            match_attempts(&attempts, &[candidate("a", Some(12_060))], offset(), TIMEOUT);
+        assert_eq!(outcomes.len(), 2);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Unattributed { jobs, .. } if jobs.len() == 1)),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn raced_attempts_are_paired_when_the_windows_force_it() {
+        // Both on the wire around 10.9 s. "late" fits both windows, but "early" was created
+        // before the second POST was sent: it can only be the first's, so "late" is the second's.
+        let attempts =
+            raced(vec![attempt(1, 10_000, Some(11_000)), attempt(2, 10_900, Some(40_000))]);
+        let candidates = [candidate("early", Some(12_100)), candidate("late", Some(12_950))];
+        let outcomes = match_attempts(&attempts, &candidates, offset(), TIMEOUT);
+        assert_eq!(adopted(&outcomes), [(1, "early"), (2, "late")]);
     }
 
     #[test]

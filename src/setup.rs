@@ -377,6 +377,7 @@ pub fn engine_settings(limits: &Limits) -> EngineSettings {
             .unwrap_or(Limits::FIXED_SUBMISSIONS_PER_MINUTE),
         burst: limits.burst.unwrap_or(Limits::FIXED_BURST),
         max_in_flight: limits.max_in_flight.unwrap_or(Limits::FIXED_MAX_IN_FLIGHT),
+        max_concurrent_posts: limits.submission_concurrency.unwrap_or(1),
         poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },
         video_poll: PollSchedule {
             first: limits.video_poll_interval,

@@ -60,6 +60,8 @@ pub(super) enum Post {
 #[derive(Clone, Debug)]
 pub(super) struct FakeJob {
     pub(super) id: String,
+    /// The prompt of the POST that created it (`None` for one made by `create_now`).
+    pub(super) prompt: Option<String>,
     created_ms: i64,
     started: Instant,
     duration: Duration,
@@ -71,6 +73,10 @@ pub(super) struct FakeJob {
 pub(super) struct Seen {
     /// When each POST arrived, and what it was answered.
     pub(super) posts: Vec<(Instant, String)>,
+    /// When each POST was sent and when its answer (or its loss) came back, in answer order.
+    pub(super) post_spans: Vec<(Instant, Instant)>,
+    /// The most POSTs on the wire at once.
+    pub(super) max_posts_on_wire: usize,
     pub(super) gets: usize,
     /// When each DELETE arrived, and for which job.
     pub(super) cancels: Vec<(Instant, String)>,
@@ -83,6 +89,8 @@ pub(super) struct Seen {
 #[derive(Debug)]
 struct State {
     script: VecDeque<Post>,
+    /// POSTs on the wire now.
+    posts_on_wire: usize,
     jobs: Vec<FakeJob>,
     seen: Seen,
     next_id: u32,
@@ -110,6 +118,7 @@ impl FakeKrea {
             clock,
             state: Mutex::new(State {
                 script: VecDeque::new(),
+                posts_on_wire: 0,
                 jobs: Vec::new(),
                 seen: Seen::default(),
                 next_id: 1,
@@ -142,14 +151,15 @@ impl FakeKrea {
     /// Creates a job as if a POST had, now; returns its id.
     pub(super) fn create_now(&self) -> String {
         let mut state = self.state();
-        self.create(&mut state)
+        self.create(&mut state, None)
     }
 
-    fn create(&self, state: &mut State) -> String {
+    fn create(&self, state: &mut State, prompt: Option<&str>) -> String {
         let id = format!("job-{:04}", state.next_id);
         state.next_id += 1;
         state.jobs.push(FakeJob {
             id: id.clone(),
+            prompt: prompt.map(str::to_owned),
             created_ms: self.clock.now_ms(),
             started: Instant::now(),
             duration: self.job_duration,
@@ -186,7 +196,9 @@ impl FakeKrea {
         }
     }
 
-    fn answer_post(&self) -> Result<RemoteJob, ApiError> {
+    fn answer_post(&self, body: &str) -> Result<RemoteJob, ApiError> {
+        let parsed: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let prompt = parsed.get("prompt").and_then(serde_json::Value::as_str);
         let mut state = self.state();
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
         let full = self.concurrency.is_some_and(|cap| running >= cap);
@@ -199,7 +211,7 @@ impl FakeKrea {
         let message = || "scripted".to_owned();
         match post {
             Post::Accept => {
-                let id = self.create(&mut state);
+                let id = self.create(&mut state, prompt);
                 let job = state.jobs.iter().find(|job| job.id == id).expect("just created");
                 Ok(Self::describe(job))
             }
@@ -212,13 +224,13 @@ impl FakeKrea {
                 Err(ApiError::Server { status: 500, message: "Internal Server Error".into() })
             }
             Post::DroppedButCreated => {
-                self.create(&mut state);
+                self.create(&mut state, prompt);
                 Err(ApiError::NoAnswer("connection reset".into()))
             }
             Post::DroppedNothingCreated => Err(ApiError::NoAnswer("connection reset".into())),
             Post::DroppedCreatedTwice => {
-                self.create(&mut state);
-                self.create(&mut state);
+                self.create(&mut state, prompt);
+                self.create(&mut state, None);
                 Err(ApiError::NoAnswer("connection reset".into()))
             }
         }
@@ -226,10 +238,21 @@ impl FakeKrea {
 }
 
 impl KreaApi for FakeKrea {
-    fn create_job<'a>(&'a self, _model: &'a str, _body: &'a str) -> ApiFuture<'a, RemoteJob> {
+    fn create_job<'a>(&'a self, _model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
         Box::pin(async move {
+            let sent = Instant::now();
+            {
+                let mut state = self.state();
+                state.posts_on_wire += 1;
+                state.seen.max_posts_on_wire =
+                    state.seen.max_posts_on_wire.max(state.posts_on_wire);
+            }
             tokio::time::sleep(self.post_latency).await;
-            self.answer_post()
+            let answer = self.answer_post(body);
+            let mut state = self.state();
+            state.posts_on_wire -= 1;
+            state.seen.post_spans.push((sent, Instant::now()));
+            answer
         })
     }
 

@@ -7,14 +7,18 @@
 //! transaction, and only then starts the requests that depend on those changes. So:
 //!
 //! - a POST starts only after its attempt (`submitting`, with the time) is on disk;
-//! - POSTs go one at a time, and the outcome of one is committed with the attempt of the next:
-//!   a crash leaves at most one job whose POST may or may not have reached Krea, and the order
-//!   in which Krea created jobs is the order of the attempts;
+//! - up to `max_concurrent_posts` (K) POSTs are on the wire at once; the attempts planned in
+//!   one turn share its one synced commit, and the outcome of each POST is committed with the
+//!   next turn's attempts. A crash leaves at most K jobs whose POSTs may or may not have
+//!   reached Krea; with K = 1 the order in which Krea created jobs is the order of the attempts,
+//!   with K > 1 it is not, and reconciliation knows which attempts raced (`reconcile.rs`);
 //! - a job with a Krea id is polled by that id after any restart, never submitted again;
-//! - a POST that ends without an answer leaves the job `unknown`, and no submission starts until
-//!   reconciliation (`reconcile.rs`) has found the job at Krea or shown it does not exist; a job
-//!   shown not to exist waits a back-off of its own before it is sent again, while the others
-//!   go on, and fails after a few such attempts (`submit.rs`);
+//! - a POST that ends without an answer leaves the job `unknown`; no submission starts until
+//!   reconciliation has found the job at Krea or shown it does not exist, and then POSTs go one
+//!   at a time until Krea accepts one (`submit.rs`); a job shown not to exist waits a back-off
+//!   of its own before it is sent again, while the others go on, and fails after a few such
+//!   attempts; jobs whose lost answers raced and cannot be told apart are never sent again, and
+//!   what Krea made for them is downloaded to `unattributed/` (`unattributed.rs`);
 //! - the first Ctrl-C (or the service's SIGTERM) ends the waits of reconciliation at once: the
 //!   jobs still unknown stay so in the state file, and the next run reconciles them;
 //! - from the first 402 no new POST starts, while everything in flight is polled and downloaded.
@@ -32,7 +36,8 @@
 //!
 //! The loop and the engine's decisions are here; each step has its own file: `submit.rs`
 //! (POSTs), `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown
-//! jobs), `budget.rs` (the spending cap). What it tells the outside (why it stopped, counts,
+//! jobs), `unattributed.rs` (Krea jobs reconciliation could not attribute), `budget.rs` (the
+//! spending cap). What it tells the outside (why it stopped, counts,
 //! its published status) is in `status.rs`.
 //!
 //! The engine reaches the world only through its seam (`seam.rs` beside it, bundled in [`EngineIo`]): Krea
@@ -55,6 +60,7 @@ mod submit;
 mod table;
 #[cfg(test)]
 mod tests;
+mod unattributed;
 
 use crate::api::{ApiError, RemoteJob};
 use crate::job::JobState;
@@ -88,6 +94,10 @@ pub struct EngineSettings {
     pub burst: u32,
     /// Cap on jobs in flight.
     pub max_in_flight: u32,
+    /// How many POSTs may be on the wire at once (K). 1 sends one at a time; the submission
+    /// controller sets it from the measured round trip and the needed rate. While any attempt
+    /// is unknown, fewer go (`submit.rs`).
+    pub max_concurrent_posts: u32,
     /// Poll schedule of image and enhance jobs.
     pub poll: PollSchedule,
     /// Poll schedule of video jobs.
@@ -200,6 +210,16 @@ enum Event {
     },
     /// A listing was cut short by a stop: its unknown jobs are left to the next run.
     ListingStopped,
+    /// A poll of a Krea job that could not be attributed (`unattributed.rs`).
+    UnattributedPolled {
+        index: usize,
+        result: Result<RemoteJob, ApiError>,
+    },
+    /// Its results are on disk, or why not.
+    UnattributedDownloaded {
+        index: usize,
+        error: Option<String>,
+    },
 }
 
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
@@ -213,8 +233,19 @@ pub struct Engine {
     pacer: Pacer,
     /// Every job, its phase and its queue, and the writes not yet committed (`table.rs`).
     table: JobTable,
-    /// Whether a POST is on the wire (the loop sends one at a time).
-    post_running: bool,
+    /// POSTs on the wire (at most `max_concurrent_posts`; see `submit.rs`).
+    posts_running: usize,
+    /// When a POST last got no usable answer (ms), until Krea accepts one sent since: POSTs go
+    /// one at a time meanwhile (`submit.rs`).
+    posts_narrowed_since: Option<i64>,
+    /// When the latest 429 to a POST arrived (ms): a 429 to a POST sent before it is the same
+    /// refusal, and backs off no further (`submit.rs`).
+    rate_limited_at_ms: Option<i64>,
+    /// Krea jobs that an earlier listing of this run showed unclaimed: none of them can be
+    /// the job of a POST sent after that listing (`reconciling.rs`).
+    listed_before: HashSet<String>,
+    /// Krea jobs whose results are downloaded to `unattributed/` (`unattributed.rs`).
+    unattributed: unattributed::Unattributed,
     /// Whether a reconciliation listing is running.
     listing: bool,
     /// After a failed listing, when to try again.
@@ -286,7 +317,11 @@ impl Engine {
             controls,
             pacer,
             table: JobTable::new(claimed_elsewhere),
-            post_running: false,
+            posts_running: 0,
+            posts_narrowed_since: None,
+            rate_limited_at_ms: None,
+            listed_before: HashSet::new(),
+            unattributed: unattributed::Unattributed::default(),
             listing: false,
             listing_retry_at: None,
             listing_stop: CancellationToken::new(),
@@ -353,14 +388,16 @@ impl Engine {
             #[cfg(test)]
             assert_sound(&self.table);
             self.controls.heartbeat.store(self.clock.now_ms(), Ordering::Relaxed);
-            let send = self.plan_submission();
+            let sends = self.plan_submissions();
             // Synced only when a POST depends on it; other turns survive a killed process and
-            // become durable with the next synced commit.
-            self.commit(send.is_some()).await?;
-            if let Some(slot) = send {
+            // become durable with the next synced commit. Every attempt planned in this turn
+            // shares that one commit (group commit).
+            self.commit(!sends.is_empty()).await?;
+            for slot in sends {
                 self.spawn_submit(slot);
             }
             self.start_downloads();
+            self.start_unattributed();
             self.maybe_start_listing();
             self.refresh_galleries(false);
             self.publish_status();
@@ -368,11 +405,16 @@ impl Engine {
                 break;
             }
 
-            let wake =
-                [self.submit_wake, self.backoff_wake(), self.reconcile_wake(), self.gallery_wake()]
-                    .into_iter()
-                    .flatten()
-                    .min();
+            let wake = [
+                self.submit_wake,
+                self.backoff_wake(),
+                self.reconcile_wake(),
+                self.gallery_wake(),
+                self.unattributed.wake(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let has_commands = self.commands.is_some();
             tokio::select! {
                 () = self.controls.abort.cancelled() => {}
@@ -415,6 +457,14 @@ impl Engine {
             Ok(Event::CancelAnswered { slot, result }) => self.on_cancel_answered(slot, result),
             Ok(Event::Downloaded { slot, files, error }) => self.on_downloaded(slot, files, error),
             Ok(Event::Listed { slots, result }) => self.on_listed(&slots, result),
+            Ok(Event::UnattributedPolled { index, result }) => {
+                self.on_unattributed_polled(index, result);
+                Ok(())
+            }
+            Ok(Event::UnattributedDownloaded { index, error }) => {
+                self.on_unattributed_downloaded(index, error);
+                Ok(())
+            }
             Ok(Event::ListingStopped) => {
                 self.listing = false;
                 Ok(())
@@ -444,6 +494,7 @@ impl Engine {
             && self.tasks.is_empty()
             && !self.table.has_polls()
             && !self.table.has_downloads()
+            && self.unattributed.is_idle()
     }
 
     /// Rewrites the galleries of folders where jobs ended, each at most every

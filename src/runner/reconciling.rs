@@ -6,6 +6,29 @@
 //! the queue (after a back-off when their POST got no usable answer: `submit.rs`), ambiguous
 //! ones are reported and set aside (still `unknown`, never resubmitted).
 //!
+//! # Several POSTs on the wire
+//!
+//! With K > 1 the send order no longer tells which lost answer made which job, so the engine
+//! keeps three rules (the matching itself is in `reconcile.rs`, "What cannot be told apart"):
+//!
+//! - no listing while any POST is on the wire, and no POST while an unknown job awaits its
+//!   listing: every job an answered POST made is claimed before the list is read, so the
+//!   unclaimed jobs in the windows are the unknown attempts' (or a foreign program's);
+//! - each attempt handed to the matching says whether it raced, that is whether its POST may
+//!   have been on the wire with another unknown one ([`Attempt::raced_among`], from the
+//!   recorded start and end of each attempt; an end not seen, after a kill, counts as never):
+//!   raced attempts are paired with jobs only where the windows force it, never by order;
+//! - a job that a listing showed unclaimed is never a candidate of a later listing in the same
+//!   run: every POST after a listing was sent after it, so that job cannot be theirs. Without
+//!   this, a job set aside as unattributed (or ambiguous) could be adopted by a later lost
+//!   answer whose window it falls in. (The next run reconciles all unknown jobs together,
+//!   those set aside included, so their jobs go back to their own groups.)
+//! - a group of raced attempts that cannot be paired is set aside (each job stays `unknown`,
+//!   never sent again, its error naming the Krea jobs), and the group's readable jobs are
+//!   polled and downloaded to `unattributed/` with every candidate named (`unattributed.rs`).
+//!   The next run reconciles the set-aside jobs again, finds the same jobs, and skips the
+//!   files already there.
+//!
 //! Items of the list that cannot be read (an id of 300 characters, say) are skipped with one
 //! warning per run; one that may have been created in an attempt's window makes that attempt
 //! ambiguous rather than "not created" (`reconcile.rs`). The first Ctrl-C or SIGTERM ends every
@@ -81,7 +104,7 @@ impl Engine {
     /// Starts listing the account's recent jobs when every unknown job has settled and no POST
     /// is on the wire (its job would be unclaimed but ours).
     pub(super) fn maybe_start_listing(&mut self) {
-        if self.table.waiting_to_reconcile() == 0 || self.listing || self.post_running {
+        if self.table.waiting_to_reconcile() == 0 || self.listing || self.posts_running > 0 {
             return;
         }
         let now = self.clock.now_ms();
@@ -95,7 +118,8 @@ impl Engine {
         let earliest =
             slots.iter().filter_map(|&slot| self.table.job(slot).attempt_at).min().unwrap_or(now);
         let since_ms = earliest + offset.low_ms;
-        let claimed = self.table.claimed();
+        let mut claimed = self.table.claimed();
+        claimed.extend(self.listed_before.iter().cloned());
         let api = Arc::clone(&self.api);
         let policy = self.settings.retry;
         let stop = self.listing_stop.clone();
@@ -140,8 +164,12 @@ impl Engine {
             }
         };
         self.listing_retry_at = None;
+        // Every POST from now on is sent after this listing, so no job it shows can be theirs;
+        // a job set aside here (unattributed, ambiguous) is never taken for a later one's.
+        let shown = candidates.iter().filter_map(|c| c.job.as_ref()).map(|job| job.job_id.clone());
+        self.listed_before.extend(shown);
         let now = self.clock.now_ms();
-        let attempts: Vec<Attempt> = slots
+        let mut attempts: Vec<Attempt> = slots
             .iter()
             .filter(|&&slot| self.table.state(slot) == JobState::Unknown)
             .map(|&slot| {
@@ -150,9 +178,11 @@ impl Engine {
                     slot,
                     started_ms: job.attempt_at.unwrap_or(now),
                     ended_ms: job.attempt_ended,
+                    raced: false,
                 }
             })
             .collect();
+        Attempt::raced_among(&mut attempts);
         let outcomes = match_attempts(
             &attempts,
             &candidates,
@@ -178,8 +208,13 @@ impl Engine {
                 }
                 Outcome::NotCreated { slot } => self.retry_not_created(slot)?,
                 Outcome::Ambiguous { slot, reason } => self.set_aside(slot, reason)?,
+                Outcome::Unattributed { slot, jobs, reason } => {
+                    self.set_aside(slot, reason)?;
+                    self.add_unattributed(slot, jobs);
+                }
             }
         }
+        self.report_unattributed();
         Ok(())
     }
 

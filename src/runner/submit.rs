@@ -1,8 +1,17 @@
 //! Submissions: choosing the next job to POST, and taking in Krea's answer.
 //!
-//! One POST at a time. The attempt is recorded (state `submitting`, time, count) in the turn's
-//! commit before the POST starts; the answer is recorded in the next turn's commit, together
-//! with the next attempt. An answer that proves nothing was created (402, 429, 400, a refused
+//! Up to K POSTs on the wire (`max_concurrent_posts`; the submission controller chooses K). Each
+//! attempt is recorded (state `submitting`, time, count) in the turn's commit before its POST
+//! starts, and every attempt planned in one turn (as many as the window, the pacer, the
+//! in-flight cap and the budget allow) shares that one synced commit; each answer is recorded
+//! in the next turn's commit, together with the next attempts.
+//!
+//! The window narrows when an answer is lost ([`Engine::post_window`]): to none while an
+//! unknown job awaits reconciliation (its listing must see no job whose answer is still to
+//! come), then to one POST at a time until Krea accepts a POST sent since. So a POST that is
+//! in doubt is followed by POSTs that cannot race with another lost answer, and a job sent
+//! again after "not created" goes alone: if its answer is lost again, its window holds no
+//! other unknown attempt and reconciliation can attribute what it finds. An answer that proves nothing was created (402, 429, 400, a refused
 //! connection) puts the job back or fails it; a missing answer makes it `unknown`. An accepted
 //! POST always created something: answered with a job id another job already holds, the job
 //! fails with both named and is never sent again.
@@ -72,15 +81,42 @@ fn unanswered_message(attempts: &[(String, String)]) -> String {
 }
 
 impl Engine {
-    /// Takes the next pending job if nothing holds submissions back (a stop, a POST on the
-    /// wire, an unknown job awaiting reconciliation, the in-flight cap, the pacer) and records
-    /// its attempt for the coming commit.
-    pub(super) fn plan_submission(&mut self) -> Option<usize> {
+    /// How many POSTs may be on the wire now: none while an unknown job awaits
+    /// reconciliation (its listing must not see a job whose answer is still coming), one while
+    /// narrowed (since a POST got no usable answer, until Krea accepts one again) or while a
+    /// paused service probes, else `max_concurrent_posts` (at least 1).
+    pub(super) fn post_window(&self) -> usize {
+        if self.table.waiting_to_reconcile() > 0 {
+            0
+        } else if self.posts_narrowed_since.is_some() || self.paused.is_some() {
+            1
+        } else {
+            usize::try_from(self.settings.max_concurrent_posts.max(1)).unwrap_or(usize::MAX)
+        }
+    }
+
+    /// Takes as many pending jobs as may be sent now (up to the POST window, see
+    /// [`Self::post_window`], each granted by the pacer and within the in-flight cap and the
+    /// budget) and records their attempts for the coming commit, in send order.
+    pub(super) fn plan_submissions(&mut self) -> Vec<usize> {
+        let mut planned = Vec::new();
+        while self.posts_running + planned.len() < self.post_window() {
+            match self.plan_submission() {
+                Some(slot) => planned.push(slot),
+                None => break,
+            }
+        }
+        planned
+    }
+
+    /// Takes the next pending job if nothing holds submissions back (a stop, an unknown job
+    /// awaiting reconciliation, the in-flight cap, the pacer) and records its attempt for the
+    /// coming commit.
+    fn plan_submission(&mut self) -> Option<usize> {
         self.submit_wake = None;
         self.table.release_backed_off(Instant::now());
         if self.stopped.is_some()
             || self.draining
-            || self.post_running
             || self.table.waiting_to_reconcile() > 0
             || self.table.next_to_submit().is_none()
             || self.in_flight() >= self.pacer.in_flight_cap()
@@ -113,7 +149,7 @@ impl Engine {
     }
 
     pub(super) fn spawn_submit(&mut self, slot: usize) {
-        self.post_running = true;
+        self.posts_running += 1;
         self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
         let model = self.table.job(slot).model.clone();
@@ -129,7 +165,7 @@ impl Engine {
         slot: usize,
         result: Result<RemoteJob, ApiError>,
     ) -> Result<(), IllegalTransition> {
-        self.post_running = false;
+        self.posts_running = self.posts_running.saturating_sub(1);
         let name = self.table.job(slot).name.clone();
         match result {
             Ok(remote) => self.on_accepted(slot, &remote)?,
@@ -145,7 +181,15 @@ impl Engine {
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
                 self.status.rate_limited_total += 1;
+                let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
                 self.requeue(slot)?;
+                // POSTs on the wire together meet one full account: one 429 among them backs
+                // off, the others sent before it was answered only go back to the queue.
+                let now = self.clock.now_ms();
+                if self.rate_limited_at_ms.replace(now).is_some_and(|last| sent_at < last) {
+                    tracing::debug!(%message, "429 to a POST sent before the last one; requeued");
+                    return Ok(());
+                }
                 let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
                     %message,
@@ -167,6 +211,7 @@ impl Engine {
                      submissions pause until it is found or shown not to exist"
                 );
                 self.table.notes_mut(slot).unanswered.push(unanswered_label(&err));
+                self.posts_narrowed_since = Some(self.clock.now_ms());
                 let reconcile = self.reconciles_now(slot);
                 self.table.unanswered(slot, self.clock.now_ms(), err.to_string(), reconcile)?;
             }
@@ -188,6 +233,13 @@ impl Engine {
 
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
         self.pacer.on_accepted();
+        // Narrowing ends with the first POST sent alone since then that Krea accepts (one sent
+        // before, still on the wire, proves nothing about Krea now).
+        let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
+        if self.posts_narrowed_since.is_some_and(|since| sent_at >= since) {
+            self.posts_narrowed_since = None;
+            tracing::info!("Krea answers submissions again: several may be on the wire again");
+        }
         self.resume_after_pause();
         let name = self.table.job(slot).name.clone();
         if let Some(owner) = self.table.claim_owner(&remote.job_id) {

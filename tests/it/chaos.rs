@@ -16,7 +16,8 @@
 //! draws come from the simulation's seed; `KREA_BATCH_CHAOS_SEED=N` explores other sequences.
 
 use crate::support::{
-    LiveChild, Run, Sim, Workspace, files_under, krea_batch, numbered_jobs, wait_until,
+    LiveChild, Run, Sim, Workspace, assert_each_result_where_it_belongs, files_under, krea_batch,
+    numbered_jobs, wait_until,
 };
 use krea_batch::sim::{Faults, JobRecord, Listener, Quirks, SimStats, Storm};
 use serde_json::Value;
@@ -833,4 +834,31 @@ fn every_fault_at_once_at_moderate_rates() {
         injected.0 + injected.1 > 0,
         "{fault}: the scenario injected API faults (5xx, dropped, 429): {injected:?}"
     );
+}
+
+/// Four POSTs on the wire (`limits.submission_concurrency: 4`) with answers lost often: nothing
+/// created twice (checked after every run), no result under a job whose prompt did not create
+/// it, and every job the simulation created reaches the user, under its job or in
+/// `unattributed/` naming it among the candidates.
+#[test]
+fn lost_answers_with_four_posts_on_the_wire() {
+    let fault = "dropped POST answers 20%, 5xx 5%, resets 5%, four POSTs on the wire";
+    let sim = sim_with(Faults {
+        post_drop_rate: 0.2,
+        server_error_rate: 0.05,
+        reset_rate: 0.05,
+        ..Faults::default()
+    });
+    let work = workspace(&numbered_jobs("four on the wire", 40), "  submission_concurrency: 4\n");
+    let runs = runs_to_end(fault, &work, &sim, 40, || run_command(&work, &sim));
+    let end = runs.last().expect("one run");
+    assert!(end.stats.dropped_connections > 0, "{fault}: the scenario dropped answers");
+    let (attributed, parked) = assert_each_result_where_it_belongs(fault, &work, &end.stats);
+    assert_eq!(
+        end.count("completed") + end.count("unknown"),
+        40,
+        "{fault}: every job completed or set aside, nothing else: {:?}",
+        end.statuses
+    );
+    eprintln!("{fault}: {attributed} results attributed, {parked} unattributed");
 }

@@ -368,3 +368,64 @@ pub(crate) fn http_get(port: u16, path: &str) -> String {
     stream.read_to_string(&mut response).expect("response read");
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
+
+/// With several POSTs on the wire: every result filed under a job was created by that job's
+/// prompt (its sidecar's `job_id` is a job the simulation created for that prompt), and every
+/// job the simulation created reached the user, under its job or in `unattributed/` with its
+/// prompt among the candidates that file's sidecar names. Returns (attributed, unattributed)
+/// result files.
+pub(crate) fn assert_each_result_where_it_belongs(
+    what: &str,
+    work: &Workspace,
+    stats: &SimStats,
+) -> (usize, usize) {
+    use std::collections::{HashMap, HashSet};
+    let prompt_of_job: HashMap<&str, &str> =
+        stats.jobs.iter().map(|job| (job.id.as_str(), job.prompt.as_str())).collect();
+    let read = |path: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(path).expect("a sidecar")).expect("sidecar JSON")
+    };
+    let mut reached: HashSet<String> = HashSet::new();
+    let mut attributed = 0;
+    for line in work.manifest().iter().filter(|line| line["status"] == "completed") {
+        for file in line["files"].as_array().into_iter().flatten() {
+            let file = file.as_str().expect("a file");
+            let sidecar = read(&work.out().join(format!("{file}.json")));
+            let job_id = sidecar["job_id"].as_str().expect("a job id");
+            let prompt = sidecar["prompt"].as_str().expect("a prompt");
+            assert_eq!(prompt_of_job.get(job_id), Some(&prompt), "{what}: {file} holds {job_id}");
+            reached.insert(job_id.to_owned());
+            attributed += 1;
+        }
+    }
+    let folder = work.out().join("unattributed");
+    let parked = if folder.is_dir() { files_under(&folder) } else { Vec::new() };
+    let mut unattributed = 0;
+    for path in parked.iter().filter(|path| path.extension().is_some_and(|ext| ext == "json")) {
+        let sidecar = read(path);
+        let job_id = sidecar["krea_job_id"].as_str().expect("a Krea job id");
+        let made_by = prompt_of_job.get(job_id).expect("a job the simulation created");
+        let candidates: Vec<&str> = sidecar["candidates"]
+            .as_array()
+            .expect("candidates")
+            .iter()
+            .filter_map(|candidate| candidate["prompt"].as_str())
+            .collect();
+        assert!(
+            candidates.len() >= 2,
+            "{what}: {} names its candidates: {candidates:?}",
+            path.display()
+        );
+        assert!(
+            candidates.contains(made_by),
+            "{what}: {}: {made_by} not a candidate",
+            path.display()
+        );
+        assert!(reached.insert(job_id.to_owned()), "{what}: {job_id} attributed and unattributed");
+        unattributed += 1;
+    }
+    for job in stats.jobs.iter().filter(|job| job.status == "completed") {
+        assert!(reached.contains(&job.id), "{what}: {} ({}) reached the user", job.id, job.prompt);
+    }
+    (attributed, unattributed)
+}
