@@ -20,6 +20,7 @@
 //! | `pricing.rs` | the price table: what a generation costs, for estimates |
 //! | `costs.rs` | a job file's estimated cost per model, and whether a budget can count it |
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
+//! | `asset.rs` | Krea's assets on the wire: the upload form, the asset and its list |
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
@@ -57,6 +58,7 @@
 
 pub mod address;
 pub mod api;
+pub mod asset;
 pub mod beside;
 pub mod check;
 pub mod cli;
