@@ -27,6 +27,7 @@
 //! `--simulate-config`). Replacing `serde_yaml` means this folder and those two calls.
 
 mod de;
+mod inputs;
 mod locate;
 mod nesting;
 mod settings;
@@ -38,6 +39,9 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use inputs::{
+    LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, is_local, placeholder, takes_url,
+};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
@@ -93,6 +97,9 @@ pub struct JobFile {
     pub reuse: bool,
     /// One entry per generation, in file order (`count` copies next to each other).
     pub jobs: Vec<JobSpec>,
+    /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
+    /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
+    pub local_files: Vec<LocalFile>,
 }
 
 /// One generation to run.
@@ -363,6 +370,7 @@ impl Assembly<'_> {
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
         let sweeps = self.read_sweeps(&raw)?;
+        let mut local = inputs::Resolver::default();
         self.check_expansion(&raw, &sweeps)?;
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
             let line = self.entry_line(index, job, entry_lines.last().copied());
@@ -383,13 +391,17 @@ impl Assembly<'_> {
                             .into(),
                     ));
                 };
-                let body = if instance.fields.is_empty() {
-                    canonical_json(&merge_body(&raw.params, &job.params, &instance.prompt))
+                let mut body = if instance.fields.is_empty() {
+                    merge_body(&raw.params, &job.params, &instance.prompt)
                 } else {
                     let mut own = job.params.clone();
                     own.extend(instance.fields);
-                    canonical_json(&merge_body(&raw.params, &own, &instance.prompt))
+                    merge_body(&raw.params, &own, &instance.prompt)
                 };
+                if let Err(refused) = local.localize(&mut body, self.source) {
+                    return Err(self.input_error(index, refused));
+                }
+                let body = canonical_json(&body);
                 let first_key = JobKey::from_canonical(model, &body, 0);
                 for copy in 1..=job.count {
                     let base = &instance.name;
@@ -435,7 +447,11 @@ impl Assembly<'_> {
                 }
             }
         }
+        let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
+        local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
+            local_files,
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -471,6 +487,25 @@ impl Assembly<'_> {
             sweeps.push(Some(Box::new((matrix, rows))));
         }
         Ok(sweeps)
+    }
+
+    /// A local input of entry `index` that cannot be used, at the field that names it: the
+    /// job's own `params`, else the defaults', else the entry.
+    fn input_error(&self, index: usize, refused: inputs::Refused) -> JobFileError {
+        let own: Vec<Seg> = [Seg::key("jobs"), Seg::Index(index), Seg::key("params")]
+            .into_iter()
+            .chain(refused.field.iter().cloned())
+            .collect();
+        let defaults: Vec<Seg> =
+            std::iter::once(Seg::key("params")).chain(refused.field.iter().cloned()).collect();
+        let at = if self.find(&own, Target::Node).is_some() {
+            own
+        } else if self.find(&defaults, Target::Node).is_some() {
+            defaults
+        } else {
+            own
+        };
+        self.error(&at, refused.message)
     }
 
     fn refused(&self, refusal: Refusal) -> JobFileError {
