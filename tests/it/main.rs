@@ -17,3 +17,4 @@ mod simulate;
 mod spend;
 mod support;
 mod sweeps;
+mod uploads;

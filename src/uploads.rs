@@ -1,0 +1,279 @@
+//! Local input files uploaded to Krea (`POST /assets`) once per content, exactly once, and
+//! their URLs put into the bodies the engine sends.
+//!
+//! Where it runs: between the import of a job file and the start of the engine ([`prepare`],
+//! called by `run`), with the state file still in this process's hands. The engine is left as
+//! it is: what it gets is the API wrapped in [`WithUploads`], which replaces each file's
+//! placeholder (`jobfile`'s `krea-batch-file:sha256:<hex>`, the content's hash, which is what
+//! the job's key was made from) by the recorded URL in the body of each `POST /generate`. The
+//! body in the state file keeps the placeholder, so the job's identity never depends on a URL.
+//!
+//! Exactly once, as for jobs: the upload is recorded (`attempting`) in the state file before
+//! its POST, and its URL as soon as it comes. An upload whose answer is lost (timeout, reset,
+//! 5xx) may have created the asset: it is marked `unknown` and looked for with `GET /assets`,
+//! by the description every upload carries (`krea-batch sha256:<hex>`), before anything is
+//! sent again; one found is adopted, one shown absent is uploaded again (Krea answers an
+//! upload only once the asset exists, so an upload that is not listed was not made). A record
+//! left `attempting` by a killed run is reconciled the same way. Uploads are recorded per API
+//! base: an asset of one API (or simulation) is never sent to another.
+//!
+//! What it leaves to others: which files a job file names and whether they may be used
+//! (`jobfile`), the wire format (`asset.rs`, `api.rs`), the records (`store`).
+
+use crate::api::ApiError;
+use crate::api::JobPage;
+use crate::api::RemoteJob;
+use crate::asset::Asset;
+use crate::asset::{AssetPage, AssetUpload};
+use crate::beside::open_beside;
+use crate::error::InputError;
+use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder};
+use crate::seam::{ApiFuture, KreaApi};
+use crate::store::{JobRecord, Store, UploadState};
+use anyhow::Context as _;
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How many times one file is sent in one run before the run gives up (a rerun goes on).
+const MAX_ATTEMPTS: u32 = 4;
+
+/// The most pages of `GET /assets` read to find a lost upload.
+const MAX_LIST_PAGES: usize = 50;
+
+/// The description every upload carries: how a lost upload is found again.
+#[must_use]
+pub fn description(sha256: &str) -> String {
+    format!("krea-batch sha256:{sha256}")
+}
+
+/// The contents (SHA-256) whose placeholders `body` holds.
+fn placeholders(body: &str) -> impl Iterator<Item = &str> {
+    body.match_indices(PLACEHOLDER_PREFIX)
+        .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
+}
+
+/// Uploads (or finds recorded, or finds at Krea) every local file that `jobs` not yet sent
+/// use, and returns `api` wrapped so that their bodies carry the URLs. `api_base` names the API
+/// the records belong to. Waits `backoff` (doubling) between attempts a 429 or an unreachable
+/// API interrupted.
+pub async fn prepare(
+    store: &mut Store,
+    api: Arc<dyn KreaApi>,
+    api_base: &str,
+    files: &[LocalFile],
+    jobs: &[JobRecord],
+    backoff: Duration,
+) -> anyhow::Result<Arc<dyn KreaApi>> {
+    let needed: BTreeSet<&str> = jobs
+        .iter()
+        .filter(|job| job.remote_id.is_none() && !job.state.is_final())
+        .flat_map(|job| placeholders(&job.body))
+        .collect();
+    if needed.is_empty() {
+        return Ok(api);
+    }
+    let mut urls = HashMap::new();
+    for file in files.iter().filter(|file| needed.contains(file.sha256.as_str())) {
+        let url = ensure(store, api.as_ref(), api_base, file, backoff)
+            .await
+            .with_context(|| format!("while uploading the input file {}", file.path.display()))?;
+        urls.insert(file.sha256.clone(), url);
+    }
+    // Contents used by jobs of the state whose file this job file no longer names: their URL
+    // if one is recorded (else those jobs fail with a message, see `WithUploads`).
+    for sha in &needed {
+        if urls.contains_key(*sha) {
+            continue;
+        }
+        if let Some(record) = store.upload(sha, api_base)?
+            && let UploadState::Uploaded { url } = record.state
+        {
+            urls.insert((*sha).to_owned(), url);
+        }
+    }
+    Ok(Arc::new(WithUploads { inner: api, urls }))
+}
+
+/// The URL of `file` at Krea: recorded, found after a lost answer, or uploaded now.
+async fn ensure(
+    store: &mut Store,
+    api: &dyn KreaApi,
+    api_base: &str,
+    file: &LocalFile,
+    backoff: Duration,
+) -> anyhow::Result<String> {
+    let sha = file.sha256.as_str();
+    let written = file.path.display().to_string();
+    let mut wait = backoff;
+    for attempt in 1..=MAX_ATTEMPTS {
+        match store.upload(sha, api_base)?.map(|record| record.state) {
+            Some(UploadState::Uploaded { url }) => return Ok(url),
+            Some(UploadState::Attempting | UploadState::Unknown) => {
+                if let Some(url) = find(api, sha).await? {
+                    tracing::info!(file = %written, "a lost upload was found at Krea; not sent again");
+                    store.upload_done(sha, api_base, &url)?;
+                    return Ok(url);
+                }
+                tracing::info!(file = %written, "a lost upload is not at Krea; sending it again");
+                store.forget_upload(sha, api_base)?;
+            }
+            None => {}
+        }
+        let bytes = read(file)?;
+        store.begin_upload(sha, api_base, &written)?;
+        let upload = AssetUpload {
+            file_name: file.path.file_name().and_then(|n| n.to_str()).unwrap_or("input"),
+            content_type: file.mime_type,
+            bytes: &bytes,
+            description: &description(sha),
+        };
+        match api.upload_asset(upload).await {
+            Ok(asset) => {
+                store.upload_done(sha, api_base, &asset.url)?;
+                tracing::info!(file = %written, "uploaded");
+                return Ok(asset.url);
+            }
+            Err(err) if err.may_have_created_job() => {
+                tracing::warn!(file = %written, %err, "the upload got no usable answer; looking for it at Krea before anything is sent again");
+                store.upload_unknown(sha, api_base)?;
+            }
+            Err(err @ (ApiError::NotSent(_) | ApiError::RateLimited { .. })) => {
+                store.forget_upload(sha, api_base)?;
+                let pause = match &err {
+                    ApiError::RateLimited { retry_after: Some(after), .. } => *after,
+                    _ => wait,
+                };
+                tracing::warn!(file = %written, %err, attempt, "upload not made; trying again");
+                tokio::time::sleep(pause).await;
+                wait = wait.saturating_mul(2);
+            }
+            Err(err @ ApiError::Rejected { .. }) => {
+                store.forget_upload(sha, api_base)?;
+                return Err(InputError::because(
+                    format!("Krea refused the file {written}: {err}; fix or replace it"),
+                    err,
+                )
+                .into());
+            }
+            Err(err) => {
+                store.forget_upload(sha, api_base)?;
+                return Err(err.into());
+            }
+        }
+    }
+    // Settle a last lost answer before giving up, so the rerun starts from what Krea holds.
+    if let Some(record) = store.upload(sha, api_base)?
+        && record.state == UploadState::Unknown
+        && let Some(url) = find(api, sha).await?
+    {
+        store.upload_done(sha, api_base, &url)?;
+        return Ok(url);
+    }
+    anyhow::bail!(
+        "{written} could not be uploaded after {MAX_ATTEMPTS} attempts; run again later (what \
+         reached Krea is looked for first, never sent twice)"
+    )
+}
+
+/// The file's bytes, checked to be the content the job file was read with.
+fn read(file: &LocalFile) -> anyhow::Result<Vec<u8>> {
+    let (opened, _) = open_beside(&file.base, &file.path).map_err(InputError::new)?;
+    let mut bytes = Vec::new();
+    opened
+        .take(crate::jobfile::MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", file.path.display()))?;
+    if format!("{:x}", Sha256::digest(&bytes)) != file.sha256 {
+        return Err(InputError::msg(format!(
+            "{} changed since the job file was read; run again to use what it holds now",
+            file.path.display()
+        ))
+        .into());
+    }
+    Ok(bytes)
+}
+
+/// The URL of the asset whose description names `sha`, if Krea lists one.
+async fn find(api: &dyn KreaApi, sha: &str) -> anyhow::Result<Option<String>> {
+    let wanted = description(sha);
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_LIST_PAGES {
+        let page: AssetPage = api
+            .list_assets(cursor.as_deref(), 1000)
+            .await
+            .context("while looking for a lost upload at Krea (GET /assets)")?;
+        if let Some(asset) = page.items.iter().find(|asset| asset.description == wanted) {
+            return Ok(Some(asset.url.clone()));
+        }
+        match page.next_cursor {
+            Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
+            _ => return Ok(None),
+        }
+    }
+    anyhow::bail!(
+        "a lost upload could not be looked for: Krea lists more than {MAX_LIST_PAGES} pages of \
+         assets; delete old ones or run again"
+    )
+}
+
+/// The API the engine sends through: each file's placeholder in a job's body replaced by its
+/// upload's URL; everything else passed on as is.
+#[derive(Debug)]
+pub struct WithUploads {
+    inner: Arc<dyn KreaApi>,
+    /// URLs by content (SHA-256).
+    urls: HashMap<String, String>,
+}
+
+impl WithUploads {
+    /// `body` with every placeholder replaced by its URL; the error names a content without one.
+    fn substitute(&self, body: &str) -> Result<String, String> {
+        let mut out = body.to_owned();
+        for sha in placeholders(body) {
+            let url = self.urls.get(sha).ok_or_else(|| {
+                format!(
+                    "the local input file with SHA-256 {sha} has no upload: the job file no \
+                     longer names it; put the file back in the job file and run again"
+                )
+            })?;
+            let quoted = serde_json::to_string(url).unwrap_or_default();
+            out = out.replace(&format!("\"{}\"", placeholder(sha)), &quoted);
+        }
+        Ok(out)
+    }
+}
+
+impl KreaApi for WithUploads {
+    fn create_job<'a>(&'a self, model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
+        match self.substitute(body) {
+            Ok(body) => Box::pin(async move { self.inner.create_job(model, &body).await }),
+            // Refused before it is sent: nothing reached Krea, and the job cannot be sent.
+            Err(message) => {
+                Box::pin(std::future::ready(Err(ApiError::Rejected { status: 0, message })))
+            }
+        }
+    }
+
+    fn get_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, RemoteJob> {
+        self.inner.get_job(job_id)
+    }
+
+    fn cancel_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, ()> {
+        self.inner.cancel_job(job_id)
+    }
+
+    fn list_jobs<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, JobPage> {
+        self.inner.list_jobs(cursor, limit)
+    }
+
+    fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset> {
+        self.inner.upload_asset(upload)
+    }
+
+    fn list_assets<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, AssetPage> {
+        self.inner.list_assets(cursor, limit)
+    }
+}
