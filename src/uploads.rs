@@ -2,7 +2,7 @@
 //! their URLs put into the bodies the engine sends.
 //!
 //! Where it runs: between the import of a job file and the start of the engine ([`prepare`],
-//! called by `run`), with the state file still in this process's hands. The engine is left as
+//! called by `run`; the daemon refuses inbox files with local inputs for now), with the state file still in this process's hands. The engine is left as
 //! it is: what it gets is the API wrapped in [`WithUploads`], which replaces each file's
 //! placeholder (`jobfile`'s `krea-batch-file:sha256:<hex>`, the content's hash, which is what
 //! the job's key was made from) by the recorded URL in the body of each `POST /generate`. The
@@ -20,11 +20,8 @@
 //! What it leaves to others: which files a job file names and whether they may be used
 //! (`jobfile`), the wire format (`asset.rs`, `api.rs`), the records (`store`).
 
-use crate::api::ApiError;
-use crate::api::JobPage;
-use crate::api::RemoteJob;
-use crate::asset::Asset;
-use crate::asset::{AssetPage, AssetUpload};
+use crate::api::{ApiError, JobPage, RemoteJob};
+use crate::asset::{Asset, AssetPage, AssetUpload};
 use crate::beside::open_beside;
 use crate::error::InputError;
 use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder};
@@ -275,5 +272,154 @@ impl KreaApi for WithUploads {
 
     fn list_assets<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, AssetPage> {
         self.inner.list_assets(cursor, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Krea's assets in memory: counts uploads, and can lose the answer of the next ones (the
+    /// asset is made, the answer never comes) or refuse to be reached.
+    #[derive(Debug, Default)]
+    struct Remote {
+        assets: Mutex<Vec<Asset>>,
+        uploads: Mutex<u32>,
+        lose_answers: Mutex<u32>,
+        unreachable: Mutex<u32>,
+    }
+
+    impl Remote {
+        fn uploads(&self) -> u32 {
+            *self.uploads.lock().expect("lock")
+        }
+    }
+
+    fn unused<'a, T: Send + 'a>() -> ApiFuture<'a, T> {
+        Box::pin(std::future::ready(Err(ApiError::NotSent("not in this test".into()))))
+    }
+
+    impl KreaApi for Remote {
+        fn create_job<'a>(&'a self, _: &'a str, _: &'a str) -> ApiFuture<'a, RemoteJob> {
+            unused()
+        }
+        fn get_job<'a>(&'a self, _: &'a str) -> ApiFuture<'a, RemoteJob> {
+            unused()
+        }
+        fn cancel_job<'a>(&'a self, _: &'a str) -> ApiFuture<'a, ()> {
+            unused()
+        }
+        fn list_jobs<'a>(&'a self, _: Option<&'a str>, _: u32) -> ApiFuture<'a, JobPage> {
+            unused()
+        }
+        fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset> {
+            let mut unreachable = self.unreachable.lock().expect("lock");
+            if *unreachable > 0 {
+                *unreachable -= 1;
+                return Box::pin(std::future::ready(Err(ApiError::NotSent("refused".into()))));
+            }
+            *self.uploads.lock().expect("lock") += 1;
+            let mut assets = self.assets.lock().expect("lock");
+            let asset = Asset {
+                id: format!("a{}", assets.len()),
+                url: format!("https://assets.example/a{}.png", assets.len()),
+                description: upload.description.to_owned(),
+            };
+            assets.push(asset.clone());
+            let mut lose = self.lose_answers.lock().expect("lock");
+            let answer = if *lose > 0 {
+                *lose -= 1;
+                Err(ApiError::NoAnswer("connection reset".into()))
+            } else {
+                Ok(asset)
+            };
+            Box::pin(std::future::ready(answer))
+        }
+        fn list_assets<'a>(&'a self, _: Option<&'a str>, _: u32) -> ApiFuture<'a, AssetPage> {
+            let mut items = self.assets.lock().expect("lock").clone();
+            items.reverse();
+            Box::pin(std::future::ready(Ok(AssetPage { items, next_cursor: None })))
+        }
+    }
+
+    const API: &str = "https://api.example";
+
+    fn setup() -> (tempfile::TempDir, Store, LocalFile) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bytes = b"\x89PNG\r\n\x1a\na cat";
+        std::fs::write(dir.path().join("cat.png"), bytes).expect("file");
+        let store = Store::open_writer(&dir.path().join("state.sqlite")).expect("state");
+        let file = LocalFile {
+            path: "cat.png".into(),
+            base: dir.path().to_owned(),
+            sha256: format!("{:x}", Sha256::digest(bytes)),
+            bytes: bytes.len() as u64,
+            mime_type: "image/png",
+        };
+        (dir, store, file)
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_found_at_krea_and_never_sent_again() {
+        let (_dir, mut store, file) = setup();
+        let remote = Remote { lose_answers: Mutex::new(1), ..Remote::default() };
+        let url = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("found");
+        assert_eq!(url, "https://assets.example/a0.png");
+        assert_eq!(remote.uploads(), 1, "found by its description, not sent twice");
+        let recorded = store.upload(&file.sha256, API).expect("read").map(|r| r.state);
+        assert_eq!(recorded, Some(UploadState::Uploaded { url: url.clone() }));
+        let again = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("known");
+        assert_eq!((again, remote.uploads()), (url, 1), "the recorded URL is reused");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_left_by_a_kill_is_looked_for_first() {
+        let (_dir, mut store, file) = setup();
+        // Killed after the asset was made: adopted.
+        let remote = Remote::default();
+        store.begin_upload(&file.sha256, API, "cat.png").expect("recorded");
+        remote.assets.lock().expect("lock").push(Asset {
+            id: "made".into(),
+            url: "https://assets.example/made.png".into(),
+            description: description(&file.sha256),
+        });
+        let url = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("found");
+        assert_eq!((url.as_str(), remote.uploads()), ("https://assets.example/made.png", 0));
+        // Killed before it reached Krea: shown absent, sent once.
+        let (_dir, mut store, file) = setup();
+        let remote = Remote::default();
+        store.begin_upload(&file.sha256, API, "cat.png").expect("recorded");
+        ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("uploaded");
+        assert_eq!(remote.uploads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_api_is_tried_again_and_a_changed_file_refused() {
+        let (dir, mut store, file) = setup();
+        let remote = Remote { unreachable: Mutex::new(2), ..Remote::default() };
+        ensure(&mut store, &remote, API, &file, Duration::from_secs(1)).await.expect("uploaded");
+        assert_eq!(remote.uploads(), 1);
+        let (_other, mut fresh, _) = setup();
+        std::fs::write(dir.path().join("cat.png"), b"\x89PNG\r\n\x1a\nanother cat").expect("edit");
+        let err =
+            ensure(&mut fresh, &remote, API, &file, Duration::ZERO).await.expect_err("changed");
+        assert!(format!("{err:#}").contains("changed since"), "{err:#}");
+    }
+
+    #[test]
+    fn placeholders_are_replaced_by_their_urls() {
+        let sha = "ab".repeat(32);
+        let body = format!(r#"{{"image_url":"{}","prompt":"a cat"}}"#, placeholder(&sha));
+        let api = WithUploads {
+            inner: Arc::new(Remote::default()),
+            urls: HashMap::from([(sha.clone(), "https://x/a\"b.png".to_owned())]),
+        };
+        let sent = api.substitute(&body).expect("known");
+        let sent: serde_json::Value = serde_json::from_str(&sent).expect("still JSON");
+        assert_eq!(sent["image_url"], "https://x/a\"b.png");
+        let unknown = format!(r#"{{"image_url":"{}"}}"#, placeholder(&"cd".repeat(32)));
+        assert!(api.substitute(&unknown).expect_err("no upload").contains("no upload"));
+        assert_eq!(placeholders(&body).collect::<Vec<_>>(), [sha.as_str()]);
     }
 }

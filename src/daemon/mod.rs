@@ -240,6 +240,15 @@ enum Unfit {
     /// Under the service's budget, every job needs a price.
     #[error(transparent)]
     Unpriced(crate::costs::Unpriced),
+    /// The service does not upload local input files yet (only `krea-batch run` does): refused
+    /// rather than sent with a path Krea would refuse.
+    #[error(
+        "{}: {} is a local file; the service does not upload local input files yet: run this \
+         file with `krea-batch run`, or give an https:// URL",
+        .0.display(),
+        .1.display()
+    )]
+    LocalInput(std::path::PathBuf, std::path::PathBuf),
 }
 
 /// The running service's parts besides the engine.
@@ -294,6 +303,9 @@ impl Daemon {
     fn fits_the_service(&self, job_file: JobFile) -> Result<JobFile, Unfit> {
         if job_file.budget.is_some() {
             return Err(Unfit::OwnBudget(job_file.source));
+        }
+        if let Some(local) = job_file.local_files.first() {
+            return Err(Unfit::LocalInput(job_file.source.clone(), local.path.clone()));
         }
         if self.config.budget.is_some()
             && let Some(refusal) = crate::costs::unpriced_under_budget(&job_file)
