@@ -50,9 +50,10 @@
 //!
 //! # Dependency direction
 //!
-//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data files beside
-//! it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
+//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data and input
+//! files beside it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
 //! module that ties them together. `setup` builds on `runner`, `store`, `output` and the clients;
+//! `uploads` builds on `seam`, `store` and `jobfile` (the engine never sees a local file);
 //! the commands (`run`, `check`, `status`, `control`, `recover`, `daemon`) build on `setup`, and no
 //! module imports a command; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.

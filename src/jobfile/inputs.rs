@@ -119,6 +119,14 @@ impl Resolver {
         body: &mut Map<String, Value>,
         source: &Path,
     ) -> Result<(), Refused> {
+        // Most bodies are a prompt and a few numbers: spare them the walk (and its allocations),
+        // a file may hold 100,000 jobs.
+        let may_hold = |(name, value): (&String, &Value)| {
+            takes_url(name) || value.is_array() || value.is_object()
+        };
+        if !body.iter().any(may_hold) {
+            return Ok(());
+        }
         let mut at = Vec::new();
         self.walk_object(body, source, &mut at)
     }

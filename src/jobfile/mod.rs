@@ -9,7 +9,8 @@
 //! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
 //! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
-//! reading the data files that `from:` names, beside the job file; the request body is passed
+//! reading the files beside the job file that `from:` names (data) and that URL fields name
+//! (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads them); the request body is passed
 //! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
 //! the budget are only read, `pricing` and the runner apply them; the runner decides what to
 //! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
