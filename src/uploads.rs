@@ -1,9 +1,12 @@
 //! Local input files uploaded to Krea (`POST /assets`) once per content, exactly once, and
 //! their URLs put into the bodies the engine sends.
 //!
-//! Where it runs: between the import of a job file and the start of the engine ([`prepare`],
-//! called by `run`; the daemon refuses inbox files with local inputs for now), with the state file still in this process's hands. The engine is left as
-//! it is: what it gets is the API wrapped in [`WithUploads`], which replaces each file's
+//! Where it runs: before the jobs that need a file reach the engine. `run` calls [`prepare`]
+//! between the import of the job file and the start of the engine, with the state file still in
+//! its hands ([`Records::Direct`]); the daemon calls [`upload_files`] for each inbox file before
+//! importing it, recording through the engine's writer ([`Records::Writer`]), and adds the URLs
+//! to the [`UrlBook`] its engine sends with. The engine is left as it is: what it gets is the API
+//! wrapped in [`WithUploads`], which replaces each file's
 //! placeholder (`jobfile`'s `krea-batch-file:sha256:<hex>`, the content's hash, which is what
 //! the job's key was made from) by the recorded URL in the body of each `POST /generate`. The
 //! body in the state file keeps the placeholder, so the job's identity never depends on a URL.
@@ -26,12 +29,12 @@ use crate::beside::open_beside;
 use crate::error::InputError;
 use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder};
 use crate::seam::{ApiFuture, KreaApi};
-use crate::store::{JobRecord, Store, UploadState};
+use crate::store::{JobRecord, Store, StoreError, StoreWriter, UploadRecord, UploadState};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 /// How many times one file is sent in one run before the run gives up (a rerun goes on).
@@ -52,6 +55,18 @@ fn placeholders(body: &str) -> impl Iterator<Item = &str> {
         .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
 }
 
+/// The URLs of uploaded contents (SHA-256 → URL) that [`WithUploads`] puts into bodies; shared
+/// so that the daemon can add those of a new inbox file while the engine runs.
+pub type UrlBook = Arc<RwLock<HashMap<String, String>>>;
+
+/// The contents (SHA-256) that the jobs not yet sent use.
+fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {
+    jobs.iter()
+        .filter(|job| job.remote_id.is_none() && !job.state.is_final())
+        .flat_map(|job| placeholders(&job.body))
+        .collect()
+}
+
 /// Uploads (or finds recorded, or finds at Krea) every local file that `jobs` not yet sent
 /// use, and returns `api` wrapped so that their bodies carry the URLs. `api_base` names the API
 /// the records belong to. Waits `backoff` (doubling) between attempts a 429 or an unreachable
@@ -64,39 +79,63 @@ pub async fn prepare(
     jobs: &[JobRecord],
     backoff: Duration,
 ) -> anyhow::Result<Arc<dyn KreaApi>> {
-    let needed: BTreeSet<&str> = jobs
-        .iter()
-        .filter(|job| job.remote_id.is_none() && !job.state.is_final())
-        .flat_map(|job| placeholders(&job.body))
-        .collect();
+    let needed = needed(jobs);
     if needed.is_empty() {
         return Ok(api);
     }
-    let mut urls = HashMap::new();
-    for file in files.iter().filter(|file| needed.contains(file.sha256.as_str())) {
-        let url = ensure(store, api.as_ref(), api_base, file, backoff)
-            .await
-            .with_context(|| format!("while uploading the input file {}", file.path.display()))?;
-        urls.insert(file.sha256.clone(), url);
-    }
+    let book = UrlBook::default();
+    let used: Vec<LocalFile> =
+        files.iter().filter(|file| needed.contains(file.sha256.as_str())).cloned().collect();
+    let mut records = Records::Direct(store);
+    upload_files(&mut records, api.as_ref(), api_base, &used, backoff, &book).await?;
     // Contents used by jobs of the state whose file this job file no longer names: their URL
     // if one is recorded (else those jobs fail with a message, see `WithUploads`).
-    for sha in &needed {
-        if urls.contains_key(*sha) {
+    recorded(store, api_base, jobs, &book)?;
+    Ok(Arc::new(WithUploads::new(api, book)))
+}
+
+/// Uploads each of `files` (or finds it recorded, or at Krea) and adds its URL to `book`.
+pub async fn upload_files(
+    records: &mut Records<'_>,
+    api: &dyn KreaApi,
+    api_base: &str,
+    files: &[LocalFile],
+    backoff: Duration,
+    book: &UrlBook,
+) -> anyhow::Result<()> {
+    for file in files {
+        let url = ensure(records, api, api_base, file, backoff)
+            .await
+            .with_context(|| format!("while uploading the input file {}", file.path.display()))?;
+        book.write().unwrap_or_else(PoisonError::into_inner).insert(file.sha256.clone(), url);
+    }
+    Ok(())
+}
+
+/// Adds to `book` the recorded URLs of the contents `jobs` not yet sent use and `book` lacks.
+pub fn recorded(
+    store: &Store,
+    api_base: &str,
+    jobs: &[JobRecord],
+    book: &UrlBook,
+) -> Result<(), StoreError> {
+    let mut urls = book.write().unwrap_or_else(PoisonError::into_inner);
+    for sha in needed(jobs) {
+        if urls.contains_key(sha) {
             continue;
         }
         if let Some(record) = store.upload(sha, api_base)?
             && let UploadState::Uploaded { url } = record.state
         {
-            urls.insert((*sha).to_owned(), url);
+            urls.insert(sha.to_owned(), url);
         }
     }
-    Ok(Arc::new(WithUploads { inner: api, urls }))
+    Ok(())
 }
 
 /// The URL of `file` at Krea: recorded, found after a lost answer, or uploaded now.
 async fn ensure(
-    store: &mut Store,
+    records: &mut Records<'_>,
     api: &dyn KreaApi,
     api_base: &str,
     file: &LocalFile,
@@ -106,21 +145,21 @@ async fn ensure(
     let written = file.path.display().to_string();
     let mut wait = backoff;
     for attempt in 1..=MAX_ATTEMPTS {
-        match store.upload(sha, api_base)?.map(|record| record.state) {
+        match records.upload(sha, api_base).await?.map(|record| record.state) {
             Some(UploadState::Uploaded { url }) => return Ok(url),
             Some(UploadState::Attempting | UploadState::Unknown) => {
                 if let Some(url) = find(api, sha).await? {
                     tracing::info!(file = %written, "a lost upload was found at Krea; not sent again");
-                    store.upload_done(sha, api_base, &url)?;
+                    records.upload_done(sha, api_base, &url).await?;
                     return Ok(url);
                 }
                 tracing::info!(file = %written, "a lost upload is not at Krea; sending it again");
-                store.forget_upload(sha, api_base)?;
+                records.forget_upload(sha, api_base).await?;
             }
             None => {}
         }
         let bytes = read(file)?;
-        store.begin_upload(sha, api_base, &written)?;
+        records.begin_upload(sha, api_base, &written).await?;
         let upload = AssetUpload {
             file_name: file.path.file_name().and_then(|n| n.to_str()).unwrap_or("input"),
             content_type: file.mime_type,
@@ -129,16 +168,16 @@ async fn ensure(
         };
         match api.upload_asset(upload).await {
             Ok(asset) => {
-                store.upload_done(sha, api_base, &asset.url)?;
+                records.upload_done(sha, api_base, &asset.url).await?;
                 tracing::info!(file = %written, "uploaded");
                 return Ok(asset.url);
             }
             Err(err) if err.may_have_created_job() => {
                 tracing::warn!(file = %written, %err, "the upload got no usable answer; looking for it at Krea before anything is sent again");
-                store.upload_unknown(sha, api_base)?;
+                records.upload_unknown(sha, api_base).await?;
             }
             Err(err @ (ApiError::NotSent(_) | ApiError::RateLimited { .. })) => {
-                store.forget_upload(sha, api_base)?;
+                records.forget_upload(sha, api_base).await?;
                 let pause = match &err {
                     ApiError::RateLimited { retry_after: Some(after), .. } => *after,
                     _ => wait,
@@ -148,7 +187,7 @@ async fn ensure(
                 wait = wait.saturating_mul(2);
             }
             Err(err @ ApiError::Rejected { .. }) => {
-                store.forget_upload(sha, api_base)?;
+                records.forget_upload(sha, api_base).await?;
                 return Err(InputError::because(
                     format!("Krea refused the file {written}: {err}; fix or replace it"),
                     err,
@@ -156,23 +195,69 @@ async fn ensure(
                 .into());
             }
             Err(err) => {
-                store.forget_upload(sha, api_base)?;
+                records.forget_upload(sha, api_base).await?;
                 return Err(err.into());
             }
         }
     }
     // Settle a last lost answer before giving up, so the rerun starts from what Krea holds.
-    if let Some(record) = store.upload(sha, api_base)?
+    if let Some(record) = records.upload(sha, api_base).await?
         && record.state == UploadState::Unknown
         && let Some(url) = find(api, sha).await?
     {
-        store.upload_done(sha, api_base, &url)?;
+        records.upload_done(sha, api_base, &url).await?;
         return Ok(url);
     }
     anyhow::bail!(
         "{written} could not be uploaded after {MAX_ATTEMPTS} attempts; run again later (what \
          reached Krea is looked for first, never sent twice)"
     )
+}
+
+/// Where uploads are recorded: the state file in this process's hands (`run`, before the
+/// engine), or through the engine's writer (the daemon, while the engine runs).
+pub enum Records<'a> {
+    /// The state file itself.
+    Direct(&'a mut Store),
+    /// The state's writer thread.
+    Writer(&'a StoreWriter),
+}
+
+impl Records<'_> {
+    async fn call<T: Send + 'static>(
+        &mut self,
+        call: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match self {
+            Self::Direct(store) => call(store),
+            Self::Writer(writer) => writer.with_store(call).await?,
+        }
+    }
+
+    async fn upload(&mut self, sha: &str, api: &str) -> Result<Option<UploadRecord>, StoreError> {
+        let (sha, api) = (sha.to_owned(), api.to_owned());
+        self.call(move |store| store.upload(&sha, &api)).await
+    }
+
+    async fn begin_upload(&mut self, sha: &str, api: &str, path: &str) -> Result<(), StoreError> {
+        let (sha, api, path) = (sha.to_owned(), api.to_owned(), path.to_owned());
+        self.call(move |store| store.begin_upload(&sha, &api, &path)).await
+    }
+
+    async fn upload_unknown(&mut self, sha: &str, api: &str) -> Result<(), StoreError> {
+        let (sha, api) = (sha.to_owned(), api.to_owned());
+        self.call(move |store| store.upload_unknown(&sha, &api)).await
+    }
+
+    async fn upload_done(&mut self, sha: &str, api: &str, url: &str) -> Result<(), StoreError> {
+        let (sha, api, url) = (sha.to_owned(), api.to_owned(), url.to_owned());
+        self.call(move |store| store.upload_done(&sha, &api, &url)).await
+    }
+
+    async fn forget_upload(&mut self, sha: &str, api: &str) -> Result<(), StoreError> {
+        let (sha, api) = (sha.to_owned(), api.to_owned());
+        self.call(move |store| store.forget_upload(&sha, &api)).await
+    }
 }
 
 /// The file's bytes, checked to be the content the job file was read with.
@@ -222,15 +307,22 @@ async fn find(api: &dyn KreaApi, sha: &str) -> anyhow::Result<Option<String>> {
 pub struct WithUploads {
     inner: Arc<dyn KreaApi>,
     /// URLs by content (SHA-256).
-    urls: HashMap<String, String>,
+    urls: UrlBook,
 }
 
 impl WithUploads {
+    /// `inner`, sending bodies with the URLs of `urls`.
+    #[must_use]
+    pub fn new(inner: Arc<dyn KreaApi>, urls: UrlBook) -> Self {
+        Self { inner, urls }
+    }
+
     /// `body` with every placeholder replaced by its URL; the error names a content without one.
     fn substitute(&self, body: &str) -> Result<String, String> {
         let mut out = body.to_owned();
         for sha in placeholders(body) {
-            let url = self.urls.get(sha).ok_or_else(|| {
+            let urls = self.urls.read().unwrap_or_else(PoisonError::into_inner);
+            let url = urls.get(sha).ok_or_else(|| {
                 format!(
                     "the local input file with SHA-256 {sha} has no upload: the job file no \
                      longer names it; put the file back in the job file and run again"
@@ -364,12 +456,16 @@ mod tests {
     async fn a_lost_answer_is_found_at_krea_and_never_sent_again() {
         let (_dir, mut store, file) = setup();
         let remote = Remote { lose_answers: Mutex::new(1), ..Remote::default() };
-        let url = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("found");
+        let url = ensure(&mut Records::Direct(&mut store), &remote, API, &file, Duration::ZERO)
+            .await
+            .expect("found");
         assert_eq!(url, "https://assets.example/a0.png");
         assert_eq!(remote.uploads(), 1, "found by its description, not sent twice");
         let recorded = store.upload(&file.sha256, API).expect("read").map(|r| r.state);
         assert_eq!(recorded, Some(UploadState::Uploaded { url: url.clone() }));
-        let again = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("known");
+        let again = ensure(&mut Records::Direct(&mut store), &remote, API, &file, Duration::ZERO)
+            .await
+            .expect("known");
         assert_eq!((again, remote.uploads()), (url, 1), "the recorded URL is reused");
     }
 
@@ -384,13 +480,17 @@ mod tests {
             url: "https://assets.example/made.png".into(),
             description: description(&file.sha256),
         });
-        let url = ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("found");
+        let url = ensure(&mut Records::Direct(&mut store), &remote, API, &file, Duration::ZERO)
+            .await
+            .expect("found");
         assert_eq!((url.as_str(), remote.uploads()), ("https://assets.example/made.png", 0));
         // Killed before it reached Krea: shown absent, sent once.
         let (_dir, mut store, file) = setup();
         let remote = Remote::default();
         store.begin_upload(&file.sha256, API, "cat.png").expect("recorded");
-        ensure(&mut store, &remote, API, &file, Duration::ZERO).await.expect("uploaded");
+        ensure(&mut Records::Direct(&mut store), &remote, API, &file, Duration::ZERO)
+            .await
+            .expect("uploaded");
         assert_eq!(remote.uploads(), 1);
     }
 
@@ -398,12 +498,15 @@ mod tests {
     async fn an_unreachable_api_is_tried_again_and_a_changed_file_refused() {
         let (dir, mut store, file) = setup();
         let remote = Remote { unreachable: Mutex::new(2), ..Remote::default() };
-        ensure(&mut store, &remote, API, &file, Duration::from_secs(1)).await.expect("uploaded");
+        ensure(&mut Records::Direct(&mut store), &remote, API, &file, Duration::from_secs(1))
+            .await
+            .expect("uploaded");
         assert_eq!(remote.uploads(), 1);
         let (_other, mut fresh, _) = setup();
         std::fs::write(dir.path().join("cat.png"), b"\x89PNG\r\n\x1a\nanother cat").expect("edit");
-        let err =
-            ensure(&mut fresh, &remote, API, &file, Duration::ZERO).await.expect_err("changed");
+        let err = ensure(&mut Records::Direct(&mut fresh), &remote, API, &file, Duration::ZERO)
+            .await
+            .expect_err("changed");
         assert!(format!("{err:#}").contains("changed since"), "{err:#}");
     }
 
@@ -411,10 +514,9 @@ mod tests {
     fn placeholders_are_replaced_by_their_urls() {
         let sha = "ab".repeat(32);
         let body = format!(r#"{{"image_url":"{}","prompt":"a cat"}}"#, placeholder(&sha));
-        let api = WithUploads {
-            inner: Arc::new(Remote::default()),
-            urls: HashMap::from([(sha.clone(), "https://x/a\"b.png".to_owned())]),
-        };
+        let book = UrlBook::default();
+        book.write().expect("lock").insert(sha.clone(), "https://x/a\"b.png".to_owned());
+        let api = WithUploads::new(Arc::new(Remote::default()), book);
         let sent = api.substitute(&body).expect("known");
         let sent: serde_json::Value = serde_json::from_str(&sent).expect("still JSON");
         assert_eq!(sent["image_url"], "https://x/a\"b.png");
