@@ -83,7 +83,7 @@ fn ftyp(bytes: &[u8]) -> Option<&[u8]> {
 
 /// Whether a request field named `name` takes a URL.
 #[must_use]
-pub fn takes_url(name: &str) -> bool {
+pub(super) fn takes_url(name: &str) -> bool {
     name == "url"
         || name.ends_with("_url")
         || name.ends_with("_urls")
@@ -92,7 +92,7 @@ pub fn takes_url(name: &str) -> bool {
 
 /// Whether `value`, in a field that takes a URL, names a local file.
 #[must_use]
-pub fn is_local(value: &str) -> bool {
+pub(super) fn is_local(value: &str) -> bool {
     !(value.starts_with("https://") || value.starts_with("data:"))
 }
 

@@ -40,9 +40,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use inputs::{
-    LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, is_local, placeholder, takes_url,
-};
+pub use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
