@@ -350,9 +350,15 @@ impl Inbox {
         }
         let lower = text.to_ascii_lowercase();
         let temporary = [".tmp", ".part", ".swp", "~"].iter().any(|end| lower.ends_with(end));
-        // Data files that job files read rows from (`from: prompts.csv`) sit beside them, in
-        // the inbox, and stay there: not job files, but expected.
-        let data = [".csv", ".jsonl", ".ndjson"].iter().any(|end| lower.ends_with(end));
+        // Data files that job files read rows from (`from: prompts.csv`) and local input files
+        // (`image_url: cat.png`) sit beside them, in the inbox, and stay there: not job files,
+        // but expected.
+        let data = [
+            ".csv", ".jsonl", ".ndjson", ".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif",
+            ".mp4", ".m4v", ".mov", ".webm", ".glb", ".wav", ".mp3",
+        ]
+        .iter()
+        .any(|end| lower.ends_with(end));
         if temporary || data {
             return None;
         }

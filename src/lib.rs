@@ -20,6 +20,7 @@
 //! | `pricing.rs` | the price table: what a generation costs, for estimates |
 //! | `costs.rs` | a job file's estimated cost per model, and whether a budget can count it |
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
+//! | `asset.rs` | Krea's assets on the wire: the upload form, the asset and its list |
 //! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
@@ -33,6 +34,7 @@
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records (command) |
+//! | `uploads.rs` | local input files uploaded once per content (recorded before each POST, a lost answer found again with `GET /assets`), their URLs put into the bodies the engine sends |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
 //! | `report.rs` | progress display, the run summary, the manifest |
@@ -48,9 +50,10 @@
 //!
 //! # Dependency direction
 //!
-//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data files beside
-//! it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
+//! `job` and `pricing` do no I/O; `jobfile` reads only the job file and the data and input
+//! files beside it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
 //! module that ties them together. `setup` builds on `runner`, `store`, `output` and the clients;
+//! `uploads` builds on `seam`, `store` and `jobfile` (the engine never sees a local file);
 //! the commands (`run`, `check`, `status`, `control`, `recover`, `daemon`) build on `setup`, and no
 //! module imports a command; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.
@@ -95,6 +98,7 @@
 
 mod address;
 mod api;
+mod asset;
 mod beside;
 mod check;
 mod control;
@@ -126,6 +130,7 @@ mod setup;
 pub mod sim;
 mod status;
 mod store;
+mod uploads;
 
 // The commands.
 

@@ -106,6 +106,7 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
     // The jobs are in the state now; free the parsed file before the engine loads its own copy.
     let limits = file.limits;
     let budget = file.budget;
+    let local_files = file.local_files;
     drop(file.jobs);
     let removed = remove_partials(&places.output_dir);
     if removed > 0 {
@@ -129,7 +130,20 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
     // Downloads only: no key, and an API that refuses every call.
     let clients: (Arc<dyn KreaApi>, Downloader) = match key {
         Some(key) => {
-            setup::clients(base, &limits, key).map(|(client, d)| (Arc::new(client) as _, d))?
+            let api_base = base.as_str().trim_end_matches('/').to_owned();
+            let (client, downloader) = setup::clients(base, &limits, key)?;
+            // Local input files are uploaded before the engine starts; it sends through an
+            // API that puts their URLs into the bodies (`uploads.rs`).
+            let client = crate::uploads::prepare(
+                &mut store,
+                Arc::new(client),
+                &api_base,
+                &local_files,
+                &engine_jobs,
+                limits.retry_backoff,
+            )
+            .await?;
+            (client, downloader)
         }
         None => (Arc::new(RefusingApi), setup::downloader(&base, &limits)?),
     };

@@ -1,6 +1,6 @@
 //! The engine's seam: the three things it needs from the world, as small object-safe traits.
 //!
-//! - [`KreaApi`]: create, get, cancel and list jobs at Krea (room for upload later);
+//! - [`KreaApi`]: create, get, cancel and list jobs at Krea, upload and list assets;
 //!   implemented by [`KreaClient`], and by [`RefusingApi`] where no API call may happen
 //!   (`krea-batch download`, which carries no key).
 //! - [`ResultFetcher`]: the download of one result file, with retries; implemented by
@@ -16,6 +16,7 @@
 //! allocation per request is nothing beside a network round trip.
 
 use crate::api::{ApiError, JobPage, KreaClient, RemoteJob};
+use crate::asset::{Asset, AssetPage, AssetUpload};
 use crate::download::{DownloadError, Downloader, Fetched};
 use crate::retry::RetryPolicy;
 use crate::store::StoreWriter;
@@ -44,6 +45,10 @@ pub trait KreaApi: Send + Sync + Debug {
     fn cancel_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, ()>;
     /// `GET /jobs`: one page of this key's jobs created before `cursor`, newest first.
     fn list_jobs<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, JobPage>;
+    /// `POST /assets`: uploads a local file (see `uploads.rs` for when).
+    fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset>;
+    /// `GET /assets`: one page of this key's assets uploaded before `cursor`, newest first.
+    fn list_assets<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, AssetPage>;
 }
 
 impl KreaApi for KreaClient {
@@ -61,6 +66,14 @@ impl KreaApi for KreaClient {
 
     fn list_jobs<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, JobPage> {
         Box::pin(KreaClient::list_jobs(self, cursor, limit))
+    }
+
+    fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset> {
+        Box::pin(async move { KreaClient::upload_asset(self, &upload).await })
+    }
+
+    fn list_assets<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, AssetPage> {
+        Box::pin(KreaClient::list_assets(self, cursor, limit))
     }
 }
 
@@ -92,6 +105,18 @@ impl KreaApi for RefusingApi {
 
     fn list_jobs<'a>(&'a self, _cursor: Option<&'a str>, _limit: u32) -> ApiFuture<'a, JobPage> {
         Self::refuse("listing jobs")
+    }
+
+    fn upload_asset<'a>(&'a self, _upload: AssetUpload<'a>) -> ApiFuture<'a, Asset> {
+        Self::refuse("uploading a file")
+    }
+
+    fn list_assets<'a>(
+        &'a self,
+        _cursor: Option<&'a str>,
+        _limit: u32,
+    ) -> ApiFuture<'a, AssetPage> {
+        Self::refuse("listing assets")
     }
 }
 

@@ -33,11 +33,12 @@ use crate::pricing::PriceTable;
 use crate::report::rewrite_manifest;
 use crate::reuse::ReuseError;
 use crate::runner::{
-    Controls, EngineCommand, EngineSettings, EngineStatus, RunKind, sleep_until_or_forever,
-    tick_or_forever,
+    Controls, EngineCommand, EngineSettings, EngineStatus, KreaApi, RunKind,
+    sleep_until_or_forever, tick_or_forever,
 };
 use crate::setup::{self, Started};
 use crate::store::{Store, StoreError, StoreWriter};
+use crate::uploads::{self, Records, UrlBook, WithUploads, upload_files};
 use anyhow::Context as _;
 pub use config::DaemonConfig;
 use std::path::Path;
@@ -79,13 +80,20 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
         let _ = remove_partials(dir);
     }
 
+    let api_base = base.as_str().trim_end_matches('/').to_owned();
     let (client, downloader) = setup::clients(base, &config.limits, key)?;
+    // Local input files: the engine sends through an API that puts their URLs into bodies;
+    // those of earlier inbox files come from the state, new ones are added as files arrive.
+    let book = UrlBook::default();
+    uploads::recorded(&store, &api_base, &jobs, &book)?;
+    let api: Arc<dyn KreaApi> = Arc::new(client);
+    let sending: Arc<dyn KreaApi> = Arc::new(WithUploads::new(Arc::clone(&api), book.clone()));
     let watchdog = sd_notify::watchdog_enabled();
     let controls = Controls::default();
     let (status_tx, status_rx) = tokio::sync::watch::channel(EngineStatus::default());
     let Started { engine, writer, commands } = setup::start_engine(
         store,
-        (Arc::new(client), downloader),
+        (sending, downloader),
         jobs,
         service_settings(&config, watchdog),
         controls.clone(),
@@ -94,8 +102,16 @@ pub async fn run(config_path: &Path, key: ApiKey, signals: DaemonSignals) -> any
     let engine_task = tokio::spawn(engine.run());
 
     let metrics = start_metrics(&config, &signals).await?;
-    let mut daemon =
-        Daemon { config, config_path: config_path.to_owned(), inbox, writer, commands, metrics };
+    let uploads = Uploading { api, api_base, book };
+    let mut daemon = Daemon {
+        config,
+        config_path: config_path.to_owned(),
+        inbox,
+        writer,
+        commands,
+        metrics,
+        uploads,
+    };
     notify::ready(&notify::status_line(&status_rx.borrow()));
     tracing::info!(
         inbox = %daemon.config.inbox.display(),
@@ -250,6 +266,16 @@ struct Daemon {
     writer: StoreWriter,
     commands: UnboundedSender<EngineCommand>,
     metrics: Option<Metrics>,
+    uploads: Uploading,
+}
+
+/// What the service needs to upload the local input files of inbox files (`uploads.rs`).
+struct Uploading {
+    api: Arc<dyn KreaApi>,
+    /// The API the uploads are recorded for.
+    api_base: String,
+    /// The URLs the engine's API puts into bodies.
+    book: UrlBook,
 }
 
 /// The metrics endpoint's feed and stop switch.
@@ -327,6 +353,9 @@ impl Daemon {
             }
         };
         file.bytes = Vec::new(); // parsed: up to 32 MiB less to hold during the import
+        if !self.upload_inputs(&mut file, &dropped_at, &job_file).await {
+            return;
+        }
         let output_dir = self.config.output.join(&file.batch_name);
         if let Err(err) = ensure_real_dir(&output_dir) {
             tracing::error!(file = %file.file_name, %err, "cannot make the output folder; the file stays in the inbox (touch it to retry)");
@@ -387,6 +416,43 @@ impl Daemon {
 
     /// Moves a file that could not be taken for now from `processing/` back to where it was
     /// dropped, where it waits until it changes (as before it was quarantined).
+    /// Uploads (or finds recorded) the local input files of an inbox file before its jobs are
+    /// imported, so that no job the engine gets lacks its URL; false when the file cannot go
+    /// on: Krea refusing a file (or a file changed) rejects it, a failure that a later try may
+    /// not meet leaves it in the inbox.
+    async fn upload_inputs(
+        &mut self,
+        file: &mut ReadyFile,
+        dropped_at: &Path,
+        job_file: &JobFile,
+    ) -> bool {
+        if job_file.local_files.is_empty() {
+            return true;
+        }
+        let mut records = Records::Writer(&self.writer);
+        let uploaded = upload_files(
+            &mut records,
+            self.uploads.api.as_ref(),
+            &self.uploads.api_base,
+            &job_file.local_files,
+            self.config.limits.retry_backoff,
+            &self.uploads.book,
+        )
+        .await;
+        let Err(err) = uploaded else { return true };
+        let error = format!("{err:#}");
+        if err.chain().any(<dyn std::error::Error>::is::<InputError>) {
+            tracing::warn!(file = %file.file_name, %error, "job file rejected");
+            if let Err(io) = self.inbox.reject(file, &error) {
+                tracing::error!(file = %file.file_name, %io, "cannot move the rejected file");
+            }
+        } else {
+            tracing::error!(file = %file.file_name, %error, "cannot upload the job file's local inputs; it stays in the inbox (touch it to retry)");
+            self.put_back(file, dropped_at);
+        }
+        false
+    }
+
     fn put_back(&mut self, file: &mut ReadyFile, dropped_at: &Path) {
         if let Err(err) = self.inbox.put_back(file, dropped_at) {
             tracing::error!(file = %file.file_name, %err, "cannot move the job file back from inbox/processing/; the next start rejects it");

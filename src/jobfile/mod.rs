@@ -9,7 +9,8 @@
 //! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
 //! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
-//! reading the data files that `from:` names, beside the job file; the request body is passed
+//! reading the files beside the job file that `from:` names (data) and that URL fields name
+//! (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads them); the request body is passed
 //! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
 //! the budget are only read, `pricing` and the runner apply them; the runner decides what to
 //! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
@@ -32,6 +33,7 @@
 //! `serde_yaml` means this folder and those two.
 
 mod de;
+mod inputs;
 mod locate;
 mod nesting;
 mod settings;
@@ -44,6 +46,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
@@ -103,6 +106,9 @@ pub struct JobFile {
     /// The top-level `params:`, the request fields every job starts from: a mistake in one
     /// is reported at its own line ([`params_line`]), not at each job's.
     pub params: Map<String, Value>,
+    /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
+    /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
+    pub local_files: Vec<LocalFile>,
 }
 
 /// One generation to run.
@@ -382,6 +388,7 @@ impl Assembly<'_> {
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
         let sweeps = self.read_sweeps(&raw)?;
+        let mut local = inputs::Resolver::default();
         self.check_expansion(&raw, &sweeps)?;
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
             let line = self.entry_line(index, job, entry_lines.last().copied());
@@ -402,13 +409,17 @@ impl Assembly<'_> {
                             .into(),
                     ));
                 };
-                let body = if instance.fields.is_empty() {
-                    canonical_json(&merge_body(&raw.params, &job.params, &instance.prompt))
+                let mut body = if instance.fields.is_empty() {
+                    merge_body(&raw.params, &job.params, &instance.prompt)
                 } else {
                     let mut own = job.params.clone();
                     own.extend(instance.fields);
-                    canonical_json(&merge_body(&raw.params, &own, &instance.prompt))
+                    merge_body(&raw.params, &own, &instance.prompt)
                 };
+                if let Err(refused) = local.localize(&mut body, self.source) {
+                    return Err(self.input_error(index, refused));
+                }
+                let body = canonical_json(&body);
                 let first_key = JobKey::from_canonical(model, &body, 0);
                 for copy in 1..=job.count {
                     let base = &instance.name;
@@ -454,7 +465,11 @@ impl Assembly<'_> {
                 }
             }
         }
+        let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
+        local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
+            local_files,
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -491,6 +506,25 @@ impl Assembly<'_> {
             sweeps.push(Some(Box::new((matrix, rows))));
         }
         Ok(sweeps)
+    }
+
+    /// A local input of entry `index` that cannot be used, at the field that names it: the
+    /// job's own `params`, else the defaults', else the entry.
+    fn input_error(&self, index: usize, refused: inputs::Refused) -> JobFileError {
+        let own: Vec<Seg> = [Seg::key("jobs"), Seg::Index(index), Seg::key("params")]
+            .into_iter()
+            .chain(refused.field.iter().cloned())
+            .collect();
+        let defaults: Vec<Seg> =
+            std::iter::once(Seg::key("params")).chain(refused.field.iter().cloned()).collect();
+        let at = if self.find(&own, Target::Node).is_some() {
+            own
+        } else if self.find(&defaults, Target::Node).is_some() {
+            defaults
+        } else {
+            own
+        };
+        self.error(&at, refused.message)
     }
 
     fn refused(&self, refusal: Refusal) -> JobFileError {

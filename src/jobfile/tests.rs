@@ -1292,3 +1292,70 @@ fn sweeps_that_would_expand_past_the_limits_are_refused_before_expanding() {
     assert!(error.message.contains("expand to more than the file may hold"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
+
+/// A local file in a URL field stands in the body as its content's hash: the key follows the
+/// content, not the name; every problem with the file is refused at the field's line.
+#[test]
+fn local_inputs_become_content_hashes_and_bad_ones_are_refused_at_their_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let png = b"\x89PNG\r\n\x1a\nthe cat";
+    std::fs::write(dir.path().join("cat.png"), png).expect("file");
+    std::fs::write(dir.path().join("same.png"), png).expect("file");
+    std::fs::write(dir.path().join("dog.png"), b"\x89PNG\r\n\x1a\nthe dog").expect("file");
+    let source = dir.path().join("jobs.yaml");
+    let parse_at = |text: &str| parse(text.as_bytes(), &source);
+    let file = parse_at(
+        "model: image/bfl/flux-1-dev\njobs:\n  - prompt: a\n    params: {image_url: ./cat.png}\n  \
+         - prompt: a\n    params: {image_url: same.png}\n  - prompt: a\n    params:\n      \
+         image_style_references: [{url: dog.png, strength: 1}]\n  - prompt: a\n    params: \
+         {image_url: 'https://example.com/x.png'}\n",
+    )
+    .expect("valid");
+    let sha: String = {
+        use sha2::Digest as _;
+        format!("{:x}", sha2::Sha256::digest(png))
+    };
+    let body = file.jobs[0].body_map();
+    assert_eq!(body["image_url"], json!(placeholder(&sha)));
+    assert_eq!(file.jobs[0].body, file.jobs[1].body, "same content, same body");
+    assert_eq!(file.jobs[1].occurrence, 1, "the same request twice");
+    assert!(file.jobs[2].body.contains(PLACEHOLDER_PREFIX));
+    assert_eq!(file.jobs[3].body_map()["image_url"], "https://example.com/x.png");
+    assert_eq!(file.local_files.len(), 2, "two contents: {:?}", file.local_files);
+    let cat = file.local_files.iter().find(|f| f.sha256 == sha).expect("the cat");
+    assert_eq!((cat.mime_type, cat.bytes), ("image/png", png.len() as u64));
+
+    std::fs::write(dir.path().join("big.png"), b"").expect("file");
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("big.png"))
+        .and_then(|f| f.set_len(MAX_INPUT_BYTES + 1))
+        .expect("sparse file");
+    std::os::unix::fs::symlink(dir.path().join("cat.png"), dir.path().join("link.png"))
+        .expect("link");
+    for (value, needle) in [
+        ("missing.png", "missing.png"),
+        ("../cat.png", "not inside"),
+        ("/etc/hosts.png", "not inside"),
+        ("link.png", "symbolic link"),
+        ("big.png", "75 MB"),
+        ("jobs.yaml", "JPEG, PNG"),
+    ] {
+        let text = format!(
+            "model: image/bfl/flux-1-dev\njobs:\n  - prompt: fine\n  - prompt: a\n    params:\n      \
+             image_url: {value}\n"
+        );
+        let error = parse_at(&text).expect_err(value);
+        assert_eq!(error.line, Some(6), "{error}");
+        assert_eq!(error.key.as_deref(), Some("jobs[1].params.image_url"), "{error}");
+        assert!(error.message.contains(needle), "{needle} in {error}");
+    }
+    let defaults =
+        "model: image/bfl/flux-1-dev\nparams:\n  start_image: gone.png\njobs:\n  - prompt: a\n";
+    let error = parse_at(defaults).expect_err("missing");
+    assert_eq!(
+        (error.line, error.key.as_deref()),
+        (Some(3), Some("params.start_image")),
+        "{error}"
+    );
+}

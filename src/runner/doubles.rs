@@ -4,6 +4,7 @@
 //! state file would hold them, for the unit tests of the engine's parts.
 
 use crate::api::{ApiError, JobPage, RemoteJob, RemoteStatus};
+use crate::asset::{Asset, AssetPage, AssetUpload};
 use crate::download::Fetched;
 use crate::reconcile::format_time_ms;
 use crate::retry::RetryPolicy;
@@ -293,6 +294,24 @@ impl KreaApi for FakeKrea {
             let items = state.jobs.iter().rev().map(Self::describe).collect();
             Ok(JobPage { items, unreadable: Vec::new(), next_cursor: None })
         })
+    }
+    /// Minimal: every upload is answered with an asset named after its description; the
+    /// engine never uploads (`uploads.rs` does, before it), so nothing here counts them.
+    fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset> {
+        let description = upload.description.to_owned();
+        Box::pin(std::future::ready(Ok(Asset {
+            id: description.clone(),
+            url: format!("https://assets.example/{description}"),
+            description,
+        })))
+    }
+
+    fn list_assets<'a>(
+        &'a self,
+        _cursor: Option<&'a str>,
+        _limit: u32,
+    ) -> ApiFuture<'a, AssetPage> {
+        Box::pin(std::future::ready(Ok(AssetPage { items: Vec::new(), next_cursor: None })))
     }
 }
 

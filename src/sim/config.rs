@@ -218,7 +218,8 @@ pub struct Faults {
     pub server_error_rate: f64,
     /// API requests whose connection is closed without a response, before being handled.
     pub reset_rate: f64,
-    /// POSTs that create the job (it will be billed) and then close without answering.
+    /// POSTs that create the job (it will be billed) or the uploaded asset and then close
+    /// without answering.
     pub post_drop_rate: f64,
     /// API requests handled, then answered only after `slow_delay` (a POST creates its job).
     pub slow_rate: f64,

@@ -1,8 +1,9 @@
 //! Request handling: every request on every listener enters [`handle`], which records it and
 //! routes it. On the API listener: the control endpoints (`/_sim/...`), `/openapi.json`, file
 //! paths (the API origin as a redirect target), then fault injection, authentication and the Krea
-//! routes (`POST /generate/...`, `GET /jobs`, `GET`/`DELETE /jobs/{id}`), in that order. Every
-//! answer to `POST /generate` is held back by the configured POST latency.
+//! routes (`POST /generate/...`, `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `POST`/`GET /assets`),
+//! in that order. Every answer to `POST /generate` is held back by the configured POST latency.
+//! On the file host, `/assets/...` goes to `assets.rs`, the rest to `files.rs`.
 
 use super::faults::{self, Early, Garble};
 use super::models;
@@ -10,7 +11,7 @@ use super::rate;
 use super::reply::{self, Dropped, Reply};
 use super::stats::{Listener, RequestRecord};
 use super::world::{CancelError, ListQuery, Millis, NewJob, Refusal, parse_status, status_name};
-use super::{Faults, RATE_LIMIT_MESSAGE, Shared, files, openapi};
+use super::{Faults, RATE_LIMIT_MESSAGE, Shared, assets, files, openapi};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -46,6 +47,9 @@ pub(crate) async fn handle(
     let authorization = request.headers().contains_key(AUTHORIZATION);
     let reply = match listener {
         Listener::Api => api(&shared, request, arrival).await,
+        Listener::Files if request.uri().path().starts_with("/assets/") => {
+            Ok(assets::serve(&shared, &request))
+        }
         Listener::Files | Listener::Redirect => Ok(files::serve(&shared, listener, &request)),
     };
     let status = reply.as_ref().map_or(0, |response| response.status().as_u16());
@@ -82,6 +86,8 @@ async fn answer_api(shared: &Arc<Shared>, request: Request<Incoming>, now: Milli
         return Ok(files::serve(shared, Listener::Api, &request));
     }
     let is_generate = method == Method::POST && path.starts_with("/generate/");
+    // An upload is a creation too: its answer can be lost after the asset exists.
+    let is_upload = method == Method::POST && path == "/assets";
     let faults = {
         let mut state = shared.lock();
         if is_generate && state.after_402 {
@@ -101,7 +107,7 @@ async fn answer_api(shared: &Arc<Shared>, request: Request<Incoming>, now: Milli
         return Ok(reply::error(StatusCode::UNAUTHORIZED, "Unauthorized"));
     }
     let response = route(shared, request, &method, &path, faults.garble).await;
-    if faults.post_drop && is_generate && response.status() == StatusCode::OK {
+    if faults.post_drop && (is_generate || is_upload) && response.status() == StatusCode::OK {
         return Err(Dropped);
     }
     if let Some(delay) = faults.slow {
@@ -126,6 +132,9 @@ async fn route(
             return reply::error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
         }
         return generate(shared, model, request).await;
+    }
+    if path == "/assets" {
+        return assets::route(shared, request, method).await;
     }
     let now = shared.now_ms();
     if path == "/jobs" {
@@ -270,12 +279,16 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
     if chokes.is_some_and(|marker| accepted.prompt.contains(&marker)) {
         return reply::error(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
     }
-    if config.zero_data_retention && accepted.input_urls.iter().any(|url| !url.starts_with("data:"))
+    if config.zero_data_retention
+        && accepted.input_urls.iter().any(|(_, url)| !url.starts_with("data:"))
     {
         return reply::error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Zero data retention is enabled: input images must be data: URLs",
         );
+    }
+    if let Some(message) = assets::foreign_input(shared, &accepted.input_urls) {
+        return reply::error(StatusCode::BAD_REQUEST, &message);
     }
     let new = NewJob {
         model: model.to_owned(),
@@ -390,7 +403,7 @@ fn list_query(query: &str) -> Result<ListQuery, String> {
 
 /// Decodes `%XX` escapes. A `+` stays a `+`: timestamps contain no spaces, and an unescaped
 /// `+00:00` offset must survive.
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;

@@ -7,7 +7,7 @@
 //!
 //! [`SimServer::start`] binds three listeners on 127.0.0.1, three different origins:
 //! - the **API** ([`SimServer::base_url`]): `POST /generate/<kind>/<provider>/<model>`,
-//!   `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `GET /openapi.json` (no key needed), and the control
+//!   `GET /jobs`, `GET`/`DELETE /jobs/{id}`, `POST`/`GET /assets` (uploads), `GET /openapi.json` (no key needed), and the control
 //!   endpoints `GET /_sim/stats`, `POST /_sim/balance` (`{"usd": 12.5}`: sets it),
 //!   `POST /_sim/top-up` (`{"usd": 5}`: adds to it; what `simulate-api --top-up` sends),
 //!   `POST /_sim/faults` (a [`Faults`] object), and `GET /_sim/jobs` (every job created, oldest
@@ -15,7 +15,8 @@
 //!   that a result was attributed to the job its prompt made), which need the key but are
 //!   neither faulted nor recorded;
 //! - the **file host** ([`SimServer::files_base_url`]): `/results/<job_id>/<i>.png` (`.mp4` for
-//!   video) and `/previews/<job_id>/<i>.png`;
+//!   video), `/previews/<job_id>/<i>.png`, and uploaded assets at the URLs their uploads
+//!   returned (`/assets/<id>.<ext>`);
 //! - a **third origin** that redirect faults point at; it serves the same files.
 //!
 //! # Decisions where Krea's documents are silent
@@ -54,6 +55,11 @@
 //! - Job ids are random version-4 UUIDs from the operating system's randomness, never from
 //!   `seed`: two simulations never hand out the same id, as Krea never does. (`seed` keeps
 //!   random failures and faults reproducible.)
+//! - **Inputs.** A job whose input URL (`image_url`, `start_image`, …) is neither a `data:` URL,
+//!   nor an asset this account uploaded, nor a result of one of its jobs is refused with a 400,
+//!   as Krea refuses a URL it cannot fetch (a local path, a host it cannot reach). A dropped
+//!   POST (`faults.post_drop_rate`) drops uploads as well as job creations: the asset exists
+//!   and its answer is lost.
 //! - A world kept in a file ([`SimServer::start_with_world`]) outlives the process as Krea's
 //!   account outlives a client: jobs run on while no simulation serves them.
 //!
@@ -61,6 +67,7 @@
 //!
 //! | file | job |
 //! |---|---|
+//! | `assets.rs` | uploads: `POST`/`GET /assets`, their files, which input URLs are the account's own |
 //! | `config.rs` | [`SimConfig`], [`Faults`], [`Quirks`]: the settings |
 //! | `world.rs` | the pure model: jobs, lifecycle, concurrency, balance (no I/O) |
 //! | `world_file.rs` | the world kept in a file across restarts (`--simulate`, `--world`), its lock, top-ups of it |
@@ -77,6 +84,7 @@
 //! | `rate.rs` | the request-rate limit on `POST /generate`: a sliding window |
 //! | `stats.rs` | [`SimStats`] and its recorder |
 
+mod assets;
 mod config;
 mod faults;
 mod files;

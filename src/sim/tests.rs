@@ -536,3 +536,102 @@ async fn every_job_is_reported_with_the_prompt_that_created_it() {
     let anonymous = sim.client.get(format!("{}/_sim/jobs", sim.server.base_url())).send().await;
     assert_eq!(anonymous.expect("answered").status(), StatusCode::UNAUTHORIZED);
 }
+
+impl Harness {
+    async fn upload(&self, bytes: &[u8], content_type: &str, description: &str) -> Response {
+        let mut form = Vec::new();
+        form.extend_from_slice(
+            b"--b0und\r\nContent-Disposition: form-data; name=\"description\"\r\n\r\n",
+        );
+        form.extend_from_slice(description.as_bytes());
+        form.extend_from_slice(
+            b"\r\n--b0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cat\"\r\n",
+        );
+        form.extend_from_slice(format!("Content-Type: {content_type}\r\n\r\n").as_bytes());
+        form.extend_from_slice(bytes);
+        form.extend_from_slice(b"\r\n--b0und--\r\n");
+        self.client
+            .post(format!("{}/assets", self.server.base_url()))
+            .bearer_auth(self.server.api_key())
+            .header("content-type", "multipart/form-data; boundary=b0und")
+            .body(form)
+            .send()
+            .await
+            .expect("request answered")
+    }
+}
+
+/// Uploads are listed with their description, their file is served only at the URL the upload
+/// returned, and a job takes as input only the account's own assets and results or `data:`
+/// URLs; anything else is a 400 naming the field, as Krea refuses what it cannot fetch.
+#[tokio::test]
+async fn uploads_are_listed_served_and_the_only_foreign_inputs_accepted() {
+    let sim = Harness::start(quick(SimConfig::default())).await;
+    let png = files::FileLayout::png(&[7; 32], 0).collect();
+    let uploaded = sim.upload(&png, "image/png", "sha256:abc").await;
+    assert_eq!(uploaded.status(), StatusCode::OK);
+    let asset = body(uploaded).await;
+    let url = asset["image_url"].as_str().expect("an image_url").to_owned();
+    assert!(url.starts_with(&sim.server.files_base_url()), "{url}");
+    assert_eq!(asset["size_bytes"], png.len());
+    assert_eq!(asset["mime_type"], "image/png");
+    let listed = body(sim.get("/assets?limit=10").await).await;
+    assert_eq!(listed["items"][0]["description"], "sha256:abc");
+    assert_eq!(listed["items"][0]["image_url"], url.as_str());
+    assert_eq!(listed["next_cursor"], Value::Null);
+    let served = sim.client.get(&url).send().await.expect("answered");
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(&served.bytes().await.expect("body")[..], &png[..]);
+    let elsewhere = url.replace(&sim.server.files_base_url(), &sim.server.base_url());
+    let elsewhere = sim.client.get(&elsewhere).bearer_auth(sim.server.api_key()).send().await;
+    assert_eq!(elsewhere.expect("answered").status(), StatusCode::NOT_FOUND, "only at its URL");
+    let text = sim.upload(b"hello", "text/plain", "").await;
+    assert_eq!(text.status(), StatusCode::BAD_REQUEST);
+
+    let with = |image: &str| json!({"prompt": "x", "image_url": image});
+    let own = sim.post(&format!("/generate/{FLUX}"), &with(&url)).await;
+    assert_eq!(own.status(), StatusCode::OK);
+    let job = body(own).await;
+    let job_id = job["job_id"].as_str().expect("an id").to_owned();
+    let done = sim.job_until(&job_id, "completed").await;
+    let result = done["result"]["urls"][0].as_str().expect("a result URL").to_owned();
+    let chained = sim.post(&format!("/generate/{FLUX}"), &with(&result)).await;
+    assert_eq!(chained.status(), StatusCode::OK, "a result of its own is an input");
+    let data = sim.post(&format!("/generate/{FLUX}"), &with("data:image/png;base64,AA")).await;
+    assert_eq!(data.status(), StatusCode::OK);
+    for foreign in [
+        "./cat.png".to_owned(),
+        "https://example.com/cat.png".to_owned(),
+        format!("{}/assets/not-an-asset.png", sim.server.files_base_url()),
+        format!("{}/results/not-a-job/0.png", sim.server.files_base_url()),
+    ] {
+        let refused = sim.post(&format!("/generate/{FLUX}"), &with(&foreign)).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{foreign}");
+        let message = body(refused).await["error"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains("'image_url'"), "{message}");
+    }
+    sim.server.shutdown().await;
+}
+
+/// An asset is part of the kept world: a restarted simulation lists it and still takes its
+/// URL as an input.
+#[tokio::test]
+async fn assets_outlive_a_restart_of_a_kept_world() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("world.json");
+    let first =
+        SimServer::start_with_world(quick(SimConfig::default()), &path).await.expect("starts");
+    let sim = Harness { server: first, client: Client::new() };
+    let asset = body(sim.upload(b"\xff\xd8\xff\xe0jpeg", "image/jpeg", "kept").await).await;
+    let url = asset["image_url"].as_str().expect("an image_url").to_owned();
+    sim.server.shutdown().await;
+    let again =
+        SimServer::start_with_world(quick(SimConfig::default()), &path).await.expect("restarts");
+    let sim = Harness { server: again, client: Client::new() };
+    let listed = body(sim.get("/assets").await).await;
+    assert_eq!(listed["items"][0]["description"], "kept");
+    let job =
+        sim.post(&format!("/generate/{FLUX}"), &json!({"prompt": "x", "image_url": url})).await;
+    assert_eq!(job.status(), StatusCode::OK);
+    sim.server.shutdown().await;
+}

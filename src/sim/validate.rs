@@ -11,8 +11,9 @@ pub(crate) struct Accepted {
     /// The prompt ("" for models that do not need one).
     pub prompt: String,
     pub price_micros: i64,
-    /// Every input URL in the body (for the zero-data-retention check).
-    pub input_urls: Vec<String>,
+    /// Every input URL in the body with the field that holds it (`image_urls[1]`): what Krea
+    /// would fetch.
+    pub input_urls: Vec<(String, String)>,
 }
 
 impl ModelSpec {
@@ -33,7 +34,7 @@ fn check_object(
     fields: &[Field],
     required: &[&str],
     prefix: &str,
-    urls: &mut Vec<String>,
+    urls: &mut Vec<(String, String)>,
 ) -> Result<(), String> {
     for (name, value) in object {
         let path = format!("{prefix}{name}");
@@ -52,7 +53,12 @@ fn check_object(
     }
 }
 
-fn check_value(ty: &Ty, value: &Value, path: &str, urls: &mut Vec<String>) -> Result<(), String> {
+fn check_value(
+    ty: &Ty,
+    value: &Value,
+    path: &str,
+    urls: &mut Vec<(String, String)>,
+) -> Result<(), String> {
     let wrong =
         |expected: &str| format!("Field '{path}' must be {expected}, got {}", describe(value));
     match ty {
@@ -143,7 +149,7 @@ fn check_range(path: &str, number: f64, min: Option<f64>, max: Option<f64>) -> R
 }
 
 /// A URI needs a scheme (`https:`, `data:`); the rest is the fetcher's business.
-fn check_uri(value: &Value, path: &str, urls: &mut Vec<String>) -> Result<(), String> {
+fn check_uri(value: &Value, path: &str, urls: &mut Vec<(String, String)>) -> Result<(), String> {
     let text = value
         .as_str()
         .ok_or_else(|| format!("Field '{path}' must be a URL string, got {}", describe(value)))?;
@@ -153,7 +159,7 @@ fn check_uri(value: &Value, path: &str, urls: &mut Vec<String>) -> Result<(), St
     if !scheme_ok {
         return Err(format!("Field '{path}' must be a URL, got {text:?}"));
     }
-    urls.push(text.to_owned());
+    urls.push((path.to_owned(), text.to_owned()));
     Ok(())
 }
 
@@ -241,6 +247,14 @@ mod tests {
             .validate(&json!({"prompt": "x", "image_url": "data:image/png;base64,AA", "image_style_references": [{"url": "https://a/b.png", "strength": 1}]}))
             .expect("valid");
         // Fields come in key order: `image_style_references` before `image_url`.
-        assert_eq!(accepted.input_urls, ["https://a/b.png", "data:image/png;base64,AA"]);
+        let urls: Vec<(&str, &str)> =
+            accepted.input_urls.iter().map(|(field, url)| (field.as_str(), url.as_str())).collect();
+        assert_eq!(
+            urls,
+            [
+                ("image_style_references[0].url", "https://a/b.png"),
+                ("image_url", "data:image/png;base64,AA")
+            ]
+        );
     }
 }

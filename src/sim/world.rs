@@ -7,6 +7,7 @@
 //! and starting backlogged jobs, in submission order, at the instant a slot freed. A running job's
 //! state is then read off the fraction of its job time that has elapsed.
 
+use super::assets::Assets;
 use super::config::SimConfig;
 pub(crate) use super::jobs::{
     CancelError, Failure, JobView, ListQuery, Millis, NewJob, Refusal, Status, parse_status,
@@ -81,6 +82,8 @@ pub(crate) struct World {
     spent: i64,
     last_created_ms: Millis,
     creations_by_prompt: BTreeMap<String, u32>,
+    /// Uploaded files (`POST /assets`).
+    pub(crate) assets: Assets,
 }
 
 fn millis(duration: Duration) -> Millis {
@@ -127,6 +130,7 @@ impl World {
             spent: 0,
             last_created_ms: 0,
             creations_by_prompt: BTreeMap::new(),
+            assets: Assets::default(),
         }
     }
 
@@ -289,6 +293,7 @@ impl World {
             last_created_ms: self.last_created_ms,
             creations_by_prompt: self.creations_by_prompt.clone(),
             jobs,
+            assets: self.assets.save(),
         }
     }
 
@@ -301,6 +306,7 @@ impl World {
         world.spent = account.spent_micros;
         world.last_created_ms = account.last_created_ms;
         world.creations_by_prompt = account.creations_by_prompt;
+        world.assets = Assets::restore(account.assets);
         for saved in account.jobs {
             let spec = super::models::find(&saved.model).ok_or_else(|| {
                 format!(

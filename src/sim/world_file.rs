@@ -96,6 +96,9 @@ pub(crate) struct SavedAccount {
     pub last_created_ms: Millis,
     pub creations_by_prompt: BTreeMap<String, u32>,
     pub jobs: Vec<SavedJob>,
+    /// Uploaded assets (their metadata; absent in files from before uploads).
+    #[serde(default)]
+    pub assets: Vec<super::assets::Asset>,
 }
 
 /// One job.

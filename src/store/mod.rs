@@ -15,16 +15,19 @@
 //!
 //! Files: this one opens the state file (the lock, the private mode, the readers) and holds the
 //! types; `schema.rs` has the tables and the forward migrations; `jobs.rs` imports job files
-//! and reads and updates jobs; `writer.rs` is the engine's writer thread.
+//! and reads and updates jobs; `uploads.rs` records the uploads of local input files;
+//! `writer.rs` is the engine's writer thread.
 
 mod jobs;
 mod schema;
+mod uploads;
 mod writer;
 
 #[cfg(test)]
 mod tests;
 
 pub use schema::SCHEMA_VERSION;
+pub use uploads::{UploadRecord, UploadState};
 pub use writer::StoreWriter;
 
 use crate::job::{JobKey, JobState};

@@ -5,7 +5,7 @@ use rusqlite::params;
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "
@@ -78,6 +78,21 @@ ALTER TABLE jobs ADD COLUMN reused_from TEXT;
 CREATE INDEX jobs_by_key ON jobs(key);
 ";
 
+/// Version 4: local files uploaded as job inputs (`POST /assets`), once per content and API,
+/// each committed before its POST (`state`: attempting, unknown, uploaded).
+const SCHEMA_V4: &str = "
+CREATE TABLE uploads (
+    sha256     TEXT NOT NULL,
+    api        TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    url        TEXT,
+    attempt_at INTEGER,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (sha256, api)
+);
+";
+
 impl Store {
     pub(super) fn configure(&self) -> Result<(), StoreError> {
         self.conn
@@ -104,7 +119,7 @@ impl Store {
             return Err(StoreError::TooNew { path: self.path.clone(), found });
         }
         // Step n takes a file from version n to n + 1.
-        let steps: [&str; 3] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+        let steps: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
         for (from, step) in steps.iter().enumerate().skip(found as usize) {
             let tx = self.conn.transaction().map_err(sqlite(&self.path))?;
             tx.execute_batch(step).map_err(sqlite(&self.path))?;

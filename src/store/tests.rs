@@ -92,3 +92,29 @@ fn an_interrupted_submission_becomes_unknown_on_open() {
         store.jobs(None).expect("jobs").into_iter().find(|job| job.name == "harbour").expect("job");
     assert_eq!(harbour.state, JobState::Unknown);
 }
+
+/// An upload's record moves attempting → unknown → uploaded, per content and API, and an
+/// older state file gains the table on migration.
+#[test]
+fn uploads_are_recorded_per_content_and_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    let mut store = Store::open_writer(&path).expect("opens and migrates");
+    let (sha, api) = ("ab".repeat(32), "https://api.krea.ai");
+    assert_eq!(store.upload(&sha, api).expect("read"), None);
+    store.begin_upload(&sha, api, "cat.png").expect("recorded");
+    let record = store.upload(&sha, api).expect("read").expect("recorded");
+    assert_eq!((record.state, record.path.as_str()), (UploadState::Attempting, "cat.png"));
+    assert!(record.attempt_at.is_some());
+    store.upload_unknown(&sha, api).expect("recorded");
+    assert_eq!(store.upload(&sha, api).expect("read").map(|r| r.state), Some(UploadState::Unknown));
+    store.upload_done(&sha, api, "https://x/a.png").expect("recorded");
+    let uploaded = UploadState::Uploaded { url: "https://x/a.png".into() };
+    assert_eq!(store.upload(&sha, api).expect("read").map(|r| r.state), Some(uploaded));
+    assert_eq!(store.upload(&sha, "http://127.0.0.1:9").expect("read"), None, "per API");
+    drop(store);
+    let mut store = Store::open_writer(&path).expect("reopens");
+    assert!(store.upload(&sha, api).expect("read").is_some(), "durable");
+    store.forget_upload(&sha, api).expect("forgotten");
+    assert_eq!(store.upload(&sha, api).expect("read"), None);
+}

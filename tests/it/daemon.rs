@@ -487,3 +487,41 @@ fn the_same_jobs_in_a_new_file_are_not_paid_again() {
     assert_eq!(first, again);
     assert!(results.join("v2/001-a-product-shot-0.png.json").is_file());
 }
+
+/// The service uploads an inbox file's local inputs (beside it in the inbox) once per content,
+/// also for a second file naming the same bytes, and refuses a file whose input leaves the
+/// inbox.
+#[test]
+fn the_service_uploads_local_inputs_once_and_refuses_escapes() {
+    let sim = Sim::start(|_| {});
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10a cat";
+    std::fs::write(service.dir.path().join("inbox/cat.png"), png).expect("cat.png");
+    let with_cat = |stem: &str| {
+        format!(
+            "model: image/bfl/flux-1-dev\njobs:\n  - prompt: {stem}\n    params: {{image_url: cat.png}}\n"
+        )
+    };
+    service.drop_file("first.yaml", &with_cat("a cat"));
+    wait_until(Duration::from_secs(30), "the first result", || service.results("first") == 1);
+    service.drop_file("second.yaml", &with_cat("another cat"));
+    wait_until(Duration::from_secs(30), "the second result", || service.results("second") == 1);
+    let uploads = |stats: &krea_batch::sim::SimStats| {
+        stats.requests.iter().filter(|r| r.method == "POST" && r.path == "/assets").count()
+    };
+    assert_eq!(uploads(&sim.stats()), 1, "one upload for one content");
+    service.drop_file(
+        "escape.yaml",
+        "model: image/bfl/flux-1-dev\njobs:\n  - prompt: x\n    params: {image_url: ../cat.png}\n",
+    );
+    let error_file = service.dir.path().join("inbox/rejected/escape.yaml.error.txt");
+    wait_until(Duration::from_secs(10), "the escape is rejected", || error_file.is_file());
+    let error = std::fs::read_to_string(&error_file).expect("error text");
+    assert!(error.contains("not inside") && error.contains(":4:"), "{error}");
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    assert_eq!(sim.stats().jobs_created, 2);
+}

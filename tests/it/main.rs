@@ -19,3 +19,4 @@ mod simulate;
 mod spend;
 mod support;
 mod sweeps;
+mod uploads;
