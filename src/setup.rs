@@ -286,6 +286,8 @@ pub(crate) fn claim_output(
         return Err(lost(format!("Krea jobs {}", listed.join(", "))));
     }
     if rewrite {
+        // The batch is on disk before the marker names it (see `Store::register_batch`).
+        store.register_batch(&batch, dir)?;
         let marker = Marker::new(&state_id, &places.state, &batch, foreign);
         output::write_marker(dir, &marker).map_err(output_error)?;
     }
@@ -475,5 +477,33 @@ pub(crate) async fn forward_requests(
     }
     if !cancel.is_empty() {
         let _ = commands.send(EngineCommand::Cancel(cancel));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed after the output folder's marker was written but before its job file was
+    /// imported must not find its own state "lost" on the next run: the batch the marker names
+    /// is in the state from before the marker.
+    #[test]
+    fn a_kill_between_the_marker_and_the_import_is_resumed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let places = Places {
+            output_dir: dir.path().join("out"),
+            state: dir.path().join("out").join(STATE_FILE),
+        };
+        std::fs::create_dir_all(&places.output_dir).expect("output folder");
+        let job_file = dir.path().join("jobs.yaml");
+        let first = {
+            let mut store = Store::open_writer(&places.state).expect("state opens");
+            claim_output(&mut store, &places, &job_file, "jobs.yaml", false).expect("claimed")
+            // Killed here: the marker is written, nothing imported.
+        };
+        let mut store = Store::open_writer(&places.state).expect("state opens again");
+        let again = claim_output(&mut store, &places, &job_file, "jobs.yaml", false)
+            .expect("the same folder is claimed again, not refused as lost");
+        assert_eq!(again, first, "the batch the marker names is resumed");
     }
 }

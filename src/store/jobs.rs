@@ -12,7 +12,21 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A batch row for `source` (?1) writing into ?2, imported at ?3; an existing one keeps its id.
+const UPSERT_BATCH: &str = "INSERT INTO batches (source, output_dir, imported_at) VALUES (?1, ?2, ?3)
+     ON CONFLICT (source) DO UPDATE SET output_dir = excluded.output_dir";
+
 impl Store {
+    /// Records a batch (with no jobs yet) before its identity is written anywhere else: the
+    /// output folder's marker names it, and a run killed between the marker and the import
+    /// must find the batch the marker names, not take the state for a lost one.
+    pub fn register_batch(&mut self, source: &str, output_dir: &Path) -> Result<(), StoreError> {
+        self.conn
+            .execute(UPSERT_BATCH, params![source, output_dir.to_string_lossy(), now_ms()])
+            .map(drop)
+            .map_err(sqlite(&self.path))
+    }
+
     /// Adds the jobs of a job file to the state in one transaction. Known jobs (same key) are
     /// left as they are, except that an unfinished one takes the file's new name; jobs gone from
     /// the file are marked so (never cancelled). A new job whose name is taken, in the same
@@ -31,12 +45,7 @@ impl Store {
         let now = now_ms();
         let output_text = output_dir.to_string_lossy().into_owned();
         let tx = self.conn.transaction().map_err(&err)?;
-        tx.execute(
-            "INSERT INTO batches (source, output_dir, imported_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (source) DO UPDATE SET output_dir = excluded.output_dir",
-            params![source, output_text, now],
-        )
-        .map_err(&err)?;
+        tx.execute(UPSERT_BATCH, params![source, output_text, now]).map_err(&err)?;
         let batch_id: i64 = tx
             .query_row("SELECT id FROM batches WHERE source = ?1", [source], |row| row.get(0))
             .map_err(&err)?;
