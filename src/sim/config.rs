@@ -253,6 +253,9 @@ pub struct Faults {
     /// POSTs whose prompt contains this text are answered 500 every time, and create nothing
     /// (a request Krea's servers choke on).
     pub server_error_marker: Option<String>,
+    /// The first this many POSTs after these faults are set are answered 500 before being
+    /// handled (nothing is created): a lost answer that tests can count on, unlike a rate.
+    pub server_error_first_posts: u32,
     /// `GET /jobs` lists, after the account's jobs, an old item whose id is 300 characters long
     /// (no client can use it as a job id).
     pub unreadable_list_item: bool,
@@ -278,6 +281,7 @@ impl Default for Faults {
             download_drip_rate: 0.0,
             storm: None,
             server_error_marker: None,
+            server_error_first_posts: 0,
             unreadable_list_item: false,
         }
     }

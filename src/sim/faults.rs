@@ -76,6 +76,11 @@ fn hit(rng: &mut fastrand::Rng, rate: f64) -> bool {
 
 /// Draws the faults of an API request arriving at `now`.
 pub(crate) fn draw_api(state: &mut State, now: Millis, is_post: bool, is_get: bool) -> ApiFaults {
+    if is_post && state.posts_failed < state.faults.server_error_first_posts {
+        state.posts_failed += 1;
+        let early = Some(Early::ServerError(StatusCode::INTERNAL_SERVER_ERROR));
+        return ApiFaults { early, ..ApiFaults::default() };
+    }
     let faults = &state.faults;
     let rng = &mut state.rng;
     let storm = faults

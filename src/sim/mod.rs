@@ -215,6 +215,7 @@ impl SimServer {
             recorder: Recorder::new(config.request_log_limit),
             faults: config.faults.clone(),
             faults_set_ms: epoch_ms,
+            posts_failed: 0,
             rng: fastrand::Rng::with_seed(config.seed.wrapping_add(1)),
             after_402: false,
             generation: 0,
@@ -364,6 +365,8 @@ pub(crate) struct State {
     recorder: Recorder,
     faults: Faults,
     faults_set_ms: Millis,
+    /// POSTs answered 500 since the faults were set, for `server_error_first_posts`.
+    posts_failed: u32,
     rng: fastrand::Rng,
     /// A 402 has been answered since the last top-up.
     after_402: bool,
@@ -472,6 +475,7 @@ impl Shared {
         let mut state = self.lock();
         state.faults = faults;
         state.faults_set_ms = now;
+        state.posts_failed = 0;
     }
 }
 
