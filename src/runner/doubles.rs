@@ -56,6 +56,9 @@ pub(super) enum Post {
     DroppedCreatedTwice,
 }
 
+/// Krea's answer when the account's concurrency and backlog are full.
+const CONCURRENCY_FULL: &str = "You have reached the maximum number of concurrent jobs.";
+
 /// One job at the fake Krea.
 #[derive(Clone, Debug)]
 pub(super) struct FakeJob {
@@ -190,13 +193,15 @@ impl FakeKrea {
         let mut state = self.state();
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
         let full = self.concurrency.is_some_and(|cap| running >= cap);
-        let post = state.script.pop_front().unwrap_or(if full {
-            Post::RateLimited(None)
-        } else {
-            Post::Accept
-        });
+        let scripted = state.script.pop_front();
+        let full_now = scripted.is_none() && full;
+        let post = scripted.unwrap_or(if full { Post::RateLimited(None) } else { Post::Accept });
         state.seen.posts.push((Instant::now(), format!("{post:?}")));
-        let message = || "scripted".to_owned();
+        // A scripted 429 says nothing of concurrency (a request-rate 429); a full account
+        // answers with Krea's own text for the concurrency 429.
+        let message = || {
+            if full_now { CONCURRENCY_FULL.to_owned() } else { "scripted".to_owned() }
+        };
         match post {
             Post::Accept => {
                 let id = self.create(&mut state);

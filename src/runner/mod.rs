@@ -63,8 +63,9 @@ use crate::reconcile::Listing;
 use crate::report::append_manifest;
 use crate::retry::RetryPolicy;
 pub use crate::seam::{Clock, EngineIo, KreaApi, RefusingApi, ResultFetcher};
-use crate::store::{FileRecord, JobRecord, StoreError, StoreWriter};
+use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
+use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
 pub use status::{Counts, EngineStatus, StopReason};
@@ -82,12 +83,8 @@ use tokio_util::sync::CancellationToken;
 /// How the engine paces, polls and reconciles; built from a job file's `limits`.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
-    /// Submissions per minute (governor).
-    pub submissions_per_minute: u32,
-    /// Burst of submissions allowed at once.
-    pub burst: u32,
-    /// Cap on jobs in flight.
-    pub max_in_flight: u32,
+    /// The ceilings written in `limits` (`None` where nothing was written: discovered).
+    pub ceilings: Ceilings,
     /// Poll schedule of image and enhance jobs.
     pub poll: PollSchedule,
     /// Poll schedule of video jobs.
@@ -101,7 +98,8 @@ pub struct EngineSettings {
     pub download_grace: Duration,
     /// Retries of GETs and downloads.
     pub retry: RetryPolicy,
-    /// The first pause after a 429 (then ×3, with jitter).
+    /// The first pause after a 429 without `Retry-After` (then ×3), or while Krea cannot be
+    /// reached (then ×3, with jitter).
     pub rate_limit_backoff: Duration,
     /// The timeout of one API request: bounds a POST whose end was not recorded.
     pub request_timeout: Duration,
@@ -146,7 +144,7 @@ pub enum EngineCommand {
     /// Cancel these jobs (state-file row ids): pending ones at once, in-flight ones at Krea.
     Cancel(Vec<i64>),
     /// Use new settings (a reloaded configuration): pacing and polling from now on.
-    Reconfigure(EngineSettings),
+    Reconfigure(Box<EngineSettings>),
 }
 
 /// How the outside asks the engine to stop. Cancel `stop_submitting` to let everything in flight
@@ -211,6 +209,12 @@ pub struct Engine {
     settings: EngineSettings,
     controls: Controls,
     pacer: Pacer,
+    /// How hard to push the account: learns its capacity and pace, sets the pacer's pace.
+    controller: Controller,
+    /// When each POST on the wire was sent (by slot), for its round trip.
+    post_sent_at: HashMap<usize, Instant>,
+    /// When the controller's summary was last written to the state file.
+    learned_written: Option<Instant>,
     /// Every job, its phase and its queue, and the writes not yet committed (`table.rs`).
     table: JobTable,
     /// Whether a POST is on the wire (the loop sends one at a time).
@@ -247,6 +251,9 @@ pub struct Engine {
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
 }
 
+/// What was learned is written to the state file at most this often.
+const LEARNED_EVERY: Duration = Duration::from_secs(5);
+
 /// A gallery is rewritten at most this often while jobs end.
 const GALLERY_EVERY: Duration = Duration::from_secs(5);
 
@@ -269,12 +276,8 @@ impl Engine {
         status_tx: tokio::sync::watch::Sender<EngineStatus>,
     ) -> Self {
         let EngineIo { api, fetcher, clock, writer, claimed_elsewhere } = io;
-        let pacer = Pacer::new(
-            settings.submissions_per_minute,
-            settings.burst,
-            settings.max_in_flight,
-            settings.rate_limit_backoff,
-        );
+        let controller = Controller::new(settings.ceilings, settings.rate_limit_backoff);
+        let pacer = Pacer::new(controller.pace(), settings.rate_limit_backoff);
         let dirs: HashMap<i64, Arc<PathBuf>> =
             output_dirs.iter().map(|(id, dir)| (*id, Arc::new(dir.clone()))).collect();
         let mut engine = Self {
@@ -285,6 +288,9 @@ impl Engine {
             settings,
             controls,
             pacer,
+            controller,
+            post_sent_at: HashMap::new(),
+            learned_written: None,
             table: JobTable::new(claimed_elsewhere),
             post_running: false,
             listing: false,
@@ -402,7 +408,8 @@ impl Engine {
                 () = sleep_until_or_forever(wake) => {}
             }
         }
-        self.commit(true).await?;
+        self.publish_status();
+        self.commit_turn(true, true).await?;
         self.refresh_galleries(true);
         self.tasks.abort_all();
         Ok(EngineOutcome { jobs: self.table.into_records(), stopped: self.stopped })
@@ -481,6 +488,12 @@ impl Engine {
     fn publish_status(&mut self) {
         self.status.counts = self.table.counts();
         self.status.paused = self.paused.or(self.stopped);
+        self.status.learned = self.controller.summary(Instant::now());
+        self.status.capacity = self.controller.capacity();
+        self.status.allowed_in_flight = self.controller.allowed_in_flight();
+        self.status.posts_allowed = u32::try_from(self.posts_allowed()).unwrap_or(u32::MAX);
+        self.status.backlogged = self.controller.in_flight().1;
+        self.status.pace_per_second = self.pacer.pace().per_second;
         let status = &self.status;
         self.status_tx.send_if_modified(|shown| {
             let changed = shown != status;
@@ -516,13 +529,10 @@ impl Engine {
             }
             EngineCommand::Cancel(ids) => self.cancel_jobs(&ids),
             EngineCommand::Reconfigure(settings) => {
-                self.pacer = Pacer::new(
-                    settings.submissions_per_minute,
-                    settings.burst,
-                    settings.max_in_flight,
-                    settings.rate_limit_backoff,
-                );
-                self.settings = settings;
+                // What was learned of the account is kept; the new ceilings hold from now on.
+                self.controller.reconfigure(settings.ceilings, settings.rate_limit_backoff);
+                self.pacer = Pacer::new(self.controller.pace(), settings.rate_limit_backoff);
+                self.settings = *settings;
             }
         }
     }
@@ -535,10 +545,24 @@ impl Engine {
     /// Writes the turn's changes (fsynced if `synced`), then the manifest lines of the jobs
     /// that ended: one append per output folder.
     async fn commit(&mut self, synced: bool) -> Result<(), StoreError> {
-        if !self.table.has_changes() {
+        self.commit_turn(synced, false).await
+    }
+
+    /// [`Engine::commit`]; `final_commit` also writes what was learned, however recently.
+    async fn commit_turn(&mut self, synced: bool, final_commit: bool) -> Result<(), StoreError> {
+        if !self.table.has_changes() && !final_commit {
             return Ok(());
         }
-        let (changes, mut ended) = self.table.take_changes();
+        let (mut changes, mut ended) = self.table.take_changes();
+        // What was learned goes with the turn's writes, at most every `LEARNED_EVERY` (and at
+        // the end), for `krea-batch status` in another process: no write of its own. A run
+        // that submitted nothing learned nothing, and leaves what an earlier run wrote.
+        let due = self.learned_written.is_none_or(|at| at.elapsed() >= LEARNED_EVERY);
+        if (due || final_commit) && self.status.submissions_total > 0 {
+            self.learned_written = Some(Instant::now());
+            let value = self.status.learned.clone();
+            changes.push(Change::Meta { key: status::META_LEARNED.to_owned(), value });
+        }
         self.writer.commit_with(changes, synced).await?;
         let table = &self.table;
         for &slot in &ended {

@@ -12,7 +12,12 @@
 //! its own that doubles with each such attempt ([`unanswered_backoff`]); meanwhile the other
 //! jobs are submitted. After [`MAX_UNANSWERED_POSTS`] of them the job fails ("Krea answered 500
 //! to 6 attempts"): one job that Krea cannot take never starves the rest.
+//!
+//! How hard to push is the controller's (`controller.rs`): every answer, with its round trip,
+//! is told to it ([`Engine::tell_controller`]); it says how many jobs may be in flight, whether
+//! submitting waits after a 429, and the pace the governor enforces.
 
+use super::controller::LimitKind;
 use super::phase::IllegalTransition;
 use super::{Engine, StopReason};
 use crate::api::{ApiError, RemoteJob};
@@ -83,7 +88,7 @@ impl Engine {
             || self.post_running
             || self.table.waiting_to_reconcile() > 0
             || self.table.next_to_submit().is_none()
-            || self.in_flight() >= self.pacer.in_flight_cap()
+            || self.in_flight() >= self.controller.allowed_in_flight() as usize
         {
             return None;
         }
@@ -100,6 +105,11 @@ impl Engine {
             self.submit_wake = self.probe_at.filter(|_| self.paused.is_some());
             return None;
         }
+        if let Some(wake) = self.controller.wait_until(Instant::now()) {
+            self.submit_wake = Some(wake);
+            return None;
+        }
+        self.pacer.set_pace(self.controller.pace());
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);
             return None;
@@ -112,7 +122,17 @@ impl Engine {
         Some(next)
     }
 
+    /// How many POSTs may wait for their answer at once: the controller's `K` (under
+    /// `limits.submission_concurrency`, if written). The loop still sends one at a time; this is
+    /// the bound for concurrent POSTs.
+    pub(super) fn posts_allowed(&self) -> usize {
+        self.controller.posts_allowed() as usize
+    }
+
     pub(super) fn spawn_submit(&mut self, slot: usize) {
+        let now = Instant::now();
+        self.controller.post_sent(now);
+        self.post_sent_at.insert(slot, now);
         self.post_running = true;
         self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
@@ -130,6 +150,7 @@ impl Engine {
         result: Result<RemoteJob, ApiError>,
     ) -> Result<(), IllegalTransition> {
         self.post_running = false;
+        let limited_for = self.tell_controller(slot, &result);
         let name = self.table.job(slot).name.clone();
         match result {
             Ok(remote) => self.on_accepted(slot, &remote)?,
@@ -146,11 +167,11 @@ impl Engine {
             Err(ApiError::RateLimited { retry_after, message }) => {
                 self.status.rate_limited_total += 1;
                 self.requeue(slot)?;
-                let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
                     %message,
-                    wait_ms = wait.as_millis() as u64,
-                    cap = self.pacer.in_flight_cap(),
+                    retry_after_ms = retry_after.map(|wait| wait.as_millis() as u64),
+                    wait_ms = limited_for.as_millis() as u64,
+                    allowed_in_flight = self.controller.allowed_in_flight(),
                     "Krea is rate limiting (429); pausing submissions"
                 );
             }
@@ -186,8 +207,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Tells the controller how a POST was answered, and how long it took; returns how long
+    /// submitting waits after a 429 (zero otherwise).
+    fn tell_controller(&mut self, slot: usize, result: &Result<RemoteJob, ApiError>) -> Duration {
+        let now = Instant::now();
+        let round_trip = self.post_sent_at.remove(&slot).map_or(Duration::ZERO, |sent| now - sent);
+        let wait = match result {
+            Ok(remote) => {
+                self.pacer.on_answered();
+                let status = remote.status.as_ref();
+                self.controller.accepted(&remote.job_id, status, round_trip, now);
+                Duration::ZERO
+            }
+            Err(ApiError::RateLimited { retry_after, message }) => {
+                self.pacer.on_answered();
+                let kind = LimitKind::of_message(message);
+                self.controller.rate_limited(kind, *retry_after, round_trip, now)
+            }
+            Err(_) => {
+                self.controller.post_failed();
+                Duration::ZERO
+            }
+        };
+        // The pace learned from this answer holds from now, not from the next submission: a
+        // bucket rebuilt only after a back-off would add a whole period to it.
+        self.pacer.set_pace(self.controller.pace());
+        wait
+    }
+
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
-        self.pacer.on_accepted();
         self.resume_after_pause();
         let name = self.table.job(slot).name.clone();
         if let Some(owner) = self.table.claim_owner(&remote.job_id) {

@@ -17,9 +17,12 @@ const SECOND: Duration = Duration::from_secs(1);
 fn settings() -> EngineSettings {
     let poll = PollSchedule { first: SECOND, max: 2 * SECOND };
     EngineSettings {
-        submissions_per_minute: 6000,
-        burst: 100,
-        max_in_flight: 100,
+        ceilings: Ceilings {
+            submissions_per_minute: Some(6000),
+            burst: Some(100),
+            max_in_flight: Some(100),
+            submission_concurrency: None,
+        },
         poll,
         video_poll: poll,
         job_timeout: Duration::from_hours(1),
@@ -195,8 +198,8 @@ async fn every_job_is_submitted_once_polled_and_downloaded() {
 #[tokio::test(start_paused = true)]
 async fn submissions_go_in_a_burst_then_at_the_rate() {
     let mut rig = Rig::new(5);
-    rig.settings.submissions_per_minute = 60;
-    rig.settings.burst = 2;
+    rig.settings.ceilings.submissions_per_minute = Some(60);
+    rig.settings.ceilings.burst = Some(2);
     let (outcome, h) = rig.run().await;
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
     let posts = h.posts();
@@ -212,8 +215,8 @@ async fn submissions_go_in_a_burst_then_at_the_rate() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_rate_spaces_every_submission() {
     let mut rig = Rig::new(3);
-    rig.settings.submissions_per_minute = 6;
-    rig.settings.burst = 1;
+    rig.settings.ceilings.submissions_per_minute = Some(6);
+    rig.settings.ceilings.burst = Some(1);
     let (_, h) = rig.run().await;
     let posts = h.posts();
     assert_eq!(posts.len(), 3);
@@ -225,7 +228,7 @@ async fn a_slow_rate_spaces_every_submission() {
 #[tokio::test(start_paused = true)]
 async fn the_in_flight_cap_holds_submissions_back() {
     let mut rig = Rig::new(5);
-    rig.settings.max_in_flight = 2;
+    rig.settings.ceilings.max_in_flight = Some(2);
     rig.krea.job_duration = 10 * SECOND;
     let (outcome, h) = rig.run().await;
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
@@ -458,8 +461,8 @@ async fn a_refused_key_stops_a_run_at_once() {
 #[tokio::test(start_paused = true)]
 async fn ctrl_c_stops_submitting_and_waits_for_jobs_in_flight() {
     let mut rig = Rig::new(3);
-    rig.settings.submissions_per_minute = 6;
-    rig.settings.burst = 1;
+    rig.settings.ceilings.submissions_per_minute = Some(6);
+    rig.settings.ceilings.burst = Some(1);
     rig.krea.job_duration = 20 * SECOND;
     let stop = rig.controls.stop_submitting.clone();
     tokio::spawn(async move {
