@@ -635,3 +635,103 @@ async fn downloads_only_need_no_api() {
     assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 2]);
     assert_eq!(fetcher.fetched().len(), 2);
 }
+
+/// Settings as a job file without `limits` gives them: no ceilings, everything discovered.
+fn discovering(mut rig: Rig) -> Rig {
+    rig.settings.ceilings = Ceilings::default();
+    rig
+}
+
+fn rate_limited(h: &Handles) -> usize {
+    h.krea.seen(|seen| seen.posts.iter().filter(|(_, a)| a.starts_with("RateLimited")).count())
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_limits_the_engine_finds_the_capacity_and_keeps_the_account_busy() {
+    let mut rig = discovering(Rig::new(100));
+    rig.krea.concurrency = Some(8);
+    rig.krea.backlog = 20; // Krea would hold a deep backlog: the engine must not use it.
+    rig.krea.job_duration = 10 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.completed == 40).await;
+    let midway = h.status.borrow().clone();
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 100);
+    assert_eq!(h.krea.seen(|seen| seen.max_running), 8, "the account ran full");
+    let backlog = h.krea.seen(|seen| seen.max_backlogged);
+    assert!((1..=2).contains(&backlog), "a shallow backlog, max(2, 25 %) of 8: {backlog}");
+    assert_eq!(rate_limited(&h), 0, "the backlog was never filled");
+    // The account's bound: 100 jobs × 10 s ÷ 8 at a time, and one job time.
+    let bound = (10 * SECOND).mul_f64(100.0 / 8.0) + 10 * SECOND;
+    let took = h.started.elapsed();
+    assert!(took <= bound.mul_f64(1.15), "{took:?} against a bound of {bound:?}");
+    assert_eq!(midway.capacity, Some(8));
+    assert!(midway.learned.starts_with("account runs about 8 at a time"), "{}", midway.learned);
+    assert_eq!(midway.allowed_in_flight, 10, "the capacity and a backlog of 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_limits_slow_start_ramps_the_window_up() {
+    let mut rig = discovering(Rig::new(40));
+    rig.krea.job_duration = Duration::from_mins(1);
+    let (_, h) = rig.run().await;
+    let posts = h.posts();
+    // One POST at a time, 100 ms each: a window of 2, then 4, 8, 16, 32, each opened as soon
+    // as the one before was answered running; nothing waits for a job to end.
+    assert_eq!(posts.len(), 40);
+    assert!(posts[31] < 4 * SECOND, "the window doubled to 32 at once: {posts:?}");
+    assert!(posts[32] < 5 * SECOND, "and to 64: {posts:?}");
+    assert_eq!(rate_limited(&h), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_max_in_flight_ceiling_is_never_exceeded() {
+    let mut rig = discovering(Rig::new(20));
+    rig.settings.ceilings.max_in_flight = Some(3);
+    rig.krea.concurrency = Some(8);
+    rig.krea.backlog = 20;
+    rig.krea.job_duration = 5 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.completed == 10).await;
+    assert_eq!(h.status.borrow().allowed_in_flight, 3);
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 20);
+    assert_eq!(h.krea.seen(|seen| seen.max_held), 3, "up to the ceiling, never above");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_rate_429_lowers_the_pace_below_the_limit() {
+    let mut rig = discovering(Rig::new(60));
+    // At most 5 POSTs a second; one at a time at 100 ms each would send 10.
+    rig.krea.rate_limit = Some((5, SECOND));
+    rig.krea.job_duration = 2 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.rate_limited_total == 1).await;
+    h.until(|status| status.counts.completed >= 5).await;
+    let pace = h.status.borrow().pace_per_second.expect("a pace was learned");
+    assert!(pace < 5.0, "below the limit: {pace}");
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 60);
+    let limited = rate_limited(&h);
+    assert!((1..=2).contains(&limited), "one 429 taught the pace, not one per second: {limited}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_429_caps_what_is_in_flight_without_slowing_the_pace() {
+    let mut rig = discovering(Rig::new(12));
+    rig.krea.concurrency = Some(3);
+    rig.krea.job_duration = 5 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.rate_limited_total == 1).await;
+    h.until(|status| status.counts.completed >= 3).await;
+    let status = h.status.borrow().clone();
+    assert_eq!(status.pace_per_second, None, "a concurrency 429 says nothing of the rate");
+    assert_eq!(status.allowed_in_flight, 3, "held at what Krea held");
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 12);
+    assert_eq!(rate_limited(&h), 1, "one 429 taught the window");
+}
