@@ -669,6 +669,10 @@ async fn with_no_limits_the_engine_finds_the_capacity_and_keeps_the_account_busy
     assert_eq!(midway.capacity, Some(8));
     assert!(midway.learned.starts_with("account runs about 8 at a time"), "{}", midway.learned);
     assert_eq!(midway.allowed_in_flight, 10, "the capacity and a backlog of 2");
+    // Kept in the state file for `krea-batch status` in another process.
+    let kept = h.writer.with_store(|store| store.meta(status::META_LEARNED)).await;
+    let kept = kept.expect("the writer").expect("the meta").unwrap_or_default();
+    assert!(kept.starts_with("account runs about 8 at a time"), "{kept}");
 }
 
 #[tokio::test(start_paused = true)]
