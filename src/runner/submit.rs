@@ -20,7 +20,7 @@
 use super::controller::LimitKind;
 use super::phase::IllegalTransition;
 use super::{Engine, StopReason};
-use crate::api::{ApiError, RemoteJob};
+use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -217,6 +217,10 @@ impl Engine {
                 self.pacer.on_answered();
                 let status = remote.status.as_ref();
                 self.controller.accepted(&remote.job_id, status, round_trip, now);
+                if status.is_some_and(RemoteStatus::is_terminal) {
+                    // Ended in its answer: no poll will tell the controller so.
+                    self.controller.ended(&remote.job_id, now);
+                }
                 Duration::ZERO
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
