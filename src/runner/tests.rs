@@ -739,3 +739,23 @@ async fn a_concurrency_429_caps_what_is_in_flight_without_slowing_the_pace() {
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 12);
     assert_eq!(rate_limited(&h), 1, "one 429 taught the window");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reconfigure_keeps_what_was_learned_and_applies_new_ceilings() {
+    let mut rig = discovering(Rig::new(40));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
+    rig.krea.concurrency = Some(4);
+    rig.krea.backlog = 20;
+    rig.krea.job_duration = 5 * SECOND;
+    let mut reloaded = rig.settings.clone();
+    reloaded.ceilings.max_in_flight = Some(2);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.capacity == Some(4)).await;
+    h.commands.send(EngineCommand::Reconfigure(Box::new(reloaded))).expect("the engine listens");
+    h.until(|status| status.allowed_in_flight == 2).await;
+    assert_eq!(h.status.borrow().capacity, Some(4), "the account is not learned again");
+    h.until(|status| status.counts.completed == 40).await;
+    h.controls.drain.cancel();
+    running.await.expect("the task").expect("the run");
+}
