@@ -21,7 +21,7 @@
 //! | `costs.rs` | a job file's estimated cost per model, and whether a budget can count it |
 //! | `api.rs` | the Krea HTTP client: wire types, lenient parsing, status-code classification |
 //! | `asset.rs` | Krea's assets on the wire: the upload form, the asset and its list |
-//! | `pace.rs` | the submission pacer (governor) and the shared back-off after 429s |
+//! | `pace.rs` | the submission pacer (governor, its pace set by the controller), the pause while Krea cannot be reached, and the poll schedule |
 //! | `retry.rs` | the retry policy (backoff crate): what is transient, how long to wait |
 //! | `store/` | the SQLite state file: jobs, attempts, files; schema versions; one writer thread |
 //! | `error.rs` | [`InputError`]: bad input or usage (exit 2), raised at any layer |
@@ -29,7 +29,7 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store` |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own) |
 //! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |

@@ -55,6 +55,16 @@ pub struct MetricsSnapshot {
     pub download_bytes_total: u64,
     /// Completed jobs at their estimated price, in US dollars.
     pub spend_usd_estimate: f64,
+    /// The account's running capacity as learned, once it is.
+    pub account_capacity: Option<u32>,
+    /// Jobs allowed in flight now.
+    pub allowed_in_flight: u32,
+    /// POSTs allowed at once now.
+    pub posts_allowed: u32,
+    /// Our jobs last seen backlogged at Krea.
+    pub backlogged: u32,
+    /// The submission pace in force, POSTs per second; `None` while none is needed.
+    pub pace_per_second: Option<f64>,
 }
 
 /// Accepts only loopback addresses (127.0.0.0/8, `::1`); the error says why not.
@@ -119,6 +129,32 @@ pub fn render(snapshot: &MetricsSnapshot) -> String {
     let spend = "spend_usd_estimate";
     family(&mut out, spend, "gauge", "Completed jobs at their estimated price, in US dollars.");
     sample(&mut out, spend, None, float(crate::pricing::round_usd(snapshot.spend_usd_estimate)));
+    // What the engine learned of the account; a figure not learned yet has no sample.
+    let learned = [
+        (
+            "account_capacity",
+            "Jobs the account runs at once, as learned.",
+            snapshot.account_capacity.map(f64::from),
+        ),
+        (
+            "allowed_in_flight",
+            "Jobs allowed in flight now.",
+            Some(f64::from(snapshot.allowed_in_flight)),
+        ),
+        (
+            "posts_allowed",
+            "Submissions allowed to await their answer at once.",
+            Some(f64::from(snapshot.posts_allowed)),
+        ),
+        ("backlogged", "Jobs last seen backlogged at Krea.", Some(f64::from(snapshot.backlogged))),
+        ("pace_per_second", "Submission pace in force, per second.", snapshot.pace_per_second),
+    ];
+    for (name, help, value) in learned {
+        family(&mut out, name, "gauge", help);
+        if let Some(value) = value {
+            sample(&mut out, name, None, float(value));
+        }
+    }
     out
 }
 
@@ -267,6 +303,11 @@ mod tests {
             downloads_total: 12,
             download_bytes_total: 3_456_789,
             spend_usd_estimate: 1.25,
+            account_capacity: Some(20),
+            allowed_in_flight: 25,
+            posts_allowed: 3,
+            backlogged: 4,
+            pace_per_second: None,
         }
     }
 
@@ -297,13 +338,21 @@ mod tests {
             "krea_batch_download_bytes_total 3456789",
             "# TYPE krea_batch_spend_usd_estimate gauge",
             "krea_batch_spend_usd_estimate 1.25",
+            "# TYPE krea_batch_account_capacity gauge",
+            "krea_batch_account_capacity 20",
+            "krea_batch_allowed_in_flight 25",
+            "krea_batch_posts_allowed 3",
+            "krea_batch_backlogged 4",
+            "# TYPE krea_batch_pace_per_second gauge",
         ] {
             assert!(lines.contains(&expected), "missing {expected:?} in:\n{text}");
         }
         // Every family has one HELP and one TYPE line, each sample a known family.
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = lines.iter().filter(|l| l.starts_with("# HELP krea_batch_")).count();
-        assert_eq!((types, helps), (8, 8));
+        assert_eq!((types, helps), (13, 13));
+        let pace_samples = lines.iter().filter(|l| l.starts_with("krea_batch_pace_per_second"));
+        assert_eq!(pace_samples.count(), 0, "no pace needed: no sample");
         assert!(lines.iter().all(|l| l.starts_with("# ") || l.starts_with("krea_batch_")));
         assert!(text.ends_with('\n'));
     }

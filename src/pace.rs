@@ -1,6 +1,6 @@
-//! How fast krea-batch talks to Krea: the governor rate limiter for submissions, the shared
-//! back-off after a 429, the cap on jobs in flight that adapts when Krea says it is full, and
-//! the schedule on which each job is polled.
+//! How fast krea-batch talks to Krea: the governor rate limiter for submissions, the pause
+//! while Krea cannot be reached, and the schedule on which each job is polled. What to do about
+//! a 429 and how many jobs may be in flight is the controller's (`runner/controller.rs`).
 //!
 //! The pace can change while the pacer runs ([`Pacer::set_pace`]): the controller
 //! (`runner/controller.rs`) learns the account's request rate and sets it here, and governor
@@ -48,12 +48,6 @@ impl Pace {
     /// asked for is taken as this, never as "no limit".
     pub const SLOWEST_PER_SECOND: f64 = 1.0 / 3600.0;
 
-    /// `per_minute` POSTs a minute with bursts of `burst`.
-    #[must_use]
-    pub fn per_minute(per_minute: u32, burst: u32) -> Self {
-        Self { per_second: Some(f64::from(per_minute.max(1)) / 60.0), burst }
-    }
-
     /// governor's quota for this pace; `None` when there is no limit.
     fn quota(self) -> Option<Quota> {
         let per_second = self.per_second?;
@@ -70,17 +64,15 @@ impl Pace {
 }
 
 /// The submission pacer: a token bucket (a [`Pace`]: `submissions_per_minute` with a `burst`,
-/// or what the controller learned), a cool-down after 429s, and the adaptive cap on jobs in
-/// flight.
+/// or what the controller learned) and a cool-down while Krea cannot be reached.
 pub struct Pacer {
     /// `None` while the pace sets no limit.
     limiter: Option<Limiter>,
     pace: Pace,
     cooldown_until: Option<Instant>,
-    /// 429s in a row without an accepted submission in between.
-    rate_limited_streak: u32,
+    /// Failures to reach Krea in a row without an answer in between.
+    unreachable_streak: u32,
     backoff_start: Duration,
-    cap: AdaptiveCap,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -88,25 +80,22 @@ impl std::fmt::Debug for Pacer {
         f.debug_struct("Pacer")
             .field("pace", &self.pace)
             .field("cooldown_until", &self.cooldown_until)
-            .field("streak", &self.rate_limited_streak)
-            .field("cap", &self.cap)
+            .field("streak", &self.unreachable_streak)
             .finish_non_exhaustive()
     }
 }
 
 impl Pacer {
-    /// A pacer for `per_minute` submissions with bursts of `burst`, at most `max_in_flight` jobs
-    /// in flight, and `backoff_start` as the first wait after a 429.
+    /// A pacer at `pace` (its burst available at once), with `backoff_start` as the first
+    /// pause while Krea cannot be reached.
     #[must_use]
-    pub fn new(per_minute: u32, burst: u32, max_in_flight: u32, backoff_start: Duration) -> Self {
-        let pace = Pace::per_minute(per_minute, burst);
+    pub fn new(pace: Pace, backoff_start: Duration) -> Self {
         Self {
             limiter: pace.quota().map(|quota| RateLimiter::direct_with_clock(quota, TokioClock)),
             pace,
             cooldown_until: None,
-            rate_limited_streak: 0,
+            unreachable_streak: 0,
             backoff_start,
-            cap: AdaptiveCap::new(max_in_flight.max(1) as usize),
         }
     }
 
@@ -131,12 +120,6 @@ impl Pacer {
         });
     }
 
-    /// How many jobs may be in flight now.
-    #[must_use]
-    pub fn in_flight_cap(&self) -> usize {
-        self.cap.current()
-    }
-
     /// Takes a permit for one POST now, or says when to ask again. Call only when a job is ready
     /// to go and a slot is free: a granted permit is spent.
     pub fn try_acquire(&mut self) -> Result<(), Instant> {
@@ -154,86 +137,19 @@ impl Pacer {
             .map_err(|not_until| now + not_until.wait_time_from(TokioClock.now()))
     }
 
-    /// Krea answered 429 with `in_flight` of our jobs (not counting the refused one) in flight.
-    /// The in-flight cap drops to what Krea evidently accepts. Every submission pauses for
-    /// `Retry-After`, or an exponential back-off with jitter, except after a first 429 with jobs
-    /// in flight: Krea's concurrency is full, and the lowered cap already holds the next
-    /// submission back until one of them ends. Returns the pause.
-    pub fn on_rate_limited(&mut self, retry_after: Option<Duration>, in_flight: usize) -> Duration {
-        let concurrency_full =
-            retry_after.is_none() && in_flight > 0 && self.rate_limited_streak == 0;
-        let wait = if concurrency_full {
-            Duration::ZERO
-        } else {
-            retry::rate_limit_delay(self.rate_limited_streak, self.backoff_start, retry_after)
-        };
-        self.rate_limited_streak = self.rate_limited_streak.saturating_add(1);
-        self.pause(wait);
-        self.cap.on_rate_limited(in_flight);
-        wait
-    }
-
     /// Krea could not be reached: every submission pauses, the pause growing while this goes
     /// on. Returns the pause.
     pub fn on_unreachable(&mut self) -> Duration {
-        let wait = retry::rate_limit_delay(self.rate_limited_streak, self.backoff_start, None);
-        self.rate_limited_streak = self.rate_limited_streak.saturating_add(1);
-        self.pause(wait);
+        let wait = retry::rate_limit_delay(self.unreachable_streak, self.backoff_start, None);
+        self.unreachable_streak = self.unreachable_streak.saturating_add(1);
+        let until = Instant::now() + wait;
+        self.cooldown_until = Some(self.cooldown_until.map_or(until, |current| current.max(until)));
         wait
     }
 
-    fn pause(&mut self, wait: Duration) {
-        let until = Instant::now() + wait;
-        self.cooldown_until = Some(self.cooldown_until.map_or(until, |current| current.max(until)));
-    }
-
-    /// Krea accepted a submission.
-    pub fn on_accepted(&mut self) {
-        self.rate_limited_streak = 0;
-        self.cap.on_accepted();
-    }
-}
-
-/// The cap on jobs in flight: the configured maximum, lowered to what Krea accepted when a 429
-/// says its concurrency and backlog are full, then raised again by one after every two rounds of
-/// accepted submissions (additive increase, multiplicative decrease). Krea publishes no limits,
-/// so this is how krea-batch finds them without a 429 per job.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdaptiveCap {
-    configured: usize,
-    current: usize,
-    accepted_since_change: usize,
-}
-
-impl AdaptiveCap {
-    /// Starts at the configured cap.
-    #[must_use]
-    pub fn new(configured: usize) -> Self {
-        Self { configured, current: configured, accepted_since_change: 0 }
-    }
-
-    /// The cap now.
-    #[must_use]
-    pub fn current(&self) -> usize {
-        self.current
-    }
-
-    /// A 429 arrived while `in_flight` jobs were in flight.
-    pub fn on_rate_limited(&mut self, in_flight: usize) {
-        self.current = in_flight.clamp(1, self.current);
-        self.accepted_since_change = 0;
-    }
-
-    /// A submission was accepted.
-    pub fn on_accepted(&mut self) {
-        if self.current >= self.configured {
-            return;
-        }
-        self.accepted_since_change += 1;
-        if self.accepted_since_change >= 2 * self.current {
-            self.current += 1;
-            self.accepted_since_change = 0;
-        }
+    /// Krea answered a submission (any answer): it can be reached again.
+    pub fn on_answered(&mut self) {
+        self.unreachable_streak = 0;
     }
 }
 
@@ -270,7 +186,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pacer_paces_after_the_burst() {
-        let mut pacer = Pacer::new(60, 3, 10, Duration::from_secs(1));
+        let mut pacer =
+            Pacer::new(Pace { per_second: Some(1.0), burst: 3 }, Duration::from_secs(1));
         for _ in 0..3 {
             assert!(pacer.try_acquire().is_ok(), "the burst goes at once");
         }
@@ -283,26 +200,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn rate_limit_pauses_everything_and_grows() {
-        let mut pacer = Pacer::new(6000, 100, 10, Duration::from_secs(2));
-        let full = pacer.on_rate_limited(None, 4);
-        assert_eq!(full, Duration::ZERO, "concurrency full: the lowered cap is the pause");
-        assert_eq!(pacer.in_flight_cap(), 4);
-        let first = pacer.on_rate_limited(None, 4);
-        assert!(first >= Duration::from_millis(4500) && first <= Duration::from_millis(7500));
+    async fn unreachable_pauses_everything_and_grows_until_answered() {
+        let mut pacer = Pacer::new(Pace { per_second: None, burst: 1 }, Duration::from_secs(2));
+        let first = pacer.on_unreachable();
+        assert!(first >= Duration::from_millis(1500) && first <= Duration::from_millis(2500));
         assert!(pacer.try_acquire().is_err(), "cooling down");
-        let second = pacer.on_rate_limited(None, 4);
+        let second = pacer.on_unreachable();
         assert!(second > first, "{second:?} after {first:?}");
         tokio::time::sleep(second).await;
         assert!(pacer.try_acquire().is_ok());
-        pacer.on_accepted();
-        let after_success = pacer.on_rate_limited(Some(Duration::from_secs(9)), 4);
-        assert_eq!(after_success, Duration::from_secs(9), "Retry-After is honoured");
+        pacer.on_answered();
+        let again = pacer.on_unreachable();
+        assert!(again <= Duration::from_millis(2500), "the streak starts over: {again:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_pace_changes_at_runtime_without_a_fresh_burst() {
-        let mut pacer = Pacer::new(60, 5, 10, Duration::from_secs(1));
+        let mut pacer =
+            Pacer::new(Pace { per_second: Some(1.0), burst: 5 }, Duration::from_secs(1));
         pacer.set_pace(Pace { per_second: Some(10.0), burst: 3 });
         let retry_at = pacer.try_acquire().expect_err("the new bucket starts empty");
         let wait = retry_at - Instant::now();
@@ -317,24 +232,6 @@ mod tests {
         pacer.set_pace(Pace { per_second: Some(f64::NAN), burst: 1 });
         assert!(pacer.try_acquire().is_err(), "a rate that is no number is the slowest");
         assert_eq!(pacer.pace().per_second.map(f64::is_nan), Some(true));
-    }
-
-    #[test]
-    fn adaptive_cap_finds_the_limit_and_probes_upwards() {
-        let mut cap = AdaptiveCap::new(64);
-        cap.on_rate_limited(8);
-        assert_eq!(cap.current(), 8);
-        for _ in 0..15 {
-            cap.on_accepted();
-        }
-        assert_eq!(cap.current(), 8, "two rounds before probing");
-        cap.on_accepted();
-        assert_eq!(cap.current(), 9);
-        cap.on_rate_limited(0);
-        assert_eq!(cap.current(), 1, "never below one");
-        let mut full = AdaptiveCap::new(3);
-        full.on_accepted();
-        assert_eq!(full.current(), 3, "never above the configured cap");
     }
 
     #[test]

@@ -307,6 +307,11 @@ fn eta_text(finished: u64, eta: Duration) -> String {
     if finished == 0 { "--".to_owned() } else { format!("{:#}", indicatif::HumanDuration(eta)) }
 }
 
+/// What the engine learned of the account, after `separator`; nothing before it learned.
+fn learned_suffix(learned: &str, separator: &str) -> String {
+    if learned.is_empty() { String::new() } else { format!("{separator}{learned}") }
+}
+
 /// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
 /// line every `every` when something changed.
 pub async fn show_progress(
@@ -324,16 +329,23 @@ pub async fn show_progress(
                     break;
                 }
                 if let Some(bar) = &bar {
-                    let now = status.borrow_and_update().counts;
+                    let shown = status.borrow_and_update();
+                    let now = shown.counts;
                     bar.set_length(now.total as u64);
                     bar.set_position(now.finished() as u64);
-                    bar.set_message(progress_message(&now));
+                    bar.set_message(format!(
+                        "{}{}",
+                        progress_message(&now),
+                        learned_suffix(&shown.learned, " · ")
+                    ));
                 }
             }
             _ = tick.tick(), if bar.is_none() => {
-                let now = status.borrow().counts;
+                let shown = status.borrow();
+                let now = shown.counts;
                 if now != last_logged && now.total > 0 {
-                    tracing::info!("progress: {}/{} finished; {now}", now.finished(), now.total);
+                    let learned = learned_suffix(&shown.learned, "; ");
+                    tracing::info!("progress: {}/{} finished; {now}{learned}", now.finished(), now.total);
                     last_logged = now;
                 }
             }

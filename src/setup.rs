@@ -18,6 +18,7 @@ use crate::output::{self, Marker, OutputError, OutputLock};
 use crate::pace::PollSchedule;
 use crate::report::MANIFEST;
 use crate::retry::RetryPolicy;
+use crate::runner::controller::Ceilings;
 use crate::runner::{
     Controls, Engine, EngineCommand, EngineIo, EngineOutcome, EngineSettings, EngineStatus,
     KreaApi, RunKind,
@@ -374,12 +375,7 @@ pub(crate) fn downloader(base: &reqwest::Url, limits: &Limits) -> anyhow::Result
 #[must_use]
 pub fn engine_settings(limits: &Limits) -> EngineSettings {
     EngineSettings {
-        submissions_per_minute: limits
-            .submissions_per_minute
-            .unwrap_or(Limits::FIXED_SUBMISSIONS_PER_MINUTE),
-        burst: limits.burst.unwrap_or(Limits::FIXED_BURST),
-        max_in_flight: limits.max_in_flight.unwrap_or(Limits::FIXED_MAX_IN_FLIGHT),
-        max_concurrent_posts: limits.submission_concurrency.unwrap_or(1),
+        ceilings: Ceilings::from_limits(limits),
         poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },
         video_poll: PollSchedule {
             first: limits.video_poll_interval,

@@ -5,6 +5,7 @@ use crate::job::JobState;
 use crate::pricing::round_usd;
 use crate::report::count;
 use crate::runner::Counts;
+use crate::runner::status::META_LEARNED;
 use crate::store::Store;
 use serde::Serialize;
 use std::path::Path;
@@ -24,6 +25,9 @@ pub struct Status {
     pub spent_usd: f64,
     /// Estimated commitment: jobs in flight at their price, USD.
     pub in_flight_usd: f64,
+    /// What the last run learned of the account ("account runs about 20 at a time; pace
+    /// 4.1/s"), as it last wrote it; `None` before any run submitted.
+    pub learned: Option<String>,
 }
 
 /// How many names of unknown or download-pending jobs `status` lists.
@@ -47,6 +51,7 @@ pub fn status(state_path: &Path) -> anyhow::Result<Status> {
         download_pending: store.names_in(JobState::Completed, LISTED_NAMES)?,
         spent_usd: round_usd(spent_usd),
         in_flight_usd: round_usd(in_flight_usd),
+        learned: store.meta(META_LEARNED)?,
     })
 }
 
@@ -71,6 +76,9 @@ impl std::fmt::Display for Status {
             "estimated spend ${:.4}; in flight ${:.4}",
             self.spent_usd, self.in_flight_usd
         )?;
+        if let Some(learned) = &self.learned {
+            writeln!(f, "{learned}")?;
+        }
         for name in &self.unknown {
             writeln!(f, "  unknown: {name}")?;
         }

@@ -118,6 +118,8 @@ impl Sim {
                 tail(&std::fs::read_to_string(&stderr).unwrap_or_default())
             );
         };
+        // The line goes on after the URL ("… (result files on http://…)").
+        let url = url.split_whitespace().next().unwrap_or(url);
         Ok(Self { url: url.to_owned(), stderr, _stdout: stdout, child })
     }
 

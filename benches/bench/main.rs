@@ -1,4 +1,4 @@
-//! The krea-batch benchmark: seven scenarios, each with a target, run against the real
+//! The krea-batch benchmark: eight scenarios, each with a target, run against the real
 //! `krea-batch` binary (the release build) and the simulated Krea API running as its own process
 //! (`krea-batch simulate-api --port 0`), as issue 5 asks.
 //!
@@ -7,6 +7,7 @@
 //! | `overhead` | 10,000 instant jobs without client limits: jobs/s, CPU per job, peak RSS |
 //! | `pacing` | 300 jobs at 600/min: makespan against the ideal, 429s |
 //! | `unknown_concurrency` | 400 jobs, server runs 8 at a time and 429s beyond: makespan, 429s/POST |
+//! | `unknown_account` | issue 12's grid with no client limits: makespan against the bound, 429s, backlog |
 //! | `polling` | 200 jobs of 20 s: status requests per job against the documented schedule |
 //! | `scale` | a 100,000-job file: `check`, import and `status` times, peak RSS |
 //! | `big_file` | one 1 GiB result: RSS growth, download throughput against `curl` |
@@ -65,6 +66,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("overhead", scenarios::overhead),
     ("pacing", scenarios::pacing),
     ("unknown_concurrency", scenarios::unknown_concurrency),
+    ("unknown_account", scenarios::unknown_account),
     ("polling", scenarios::polling),
     ("scale", scenarios::scale),
     ("big_file", scenarios::big_file),

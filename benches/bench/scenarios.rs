@@ -1,6 +1,6 @@
-//! The seven scenarios of issue 5, one function each. Every scenario works in a fresh temporary
-//! folder with its own simulation (killed when the scenario ends), runs `krea-batch` there, and
-//! reports its figures against the targets. Sizes are the timed ones, or the smoke ones.
+//! The seven scenarios of issue 5 and issue 12's "unknown account", one function each. Every
+//! scenario works in a fresh temporary folder with its own simulation (killed when the scenario
+//! ends), runs `krea-batch` there, and reports its figures against the targets. Sizes are the timed ones, or the smoke ones.
 
 use crate::Mode;
 use crate::harness::{
@@ -150,6 +150,106 @@ pub(crate) fn unknown_concurrency(mode: Mode, found: &mut Findings) -> anyhow::R
         describe(&limits)
     ));
     Ok(())
+}
+
+/// Issue 12's grid against an account of unknown size, with the default job file (no
+/// `limits`): concurrency 2, 8 and 32; backlog 0 and 20; POST round trip 0, 100 and 300 ms;
+/// jobs of 1.5 s (the middle of the issue's 1–2 s: the simulation has one job time); 200 jobs.
+/// Per cell: the makespan against the account's bound, 429s per POST, and the deepest backlog
+/// held at Krea. `KREA_BATCH_BENCH_CELLS` ("8/0/300 32/20/0": concurrency/backlog/round trip
+/// in ms) and `KREA_BATCH_BENCH_JOBS` run a subset, scaled down.
+pub(crate) fn unknown_account(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
+    let job_secs = mode.pick(1.5, 0.5);
+    let jobs = std::env::var("KREA_BATCH_BENCH_JOBS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(mode.pick(200, 30));
+    let cells: Vec<(usize, usize, u64)> = match std::env::var("KREA_BATCH_BENCH_CELLS") {
+        Ok(text) => text.split_whitespace().map(parse_cell).collect::<anyhow::Result<_>>()?,
+        Err(_) if mode == Mode::Smoke => vec![(8, 20, 100)],
+        Err(_) => {
+            let mut grid = Vec::new();
+            for concurrency in [2, 8, 32] {
+                for backlog in [0, 20] {
+                    for round_trip in [0, 100, 300] {
+                        grid.push((concurrency, backlog, round_trip));
+                    }
+                }
+            }
+            grid
+        }
+    };
+    for (concurrency, backlog, round_trip_ms) in cells {
+        let dir = scratch_dir()?;
+        let mut sim = Sim::start(
+            dir.path(),
+            &SimConfig {
+                job_time: Duration::from_secs_f64(job_secs),
+                concurrency,
+                backlog,
+                post_latency: Duration::from_millis(round_trip_ms),
+                ..sim_config()
+            },
+        )?;
+        write_job_file(dir.path(), &Limits::new(), "unknown-account job", jobs)?;
+        let run = run_timed(dir.path(), Some(&sim), RUN)?;
+        run.expect_code(0, "krea-batch run")?;
+        expect_completed(&run.json()?, jobs)?;
+        let stats = complete_log(sim.stats()?)?;
+        let posts: Vec<&krea_batch::sim::RequestRecord> = stats
+            .requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.starts_with("/generate/"))
+            .collect();
+        let created: Vec<u64> =
+            posts.iter().filter(|r| (200..300).contains(&r.status)).map(|r| r.at_ms).collect();
+        let deepest = deepest_backlog(&created, concurrency, (job_secs * 1000.0) as u64);
+
+        let cell = format!("C {concurrency}, backlog {backlog}, POST {round_trip_ms} ms");
+        let bound = jobs as f64 * job_secs / concurrency as f64 + job_secs;
+        let allowance = (concurrency / 4).max(2) as f64;
+        found.row(&format!("{cell}: makespan / bound"), run.wall / bound, "", AtMost(1.15));
+        let share = stats.responses_429 as f64 / posts.len().max(1) as f64;
+        found.row(&format!("{cell}: 429s per POST"), share, "", AtMost(0.05));
+        found.row(&format!("{cell}: deepest backlog"), deepest as f64, "jobs", AtMost(allowance));
+        found.note(format_args!(
+            "{cell}: {jobs} jobs of {} in {:.2} s against a bound of {bound:.2} s; {} 429s in \
+             {} POSTs; no client limits",
+            seconds(job_secs),
+            run.wall,
+            stats.responses_429,
+            posts.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `"8/20/300"`: concurrency, backlog, POST round trip in ms.
+fn parse_cell(text: &str) -> anyhow::Result<(usize, usize, u64)> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let [concurrency, backlog, round_trip] = parts[..] else {
+        bail!("KREA_BATCH_BENCH_CELLS: {text:?} is not concurrency/backlog/round-trip-ms");
+    };
+    Ok((concurrency.parse()?, backlog.parse()?, round_trip.parse()?))
+}
+
+/// The deepest backlog the simulation held, rebuilt from when its jobs were created (ms, in
+/// order): it runs `concurrency` jobs at once in creation order, each for `job_ms`, so a job
+/// starts when the one `concurrency` places before it ends; at each creation, the jobs created
+/// and not yet started are the backlog.
+fn deepest_backlog(created: &[u64], concurrency: usize, job_ms: u64) -> usize {
+    let mut starts: Vec<u64> = Vec::with_capacity(created.len());
+    let mut deepest = 0;
+    for (index, &at) in created.iter().enumerate() {
+        let start = match index.checked_sub(concurrency) {
+            Some(before) => at.max(starts[before] + job_ms),
+            None => at,
+        };
+        starts.push(start);
+        let waiting = starts.iter().filter(|&&start| start > at).count();
+        deepest = deepest.max(waiting);
+    }
+    deepest
 }
 
 /// 200 jobs of 20 s with the default polling schedule: how many status requests per job,

@@ -483,9 +483,9 @@ impl Daemon {
                     );
                 }
                 let watchdog = sd_notify::watchdog_enabled();
-                let _ = self
-                    .commands
-                    .send(EngineCommand::Reconfigure(service_settings(&config, watchdog)));
+                let _ = self.commands.send(EngineCommand::Reconfigure(Box::new(service_settings(
+                    &config, watchdog,
+                ))));
                 self.config.limits = config.limits;
                 self.config.probe_interval = config.probe_interval;
                 self.config.drain_time = config.drain_time;
@@ -511,6 +511,11 @@ impl Daemon {
             downloads_total: status.downloads_total,
             download_bytes_total: status.download_bytes_total,
             spend_usd_estimate: status.spend_usd,
+            account_capacity: status.capacity,
+            allowed_in_flight: status.allowed_in_flight,
+            posts_allowed: status.posts_allowed,
+            backlogged: status.backlogged,
+            pace_per_second: status.pace_per_second,
         });
     }
 }

@@ -79,6 +79,9 @@ pub(crate) fn status_line(status: &EngineStatus) -> String {
         Some(StopReason::Interrupted) => write!(line, "; stopping"),
         None => Ok(()),
     };
+    if !status.learned.is_empty() {
+        let _ = write!(line, "; {}", status.learned);
+    }
     line
 }
 
@@ -93,6 +96,12 @@ mod tests {
         status.counts.pending = 40;
         status.counts.completed = 7;
         assert_eq!(status_line(&status), "3 in flight, 40 queued, 7 done, 0 failed");
+        status.learned = "account runs about 20 at a time; pace 4.1/s".into();
+        assert_eq!(
+            status_line(&status),
+            "3 in flight, 40 queued, 7 done, 0 failed; account runs about 20 at a time; pace 4.1/s"
+        );
+        status.learned.clear();
         status.paused = Some(StopReason::PaymentRequired);
         let line = status_line(&status);
         assert!(

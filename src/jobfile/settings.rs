@@ -31,9 +31,7 @@ pub struct ApiSettings {
 /// (`runner/controller.rs`) never exceeds, whatever it learns; a key left out (`None`) puts no
 /// ceiling there, and the controller finds the account's capacity by itself. It is decided key
 /// by key, not by whether a `limits:` section exists: a file that sets only `poll_interval`
-/// still lets every pace be discovered, and a user under a quota writes just that quota. (Until
-/// the controller drives the engine, a key left out falls back to the fixed `FIXED_*` values
-/// below.)
+/// still lets every pace be discovered, and a user under a quota writes just that quota.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -121,14 +119,6 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The submission rate of an engine that does not learn it, where the job file sets none.
-    pub const FIXED_SUBMISSIONS_PER_MINUTE: u32 = 60;
-    /// The burst of an engine that does not learn it, where the job file sets none.
-    pub const FIXED_BURST: u32 = 5;
-    /// The cap on jobs in flight of an engine that does not learn it, where the job file sets
-    /// none.
-    pub const FIXED_MAX_IN_FLIGHT: u32 = 8;
-
     /// Checks the rules deserialization cannot see alone: every count and duration above zero
     /// (also for values built in code). Returns the offending field and what is wrong.
     pub fn check(&self) -> Result<(), (&'static str, String)> {

@@ -252,6 +252,14 @@ impl Controller {
         }
     }
 
+    /// New ceilings and back-off (a reloaded configuration). What was learned of the account is
+    /// kept: the account did not change because the file did, and learning it again would cost
+    /// a slow start and 429s. The new ceilings hold from the next question on.
+    pub fn reconfigure(&mut self, ceilings: Ceilings, backoff_start: Duration) {
+        self.ceilings = ceilings;
+        self.backoff_start = backoff_start;
+    }
+
     // ---- events ------------------------------------------------------------------------
 
     /// A POST was sent (its attempt is on disk).
@@ -408,7 +416,10 @@ impl Controller {
     }
 
     /// Whether a new POST may start now: no wait in force, a slot in the window and a POST
-    /// slot free. (The pace is the governor's to enforce.)
+    /// slot free. (The pace is the governor's to enforce.) For the model runs of the tests: the
+    /// engine asks the parts separately, `wait_until` for when to wake and the window against
+    /// its own counts, which include jobs being reconciled.
+    #[cfg(test)]
     #[must_use]
     pub fn may_submit(&self, now: Instant) -> bool {
         self.wait_until(now).is_none()

@@ -57,6 +57,9 @@ pub(super) enum Post {
     DroppedCreatedTwice,
 }
 
+/// Krea's answer when the account's concurrency and backlog are full.
+const CONCURRENCY_FULL: &str = "You have reached the maximum number of concurrent jobs.";
+
 /// One job at the fake Krea.
 #[derive(Clone, Debug)]
 pub(super) struct FakeJob {
@@ -85,6 +88,10 @@ pub(super) struct Seen {
     pub(super) lists: Vec<Instant>,
     /// The most jobs that ran at once.
     pub(super) max_running: usize,
+    /// The most jobs that waited backlogged at once.
+    pub(super) max_backlogged: usize,
+    /// The most jobs held at once (running or backlogged).
+    pub(super) max_held: usize,
 }
 
 #[derive(Debug)]
@@ -95,12 +102,17 @@ struct State {
     jobs: Vec<FakeJob>,
     seen: Seen,
     next_id: u32,
+    /// When the recent accepted POSTs arrived, for the request-rate limit.
+    accepted_at: VecDeque<Instant>,
 }
 
-/// A Krea in memory. Jobs are `queued` for their first quarter, then `processing`, then
-/// `completed` after `job_duration` of tokio time. Unscripted POSTs are accepted, or refused
-/// with a 429 without `Retry-After` when `concurrency` jobs are already running (as Krea does
-/// when the account's concurrency and backlog are full).
+/// A Krea in memory. Jobs run `concurrency` at a time in submission order (all at once when
+/// `None`); a job that must wait is `backlogged`, and starts when a slot frees. Running, it is
+/// `queued` for its first quarter, then `processing`, then `completed` after `job_duration` of
+/// tokio time. Unscripted POSTs are accepted, or refused with a 429 without `Retry-After`:
+/// with Krea's concurrency text when `concurrency` jobs run and `backlog` more wait (as Krea
+/// does when the account's concurrency and backlog are full), and with another text when
+/// more than `rate_limit` POSTs arrived within its window.
 #[derive(Debug)]
 pub(super) struct FakeKrea {
     clock: Arc<TestClock>,
@@ -111,6 +123,10 @@ pub(super) struct FakeKrea {
     pub(super) post_latency: Duration,
     /// Jobs the account may run at once.
     pub(super) concurrency: Option<usize>,
+    /// Jobs the account keeps backlogged beyond `concurrency` before it answers 429.
+    pub(super) backlog: usize,
+    /// At most this many POSTs accepted within this window (a request-rate limit).
+    pub(super) rate_limit: Option<(usize, Duration)>,
 }
 
 impl FakeKrea {
@@ -123,10 +139,13 @@ impl FakeKrea {
                 jobs: Vec::new(),
                 seen: Seen::default(),
                 next_id: 1,
+                accepted_at: VecDeque::new(),
             }),
             job_duration: Duration::from_secs(3),
             post_latency: Duration::from_millis(100),
             concurrency: None,
+            backlog: 0,
+            rate_limit: None,
         }
     }
 
@@ -158,27 +177,50 @@ impl FakeKrea {
     fn create(&self, state: &mut State, prompt: Option<&str>) -> String {
         let id = format!("job-{:04}", state.next_id);
         state.next_id += 1;
+        let now = Instant::now();
+        // Every job lasts `job_duration`, so jobs end in the order they start: a new one starts
+        // when the job `concurrency` places before it (not cancelled) ends.
+        let started = self.concurrency.map_or(now, |slots| {
+            let mut ends: Vec<Instant> = state
+                .jobs
+                .iter()
+                .filter(|job| !job.cancelled)
+                .map(|job| job.started + job.duration)
+                .collect();
+            ends.sort_unstable_by(|a, b| b.cmp(a));
+            ends.get(slots.saturating_sub(1)).map_or(now, |end| now.max(*end))
+        });
         state.jobs.push(FakeJob {
             id: id.clone(),
             prompt: prompt.map(str::to_owned),
             created_ms: self.clock.now_ms(),
-            started: Instant::now(),
+            started,
             duration: self.job_duration,
             cancelled: false,
         });
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
+        let backlogged = state.jobs.iter().filter(|job| Self::backlogged(job)).count();
         state.seen.max_running = state.seen.max_running.max(running);
+        state.seen.max_backlogged = state.seen.max_backlogged.max(backlogged);
+        state.seen.max_held = state.seen.max_held.max(running + backlogged);
         id
     }
 
     fn running(job: &FakeJob) -> bool {
-        !job.cancelled && job.started.elapsed() < job.duration
+        let now = Instant::now();
+        !job.cancelled && job.started <= now && now < job.started + job.duration
+    }
+
+    fn backlogged(job: &FakeJob) -> bool {
+        !job.cancelled && Instant::now() < job.started
     }
 
     fn describe(job: &FakeJob) -> RemoteJob {
-        let age = job.started.elapsed();
+        let age = Instant::now().saturating_duration_since(job.started);
         let status = if job.cancelled {
             RemoteStatus::Cancelled
+        } else if Self::backlogged(job) {
+            RemoteStatus::Backlogged
         } else if age >= job.duration {
             RemoteStatus::Completed
         } else if age < job.duration / 4 {
@@ -202,16 +244,33 @@ impl FakeKrea {
         let prompt = parsed.get("prompt").and_then(serde_json::Value::as_str);
         let mut state = self.state();
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
-        let full = self.concurrency.is_some_and(|cap| running >= cap);
-        let post = state.script.pop_front().unwrap_or(if full {
+        let backlogged = state.jobs.iter().filter(|job| Self::backlogged(job)).count();
+        let full = self.concurrency.is_some_and(|cap| running >= cap && backlogged >= self.backlog);
+        let now = Instant::now();
+        let too_fast = self.rate_limit.is_some_and(|(most, window)| {
+            while state.accepted_at.front().is_some_and(|at| now - *at >= window) {
+                state.accepted_at.pop_front();
+            }
+            state.accepted_at.len() >= most
+        });
+        let scripted = state.script.pop_front();
+        let unscripted = scripted.is_none();
+        let post = scripted.unwrap_or(if full || too_fast {
             Post::RateLimited(None)
         } else {
             Post::Accept
         });
-        state.seen.posts.push((Instant::now(), format!("{post:?}")));
-        let message = || "scripted".to_owned();
+        state.seen.posts.push((now, format!("{post:?}")));
+        // A scripted 429 says nothing of concurrency (a request-rate 429); a full account
+        // answers with Krea's own text for the concurrency 429.
+        let message = || match (unscripted, full) {
+            (true, true) => CONCURRENCY_FULL.to_owned(),
+            (true, false) => "Too Many Requests".to_owned(),
+            (false, _) => "scripted".to_owned(),
+        };
         match post {
             Post::Accept => {
+                state.accepted_at.push_back(now);
                 let id = self.create(&mut state, prompt);
                 let job = state.jobs.iter().find(|job| job.id == id).expect("just created");
                 Ok(Self::describe(job))
@@ -279,7 +338,7 @@ impl KreaApi for FakeKrea {
                 .iter_mut()
                 .find(|job| job.id == job_id)
                 .ok_or_else(|| ApiError::NotFound { message: job_id.to_owned() })?;
-            if job.cancelled || job.started.elapsed() >= job.duration {
+            if job.cancelled || Instant::now() >= job.started + job.duration {
                 return Err(ApiError::Rejected { status: 409, message: "not cancellable".into() });
             }
             job.cancelled = true;

@@ -7,7 +7,7 @@
 //! transaction, and only then starts the requests that depend on those changes. So:
 //!
 //! - a POST starts only after its attempt (`submitting`, with the time) is on disk;
-//! - up to `max_concurrent_posts` (K) POSTs are on the wire at once; the attempts planned in
+//! - up to K POSTs (the controller's choice, under `limits.submission_concurrency`) are on the wire at once; the attempts planned in
 //!   one turn share its one synced commit, and the outcome of each POST is committed with the
 //!   next turn's attempts. A crash leaves at most K jobs whose POSTs may or may not have
 //!   reached Krea; with K = 1 the order in which Krea created jobs is the order of the attempts,
@@ -69,8 +69,9 @@ use crate::reconcile::Listing;
 use crate::report::append_manifest;
 use crate::retry::RetryPolicy;
 pub use crate::seam::{Clock, EngineIo, KreaApi, RefusingApi, ResultFetcher};
-use crate::store::{FileRecord, JobRecord, StoreError, StoreWriter};
+use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
 pub use budget::Budget;
+use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
 pub use status::{Counts, EngineStatus, StopReason};
@@ -88,16 +89,8 @@ use tokio_util::sync::CancellationToken;
 /// How the engine paces, polls and reconciles; built from a job file's `limits`.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
-    /// Submissions per minute (governor).
-    pub submissions_per_minute: u32,
-    /// Burst of submissions allowed at once.
-    pub burst: u32,
-    /// Cap on jobs in flight.
-    pub max_in_flight: u32,
-    /// How many POSTs may be on the wire at once (K). 1 sends one at a time; the submission
-    /// controller sets it from the measured round trip and the needed rate. While any attempt
-    /// is unknown, fewer go (`submit.rs`).
-    pub max_concurrent_posts: u32,
+    /// The ceilings written in `limits` (`None` where nothing was written: discovered).
+    pub ceilings: Ceilings,
     /// Poll schedule of image and enhance jobs.
     pub poll: PollSchedule,
     /// Poll schedule of video jobs.
@@ -111,7 +104,8 @@ pub struct EngineSettings {
     pub download_grace: Duration,
     /// Retries of GETs and downloads.
     pub retry: RetryPolicy,
-    /// The first pause after a 429 (then ×3, with jitter).
+    /// The first pause after a 429 without `Retry-After` (then ×3), or while Krea cannot be
+    /// reached (then ×3, with jitter).
     pub rate_limit_backoff: Duration,
     /// The timeout of one API request: bounds a POST whose end was not recorded.
     pub request_timeout: Duration,
@@ -156,7 +150,7 @@ pub enum EngineCommand {
     /// Cancel these jobs (state-file row ids): pending ones at once, in-flight ones at Krea.
     Cancel(Vec<i64>),
     /// Use new settings (a reloaded configuration): pacing and polling from now on.
-    Reconfigure(EngineSettings),
+    Reconfigure(Box<EngineSettings>),
 }
 
 /// How the outside asks the engine to stop. Cancel `stop_submitting` to let everything in flight
@@ -231,16 +225,19 @@ pub struct Engine {
     settings: EngineSettings,
     controls: Controls,
     pacer: Pacer,
+    /// How hard to push the account: learns its capacity and pace, sets the pacer's pace.
+    controller: Controller,
+    /// When each POST on the wire was sent (by slot), for its round trip.
+    post_sent_at: HashMap<usize, Instant>,
+    /// When the controller's summary was last written to the state file.
+    learned_written: Option<Instant>,
     /// Every job, its phase and its queue, and the writes not yet committed (`table.rs`).
     table: JobTable,
-    /// POSTs on the wire (at most `max_concurrent_posts`; see `submit.rs`).
+    /// POSTs on the wire (at most K; see `submit.rs`).
     posts_running: usize,
     /// When a POST last got no usable answer (ms), until Krea accepts one sent since: POSTs go
     /// one at a time meanwhile (`submit.rs`).
     posts_narrowed_since: Option<i64>,
-    /// When the latest 429 to a POST arrived (ms): a 429 to a POST sent before it is the same
-    /// refusal, and backs off no further (`submit.rs`).
-    rate_limited_at_ms: Option<i64>,
     /// Krea jobs that an earlier listing of this run showed unclaimed: none of them can be
     /// the job of a POST sent after that listing (`reconciling.rs`).
     listed_before: HashSet<String>,
@@ -278,6 +275,9 @@ pub struct Engine {
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
 }
 
+/// What was learned is written to the state file at most this often.
+const LEARNED_EVERY: Duration = Duration::from_secs(5);
+
 /// A gallery is rewritten at most this often while jobs end.
 const GALLERY_EVERY: Duration = Duration::from_secs(5);
 
@@ -300,12 +300,8 @@ impl Engine {
         status_tx: tokio::sync::watch::Sender<EngineStatus>,
     ) -> Self {
         let EngineIo { api, fetcher, clock, writer, claimed_elsewhere } = io;
-        let pacer = Pacer::new(
-            settings.submissions_per_minute,
-            settings.burst,
-            settings.max_in_flight,
-            settings.rate_limit_backoff,
-        );
+        let controller = Controller::new(settings.ceilings, settings.rate_limit_backoff);
+        let pacer = Pacer::new(controller.pace(), settings.rate_limit_backoff);
         let dirs: HashMap<i64, Arc<PathBuf>> =
             output_dirs.iter().map(|(id, dir)| (*id, Arc::new(dir.clone()))).collect();
         let mut engine = Self {
@@ -316,10 +312,12 @@ impl Engine {
             settings,
             controls,
             pacer,
+            controller,
+            post_sent_at: HashMap::new(),
+            learned_written: None,
             table: JobTable::new(claimed_elsewhere),
             posts_running: 0,
             posts_narrowed_since: None,
-            rate_limited_at_ms: None,
             listed_before: HashSet::new(),
             unattributed: unattributed::Unattributed::default(),
             listing: false,
@@ -444,7 +442,8 @@ impl Engine {
                 () = sleep_until_or_forever(wake) => {}
             }
         }
-        self.commit(true).await?;
+        self.publish_status();
+        self.commit_turn(true, true).await?;
         self.refresh_galleries(true);
         self.tasks.abort_all();
         Ok(EngineOutcome { jobs: self.table.into_records(), stopped: self.stopped })
@@ -532,6 +531,12 @@ impl Engine {
     fn publish_status(&mut self) {
         self.status.counts = self.table.counts();
         self.status.paused = self.paused.or(self.stopped);
+        self.status.learned = self.controller.summary(Instant::now());
+        self.status.capacity = self.controller.capacity();
+        self.status.allowed_in_flight = self.controller.allowed_in_flight();
+        self.status.posts_allowed = u32::try_from(self.posts_allowed()).unwrap_or(u32::MAX);
+        self.status.backlogged = self.controller.in_flight().1;
+        self.status.pace_per_second = self.pacer.pace().per_second;
         let status = &self.status;
         self.status_tx.send_if_modified(|shown| {
             let changed = shown != status;
@@ -567,13 +572,10 @@ impl Engine {
             }
             EngineCommand::Cancel(ids) => self.cancel_jobs(&ids),
             EngineCommand::Reconfigure(settings) => {
-                self.pacer = Pacer::new(
-                    settings.submissions_per_minute,
-                    settings.burst,
-                    settings.max_in_flight,
-                    settings.rate_limit_backoff,
-                );
-                self.settings = settings;
+                // What was learned of the account is kept; the new ceilings hold from now on.
+                self.controller.reconfigure(settings.ceilings, settings.rate_limit_backoff);
+                self.pacer = Pacer::new(self.controller.pace(), settings.rate_limit_backoff);
+                self.settings = *settings;
             }
         }
     }
@@ -586,10 +588,24 @@ impl Engine {
     /// Writes the turn's changes (fsynced if `synced`), then the manifest lines of the jobs
     /// that ended: one append per output folder.
     async fn commit(&mut self, synced: bool) -> Result<(), StoreError> {
-        if !self.table.has_changes() {
+        self.commit_turn(synced, false).await
+    }
+
+    /// [`Engine::commit`]; `final_commit` also writes what was learned, however recently.
+    async fn commit_turn(&mut self, synced: bool, final_commit: bool) -> Result<(), StoreError> {
+        if !self.table.has_changes() && !final_commit {
             return Ok(());
         }
-        let (changes, mut ended) = self.table.take_changes();
+        let (mut changes, mut ended) = self.table.take_changes();
+        // What was learned goes with the turn's writes, at most every `LEARNED_EVERY` (and at
+        // the end), for `krea-batch status` in another process: no write of its own. A run
+        // that submitted nothing learned nothing, and leaves what an earlier run wrote.
+        let due = self.learned_written.is_none_or(|at| at.elapsed() >= LEARNED_EVERY);
+        if (due || final_commit) && self.status.submissions_total > 0 {
+            self.learned_written = Some(Instant::now());
+            let value = self.status.learned.clone();
+            changes.push(Change::Meta { key: status::META_LEARNED.to_owned(), value });
+        }
         self.writer.commit_with(changes, synced).await?;
         let table = &self.table;
         for &slot in &ended {

@@ -5,9 +5,11 @@ use super::phase::{CancelCause, IllegalTransition};
 use super::{Engine, Event};
 use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use crate::job::JobState;
+use crate::pace::PollSchedule;
 use crate::retry::Verdict;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Classifies a failed GET for the retry policy.
 pub(super) fn get_verdict(err: &ApiError) -> Verdict {
@@ -50,7 +52,21 @@ impl Engine {
         } else {
             self.settings.poll
         };
-        self.table.schedule_poll(slot, |last| schedule.next_delay(last, near_end))
+        let first = self.first_poll(schedule);
+        self.table.schedule_poll(slot, |last| match last {
+            None => first,
+            Some(_) => schedule.next_delay(last, near_end),
+        })
+    }
+
+    /// The first poll's delay: aimed just before the end of a job of the measured job time,
+    /// once one is measured, so a short job is not polled many times and a long one not found
+    /// late; within the schedule's first and longest delays. Aimed at 90 %, because the
+    /// measured time includes how late its end was seen: aiming at all of it would let the
+    /// estimate only grow.
+    fn first_poll(&self, schedule: PollSchedule) -> Duration {
+        let aimed = self.controller.job_time().map_or(schedule.first, |time| time.mul_f64(0.9));
+        aimed.clamp(schedule.first.min(schedule.max), schedule.max)
     }
 
     pub(super) fn on_polled(
@@ -62,8 +78,14 @@ impl Engine {
             return Ok(());
         }
         match result {
-            Ok(remote) => self.on_remote_state(slot, &remote),
+            Ok(remote) => {
+                if let Some(status) = &remote.status {
+                    self.controller.observed(&remote.job_id, status, Instant::now());
+                }
+                self.on_remote_state(slot, &remote)
+            }
             Err(ApiError::NotFound { message }) => {
+                self.job_gone(slot);
                 let job = self.table.job(slot);
                 let text = format!(
                     "lost: Krea no longer knows job {} ({message})",
@@ -80,6 +102,15 @@ impl Engine {
                 tracing::warn!(job = %self.table.job(slot).name, %err, "polling failed; trying again later");
                 self.retry_poll_later(slot)
             }
+        }
+    }
+
+    /// The job no longer takes a place at Krea (cancelled, or lost): the controller stops
+    /// counting it.
+    fn job_gone(&mut self, slot: usize) {
+        if let Some(at) = self.table.at_krea(slot) {
+            let job_id = at.remote_id().to_owned();
+            self.controller.ended(&job_id, Instant::now());
         }
     }
 
@@ -225,6 +256,9 @@ impl Engine {
         result: Result<(), ApiError>,
     ) -> Result<(), IllegalTransition> {
         let name = self.table.job(slot).name.clone();
+        if result.is_ok() {
+            self.job_gone(slot);
+        }
         let Some(at) = self.table.at_krea(slot) else { return Ok(()) };
         match (result, at.cancel) {
             (Ok(()), Some(CancelCause::User)) => {

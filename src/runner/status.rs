@@ -154,4 +154,21 @@ pub struct EngineStatus {
     pub download_bytes_total: u64,
     /// Completed (billed) jobs at their estimated price, USD.
     pub spend_usd: f64,
+    /// What the engine learned of the account, for people (`controller.rs`): "account runs
+    /// about 20 at a time; pace 4.1/s". Empty before the engine first publishes.
+    pub learned: String,
+    /// The account's running capacity as learned, once a backlog or a 429 revealed it.
+    pub capacity: Option<u32>,
+    /// Jobs allowed in flight now (backlogged ones included).
+    pub allowed_in_flight: u32,
+    /// POSTs allowed to wait for their answer at once now.
+    pub posts_allowed: u32,
+    /// Our jobs last seen backlogged at Krea.
+    pub backlogged: u32,
+    /// The pace the governor enforces, POSTs per second; `None` while none is needed.
+    pub pace_per_second: Option<f64>,
 }
+
+/// The state file's meta key under which the engine keeps [`EngineStatus::learned`], so that
+/// `krea-batch status` (another process) shows it.
+pub const META_LEARNED: &str = "learned";

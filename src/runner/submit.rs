@@ -1,6 +1,6 @@
 //! Submissions: choosing the next job to POST, and taking in Krea's answer.
 //!
-//! Up to K POSTs on the wire (`max_concurrent_posts`; the submission controller chooses K). Each
+//! Up to K POSTs on the wire (the submission controller chooses K, under `limits.submission_concurrency`). Each
 //! attempt is recorded (state `submitting`, time, count) in the turn's commit before its POST
 //! starts, and every attempt planned in one turn (as many as the window, the pacer, the
 //! in-flight cap and the budget allow) shares that one synced commit; each answer is recorded
@@ -21,10 +21,15 @@
 //! its own that doubles with each such attempt ([`unanswered_backoff`]); meanwhile the other
 //! jobs are submitted. After [`MAX_UNANSWERED_POSTS`] of them the job fails ("Krea answered 500
 //! to 6 attempts"): one job that Krea cannot take never starves the rest.
+//!
+//! How hard to push is the controller's (`controller.rs`): every answer, with its round trip,
+//! is told to it ([`Engine::tell_controller`]); it says how many jobs may be in flight, whether
+//! submitting waits after a 429, and the pace the governor enforces.
 
+use super::controller::LimitKind;
 use super::phase::IllegalTransition;
 use super::{Engine, StopReason};
-use crate::api::{ApiError, RemoteJob};
+use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -84,14 +89,14 @@ impl Engine {
     /// How many POSTs may be on the wire now: none while an unknown job awaits
     /// reconciliation (its listing must not see a job whose answer is still coming), one while
     /// narrowed (since a POST got no usable answer, until Krea accepts one again) or while a
-    /// paused service probes, else `max_concurrent_posts` (at least 1).
+    /// paused service probes, else the controller's `K` ([`Self::posts_allowed`]).
     pub(super) fn post_window(&self) -> usize {
         if self.table.waiting_to_reconcile() > 0 {
             0
         } else if self.posts_narrowed_since.is_some() || self.paused.is_some() {
             1
         } else {
-            usize::try_from(self.settings.max_concurrent_posts.max(1)).unwrap_or(usize::MAX)
+            self.posts_allowed()
         }
     }
 
@@ -119,7 +124,7 @@ impl Engine {
             || self.draining
             || self.table.waiting_to_reconcile() > 0
             || self.table.next_to_submit().is_none()
-            || self.in_flight() >= self.pacer.in_flight_cap()
+            || self.in_flight() >= self.controller.allowed_in_flight() as usize
         {
             return None;
         }
@@ -136,6 +141,11 @@ impl Engine {
             self.submit_wake = self.probe_at.filter(|_| self.paused.is_some());
             return None;
         }
+        if let Some(wake) = self.controller.wait_until(Instant::now()) {
+            self.submit_wake = Some(wake);
+            return None;
+        }
+        self.pacer.set_pace(self.controller.pace());
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);
             return None;
@@ -148,7 +158,16 @@ impl Engine {
         Some(next)
     }
 
+    /// How many POSTs may wait for their answer at once, unnarrowed: the controller's `K` (under
+    /// `limits.submission_concurrency`, if written).
+    pub(super) fn posts_allowed(&self) -> usize {
+        self.controller.posts_allowed() as usize
+    }
+
     pub(super) fn spawn_submit(&mut self, slot: usize) {
+        let now = Instant::now();
+        self.controller.post_sent(now);
+        self.post_sent_at.insert(slot, now);
         self.posts_running += 1;
         self.status.submissions_total += 1;
         let api = Arc::clone(&self.api);
@@ -166,6 +185,7 @@ impl Engine {
         result: Result<RemoteJob, ApiError>,
     ) -> Result<(), IllegalTransition> {
         self.posts_running = self.posts_running.saturating_sub(1);
+        let limited_for = self.tell_controller(slot, &result);
         let name = self.table.job(slot).name.clone();
         match result {
             Ok(remote) => self.on_accepted(slot, &remote)?,
@@ -181,20 +201,12 @@ impl Engine {
             }
             Err(ApiError::RateLimited { retry_after, message }) => {
                 self.status.rate_limited_total += 1;
-                let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
                 self.requeue(slot)?;
-                // POSTs on the wire together meet one full account: one 429 among them backs
-                // off, the others sent before it was answered only go back to the queue.
-                let now = self.clock.now_ms();
-                if self.rate_limited_at_ms.replace(now).is_some_and(|last| sent_at < last) {
-                    tracing::debug!(%message, "429 to a POST sent before the last one; requeued");
-                    return Ok(());
-                }
-                let wait = self.pacer.on_rate_limited(retry_after, self.in_flight());
                 tracing::info!(
                     %message,
-                    wait_ms = wait.as_millis() as u64,
-                    cap = self.pacer.in_flight_cap(),
+                    retry_after_ms = retry_after.map(|wait| wait.as_millis() as u64),
+                    wait_ms = limited_for.as_millis() as u64,
+                    allowed_in_flight = self.controller.allowed_in_flight(),
                     "Krea is rate limiting (429); pausing submissions"
                 );
             }
@@ -231,8 +243,39 @@ impl Engine {
         Ok(())
     }
 
+    /// Tells the controller how a POST was answered, and how long it took; returns how long
+    /// submitting waits after a 429 (zero otherwise).
+    fn tell_controller(&mut self, slot: usize, result: &Result<RemoteJob, ApiError>) -> Duration {
+        let now = Instant::now();
+        let round_trip = self.post_sent_at.remove(&slot).map_or(Duration::ZERO, |sent| now - sent);
+        let wait = match result {
+            Ok(remote) => {
+                self.pacer.on_answered();
+                let status = remote.status.as_ref();
+                self.controller.accepted(&remote.job_id, status, round_trip, now);
+                if status.is_some_and(RemoteStatus::is_terminal) {
+                    // Ended in its answer: no poll will tell the controller so.
+                    self.controller.ended(&remote.job_id, now);
+                }
+                Duration::ZERO
+            }
+            Err(ApiError::RateLimited { retry_after, message }) => {
+                self.pacer.on_answered();
+                let kind = LimitKind::of_message(message);
+                self.controller.rate_limited(kind, *retry_after, round_trip, now)
+            }
+            Err(_) => {
+                self.controller.post_failed();
+                Duration::ZERO
+            }
+        };
+        // The pace learned from this answer holds from now, not from the next submission: a
+        // bucket rebuilt only after a back-off would add a whole period to it.
+        self.pacer.set_pace(self.controller.pace());
+        wait
+    }
+
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
-        self.pacer.on_accepted();
         // Narrowing ends with the first POST sent alone since then that Krea accepts (one sent
         // before, still on the wire, proves nothing about Krea now).
         let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();

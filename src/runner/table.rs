@@ -15,7 +15,7 @@
 //! failed or cancelled job is in none.
 //!
 //! The table does not limit how many jobs are `submitting` at once, nor say when a pending job
-//! may go: the loop decides (up to `max_concurrent_posts` POSTs on the wire, `submit.rs`), and
+//! may go: the loop decides (up to K POSTs on the wire, `submit.rs`), and
 //! whatever decides later (a stage waiting for its parent's result) decides before calling
 //! [`JobTable::submitting`].
 //!

@@ -17,10 +17,12 @@ const SECOND: Duration = Duration::from_secs(1);
 fn settings() -> EngineSettings {
     let poll = PollSchedule { first: SECOND, max: 2 * SECOND };
     EngineSettings {
-        submissions_per_minute: 6000,
-        burst: 100,
-        max_in_flight: 100,
-        max_concurrent_posts: 1,
+        ceilings: Ceilings {
+            submissions_per_minute: Some(6000),
+            burst: Some(100),
+            max_in_flight: Some(100),
+            submission_concurrency: None,
+        },
         poll,
         video_poll: poll,
         job_timeout: Duration::from_hours(1),
@@ -196,8 +198,8 @@ async fn every_job_is_submitted_once_polled_and_downloaded() {
 #[tokio::test(start_paused = true)]
 async fn submissions_go_in_a_burst_then_at_the_rate() {
     let mut rig = Rig::new(5);
-    rig.settings.submissions_per_minute = 60;
-    rig.settings.burst = 2;
+    rig.settings.ceilings.submissions_per_minute = Some(60);
+    rig.settings.ceilings.burst = Some(2);
     let (outcome, h) = rig.run().await;
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
     let posts = h.posts();
@@ -213,8 +215,8 @@ async fn submissions_go_in_a_burst_then_at_the_rate() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_rate_spaces_every_submission() {
     let mut rig = Rig::new(3);
-    rig.settings.submissions_per_minute = 6;
-    rig.settings.burst = 1;
+    rig.settings.ceilings.submissions_per_minute = Some(6);
+    rig.settings.ceilings.burst = Some(1);
     let (_, h) = rig.run().await;
     let posts = h.posts();
     assert_eq!(posts.len(), 3);
@@ -226,7 +228,7 @@ async fn a_slow_rate_spaces_every_submission() {
 #[tokio::test(start_paused = true)]
 async fn the_in_flight_cap_holds_submissions_back() {
     let mut rig = Rig::new(5);
-    rig.settings.max_in_flight = 2;
+    rig.settings.ceilings.max_in_flight = Some(2);
     rig.krea.job_duration = 10 * SECOND;
     let (outcome, h) = rig.run().await;
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 5);
@@ -459,8 +461,8 @@ async fn a_refused_key_stops_a_run_at_once() {
 #[tokio::test(start_paused = true)]
 async fn ctrl_c_stops_submitting_and_waits_for_jobs_in_flight() {
     let mut rig = Rig::new(3);
-    rig.settings.submissions_per_minute = 6;
-    rig.settings.burst = 1;
+    rig.settings.ceilings.submissions_per_minute = Some(6);
+    rig.settings.ceilings.burst = Some(1);
     rig.krea.job_duration = 20 * SECOND;
     let stop = rig.controls.stop_submitting.clone();
     tokio::spawn(async move {
@@ -634,248 +636,126 @@ async fn downloads_only_need_no_api() {
     assert_eq!(fetcher.fetched().len(), 2);
 }
 
-// --- Several POSTs on the wire (`max_concurrent_posts`) ------------------------------------
-
-/// Gives each job a prompt of its own ("fox <i>"), so the fake's record of which prompt
-/// created which job shows whether results went to the right job.
-fn distinct_prompts(rig: &mut Rig) {
-    for (index, job) in rig.jobs.iter_mut().enumerate() {
-        job.body = Arc::from(format!(r#"{{"prompt":"fox {index}"}}"#));
-    }
-}
-
-/// `n` jobs with prompts of their own, up to `k` POSTs on the wire, the first POSTs answered
-/// as `script` says.
-fn on_the_wire(n: usize, k: u32, script: impl IntoIterator<Item = Post>) -> Rig {
-    let mut rig = Rig::new(n);
-    distinct_prompts(&mut rig);
-    rig.settings.max_concurrent_posts = k;
-    rig.krea.script(script);
+/// Settings as a job file without `limits` gives them: no ceilings, everything discovered.
+fn discovering(mut rig: Rig) -> Rig {
+    rig.settings.ceilings = Ceilings::default();
     rig
 }
 
-fn prompt_of(job: &JobRecord) -> String {
-    let body: serde_json::Value = serde_json::from_str(&job.body).expect("a JSON body");
-    body["prompt"].as_str().expect("a prompt").to_owned()
-}
-
-/// No prompt created two jobs at the fake Krea, and every job holding a Krea id holds one its
-/// own prompt created.
-fn assert_exactly_once_and_attributed(jobs: &[JobRecord], krea: &FakeKrea) {
-    let created = krea.jobs();
-    let mut prompts: Vec<&str> = created.iter().filter_map(|job| job.prompt.as_deref()).collect();
-    let total = prompts.len();
-    prompts.sort_unstable();
-    prompts.dedup();
-    assert_eq!(prompts.len(), total, "a prompt created two jobs: {created:?}");
-    for job in jobs {
-        let Some(id) = &job.remote_id else { continue };
-        let at_krea = created.iter().find(|made| &made.id == id).expect("a job Krea made");
-        assert_eq!(
-            at_krea.prompt.as_deref(),
-            Some(prompt_of(job).as_str()),
-            "{} holds {id}",
-            job.name
-        );
-    }
-}
-
-/// POST spans (sent, answered) from the start of the test, in send order.
-fn spans(h: &Handles) -> Vec<(Duration, Duration)> {
-    let mut spans: Vec<(Duration, Duration)> = h.krea.seen(|seen| {
-        seen.post_spans
-            .iter()
-            .map(|(sent, answered)| {
-                (sent.duration_since(h.started), answered.duration_since(h.started))
-            })
-            .collect()
-    });
-    spans.sort();
-    spans
-}
-
-fn overlaps(a: (Duration, Duration), b: (Duration, Duration)) -> bool {
-    a.0 < b.1 && b.0 < a.1
+fn rate_limited(h: &Handles) -> usize {
+    h.krea.seen(|seen| seen.posts.iter().filter(|(_, a)| a.starts_with("RateLimited")).count())
 }
 
 #[tokio::test(start_paused = true)]
-async fn k_posts_go_on_the_wire_at_once() {
-    let mut rig = Rig::new(8);
-    distinct_prompts(&mut rig);
-    rig.settings.max_concurrent_posts = 4;
-    rig.krea.post_latency = SECOND;
-    let (outcome, h) = rig.run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 8]);
-    assert_eq!(h.krea.seen(|seen| seen.max_posts_on_wire), 4, "never more than K, and K reached");
-    let spans = spans(&h);
-    assert_eq!(spans.len(), 8);
-    assert!(spans[3].0 < spans[0].1, "four sent before the first answer: {spans:?}");
-    assert!(spans[4].0 >= spans[0].1, "the fifth waits for an answer: {spans:?}");
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+async fn with_no_limits_the_engine_finds_the_capacity_and_keeps_the_account_busy() {
+    let mut rig = discovering(Rig::new(100));
+    rig.krea.concurrency = Some(8);
+    rig.krea.backlog = 20; // Krea would hold a deep backlog: the engine must not use it.
+    rig.krea.job_duration = 10 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.completed == 40).await;
+    let midway = h.status.borrow().clone();
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 100);
+    assert_eq!(h.krea.seen(|seen| seen.max_running), 8, "the account ran full");
+    let backlog = h.krea.seen(|seen| seen.max_backlogged);
+    assert!((1..=2).contains(&backlog), "a shallow backlog, max(2, 25 %) of 8: {backlog}");
+    assert_eq!(rate_limited(&h), 0, "the backlog was never filled");
+    // The account's bound: 100 jobs × 10 s ÷ 8 at a time, and one job time.
+    let bound = (10 * SECOND).mul_f64(100.0 / 8.0) + 10 * SECOND;
+    let took = h.started.elapsed();
+    assert!(took <= bound.mul_f64(1.15), "{took:?} against a bound of {bound:?}");
+    assert_eq!(midway.capacity, Some(8));
+    assert!(midway.learned.starts_with("account runs about 8 at a time"), "{}", midway.learned);
+    assert_eq!(midway.allowed_in_flight, 10, "the capacity and a backlog of 2");
+    // Kept in the state file for `krea-batch status` in another process.
+    let kept = h.writer.with_store(|store| store.meta(status::META_LEARNED)).await;
+    let kept = kept.expect("the writer").expect("the meta").unwrap_or_default();
+    assert!(kept.starts_with("account runs about 8 at a time"), "{kept}");
 }
 
 #[tokio::test(start_paused = true)]
-async fn one_unanswered_post_narrows_submissions_to_one_until_krea_answers_again() {
-    let (outcome, h) =
-        on_the_wire(6, 3, [Post::Accept, Post::DroppedNothingCreated, Post::Accept]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 6]);
-    let (spans, lists) = (spans(&h), h.lists());
-    assert_eq!(lists.len(), 1, "{lists:?}");
-    assert_eq!(h.krea.seen(|seen| seen.max_posts_on_wire), 3);
-    let lost_at = spans[1].1;
-    assert!(
-        spans.iter().all(|span| span.0 <= lost_at || span.0 >= lists[0]),
-        "nothing sent while the job is unknown: {spans:?} {lists:?}"
-    );
-    // The first POST after reconciliation goes alone; once Krea answers it, several go again.
-    let after: Vec<(Duration, Duration)> =
-        spans.iter().copied().filter(|s| s.0 >= lists[0]).collect();
-    assert_eq!(after.len(), 4, "{spans:?}");
-    assert!(after[1..].iter().all(|later| !overlaps(after[0], *later)), "{after:?}");
-    assert!(
-        after[1..].windows(2).any(|pair| overlaps(pair[0], pair[1])),
-        "widened again: {after:?}"
-    );
-    assert_eq!(h.krea.jobs().len(), 6);
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-#[tokio::test(start_paused = true)]
-async fn two_lost_answers_on_the_wire_together_go_to_unattributed_and_are_not_sent_again() {
-    let (outcome, h) =
-        on_the_wire(3, 2, [Post::DroppedButCreated, Post::DroppedButCreated]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Unknown, JobState::Downloaded]);
-    assert_eq!(h.posts().len(), 3, "neither lost one is sent again");
-    let created = h.krea.jobs();
-    assert_eq!(created.len(), 3, "paid once each");
-    let names = [outcome.jobs[0].name.as_str(), outcome.jobs[1].name.as_str()];
-    for made in &created[..2] {
-        let file = h.output.join("unattributed").join(format!("{}-1.png", made.id));
-        assert!(file.is_file(), "{} is downloaded to unattributed/", made.id);
-        let sidecar: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(file.with_extension("png.json")).expect("its sidecar"),
-        )
-        .expect("JSON");
-        assert_eq!(sidecar["krea_job_id"], made.id.as_str());
-        assert_eq!(sidecar["unattributed"], true);
-        let mut candidates: Vec<&str> = sidecar["candidates"]
-            .as_array()
-            .expect("candidates")
-            .iter()
-            .map(|c| c["name"].as_str().expect("a name"))
-            .collect();
-        candidates.sort_unstable();
-        let mut expected = names;
-        expected.sort_unstable();
-        assert_eq!(candidates, expected, "both candidates named");
-    }
-    let stored = h.stored().await;
-    for job in &stored[..2] {
-        let error = job.error.as_deref().unwrap_or_default();
-        assert!(error.contains("unattributed/"), "reported in the state file: {error}");
-        assert!(error.contains(&created[0].id) && error.contains(&created[1].id), "{error}");
-        assert_eq!(job.remote_id, None, "attributed to neither");
-    }
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-#[tokio::test(start_paused = true)]
-async fn one_lost_answer_among_posts_on_the_wire_is_attributed() {
-    let (outcome, h) =
-        on_the_wire(3, 3, [Post::Accept, Post::DroppedButCreated, Post::Accept]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
-    assert_eq!(h.posts().len(), 3, "the lost one is adopted, not paid again");
-    assert_eq!(h.lists().len(), 1);
-    assert!(!h.output.join("unattributed").exists());
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_lost_answer_that_created_nothing_is_sent_again_only_after_the_listing() {
-    let (outcome, h) = on_the_wire(4, 4, [Post::Accept, Post::DroppedNothingCreated]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 4]);
-    let (spans, lists) = (spans(&h), h.lists());
-    assert_eq!(spans.len(), 5, "four, and the lost one once more");
-    assert_eq!(lists.len(), 1);
-    assert!(spans[4].0 > lists[0], "sent again only once shown not to exist: {spans:?}");
-    assert_eq!(h.krea.jobs().len(), 4);
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-/// A state file left by a run killed with three POSTs on the wire: three jobs `submitting`
-/// (the store hands them over as they were), a fourth pending.
-fn killed_with_three_posts_on_the_wire(rig: &mut Rig) {
-    distinct_prompts(rig);
-    rig.settings.max_concurrent_posts = 4;
-    let now = rig.clock.now_ms();
-    for (index, job) in rig.jobs.iter_mut().take(3).enumerate() {
-        job.state = JobState::Submitting;
-        job.attempts = 1;
-        job.attempt_at = Some(now - 300 + 10 * i64::try_from(index).expect("small"));
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_restart_with_several_attempts_submitting_pays_nothing_twice() {
-    let mut rig = Rig::new(4);
-    killed_with_three_posts_on_the_wire(&mut rig);
-    // Two of the three POSTs reached Krea before the kill.
-    rig.krea.create_now();
-    rig.krea.create_now();
-    let (outcome, h) = rig.run().await;
-    let states = states(&outcome.jobs);
-    assert_eq!(
-        states,
-        [JobState::Unknown, JobState::Unknown, JobState::Unknown, JobState::Downloaded]
-    );
-    assert_eq!(h.posts().len(), 1, "only the pending job is sent");
-    assert!(h.posts()[0] > h.lists()[0], "after reconciliation");
-    assert_eq!(h.krea.jobs().len(), 3);
-    for made in &h.krea.jobs()[..2] {
-        let file = h.output.join("unattributed").join(format!("{}-1.png", made.id));
-        assert!(file.is_file(), "{} still reaches the user", made.id);
-    }
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_restart_with_several_attempts_that_created_nothing_sends_each_once() {
-    let mut rig = Rig::new(4);
-    killed_with_three_posts_on_the_wire(&mut rig);
-    let (outcome, h) = rig.run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 4]);
-    let (posts, lists) = (h.posts(), h.lists());
-    assert_eq!(lists.len(), 1);
-    assert_eq!(posts.len(), 4, "one POST per job");
-    assert!(posts.iter().all(|&post| post > lists[0]), "{posts:?} {lists:?}");
-    assert_eq!(h.krea.jobs().len(), 4);
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
-}
-
-#[tokio::test(start_paused = true)]
-async fn refusals_429_of_posts_on_the_wire_together_back_off_once() {
-    let (outcome, h) = on_the_wire(3, 3, vec![Post::RateLimited(None); 3]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+async fn with_no_limits_slow_start_ramps_the_window_up() {
+    let mut rig = discovering(Rig::new(40));
+    rig.krea.job_duration = Duration::from_mins(1);
+    let (_, h) = rig.run().await;
     let posts = h.posts();
-    assert_eq!(posts.len(), 6, "{posts:?}");
-    // One refusal of a full account, not three growing back-offs (2 s, then 6 s, then 18 s).
-    assert!(posts[3] < SECOND, "sent again at once: {posts:?}");
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+    // One POST at a time, 100 ms each: a window of 2, then 4, 8, 16, 32, each opened as soon
+    // as the one before was answered running; nothing waits for a job to end.
+    assert_eq!(posts.len(), 40);
+    assert!(posts[31] < 4 * SECOND, "the window doubled to 32 at once: {posts:?}");
+    assert!(posts[32] < 5 * SECOND, "and to 64: {posts:?}");
+    assert_eq!(rate_limited(&h), 0);
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_job_set_aside_is_never_taken_for_a_later_lost_answers() {
-    // Two POSTs on the wire lose their answers, one of them having created a job: it cannot be
-    // told whose, so it is set aside. Then a third POST loses its answer having created
-    // nothing; with no earlier POST to bound Krea's clock its window is wide and holds the job
-    // set aside, which must not be adopted for it.
-    let script =
-        [Post::DroppedButCreated, Post::DroppedNothingCreated, Post::DroppedNothingCreated];
-    let (outcome, h) = on_the_wire(3, 2, script).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Unknown, JobState::Downloaded]);
-    assert_eq!(h.lists().len(), 2);
-    assert_eq!(h.krea.jobs().len(), 2, "the set-aside job and the third job's, once");
-    let set_aside = &h.krea.jobs()[0];
-    assert!(h.output.join("unattributed").join(format!("{}-1.png", set_aside.id)).is_file());
-    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+async fn a_max_in_flight_ceiling_is_never_exceeded() {
+    let mut rig = discovering(Rig::new(20));
+    rig.settings.ceilings.max_in_flight = Some(3);
+    rig.krea.concurrency = Some(8);
+    rig.krea.backlog = 20;
+    rig.krea.job_duration = 5 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.counts.completed >= 10).await;
+    assert_eq!(h.status.borrow().allowed_in_flight, 3);
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 20);
+    assert_eq!(h.krea.seen(|seen| seen.max_held), 3, "up to the ceiling, never above");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_rate_429_lowers_the_pace_below_the_limit() {
+    let mut rig = discovering(Rig::new(60));
+    // At most 5 POSTs a second; one at a time at 100 ms each would send 10.
+    rig.krea.rate_limit = Some((5, SECOND));
+    rig.krea.job_duration = 2 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.rate_limited_total == 1).await;
+    h.until(|status| status.counts.completed >= 5).await;
+    let pace = h.status.borrow().pace_per_second.expect("a pace was learned");
+    assert!(pace < 5.0, "below the limit: {pace}");
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 60);
+    let limited = rate_limited(&h);
+    assert!((1..=2).contains(&limited), "one 429 taught the pace, not one per second: {limited}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_429_caps_what_is_in_flight_without_slowing_the_pace() {
+    let mut rig = discovering(Rig::new(12));
+    rig.krea.concurrency = Some(3);
+    rig.krea.job_duration = 5 * SECOND;
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.rate_limited_total == 1).await;
+    h.until(|status| status.counts.completed >= 3).await;
+    let status = h.status.borrow().clone();
+    assert_eq!(status.pace_per_second, None, "a concurrency 429 says nothing of the rate");
+    assert_eq!(status.allowed_in_flight, 3, "held at what Krea held");
+    let outcome = running.await.expect("the task").expect("the run");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), 12);
+    assert_eq!(rate_limited(&h), 1, "one 429 taught the window");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconfigure_keeps_what_was_learned_and_applies_new_ceilings() {
+    let mut rig = discovering(Rig::new(40));
+    rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
+    rig.krea.concurrency = Some(4);
+    rig.krea.backlog = 20;
+    rig.krea.job_duration = 5 * SECOND;
+    let mut reloaded = rig.settings.clone();
+    reloaded.ceilings.max_in_flight = Some(2);
+    let (engine, mut h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    h.until(|status| status.capacity == Some(4)).await;
+    h.commands.send(EngineCommand::Reconfigure(Box::new(reloaded))).expect("the engine listens");
+    h.until(|status| status.allowed_in_flight == 2).await;
+    assert_eq!(h.status.borrow().capacity, Some(4), "the account is not learned again");
+    h.until(|status| status.counts.completed == 40).await;
+    h.controls.drain.cancel();
+    running.await.expect("the task").expect("the run");
 }
