@@ -67,6 +67,8 @@ pub(super) struct FakeJob {
     started: Instant,
     duration: Duration,
     pub(super) cancelled: bool,
+    /// Shows `sampling` for the last quarter of its run ([`CancelRefusals`]).
+    samples: bool,
 }
 
 /// What the fake saw, for assertions.
@@ -111,6 +113,19 @@ pub(super) struct FakeKrea {
     pub(super) post_latency: Duration,
     /// Jobs the account may run at once.
     pub(super) concurrency: Option<usize>,
+    /// The states in which Krea refuses a cancel (none by default).
+    pub(super) cancel_refusals: CancelRefusals,
+}
+
+/// The states in which Krea refuses a `DELETE` (krea-api.md: it cancels only `queued` and
+/// `processing` jobs), for the cancel tests. Off by default, so the other tests see jobs go
+/// only `queued`, `processing`, `completed`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CancelRefusals {
+    /// Each job waits `backlogged` this long after its creation before it starts.
+    pub(super) backlog: Duration,
+    /// Each job is `sampling` for the last quarter of its run.
+    pub(super) sampling: bool,
 }
 
 impl FakeKrea {
@@ -127,6 +142,7 @@ impl FakeKrea {
             job_duration: Duration::from_secs(3),
             post_latency: Duration::from_millis(100),
             concurrency: None,
+            cancel_refusals: CancelRefusals::default(),
         }
     }
 
@@ -162,9 +178,10 @@ impl FakeKrea {
             id: id.clone(),
             prompt: prompt.map(str::to_owned),
             created_ms: self.clock.now_ms(),
-            started: Instant::now(),
+            started: Instant::now() + self.cancel_refusals.backlog,
             duration: self.job_duration,
             cancelled: false,
+            samples: self.cancel_refusals.sampling,
         });
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
         state.seen.max_running = state.seen.max_running.max(running);
@@ -172,17 +189,21 @@ impl FakeKrea {
     }
 
     fn running(job: &FakeJob) -> bool {
-        !job.cancelled && job.started.elapsed() < job.duration
+        !job.cancelled && Instant::now() >= job.started && job.started.elapsed() < job.duration
     }
 
     fn describe(job: &FakeJob) -> RemoteJob {
         let age = job.started.elapsed();
         let status = if job.cancelled {
             RemoteStatus::Cancelled
+        } else if Instant::now() < job.started {
+            RemoteStatus::Backlogged
         } else if age >= job.duration {
             RemoteStatus::Completed
         } else if age < job.duration / 4 {
             RemoteStatus::Queued
+        } else if job.samples && age >= job.duration / 4 * 3 {
+            RemoteStatus::Sampling
         } else {
             RemoteStatus::Processing
         };
@@ -281,6 +302,12 @@ impl KreaApi for FakeKrea {
                 .ok_or_else(|| ApiError::NotFound { message: job_id.to_owned() })?;
             if job.cancelled || job.started.elapsed() >= job.duration {
                 return Err(ApiError::Rejected { status: 409, message: "not cancellable".into() });
+            }
+            // As Krea answers: 404 with its reason.
+            let status = Self::describe(job).status.unwrap_or(RemoteStatus::Queued);
+            if matches!(status, RemoteStatus::Backlogged | RemoteStatus::Sampling) {
+                let message = format!("Job cannot be cancelled in state {}", status.as_str());
+                return Err(ApiError::NotFound { message });
             }
             job.cancelled = true;
             Ok(())
