@@ -1,0 +1,65 @@
+//! `krea-batch cancel` when no krea-batch holds the state: a cancel Krea refuses (the job is
+//! `backlogged`) is reported as a refusal with Krea's reason and a non-zero exit, never as "not
+//! found", and with no internal state name; the next run asks Krea again and cancels the job
+//! once Krea allows.
+
+use crate::support::{Run, Sim, Workspace, krea_batch};
+use std::time::Duration;
+
+#[test]
+fn a_cancel_krea_refuses_is_reported_as_a_refusal_and_the_next_run_carries_it_out() {
+    // One job at a time: `second` waits `backlogged` behind `first`, which never ends.
+    let sim = Sim::start(|config| {
+        config.concurrency = 1;
+        config.job_time = Duration::from_mins(1);
+    });
+    let work = Workspace::with_jobs(
+        "  - name: first\n    prompt: \"[stuck] a lighthouse\"\n  - name: second\n    prompt: \"a harbour\"\n",
+    );
+    let child = work.spawn_run(&sim);
+    child.wait_for_log("job=second", Duration::from_secs(20));
+    child.signal("INT");
+    child.wait_for_log("no more submissions", Duration::from_secs(5));
+    child.signal("INT");
+    child.finish(Duration::from_secs(10)).expect_code(130);
+    let in_flight = work.manifest().iter().filter(|line| line["status"] == "in_flight").count();
+    assert_eq!(in_flight, 2, "both are at Krea: {:?}", work.manifest());
+    let state = work.out().join(".krea-batch.sqlite");
+    let cancel = |name: &str| {
+        Run::of(
+            &krea_batch()
+                .args(["cancel", "--state"])
+                .arg(&state)
+                .arg(name)
+                .env("KREA_API_KEY", sim.key())
+                .output()
+                .expect("cancel runs"),
+        )
+    };
+
+    let refused = cancel("second");
+    refused.expect_code(1);
+    let said = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(said.contains("Krea refused to cancel 1 job"), "{said}");
+    assert!(said.contains("Job cannot be cancelled in state backlogged"), "Krea's reason: {said}");
+    assert!(said.contains("second: "), "names the job: {said}");
+    assert!(!said.contains("404") && !said.contains("not found"), "{said}");
+    assert!(!said.contains("submitting") && !said.contains("state="), "{said}");
+    assert_eq!(sim.stats().jobs.iter().filter(|job| job.status == "cancelled").count(), 0);
+
+    // Cancelling `first` lets `second` start, in a state Krea cancels.
+    let done = cancel("first");
+    done.expect_code(0);
+    assert!(done.stdout.contains("cancelled 1 of 1 job"), "{}", done.stdout);
+
+    // The refused cancel was kept: the next run asks again, and Krea cancels `second`.
+    let run = work.run(&sim, &[]);
+    run.expect_code(1);
+    assert!(!run.stderr.contains("submitting"), "{}", run.stderr);
+    let at_krea = sim.stats();
+    assert_eq!(at_krea.jobs_created, 2, "nothing sent again");
+    assert!(
+        at_krea.jobs.iter().all(|job| job.status == "cancelled" && !job.charged),
+        "{at_krea:?}"
+    );
+}
