@@ -162,7 +162,7 @@ fn file_name(path: &Path) -> String {
 /// Cancels that could not be carried out: the command's answer when some were not (exit 1).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct NotAllCancelled(String);
+pub(crate) struct NotAllCancelled(String);
 
 /// What became of one job's cancel at Krea.
 enum AtKrea {
