@@ -222,6 +222,25 @@ impl Engine {
         self.cancels.billed.push(RefusedCancel { job, reason, after_timeout });
     }
 
+    /// The jobs (state-file row ids) the user asked to cancel that have not ended: Krea
+    /// refused so far, or has not named them yet. The engine hands them back when it stops, so
+    /// that they are kept as requests for the next run or start of the service (`setup.rs`),
+    /// which goes on asking. (A timeout's cancel needs no keeping: the next run sees the job
+    /// past its timeout again.)
+    pub(super) fn cancels_left(&mut self) -> Vec<i64> {
+        let ids: Vec<i64> = self.table.jobs().map(|(_, job)| job.id).collect();
+        let mut left = Vec::new();
+        for id in ids {
+            let Some(slot) = self.table.slot_of(id) else { continue };
+            let asked = self.cancels.waiting.contains(&slot)
+                || self.table.at_krea(slot).is_some_and(|at| at.cancel == Some(CancelCause::User));
+            if asked && !self.table.state(slot).is_final() {
+                left.push(id);
+            }
+        }
+        left
+    }
+
     pub(super) fn timeout_text(&self) -> String {
         format!(
             "gave up after the job timeout ({}); cancelled at Krea, not billed",

@@ -185,6 +185,9 @@ pub struct EngineOutcome {
     pub stopped: Option<StopReason>,
     /// Jobs that were to be cancelled and that Krea ran and billed all the same.
     pub cancels_refused: Vec<RefusedCancel>,
+    /// Jobs (state-file row ids) the user asked to cancel that had not ended when the engine
+    /// stopped: to be kept as requests for the next run.
+    pub cancels_left: Vec<i64>,
 }
 
 /// The result of a network task, handed back to the loop.
@@ -454,7 +457,9 @@ impl Engine {
         self.commit(true).await?;
         self.refresh_galleries(true);
         self.tasks.abort_all();
+        let cancels_left = self.cancels_left();
         Ok(EngineOutcome {
+            cancels_left,
             jobs: self.table.into_records(),
             stopped: self.stopped,
             cancels_refused: self.cancels.billed,

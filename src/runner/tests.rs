@@ -1018,3 +1018,21 @@ async fn a_job_cancelled_while_its_post_is_on_the_wire_is_cancelled_once_krea_na
         "no internal state names:\n{log}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_not_carried_out_when_the_run_stops_is_handed_back_for_the_next_run() {
+    let mut rig = Rig::new(2);
+    rig.krea.cancel_refusals.backlog = 60 * SECOND;
+    rig.krea.job_duration = 60 * SECOND;
+    let ids: Vec<i64> = rig.jobs.iter().map(|job| job.id).collect();
+    let (engine, h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    tokio::time::sleep(2 * SECOND).await;
+    h.commands.send(EngineCommand::Cancel(vec![ids[0]])).expect("the engine listens");
+    tokio::time::sleep(3 * SECOND).await;
+    h.controls.abort.cancel();
+    let outcome = running.await.expect("the engine's task").expect("the engine's run");
+    assert_eq!(h.cancels().len(), 1, "asked once, refused: the job is backlogged");
+    assert_eq!(states(&outcome.jobs), [JobState::Submitted; 2]);
+    assert_eq!(outcome.cancels_left, [ids[0]], "only the job the user asked to cancel");
+}
