@@ -231,7 +231,12 @@ async fn cancel_directly(
         }
     }
     store.apply(&changes)?;
-    let mut message = format!("cancelled {cancelled} of {}", count(open.len(), "job"));
+    let all = refused.is_empty() && asked_later.is_empty() && not_cancelled.is_empty();
+    let mut message = if all {
+        format!("cancelled {}", count(cancelled, "job"))
+    } else {
+        format!("cancelled {cancelled} of {}", count(open.len(), "job"))
+    };
     if !refused.is_empty() {
         let _ = write!(
             message,
@@ -260,11 +265,7 @@ async fn cancel_directly(
     if !not_cancelled.is_empty() {
         let _ = write!(message, "\nNot cancelled:\n  {}", not_cancelled.join("\n  "));
     }
-    if refused.is_empty() && asked_later.is_empty() && not_cancelled.is_empty() {
-        Ok(message)
-    } else {
-        Err(NotAllCancelled(message).into())
-    }
+    if all { Ok(message) } else { Err(NotAllCancelled(message).into()) }
 }
 
 /// `DELETE /jobs/{id}`, and when Krea will not, a `GET` to tell a refusal from an end.
