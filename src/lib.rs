@@ -239,5 +239,7 @@ pub use runner::Counts;
 pub use runner::EngineStatus;
 /// Attempts of one job that may go unanswered before the job fails.
 pub use runner::MAX_UNANSWERED_POSTS;
+/// A job that was to be cancelled and that Krea ran and billed all the same, in [`Summary`].
+pub use runner::RefusedCancel;
 /// Why a run stopped submitting early; the binary turns it into an exit code.
 pub use runner::StopReason;

@@ -150,7 +150,9 @@ async fn run(
         simulation = Some(server);
         key
     } else {
-        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
+            std::env::var(name).ok()
+        })?;
         if let Some(warning) = &loaded.permission_warning {
             tracing::warn!("{warning}");
         }
@@ -274,7 +276,9 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
         simulation = Some(server);
         options
     } else {
-        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
+            std::env::var(name).ok()
+        })?;
         krea_batch::RecoverOptions {
             state: args.state,
             api_base: args.api.api_base,
@@ -296,7 +300,8 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
-    let loaded = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+    let loaded =
+        krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
     if let Some(warning) = &loaded.permission_warning {
         tracing::warn!("{warning}");
     }
@@ -355,7 +360,8 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     let (key, api_base) = if let Some(server) = &simulation {
         (Some(krea_batch::ApiKey::new(server.api_key())?), Some(server.base_url()))
     } else {
-        let loaded = krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok());
+        let loaded =
+            krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok());
         (loaded.ok().map(|loaded| loaded.key), None)
     };
     let result = krea_batch::cancel(&state, &selection, key, api_base.as_deref()).await;
@@ -414,13 +420,8 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     let api_base = simulation.as_ref().map(SimServer::base_url).or(args.api_base);
     let base = krea_batch::base_url(&file, api_base.as_deref())?;
     let state = krea_batch::places(&file, None, args.simulate).state;
-    let report = krea_batch::schema_report(
-        &file,
-        &base,
-        &state,
-        &schema_choice(&args.schema, false),
-    )
-    .await;
+    let report =
+        krea_batch::schema_report(&file, &base, &state, &schema_choice(&args.schema, false)).await;
     if let Some(server) = simulation {
         server.shutdown().await;
     }

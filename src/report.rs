@@ -5,7 +5,7 @@
 
 use crate::job::JobState;
 use crate::pricing::Estimate;
-use crate::runner::status::{Counts, EngineStatus, StopReason};
+use crate::runner::status::{Counts, EngineStatus, RefusedCancel, StopReason};
 use crate::store::JobRecord;
 use serde::Serialize;
 use std::path::Path;
@@ -126,6 +126,9 @@ pub struct Summary {
     pub stopped: Option<StopReason>,
     /// The first failures: (job name, reason).
     pub failures: Vec<(String, String)>,
+    /// Jobs that were to be cancelled and that Krea ran and billed all the same (from the
+    /// engine: the state file does not keep refused cancels).
+    pub cancels_refused: Vec<RefusedCancel>,
     /// The output directory.
     pub output_dir: String,
     /// How long the run took.
@@ -176,6 +179,7 @@ impl Summary {
             reused: jobs.iter().filter(|job| job.reused_from.is_some()).count(),
             stopped,
             failures,
+            cancels_refused: Vec::new(),
             output_dir: output_dir.display().to_string(),
             elapsed_seconds: elapsed.as_secs_f64(),
         }
@@ -205,6 +209,7 @@ impl std::fmt::Display for Summary {
         for (name, reason) in &self.failures {
             writeln!(f, "  {name}: {reason}")?;
         }
+        write_refused_cancels(f, &self.cancels_refused)?;
         if self.reused > 0 {
             writeln!(
                 f,
@@ -257,6 +262,23 @@ impl std::fmt::Display for Summary {
 #[must_use]
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
+/// "2 cancels refused by Krea: these jobs ran and were billed", each job with Krea's reason.
+fn write_refused_cancels(
+    f: &mut std::fmt::Formatter<'_>,
+    refused: &[RefusedCancel],
+) -> std::fmt::Result {
+    match refused.len() {
+        0 => return Ok(()),
+        1 => writeln!(f, "1 cancel refused by Krea: this job ran and was billed")?,
+        n => writeln!(f, "{n} cancels refused by Krea: these jobs ran and were billed")?,
+    }
+    for cancel in refused {
+        let whose = if cancel.after_timeout { " (cancelled after the job timeout)" } else { "" };
+        writeln!(f, "  {}: {}{whose}", cancel.job, cancel.reason)?;
+    }
+    Ok(())
 }
 
 /// `1536` → `1.5 KiB`.
@@ -458,6 +480,36 @@ mod tests {
         assert_eq!(count(1, "job"), "1 job");
         assert_eq!(count(0, "job"), "0 jobs");
         assert_eq!(count(2, "file"), "2 files");
+    }
+
+    #[test]
+    fn refused_cancels_are_summarised_with_krea_reasons() {
+        let summary = |refused: Vec<RefusedCancel>| {
+            let mut summary = Summary::of(&[], None, Path::new("out"), Duration::ZERO);
+            summary.cancels_refused = refused;
+            summary.to_string()
+        };
+        assert!(!summary(Vec::new()).contains("cancel"), "nothing to say without refusals");
+        let refused = |job: &str, reason: &str, after_timeout| RefusedCancel {
+            job: job.into(),
+            reason: reason.into(),
+            after_timeout,
+        };
+        let text = summary(vec![
+            refused("fox-1", "Job cannot be cancelled in state sampling", false),
+            refused("fox-2", "Job cannot be cancelled in state backlogged", true),
+        ]);
+        assert!(
+            text.contains("2 cancels refused by Krea: these jobs ran and were billed\n"),
+            "{text}"
+        );
+        assert!(text.contains("  fox-1: Job cannot be cancelled in state sampling\n"), "{text}");
+        assert!(
+            text.contains("  fox-2: Job cannot be cancelled in state backlogged (cancelled after the job timeout)"),
+            "{text}"
+        );
+        let one = summary(vec![refused("fox-1", "no", false)]);
+        assert!(one.contains("1 cancel refused by Krea: this job ran and was billed"), "{one}");
     }
 
     #[test]

@@ -167,7 +167,8 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
 
     rewrite_manifest(&places.output_dir, &ended, false).context("while writing the manifest")?;
     crate::gallery::write(&places.output_dir, &ended).context("while writing the gallery")?;
-    let summary = Summary::of(&ended, outcome.stopped, &places.output_dir, started.elapsed());
+    let mut summary = Summary::of(&ended, outcome.stopped, &places.output_dir, started.elapsed());
+    summary.cancels_refused = outcome.cancels_refused;
     Ok(RunResult { summary })
 }
 

@@ -448,8 +448,38 @@ pub(crate) async fn run_to_end(started: Started) -> Result<EngineOutcome, StoreE
     let outcome = engine.run().await;
     requests.abort();
     let _ = requests.await;
+    if let Ok(outcome) = &outcome {
+        keep_cancels(&writer, &outcome.cancels_left).await;
+    }
     writer.close().await;
     outcome
+}
+
+/// Keeps the cancels a stopped engine had not carried out (Krea refused so far, or had not
+/// named the job yet) as requests in the state file: the next run, or the next start of the
+/// service, asks Krea again. Called once nothing takes requests any more.
+pub(crate) async fn keep_cancels(writer: &StoreWriter, ids: &[i64]) {
+    if ids.is_empty() {
+        return;
+    }
+    let (count, ids) = (ids.len(), ids.to_vec());
+    let kept = writer
+        .with_store(move |store| {
+            ids.iter().try_for_each(|id| store.push_request(&Request::Cancel(*id)))
+        })
+        .await;
+    match kept.and_then(|pushed| pushed) {
+        Ok(()) => tracing::warn!(
+            jobs = count,
+            "cancels Krea has not carried out yet are kept: the next run asks Krea again; until \
+             then these jobs run on at Krea and are billed if they complete"
+        ),
+        Err(err) => tracing::error!(
+            jobs = count,
+            %err,
+            "cannot keep the cancels Krea has not carried out yet; run `krea-batch cancel` again"
+        ),
+    }
 }
 
 /// Hands the requests waiting in the state file to the engine (in the process that holds it).

@@ -219,6 +219,7 @@ impl Daemon {
                 }
                 joined = &mut engine_task => {
                     let outcome = joined.context("the engine failed")??;
+                    crate::setup::keep_cancels(&self.writer, &outcome.cancels_left).await;
                     tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
                     return Ok(());
                 }

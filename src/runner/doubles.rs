@@ -70,6 +70,8 @@ pub(super) struct FakeJob {
     started: Instant,
     duration: Duration,
     pub(super) cancelled: bool,
+    /// Shows `sampling` for the last quarter of its run ([`CancelRefusals`]).
+    samples: bool,
 }
 
 /// What the fake saw, for assertions.
@@ -127,6 +129,19 @@ pub(super) struct FakeKrea {
     pub(super) backlog: usize,
     /// At most this many POSTs accepted within this window (a request-rate limit).
     pub(super) rate_limit: Option<(usize, Duration)>,
+    /// The states in which Krea refuses a cancel (none by default).
+    pub(super) cancel_refusals: CancelRefusals,
+}
+
+/// The states in which Krea refuses a `DELETE` (krea-api.md: it cancels only `queued` and
+/// `processing` jobs), for the cancel tests. Off by default, so the other tests see jobs go
+/// only `queued`, `processing`, `completed`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CancelRefusals {
+    /// Each job waits `backlogged` this long after its creation before it starts.
+    pub(super) backlog: Duration,
+    /// Each job is `sampling` for the last quarter of its run.
+    pub(super) sampling: bool,
 }
 
 impl FakeKrea {
@@ -146,6 +161,7 @@ impl FakeKrea {
             concurrency: None,
             backlog: 0,
             rate_limit: None,
+            cancel_refusals: CancelRefusals::default(),
         }
     }
 
@@ -194,9 +210,10 @@ impl FakeKrea {
             id: id.clone(),
             prompt: prompt.map(str::to_owned),
             created_ms: self.clock.now_ms(),
-            started,
+            started: started + self.cancel_refusals.backlog,
             duration: self.job_duration,
             cancelled: false,
+            samples: self.cancel_refusals.sampling,
         });
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
         let backlogged = state.jobs.iter().filter(|job| Self::backlogged(job)).count();
@@ -225,6 +242,8 @@ impl FakeKrea {
             RemoteStatus::Completed
         } else if age < job.duration / 4 {
             RemoteStatus::Queued
+        } else if job.samples && age >= job.duration / 4 * 3 {
+            RemoteStatus::Sampling
         } else {
             RemoteStatus::Processing
         };
@@ -340,6 +359,12 @@ impl KreaApi for FakeKrea {
                 .ok_or_else(|| ApiError::NotFound { message: job_id.to_owned() })?;
             if job.cancelled || Instant::now() >= job.started + job.duration {
                 return Err(ApiError::Rejected { status: 409, message: "not cancellable".into() });
+            }
+            // As Krea answers: 404 with its reason.
+            let status = Self::describe(job).status.unwrap_or(RemoteStatus::Queued);
+            if matches!(status, RemoteStatus::Backlogged | RemoteStatus::Sampling) {
+                let message = format!("Job cannot be cancelled in state {}", status.as_str());
+                return Err(ApiError::NotFound { message });
             }
             job.cancelled = true;
             Ok(())

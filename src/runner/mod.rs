@@ -35,7 +35,7 @@
 //! refused, logged here as a bug (`report_bug`), and fatal only in debug builds.
 //!
 //! The loop and the engine's decisions are here; each step has its own file: `submit.rs`
-//! (POSTs), `poll.rs` (GETs, job timeouts), `fetch.rs` (downloads), `reconciling.rs` (unknown
+//! (POSTs), `poll.rs` (GETs, job timeouts), `cancel.rs` (cancels at Krea, refused ones), `fetch.rs` (downloads), `reconciling.rs` (unknown
 //! jobs), `unattributed.rs` (Krea jobs reconciliation could not attribute), `budget.rs` (the
 //! spending cap). What it tells the outside (why it stopped, counts,
 //! its published status) is in `status.rs`.
@@ -48,6 +48,7 @@
 //! tests of its own (`table_tests.rs`).
 
 mod budget;
+mod cancel;
 pub mod controller;
 #[cfg(test)]
 mod doubles;
@@ -74,7 +75,7 @@ pub use budget::Budget;
 use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
-pub use status::{Counts, EngineStatus, StopReason};
+pub use status::{Counts, EngineStatus, RefusedCancel, StopReason};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -176,6 +177,11 @@ pub struct EngineOutcome {
     pub jobs: Vec<JobRecord>,
     /// Why submitting stopped before every job was sent, if it did.
     pub stopped: Option<StopReason>,
+    /// Jobs that were to be cancelled and that Krea ran and billed all the same.
+    pub cancels_refused: Vec<RefusedCancel>,
+    /// Jobs (state-file row ids) the user asked to cancel that had not ended when the engine
+    /// stopped: to be kept as requests for the next run.
+    pub cancels_left: Vec<i64>,
 }
 
 /// The result of a network task, handed back to the loop.
@@ -268,6 +274,8 @@ pub struct Engine {
     probe_at: Option<Instant>,
     /// Draining for shutdown: nothing new starts.
     draining: bool,
+    /// Cancels waiting for a Krea id, and those Krea did not carry out (`cancel.rs`).
+    cancels: cancel::Cancels,
     /// When the pacer will next grant a submission, if it is what holds submissions back.
     submit_wake: Option<Instant>,
     /// Output folders whose gallery is out of date, and when each was last written.
@@ -334,6 +342,7 @@ impl Engine {
             paused: None,
             probe_at: None,
             draining: false,
+            cancels: cancel::Cancels::default(),
             submit_wake: None,
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
@@ -386,6 +395,7 @@ impl Engine {
             #[cfg(test)]
             assert_sound(&self.table);
             self.controls.heartbeat.store(self.clock.now_ms(), Ordering::Relaxed);
+            self.follow_up_cancels();
             let sends = self.plan_submissions();
             // Synced only when a POST depends on it; other turns survive a killed process and
             // become durable with the next synced commit. Every attempt planned in this turn
@@ -446,7 +456,13 @@ impl Engine {
         self.commit_turn(true, true).await?;
         self.refresh_galleries(true);
         self.tasks.abort_all();
-        Ok(EngineOutcome { jobs: self.table.into_records(), stopped: self.stopped })
+        let cancels_left = self.cancels_left();
+        Ok(EngineOutcome {
+            cancels_left,
+            jobs: self.table.into_records(),
+            stopped: self.stopped,
+            cancels_refused: self.cancels.billed,
+        })
     }
 
     fn take(&mut self, joined: Result<Event, tokio::task::JoinError>) {

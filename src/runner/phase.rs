@@ -96,12 +96,15 @@ pub(super) struct AtKrea {
     pub(super) cancel: Option<CancelCause>,
     /// A DELETE is on the wire.
     pub(super) cancel_sent: bool,
+    /// Krea's reason for refusing the latest DELETE: the job runs on, and the DELETE goes
+    /// again once Krea shows the job in a state it cancels (`cancel.rs`).
+    pub(super) cancel_refused: Option<String>,
 }
 
 impl AtKrea {
     /// A job Krea has just named `remote_id`, not yet polled nor cancelled.
     pub(super) fn new(remote_id: String) -> Self {
-        Self { remote_id, poll_delay: None, cancel: None, cancel_sent: false }
+        Self { remote_id, poll_delay: None, cancel: None, cancel_sent: false, cancel_refused: None }
     }
 
     /// Krea's id of the job.

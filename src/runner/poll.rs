@@ -1,5 +1,5 @@
 //! Polling: `GET /jobs/{id}` on each submitted job's own schedule, what Krea's answer means for
-//! the job, and the job timeout (cancel at Krea with `DELETE`, report).
+//! the job, and the job timeout (the job is then cancelled at Krea: `cancel.rs`).
 
 use super::phase::{CancelCause, IllegalTransition};
 use super::{Engine, Event};
@@ -107,7 +107,7 @@ impl Engine {
 
     /// The job no longer takes a place at Krea (cancelled, or lost): the controller stops
     /// counting it.
-    fn job_gone(&mut self, slot: usize) {
+    pub(super) fn job_gone(&mut self, slot: usize) {
         if let Some(at) = self.table.at_krea(slot) {
             let job_id = at.remote_id().to_owned();
             self.controller.ended(&job_id, Instant::now());
@@ -138,6 +138,7 @@ impl Engine {
                     tracing::error!(job = %name, "{text}");
                     return self.fail(slot, text);
                 }
+                self.note_billed_despite_cancel(slot);
                 self.status.spend_usd += self.table.job(slot).price_usd.unwrap_or_default();
                 tracing::info!(job = %name, "completed");
                 self.table.completed(slot, urls, self.clock.now_ms())
@@ -179,7 +180,7 @@ impl Engine {
                     tracing::warn!(job = %name, "the job timeout passed; cancelling it at Krea");
                     at.cancel = Some(CancelCause::Timeout);
                 }
-                if at.cancel.is_some() && !at.cancel_sent {
+                if self.cancel_due(slot, &pending) {
                     return self.spawn_cancel(slot);
                 }
                 let near_end =
@@ -197,86 +198,5 @@ impl Engine {
         let since = job.submitted_at.or(job.attempt_at).unwrap_or(now);
         let age = Duration::from_millis(u64::try_from(now - since).unwrap_or_default());
         age > self.settings.job_timeout
-    }
-
-    fn timeout_text(&self) -> String {
-        format!(
-            "gave up after the job timeout ({}); cancelled at Krea, not billed",
-            humantime::format_duration(self.settings.job_timeout)
-        )
-    }
-
-    fn cancelled(&mut self, slot: usize, note: Option<String>) -> Result<(), IllegalTransition> {
-        self.table.cancelled(slot, note, self.clock.now_ms())
-    }
-
-    /// `krea-batch cancel`: pending jobs are cancelled at once; jobs in flight are cancelled at
-    /// Krea (not billed) as soon as Krea allows; finished jobs are left as they are.
-    pub(super) fn cancel_jobs(&mut self, ids: &[i64]) {
-        for id in ids {
-            let Some(slot) = self.table.slot_of(*id) else { continue };
-            let name = self.table.job(slot).name.clone();
-            match self.table.state(slot) {
-                JobState::Pending => {
-                    tracing::info!(job = %name, "cancelled before submission");
-                    if let Err(err) = self.cancelled(slot, Some("cancelled by the user".into())) {
-                        super::report_bug(&err);
-                    }
-                }
-                JobState::Submitted => {
-                    tracing::info!(job = %name, "cancelling at Krea");
-                    if let Some(at) = self.table.at_krea(slot) {
-                        at.cancel = Some(CancelCause::User);
-                    }
-                }
-                state => {
-                    tracing::info!(job = %name, %state, "not cancelled: nothing to cancel in this state");
-                }
-            }
-        }
-    }
-
-    fn spawn_cancel(&mut self, slot: usize) -> Result<(), IllegalTransition> {
-        let api = Arc::clone(&self.api);
-        let Some(at) = self.table.at_krea(slot) else {
-            return Err(self.table.refused(slot, JobState::Submitted));
-        };
-        at.cancel_sent = true;
-        let job_id = at.remote_id().to_owned();
-        self.tasks.spawn(async move {
-            let result = api.cancel_job(&job_id).await;
-            Event::CancelAnswered { slot, result }
-        });
-        Ok(())
-    }
-
-    pub(super) fn on_cancel_answered(
-        &mut self,
-        slot: usize,
-        result: Result<(), ApiError>,
-    ) -> Result<(), IllegalTransition> {
-        let name = self.table.job(slot).name.clone();
-        if result.is_ok() {
-            self.job_gone(slot);
-        }
-        let Some(at) = self.table.at_krea(slot) else { return Ok(()) };
-        match (result, at.cancel) {
-            (Ok(()), Some(CancelCause::User)) => {
-                tracing::info!(job = %name, "cancelled at Krea, not billed");
-                self.cancelled(slot, Some("cancelled by the user".into()))
-            }
-            (Ok(()), _) => {
-                let text = self.timeout_text();
-                tracing::warn!(job = %name, "{text}");
-                self.fail(slot, text)
-            }
-            (Err(err), _) => {
-                // Not cancellable now (Krea cancels only queued or processing jobs; it may also
-                // just have completed): keep polling, and try again at the next poll.
-                tracing::debug!(job = %name, %err, "cancel refused");
-                at.cancel_sent = false;
-                self.schedule_poll(slot, true)
-            }
-        }
     }
 }

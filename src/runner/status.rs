@@ -1,6 +1,7 @@
 //! The engine's own vocabulary, shared with whoever shows or serves what it does: why
-//! submitting stopped ([`StopReason`]), jobs by where they stand ([`Counts`]), and what the
-//! engine publishes as it runs ([`EngineStatus`]).
+//! submitting stopped ([`StopReason`]), jobs by where they stand ([`Counts`]), what the
+//! engine publishes as it runs ([`EngineStatus`]), and cancels Krea did not carry out
+//! ([`RefusedCancel`]).
 //!
 //! This file imports only `job` and `store`, not the engine, so the modules the engine itself
 //! uses (`report`, `gallery`) can name these types (as `runner::status::…`) without a circle.
@@ -172,3 +173,15 @@ pub struct EngineStatus {
 /// The state file's meta key under which the engine keeps [`EngineStatus::learned`], so that
 /// `krea-batch status` (another process) shows it.
 pub const META_LEARNED: &str = "learned";
+
+/// A job that was to be cancelled (by the user, or after its job timeout) and that Krea ran and
+/// billed all the same: it refused the cancel, or completed the job before the cancel reached it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefusedCancel {
+    /// The job's name.
+    pub job: String,
+    /// Krea's reason for refusing, or why the cancel came too late.
+    pub reason: String,
+    /// Whether the cancel was the job timeout's rather than the user's.
+    pub after_timeout: bool,
+}

@@ -759,3 +759,160 @@ async fn a_reconfigure_keeps_what_was_learned_and_applies_new_ceilings() {
     h.controls.drain.cancel();
     running.await.expect("the task").expect("the run");
 }
+
+// --- Cancels Krea refuses (`cancel.rs`) -------------------------------------------------------
+
+/// The engine's log as a user reads it (plain text, info and above), captured on this test's
+/// thread (the paused-time runtime runs the engine's tasks there too).
+struct Logs {
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logs {
+    fn capture() -> Self {
+        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&text);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || LogSink(Arc::clone(&sink)))
+            .with_ansi(false)
+            .with_target(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        Self { text, _guard: tracing::subscriber::set_default(subscriber) }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().expect("the log")).into_owned()
+    }
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("the log").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs one job to its end, asking the engine to cancel it `after` the start.
+async fn cancel_after(rig: Rig, after: Duration) -> (EngineOutcome, Handles) {
+    let id = rig.jobs[0].id;
+    let (engine, h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    tokio::time::sleep(after).await;
+    h.commands.send(EngineCommand::Cancel(vec![id])).expect("the engine listens");
+    let outcome = running.await.expect("the engine's task").expect("the engine's run");
+    (outcome, h)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_refused_in_the_backlog_is_said_and_sent_again_once_the_job_is_queued() {
+    let logs = Logs::capture();
+    let mut rig = Rig::new(1);
+    rig.krea.cancel_refusals.backlog = 20 * SECOND;
+    rig.krea.job_duration = 40 * SECOND;
+    let (outcome, h) = cancel_after(rig, 2 * SECOND).await;
+    assert_eq!(states(&outcome.jobs), [JobState::Cancelled]);
+    assert!(h.krea.jobs()[0].cancelled, "cancelled at Krea, so not billed");
+    let log = logs.text();
+    let said = "Krea refused to cancel the job now: Job cannot be cancelled in state backlogged";
+    assert_eq!(log.matches(said).count(), 1, "said once, with Krea's reason:\n{log}");
+    // Asked at once (refused), then not again until Krea shows it queued, 20 s after creation.
+    let cancels = h.cancels();
+    assert_eq!(cancels.len(), 2, "{cancels:?}");
+    assert!(cancels[0] < 3 * SECOND, "{cancels:?}");
+    assert!(cancels[1] >= 20 * SECOND && cancels[1] <= 23 * SECOND, "{cancels:?}");
+    assert!(outcome.cancels_refused.is_empty(), "carried out in the end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_refused_while_sampling_ends_billed_and_in_the_summary() {
+    let logs = Logs::capture();
+    let mut rig = Rig::new(1);
+    rig.krea.cancel_refusals.sampling = true;
+    rig.krea.job_duration = 8 * SECOND;
+    let name = rig.jobs[0].name.clone();
+    // Sampling from 6 s to 8 s: asked in the middle of it.
+    let (outcome, h) = cancel_after(rig, 7 * SECOND).await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded], "it ran to its end");
+    assert!(!h.krea.jobs()[0].cancelled);
+    assert_eq!(h.cancels().len(), 1, "not asked again: sampling goes straight to the end");
+    let reason = "Job cannot be cancelled in state sampling".to_owned();
+    assert_eq!(
+        outcome.cancels_refused,
+        [RefusedCancel { job: name.clone(), reason: reason.clone(), after_timeout: false }]
+    );
+    let log = logs.text();
+    assert!(log.contains(&format!("Krea refused to cancel the job now: {reason}")), "{log}");
+    assert!(log.contains("completed and billed although it was to be cancelled"), "{log}");
+    let mut summary = crate::report::Summary::of(&outcome.jobs, None, &h.output, SECOND);
+    summary.cancels_refused = outcome.cancels_refused;
+    let summary = summary.to_string();
+    assert!(summary.contains("1 cancel refused by Krea: this job ran and was billed"), "{summary}");
+    assert!(summary.contains(&format!("  {name}: {reason}")), "{summary}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_cancel_refused_in_the_backlog_is_said_and_sent_again() {
+    let logs = Logs::capture();
+    let mut rig = Rig::new(1);
+    rig.settings.job_timeout = 5 * SECOND;
+    rig.krea.cancel_refusals.backlog = 20 * SECOND;
+    rig.krea.job_duration = 40 * SECOND;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Failed]);
+    let error = outcome.jobs[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("job timeout (5s)"), "{error}");
+    let log = logs.text();
+    let said = "the job timeout passed, but Krea refused to cancel the job: Job cannot be \
+                cancelled in state backlogged";
+    assert!(log.contains(said), "{log}");
+    let cancels = h.cancels();
+    assert_eq!(cancels.len(), 2, "{cancels:?}");
+    assert!(cancels[1] >= 20 * SECOND, "sent again once queued: {cancels:?}");
+    assert!(h.krea.jobs()[0].cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_cancelled_while_its_post_is_on_the_wire_is_cancelled_once_krea_names_it() {
+    let logs = Logs::capture();
+    let mut rig = Rig::new(1);
+    rig.krea.post_latency = 5 * SECOND;
+    rig.krea.job_duration = 40 * SECOND;
+    let (outcome, h) = cancel_after(rig, SECOND).await;
+    assert_eq!(states(&outcome.jobs), [JobState::Cancelled]);
+    assert!(h.krea.jobs()[0].cancelled, "cancelled at Krea, not billed");
+    let cancels = h.cancels();
+    assert_eq!(cancels.len(), 1);
+    assert!(cancels[0] >= 5 * SECOND && cancels[0] < 6 * SECOND, "once answered: {cancels:?}");
+    let log = logs.text();
+    assert!(log.contains("cancelled as soon as Krea's answer is known"), "{log}");
+    assert!(
+        !log.contains("submitting") && !log.contains("state="),
+        "no internal state names:\n{log}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_not_carried_out_when_the_run_stops_is_handed_back_for_the_next_run() {
+    let mut rig = Rig::new(2);
+    rig.krea.cancel_refusals.backlog = 60 * SECOND;
+    rig.krea.job_duration = 60 * SECOND;
+    let ids: Vec<i64> = rig.jobs.iter().map(|job| job.id).collect();
+    let (engine, h) = rig.engine();
+    let running = tokio::spawn(engine.run());
+    tokio::time::sleep(2 * SECOND).await;
+    h.commands.send(EngineCommand::Cancel(vec![ids[0]])).expect("the engine listens");
+    tokio::time::sleep(3 * SECOND).await;
+    h.controls.abort.cancel();
+    let outcome = running.await.expect("the engine's task").expect("the engine's run");
+    assert_eq!(h.cancels().len(), 1, "asked once, refused: the job is backlogged");
+    assert_eq!(states(&outcome.jobs), [JobState::Submitted; 2]);
+    assert_eq!(outcome.cancels_left, [ids[0]], "only the job the user asked to cancel");
+}

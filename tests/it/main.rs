@@ -1,6 +1,7 @@
 //! Integration tests: the real `krea-batch` binary against the simulated Krea API on loopback.
 //! One test binary; a module per area.
 
+mod cancel;
 mod chaos;
 mod commands;
 mod daemon;
