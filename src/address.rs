@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// True for addresses a download must not reach unless the API itself is on loopback.
 #[must_use]
-pub fn is_internal(ip: IpAddr) -> bool {
+pub(crate) fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
         IpAddr::V6(v6) => is_internal_v6(v6),
@@ -62,7 +62,7 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
 /// Refuses a URL whose host is written as an internal address, or is `localhost` (or a name
 /// under `.localhost`, which resolvers send to loopback). Other names pass here; their
 /// addresses are checked when they are resolved ([`PublicResolver`]).
-pub fn check_host(url: &Url) -> Result<(), HostError> {
+pub(crate) fn check_host(url: &Url) -> Result<(), HostError> {
     let Some(host) = url.host_str() else {
         return Err(HostError::NoHost);
     };
@@ -82,7 +82,7 @@ pub fn check_host(url: &Url) -> Result<(), HostError> {
 
 /// Why a result host is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
+pub(crate) enum HostError {
     /// The URL names no host.
     #[error("the URL has no host")]
     NoHost,
@@ -97,7 +97,7 @@ pub enum HostError {
 /// The download client's DNS resolver: the system's, minus every internal address. A name
 /// with only internal addresses fails to resolve, so no connection is ever made to one.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PublicResolver;
+pub(crate) struct PublicResolver;
 
 impl Resolve for PublicResolver {
     fn resolve(&self, name: Name) -> Resolving {

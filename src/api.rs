@@ -26,20 +26,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// The `User-Agent` every request carries (the CDN in front of Krea blocks anonymous clients).
-pub const USER_AGENT: &str = concat!("krea-batch/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT: &str = concat!("krea-batch/", env!("CARGO_PKG_VERSION"));
 /// The production API.
-pub const DEFAULT_BASE_URL: &str = "https://api.krea.ai";
+pub(crate) const DEFAULT_BASE_URL: &str = "https://api.krea.ai";
 /// The largest JSON answer read; past it the answer counts as malformed (a hostile or broken
 /// server cannot make krea-batch buffer 100 MB).
-pub const MAX_JSON_BYTES: usize = 4 << 20;
+pub(crate) const MAX_JSON_BYTES: usize = 4 << 20;
 
 /// Why a text is not a URL (the `url` crate's `ParseError`, named through reqwest's `Url`).
-pub type UrlParseError = <Url as std::str::FromStr>::Err;
+pub(crate) type UrlParseError = <Url as std::str::FromStr>::Err;
 
 /// Why a URL may not be contacted, or is no API base URL. The URLs it names are shown without
 /// their `user:password@`.
 #[derive(Debug, thiserror::Error)]
-pub enum UrlError {
+pub(crate) enum UrlError {
     /// The text does not parse as a URL.
     #[error("{shown} is not a URL: {source}")]
     NotAUrl {
@@ -64,7 +64,7 @@ pub enum UrlError {
 }
 
 /// Checks that `url` may be contacted: `https`, or `http` to a loopback address.
-pub fn check_url(url: &Url) -> Result<(), UrlError> {
+pub(crate) fn check_url(url: &Url) -> Result<(), UrlError> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback(url) => Ok(()),
@@ -75,7 +75,7 @@ pub fn check_url(url: &Url) -> Result<(), UrlError> {
 
 /// Whether `url`'s host is a loopback address or `localhost`.
 #[must_use]
-pub fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
@@ -84,14 +84,14 @@ pub fn is_loopback(url: &Url) -> bool {
 
 /// `url` without its `user:password@`, for messages: a password never reaches a log.
 #[must_use]
-pub fn display_url(url: &Url) -> String {
+pub(crate) fn display_url(url: &Url) -> String {
     let mut clean = url.clone();
     strip_userinfo(&mut clean);
     printable(clean.as_str(), 300)
 }
 
 /// Removes `user:password@` from `url`; true if there was one.
-pub fn strip_userinfo(url: &mut Url) -> bool {
+pub(crate) fn strip_userinfo(url: &mut Url) -> bool {
     let had = !url.username().is_empty() || url.password().is_some();
     if had {
         // Both fail only for URLs that cannot have a user (no host), which have none.
@@ -103,7 +103,7 @@ pub fn strip_userinfo(url: &mut Url) -> bool {
 
 /// Parses and checks an API base URL (from the job file, `--api-base` or `KREA_API_BASE`).
 /// A `user:password@` in it is removed (with a warning), so it is never stored or logged.
-pub fn parse_base_url(text: &str) -> Result<Url, UrlError> {
+pub(crate) fn parse_base_url(text: &str) -> Result<Url, UrlError> {
     let mut url = Url::parse(text.trim()).map_err(|source| {
         // Quoted only without an '@': it might carry a password.
         let shown =
@@ -126,7 +126,7 @@ pub fn parse_base_url(text: &str) -> Result<Url, UrlError> {
 
 /// One of the nine documented job states, or a state Krea added since (counted as pending).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum RemoteStatus {
+pub(crate) enum RemoteStatus {
     /// Waiting behind the account's concurrency limit.
     Backlogged,
     /// Queued.
@@ -152,7 +152,7 @@ pub enum RemoteStatus {
 impl RemoteStatus {
     /// Parses Krea's state name.
     #[must_use]
-    pub fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         match text {
             "backlogged" => Self::Backlogged,
             "queued" => Self::Queued,
@@ -169,7 +169,7 @@ impl RemoteStatus {
 
     /// Krea's name for the state.
     #[must_use]
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Self::Backlogged => "backlogged",
             Self::Queued => "queued",
@@ -186,7 +186,7 @@ impl RemoteStatus {
 
     /// True for `completed`, `failed` and `cancelled`.
     #[must_use]
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 }
@@ -200,7 +200,7 @@ impl fmt::Display for RemoteStatus {
 /// A job as Krea describes it, parsed leniently: Krea's pages disagree on where errors live, some
 /// answers omit `status`, some outputs come as `{url}` objects.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RemoteJob {
+pub(crate) struct RemoteJob {
     /// Krea's job id.
     pub job_id: String,
     /// The state; `None` when the answer had none (some create answers), meaning pending.
@@ -217,7 +217,7 @@ pub struct RemoteJob {
 
 /// Why a JSON answer is not a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum JobShapeError {
+pub(crate) enum JobShapeError {
     /// `[]`.
     #[error("an empty array instead of a job")]
     EmptyArray,
@@ -231,7 +231,7 @@ pub enum JobShapeError {
 
 impl RemoteJob {
     /// Parses one job object (or the first of an array, as a node app answers).
-    pub fn from_json(value: &Value) -> Result<Self, JobShapeError> {
+    pub(crate) fn from_json(value: &Value) -> Result<Self, JobShapeError> {
         let value = match value {
             Value::Array(items) => items.first().ok_or(JobShapeError::EmptyArray)?,
             other => other,
@@ -265,7 +265,7 @@ impl RemoteJob {
 
     /// The result URLs, only when the job is `completed` (previews are never results).
     #[must_use]
-    pub fn result_urls(&self) -> Option<&[String]> {
+    pub(crate) fn result_urls(&self) -> Option<&[String]> {
         (self.status == Some(RemoteStatus::Completed)).then_some(self.urls.as_slice())
     }
 }
@@ -320,7 +320,7 @@ fn error_text(value: &Value) -> Option<String> {
 
 /// One page of `GET /jobs`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct JobPage {
+pub(crate) struct JobPage {
     /// The jobs, newest first.
     pub items: Vec<RemoteJob>,
     /// Items that could not be read as jobs (skipped, not fatal: one bad item must not stop
@@ -333,7 +333,7 @@ pub struct JobPage {
 /// An item of `GET /jobs` that is not a usable job (no id, an id over 200 characters, not an
 /// object), with what could still be read of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnreadableItem {
+pub(crate) struct UnreadableItem {
     /// Its `created_at`, if that much could be read.
     pub created_at: Option<String>,
     /// Why it could not be read.
@@ -342,7 +342,7 @@ pub struct UnreadableItem {
 
 /// What went wrong with a request, classified by what the runner must do about it.
 #[derive(Clone, Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// 400, 422 and other refusals of this request: retrying the same request cannot help.
     #[error("Krea refused the request ({status}): {message}")]
     Rejected {
@@ -433,13 +433,13 @@ impl ApiError {
     /// For a POST: true when Krea may have created the job although no usable answer came back.
     /// Such a POST is never repeated blindly; the job is reconciled first.
     #[must_use]
-    pub fn may_have_created_job(&self) -> bool {
+    pub(crate) fn may_have_created_job(&self) -> bool {
         matches!(self, Self::Server { .. } | Self::NoAnswer(_) | Self::Malformed(_))
     }
 
     /// For a GET: worth retrying after a pause.
     #[must_use]
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Server { .. }
@@ -453,7 +453,7 @@ impl ApiError {
 
 /// Settings of the HTTP clients.
 #[derive(Clone, Debug)]
-pub struct ClientSettings {
+pub(crate) struct ClientSettings {
     /// The API origin (and path prefix, for proxies).
     pub base_url: Url,
     /// The longest wait for a connection.
@@ -463,7 +463,7 @@ pub struct ClientSettings {
 }
 
 /// The client of Krea's API. One per process; cheap to share behind an `Arc`.
-pub struct KreaClient {
+pub(crate) struct KreaClient {
     http: reqwest::Client,
     base: Url,
     auth: HeaderValue,
@@ -481,7 +481,7 @@ impl fmt::Debug for KreaClient {
 
 /// Why the API client cannot be built.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// The base URL may not be contacted.
     #[error(transparent)]
     Url(#[from] UrlError),
@@ -496,7 +496,7 @@ pub enum ClientError {
 impl KreaClient {
     /// Builds the client. It follows no redirects: the API has none to give, and a redirect
     /// would be the one way a header could travel to a host that is not the API's.
-    pub fn new(settings: &ClientSettings, key: ApiKey) -> Result<Self, ClientError> {
+    pub(crate) fn new(settings: &ClientSettings, key: ApiKey) -> Result<Self, ClientError> {
         check_url(&settings.base_url)?;
         // The header error is not kept: it could quote the key.
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -526,7 +526,7 @@ impl KreaClient {
     }
 
     /// `POST /generate/<model>` with `body`: creates a job.
-    pub async fn create_job(&self, model: &str, body: &str) -> Result<RemoteJob, ApiError> {
+    pub(crate) async fn create_job(&self, model: &str, body: &str) -> Result<RemoteJob, ApiError> {
         let url = self.endpoint(&format!("generate/{model}"))?;
         let json = self.call(Method::POST, url, Some(body), Some(model)).await?;
         RemoteJob::from_json(&json).map_err(ApiError::malformed)
@@ -552,20 +552,24 @@ impl KreaClient {
     }
 
     /// `GET /jobs/{id}`.
-    pub async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
+    pub(crate) async fn get_job(&self, job_id: &str) -> Result<RemoteJob, ApiError> {
         let url = self.job_url(job_id)?;
         let json = self.call(Method::GET, url, None, None).await?;
         RemoteJob::from_json(&json).map_err(ApiError::malformed)
     }
 
     /// `DELETE /jobs/{id}`: cancels a job that is still queued or processing.
-    pub async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
+    pub(crate) async fn cancel_job(&self, job_id: &str) -> Result<(), ApiError> {
         let url = self.job_url(job_id)?;
         self.call(Method::DELETE, url, None, None).await.map(drop)
     }
 
     /// `GET /jobs?limit=…&cursor=…`: this key's jobs created before `cursor`, newest first.
-    pub async fn list_jobs(&self, cursor: Option<&str>, limit: u32) -> Result<JobPage, ApiError> {
+    pub(crate) async fn list_jobs(
+        &self,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<JobPage, ApiError> {
         let mut url = self.endpoint("jobs")?;
         url.query_pairs_mut().append_pair("limit", &limit.clamp(1, 1000).to_string());
         if let Some(cursor) = cursor {
@@ -601,7 +605,7 @@ impl KreaClient {
     /// `request_timeout`, by a second per 256 KiB of file (a 75 MB file: about 5 more minutes).
     /// An error that [`ApiError::may_have_created_job`] calls ambiguous may have created the
     /// asset: look for it with [`KreaClient::list_assets`] before uploading again.
-    pub async fn upload_asset(&self, upload: &AssetUpload<'_>) -> Result<Asset, ApiError> {
+    pub(crate) async fn upload_asset(&self, upload: &AssetUpload<'_>) -> Result<Asset, ApiError> {
         let url = self.endpoint("assets")?;
         let boundary = format!("krea-batch-{:032x}", fastrand::u128(..));
         let (content_type, body) = crate::asset::form(upload, &boundary);
@@ -619,7 +623,7 @@ impl KreaClient {
     }
 
     /// `GET /assets?limit=…&cursor=…`: this key's assets uploaded before `cursor`, newest first.
-    pub async fn list_assets(
+    pub(crate) async fn list_assets(
         &self,
         cursor: Option<&str>,
         limit: u32,
@@ -904,7 +908,7 @@ fn path_text(path: &Value) -> String {
 
 /// At most `limit` characters, control characters replaced: server text goes into log lines.
 #[must_use]
-pub fn printable(text: &str, limit: usize) -> String {
+pub(crate) fn printable(text: &str, limit: usize) -> String {
     let mut out: String =
         text.chars().take(limit).map(|c| if c.is_control() { ' ' } else { c }).collect();
     if text.chars().count() > limit {

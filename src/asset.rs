@@ -9,7 +9,7 @@ use serde_json::Value;
 
 /// A file to upload.
 #[derive(Clone, Copy, Debug)]
-pub struct AssetUpload<'a> {
+pub(crate) struct AssetUpload<'a> {
     /// The file name sent with it (only letters, digits, `.`, `-` and `_` are kept).
     pub file_name: &'a str,
     /// Its MIME type, e.g. `image/png`.
@@ -22,7 +22,7 @@ pub struct AssetUpload<'a> {
 
 /// An asset as Krea answers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Asset {
+pub(crate) struct Asset {
     /// Its id.
     pub id: String,
     /// Its URL, to pass as a job's input (`image_url` in Krea's answer, whatever the type).
@@ -33,7 +33,7 @@ pub struct Asset {
 
 /// One page of `GET /assets`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AssetPage {
+pub(crate) struct AssetPage {
     /// The assets, newest first; items without an id or URL are skipped.
     pub items: Vec<Asset>,
     /// The cursor of the next page (`next_cursor`, or `nextCursor`).
@@ -43,7 +43,7 @@ pub struct AssetPage {
 impl Asset {
     /// Reads an asset; `None` without an id or a URL.
     #[must_use]
-    pub fn from_json(value: &Value) -> Option<Self> {
+    pub(crate) fn from_json(value: &Value) -> Option<Self> {
         let text = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
         Some(Self {
             id: text("id")?,
@@ -56,7 +56,7 @@ impl Asset {
 impl AssetPage {
     /// Reads a page; `None` without `items`.
     #[must_use]
-    pub fn from_json(value: &Value) -> Option<Self> {
+    pub(crate) fn from_json(value: &Value) -> Option<Self> {
         let items = value.get("items")?.as_array()?.iter().filter_map(Asset::from_json).collect();
         let next_cursor = ["next_cursor", "nextCursor"]
             .iter()
@@ -68,7 +68,7 @@ impl AssetPage {
 
 /// The form of `upload` with `boundary`: its `Content-Type` header value and its body.
 #[must_use]
-pub fn form(upload: &AssetUpload<'_>, boundary: &str) -> (String, Vec<u8>) {
+pub(crate) fn form(upload: &AssetUpload<'_>, boundary: &str) -> (String, Vec<u8>) {
     let file_name: String = upload
         .file_name
         .chars()

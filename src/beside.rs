@@ -25,7 +25,7 @@ use std::path::{Component, Path, PathBuf};
 
 /// Why a path was not opened. Messages name the path as written, never the folder it is in.
 #[derive(Debug, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// Empty, absolute, or with `..`.
     #[error("{} is not inside the folder; write a path relative to it, without `..`", .path.display())]
     Outside {
@@ -79,7 +79,7 @@ pub enum PathError {
 /// Opens `relative` inside `base` for reading, refusing an absolute path, `..`, and a symbolic
 /// link in any component. `base` itself is trusted (it is the folder the caller chose), links
 /// in it included. Returns the open file and its metadata.
-pub fn open_beside(base: &Path, relative: &Path) -> Result<(File, Metadata), PathError> {
+pub(crate) fn open_beside(base: &Path, relative: &Path) -> Result<(File, Metadata), PathError> {
     let names = check_relative(relative)?;
     let io = |source| PathError::Io { path: relative.to_owned(), source };
     let mut dir = File::open(base).map_err(io)?;
@@ -121,7 +121,7 @@ pub fn open_beside(base: &Path, relative: &Path) -> Result<(File, Metadata), Pat
 
 /// The names `relative` is made of; an error unless it has at least one and nothing else but
 /// `.` (no root, no `..`). [`open_beside`] checks this first; callers may check it early too.
-pub fn check_relative(relative: &Path) -> Result<Vec<&std::ffi::OsStr>, PathError> {
+pub(crate) fn check_relative(relative: &Path) -> Result<Vec<&std::ffi::OsStr>, PathError> {
     let mut names = Vec::new();
     for part in relative.components() {
         match part {

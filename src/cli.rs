@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Runs batches of Krea AI generations from a YAML file: paced, resumable, never paying twice.
 #[derive(Debug, Parser)]
 #[command(name = "krea-batch", version, about, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -23,7 +23,7 @@ pub struct Cli {
 
 /// Log line formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines (no colours or timestamps under journald).
     Text,
     /// One JSON object per line, for log shippers.
@@ -32,7 +32,7 @@ pub enum LogFormat {
 
 /// The commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Generate every job of a job file, resuming where an earlier run stopped.
     Run(RunArgs),
     /// Fetch the missing files of completed jobs from their stored URLs; submits nothing and
@@ -59,7 +59,7 @@ pub enum Command {
 
 /// `krea-batch daemon`.
 #[derive(Debug, Args)]
-pub struct DaemonArgs {
+pub(crate) struct DaemonArgs {
     /// The configuration file.
     #[arg(long, value_name = "FILE", default_value = "/etc/krea-batch/daemon.yaml")]
     pub config: PathBuf,
@@ -70,7 +70,7 @@ pub struct DaemonArgs {
 
 /// Which state file a command acts on.
 #[derive(Debug, Args)]
-pub struct StateChoice {
+pub(crate) struct StateChoice {
     /// The state file.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     pub state: Option<PathBuf>,
@@ -84,7 +84,7 @@ pub struct StateChoice {
 
 /// `krea-batch cancel`.
 #[derive(Debug, Args)]
-pub struct CancelArgs {
+pub(crate) struct CancelArgs {
     /// Names of the jobs to cancel (among --file's jobs when it is given).
     #[arg(required_unless_present_any = ["file", "all"])]
     pub names: Vec<String>,
@@ -107,7 +107,7 @@ pub struct CancelArgs {
 
 /// `krea-batch resume`.
 #[derive(Debug, Args)]
-pub struct ResumeArgs {
+pub(crate) struct ResumeArgs {
     /// The job file whose run to ask (its default state file), unless --state or --config is
     /// given.
     #[arg(required_unless_present_any = ["state", "config"])]
@@ -119,7 +119,7 @@ pub struct ResumeArgs {
 
 /// Where the API is and how to authenticate.
 #[derive(Debug, Args)]
-pub struct ApiArgs {
+pub(crate) struct ApiArgs {
     /// The API base URL, instead of the job file's `api.base_url` (https, or http on loopback).
     #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
     pub api_base: Option<String>,
@@ -131,7 +131,7 @@ pub struct ApiArgs {
 /// `krea-batch run`.
 #[derive(Debug, Args)]
 #[allow(clippy::struct_excessive_bools, reason = "command-line switches are booleans")]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The job file (YAML).
     pub job_file: PathBuf,
     /// The state file (default: `.krea-batch.sqlite` in the output directory).
@@ -171,7 +171,7 @@ pub struct RunArgs {
 
 /// Where Krea's OpenAPI document (the request schemas) comes from.
 #[derive(Debug, Args)]
-pub struct SchemaArgs {
+pub(crate) struct SchemaArgs {
     /// Use only the cached OpenAPI document, whatever its age; fetch nothing.
     #[arg(long)]
     pub offline: bool,
@@ -182,7 +182,7 @@ pub struct SchemaArgs {
 
 /// `krea-batch download`.
 #[derive(Debug, Args)]
-pub struct DownloadArgs {
+pub(crate) struct DownloadArgs {
     /// The job file (YAML) whose results to fetch.
     pub job_file: PathBuf,
     /// The state file (default: `.krea-batch.sqlite` in the output directory).
@@ -199,7 +199,7 @@ pub struct DownloadArgs {
 
 /// `krea-batch recover`.
 #[derive(Debug, Args)]
-pub struct RecoverArgs {
+pub(crate) struct RecoverArgs {
     /// The job file (YAML) whose output folder to recover.
     pub job_file: PathBuf,
     /// The state file to rebuild (default: `.krea-batch.sqlite` in the output directory).
@@ -219,7 +219,7 @@ pub struct RecoverArgs {
 
 /// `krea-batch check`.
 #[derive(Debug, Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// The job file (YAML).
     pub job_file: PathBuf,
     /// Print the plan as JSON on stdout.
@@ -239,7 +239,7 @@ pub struct CheckArgs {
 
 /// `krea-batch status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The job file whose state to show (its default state file), unless --state or --config
     /// is given.
     #[arg(required_unless_present_any = ["state", "config"])]
@@ -254,7 +254,7 @@ pub struct StatusArgs {
 
 /// `krea-batch simulate-api`.
 #[derive(Debug, Args)]
-pub struct SimulateArgs {
+pub(crate) struct SimulateArgs {
     /// Port of the API (0: any free port; the address is printed). With --top-up: the port of
     /// the running simulation to top up.
     #[arg(long, default_value_t = 0)]

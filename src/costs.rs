@@ -54,7 +54,7 @@ impl<'f> Costs<'f> {
     listed(models),
     models.first().map_or("", |(model, _)| model.as_str())
 )]
-pub struct Unpriced {
+pub(crate) struct Unpriced {
     /// The job file.
     pub file: PathBuf,
     /// Each model without a price, with its number of jobs.
@@ -70,7 +70,7 @@ fn listed(models: &[(String, usize)]) -> String {
 /// Why `file`'s jobs cannot run under a budget (see `Costs::unpriced_refusal`); for the
 /// service's inbox.
 #[must_use]
-pub fn unpriced_under_budget(file: &JobFile) -> Option<Unpriced> {
+pub(crate) fn unpriced_under_budget(file: &JobFile) -> Option<Unpriced> {
     Costs::of(file).unpriced_refusal(file)
 }
 

@@ -30,15 +30,15 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 /// The most redirects followed for one result URL.
-pub const MAX_REDIRECTS: usize = 5;
+pub(crate) const MAX_REDIRECTS: usize = 5;
 /// Every window this long must bring at least `limits.download_min_rate` bytes per second.
-pub const RATE_WINDOW: Duration = Duration::from_secs(30);
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(30);
 /// The longest Content-Type kept (in sidecars and the state); a longer one is cut.
-pub const MAX_CONTENT_TYPE: usize = 100;
+pub(crate) const MAX_CONTENT_TYPE: usize = 100;
 
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DownloadError {
+pub(crate) enum DownloadError {
     /// The host answered with an error status.
     #[error("the result host answered {status} for {url}")]
     Status {
@@ -103,7 +103,7 @@ pub enum DownloadError {
 
 /// Why a result URL, or a redirect from it, is not fetched.
 #[derive(Debug, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The API client found the key in it and put [`REDACTED`] in its place.
     #[error(
         "the API answer quoted the API key in this URL (removed here); fetching it would send \
@@ -141,7 +141,7 @@ impl DownloadError {
     /// take the whole deadline again): the job stays download pending for the next run or
     /// `krea-batch download`.
     #[must_use]
-    pub fn verdict(&self) -> Verdict {
+    pub(crate) fn verdict(&self) -> Verdict {
         match self {
             Self::Status { status, .. } if *status >= 500 || *status == 429 || *status == 408 => {
                 Verdict::Retry(None)
@@ -159,7 +159,7 @@ impl DownloadError {
 
 /// A file written whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The path relative to the output directory, `/`-separated.
     pub relative_path: String,
     /// Its size.
@@ -172,7 +172,7 @@ pub struct Fetched {
 
 /// How downloads are bounded; built from a job file's `limits`.
 #[derive(Clone, Debug)]
-pub struct DownloadSettings {
+pub(crate) struct DownloadSettings {
     /// The longest wait for a connection.
     pub connect_timeout: Duration,
     /// The longest pause between two pieces of a body.
@@ -191,7 +191,7 @@ pub struct DownloadSettings {
 
 /// The download client.
 #[derive(Clone, Debug)]
-pub struct Downloader {
+pub(crate) struct Downloader {
     http: reqwest::Client,
     max_bytes: u64,
     timeout: Duration,
@@ -206,7 +206,7 @@ pub struct Downloader {
 impl Downloader {
     /// A client with the given bounds (the read timeout bounds each pause; the deadline grows
     /// with the file's size, so large files are never cut for being large).
-    pub fn new(settings: &DownloadSettings) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(settings: &DownloadSettings) -> Result<Self, reqwest::Error> {
         Self::build(settings, None)
     }
 
@@ -274,7 +274,7 @@ impl Downloader {
 
     /// Downloads `url` to `<dir>/<stem>.<ext>` for the Krea job `owner`, retrying transient
     /// failures by `policy` (see [`Downloader::fetch_for`]).
-    pub async fn fetch_with_retries(
+    pub(crate) async fn fetch_with_retries(
         &self,
         url: &str,
         dir: &Path,
@@ -293,7 +293,12 @@ impl Downloader {
 
     /// One attempt to download `url` to `<dir>/<stem>.<ext>`, for no job in particular.
     #[cfg(test)]
-    pub async fn fetch(&self, url: &str, dir: &Path, stem: &str) -> Result<Fetched, DownloadError> {
+    pub(crate) async fn fetch(
+        &self,
+        url: &str,
+        dir: &Path,
+        stem: &str,
+    ) -> Result<Fetched, DownloadError> {
         self.fetch_for(url, dir, stem, None).await
     }
 
@@ -304,7 +309,7 @@ impl Downloader {
     /// bytes) or an earlier download for the same Krea job `owner` (its sidecar says so): a
     /// paid result, or a file krea-batch did not write, stays as it is, and this one is saved
     /// as `<stem>-2.<ext>` (or the next free number) with a warning.
-    pub async fn fetch_for(
+    pub(crate) async fn fetch_for(
         &self,
         url: &str,
         dir: &Path,
@@ -650,7 +655,7 @@ fn disk_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + use<> {
 
 /// The file extension for a Content-Type; unknown types get `bin`, never a name from the server.
 #[must_use]
-pub fn extension_for(content_type: &str) -> &'static str {
+pub(crate) fn extension_for(content_type: &str) -> &'static str {
     match content_type {
         "image/png" => "png",
         "image/jpeg" | "image/jpg" => "jpg",
@@ -671,7 +676,7 @@ pub fn extension_for(content_type: &str) -> &'static str {
 
 /// What a sidecar says about its file.
 #[derive(Clone, Debug, Serialize)]
-pub struct Sidecar<'a> {
+pub(crate) struct Sidecar<'a> {
     /// The job's name.
     pub name: &'a str,
     /// The prompt.
@@ -705,7 +710,7 @@ pub struct Sidecar<'a> {
 /// Not fsynced: a sidecar says nothing the state file does not hold, and the engine rewrites
 /// a missing or empty one when it starts (after a power cut), so it is derived data, like the
 /// manifest. Result files, which cannot be derived, are synced before they are renamed.
-pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadError> {
+pub(crate) fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadError> {
     let mut text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
     text.push(b'\n');
     Ok(write_atomically(&sidecar_path(dir, sidecar.file), &text, false)?)
@@ -713,7 +718,7 @@ pub fn write_sidecar(dir: &Path, sidecar: &Sidecar<'_>) -> Result<(), DownloadEr
 
 /// The sidecar of `<dir>/<file>`: `<dir>/<file>.json`.
 #[must_use]
-pub fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
+pub(crate) fn sidecar_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!("{file}.json"))
 }
 

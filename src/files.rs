@@ -8,13 +8,13 @@
 use std::path::{Path, PathBuf};
 
 /// Temporary files start with this, so a restart can find and remove those of a killed run.
-pub const PARTIAL_PREFIX: &str = ".krea-part-";
+pub(crate) const PARTIAL_PREFIX: &str = ".krea-part-";
 
 /// Writing a file or making a folder failed (a full disk, permissions, a symlink where a folder
 /// belongs).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {}: {source}", path.display())]
-pub struct FileError {
+pub(crate) struct FileError {
     /// The file or folder.
     pub path: PathBuf,
     /// The error.
@@ -24,7 +24,7 @@ pub struct FileError {
 
 impl FileError {
     /// The error of writing `path`.
-    pub fn at(path: &Path) -> impl Fn(std::io::Error) -> Self + use<> {
+    pub(crate) fn at(path: &Path) -> impl Fn(std::io::Error) -> Self + use<> {
         let path = path.to_owned();
         move |source| Self { path: path.clone(), source }
     }
@@ -33,14 +33,14 @@ impl FileError {
 /// Results, sidecars and the manifest are ordinary files (0644 before the umask); only the
 /// state file is private.
 #[must_use]
-pub fn public_file() -> std::fs::Permissions {
+pub(crate) fn public_file() -> std::fs::Permissions {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::Permissions::from_mode(0o644)
 }
 
 /// Creates `dir` (and its parents) if needed, refusing a symlink where a folder belongs so that a
 /// link planted in the output directory cannot redirect writes elsewhere.
-pub fn ensure_real_dir(dir: &Path) -> Result<(), FileError> {
+pub(crate) fn ensure_real_dir(dir: &Path) -> Result<(), FileError> {
     let disk = FileError::at(dir);
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.file_type().is_symlink() => Err(disk(std::io::Error::other(
@@ -54,7 +54,7 @@ pub fn ensure_real_dir(dir: &Path) -> Result<(), FileError> {
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
 /// partial file; with `synced`, the data is on disk before the rename.
-pub fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), FileError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), FileError> {
     use std::io::Write as _;
     let folder = path.parent().unwrap_or_else(|| Path::new("."));
     let disk = FileError::at(path);
@@ -74,7 +74,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], synced: bool) -> Result<(), F
 /// Removes the temporary files a killed run left in `dir` and its immediate sub-folders. Returns
 /// how many were removed.
 #[must_use]
-pub fn remove_partials(dir: &Path) -> usize {
+pub(crate) fn remove_partials(dir: &Path) -> usize {
     let mut removed = 0;
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     for entry in entries.flatten() {
@@ -101,7 +101,7 @@ const SMALL_JSON: u64 = 1 << 20;
 /// Parses a small JSON file krea-batch wrote (a sidecar): `None` when it is missing, not a
 /// regular file (a link is not followed), larger than 1 MiB, or not that JSON.
 #[must_use]
-pub fn read_small_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+pub(crate) fn read_small_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     let meta = std::fs::symlink_metadata(path).ok()?;
     if !meta.file_type().is_file() || meta.len() > SMALL_JSON {
         return None;

@@ -16,10 +16,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Jobs per page.
-pub const PER_PAGE: usize = 500;
+pub(crate) const PER_PAGE: usize = 500;
 
 /// Writes the gallery of `jobs` into `dir` (atomically, page by page).
-pub fn write<'a>(
+pub(crate) fn write<'a>(
     dir: &Path,
     jobs: impl IntoIterator<Item = &'a JobRecord>,
 ) -> Result<(), FileError> {
@@ -151,7 +151,7 @@ fn card(html: &mut String, job: &JobRecord) {
 
 /// Escapes text for HTML content and quoted attribute values.
 #[must_use]
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
         match ch {

@@ -33,17 +33,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The sub-folder accepted files are moved to.
-pub const ACCEPTED: &str = "accepted";
+pub(crate) const ACCEPTED: &str = "accepted";
 /// The sub-folder rejected files (and their `.error.txt`) are moved to.
-pub const REJECTED: &str = "rejected";
+pub(crate) const REJECTED: &str = "rejected";
 /// The sub-folder a file is moved to while it is read and imported.
-pub const PROCESSING: &str = "processing";
+pub(crate) const PROCESSING: &str = "processing";
 /// Why a file found in `processing/` at start-up is rejected.
-pub const INTERRUPTED: &str = "the service stopped while reading this file (it may need more \
+pub(crate) const INTERRUPTED: &str = "the service stopped while reading this file (it may need more \
     memory than the service may use: see \"Memory\" in krea-batch's README); split it into \
     smaller files, or fix it";
 /// Appended to a rejected file's name for the note explaining why.
-pub const ERROR_SUFFIX: &str = ".error.txt";
+pub(crate) const ERROR_SUFFIX: &str = ".error.txt";
 /// The longest batch name derived from a file name, in bytes.
 const MAX_BATCH_NAME: usize = 100;
 /// How many accepted files are watched for changes after they were taken.
@@ -51,7 +51,7 @@ const TAKEN_KEPT: usize = 256;
 
 /// The inbox folder and what earlier scans saw in it.
 #[derive(Debug)]
-pub struct Inbox {
+pub(crate) struct Inbox {
     dir: PathBuf,
     accepted: PathBuf,
     rejected: PathBuf,
@@ -73,7 +73,7 @@ pub struct Inbox {
 
 /// A complete job file, ready to be validated and imported.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadyFile {
+pub(crate) struct ReadyFile {
     /// Where it is now: in the inbox, or in `processing/` once [`Inbox::quarantine`] moved it.
     pub path: PathBuf,
     /// Its file name, e.g. `catalogue-2026.yaml`.
@@ -159,7 +159,7 @@ impl Inbox {
     /// Opens the inbox at `dir`, creating it and its `accepted/`, `rejected/` and
     /// `processing/` folders (a symbolic link where one of them belongs is refused), and starts
     /// watching it (see the module's documentation for when a file counts as complete).
-    pub fn open(dir: &Path, settle: Duration) -> io::Result<Self> {
+    pub(crate) fn open(dir: &Path, settle: Duration) -> io::Result<Self> {
         let mut inbox = Self {
             dir: dir.to_owned(),
             accepted: dir.join(ACCEPTED),
@@ -189,14 +189,14 @@ impl Inbox {
 
     /// The inbox folder.
     #[must_use]
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The files that are complete now and were not returned before (unless they changed since),
     /// in name order. Only failing to list the folder is an error; a file that cannot be read is
     /// skipped with a warning and tried again on the next scan.
-    pub fn scan(&mut self) -> io::Result<Vec<ReadyFile>> {
+    pub(crate) fn scan(&mut self) -> io::Result<Vec<ReadyFile>> {
         self.read_events();
         for path in self.changed_since_taken() {
             tracing::warn!(
@@ -225,12 +225,12 @@ impl Inbox {
 
     /// Moves `file` into `accepted/` under its name, or with a `.2`, `.3`… before the extension
     /// if that is taken. Returns the new path.
-    pub fn accept(&mut self, file: &ReadyFile) -> io::Result<PathBuf> {
+    pub(crate) fn accept(&mut self, file: &ReadyFile) -> io::Result<PathBuf> {
         self.accept_path(&file.path, &file.file_name)
     }
 
     /// [`Inbox::accept`] for the file at `path`, named `file_name` when it was dropped.
-    pub fn accept_path(&mut self, path: &Path, file_name: &str) -> io::Result<PathBuf> {
+    pub(crate) fn accept_path(&mut self, path: &Path, file_name: &str) -> io::Result<PathBuf> {
         ensure_real_dir(&self.accepted).map_err(into_io)?;
         let target = free_name(&self.accepted, file_name, false)?;
         // Before the move: a writer still at work may write again as soon as it is done.
@@ -248,7 +248,7 @@ impl Inbox {
 
     /// Moves `file` into `processing/` (under a free name) before it is parsed, and points
     /// `file.path` there. Its name and bytes stay as they were.
-    pub fn quarantine(&self, file: &mut ReadyFile) -> io::Result<()> {
+    pub(crate) fn quarantine(&self, file: &mut ReadyFile) -> io::Result<()> {
         ensure_real_dir(&self.processing).map_err(into_io)?;
         let target = free_name(&self.processing, &file.file_name, false)?;
         std::fs::rename(&file.path, &target)?;
@@ -259,7 +259,7 @@ impl Inbox {
 
     /// Moves `file` back from `processing/` to `to`, where it was dropped (unless something is
     /// there now), and treats it as returned already: it is not taken again until it changes.
-    pub fn put_back(&mut self, file: &mut ReadyFile, to: &Path) -> io::Result<()> {
+    pub(crate) fn put_back(&mut self, file: &mut ReadyFile, to: &Path) -> io::Result<()> {
         if exists(to)? {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -280,7 +280,7 @@ impl Inbox {
     /// The files left in `processing/`: the service stopped while it read or imported them.
     /// Regular files only, in name order; the caller accepts those whose content was imported
     /// and rejects the others with [`INTERRUPTED`].
-    pub fn interrupted(&self) -> io::Result<Vec<(PathBuf, String)>> {
+    pub(crate) fn interrupted(&self) -> io::Result<Vec<(PathBuf, String)>> {
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&self.processing)? {
             let entry = entry?;
@@ -298,7 +298,7 @@ impl Inbox {
 
     /// The SHA-256 of the first bytes of `path` that a scan would read, as in
     /// [`ReadyFile::sha256`], without holding them.
-    pub fn sha256_of(&self, path: &Path) -> io::Result<String> {
+    pub(crate) fn sha256_of(&self, path: &Path) -> io::Result<String> {
         let mut hasher = Sha256::new();
         io::copy(&mut std::fs::File::open(path)?.take(self.max_read), &mut hasher)?;
         Ok(hex(&hasher.finalize()))
@@ -307,12 +307,17 @@ impl Inbox {
     /// Moves `file` into `rejected/` (never overwriting, as [`Inbox::accept`]) with a note
     /// `<new name>.error.txt` beside it saying what is wrong and what to do. The note is written
     /// first, so a rejected file always has one; if the move fails the note is removed again.
-    pub fn reject(&self, file: &ReadyFile, error: &str) -> io::Result<PathBuf> {
+    pub(crate) fn reject(&self, file: &ReadyFile, error: &str) -> io::Result<PathBuf> {
         self.reject_path(&file.path, &file.file_name, error)
     }
 
     /// [`Inbox::reject`] for the file at `path`, named `file_name` when it was dropped.
-    pub fn reject_path(&self, path: &Path, file_name: &str, error: &str) -> io::Result<PathBuf> {
+    pub(crate) fn reject_path(
+        &self,
+        path: &Path,
+        file_name: &str,
+        error: &str,
+    ) -> io::Result<PathBuf> {
         ensure_real_dir(&self.rejected).map_err(into_io)?;
         let target = free_name(&self.rejected, file_name, true)?;
         let note_path = with_suffix(&target, ERROR_SUFFIX);
@@ -534,7 +539,7 @@ fn read_unchanged(path: &Path, expected: Signature, limit: u64) -> io::Result<Op
 /// `.`/`-` and trailing `-` trimmed, cut to 100 bytes; `job-file` if nothing is left, `job-`
 /// before a name Windows or krea-batch reserves. The result always passes [`check_name`].
 #[must_use]
-pub fn batch_name(file_name: &str) -> String {
+pub(crate) fn batch_name(file_name: &str) -> String {
     let lower = file_name.to_ascii_lowercase();
     let stem = [".yaml", ".yml"]
         .iter()

@@ -66,13 +66,13 @@ impl fmt::Display for JobKey {
 /// `preserve_order` feature is off), so the same body always gives the same text, and the same
 /// key. This text is what is stored and sent.
 #[must_use]
-pub fn canonical_json(body: &Map<String, Value>) -> String {
+pub(crate) fn canonical_json(body: &Map<String, Value>) -> String {
     serde_json::to_string(body).unwrap_or_default()
 }
 
 /// Lowercase hex of `bytes`.
 #[must_use]
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use fmt::Write as _;
     let mut out = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
@@ -183,11 +183,11 @@ impl fmt::Display for JobState {
 }
 
 /// The longest job name accepted; names become file names with an extension and a suffix added.
-pub const MAX_NAME_LEN: usize = 120;
+pub(crate) const MAX_NAME_LEN: usize = 120;
 
 /// A name krea-batch keeps for its own files in an output folder.
 #[derive(Clone, Copy, Debug)]
-pub enum Reserved {
+pub(crate) enum Reserved {
     /// Exactly this name (ignoring case).
     Exact(&'static str),
     /// Any name starting with this (ignoring case).
@@ -200,7 +200,7 @@ pub enum Reserved {
 /// output folder (a job's results go to `<name>.<ext>`, or to a folder `<name>/` when it has
 /// several, which would clash). Each with what the file is, for the error. The one list: add
 /// a name here when krea-batch starts writing a new file beside the results.
-pub const RESERVED_NAMES: &[(Reserved, &str)] = &[
+pub(crate) const RESERVED_NAMES: &[(Reserved, &str)] = &[
     (Reserved::Exact("manifest.jsonl"), "the manifest"),
     (Reserved::Exact("index.html"), "the gallery"),
     (Reserved::Numbered("index-", ".html"), "a page of the gallery"),
@@ -211,7 +211,7 @@ pub const RESERVED_NAMES: &[(Reserved, &str)] = &[
 
 /// What `name` would collide with, if it is reserved ([`RESERVED_NAMES`]).
 #[must_use]
-pub fn reserved_name(name: &str) -> Option<&'static str> {
+pub(crate) fn reserved_name(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     RESERVED_NAMES.iter().find_map(|(pattern, what)| {
         let hit = match pattern {
@@ -289,7 +289,7 @@ pub enum NameError {
 /// A readable, safe name for a job that has none: its 1-based position in the file and the first
 /// words of its prompt, e.g. `007-a-red-fox-in-fresh-snow`.
 #[must_use]
-pub fn derive_name(position: usize, prompt: &str) -> String {
+pub(crate) fn derive_name(position: usize, prompt: &str) -> String {
     const SLUG_LEN: usize = 40;
     let mut slug = String::new();
     for ch in prompt.chars() {

@@ -12,11 +12,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// The environment variable holding the key.
-pub const KEY_ENV: &str = "KREA_API_KEY";
+pub(crate) const KEY_ENV: &str = "KREA_API_KEY";
 /// The name of the systemd credential holding the key.
-pub const CREDENTIAL_NAME: &str = "krea-api-key";
+pub(crate) const CREDENTIAL_NAME: &str = "krea-api-key";
 /// What stands where server text quoted the key.
-pub const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// A Krea API token. Only [`ApiKey::expose`] reveals it, for the `Authorization` header.
 #[derive(Clone, PartialEq, Eq)]

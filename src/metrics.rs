@@ -38,7 +38,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the endpoint reports; the daemon publishes a fresh one through a tokio watch channel.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct MetricsSnapshot {
+pub(crate) struct MetricsSnapshot {
     /// Jobs by where they stand.
     pub counts: Counts,
     /// Submissions (POSTs) sent.
@@ -68,7 +68,7 @@ pub struct MetricsSnapshot {
 }
 
 /// Accepts only loopback addresses (127.0.0.0/8, `::1`); the error says why not.
-pub fn check_listen(addr: &SocketAddr) -> Result<(), ListenRefused> {
+pub(crate) fn check_listen(addr: &SocketAddr) -> Result<(), ListenRefused> {
     if addr.ip().to_canonical().is_loopback() {
         return Ok(());
     }
@@ -85,7 +85,7 @@ pub fn check_listen(addr: &SocketAddr) -> Result<(), ListenRefused> {
 pub struct ListenRefused(pub SocketAddr);
 
 /// Checks `addr` with [`check_listen`] (an `InvalidInput` error if it is refused), then binds it.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     check_listen(&addr)
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
     TcpListener::bind(addr).await
@@ -95,7 +95,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 ///
 /// Jobs are one gauge family, `krea_batch_jobs{state=...}`, without the total: `sum()` gives it.
 #[must_use]
-pub fn render(snapshot: &MetricsSnapshot) -> String {
+pub(crate) fn render(snapshot: &MetricsSnapshot) -> String {
     let mut out = String::with_capacity(2048);
     let counts = &snapshot.counts;
     family(&mut out, "jobs", "gauge", "Jobs by where they stand.");
@@ -207,7 +207,7 @@ fn float(value: f64) -> String {
 /// takes over 10 s to send its request head is dropped. A failed `accept` is logged and retried
 /// after a short pause: the endpoint never takes the daemon down. Returns `Ok` on shutdown,
 /// aborting the connections still open.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     snapshot: watch::Receiver<MetricsSnapshot>,
     shutdown: CancellationToken,

@@ -19,17 +19,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// How long a cached document is used before it is fetched again.
-pub const CACHE_FOR: Duration = Duration::from_hours(24);
+pub(crate) const CACHE_FOR: Duration = Duration::from_hours(24);
 /// The file name of the cache beside the state file, where it lives when the user has no cache
 /// folder (neither `XDG_CACHE_HOME` nor `HOME` is set), and where earlier versions kept it.
-pub const CACHE_FILE: &str = ".krea-batch.openapi.json";
+pub(crate) const CACHE_FILE: &str = ".krea-batch.openapi.json";
 /// krea-batch's folder in the user's cache folder.
 const CACHE_DIR: &str = "krea-batch";
 
 /// The user's cache folder for krea-batch, from `env`: `$XDG_CACHE_HOME/krea-batch`, else
 /// `$HOME/.cache/krea-batch` (the XDG base-directory rules: relative values are ignored).
 #[must_use]
-pub fn user_cache_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+pub(crate) fn user_cache_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
     let absolute = |name: &str| env(name).map(PathBuf::from).filter(|path| path.is_absolute());
     absolute("XDG_CACHE_HOME")
         .or_else(|| absolute("HOME").map(|home| home.join(".cache")))
@@ -39,7 +39,7 @@ pub fn user_cache_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Optio
 /// The cache file of `base`'s document in `dir`: `openapi-<host>[-<port>]-<hash>.json`, the
 /// hash over the whole base URL, so each API (Krea, a proxy, a simulation) has its own.
 #[must_use]
-pub fn cache_file_in(dir: &Path, base: &reqwest::Url) -> PathBuf {
+pub(crate) fn cache_file_in(dir: &Path, base: &reqwest::Url) -> PathBuf {
     use sha2::Digest as _;
     let normalised = base.as_str().trim_end_matches('/');
     let hash = crate::job::hex(&sha2::Sha256::digest(normalised.as_bytes()));
@@ -60,7 +60,7 @@ pub fn cache_file_in(dir: &Path, base: &reqwest::Url) -> PathBuf {
 /// whatever the state file, so `check --offline` finds it from any folder; beside `state`
 /// only when the user has no cache folder.
 #[must_use]
-pub fn cache_path(base: &reqwest::Url, state: &Path) -> PathBuf {
+pub(crate) fn cache_path(base: &reqwest::Url, state: &Path) -> PathBuf {
     match user_cache_dir(|name| std::env::var_os(name)) {
         Some(dir) => cache_file_in(&dir, base),
         None => state.parent().unwrap_or_else(|| Path::new(".")).join(CACHE_FILE),
@@ -71,7 +71,7 @@ const MAX_BYTES: usize = 32 << 20;
 
 /// Where the document comes from.
 #[derive(Clone, Debug)]
-pub enum Source {
+pub(crate) enum Source {
     /// A file given with `--openapi`.
     File(PathBuf),
     /// `<base_url>/openapi.json`, cached in `cache`.
@@ -292,7 +292,7 @@ impl SchemaReport {
 }
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.
-pub async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
+pub(crate) async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
     match source {
         Source::File(path) => {
             let bytes = std::fs::read(path)

@@ -28,9 +28,9 @@ use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 
 /// The marker's file name in an output folder.
-pub const MARKER: &str = ".krea-batch-output.json";
+pub(crate) const MARKER: &str = ".krea-batch-output.json";
 /// The lock's file name in an output folder.
-pub const LOCK: &str = ".krea-batch-output.lock";
+pub(crate) const LOCK: &str = ".krea-batch-output.lock";
 /// The files krea-batch keeps in an output folder start with this (state, marker, lock, cache).
 const OWN_PREFIX: &str = ".krea-batch";
 /// How many foreign or unknown entries an error names.
@@ -39,7 +39,7 @@ const NAMED: usize = 5;
 /// What can be wrong with an output folder. All but [`OutputError::Io`] are the user's to
 /// settle (exit 2), and none of them has sent or written anything.
 #[derive(Debug, thiserror::Error)]
-pub enum OutputError {
+pub(crate) enum OutputError {
     /// Another process holds the folder's lock.
     #[error(
         "another krea-batch process is writing into the output folder {dir}; wait for it to \
@@ -119,14 +119,14 @@ pub enum OutputError {
 impl OutputError {
     /// Whether the user must act (exit 2), as opposed to a failing disk.
     #[must_use]
-    pub fn is_input(&self) -> bool {
+    pub(crate) fn is_input(&self) -> bool {
         !matches!(self, Self::Io { .. })
     }
 }
 
 /// What an output folder's marker says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Marker {
+pub(crate) struct Marker {
     /// For a person who opens the file.
     #[serde(default)]
     pub about: String,
@@ -144,7 +144,12 @@ pub struct Marker {
 impl Marker {
     /// A marker for `batch` of the state `state_id` at `state_file`.
     #[must_use]
-    pub fn new(state_id: &str, state_file: &Path, batch: &str, foreign: Vec<String>) -> Self {
+    pub(crate) fn new(
+        state_id: &str,
+        state_file: &Path,
+        batch: &str,
+        foreign: Vec<String>,
+    ) -> Self {
         Self {
             about: "This folder holds krea-batch results; this file names the state file that \
                     owns them. Keep it: without it a rerun cannot tell its results from \
@@ -160,12 +165,12 @@ impl Marker {
 
 /// The held lock of an output folder; released when dropped.
 #[derive(Debug)]
-pub struct OutputLock {
+pub(crate) struct OutputLock {
     _file: File,
 }
 
 /// Takes the output folder's lock, or says who holds it.
-pub fn lock(dir: &Path) -> Result<OutputLock, OutputError> {
+pub(crate) fn lock(dir: &Path) -> Result<OutputLock, OutputError> {
     let path = dir.join(LOCK);
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -181,7 +186,7 @@ pub fn lock(dir: &Path) -> Result<OutputLock, OutputError> {
 }
 
 /// Reads the folder's marker, if it has one.
-pub fn read_marker(dir: &Path) -> Result<Option<Marker>, OutputError> {
+pub(crate) fn read_marker(dir: &Path) -> Result<Option<Marker>, OutputError> {
     let path = dir.join(MARKER);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -194,7 +199,7 @@ pub fn read_marker(dir: &Path) -> Result<Option<Marker>, OutputError> {
 }
 
 /// Writes the folder's marker (synced: it decides whether a later run may write here).
-pub fn write_marker(dir: &Path, marker: &Marker) -> Result<(), OutputError> {
+pub(crate) fn write_marker(dir: &Path, marker: &Marker) -> Result<(), OutputError> {
     let path = dir.join(MARKER);
     let mut text = serde_json::to_vec_pretty(marker).unwrap_or_default();
     text.push(b'\n');
@@ -203,7 +208,7 @@ pub fn write_marker(dir: &Path, marker: &Marker) -> Result<(), OutputError> {
 
 /// The entries of `dir` that krea-batch did not put there: everything but its own files (the
 /// marker, the lock, a state file and its companions, temporary files), sorted by name.
-pub fn foreign_entries(dir: &Path, state: &Path) -> Result<Vec<String>, OutputError> {
+pub(crate) fn foreign_entries(dir: &Path, state: &Path) -> Result<Vec<String>, OutputError> {
     let io = |source| OutputError::Io { path: dir.to_owned(), source };
     let same_folder = state.parent().and_then(|parent| std::fs::canonicalize(parent).ok())
         == std::fs::canonicalize(dir).ok();
@@ -226,7 +231,7 @@ pub fn foreign_entries(dir: &Path, state: &Path) -> Result<Vec<String>, OutputEr
 
 /// Names the first few of `names` for a message.
 #[must_use]
-pub fn listed(names: &[String]) -> String {
+pub(crate) fn listed(names: &[String]) -> String {
     use std::fmt::Write as _;
     let mut text = names.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
     if names.len() > NAMED {
@@ -237,7 +242,7 @@ pub fn listed(names: &[String]) -> String {
 
 /// A Krea job that the folder's manifest or a sidecar names.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// The job's name.
     #[serde(default)]
     pub name: String,
@@ -250,7 +255,7 @@ pub struct Recorded {
 /// deep) that are not in `known`, at most `limit` of them; files whose path is in `recorded`
 /// are the state's own and are not opened.
 #[must_use]
-pub fn unknown_jobs<K: BuildHasher, R: BuildHasher>(
+pub(crate) fn unknown_jobs<K: BuildHasher, R: BuildHasher>(
     dir: &Path,
     known: &HashSet<String, K>,
     recorded: &HashSet<String, R>,
@@ -292,7 +297,7 @@ pub fn unknown_jobs<K: BuildHasher, R: BuildHasher>(
 
 /// A sidecar found in an output folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SidecarPath {
+pub(crate) struct SidecarPath {
     /// The sidecar, relative to the folder.
     pub path: String,
     /// Its result file, relative to the folder.
@@ -302,7 +307,7 @@ pub struct SidecarPath {
 /// The sidecars in `dir` and its sub-folders one level deep (a job with several results has a
 /// folder), sorted by path. Links are not followed.
 #[must_use]
-pub fn sidecars(dir: &Path) -> Vec<SidecarPath> {
+pub(crate) fn sidecars(dir: &Path) -> Vec<SidecarPath> {
     let mut found = Vec::new();
     let visit = |folder: &Path, prefix: &str, found: &mut Vec<SidecarPath>, deeper: bool| {
         let Ok(entries) = std::fs::read_dir(folder) else { return Vec::new() };
@@ -334,7 +339,7 @@ pub fn sidecars(dir: &Path) -> Vec<SidecarPath> {
 
 /// The name and job id a sidecar records, if it is one (at most 1 MiB is read).
 #[must_use]
-pub fn read_sidecar(path: &Path) -> Option<Recorded> {
+pub(crate) fn read_sidecar(path: &Path) -> Option<Recorded> {
     crate::files::read_small_json(path)
 }
 

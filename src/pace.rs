@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 /// governor's clock, read from tokio's timer so that paused-time tests move it.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TokioClock;
+pub(crate) struct TokioClock;
 
 impl Clock for TokioClock {
     type Instant = std::time::Instant;
@@ -36,7 +36,7 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<s
 /// How fast submissions may go: POSTs per second (`None`: no limit at all) and how many may go
 /// at once before that rate applies.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Pace {
+pub(crate) struct Pace {
     /// Steady rate, POSTs per second; `None` lets every POST through at once.
     pub per_second: Option<f64>,
     /// POSTs allowed at once before the rate applies (0 counts as 1).
@@ -46,7 +46,7 @@ pub struct Pace {
 impl Pace {
     /// The slowest pace a limiter is built for (one POST an hour): a lower or non-finite rate
     /// asked for is taken as this, never as "no limit".
-    pub const SLOWEST_PER_SECOND: f64 = 1.0 / 3600.0;
+    pub(crate) const SLOWEST_PER_SECOND: f64 = 1.0 / 3600.0;
 
     /// governor's quota for this pace; `None` when there is no limit.
     fn quota(self) -> Option<Quota> {
@@ -65,7 +65,7 @@ impl Pace {
 
 /// The submission pacer: a token bucket (a [`Pace`]: `submissions_per_minute` with a `burst`,
 /// or what the controller learned) and a cool-down while Krea cannot be reached.
-pub struct Pacer {
+pub(crate) struct Pacer {
     /// `None` while the pace sets no limit.
     limiter: Option<Limiter>,
     pace: Pace,
@@ -89,7 +89,7 @@ impl Pacer {
     /// A pacer at `pace` (its burst available at once), with `backoff_start` as the first
     /// pause while Krea cannot be reached.
     #[must_use]
-    pub fn new(pace: Pace, backoff_start: Duration) -> Self {
+    pub(crate) fn new(pace: Pace, backoff_start: Duration) -> Self {
         Self {
             limiter: pace.quota().map(|quota| RateLimiter::direct_with_clock(quota, TokioClock)),
             pace,
@@ -101,14 +101,14 @@ impl Pacer {
 
     /// The pace in force.
     #[must_use]
-    pub fn pace(&self) -> Pace {
+    pub(crate) fn pace(&self) -> Pace {
         self.pace
     }
 
     /// Changes the pace from now on: governor's limiter is built again with the new quota.
     /// The new bucket starts empty, so a change never hands out a burst on top of what the old
     /// limiter already let through (after a request-rate 429 that would earn another one).
-    pub fn set_pace(&mut self, pace: Pace) {
+    pub(crate) fn set_pace(&mut self, pace: Pace) {
         if pace == self.pace {
             return;
         }
@@ -122,7 +122,7 @@ impl Pacer {
 
     /// Takes a permit for one POST now, or says when to ask again. Call only when a job is ready
     /// to go and a slot is free: a granted permit is spent.
-    pub fn try_acquire(&mut self) -> Result<(), Instant> {
+    pub(crate) fn try_acquire(&mut self) -> Result<(), Instant> {
         let now = Instant::now();
         if let Some(until) = self.cooldown_until {
             if now < until {
@@ -139,7 +139,7 @@ impl Pacer {
 
     /// Krea could not be reached: every submission pauses, the pause growing while this goes
     /// on. Returns the pause.
-    pub fn on_unreachable(&mut self) -> Duration {
+    pub(crate) fn on_unreachable(&mut self) -> Duration {
         let wait = retry::rate_limit_delay(self.unreachable_streak, self.backoff_start, None);
         self.unreachable_streak = self.unreachable_streak.saturating_add(1);
         let until = Instant::now() + wait;
@@ -148,7 +148,7 @@ impl Pacer {
     }
 
     /// Krea answered a submission (any answer): it can be reached again.
-    pub fn on_answered(&mut self) {
+    pub(crate) fn on_answered(&mut self) {
         self.unreachable_streak = 0;
     }
 }
@@ -161,7 +161,7 @@ impl Pacer {
 /// `first`. For a job of length T the number of GETs is about log₁.₅(T/first) + 2 while the
 /// delays are below `max`, then T/`max` more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PollSchedule {
+pub(crate) struct PollSchedule {
     /// The first delay.
     pub first: Duration,
     /// The longest delay.
@@ -171,7 +171,7 @@ pub struct PollSchedule {
 impl PollSchedule {
     /// The delay after `previous` (None for the first poll); `near_end` drops back to `first`.
     #[must_use]
-    pub fn next_delay(&self, previous: Option<Duration>, near_end: bool) -> Duration {
+    pub(crate) fn next_delay(&self, previous: Option<Duration>, near_end: bool) -> Duration {
         match previous {
             None => self.first.min(self.max),
             Some(_) if near_end => self.first.min(self.max),

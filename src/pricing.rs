@@ -10,20 +10,20 @@ use std::collections::BTreeMap;
 
 /// Prices in USD per generation, by model, with the parameters that change them.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PriceTable {
+pub(crate) struct PriceTable {
     overrides: BTreeMap<String, f64>,
 }
 
 impl PriceTable {
     /// The built-in table with a job file's `prices:` on top.
     #[must_use]
-    pub fn with_overrides(overrides: BTreeMap<String, f64>) -> Self {
+    pub(crate) fn with_overrides(overrides: BTreeMap<String, f64>) -> Self {
         Self { overrides }
     }
 
     /// The price of one generation of `model` with `body`, if known.
     #[must_use]
-    pub fn price(&self, model: &str, body: &Map<String, Value>) -> Option<f64> {
+    pub(crate) fn price(&self, model: &str, body: &Map<String, Value>) -> Option<f64> {
         self.overrides.get(model).copied().or_else(|| builtin_price(model, body))
     }
 }
@@ -66,7 +66,7 @@ fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
 /// An amount for people: cents always, and the smaller digits of a price only when it has
 /// them (`$25.00`, `$0.021`, `$0.0075`).
 #[must_use]
-pub fn usd(amount: f64) -> String {
+pub(crate) fn usd(amount: f64) -> String {
     let precise = format!("{amount:.4}");
     let trimmed = precise.trim_end_matches('0');
     let decimals = trimmed.split_once('.').map_or(0, |(_, fraction)| fraction.len());
@@ -77,13 +77,13 @@ pub fn usd(amount: f64) -> String {
 /// carries binary noise (`0.1 + 0.2` is `0.30000000000000004`) that means nothing, and is
 /// rounded away before it is shown or exported.
 #[must_use]
-pub fn round_usd(amount: f64) -> f64 {
+pub(crate) fn round_usd(amount: f64) -> f64 {
     (amount * 1e6).round() / 1e6
 }
 
 /// A sum of prices that remembers how many jobs had none.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Estimate {
+pub(crate) struct Estimate {
     /// The sum of the known prices, USD.
     pub usd: f64,
     /// Jobs whose model has no known price.
@@ -92,7 +92,7 @@ pub struct Estimate {
 
 impl Estimate {
     /// Adds one job's price.
-    pub fn add(&mut self, price: Option<f64>) {
+    pub(crate) fn add(&mut self, price: Option<f64>) {
         match price {
             Some(usd) => self.usd += usd,
             None => self.unpriced += 1,

@@ -62,9 +62,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// The clock margin used when no earlier POST bounds the offset to Krea's clock.
-pub const UNMEASURED_CLOCK_MARGIN: Duration = Duration::from_mins(1);
+pub(crate) const UNMEASURED_CLOCK_MARGIN: Duration = Duration::from_mins(1);
 /// Extra margin on measured windows: millisecond rounding, drift, time stamped mid-request.
-pub const MEASURED_CLOCK_MARGIN: Duration = Duration::from_millis(500);
+pub(crate) const MEASURED_CLOCK_MARGIN: Duration = Duration::from_millis(500);
 /// Jobs listed per page.
 const PAGE_SIZE: u32 = 100;
 /// The most pages read in one reconciliation (100,000 jobs).
@@ -72,7 +72,7 @@ const MAX_PAGES: usize = 1000;
 
 /// One POST whose outcome is unknown.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The engine's handle of the job.
     pub slot: usize,
     /// Local time the attempt was recorded, before the POST (ms since the epoch).
@@ -89,7 +89,7 @@ pub struct Attempt {
 impl Attempt {
     /// Sets `raced` on each of `attempts` that may have been on the wire together with
     /// another one of them.
-    pub fn raced_among(attempts: &mut [Attempt]) {
+    pub(crate) fn raced_among(attempts: &mut [Attempt]) {
         let span = |a: &Attempt| (a.started_ms, a.ended_ms.unwrap_or(i64::MAX));
         for i in 0..attempts.len() {
             let (start, end) = span(&attempts[i]);
@@ -103,7 +103,7 @@ impl Attempt {
 
 /// A job at Krea that no record claims.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// The job as listed; `None` for an item of the list that could not be read, which is
     /// never adopted but keeps the attempts it may belong to from counting as "not created".
     pub job: Option<RemoteJob>,
@@ -119,7 +119,7 @@ impl Candidate {
 
 /// What one reconciliation's listing found.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Listing {
+pub(crate) struct Listing {
     /// Unclaimed jobs created since the earliest attempt (unreadable ones included).
     pub candidates: Vec<Candidate>,
     /// Items of the list that could not be read, on every page read.
@@ -130,7 +130,7 @@ pub struct Listing {
 
 /// Bounds on (Krea's clock − the local clock), in ms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClockOffset {
+pub(crate) struct ClockOffset {
     /// The smallest the offset can be.
     pub low_ms: i64,
     /// The largest.
@@ -140,7 +140,7 @@ pub struct ClockOffset {
 impl ClockOffset {
     /// No measurement: ± [`UNMEASURED_CLOCK_MARGIN`].
     #[must_use]
-    pub fn unmeasured() -> Self {
+    pub(crate) fn unmeasured() -> Self {
         let margin = millis(UNMEASURED_CLOCK_MARGIN);
         Self { low_ms: -margin, high_ms: margin }
     }
@@ -150,7 +150,7 @@ impl ClockOffset {
     /// intersection: Krea's answers may come from servers whose clocks differ slightly, and a
     /// window too narrow would miss a job and pay for it twice; one too wide only reports.
     #[must_use]
-    pub fn measured(samples: &[(i64, i64, i64)]) -> Self {
+    pub(crate) fn measured(samples: &[(i64, i64, i64)]) -> Self {
         let low = samples.iter().map(|(_, answered, created)| created - answered).min();
         let high = samples.iter().map(|(sent, _, created)| created - sent).max();
         let (Some(low), Some(high)) = (low, high) else { return Self::unmeasured() };
@@ -161,7 +161,7 @@ impl ClockOffset {
 
 /// What reconciliation decided for one attempt.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Krea created this job for the attempt: record its id and poll it.
     Adopt {
         /// The engine's handle of the job.
@@ -199,7 +199,7 @@ pub enum Outcome {
 /// Matches unknown attempts with unclaimed jobs. `request_timeout` bounds an attempt whose end
 /// was not recorded.
 #[must_use]
-pub fn match_attempts(
+pub(crate) fn match_attempts(
     attempts: &[Attempt],
     candidates: &[Candidate],
     offset: ClockOffset,
@@ -360,7 +360,7 @@ fn root(group: &mut [usize], mut index: usize) -> usize {
 ///
 /// Each next cursor is the oldest `created_at` seen plus a millisecond, so jobs that share the
 /// boundary millisecond are listed again rather than skipped; repeats are dropped by id.
-pub async fn list_unclaimed<S: std::hash::BuildHasher>(
+pub(crate) async fn list_unclaimed<S: std::hash::BuildHasher>(
     api: &dyn KreaApi,
     since_ms: i64,
     claimed: &HashSet<String, S>,
@@ -424,7 +424,7 @@ pub async fn list_unclaimed<S: std::hash::BuildHasher>(
 
 /// Milliseconds since the epoch of an RFC 3339 UTC time (`Z` or `+00:00`); `None` otherwise.
 #[must_use]
-pub fn parse_time_ms(text: &str) -> Option<i64> {
+pub(crate) fn parse_time_ms(text: &str) -> Option<i64> {
     let text = text.trim();
     let utc =
         text.strip_suffix("+00:00").map_or_else(|| text.to_owned(), |base| format!("{base}Z"));
@@ -434,7 +434,7 @@ pub fn parse_time_ms(text: &str) -> Option<i64> {
 
 /// RFC 3339 with milliseconds, UTC.
 #[must_use]
-pub fn format_time_ms(ms: i64) -> String {
+pub(crate) fn format_time_ms(ms: i64) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or_default());
     humantime::format_rfc3339_millis(time).to_string()
 }

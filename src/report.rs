@@ -12,11 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The manifest's file name, in each output directory.
-pub const MANIFEST: &str = "manifest.jsonl";
+pub(crate) const MANIFEST: &str = "manifest.jsonl";
 
 /// A job's line in `manifest.jsonl`.
 #[derive(Clone, Debug, Serialize)]
-pub struct ManifestLine<'a> {
+pub(crate) struct ManifestLine<'a> {
     /// The job's name.
     pub name: &'a str,
     /// `completed`, `failed`, `cancelled`, `not_submitted`, `download_pending`, `unknown` or
@@ -40,7 +40,7 @@ pub struct ManifestLine<'a> {
 impl<'a> ManifestLine<'a> {
     /// The line for `job`.
     #[must_use]
-    pub fn of(job: &'a JobRecord) -> Self {
+    pub(crate) fn of(job: &'a JobRecord) -> Self {
         let billed = matches!(job.state, JobState::Completed | JobState::Downloaded);
         Self {
             name: &job.name,
@@ -57,7 +57,7 @@ impl<'a> ManifestLine<'a> {
 
 /// The manifest's name for a local state.
 #[must_use]
-pub fn manifest_status(state: JobState) -> &'static str {
+pub(crate) fn manifest_status(state: JobState) -> &'static str {
     match state {
         JobState::Downloaded => "completed",
         JobState::Completed => "download_pending",
@@ -70,7 +70,7 @@ pub fn manifest_status(state: JobState) -> &'static str {
 }
 
 /// Appends the lines of jobs that just ended to `<dir>/manifest.jsonl`, in one write.
-pub fn append_manifest<'a>(
+pub(crate) fn append_manifest<'a>(
     dir: &Path,
     jobs: impl IntoIterator<Item = &'a JobRecord>,
 ) -> std::io::Result<()> {
@@ -88,7 +88,7 @@ pub fn append_manifest<'a>(
 /// Rewrites `<dir>/manifest.jsonl` from `jobs` (one line each), atomically. With
 /// `ended_only`, jobs that have not ended are left out (the start of a run); otherwise every
 /// job is listed (the end of a run).
-pub fn rewrite_manifest<'a>(
+pub(crate) fn rewrite_manifest<'a>(
     dir: &Path,
     jobs: impl IntoIterator<Item = &'a JobRecord>,
     ended_only: bool,
@@ -260,7 +260,7 @@ impl std::fmt::Display for Summary {
 
 /// `n` and `noun`, plural unless `n` is 1: `1 job`, `3 jobs`, `0 jobs` (nouns that take `s`).
 #[must_use]
-pub fn count(n: usize, noun: &str) -> String {
+pub(crate) fn count(n: usize, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }
 
@@ -283,7 +283,7 @@ fn write_refused_cancels(
 
 /// `1536` → `1.5 KiB`.
 #[must_use]
-pub fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

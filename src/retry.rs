@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// How a failed attempt is to be treated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Try again after the back-off, or after the given wait if the server named one.
     Retry(Option<Duration>),
     /// Stop: retrying cannot help.
@@ -24,7 +24,7 @@ pub enum Verdict {
 /// An exponential back-off: `first`, then ×2 with ±30 % jitter up to `max`, for at most
 /// `attempts` tries in all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// The first wait.
     pub first: Duration,
     /// The longest wait.
@@ -37,7 +37,7 @@ impl RetryPolicy {
     /// The policy for GET requests and downloads with `first` as the first wait: up to 6 tries
     /// over about a minute at the default of 2 s.
     #[must_use]
-    pub fn transient(first: Duration) -> Self {
+    pub(crate) fn transient(first: Duration) -> Self {
         Self { first, max: first.saturating_mul(16), attempts: 6 }
     }
 
@@ -74,7 +74,7 @@ impl Backoff for Limited {
 
 /// Runs `operation` until it succeeds, `classify` says to give up, or the policy's tries are
 /// spent; returns the last error then. `on_retry` hears about each failure that will be retried.
-pub async fn retry<T, E, Op, Fut>(
+pub(crate) async fn retry<T, E, Op, Fut>(
     policy: &RetryPolicy,
     classify: impl Fn(&E) -> Verdict,
     on_retry: impl Fn(&E, Duration),
@@ -103,7 +103,11 @@ where
 /// one, else `start` × 3ⁿ (Krea's own scripts wait 5, 15, 45 s) up to 20 × `start`, with ±25 %
 /// jitter so that several clients do not come back at the same instant.
 #[must_use]
-pub fn rate_limit_delay(streak: u32, start: Duration, retry_after: Option<Duration>) -> Duration {
+pub(crate) fn rate_limit_delay(
+    streak: u32,
+    start: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
     if let Some(wait) = retry_after {
         return wait;
     }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// Why a result could not be reused.
 #[derive(Debug, thiserror::Error)]
-pub enum ReuseError {
+pub(crate) enum ReuseError {
     /// The state file failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -34,7 +34,7 @@ pub enum ReuseError {
 
 /// Links or copies the results of `pairs` (a job's row id, the completed job's row id) into
 /// their jobs' output folders and records them; returns how many jobs took a result.
-pub fn take_results<S: BuildHasher>(
+pub(crate) fn take_results<S: BuildHasher>(
     store: &mut Store,
     pairs: &[(i64, i64)],
     output_dirs: &HashMap<i64, PathBuf, S>,

@@ -30,7 +30,7 @@ const MAX_DEPTH: usize = 32;
 
 /// The problems of `value` against `schema`; `root` is the document `$ref`s point into.
 #[must_use]
-pub fn validate(schema: &Value, value: &Value, root: &Value) -> Vec<Problem> {
+pub(crate) fn validate(schema: &Value, value: &Value, root: &Value) -> Vec<Problem> {
     let mut problems = Vec::new();
     check(schema, value, root, "", 0, &mut problems);
     problems
@@ -276,7 +276,7 @@ fn check_object(
 
 /// The valid name closest to a misspelled one, if one is close enough to be a likely typo.
 #[must_use]
-pub fn closest<'a>(wrong: &str, valid: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(wrong: &str, valid: &[&'a str]) -> Option<&'a str> {
     valid
         .iter()
         .map(|name| (distance(&wrong.to_lowercase(), &name.to_lowercase()), *name))

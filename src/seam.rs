@@ -28,15 +28,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// A boxed future answering one API request.
-pub type ApiFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'a>>;
+pub(crate) type ApiFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'a>>;
 
 /// A boxed future downloading one result.
-pub type FetchFuture<'a> =
+pub(crate) type FetchFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Fetched, DownloadError>> + Send + 'a>>;
 
 /// What the engine asks of Krea. Errors are classified as [`KreaClient`] classifies them; the
 /// engine's decisions (pay never twice) rest on that classification.
-pub trait KreaApi: Send + Sync + Debug {
+pub(crate) trait KreaApi: Send + Sync + Debug {
     /// `POST /generate/<model>` with `body`: creates a job.
     fn create_job<'a>(&'a self, model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob>;
     /// `GET /jobs/{id}`.
@@ -81,7 +81,7 @@ impl KreaApi for KreaClient {
 /// without touching the network, as a request that could not be sent ([`ApiError::NotSent`]),
 /// so nothing is believed to have happened at Krea. No key is needed to build it.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RefusingApi;
+pub(crate) struct RefusingApi;
 
 impl RefusingApi {
     fn refuse<'a, T: Send + 'a>(what: &str) -> ApiFuture<'a, T> {
@@ -122,7 +122,7 @@ impl KreaApi for RefusingApi {
 
 /// How the engine downloads one result: `url` to `<dir>/<stem>.<ext>` for the Krea job
 /// `owner`, retrying transient failures by `policy`.
-pub trait ResultFetcher: Send + Sync + Debug {
+pub(crate) trait ResultFetcher: Send + Sync + Debug {
     /// Downloads one result (see [`Downloader::fetch_with_retries`]).
     fn fetch<'a>(
         &'a self,
@@ -150,14 +150,14 @@ impl ResultFetcher for Downloader {
 /// The wall clock as the state file records it: milliseconds since the Unix epoch. Deadlines
 /// and waits inside the engine use tokio's clock; this is for times that are stored or compared
 /// with Krea's.
-pub trait Clock: Send + Sync + Debug {
+pub(crate) trait Clock: Send + Sync + Debug {
     /// Milliseconds since the Unix epoch, now.
     fn now_ms(&self) -> i64;
 }
 
 /// The system's wall clock.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
@@ -167,7 +167,7 @@ impl Clock for SystemClock {
 
 /// The engine's connections to the world: the API, the result hosts, the clock, the state file.
 #[derive(Debug)]
-pub struct EngineIo {
+pub(crate) struct EngineIo {
     /// Krea.
     pub api: Arc<dyn KreaApi>,
     /// The result hosts.
@@ -183,7 +183,7 @@ pub struct EngineIo {
 impl EngineIo {
     /// The production connections: `api`, `downloader` and the system clock.
     #[must_use]
-    pub fn new(
+    pub(crate) fn new(
         api: Arc<dyn KreaApi>,
         downloader: Downloader,
         writer: StoreWriter,

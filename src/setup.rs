@@ -38,7 +38,7 @@ const META_API_BASE: &str = "api_base";
 /// The state's meta key naming the simulated world its jobs were sent to ("" for none).
 const META_SIMULATION: &str = "simulation";
 /// How often a running process reads the requests.
-pub const REQUESTS_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const REQUESTS_EVERY: Duration = Duration::from_secs(2);
 /// The longest wait for a connection, to Krea or a result host.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -373,7 +373,7 @@ pub(crate) fn downloader(base: &reqwest::Url, limits: &Limits) -> anyhow::Result
 
 /// The engine settings for a job file's limits.
 #[must_use]
-pub fn engine_settings(limits: &Limits) -> EngineSettings {
+pub(crate) fn engine_settings(limits: &Limits) -> EngineSettings {
     EngineSettings {
         ceilings: Ceilings::from_limits(limits),
         poll: PollSchedule { first: limits.poll_interval, max: limits.poll_interval_max },

@@ -45,7 +45,7 @@ const MAX_LIST_PAGES: usize = 50;
 
 /// The description every upload carries: how a lost upload is found again.
 #[must_use]
-pub fn description(sha256: &str) -> String {
+pub(crate) fn description(sha256: &str) -> String {
     format!("krea-batch sha256:{sha256}")
 }
 
@@ -57,7 +57,7 @@ fn placeholders(body: &str) -> impl Iterator<Item = &str> {
 
 /// The URLs of uploaded contents (SHA-256 → URL) that [`WithUploads`] puts into bodies; shared
 /// so that the daemon can add those of a new inbox file while the engine runs.
-pub type UrlBook = Arc<RwLock<HashMap<String, String>>>;
+pub(crate) type UrlBook = Arc<RwLock<HashMap<String, String>>>;
 
 /// The contents (SHA-256) that the jobs not yet sent use.
 fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {
@@ -71,7 +71,7 @@ fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {
 /// use, and returns `api` wrapped so that their bodies carry the URLs. `api_base` names the API
 /// the records belong to. Waits `backoff` (doubling) between attempts a 429 or an unreachable
 /// API interrupted.
-pub async fn prepare(
+pub(crate) async fn prepare(
     store: &mut Store,
     api: Arc<dyn KreaApi>,
     api_base: &str,
@@ -95,7 +95,7 @@ pub async fn prepare(
 }
 
 /// Uploads each of `files` (or finds it recorded, or at Krea) and adds its URL to `book`.
-pub async fn upload_files(
+pub(crate) async fn upload_files(
     records: &mut Records<'_>,
     api: &dyn KreaApi,
     api_base: &str,
@@ -113,7 +113,7 @@ pub async fn upload_files(
 }
 
 /// Adds to `book` the recorded URLs of the contents `jobs` not yet sent use and `book` lacks.
-pub fn recorded(
+pub(crate) fn recorded(
     store: &Store,
     api_base: &str,
     jobs: &[JobRecord],
@@ -216,7 +216,7 @@ async fn ensure(
 
 /// Where uploads are recorded: the state file in this process's hands (`run`, before the
 /// engine), or through the engine's writer (the daemon, while the engine runs).
-pub enum Records<'a> {
+pub(crate) enum Records<'a> {
     /// The state file itself.
     Direct(&'a mut Store),
     /// The state's writer thread.
@@ -304,7 +304,7 @@ async fn find(api: &dyn KreaApi, sha: &str) -> anyhow::Result<Option<String>> {
 /// The API the engine sends through: each file's placeholder in a job's body replaced by its
 /// upload's URL; everything else passed on as is.
 #[derive(Debug)]
-pub struct WithUploads {
+pub(crate) struct WithUploads {
     inner: Arc<dyn KreaApi>,
     /// URLs by content (SHA-256).
     urls: UrlBook,
@@ -313,7 +313,7 @@ pub struct WithUploads {
 impl WithUploads {
     /// `inner`, sending bodies with the URLs of `urls`.
     #[must_use]
-    pub fn new(inner: Arc<dyn KreaApi>, urls: UrlBook) -> Self {
+    pub(crate) fn new(inner: Arc<dyn KreaApi>, urls: UrlBook) -> Self {
         Self { inner, urls }
     }
 

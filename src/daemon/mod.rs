@@ -19,7 +19,7 @@
 //! - SIGTERM: nothing new starts, the requests under way finish and are recorded, and the daemon
 //!   exits within `drain_time`; jobs still running at Krea are polled by the next start.
 
-pub mod config;
+pub(crate) mod config;
 mod notify;
 
 use crate::api;

@@ -22,14 +22,14 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 /// The largest local file that may be an input: Krea's limit for an upload, 75 MB.
-pub const MAX_INPUT_BYTES: u64 = 75 * 1000 * 1000;
+pub(crate) const MAX_INPUT_BYTES: u64 = 75 * 1000 * 1000;
 
 /// What stands in a request body for a local file until its upload's URL replaces it.
-pub const PLACEHOLDER_PREFIX: &str = "krea-batch-file:sha256:";
+pub(crate) const PLACEHOLDER_PREFIX: &str = "krea-batch-file:sha256:";
 
 /// The placeholder of the content with this SHA-256 (lowercase hex).
 #[must_use]
-pub fn placeholder(sha256: &str) -> String {
+pub(crate) fn placeholder(sha256: &str) -> String {
     format!("{PLACEHOLDER_PREFIX}{sha256}")
 }
 

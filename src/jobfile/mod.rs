@@ -46,11 +46,11 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
+pub(crate) use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
-pub use settings::{ApiSettings, Budget, Limits, NoCap};
+pub(crate) use settings::{ApiSettings, Budget, Limits, NoCap};
 #[cfg(test)]
 use values::{parse_model_path, parse_size};
 
@@ -70,14 +70,14 @@ use sweep::{DataRows, Instance, Matrix, Refusal};
 /// every event of the document at once, up to about 80 bytes for each byte of the densest YAML
 /// (a file of nothing but `[1,1,1,…]` took 680 MB at 8 MiB, 2.7 GB at 32 MiB), so this limit is
 /// what keeps any job file within the memory budget in README ("Memory").
-pub const MAX_FILE_SIZE: u64 = 8 << 20;
+pub(crate) const MAX_FILE_SIZE: u64 = 8 << 20;
 
 /// The most jobs one file may expand to (entries times their `count`, sweeps and data rows
 /// included): each job costs about a kilobyte while it is read, imported and run.
 pub const MAX_JOBS: usize = 100_000;
 
 /// The largest data file (`from:`) read. Its rows are not held, only its text.
-pub const MAX_DATA_SIZE: u64 = 32 << 20;
+pub(crate) const MAX_DATA_SIZE: u64 = 32 << 20;
 
 /// Request fields as written under `params:`.
 type Params = Map<String, Value>;
@@ -207,7 +207,7 @@ pub fn load(path: &Path) -> Result<JobFile, JobFileError> {
 /// The line (from 1) of `field` under the top-level `params:` of the job file at `path`, read
 /// again: only asked when that field is wrong, so loading a file does not pay for it.
 #[must_use]
-pub fn params_line(path: &Path, field: &str) -> Option<usize> {
+pub(crate) fn params_line(path: &Path, field: &str) -> Option<usize> {
     let text = std::fs::read_to_string(path).ok()?;
     let at = [Seg::key("params"), Seg::key(field)];
     locate(&text, 0, &at, Target::Key { nth: 0 }).map(|(line, _)| line)

@@ -22,7 +22,7 @@ const MODEL_PATH_FORM: &str = "expected a path like image/bfl/flux-1-dev \
 /// digits, `.`, `_` and `-`, no empty, `.` or `..` segment, no leading `/`. The short form
 /// `bfl/flux-1-dev` means `image/bfl/flux-1-dev`: `image/` is prefixed when the first segment
 /// is not `image`, `video` or `enhance`. The result has at least three segments.
-pub fn parse_model_path(text: &str) -> Result<String, ModelPathError> {
+pub(super) fn parse_model_path(text: &str) -> Result<String, ModelPathError> {
     if text.is_empty() {
         return Err(ModelPathError::Empty);
     }
@@ -57,7 +57,7 @@ pub fn parse_model_path(text: &str) -> Result<String, ModelPathError> {
 
 /// What is wrong with a model path ([`parse_model_path`]); each says the form to use.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ModelPathError {
+pub(super) enum ModelPathError {
     /// No path.
     #[error("the model path is empty; {MODEL_PATH_FORM}")]
     Empty,
@@ -102,7 +102,7 @@ const SIZE_FORM: &str = "expected a size like 512MiB, 2GiB or 1000000 (bytes)";
 /// Parses a size in bytes: a whole number with an optional unit, e.g. `1000000`, `512MiB`,
 /// `2GiB`, `10 MB`. Binary units (`KiB`, `MiB`, `GiB`, `TiB`) are powers of 1024, decimal ones
 /// (`kB`, `MB`, `GB`, `TB`) powers of 1000; `B` means bytes. Units are case-insensitive.
-pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+pub(super) fn parse_size(text: &str) -> Result<u64, SizeError> {
     let trimmed = text.trim();
     let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(digits_end);
@@ -132,7 +132,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 
 /// What is wrong with a size ([`parse_size`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SizeError {
+pub(super) enum SizeError {
     /// No number in front.
     #[error("{0:?} is not a size; {SIZE_FORM}")]
     NotASize(String),

@@ -11,7 +11,7 @@ use crate::store::JobRecord;
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub use crate::jobfile::Budget;
+pub(crate) use crate::jobfile::Budget;
 
 const DAY_MS: i64 = 86_400_000;
 

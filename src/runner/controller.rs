@@ -94,7 +94,7 @@ const EWMA_WEIGHT: f64 = 0.25;
 
 /// The ceilings a user wrote in `limits`; `None` where nothing was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ceilings {
+pub(crate) struct Ceilings {
     /// POSTs per minute.
     pub submissions_per_minute: Option<u32>,
     /// POSTs at once before the rate applies.
@@ -108,7 +108,7 @@ pub struct Ceilings {
 impl Ceilings {
     /// The ceilings of a job file's (or the service's) `limits`.
     #[must_use]
-    pub fn from_limits(limits: &Limits) -> Self {
+    pub(crate) fn from_limits(limits: &Limits) -> Self {
         Self {
             submissions_per_minute: limits.submissions_per_minute,
             burst: limits.burst,
@@ -120,7 +120,7 @@ impl Ceilings {
 
 /// Which limit a 429 speaks of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LimitKind {
+pub(crate) enum LimitKind {
     /// "You have reached the maximum number of concurrent jobs.": concurrency and backlog full.
     Concurrency,
     /// Too many requests: the request rate.
@@ -133,7 +133,7 @@ impl LimitKind {
     /// (an empty body too) is taken as the request rate: slowing the pace is the safe answer to
     /// a 429 not understood, and the window is held by the concurrency rule in any case.
     #[must_use]
-    pub fn of_message(message: &str) -> Self {
+    pub(crate) fn of_message(message: &str) -> Self {
         let lower = message.to_ascii_lowercase();
         if lower.contains("concurrent") || lower.contains("concurrency") {
             Self::Concurrency
@@ -183,7 +183,7 @@ enum Mode {
 
 /// The controller. See the module documentation.
 #[derive(Clone, Debug)]
-pub struct Controller {
+pub(crate) struct Controller {
     ceilings: Ceilings,
     backoff_start: Duration,
     mode: Mode,
@@ -225,7 +225,7 @@ impl Controller {
     /// A controller under `ceilings`, waiting `backoff_start` after a first request-rate 429
     /// without `Retry-After` (the job file's `retry_backoff`).
     #[must_use]
-    pub fn new(ceilings: Ceilings, backoff_start: Duration) -> Self {
+    pub(crate) fn new(ceilings: Ceilings, backoff_start: Duration) -> Self {
         Self {
             ceilings,
             backoff_start,
@@ -255,7 +255,7 @@ impl Controller {
     /// New ceilings and back-off (a reloaded configuration). What was learned of the account is
     /// kept: the account did not change because the file did, and learning it again would cost
     /// a slow start and 429s. The new ceilings hold from the next question on.
-    pub fn reconfigure(&mut self, ceilings: Ceilings, backoff_start: Duration) {
+    pub(crate) fn reconfigure(&mut self, ceilings: Ceilings, backoff_start: Duration) {
         self.ceilings = ceilings;
         self.backoff_start = backoff_start;
     }
@@ -263,7 +263,7 @@ impl Controller {
     // ---- events ------------------------------------------------------------------------
 
     /// A POST was sent (its attempt is on disk).
-    pub fn post_sent(&mut self, now: Instant) {
+    pub(crate) fn post_sent(&mut self, now: Instant) {
         self.posts_in_flight = self.posts_in_flight.saturating_add(1);
         self.sent.push_back(now);
         self.forget_old_sends(now);
@@ -271,7 +271,7 @@ impl Controller {
 
     /// Krea created job `job_id`; its answer showed `status` (`None` if it had none) and came
     /// `round_trip` after the POST was sent.
-    pub fn accepted(
+    pub(crate) fn accepted(
         &mut self,
         job_id: &str,
         status: Option<&RemoteStatus>,
@@ -295,7 +295,7 @@ impl Controller {
 
     /// Krea answered a POST with 429 of `kind` after `round_trip`, with `Retry-After` if any.
     /// Returns how long submitting now waits (zero: only until a job ends).
-    pub fn rate_limited(
+    pub(crate) fn rate_limited(
         &mut self,
         kind: LimitKind,
         retry_after: Option<Duration>,
@@ -346,13 +346,13 @@ impl Controller {
 
     /// A POST ended without a usable answer (lost, refused for another reason): no longer in
     /// flight. Whether it created a job is the engine's to find out.
-    pub fn post_failed(&mut self) {
+    pub(crate) fn post_failed(&mut self) {
         self.posts_in_flight = self.posts_in_flight.saturating_sub(1);
     }
 
     /// A poll saw job `job_id` in `status`. A terminal state counts as [`Controller::ended`];
     /// a job not known yet (in flight from an earlier run) is tracked from now on.
-    pub fn observed(&mut self, job_id: &str, status: &RemoteStatus, now: Instant) {
+    pub(crate) fn observed(&mut self, job_id: &str, status: &RemoteStatus, now: Instant) {
         let Some(seen) = Seen::of(Some(status)) else {
             self.ended(job_id, now);
             return;
@@ -364,7 +364,7 @@ impl Controller {
     }
 
     /// Job `job_id` ended (any terminal state, a cancel, a timeout) or is given up on.
-    pub fn ended(&mut self, job_id: &str, now: Instant) {
+    pub(crate) fn ended(&mut self, job_id: &str, now: Instant) {
         let Some(gone) = self.jobs.remove(job_id) else { return };
         self.count(gone.seen, false);
         if gone.timed {
@@ -378,7 +378,7 @@ impl Controller {
     /// How many jobs may be in flight now (our jobs at Krea not yet seen ending, and POSTs
     /// waiting for their answer). At least 1.
     #[must_use]
-    pub fn allowed_in_flight(&self) -> u32 {
+    pub(crate) fn allowed_in_flight(&self) -> u32 {
         let learned = self.learned_window();
         let held = self.hold.map_or(learned, |hold| learned.min(hold));
         cap(held, self.ceilings.max_in_flight).max(1)
@@ -386,7 +386,7 @@ impl Controller {
 
     /// How many POSTs may wait for their answer at once (`K`). At least 1.
     #[must_use]
-    pub fn posts_allowed(&self) -> u32 {
+    pub(crate) fn posts_allowed(&self) -> u32 {
         let round_trip = self.round_trip.unwrap_or(Duration::ZERO).as_secs_f64();
         let needed = self.posts_needed();
         let paced = self
@@ -398,7 +398,7 @@ impl Controller {
     /// The pace for the governor: the learned request rate under the written ceiling, with
     /// the burst under its ceiling. `per_second: None` when neither exists.
     #[must_use]
-    pub fn pace(&self) -> Pace {
+    pub(crate) fn pace(&self) -> Pace {
         // After a request-rate 429 POSTs go one by one at the learned pace; else as many at
         // once as may be sent at once.
         let chosen = if self.learned_pace.is_some() {
@@ -411,7 +411,7 @@ impl Controller {
 
     /// When submitting may go on, if it must wait (`Retry-After`, or a back-off) at `now`.
     #[must_use]
-    pub fn wait_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn wait_until(&self, now: Instant) -> Option<Instant> {
         self.resume_at.filter(|until| *until > now)
     }
 
@@ -421,7 +421,7 @@ impl Controller {
     /// its own counts, which include jobs being reconciled.
     #[cfg(test)]
     #[must_use]
-    pub fn may_submit(&self, now: Instant) -> bool {
+    pub(crate) fn may_submit(&self, now: Instant) -> bool {
         self.wait_until(now).is_none()
             && self.tracked().saturating_add(self.posts_in_flight) < self.allowed_in_flight()
             && self.posts_in_flight < self.posts_allowed()
@@ -429,27 +429,27 @@ impl Controller {
 
     /// The learned running capacity, once a backlog or a concurrency 429 revealed it.
     #[must_use]
-    pub fn capacity(&self) -> Option<u32> {
+    pub(crate) fn capacity(&self) -> Option<u32> {
         self.capacity
     }
 
     /// How long a job of ours has lasted from its answer to its end being seen (a moving
     /// average), once one has: what a poll schedule can aim its first poll at.
     #[must_use]
-    pub fn job_time(&self) -> Option<Duration> {
+    pub(crate) fn job_time(&self) -> Option<Duration> {
         self.job_time
     }
 
     /// Our jobs at Krea now (not yet seen ending), and how many of them were last seen
     /// backlogged.
     #[must_use]
-    pub fn in_flight(&self) -> (u32, u32) {
+    pub(crate) fn in_flight(&self) -> (u32, u32) {
         (self.tracked(), self.backlogged)
     }
 
     /// What was learned, for people: `account runs about 20 at a time; pace 4.1/s`.
     #[must_use]
-    pub fn summary(&self, now: Instant) -> String {
+    pub(crate) fn summary(&self, now: Instant) -> String {
         let mut text = match self.capacity {
             Some(capacity) => format!("account runs about {capacity} at a time"),
             None => format!(

@@ -49,7 +49,7 @@
 
 mod budget;
 mod cancel;
-pub mod controller;
+pub(crate) mod controller;
 #[cfg(test)]
 mod doubles;
 mod fetch;
@@ -69,9 +69,9 @@ use crate::pace::{Pacer, PollSchedule};
 use crate::reconcile::Listing;
 use crate::report::append_manifest;
 use crate::retry::RetryPolicy;
-pub use crate::seam::{Clock, EngineIo, KreaApi, RefusingApi, ResultFetcher};
+pub(crate) use crate::seam::{Clock, EngineIo, KreaApi, RefusingApi, ResultFetcher};
 use crate::store::{Change, FileRecord, JobRecord, StoreError, StoreWriter};
-pub use budget::Budget;
+pub(crate) use budget::Budget;
 use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
@@ -89,7 +89,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How the engine paces, polls and reconciles; built from a job file's `limits`.
 #[derive(Clone, Debug)]
-pub struct EngineSettings {
+pub(crate) struct EngineSettings {
     /// The ceilings written in `limits` (`None` where nothing was written: discovered).
     pub ceilings: Ceilings,
     /// Poll schedule of image and enhance jobs.
@@ -124,7 +124,7 @@ pub struct EngineSettings {
 /// Whether the engine runs once over a batch or as the long-running service. The two differ
 /// only when submitting cannot go on (402, refused key, budget reached).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunKind {
+pub(crate) enum RunKind {
     /// `krea-batch run`: a 402, a refused key or the budget ends submitting for good, and the
     /// run ends once nothing is left to do.
     OneShot,
@@ -138,7 +138,7 @@ pub enum RunKind {
 
 /// Requests to a running engine (the service uses them; a one-shot run needs none).
 #[derive(Debug)]
-pub enum EngineCommand {
+pub(crate) enum EngineCommand {
     /// Take on new jobs, already in the state file (an inbox file was imported).
     AddJobs {
         /// The jobs.
@@ -172,7 +172,7 @@ pub struct Controls {
 
 /// What a run ended with.
 #[derive(Debug)]
-pub struct EngineOutcome {
+pub(crate) struct EngineOutcome {
     /// Every job, as it ended.
     pub jobs: Vec<JobRecord>,
     /// Why submitting stopped before every job was sent, if it did.
@@ -223,7 +223,7 @@ enum Event {
 }
 
 /// The engine. Build with [`Engine::new`], then [`Engine::run`].
-pub struct Engine {
+pub(crate) struct Engine {
     api: Arc<dyn KreaApi>,
     fetcher: Arc<dyn ResultFetcher>,
     clock: Arc<dyn Clock>,
@@ -278,6 +278,11 @@ pub struct Engine {
     cancels: cancel::Cancels,
     /// When the pacer will next grant a submission, if it is what holds submissions back.
     submit_wake: Option<Instant>,
+    /// K fixed instead of chosen by the controller, and the written ceilings taken as fixed
+    /// limits: the tests of the POST window's mechanics (reconciliation with several POSTs on
+    /// the wire) need limits they can count on.
+    #[cfg(test)]
+    fixed_posts: Option<u32>,
     /// Output folders whose gallery is out of date, and when each was last written.
     gallery_stale: HashSet<Arc<PathBuf>>,
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
@@ -299,7 +304,7 @@ impl Engine {
     /// An engine over `jobs`, writing results under each job's batch folder in `output_dirs`.
     /// Pending jobs the job file no longer lists are left alone; everything else is carried on.
     #[must_use]
-    pub fn new(
+    pub(crate) fn new(
         io: EngineIo,
         jobs: Vec<JobRecord>,
         output_dirs: &HashMap<i64, PathBuf>,
@@ -344,6 +349,8 @@ impl Engine {
             draining: false,
             cancels: cancel::Cancels::default(),
             submit_wake: None,
+            #[cfg(test)]
+            fixed_posts: None,
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
         };
@@ -353,7 +360,7 @@ impl Engine {
 
     /// Lets the outside send [`EngineCommand`]s while the engine runs.
     #[must_use]
-    pub fn with_commands(
+    pub(crate) fn with_commands(
         mut self,
         commands: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>,
     ) -> Self {
@@ -383,7 +390,7 @@ impl Engine {
     }
 
     /// Runs until every job has ended (or cannot go further in this run), then returns them.
-    pub async fn run(mut self) -> Result<EngineOutcome, StoreError> {
+    pub(crate) async fn run(mut self) -> Result<EngineOutcome, StoreError> {
         let mut stop_seen = false;
         let mut drain_seen = false;
         let mut heartbeat = self.settings.heartbeat.map(|every| {

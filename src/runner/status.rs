@@ -172,7 +172,7 @@ pub struct EngineStatus {
 
 /// The state file's meta key under which the engine keeps [`EngineStatus::learned`], so that
 /// `krea-batch status` (another process) shows it.
-pub const META_LEARNED: &str = "learned";
+pub(crate) const META_LEARNED: &str = "learned";
 
 /// A job that was to be cancelled (by the user, or after its job timeout) and that Krea ran and
 /// billed all the same: it refused the cancel, or completed the job before the cancel reached it.

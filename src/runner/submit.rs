@@ -49,7 +49,7 @@ const MAX_UNANSWERED_BACKOFF: Duration = Duration::from_mins(5);
 /// no usable answer and created nothing: `first` (the job file's `retry_backoff`), doubled for
 /// each further one, at most [`MAX_UNANSWERED_BACKOFF`].
 #[must_use]
-pub fn unanswered_backoff(first: Duration, unanswered: usize) -> Duration {
+pub(super) fn unanswered_backoff(first: Duration, unanswered: usize) -> Duration {
     let doublings = u32::try_from(unanswered.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
     first.saturating_mul(1 << doublings).min(MAX_UNANSWERED_BACKOFF)
 }
@@ -104,6 +104,9 @@ impl Engine {
     /// [`Self::post_window`], each granted by the pacer and within the in-flight cap and the
     /// budget) and records their attempts for the coming commit, in send order.
     pub(super) fn plan_submissions(&mut self) -> Vec<usize> {
+        // Released every turn, whether or not a POST may go now: a back-off that is due stays
+        // the loop's earliest wake until released, and a wake in the past would spin the loop.
+        self.table.release_backed_off(Instant::now());
         let mut planned = Vec::new();
         while self.posts_running + planned.len() < self.post_window() {
             match self.plan_submission() {
@@ -119,12 +122,11 @@ impl Engine {
     /// coming commit.
     fn plan_submission(&mut self) -> Option<usize> {
         self.submit_wake = None;
-        self.table.release_backed_off(Instant::now());
         if self.stopped.is_some()
             || self.draining
             || self.table.waiting_to_reconcile() > 0
             || self.table.next_to_submit().is_none()
-            || self.in_flight() >= self.controller.allowed_in_flight() as usize
+            || self.in_flight() >= self.allowed_in_flight()
         {
             return None;
         }
@@ -145,7 +147,7 @@ impl Engine {
             self.submit_wake = Some(wake);
             return None;
         }
-        self.pacer.set_pace(self.controller.pace());
+        self.pacer.set_pace(self.pace());
         if let Err(wake) = self.pacer.try_acquire() {
             self.submit_wake = Some(wake);
             return None;
@@ -161,7 +163,35 @@ impl Engine {
     /// How many POSTs may wait for their answer at once, unnarrowed: the controller's `K` (under
     /// `limits.submission_concurrency`, if written).
     pub(super) fn posts_allowed(&self) -> usize {
+        #[cfg(test)]
+        if let Some(k) = self.fixed_posts {
+            return k as usize;
+        }
         self.controller.posts_allowed() as usize
+    }
+
+    /// How many jobs may be in flight: the controller's window (under `limits.max_in_flight`).
+    fn allowed_in_flight(&self) -> usize {
+        #[cfg(test)]
+        if self.fixed_posts.is_some() {
+            return self.settings.ceilings.max_in_flight.unwrap_or(u32::MAX) as usize;
+        }
+        self.controller.allowed_in_flight() as usize
+    }
+
+    /// The pace for the governor: the controller's (under the written ceilings).
+    pub(super) fn pace(&self) -> crate::pace::Pace {
+        #[cfg(test)]
+        if self.fixed_posts.is_some() {
+            let ceilings = &self.settings.ceilings;
+            return crate::pace::Pace {
+                per_second: ceilings
+                    .submissions_per_minute
+                    .map(|per_minute| f64::from(per_minute) / 60.0),
+                burst: ceilings.burst.unwrap_or(1),
+            };
+        }
+        self.controller.pace()
     }
 
     pub(super) fn spawn_submit(&mut self, slot: usize) {
@@ -271,7 +301,7 @@ impl Engine {
         };
         // The pace learned from this answer holds from now, not from the next submission: a
         // bucket rebuilt only after a back-off would add a whole period to it.
-        self.pacer.set_pace(self.controller.pace());
+        self.pacer.set_pace(self.pace());
         wait
     }
 

@@ -4,7 +4,7 @@
 
 use super::doubles::{FakeFetcher, FakeKrea, Post, TestClock};
 use super::*;
-use crate::pace::PollSchedule;
+use crate::pace::{Pacer, PollSchedule};
 use crate::pricing::PriceTable;
 use crate::store::Store;
 use std::time::Duration;
@@ -50,6 +50,9 @@ struct Rig {
     output_dirs: HashMap<i64, PathBuf>,
     settings: EngineSettings,
     controls: Controls,
+    /// K fixed instead of chosen by the controller, and the ceilings taken as fixed limits, for
+    /// the tests of the POST window itself.
+    fixed_posts: Option<u32>,
 }
 
 impl Rig {
@@ -79,6 +82,7 @@ impl Rig {
             output_dirs,
             settings: settings(),
             controls: Controls::default(),
+            fixed_posts: None,
         }
     }
 
@@ -95,7 +99,7 @@ impl Rig {
             writer: self.writer.clone(),
             claimed_elsewhere: HashSet::new(),
         };
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             io,
             self.jobs,
             &self.output_dirs,
@@ -104,6 +108,8 @@ impl Rig {
             status_tx,
         )
         .with_commands(command_rx);
+        engine.fixed_posts = self.fixed_posts;
+        engine.pacer = Pacer::new(engine.pace(), engine.settings.rate_limit_backoff);
         let handles = Handles {
             _dir: self.dir,
             output: self.output,
@@ -915,4 +921,252 @@ async fn a_cancel_not_carried_out_when_the_run_stops_is_handed_back_for_the_next
     assert_eq!(h.cancels().len(), 1, "asked once, refused: the job is backlogged");
     assert_eq!(states(&outcome.jobs), [JobState::Submitted; 2]);
     assert_eq!(outcome.cancels_left, [ids[0]], "only the job the user asked to cancel");
+}
+
+// --- Several POSTs on the wire (`submission_concurrency`)--------------------------------
+
+/// Gives each job a prompt of its own ("fox <i>"), so the fake's record of which prompt
+/// created which job shows whether results went to the right job.
+fn distinct_prompts(rig: &mut Rig) {
+    for (index, job) in rig.jobs.iter_mut().enumerate() {
+        job.body = Arc::from(format!(r#"{{"prompt":"fox {index}"}}"#));
+    }
+}
+
+/// `n` jobs with prompts of their own, up to `k` POSTs on the wire, the first POSTs answered
+/// as `script` says.
+fn on_the_wire(n: usize, k: u32, script: impl IntoIterator<Item = Post>) -> Rig {
+    let mut rig = Rig::new(n);
+    distinct_prompts(&mut rig);
+    rig.fixed_posts = Some(k);
+    rig.krea.script(script);
+    rig
+}
+
+fn prompt_of(job: &JobRecord) -> String {
+    let body: serde_json::Value = serde_json::from_str(&job.body).expect("a JSON body");
+    body["prompt"].as_str().expect("a prompt").to_owned()
+}
+
+/// No prompt created two jobs at the fake Krea, and every job holding a Krea id holds one its
+/// own prompt created.
+fn assert_exactly_once_and_attributed(jobs: &[JobRecord], krea: &FakeKrea) {
+    let created = krea.jobs();
+    let mut prompts: Vec<&str> = created.iter().filter_map(|job| job.prompt.as_deref()).collect();
+    let total = prompts.len();
+    prompts.sort_unstable();
+    prompts.dedup();
+    assert_eq!(prompts.len(), total, "a prompt created two jobs: {created:?}");
+    for job in jobs {
+        let Some(id) = &job.remote_id else { continue };
+        let at_krea = created.iter().find(|made| &made.id == id).expect("a job Krea made");
+        assert_eq!(
+            at_krea.prompt.as_deref(),
+            Some(prompt_of(job).as_str()),
+            "{} holds {id}",
+            job.name
+        );
+    }
+}
+
+/// POST spans (sent, answered) from the start of the test, in send order.
+fn spans(h: &Handles) -> Vec<(Duration, Duration)> {
+    let mut spans: Vec<(Duration, Duration)> = h.krea.seen(|seen| {
+        seen.post_spans
+            .iter()
+            .map(|(sent, answered)| {
+                (sent.duration_since(h.started), answered.duration_since(h.started))
+            })
+            .collect()
+    });
+    spans.sort();
+    spans
+}
+
+fn overlaps(a: (Duration, Duration), b: (Duration, Duration)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+#[tokio::test(start_paused = true)]
+async fn k_posts_go_on_the_wire_at_once() {
+    let mut rig = Rig::new(8);
+    distinct_prompts(&mut rig);
+    rig.fixed_posts = Some(4);
+    rig.krea.post_latency = SECOND;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 8]);
+    assert_eq!(h.krea.seen(|seen| seen.max_posts_on_wire), 4, "never more than K, and K reached");
+    let spans = spans(&h);
+    assert_eq!(spans.len(), 8);
+    assert!(spans[3].0 < spans[0].1, "four sent before the first answer: {spans:?}");
+    assert!(spans[4].0 >= spans[0].1, "the fifth waits for an answer: {spans:?}");
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_unanswered_post_narrows_submissions_to_one_until_krea_answers_again() {
+    let (outcome, h) =
+        on_the_wire(6, 3, [Post::Accept, Post::DroppedNothingCreated, Post::Accept]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 6]);
+    let (spans, lists) = (spans(&h), h.lists());
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    assert_eq!(h.krea.seen(|seen| seen.max_posts_on_wire), 3);
+    let lost_at = spans[1].1;
+    assert!(
+        spans.iter().all(|span| span.0 <= lost_at || span.0 >= lists[0]),
+        "nothing sent while the job is unknown: {spans:?} {lists:?}"
+    );
+    // The first POST after reconciliation goes alone; once Krea answers it, several go again.
+    let after: Vec<(Duration, Duration)> =
+        spans.iter().copied().filter(|s| s.0 >= lists[0]).collect();
+    assert_eq!(after.len(), 4, "{spans:?}");
+    assert!(after[1..].iter().all(|later| !overlaps(after[0], *later)), "{after:?}");
+    assert!(
+        after[1..].windows(2).any(|pair| overlaps(pair[0], pair[1])),
+        "widened again: {after:?}"
+    );
+    assert_eq!(h.krea.jobs().len(), 6);
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_lost_answers_on_the_wire_together_go_to_unattributed_and_are_not_sent_again() {
+    let (outcome, h) =
+        on_the_wire(3, 2, [Post::DroppedButCreated, Post::DroppedButCreated]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Unknown, JobState::Downloaded]);
+    assert_eq!(h.posts().len(), 3, "neither lost one is sent again");
+    let created = h.krea.jobs();
+    assert_eq!(created.len(), 3, "paid once each");
+    let names = [outcome.jobs[0].name.as_str(), outcome.jobs[1].name.as_str()];
+    for made in &created[..2] {
+        let file = h.output.join("unattributed").join(format!("{}-1.png", made.id));
+        assert!(file.is_file(), "{} is downloaded to unattributed/", made.id);
+        let sidecar: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(file.with_extension("png.json")).expect("its sidecar"),
+        )
+        .expect("JSON");
+        assert_eq!(sidecar["krea_job_id"], made.id.as_str());
+        assert_eq!(sidecar["unattributed"], true);
+        let mut candidates: Vec<&str> = sidecar["candidates"]
+            .as_array()
+            .expect("candidates")
+            .iter()
+            .map(|c| c["name"].as_str().expect("a name"))
+            .collect();
+        candidates.sort_unstable();
+        let mut expected = names;
+        expected.sort_unstable();
+        assert_eq!(candidates, expected, "both candidates named");
+    }
+    let stored = h.stored().await;
+    for job in &stored[..2] {
+        let error = job.error.as_deref().unwrap_or_default();
+        assert!(error.contains("unattributed/"), "reported in the state file: {error}");
+        assert!(error.contains(&created[0].id) && error.contains(&created[1].id), "{error}");
+        assert_eq!(job.remote_id, None, "attributed to neither");
+    }
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_lost_answer_among_posts_on_the_wire_is_attributed() {
+    let (outcome, h) =
+        on_the_wire(3, 3, [Post::Accept, Post::DroppedButCreated, Post::Accept]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    assert_eq!(h.posts().len(), 3, "the lost one is adopted, not paid again");
+    assert_eq!(h.lists().len(), 1);
+    assert!(!h.output.join("unattributed").exists());
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_that_created_nothing_is_sent_again_only_after_the_listing() {
+    let (outcome, h) = on_the_wire(4, 4, [Post::Accept, Post::DroppedNothingCreated]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 4]);
+    let (spans, lists) = (spans(&h), h.lists());
+    assert_eq!(spans.len(), 5, "four, and the lost one once more");
+    assert_eq!(lists.len(), 1);
+    assert!(spans[4].0 > lists[0], "sent again only once shown not to exist: {spans:?}");
+    assert_eq!(h.krea.jobs().len(), 4);
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+/// A state file left by a run killed with three POSTs on the wire: three jobs `submitting`
+/// (the store hands them over as they were), a fourth pending.
+fn killed_with_three_posts_on_the_wire(rig: &mut Rig) {
+    distinct_prompts(rig);
+    rig.fixed_posts = Some(4);
+    let now = rig.clock.now_ms();
+    for (index, job) in rig.jobs.iter_mut().take(3).enumerate() {
+        job.state = JobState::Submitting;
+        job.attempts = 1;
+        job.attempt_at = Some(now - 300 + 10 * i64::try_from(index).expect("small"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_with_several_attempts_submitting_pays_nothing_twice() {
+    let mut rig = Rig::new(4);
+    killed_with_three_posts_on_the_wire(&mut rig);
+    // Two of the three POSTs reached Krea before the kill.
+    rig.krea.create_now();
+    rig.krea.create_now();
+    let (outcome, h) = rig.run().await;
+    let states = states(&outcome.jobs);
+    assert_eq!(
+        states,
+        [JobState::Unknown, JobState::Unknown, JobState::Unknown, JobState::Downloaded]
+    );
+    assert_eq!(h.posts().len(), 1, "only the pending job is sent");
+    assert!(h.posts()[0] > h.lists()[0], "after reconciliation");
+    assert_eq!(h.krea.jobs().len(), 3);
+    for made in &h.krea.jobs()[..2] {
+        let file = h.output.join("unattributed").join(format!("{}-1.png", made.id));
+        assert!(file.is_file(), "{} still reaches the user", made.id);
+    }
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_with_several_attempts_that_created_nothing_sends_each_once() {
+    let mut rig = Rig::new(4);
+    killed_with_three_posts_on_the_wire(&mut rig);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 4]);
+    let (posts, lists) = (h.posts(), h.lists());
+    assert_eq!(lists.len(), 1);
+    assert_eq!(posts.len(), 4, "one POST per job");
+    assert!(posts.iter().all(|&post| post > lists[0]), "{posts:?} {lists:?}");
+    assert_eq!(h.krea.jobs().len(), 4);
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_429_of_posts_on_the_wire_together_back_off_once() {
+    let (outcome, h) = on_the_wire(3, 3, vec![Post::RateLimited(None); 3]).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    let posts = h.posts();
+    assert_eq!(posts.len(), 6, "{posts:?}");
+    // One refusal of a full account, not three growing back-offs (2 s, then 6 s, then 18 s):
+    // the three go again together after the one back-off (the controller's first, 2 s).
+    assert!(posts[3] < 3 * SECOND, "one back-off, not a grown one: {posts:?}");
+    assert!(gap(posts[5], posts[3]) < SECOND, "sent again together: {posts:?}");
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_set_aside_is_never_taken_for_a_later_lost_answers() {
+    // Two POSTs on the wire lose their answers, one of them having created a job: it cannot be
+    // told whose, so it is set aside. Then a third POST loses its answer having created
+    // nothing; with no earlier POST to bound Krea's clock its window is wide and holds the job
+    // set aside, which must not be adopted for it.
+    let script =
+        [Post::DroppedButCreated, Post::DroppedNothingCreated, Post::DroppedNothingCreated];
+    let (outcome, h) = on_the_wire(3, 2, script).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Unknown, JobState::Unknown, JobState::Downloaded]);
+    assert_eq!(h.lists().len(), 2);
+    assert_eq!(h.krea.jobs().len(), 2, "the set-aside job and the third job's, once");
+    let set_aside = &h.krea.jobs()[0];
+    assert!(h.output.join("unattributed").join(format!("{}-1.png", set_aside.id)).is_file());
+    assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
 }

@@ -13,14 +13,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A batch row for `source` (?1) writing into ?2, imported at ?3; an existing one keeps its id.
-const UPSERT_BATCH: &str = "INSERT INTO batches (source, output_dir, imported_at) VALUES (?1, ?2, ?3)
+const UPSERT_BATCH: &str =
+    "INSERT INTO batches (source, output_dir, imported_at) VALUES (?1, ?2, ?3)
      ON CONFLICT (source) DO UPDATE SET output_dir = excluded.output_dir";
 
 impl Store {
     /// Records a batch (with no jobs yet) before its identity is written anywhere else: the
     /// output folder's marker names it, and a run killed between the marker and the import
     /// must find the batch the marker names, not take the state for a lost one.
-    pub fn register_batch(&mut self, source: &str, output_dir: &Path) -> Result<(), StoreError> {
+    pub(crate) fn register_batch(
+        &mut self,
+        source: &str,
+        output_dir: &Path,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(UPSERT_BATCH, params![source, output_dir.to_string_lossy(), now_ms()])
             .map(drop)
@@ -32,7 +37,7 @@ impl Store {
     /// the file are marked so (never cancelled). A new job whose name is taken, in the same
     /// output directory, by a different earlier job gets the name with its key's first 8 hex
     /// digits appended, so no result already paid for is overwritten.
-    pub fn import(
+    pub(crate) fn import(
         &mut self,
         source: &str,
         output_dir: &Path,
@@ -135,12 +140,12 @@ impl Store {
     }
 
     /// The jobs of one batch, or of all batches, with their files, in file order.
-    pub fn jobs(&self, batch_id: Option<i64>) -> Result<Vec<JobRecord>, StoreError> {
+    pub(crate) fn jobs(&self, batch_id: Option<i64>) -> Result<Vec<JobRecord>, StoreError> {
         self.select_jobs(Selection::Batch, batch_id)
     }
 
     /// One job by its row id, with its files.
-    pub fn job(&self, id: i64) -> Result<Option<JobRecord>, StoreError> {
+    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>, StoreError> {
         Ok(self.select_jobs(Selection::Job, Some(id))?.pop())
     }
 
@@ -207,7 +212,7 @@ impl Store {
     }
 
     /// The batch row of a job file, if it was ever imported.
-    pub fn batch_id(&self, source: &str) -> Result<Option<i64>, StoreError> {
+    pub(crate) fn batch_id(&self, source: &str) -> Result<Option<i64>, StoreError> {
         self.conn
             .query_row("SELECT id FROM batches WHERE source = ?1", [source], |row| row.get(0))
             .optional()
@@ -218,7 +223,7 @@ impl Store {
     /// `source`, else the one writing into `output_dir`, else, when the state file lives in
     /// that folder (`in_folder`: it can belong to no other), the one imported last. Returns its
     /// identity (`source`).
-    pub fn legacy_batch(
+    pub(crate) fn legacy_batch(
         &self,
         source: &str,
         output_dir: &Path,
@@ -239,7 +244,7 @@ impl Store {
 
     /// Adds to a batch a job that the job file does not list, known only from the results it
     /// left in the output folder (`krea-batch recover`), with its Krea job id; returns it.
-    pub fn insert_recovered(
+    pub(crate) fn insert_recovered(
         &mut self,
         batch_id: i64,
         name: &str,
@@ -266,7 +271,11 @@ impl Store {
 
     /// Records that `job` took the result of the Krea job `reused_from` instead of being paid
     /// again: its state, URLs, times and files as given, at no price, in one transaction.
-    pub fn record_reuse(&mut self, job: &JobRecord, reused_from: &str) -> Result<(), StoreError> {
+    pub(crate) fn record_reuse(
+        &mut self,
+        job: &JobRecord,
+        reused_from: &str,
+    ) -> Result<(), StoreError> {
         let err = sqlite(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         let urls = serde_json::to_string(&job.urls).unwrap_or_default();
@@ -305,7 +314,7 @@ impl Store {
     }
 
     /// The paths of the files a batch's jobs have on disk, relative to its output folder.
-    pub fn file_paths(&self, batch_id: i64) -> Result<HashSet<String>, StoreError> {
+    pub(crate) fn file_paths(&self, batch_id: i64) -> Result<HashSet<String>, StoreError> {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
@@ -319,7 +328,7 @@ impl Store {
     }
 
     /// Gives a batch a new identity (a legacy batch adopted by an output folder's marker).
-    pub fn rename_batch(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
+    pub(crate) fn rename_batch(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
         self.conn
             .execute("UPDATE batches SET source = ?2 WHERE source = ?1", params![from, to])
             .map(drop)
@@ -328,7 +337,7 @@ impl Store {
 
     /// For `check`: the keys of `batch` (when it is known) that were already sent or ended, and
     /// the keys that some other batch completed (results a run could reuse).
-    pub fn preview(
+    pub(crate) fn preview(
         &self,
         batch: Option<&str>,
     ) -> Result<(HashSet<String>, HashSet<String>), StoreError> {
@@ -351,7 +360,7 @@ impl Store {
     }
 
     /// Every Krea job id the state file holds, in every batch: reconciliation never adopts one.
-    pub fn remote_ids(&self) -> Result<HashSet<String>, StoreError> {
+    pub(crate) fn remote_ids(&self) -> Result<HashSet<String>, StoreError> {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
@@ -362,7 +371,7 @@ impl Store {
     }
 
     /// The output directory of each batch.
-    pub fn output_dirs(&self) -> Result<HashMap<i64, PathBuf>, StoreError> {
+    pub(crate) fn output_dirs(&self) -> Result<HashMap<i64, PathBuf>, StoreError> {
         let err = sqlite(&self.path);
         let mut stmt = self.conn.prepare("SELECT id, output_dir FROM batches").map_err(&err)?;
         let rows = stmt
@@ -372,7 +381,7 @@ impl Store {
     }
 
     /// Writes `changes` in one durable transaction: on disk (fsynced) when this returns.
-    pub fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+    pub(crate) fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         self.apply_with(changes, true)
     }
 
@@ -381,7 +390,11 @@ impl Store {
     /// hands); only a power cut can lose it, and the next synced commit makes it durable too.
     /// The engine syncs the commits that must be on disk before a request: the attempt before
     /// each POST.
-    pub fn apply_with(&mut self, changes: &[Change], synced: bool) -> Result<(), StoreError> {
+    pub(crate) fn apply_with(
+        &mut self,
+        changes: &[Change],
+        synced: bool,
+    ) -> Result<(), StoreError> {
         let err = sqlite(&self.path);
         if synced != self.synced {
             let mode = if synced { "FULL" } else { "NORMAL" };
@@ -466,7 +479,7 @@ impl Store {
     }
 
     /// The sum of the estimated prices of the jobs in `states`, and how many of them have none.
-    pub fn price_sum(&self, states: &[JobState]) -> Result<(f64, usize), StoreError> {
+    pub(crate) fn price_sum(&self, states: &[JobState]) -> Result<(f64, usize), StoreError> {
         let list: Vec<String> =
             states.iter().map(|state| format!("'{}'", state.as_str())).collect();
         let sql = format!(
@@ -481,7 +494,11 @@ impl Store {
     }
 
     /// The names of at most `limit` jobs in `state`, oldest first.
-    pub fn names_in(&self, state: JobState, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn names_in(
+        &self,
+        state: JobState,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
@@ -494,7 +511,7 @@ impl Store {
     }
 
     /// How many jobs are in each state, over one batch or all.
-    pub fn count_by_state(
+    pub(crate) fn count_by_state(
         &self,
         batch_id: Option<i64>,
     ) -> Result<Vec<(JobState, usize)>, StoreError> {

@@ -26,9 +26,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use schema::SCHEMA_VERSION;
-pub use uploads::{UploadRecord, UploadState};
-pub use writer::StoreWriter;
+pub(crate) use schema::SCHEMA_VERSION;
+pub(crate) use uploads::{UploadRecord, UploadState};
+pub(crate) use writer::StoreWriter;
 
 use crate::job::{JobKey, JobState};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What can go wrong with the state file.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// Another process is writing to this state file.
     #[error(
         "another krea-batch process is already using the state file {path}; wait for it to \
@@ -103,13 +103,13 @@ const META_STATE_ID: &str = "state_id";
 
 /// A new random id for a state file or a batch: 128 bits as hex.
 #[must_use]
-pub fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
 /// Milliseconds since the Unix epoch, now.
 #[must_use]
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -184,7 +184,7 @@ pub struct JobRecord {
 
 /// One change to write.
 #[derive(Clone, Debug)]
-pub enum Change {
+pub(crate) enum Change {
     /// Write every mutable column of the job.
     Job(Box<JobRecord>),
     /// Record a file of a job as whole on disk.
@@ -205,7 +205,7 @@ pub enum Change {
 
 /// A request to the engine that holds a state file, from another process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Request {
+pub(crate) enum Request {
     /// Probe now whether submitting may resume (after a top-up).
     Resume,
     /// Cancel the job with this row id.
@@ -214,7 +214,7 @@ pub enum Request {
 
 /// What importing a job file did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ImportReport {
+pub(crate) struct ImportReport {
     /// The batch row of the job file.
     pub batch_id: i64,
     /// Jobs new to the state file.
@@ -231,7 +231,7 @@ pub struct ImportReport {
 }
 
 /// The state file, open.
-pub struct Store {
+pub(crate) struct Store {
     conn: Connection,
     path: PathBuf,
     /// Held for the life of a writing store: the one-writer lock.
@@ -249,7 +249,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating it, mode 0600) the state file for writing, taking the one-writer lock and
     /// migrating the schema forward. Jobs left `submitting` by a killed process become `unknown`.
-    pub fn open_writer(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open_writer(path: &Path) -> Result<Self, StoreError> {
         let io = |source| StoreError::Io { path: path.to_owned(), source };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io)?;
@@ -273,7 +273,7 @@ impl Store {
     /// Opens an existing state file, without the one-writer lock, to leave requests for the
     /// process that holds it ([`Store::push_request`]); SQLite's own locking keeps the two
     /// writes apart.
-    pub fn open_requester(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open_requester(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_owned()));
         }
@@ -296,14 +296,14 @@ impl Store {
 
     /// Whether the state file holds the writer's lock now (a run or the daemon is using it).
     #[must_use]
-    pub fn is_locked(path: &Path) -> bool {
+    pub(crate) fn is_locked(path: &Path) -> bool {
         let Ok(lock) = open_private(&lock_path(path)) else { return false };
         lock.try_lock().is_err()
     }
 
     /// Leaves a request for the engine that holds the state file (`cancel` with a job row id,
     /// or `resume`).
-    pub fn push_request(&self, request: &Request) -> Result<(), StoreError> {
+    pub(crate) fn push_request(&self, request: &Request) -> Result<(), StoreError> {
         let (kind, job_id) = match request {
             Request::Resume => ("resume", None),
             Request::Cancel(id) => ("cancel", Some(*id)),
@@ -318,14 +318,14 @@ impl Store {
     }
 
     /// Whether requests are still waiting to be taken.
-    pub fn has_requests(&self) -> Result<bool, StoreError> {
+    pub(crate) fn has_requests(&self) -> Result<bool, StoreError> {
         self.conn
             .query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |row| row.get(0))
             .map_err(sqlite(&self.path))
     }
 
     /// Takes (and deletes) the waiting requests, oldest first.
-    pub fn take_requests(&mut self) -> Result<Vec<Request>, StoreError> {
+    pub(crate) fn take_requests(&mut self) -> Result<Vec<Request>, StoreError> {
         let err = sqlite(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         let requests = {
@@ -355,7 +355,7 @@ impl Store {
 
     /// Whether a job file with this content was imported before (the daemon imports each
     /// file's content once).
-    pub fn content_imported(&self, sha256: &str) -> Result<bool, StoreError> {
+    pub(crate) fn content_imported(&self, sha256: &str) -> Result<bool, StoreError> {
         self.conn
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM batches WHERE content_sha256 = ?1)",
@@ -366,7 +366,7 @@ impl Store {
     }
 
     /// Records the content hash of a batch's job file.
-    pub fn set_content_hash(&self, batch_id: i64, sha256: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_content_hash(&self, batch_id: i64, sha256: &str) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE batches SET content_sha256 = ?2 WHERE id = ?1",
@@ -377,7 +377,7 @@ impl Store {
     }
 
     /// Opens an existing state file for reading, also while a run writes to it.
-    pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open_reader(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_owned()));
         }
@@ -394,13 +394,13 @@ impl Store {
 
     /// The state file's path.
     #[must_use]
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The state file's own random id, made on first use: an output folder's marker names the
     /// state that owns it by this id, which survives the state file being moved or renamed.
-    pub fn state_id(&mut self) -> Result<String, StoreError> {
+    pub(crate) fn state_id(&mut self) -> Result<String, StoreError> {
         if let Some(id) = self.meta(META_STATE_ID)? {
             return Ok(id);
         }
@@ -412,18 +412,18 @@ impl Store {
     /// The id of the state file at `path`, read without taking its lock; `None` when it has
     /// none or cannot be read.
     #[must_use]
-    pub fn id_of(path: &Path) -> Option<String> {
+    pub(crate) fn id_of(path: &Path) -> Option<String> {
         Self::open_reader(path).ok()?.recorded_id()
     }
 
     /// This state file's id, if it has one yet (reading never makes one).
     #[must_use]
-    pub fn recorded_id(&self) -> Option<String> {
+    pub(crate) fn recorded_id(&self) -> Option<String> {
         self.meta(META_STATE_ID).ok().flatten()
     }
 
     /// Reads a meta value.
-    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0))
             .optional()
@@ -444,7 +444,7 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
 
 /// `<state>.lock`.
 #[must_use]
-pub fn lock_path(state: &Path) -> PathBuf {
+pub(crate) fn lock_path(state: &Path) -> PathBuf {
     let mut name = state.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)

@@ -5,7 +5,7 @@ use rusqlite::params;
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "

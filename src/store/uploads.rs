@@ -8,7 +8,7 @@ use rusqlite::{OptionalExtension, params};
 
 /// Where an upload stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UploadState {
+pub(crate) enum UploadState {
     /// Committed before the POST; a process killed during it leaves this.
     Attempting,
     /// The POST got no usable answer: the asset may exist at Krea.
@@ -22,7 +22,7 @@ pub enum UploadState {
 
 /// One upload as the state file holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UploadRecord {
+pub(crate) struct UploadRecord {
     /// The content's SHA-256, lowercase hex.
     pub sha256: String,
     /// The file as the job file named it (for messages).
@@ -35,7 +35,11 @@ pub struct UploadRecord {
 
 impl Store {
     /// The upload of `sha256` to the API at `api`, if one was ever recorded.
-    pub fn upload(&self, sha256: &str, api: &str) -> Result<Option<UploadRecord>, StoreError> {
+    pub(crate) fn upload(
+        &self,
+        sha256: &str,
+        api: &str,
+    ) -> Result<Option<UploadRecord>, StoreError> {
         self.conn
             .query_row(
                 "SELECT path, state, url, attempt_at FROM uploads WHERE sha256 = ?1 AND api = ?2",
@@ -66,7 +70,12 @@ impl Store {
     }
 
     /// Records, durably, that `sha256` is about to be uploaded to `api`: before the POST.
-    pub fn begin_upload(&mut self, sha256: &str, api: &str, path: &str) -> Result<(), StoreError> {
+    pub(crate) fn begin_upload(
+        &mut self,
+        sha256: &str,
+        api: &str,
+        path: &str,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         self.conn
             .execute(
@@ -81,17 +90,22 @@ impl Store {
     }
 
     /// The upload of `sha256` got no usable answer.
-    pub fn upload_unknown(&mut self, sha256: &str, api: &str) -> Result<(), StoreError> {
+    pub(crate) fn upload_unknown(&mut self, sha256: &str, api: &str) -> Result<(), StoreError> {
         self.set_upload(sha256, api, "unknown", None)
     }
 
     /// The upload of `sha256` is at Krea, at `url`.
-    pub fn upload_done(&mut self, sha256: &str, api: &str, url: &str) -> Result<(), StoreError> {
+    pub(crate) fn upload_done(
+        &mut self,
+        sha256: &str,
+        api: &str,
+        url: &str,
+    ) -> Result<(), StoreError> {
         self.set_upload(sha256, api, "uploaded", Some(url))
     }
 
     /// Nothing was uploaded (refused, not sent, or shown not to exist): the record goes.
-    pub fn forget_upload(&mut self, sha256: &str, api: &str) -> Result<(), StoreError> {
+    pub(crate) fn forget_upload(&mut self, sha256: &str, api: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM uploads WHERE sha256 = ?1 AND api = ?2", params![sha256, api])
             .map(drop)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// the next timer; inline, a commit takes no virtual time. Tests use it; production uses the
 /// thread.
 #[derive(Clone, Debug)]
-pub struct StoreWriter {
+pub(crate) struct StoreWriter {
     inner: Inner,
 }
 
@@ -48,7 +48,7 @@ enum WriteRequest {
 
 impl StoreWriter {
     /// Moves `store` onto its own thread.
-    pub fn spawn(mut store: Store) -> Result<Self, StoreError> {
+    pub(crate) fn spawn(mut store: Store) -> Result<Self, StoreError> {
         let (requests, mut receiver) = tokio::sync::mpsc::unbounded_channel::<WriteRequest>();
         let thread = std::thread::Builder::new()
             .name("krea-batch-store".into())
@@ -99,7 +99,7 @@ impl StoreWriter {
     /// (virtual) time. For tests on paused tokio time.
     #[cfg(test)]
     #[must_use]
-    pub fn inline(store: Store) -> Self {
+    pub(crate) fn inline(store: Store) -> Self {
         Self { inner: Inner::Inline(Arc::new(std::sync::Mutex::new(store))) }
     }
 
@@ -115,7 +115,7 @@ impl StoreWriter {
 
     /// Waits until every handle is dropped and the queue is written, then for the thread to
     /// close the state file and release the one-writer lock.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let thread = match &self.inner {
             Inner::Thread { thread, .. } => thread.lock().ok().and_then(|mut thread| thread.take()),
             #[cfg(test)]
@@ -128,7 +128,11 @@ impl StoreWriter {
     }
 
     /// Commits `changes`, fsynced only if `synced` (see [`Store::apply_with`]).
-    pub async fn commit_with(&self, changes: Vec<Change>, synced: bool) -> Result<(), StoreError> {
+    pub(crate) async fn commit_with(
+        &self,
+        changes: Vec<Change>,
+        synced: bool,
+    ) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -153,7 +157,7 @@ impl StoreWriter {
 
     /// Runs `call` on the writer thread with the store (an import, reading requests), after
     /// the commits sent before it.
-    pub async fn with_store<T: Send + 'static>(
+    pub(crate) async fn with_store<T: Send + 'static>(
         &self,
         call: impl FnOnce(&mut Store) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
