@@ -45,8 +45,9 @@ pub struct Limits {
     /// the account's running capacity as learned, plus a shallow backlog.
     #[serde(deserialize_with = "some_positive_u32")]
     pub max_in_flight: Option<u32>,
-    /// Ceiling of the submissions (POSTs) waiting for their answer at once. Left out: chosen
-    /// from the measured round trip and the rate needed.
+    /// Ceiling of the submissions (POSTs) waiting for their answer at once, chosen under it
+    /// from the measured round trip and the rate needed. Left out: 1, so that a lost answer
+    /// is always attributed (`Ceilings::from_limits`).
     #[serde(deserialize_with = "some_positive_u32")]
     pub submission_concurrency: Option<u32>,
     /// Delay before the first poll of an image or enhance job. Default 2 s.

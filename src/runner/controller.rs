@@ -107,13 +107,19 @@ pub(crate) struct Ceilings {
 
 impl Ceilings {
     /// The ceilings of a job file's (or the service's) `limits`.
+    ///
+    /// `submission_concurrency` left out is 1, not "no ceiling": POSTs on the wire together
+    /// whose answers are lost cannot always be told apart, and their jobs then end in
+    /// `unattributed/` instead of under their names (README, "Nothing paid twice, nothing
+    /// lost"). One at a time keeps every result attributed; writing a larger number opts in
+    /// to `K` chosen by the controller up to it.
     #[must_use]
     pub(crate) fn from_limits(limits: &Limits) -> Self {
         Self {
             submissions_per_minute: limits.submissions_per_minute,
             burst: limits.burst,
             max_in_flight: limits.max_in_flight,
-            submission_concurrency: limits.submission_concurrency,
+            submission_concurrency: Some(limits.submission_concurrency.unwrap_or(1)),
         }
     }
 }
