@@ -69,7 +69,7 @@ impl Asset {
         json!({
             "id": self.id,
             "image_url": format!("{files_base}{}", self.path()),
-            "uploaded_at": super::world::rfc3339(self.uploaded_ms),
+            "uploaded_at": super::ids::rfc3339(self.uploaded_ms),
             "width": self.width,
             "height": self.height,
             "size_bytes": self.size_bytes,
@@ -241,7 +241,7 @@ pub(crate) async fn route(
                         items.iter().map(|asset| asset.render(&shared.files_base)).collect();
                     json!({
                         "items": items,
-                        "next_cursor": next.map(super::world::rfc3339),
+                        "next_cursor": next.map(super::ids::rfc3339),
                     })
                 };
                 reply::json(StatusCode::OK, &page)
@@ -277,7 +277,7 @@ async fn upload(shared: &Shared, request: Request<Incoming>) -> Response<reply::
     let now = shared.now_ms();
     let added = {
         let mut state = shared.lock();
-        let added = state.world.assets.add(now, super::world::random_uuid(), form);
+        let added = state.world.assets.add(now, super::ids::random_uuid(), form);
         if added.is_ok() {
             state.generation += 1;
         }
@@ -299,7 +299,7 @@ fn list_query(query: &str) -> Result<(Option<Millis>, usize), String> {
     let mut before = None;
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = super::http::percent_decode(value);
+        let value = super::ids::percent_decode(value);
         match name {
             "limit" => {
                 limit = value

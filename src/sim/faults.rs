@@ -2,9 +2,9 @@
 //! any) a request meets, and building the broken answers (garbled or huge JSON, redirects to
 //! where a client should not follow). Deciding is here; `http.rs` and `files.rs` act on it.
 
-use super::files::FILLER;
+use super::jobs::Millis;
+use super::padding::FILLER;
 use super::reply::{self, Body};
-use super::world::Millis;
 use super::{Shared, State};
 use bytes::Bytes;
 use hyper::{Response, StatusCode};

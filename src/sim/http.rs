@@ -156,7 +156,7 @@ async fn route(
                         listed.push(json!({
                             "job_id": "x".repeat(300),
                             "status": "completed",
-                            "created_at": super::world::rfc3339(created),
+                            "created_at": super::ids::rfc3339(created),
                             "result": {"urls": []},
                         }));
                     }
@@ -367,7 +367,7 @@ fn list_query(query: &str) -> Result<ListQuery, String> {
     let mut list = ListQuery { limit: 100, ..ListQuery::default() };
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value);
+        let value = super::ids::percent_decode(value);
         if value.is_empty() {
             continue; // `status=` and the like mean "no filter"
         }
@@ -399,29 +399,6 @@ fn list_query(query: &str) -> Result<ListQuery, String> {
         }
     }
     Ok(list)
-}
-
-/// Decodes `%XX` escapes. A `+` stays a `+`: timestamps contain no spaces, and an unescaped
-/// `+00:00` offset must survive.
-pub(crate) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = (bytes[index] == b'%')
-            .then(|| bytes.get(index + 1..index + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        if let Some(byte) = escaped {
-            out.push(byte);
-            index += 3;
-        } else {
-            out.push(bytes[index]);
-            index += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The body of `POST /_sim/balance`.
@@ -504,11 +481,5 @@ mod tests {
         assert!(list_query("limit=1001").is_err());
         assert!(list_query("cursor=yesterday").is_err());
         assert!(list_query("status=warming").is_err());
-    }
-
-    #[test]
-    fn percent_decoding_keeps_plus_and_odd_escapes() {
-        assert_eq!(percent_decode("a%3Ab+c%2"), "a:b+c%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
     }
 }

@@ -65,6 +65,8 @@
 //!
 //! # Files
 //!
+//! No file here imports one that imports it back (no circle), so each reads on its own.
+//!
 //! | file | job |
 //! |---|---|
 //! | `assets.rs` | uploads: `POST`/`GET /assets`, their files, which input URLs are the account's own |
@@ -72,6 +74,7 @@
 //! | `world.rs` | the pure model: jobs, lifecycle, concurrency, balance (no I/O) |
 //! | `world_file.rs` | the world kept in a file across restarts (`--simulate`, `--world`), its lock, top-ups of it |
 //! | `jobs.rs` | the job vocabulary: states and wire names, views, queries, refusals |
+//! | `ids.rs` | identities and timestamps as Krea writes them: UUIDs, RFC 3339, `%XX` decoding |
 //! | `models.rs` | the model table: schemas and prices |
 //! | `validate.rs` | request bodies checked against a model's schema |
 //! | `openapi.rs` | the served OpenAPI document, built from the model table |
@@ -81,6 +84,7 @@
 //! | `files.rs` | the file host: streamed, hashed result files |
 //! | `png.rs` | PNG bytes by hand: CRC-32, Adler-32, stored deflate |
 //! | `reply.rs` | response bodies and builders |
+//! | `padding.rs` | the filler that pads large bodies (results, the huge-JSON fault) |
 //! | `rate.rs` | the request-rate limit on `POST /generate`: a sliding window |
 //! | `stats.rs` | [`SimStats`] and its recorder |
 
@@ -89,9 +93,11 @@ mod config;
 mod faults;
 mod files;
 mod http;
+mod ids;
 mod jobs;
 mod models;
 mod openapi;
+mod padding;
 mod png;
 mod rate;
 mod render;
@@ -161,7 +167,7 @@ impl SimServer {
                 let world = World::restore(&config, saved.account).map_err(unreadable)?;
                 (world, saved.world_id, saved.ports)
             }
-            None => (World::new(&config), world::random_uuid(), SavedPorts::default()),
+            None => (World::new(&config), ids::random_uuid(), SavedPorts::default()),
         };
         let pick = |configured: u16, before: u16| if configured == 0 { before } else { configured };
         let ports = SavedPorts {

@@ -3,7 +3,7 @@
 //! ask the client to wait. Pure: time comes in as milliseconds; `http.rs` answers the 429.
 
 use super::config::RateLimit;
-use super::world::Millis;
+use super::jobs::Millis;
 use std::collections::VecDeque;
 
 /// The arrival times of the POSTs let through within the last window, oldest first.

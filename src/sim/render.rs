@@ -2,8 +2,9 @@
 //! preview URLs on the file host) and the list page, in the shape the configured quirks pick.
 
 use super::config::Quirks;
+use super::ids::rfc3339;
 use super::models::Kind;
-use super::world::{JobView, Millis, Status, rfc3339, status_name};
+use super::world::{JobView, Millis, Status, status_name};
 use serde_json::{Map, Value, json};
 
 /// What rendering needs besides the job.

@@ -9,6 +9,7 @@
 
 use super::assets::Assets;
 use super::config::SimConfig;
+use super::ids::{random_seed, rfc3339, uuid_v4};
 pub(crate) use super::jobs::{
     CancelError, Failure, JobView, ListQuery, Millis, NewJob, Refusal, Status, parse_status,
     status_name,
@@ -18,7 +19,7 @@ use super::stats::JobRecord;
 use super::world_file::{SavedAccount, SavedEnd, SavedJob, SavedOutcome};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Clone, Debug)]
 enum Plan {
@@ -91,11 +92,6 @@ fn millis(duration: Duration) -> Millis {
 }
 
 pub(crate) use super::models::usd_to_micros;
-
-/// RFC 3339 in UTC with milliseconds, as Krea writes timestamps.
-pub(crate) fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
 
 impl World {
     pub(crate) fn new(config: &SimConfig) -> Self {
@@ -522,20 +518,6 @@ impl World {
     }
 }
 
-/// A version-4 UUID drawn from `rng`.
-fn uuid_v4(rng: &mut fastrand::Rng) -> String {
-    let mut bytes = rng.u128(..).to_be_bytes();
-    bytes[6] = (bytes[6] & 0x0F) | 0x40;
-    bytes[8] = (bytes[8] & 0x3F) | 0x80;
-    let hex = super::stats::hex(&bytes);
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
-}
-
-/// A version-4 UUID no other process draws.
-pub(crate) fn random_uuid() -> String {
-    uuid_v4(&mut fastrand::Rng::with_seed(random_seed()))
-}
-
 /// A failure as the world file keeps it.
 fn saved_failure(failure: &Failure) -> SavedOutcome {
     SavedOutcome::Failed { code: failure.code.to_owned(), message: failure.message.clone() }
@@ -547,17 +529,6 @@ fn failure_code(code: &str) -> &'static str {
         .into_iter()
         .find(|known| *known == code)
         .unwrap_or("provider_error")
-}
-
-/// A seed no other process draws: the standard library's per-process random hash keys (from
-/// the operating system), mixed with the time and the process id.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let since = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    hasher.write_u128(since.as_nanos());
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 #[cfg(test)]
