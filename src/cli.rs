@@ -19,12 +19,27 @@ pub(crate) struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Colours in the log: `auto` colours on a terminal unless `NO_COLOR` is set (and not under
+    /// journald); `always` and `never` decide regardless.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, global = true)]
+    pub color: ColorChoice,
+}
+
+/// When the log is coloured (`--color`), as in ripgrep and cargo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ColorChoice {
+    /// On a terminal, unless `NO_COLOR` is set to anything but the empty string.
+    Auto,
+    /// Always, even into a file or a pipe.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Log line formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LogFormat {
-    /// Human-readable lines (no colours or timestamps under journald).
+    /// Human-readable lines (no timestamps under journald; colours as `--color` says).
     Text,
     /// One JSON object per line, for log shippers.
     Json,

@@ -9,8 +9,8 @@ mod cli;
 
 use clap::Parser as _;
 use cli::{
-    CancelArgs, CheckArgs, Cli, Command, DaemonArgs, DownloadArgs, LogFormat, RecoverArgs,
-    ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
+    CancelArgs, CheckArgs, Cli, ColorChoice, Command, DaemonArgs, DownloadArgs, LogFormat,
+    RecoverArgs, ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
 };
 use krea_batch::sim::{self, FileTopUp, SimConfig, SimError, SimServer, WorldFileError};
 use krea_batch::{
@@ -625,8 +625,9 @@ fn new_progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no colours and no
-/// timestamps (the journal adds its own). With a progress bar, lines are printed above it.
+/// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no timestamps (the
+/// journal adds its own). Colours as [`colours`] decides. With a progress bar, lines are printed
+/// above it.
 fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     use tracing_subscriber::EnvFilter;
     let level = match (cli.quiet, cli.verbose) {
@@ -637,14 +638,29 @@ fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let ansi = !journald && std::io::stderr().is_terminal();
+    let ansi = colours(
+        cli.color,
+        !journald && std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let writer = LogWriter { bar };
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
     match (cli.log_format, journald) {
         (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.with_ansi(false).without_time().init(),
+        (LogFormat::Text, true) => builder.with_ansi(ansi).without_time().init(),
         (LogFormat::Text, false) => builder.with_ansi(ansi).init(),
+    }
+}
+
+/// Whether log lines carry colours: `--color always|never` decides; `auto` colours a
+/// terminal (`terminal`, false under journald) unless `NO_COLOR` is set and not empty
+/// (<https://no-color.org>).
+fn colours(choice: ColorChoice, terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => terminal && no_color.is_none_or(std::ffi::OsStr::is_empty),
     }
 }
 
@@ -673,5 +689,23 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    /// `NO_COLOR` (not empty) turns colours off on a terminal; `--color` overrides both ways.
+    #[test]
+    fn no_color_is_honoured_on_a_terminal_and_the_flag_overrides_it() {
+        let set = Some(OsStr::new("1"));
+        assert!(colours(ColorChoice::Auto, true, None));
+        assert!(!colours(ColorChoice::Auto, true, set));
+        assert!(colours(ColorChoice::Auto, true, Some(OsStr::new(""))), "empty means unset");
+        assert!(!colours(ColorChoice::Auto, false, None), "no colours into a file or pipe");
+        assert!(colours(ColorChoice::Always, false, set));
+        assert!(!colours(ColorChoice::Never, true, None));
     }
 }

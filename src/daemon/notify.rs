@@ -1,19 +1,46 @@
-//! Talking to systemd: `READY=1`, `STATUS=`, `WATCHDOG=1`, `RELOADING=1`, `STOPPING=1` through
-//! `sd-notify`. Without `NOTIFY_SOCKET` every call does nothing, so the daemon works the same
-//! outside systemd.
+//! Talking to systemd: `READY=1`, `STATUS=`, `WATCHDOG=1`, `RELOADING=1`, `STOPPING=1`, with
+//! `sd-notify`'s message format. Without `NOTIFY_SOCKET` every call does nothing, so the daemon
+//! works the same outside systemd. Sending never blocks: the datagram goes through a
+//! non-blocking socket, and a full queue at systemd's end drops the message instead of stalling
+//! the daemon's loop (the next status or watchdog message follows soon).
 
 use crate::runner::{EngineStatus, StopReason};
 use std::fmt::Write as _;
+use std::os::unix::net::UnixDatagram;
 
-/// Sends `states`; a failure is logged once at debug level and otherwise ignored (systemd is
-/// an observer here, never a reason to stop).
+/// Sends `states`; a failure is logged at debug level and otherwise ignored (systemd is an
+/// observer here, never a reason to stop).
 pub(crate) fn send(states: &[sd_notify::NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
-    }
-    if let Err(err) = sd_notify::notify(states) {
+    };
+    if let Err(err) = send_to(std::path::Path::new(&socket), states) {
         tracing::debug!(%err, "cannot notify systemd");
     }
+}
+
+/// One datagram of `states`, one `KEY=VALUE` a line, to the socket at `path` (`@name` is an
+/// abstract socket, as `sd_notify(3)` specifies). `sd_notify::notify` sends through a blocking
+/// socket, which would stall the daemon's loop while systemd's queue is full, hence this.
+fn send_to(path: &std::path::Path, states: &[sd_notify::NotifyState<'_>]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut message = String::new();
+    for state in states {
+        let _ = writeln!(message, "{state}");
+    }
+    let socket = UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
+    match path.as_os_str().as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(message.as_bytes(), &address)?;
+        }
+        None => {
+            socket.send_to(message.as_bytes(), path)?;
+        }
+    }
+    Ok(())
 }
 
 /// `READY=1` with the status line.
@@ -23,9 +50,13 @@ pub(crate) fn ready(status: &str) {
 
 /// `RELOADING=1` with `MONOTONIC_USEC` (systemd 253 and later require both).
 pub(crate) fn reloading() {
+    send(&reloading_states());
+}
+
+fn reloading_states() -> Vec<sd_notify::NotifyState<'static>> {
     match sd_notify::NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[sd_notify::NotifyState::Reloading, now]),
-        Err(_) => send(&[sd_notify::NotifyState::Reloading]),
+        Ok(now) => vec![sd_notify::NotifyState::Reloading, now],
+        Err(_) => vec![sd_notify::NotifyState::Reloading],
     }
 }
 
@@ -88,6 +119,45 @@ pub(crate) fn status_line(status: &EngineStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full queue at systemd's end drops the message at once, never waits: the receiving
+    /// socket here is never read, so a blocking send would hang this test.
+    #[test]
+    fn sending_to_a_full_notify_socket_returns_instead_of_blocking() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).expect("bound");
+        let mut outcomes = Vec::new();
+        for _ in 0..10_000 {
+            let sent = send_to(&path, &[sd_notify::NotifyState::Watchdog]);
+            let full = sent.is_err();
+            outcomes.push(sent);
+            if full {
+                break;
+            }
+        }
+        let last = outcomes.pop().expect("sent at least once").expect_err("the queue filled");
+        assert_eq!(last.kind(), std::io::ErrorKind::WouldBlock, "{last}");
+        let mut buffer = [0; 64];
+        let n = systemd.recv(&mut buffer).expect("the first message arrived");
+        assert_eq!(&buffer[..n], b"WATCHDOG=1\n");
+    }
+
+    /// `RELOADING=1` goes with `MONOTONIC_USEC=`, as `Type=notify-reload` requires.
+    #[test]
+    fn the_reload_message_carries_the_monotonic_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).expect("bound");
+        send_to(&path, &reloading_states()).expect("sent");
+        let mut buffer = [0; 128];
+        let n = systemd.recv(&mut buffer).expect("received");
+        let text = std::str::from_utf8(&buffer[..n]).expect("text");
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("RELOADING=1"), "{text}");
+        let usec = lines.next().and_then(|l| l.strip_prefix("MONOTONIC_USEC=")).expect(text);
+        assert!(usec.parse::<u64>().is_ok_and(|n| n > 0), "{text}");
+    }
 
     #[test]
     fn the_status_line_says_what_and_why() {

@@ -1,6 +1,6 @@
 //! The commands that act on a state after a run, as the README and their usage lines print
 //! them: `cancel --file FILE --all`, `cancel --file FILE NAME`, and the exit codes and
-//! messages when the state is not where a command looks.
+//! messages when the state is not where a command looks; the global `--color` flag.
 
 use crate::support::{Run, Sim, Workspace, krea_batch};
 
@@ -158,4 +158,36 @@ fn status_of_a_job_file_never_run_exits_2() {
     assert!(status.stderr.contains(".krea-batch.sqlite"), "{}", status.stderr);
     assert!(status.stderr.contains("krea-batch run"), "{}", status.stderr);
     assert!(!work.out().exists());
+}
+
+/// `--color always` colours the log even into a pipe, and wins over `NO_COLOR`; `--color never`
+/// and the default (`auto`, not a terminal here) do not. The terminal case of `NO_COLOR` is the
+/// binary's unit test `no_color_is_honoured_on_a_terminal_and_the_flag_overrides_it`.
+#[test]
+fn color_always_colours_the_log_and_never_does_not() {
+    const ESC: &str = "\x1b[";
+    let work = Workspace::with_jobs("  - {name: fox, prompt: a fox}\n");
+    std::fs::write(work.dir.path().join("sim.yaml"), "job_time: 50ms\n").expect("sim config");
+    let run = |color: &[&str], no_color: Option<&str>| {
+        let mut command = krea_batch();
+        command.current_dir(work.dir.path()).args(color);
+        command.args(["run", "--simulate", "--simulate-config", "sim.yaml", "jobs.yaml"]);
+        if let Some(value) = no_color {
+            command.env("NO_COLOR", value);
+        } else {
+            command.env_remove("NO_COLOR");
+        }
+        let run = Run::of(&command.output().expect("runs"));
+        run.expect_code(0);
+        assert!(run.stderr.contains("INFO"), "the run logs: {}", run.stderr);
+        run.stderr
+    };
+    let always = run(&["--color", "always"], None);
+    assert!(always.contains(ESC), "{always}");
+    let overridden = run(&["--color=always"], Some("1"));
+    assert!(overridden.contains(ESC), "--color always wins over NO_COLOR: {overridden}");
+    let never = run(&["--color", "never"], None);
+    assert!(!never.contains(ESC), "{never}");
+    let no_color = run(&[], Some("1"));
+    assert!(!no_color.contains(ESC), "{no_color}");
 }

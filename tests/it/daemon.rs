@@ -1,7 +1,7 @@
 //! The daemon as systemd runs it: a real process with a `NOTIFY_SOCKET` the test listens on,
 //! job files dropped into its inbox, the balance running out and being topped up, signals.
 
-use crate::support::{LiveChild, Sim, krea_batch, numbered_jobs, wait_until};
+use crate::support::{LiveChild, Run, Sim, krea_batch, numbered_jobs, wait_until};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -524,4 +524,30 @@ fn the_service_uploads_local_inputs_once_and_refuses_escapes() {
     daemon.signal("TERM");
     daemon.finish(Duration::from_secs(10)).expect_code(0);
     assert_eq!(sim.stats().jobs_created, 2);
+}
+
+/// The unit file waits for reloads (`Type=notify-reload`: the daemon sends `RELOADING=1` with
+/// `MONOTONIC_USEC`), points at the documentation, and does not restart a daemon that exited 2
+/// for a bad config, which a restart cannot fix; the daemon does exit 2 for one.
+#[test]
+fn the_unit_file_waits_for_reloads_and_does_not_restart_a_bad_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/krea-batch.service");
+    let unit = std::fs::read_to_string(&path).expect("the unit file");
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    for line in [
+        "Type=notify-reload",
+        "Documentation=file:/usr/share/doc/krea-batch/README.md",
+        "RestartPreventExitStatus=2",
+    ] {
+        assert!(lines.contains(&line), "{} lacks {line}", path.display());
+    }
+    // notify-reload sends SIGHUP itself; an ExecReload= would be run instead of it.
+    assert!(!lines.iter().any(|l| l.starts_with("ExecReload=")), "{unit}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("daemon.yaml");
+    std::fs::write(&config, "inbx: /tmp/nowhere\n").expect("config written");
+    let run =
+        Run::of(&krea_batch().arg("daemon").arg("--config").arg(&config).output().expect("runs"));
+    run.expect_code(2);
 }
