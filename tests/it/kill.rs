@@ -19,6 +19,26 @@ fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|text| text.parse().ok()).unwrap_or(default)
 }
 
+/// The account both kill tests run against: 16 jobs at once, a deep backlog, 0.8 s jobs.
+fn killing_ground(seed: u64, faults: Faults) -> Sim {
+    Sim::start(|config| {
+        config.seed = seed;
+        config.job_time = Duration::from_millis(800);
+        config.concurrency = 16;
+        config.backlog = 64;
+        config.faults = faults;
+    })
+}
+
+/// A job file with the kill tests' quick limits (`extra_limits` added to them) and `jobs`.
+fn killed_job_file(extra_limits: &str, jobs: &str) -> String {
+    format!(
+        "model: image/bfl/flux-1-dev\nlimits:\n  submissions_per_minute: 60000\n  burst: 50\n  \
+         max_in_flight: 16\n{extra_limits}  poll_interval: 50ms\n  poll_interval_max: 200ms\n  \
+         retry_backoff: 20ms\n  request_timeout: 1s\n  reconcile_after: 50ms\njobs:\n{jobs}"
+    )
+}
+
 #[test]
 fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     let jobs = env_number("KREA_BATCH_KILL_JOBS", 200) as usize;
@@ -27,26 +47,18 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     eprintln!("kill test: {jobs} jobs, {kills} kills, KREA_BATCH_KILL_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let sim = Sim::start(|config| {
-        config.seed = seed;
-        config.job_time = Duration::from_millis(800);
-        config.concurrency = 16;
-        config.backlog = 64;
-        config.faults = Faults {
+    let sim = killing_ground(
+        seed,
+        Faults {
             post_drop_rate: 0.05,
             server_error_rate: 0.03,
             reset_rate: 0.03,
             download_truncate_rate: 0.1,
             download_error_rate: 0.03,
             ..Faults::default()
-        };
-    });
-    let work = Workspace::with_file(&format!(
-        "model: image/bfl/flux-1-dev\nlimits:\n  submissions_per_minute: 60000\n  burst: 50\n  \
-         max_in_flight: 16\n  poll_interval: 50ms\n  poll_interval_max: 200ms\n  retry_backoff: 20ms\n  \
-         request_timeout: 1s\n  reconcile_after: 50ms\njobs:\n{}",
-        numbered_jobs("a killed run", jobs)
-    ));
+        },
+    );
+    let work = Workspace::with_file(&killed_job_file("", &numbered_jobs("a killed run", jobs)));
 
     let started = Instant::now();
     let mut killed = 0;
@@ -128,24 +140,18 @@ fn killed_with_several_posts_on_the_wire_it_pays_once_and_misfiles_nothing() {
         "kill test, 4 POSTs at once: {jobs} jobs, {kills} kills, KREA_BATCH_KILL_SEED={seed}"
     );
     let mut rng = fastrand::Rng::with_seed(seed);
-    let sim = Sim::start(|config| {
-        config.seed = seed;
-        config.job_time = Duration::from_millis(800);
-        config.concurrency = 16;
-        config.backlog = 64;
-        config.faults = Faults {
+    let sim = killing_ground(
+        seed,
+        Faults {
             post_drop_rate: 0.1,
             server_error_rate: 0.03,
             reset_rate: 0.03,
             ..Faults::default()
-        };
-    });
-    let work = Workspace::with_file(&format!(
-        "model: image/bfl/flux-1-dev\nlimits:\n  submissions_per_minute: 60000\n  burst: 50\n  \
-         max_in_flight: 16\n  submission_concurrency: 4\n  poll_interval: 50ms\n  \
-         poll_interval_max: 200ms\n  retry_backoff: 20ms\n  request_timeout: 1s\n  \
-         reconcile_after: 50ms\njobs:\n{}",
-        numbered_jobs("posts on the wire", jobs)
+        },
+    );
+    let work = Workspace::with_file(&killed_job_file(
+        "  submission_concurrency: 4\n",
+        &numbered_jobs("posts on the wire", jobs),
     ));
     let mut killed = 0;
     while killed < kills {
