@@ -150,14 +150,7 @@ async fn run(
         simulation = Some(server);
         key
     } else {
-        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
-            std::env::var(name).ok()
-        })?;
-        if let Some(warning) = &loaded.permission_warning {
-            tracing::warn!("{warning}");
-        }
-        tracing::debug!(source = %loaded.source, "API key found");
-        loaded.key
+        api_key(args.api.api_key_file.as_deref())?
     };
 
     let controls = Controls::default();
@@ -276,13 +269,10 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
         simulation = Some(server);
         options
     } else {
-        let loaded = krea_batch::load_key(args.api.api_key_file.as_deref(), |name| {
-            std::env::var(name).ok()
-        })?;
         krea_batch::RecoverOptions {
             state: args.state,
             api_base: args.api.api_base,
-            key: loaded.key,
+            key: api_key(args.api.api_key_file.as_deref())?,
             simulated: false,
             simulation: None,
         }
@@ -299,15 +289,22 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
-    let loaded =
-        krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok())?;
+/// The API key from `--api-key-file`, `KREA_API_KEY` or the systemd credential, with a
+/// warning when its file is readable by others: one loader for every command that needs it.
+fn api_key(file: Option<&std::path::Path>) -> Result<krea_batch::ApiKey, KeyError> {
+    let loaded = krea_batch::load_key(file, |name| std::env::var(name).ok())?;
     if let Some(warning) = &loaded.permission_warning {
         tracing::warn!("{warning}");
     }
+    tracing::debug!(source = %loaded.source, "API key found");
+    Ok(loaded.key)
+}
+
+async fn run_daemon(args: DaemonArgs) -> anyhow::Result<u8> {
+    let key = api_key(args.api_key_file.as_deref())?;
     let signals = DaemonSignals::default();
     tokio::spawn(watch_daemon_signals(signals.clone()));
-    krea_batch::run_daemon(&args.config, loaded.key, signals).await?;
+    krea_batch::run_daemon(&args.config, key, signals).await?;
     Ok(EXIT_OK)
 }
 
@@ -360,9 +357,7 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     let (key, api_base) = if let Some(server) = &simulation {
         (Some(krea_batch::ApiKey::new(server.api_key())?), Some(server.base_url()))
     } else {
-        let loaded =
-            krea_batch::load_key(args.api_key_file.as_deref(), |name| std::env::var(name).ok());
-        (loaded.ok().map(|loaded| loaded.key), None)
+        (api_key(args.api_key_file.as_deref()).ok(), None)
     };
     let result = krea_batch::cancel(&state, &selection, key, api_base.as_deref()).await;
     if let Some(server) = simulation {
