@@ -108,18 +108,19 @@ pub(crate) struct Ceilings {
 impl Ceilings {
     /// The ceilings of a job file's (or the service's) `limits`.
     ///
-    /// `submission_concurrency` left out is 1, not "no ceiling": POSTs on the wire together
-    /// whose answers are lost cannot always be told apart, and their jobs then end in
-    /// `unattributed/` instead of under their names (README, "Nothing paid twice, nothing
-    /// lost"). One at a time keeps every result attributed; writing a larger number opts in
-    /// to `K` chosen by the controller up to it.
+    /// A key left out is no ceiling, `submission_concurrency` included: the controller
+    /// chooses `K` from the measured round trip and the needed rate. POSTs on the wire together
+    /// whose answers are all lost cannot always be told apart; their jobs are then paid once and
+    /// downloaded to `unattributed/` instead of under their names (README, "Nothing paid
+    /// twice, nothing lost"). A user who wants every result under its name whatever the
+    /// network does writes `submission_concurrency: 1`.
     #[must_use]
     pub(crate) fn from_limits(limits: &Limits) -> Self {
         Self {
             submissions_per_minute: limits.submissions_per_minute,
             burst: limits.burst,
             max_in_flight: limits.max_in_flight,
-            submission_concurrency: Some(limits.submission_concurrency.unwrap_or(1)),
+            submission_concurrency: limits.submission_concurrency,
         }
     }
 }
@@ -225,6 +226,9 @@ pub(crate) struct Controller {
     resume_at: Option<Instant>,
     round_trip: Option<Duration>,
     job_time: Option<Duration>,
+    /// How soon a sweep (`GET /jobs`) shows what a new job became: the time between sweeps
+    /// plus their round trip, as a moving average. `None` until a sweep came back.
+    sweep_delay: Option<Duration>,
 }
 
 impl Controller {
@@ -255,6 +259,7 @@ impl Controller {
             resume_at: None,
             round_trip: None,
             job_time: None,
+            sweep_delay: None,
         }
     }
 
@@ -296,6 +301,22 @@ impl Controller {
         match seen {
             Seen::Backlogged => self.saturated(),
             Seen::Running => self.clean_submission(),
+        }
+    }
+
+    /// A sweep (one `GET /jobs` showing our jobs in flight) came back `round_trip` after it
+    /// was sent, sweeps being `every` apart; `backlogged` if it showed a job of ours
+    /// backlogged. (Each job it showed was handed to [`Controller::observed`] already.)
+    ///
+    /// In slow start a sweep that shows no backlog says the account is not full: the window
+    /// may double from the jobs in flight, as an answered window would let it. And a sweep
+    /// faster than a POST's round trip tells sooner when the account fills up, which is what
+    /// lets more POSTs be on the wire while the capacity is unknown (`posts_needed`).
+    pub(crate) fn swept(&mut self, every: Duration, round_trip: Duration, backlogged: bool) {
+        self.sweep_delay = Some(ewma(self.sweep_delay, every + round_trip));
+        if self.mode == Mode::SlowStart && !backlogged && self.tracked() > 0 {
+            let doubled = self.tracked().saturating_add(self.posts_in_flight).saturating_mul(2);
+            self.window = cap(self.window.max(doubled), self.ceilings.max_in_flight);
         }
     }
 
@@ -498,7 +519,29 @@ impl Controller {
                 per_round_trip(f64::from(capacity) / job_time.as_secs_f64(), round_trip)
             }
             (Mode::Steady, Some(capacity), _) => backlog_allowance(capacity),
-            _ => backlog_allowance(self.tracked()),
+            _ => backlog_allowance(self.tracked()).saturating_mul(self.sweep_speedup()),
+        }
+    }
+
+    /// How many times sooner a sweep than a POST's answer shows that the account is full
+    /// (1 to 4). While the capacity is unknown, the backlog left when it is crossed is what
+    /// was created before anyone noticed: the POSTs of one answer's round trip, or, with
+    /// sweeps that come back sooner, only those of one sweep's delay. So with sweeps four
+    /// times faster than the round trip, four times as many POSTs may be on the wire for the
+    /// same backlog.
+    fn sweep_speedup(&self) -> u32 {
+        let (Some(round_trip), Some(delay)) = (self.round_trip, self.sweep_delay) else {
+            return 1;
+        };
+        let ratio = round_trip.as_secs_f64() / delay.as_secs_f64().max(1e-3);
+        if ratio >= 4.0 {
+            4
+        } else if ratio >= 3.0 {
+            3
+        } else if ratio >= 2.0 {
+            2
+        } else {
+            1
         }
     }
 

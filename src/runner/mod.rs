@@ -58,6 +58,7 @@ mod poll;
 mod reconciling;
 pub(crate) mod status;
 mod submit;
+mod sweep;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -210,6 +211,10 @@ enum Event {
     },
     /// A listing was cut short by a stop: its unknown jobs are left to the next run.
     ListingStopped,
+    /// A sweep's page of the account's newest jobs (`sweep.rs`).
+    Swept {
+        result: Result<crate::api::JobPage, ApiError>,
+    },
     /// A poll of a Krea job that could not be attributed (`unattributed.rs`).
     UnattributedPolled {
         index: usize,
@@ -251,6 +256,8 @@ pub(crate) struct Engine {
     unattributed: unattributed::Unattributed,
     /// Whether a reconciliation listing is running.
     listing: bool,
+    /// The sweeps that read every job in flight with one request (`sweep.rs`).
+    sweeps: sweep::Sweeps,
     /// After a failed listing, when to try again.
     listing_retry_at: Option<Instant>,
     /// Cancelled on the first Ctrl-C or SIGTERM: a listing under way ends at once.
@@ -334,6 +341,7 @@ impl Engine {
             listed_before: HashSet::new(),
             unattributed: unattributed::Unattributed::default(),
             listing: false,
+            sweeps: sweep::Sweeps::default(),
             listing_retry_at: None,
             listing_stop: CancellationToken::new(),
             unreadable_listings: 0,
@@ -414,6 +422,7 @@ impl Engine {
             self.start_downloads();
             self.start_unattributed();
             self.maybe_start_listing();
+            self.maybe_sweep();
             self.refresh_galleries(false);
             self.publish_status();
             if self.finished() || self.controls.abort.is_cancelled() {
@@ -426,6 +435,7 @@ impl Engine {
                 self.reconcile_wake(),
                 self.gallery_wake(),
                 self.unattributed.wake(),
+                self.sweep_wake(),
             ]
             .into_iter()
             .flatten()
@@ -479,6 +489,10 @@ impl Engine {
             Ok(Event::CancelAnswered { slot, result }) => self.on_cancel_answered(slot, result),
             Ok(Event::Downloaded { slot, files, error }) => self.on_downloaded(slot, files, error),
             Ok(Event::Listed { slots, result }) => self.on_listed(&slots, result),
+            Ok(Event::Swept { result }) => {
+                self.on_swept(result);
+                Ok(())
+            }
             Ok(Event::UnattributedPolled { index, result }) => {
                 self.on_unattributed_polled(index, result);
                 Ok(())

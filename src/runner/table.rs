@@ -254,6 +254,11 @@ impl JobTable {
         &self.ledger
     }
 
+    /// The job of this table that holds a Krea job id, if any.
+    pub(super) fn slot_of_remote(&self, remote_id: &str) -> Option<usize> {
+        self.remote_ids.get(remote_id).copied()
+    }
+
     /// Who already holds a Krea job id, if anyone.
     pub(super) fn claim_owner(&self, remote_id: &str) -> Option<String> {
         if let Some(&owner) = self.remote_ids.get(remote_id) {
