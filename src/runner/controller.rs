@@ -17,9 +17,15 @@
 //!   state Krea added since) is a sample of `C`. Stale observations err both ways and mostly
 //!   cancel: a job that ended unseen still counts as running, but the backlogged job that took
 //!   its slot still counts as backlogged. `C` is the median of the last few samples.
+//!   While `C` is unknown, a sweep (one `GET /jobs` listing the account's newest jobs) that
+//!   shows any job backlogged, ours or not, says the same, and the jobs it shows running are
+//!   the sample: the jobs whose POSTs are still unanswered are not ours by id yet, so only the
+//!   listing shows them backlogged a round trip before their answers would.
 //! - **What Krea holds** (running plus its own backlog). A concurrency 429 ("maximum number of
 //!   concurrent jobs") says Krea's concurrency and backlog are both full: the jobs we had in
-//!   flight are as many as it will hold, so the window may not go above that.
+//!   flight when the refused POST was sent (it was created or refused on arrival, and jobs
+//!   seen ending while its answer travelled do not count) are as many as it will hold, so the
+//!   window may not go above that; those of them not seen backlogged are a sample of `C`.
 //! - **Request rate.** A request-rate 429 (any 429 whose text does not speak of concurrent
 //!   jobs; see [`LimitKind::of_message`]) says the POSTs came too fast: the pace drops to 70 %
 //!   of the rate actually sent over the last seconds, then creeps up again by 10 % after every
@@ -45,9 +51,13 @@
 //!   the capacity is known, `K` is that allowance, the room above the running jobs; once a job
 //!   time is measured too, it is what sustains the needed rate over the measured round trip
 //!   (Little's law), `ceil(1.5 × rate × round trip) + 1`, the rate being `C` over the job time.
-//!   Never above the window or the pace's share of a round trip.
+//!   Never above the window or the pace's share of a round trip. While the capacity is unknown
+//!   and sweeps let `K` exceed the allowance, the `K` POSTs are spread evenly over a round trip
+//!   (a governor pace of `K` per round trip, burst 1) instead of sent at once: crossing the
+//!   capacity then leaves only what one sweep's delay sent, within the allowance.
 //! - **Pace**: none until Krea answers a request-rate 429 (the window already bounds what can be
-//!   sent), then what it learned.
+//!   sent), then what it learned; while ramping with fast sweeps, the spreading of `K` above
+//!   if that is slower.
 //! - **Waiting**: `Retry-After` is honoured to the instant, for both kinds of 429. Without it, a
 //!   request-rate 429 waits `backoff × 3ⁿ` (up to 20 × backoff) for the n-th in a row, and a
 //!   concurrency 429 waits for nothing but a job to end (the window holds submissions back),
@@ -89,6 +99,9 @@ const PACE_PROBE_EVERY: u32 = 50;
 /// Clean submissions at a full window before its ceiling is probed, at the least. A probe that
 /// meets Krea's limit costs a 429; one per 50 POSTs keeps them near 2 %.
 const MIN_PROBE_RUN: u32 = 50;
+/// How long a POST without an answer is remembered: one that failed unanswered
+/// ([`Controller::post_failed`] cannot tell which) is forgotten then.
+const FORGET_UNANSWERED: Duration = Duration::from_mins(2);
 /// Weight of a new measurement in the moving averages.
 const EWMA_WEIGHT: f64 = 0.25;
 
@@ -181,6 +194,16 @@ struct Tracked {
     timed: bool,
 }
 
+/// A POST as it was sent.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    at: Instant,
+    /// Our jobs at Krea and POSTs waiting for their answer when it was sent (itself excluded).
+    in_flight: u32,
+    /// How many of those were last seen backlogged.
+    backlogged: u32,
+}
+
 /// Slow start or steady.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -215,6 +238,9 @@ pub(crate) struct Controller {
     posts_in_flight: u32,
     /// When the recent POSTs were sent, oldest first (within `RATE_SPAN`).
     sent: VecDeque<Instant>,
+    /// The POSTs waiting for their answer, oldest first, with what was in flight when each was
+    /// sent (those that failed without an answer are forgotten after `FORGET_UNANSWERED`).
+    unanswered: VecDeque<Sent>,
     /// The learned request-rate pace, POSTs per second.
     learned_pace: Option<f64>,
     /// Accepted POSTs since the pace was last lowered or raised.
@@ -252,6 +278,7 @@ impl Controller {
             backlogged: 0,
             posts_in_flight: 0,
             sent: VecDeque::new(),
+            unanswered: VecDeque::new(),
             learned_pace: None,
             pace_clean: 0,
             streak: 0,
@@ -275,8 +302,10 @@ impl Controller {
 
     /// A POST was sent (its attempt is on disk).
     pub(crate) fn post_sent(&mut self, now: Instant) {
+        let in_flight = self.tracked().saturating_add(self.posts_in_flight);
         self.posts_in_flight = self.posts_in_flight.saturating_add(1);
         self.sent.push_back(now);
+        self.unanswered.push_back(Sent { at: now, in_flight, backlogged: self.backlogged });
         self.forget_old_sends(now);
     }
 
@@ -289,7 +318,7 @@ impl Controller {
         round_trip: Duration,
         now: Instant,
     ) {
-        self.post_answered(round_trip);
+        self.post_answered(round_trip, now);
         self.streak = 0;
         self.pace_clean = self.pace_clean.saturating_add(1);
         if self.pace_clean >= PACE_PROBE_EVERY {
@@ -299,22 +328,34 @@ impl Controller {
         let seen = Seen::of(status).unwrap_or(Seen::Running);
         self.track(job_id, seen, now, true);
         match seen {
-            Seen::Backlogged => self.saturated(),
+            Seen::Backlogged => self.saturated(self.running),
             Seen::Running => self.clean_submission(),
         }
     }
 
-    /// A sweep (one `GET /jobs` showing our jobs in flight) came back `round_trip` after it
-    /// was sent, sweeps being `every` apart; `backlogged` if it showed a job of ours
-    /// backlogged. (Each job it showed was handed to [`Controller::observed`] already.)
+    /// A sweep (one `GET /jobs` showing the account's newest jobs) came back `round_trip`
+    /// after it was sent, sweeps being `every` apart; `full` if it showed a job backlogged
+    /// (anyone's: Krea parks jobs only when the account is full), with how many jobs it
+    /// showed running then. (Each job of ours it showed was handed to
+    /// [`Controller::observed`] already.)
     ///
-    /// In slow start a sweep that shows no backlog says the account is not full: the window
-    /// may double from the jobs in flight, as an answered window would let it. And a sweep
-    /// faster than a POST's round trip tells sooner when the account fills up, which is what
-    /// lets more POSTs be on the wire while the capacity is unknown (`posts_needed`).
-    pub(crate) fn swept(&mut self, every: Duration, round_trip: Duration, backlogged: bool) {
+    /// While the capacity is unknown, a sweep showing a backlog teaches it as a backlogged
+    /// answer would (the jobs running are a sample), and ends slow start: the jobs whose POSTs
+    /// are still unanswered are not ours by id yet, so only the account's listing shows them
+    /// backlogged before their answers come back. In slow start a sweep that shows no backlog
+    /// says the account is not full: the window may double from the jobs in flight, as an
+    /// answered window would let it. So a sweep faster than a POST's round trip tells sooner
+    /// when the account fills up, which is what lets more POSTs be on the wire while the
+    /// capacity is unknown (`posts_needed`).
+    pub(crate) fn swept(&mut self, every: Duration, round_trip: Duration, full: Option<u32>) {
         self.sweep_delay = Some(ewma(self.sweep_delay, every + round_trip));
-        if self.mode == Mode::SlowStart && !backlogged && self.tracked() > 0 {
+        if let Some(running) = full {
+            if self.capacity.is_none() {
+                self.saturated(running);
+            }
+            return;
+        }
+        if self.mode == Mode::SlowStart && self.tracked() > 0 {
             let doubled = self.tracked().saturating_add(self.posts_in_flight).saturating_mul(2);
             self.window = cap(self.window.max(doubled), self.ceilings.max_in_flight);
         }
@@ -329,14 +370,20 @@ impl Controller {
         round_trip: Duration,
         now: Instant,
     ) -> Duration {
-        self.post_answered(round_trip);
+        let sent = self.post_answered(round_trip, now);
         let sent_at = now.checked_sub(round_trip).unwrap_or(now);
         let new_episode = self.last_limited.is_none_or(|last| sent_at >= last);
         self.last_limited = Some(now);
         if new_episode {
             self.streak = self.streak.saturating_add(1);
         }
-        let in_flight = self.tracked();
+        // What we had at Krea when the refused POST went (it arrived then, as far as we know),
+        // and how much of it was not backlogged: jobs seen ending and new ones sent while its
+        // answer travelled do not count. (Counted when it is answered instead, a long round
+        // trip with jobs ending meanwhile would teach a hold and a capacity far too low.)
+        let (in_flight, running) = sent.map_or((self.tracked(), self.running), |sent| {
+            (sent.in_flight, sent.in_flight.saturating_sub(sent.backlogged))
+        });
         let wait = match kind {
             LimitKind::Concurrency => {
                 if self.probe_level.take().is_some() {
@@ -347,7 +394,7 @@ impl Controller {
                     // Our count includes jobs that ended unseen, so it is at least what Krea
                     // holds: the lowest such count is the tightest bound (probes raise it).
                     self.hold = Some(self.hold.map_or(in_flight, |hold| hold.min(in_flight)));
-                    self.sample(self.running.max(1));
+                    self.sample(running.max(1));
                 }
                 self.leave_slow_start();
                 self.clean = 0;
@@ -386,7 +433,7 @@ impl Controller {
         };
         self.track(job_id, seen, now, false);
         if seen == Seen::Backlogged {
-            self.saturated();
+            self.saturated(self.running);
         }
     }
 
@@ -428,12 +475,19 @@ impl Controller {
     pub(crate) fn pace(&self) -> Pace {
         // After a request-rate 429 POSTs go one by one at the learned pace; else as many at
         // once as may be sent at once.
-        let chosen = if self.learned_pace.is_some() {
+        // While sweeps let more POSTs on the wire than the backlog allowance, they go evenly
+        // spaced too, so no more than what one sweep's delay sends can be created unseen.
+        let spread = self.spread_pace();
+        let chosen = if self.learned_pace.is_some() || spread.is_some() {
             1
         } else {
             cap(self.posts_needed(), self.ceilings.submission_concurrency)
         };
-        Pace { per_second: self.pace_per_second(), burst: cap(chosen, self.ceilings.burst).max(1) }
+        let per_second = match (self.pace_per_second(), spread) {
+            (Some(limit), Some(spread)) => Some(limit.min(spread)),
+            (limit, spread) => limit.or(spread),
+        };
+        Pace { per_second, burst: cap(chosen, self.ceilings.burst).max(1) }
     }
 
     /// When submitting may go on, if it must wait (`Retry-After`, or a back-off) at `now`.
@@ -545,6 +599,22 @@ impl Controller {
         }
     }
 
+    /// While the capacity is unknown and sweeps allow more POSTs on the wire than the backlog
+    /// allowance (`sweep_speedup` above 1), those `K` POSTs are spread evenly over a round
+    /// trip instead of sent at once: the backlog left when the capacity is crossed is what was
+    /// created before a sweep showed it, so at most one sweep delay's worth, within the
+    /// allowance, where a burst of `K` would all be created at once. POSTs per second, the
+    /// round trip rounded up to 10 ms so the governor is not rebuilt on every answer.
+    fn spread_pace(&self) -> Option<f64> {
+        if self.capacity.is_some() || self.sweep_speedup() <= 1 {
+            return None;
+        }
+        let round_trip = self.round_trip?.as_millis().div_ceil(10).max(1);
+        #[allow(clippy::cast_precision_loss)] // a round trip in centiseconds is far below 2^52
+        let round_trip = round_trip as f64 / 100.0;
+        Some(f64::from(self.posts_needed()) / round_trip)
+    }
+
     /// The learned request rate under the written ceiling, POSTs per second.
     fn pace_per_second(&self) -> Option<f64> {
         let ceiling =
@@ -555,9 +625,22 @@ impl Controller {
         }
     }
 
-    fn post_answered(&mut self, round_trip: Duration) {
+    /// Counts a POST answered `round_trip` after it was sent, and returns what was in flight
+    /// when it was sent, if remembered. (POSTs sent at the same instant are taken in send
+    /// order: their answers come back in that order.)
+    fn post_answered(&mut self, round_trip: Duration, now: Instant) -> Option<Sent> {
         self.posts_in_flight = self.posts_in_flight.saturating_sub(1);
         self.round_trip = Some(ewma(self.round_trip, round_trip));
+        while self
+            .unanswered
+            .front()
+            .is_some_and(|sent| now.saturating_duration_since(sent.at) > FORGET_UNANSWERED)
+        {
+            self.unanswered.pop_front();
+        }
+        let at = now.checked_sub(round_trip)?;
+        let index = self.unanswered.iter().position(|sent| sent.at == at)?;
+        self.unanswered.remove(index)
     }
 
     fn track(&mut self, job_id: &str, seen: Seen, now: Instant, created: bool) {
@@ -584,8 +667,8 @@ impl Controller {
 
     /// Krea said a job waits: the account is full now, so the jobs seen running are a sample of
     /// its capacity.
-    fn saturated(&mut self) {
-        self.sample(self.running.max(1));
+    fn saturated(&mut self, running: u32) {
+        self.sample(running.max(1));
         self.leave_slow_start();
         self.clean = 0;
     }
@@ -888,6 +971,79 @@ mod tests {
         assert!(!account.control.may_submit(account.now));
         account.control.ended("job-1", account.now);
         assert!(account.control.may_submit(account.now), "a job ended: room for one");
+    }
+
+    #[test]
+    fn a_concurrency_429_counts_what_was_in_flight_when_the_refused_post_went() {
+        let mut account = Account::new(open());
+        for _ in 0..8 {
+            account.submit(&RemoteStatus::Queued);
+        }
+        // The ninth POST goes with 8 at Krea; while its answer travels, two jobs are seen
+        // ending. Counted at the answer, Krea would seem to hold 6.
+        let sent_at = account.now;
+        account.control.post_sent(sent_at);
+        account.now += Duration::from_millis(300);
+        account.control.ended("job-1", account.now);
+        account.control.ended("job-2", account.now);
+        account.control.rate_limited(
+            LimitKind::Concurrency,
+            None,
+            account.now - sent_at,
+            account.now,
+        );
+        assert_eq!(account.control.capacity(), Some(8), "the 8 running when it went");
+        assert_eq!(account.control.allowed_in_flight(), 8, "what Krea held, not 6");
+    }
+
+    #[test]
+    fn a_sweep_showing_a_backlog_ends_slow_start_with_its_running_jobs_as_capacity() {
+        let mut account = Account::new(open());
+        for _ in 0..12 {
+            account.submit(&RemoteStatus::Queued);
+        }
+        assert_eq!(account.control.capacity(), None);
+        let every = Duration::from_millis(100);
+        account.control.swept(every, Duration::from_millis(5), None);
+        assert_eq!(account.control.capacity(), None, "no backlog: still ramping");
+        // Jobs whose POSTs are unanswered are not ours by id yet: the listing shows 20
+        // running and someone backlogged, so the account is full at 20.
+        account.control.swept(every, Duration::from_millis(5), Some(20));
+        assert_eq!(account.control.capacity(), Some(20));
+        assert_eq!(account.control.allowed_in_flight(), 25, "20 and a quarter of it");
+    }
+
+    #[test]
+    fn posts_beyond_the_allowance_are_spread_over_a_round_trip_while_ramping() {
+        let mut account = Account::new(open());
+        for _ in 0..16 {
+            account.submit(&RemoteStatus::Queued);
+        }
+        assert_eq!(account.control.pace().per_second, None, "no sweep yet: no spreading");
+        // Sweeps come back every 75 ms against a 300 ms round trip: four times as many POSTs
+        // may be on the wire, but evenly spread, not all at once.
+        for _ in 0..20 {
+            account.control.post_sent(account.now);
+            account.now += Duration::from_millis(300);
+            account.next += 1;
+            let id = format!("job-{}", account.next);
+            account.control.accepted(
+                &id,
+                Some(&RemoteStatus::Queued),
+                Duration::from_millis(300),
+                account.now,
+            );
+            account.control.swept(Duration::from_millis(70), Duration::from_millis(5), None);
+        }
+        let posts = account.control.posts_needed();
+        assert!(posts > backlog_allowance(36), "more than the allowance on the wire: {posts}");
+        let pace = account.control.pace();
+        assert_eq!(pace.burst, 1, "one at a time");
+        let per_second = pace.per_second.expect("spread");
+        let expected = f64::from(posts) / 0.3;
+        assert!((per_second - expected).abs() < 1e-6, "K per round trip: {per_second}");
+        account.control.swept(Duration::from_millis(70), Duration::from_millis(5), Some(30));
+        assert_eq!(account.control.pace().per_second, None, "capacity known: no spreading");
     }
 
     #[test]

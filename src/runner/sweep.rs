@@ -85,14 +85,23 @@ impl Engine {
                 return;
             }
         };
+        // Whose jobs they are does not matter here: Krea parks any job as backlogged only
+        // when the account is full, and the jobs then running are what it runs at once. This
+        // sees a crossing of the capacity one POST round trip sooner than our own jobs would
+        // (a job is ours by id only once its POST is answered).
         let mut backlogged = false;
+        let mut running = 0_u32;
         for remote in page.items {
+            match &remote.status {
+                Some(RemoteStatus::Backlogged) => backlogged = true,
+                Some(status) if !status.is_terminal() => running = running.saturating_add(1),
+                _ => {}
+            }
             let Some(slot) = self.table.slot_of_remote(&remote.job_id) else { continue };
-            backlogged |= remote.status == Some(RemoteStatus::Backlogged);
             if let Err(err) = self.on_polled(slot, Ok(remote)) {
                 super::report_bug(&err);
             }
         }
-        self.controller.swept(self.sweep_every(), round_trip, backlogged);
+        self.controller.swept(self.sweep_every(), round_trip, backlogged.then_some(running));
     }
 }
