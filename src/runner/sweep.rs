@@ -7,6 +7,10 @@
 //! poll never fires. A job the sweep does not show (beyond the page, or a listing that left it
 //! out) keeps its own poll, so sweeps only ever add sightings.
 //!
+//! Each sweep also tells the controller whether the page showed any job backlogged (anyone's:
+//! Krea parks jobs only when the account is full) and how many it showed running, which is how
+//! a crossing of the account's capacity is seen before the answers of the POSTs that made it.
+//!
 //! How often: a tenth of the measured job time, so a job's end is seen within about 5 % of
 //! its length on average, bounded by [`SWEEP_FLOOR`] below (at most a few requests a second
 //! for the whole account, whatever the number of jobs) and by `poll_interval` above (a sweep is
