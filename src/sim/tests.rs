@@ -126,6 +126,7 @@ async fn requests_are_checked_like_krea_does() {
     sunset.insert("image/bfl/flux-1-schnell".to_owned(), SunsetNotice::default());
     let sim = Harness::start(SimConfig {
         forbidden_models: vec!["image/krea/krea-2/large".to_owned()],
+        plan_required_models: vec!["image/krea/krea-2/medium".to_owned()],
         sunset_models: sunset,
         deprecated_models: vec![FLUX.to_owned()],
         zero_data_retention: true,
@@ -151,6 +152,10 @@ async fn requests_are_checked_like_krea_does() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     let forbidden = sim.post("/generate/image/krea/krea-2/large", &json!({"prompt": "x"})).await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let plan = sim.post("/generate/image/krea/krea-2/medium", &json!({"prompt": "x"})).await;
+    assert_eq!(plan.status(), StatusCode::PAYMENT_REQUIRED);
+    let said = body(plan).await["error"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(crate::api::PaymentKind::of_message(&said), crate::api::PaymentKind::Plan, "{said}");
     let gone = sim.post("/generate/image/bfl/flux-1-schnell", &json!({"prompt": "x"})).await;
     assert_eq!(gone.status(), StatusCode::GONE);
     assert_eq!(body(gone).await["error"], "model_unavailable");
