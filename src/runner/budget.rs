@@ -142,8 +142,12 @@ impl Engine {
             self.stopped.get_or_insert(StopReason::BudgetReached);
             return;
         }
+        let until_ms = exceeded.retry_in.map(|wait| {
+            self.clock.now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)
+        });
         if self.paused != Some(StopReason::BudgetReached) {
             tracing::warn!("{}; submitting paused", exceeded.message);
+            self.note_pause(StopReason::BudgetReached, &exceeded.message, until_ms);
         }
         self.paused = Some(StopReason::BudgetReached);
         // A daily cap frees up at midnight; a total cap only with a new configuration (SIGHUP).

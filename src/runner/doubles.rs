@@ -131,7 +131,12 @@ pub(super) struct FakeKrea {
     pub(super) rate_limit: Option<(usize, Duration)>,
     /// The states in which Krea refuses a cancel (none by default).
     pub(super) cancel_refusals: CancelRefusals,
+    /// Models this account's plan does not include: their POSTs get a plan-402.
+    pub(super) plan_required: Vec<String>,
 }
+
+/// Krea's answer (a 402) for a model the account's plan does not include.
+pub(super) const PLAN_REQUIRED: &str = "This model requires a higher plan. Upgrade to use it.";
 
 /// The states in which Krea refuses a `DELETE` (krea-api.md: it cancels only `queued` and
 /// `processing` jobs), for the cancel tests. Off by default, so the other tests see jobs go
@@ -162,6 +167,7 @@ impl FakeKrea {
             backlog: 0,
             rate_limit: None,
             cancel_refusals: CancelRefusals::default(),
+            plan_required: Vec::new(),
         }
     }
 
@@ -317,7 +323,7 @@ impl FakeKrea {
 }
 
 impl KreaApi for FakeKrea {
-    fn create_job<'a>(&'a self, _model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
+    fn create_job<'a>(&'a self, model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
         Box::pin(async move {
             let sent = Instant::now();
             {
@@ -327,7 +333,12 @@ impl KreaApi for FakeKrea {
                     state.seen.max_posts_on_wire.max(state.posts_on_wire);
             }
             tokio::time::sleep(self.post_latency).await;
-            let answer = self.answer_post(body);
+            let answer = if self.plan_required.iter().any(|refused| refused == model) {
+                self.state().seen.posts.push((Instant::now(), "PlanRequired".into()));
+                Err(ApiError::PlanRequired { message: PLAN_REQUIRED.into() })
+            } else {
+                self.answer_post(body)
+            };
             let mut state = self.state();
             state.posts_on_wire -= 1;
             state.seen.post_spans.push((sent, Instant::now()));

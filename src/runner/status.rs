@@ -8,10 +8,10 @@
 
 use crate::job::JobState;
 use crate::store::JobRecord;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why submitting stopped before every job was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// Krea answered 402: the prepaid balance is exhausted.
@@ -47,6 +47,28 @@ impl std::fmt::Display for StopReason {
         })
     }
 }
+
+/// Why submitting is paused (the service) or stopped (a run), since when and until when: what
+/// the engine keeps in the state file under [`META_PAUSE`] for `krea-batch status`, another
+/// process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// Why.
+    pub reason: StopReason,
+    /// Since when, ms since the epoch (UTC).
+    pub since_ms: i64,
+    /// Until when, ms since the epoch, when that is known: a daily budget frees up at the
+    /// next midnight UTC. `None` for a 402, a refused key or a total budget, which end only
+    /// with a top-up, a new key or a new budget (and a probe, SIGHUP or `krea-batch resume`).
+    pub until_ms: Option<i64>,
+    /// What was said: Krea's message for a 402 or a refused key, the budget's arithmetic for
+    /// a budget.
+    pub message: String,
+}
+
+/// The state file's meta key under which the engine keeps its current [`Pause`] as JSON (an
+/// empty value when submitting goes on).
+pub(crate) const META_PAUSE: &str = "pause";
 
 /// Jobs by where they stand, for progress and summaries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -143,6 +165,8 @@ pub struct EngineStatus {
     pub counts: Counts,
     /// Why submitting is stopped or paused, if it is.
     pub paused: Option<StopReason>,
+    /// The pause with its times and message, if submitting is stopped or paused.
+    pub pause: Option<Pause>,
     /// POSTs sent.
     pub submissions_total: u64,
     /// 429 answers.
