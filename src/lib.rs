@@ -239,6 +239,8 @@ pub use runner::Counts;
 pub use runner::EngineStatus;
 /// Attempts of one job that may go unanswered before the job fails.
 pub use runner::MAX_UNANSWERED_POSTS;
+/// Why the service's submitting is paused, since and until when, in [`Status`].
+pub use runner::Pause;
 /// A job that was to be cancelled and that Krea ran and billed all the same, in [`Summary`].
 pub use runner::RefusedCancel;
 /// Why a run stopped submitting early; the binary turns it into an exit code.

@@ -220,7 +220,12 @@ impl Daemon {
                 joined = &mut engine_task => {
                     let outcome = joined.context("the engine failed")??;
                     crate::setup::keep_cancels(&self.writer, &outcome.cancels_left).await;
-                    tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
+                    // The jobs left running at Krea, not all the jobs the state holds.
+                    let counts = crate::runner::Counts::of(&outcome.jobs);
+                    tracing::info!(
+                        in_flight = counts.in_flight + counts.unknown,
+                        "stopped; jobs in flight are resumed by the next start"
+                    );
                     return Ok(());
                 }
             }
