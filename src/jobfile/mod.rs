@@ -109,6 +109,9 @@ pub struct JobFile {
     /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
     /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
     pub local_files: Vec<LocalFile>,
+    /// Which of `output:`, `api:` and `limits:` the file writes, in file order: settings of a
+    /// run, which the service ignores (its configuration governs), and says so.
+    pub run_settings: Vec<&'static str>,
 }
 
 /// One generation to run.
@@ -479,6 +482,7 @@ impl Assembly<'_> {
             reuse: raw.reuse.unwrap_or(true),
             jobs,
             params: raw.params,
+            run_settings: raw.run_settings,
         })
     }
 
