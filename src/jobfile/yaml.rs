@@ -4,9 +4,13 @@
 //!
 //! These files get none of the job file's workarounds (alias budget, flow-nesting pre-scan,
 //! node-by-node checks): they are an operator's own files, small and trusted, and their types
-//! are plain serde derives. What they do get is an error that says where: file, line, column.
+//! are plain serde derives. What they do get is an error that says where: file, line, column,
+//! and for a misspelled key the job file's own hint ("did you mean `burst`? valid keys here:
+//! …", [`valid_keys_hint`]), so a typo in the daemon's configuration, at start or on reload,
+//! reads like one in a job file.
 
 use super::locate;
+use super::values::valid_keys_hint;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -40,10 +44,31 @@ pub fn parse_document<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T,
             file: file.to_owned(),
             line: location.as_ref().map(serde_yaml::Location::line),
             column: location.as_ref().map(serde_yaml::Location::column),
-            message: locate::without_position(&shown, location.as_ref()).to_owned(),
+            message: with_key_hint(locate::without_position(&shown, location.as_ref())),
             source,
         }
     })
+}
+
+/// serde's "unknown field `brust`, expected one of `a`, `burst`" in the job file's words:
+/// `unknown key "brust"; did you mean `burst`? valid keys here: a, burst`. Any other message
+/// (and any prefix before it, such as the section `limits: `) is left as it is.
+fn with_key_hint(message: &str) -> String {
+    const UNKNOWN: &str = "unknown field `";
+    let Some(start) = message.find(UNKNOWN) else { return message.to_owned() };
+    let rest = &message[start + UNKNOWN.len()..];
+    let Some((found, expected)) = rest.split_once('`') else { return message.to_owned() };
+    let Some(expected) = expected
+        .strip_prefix(", expected one of ")
+        .or_else(|| expected.strip_prefix(", expected "))
+    else {
+        return message.to_owned();
+    };
+    let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    if valid.is_empty() {
+        return message.to_owned();
+    }
+    format!("{}unknown key {found:?}; {}", &message[..start], valid_keys_hint(found, &valid))
 }
 
 #[cfg(test)]
@@ -70,6 +95,10 @@ mod tests {
         assert!(shown.starts_with("/etc/sim.yaml:2:1: "), "{shown}");
         assert!(shown.contains("prot"), "{shown}");
         assert!(!shown.contains(" at line "), "the position is said once: {shown}");
+        assert!(
+            shown.ends_with("unknown key \"prot\"; did you mean `port`? valid keys here: port"),
+            "the job file's did-you-mean: {shown}"
+        );
         let source = err.source().expect("the YAML reader's error is kept");
         assert!(source.is::<serde_yaml::Error>(), "{source:?}");
     }
