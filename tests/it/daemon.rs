@@ -348,7 +348,13 @@ jobs:
     let accepted = service.dir.path().join("inbox/accepted/rows.yaml");
     wait_until(Duration::from_secs(10), "the file is accepted", || accepted.is_file());
 
+    // A typo on reload gets the job file's did-you-mean, and the current config is kept.
     let config = std::fs::read_to_string(service.config()).expect("config");
+    std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_dya_usd: 1"))
+        .expect("config with a typo");
+    daemon.signal("HUP");
+    daemon.wait_for_log("did you mean `per_day_usd`?", Duration::from_secs(10));
+    daemon.wait_for_log("keeping the current one", Duration::from_secs(1));
     std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_day_usd: 1"))
         .expect("config raised");
     daemon.signal("HUP");
@@ -473,9 +479,16 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
         "private.yaml",
         "model: image/bfl/flux-1-dev\njobs:\n  - from: data/customers.csv\n",
     );
-    service.drop_file("next.yaml", &job_file("the next job", 2));
+    // A file with a run's own settings: taken, with a warning naming what is ignored.
+    let own_settings = format!(
+        "output: ./elsewhere\nlimits: {{burst: 1}}\napi: {{}}\n{}",
+        job_file("the next job", 2)
+    );
+    service.drop_file("next.yaml", &own_settings);
 
     let huge = note("huge.yaml");
+    let lies = inbox.join("rejected/huge.yaml");
+    assert!(huge.contains(&format!("now lies at {}.", lies.display())), "{huge}");
     let limit = krea_batch::MAX_JOBS;
     assert!(huge.contains(&format!("huge.csv:{}: more than {limit} rows", limit + 2)), "{huge}");
     let private_note = note("private.yaml");
@@ -491,7 +504,13 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
     let entries = std::fs::read_dir(inbox.join("processing")).expect("processing/").count();
     assert_eq!(entries, 0, "nothing left in processing/");
     daemon.signal("TERM");
-    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    let warning =
+        run.stderr.lines().find(|line| line.contains("file=next.yaml") && line.contains("ignored"));
+    let warning = warning.unwrap_or_else(|| panic!("a warning about next.yaml: {}", run.stderr));
+    assert!(warning.contains("`output:`, `limits:`, `api:` are ignored"), "{warning}");
+    assert!(!service.dir.path().join("elsewhere").exists(), "results go to the service's folder");
     let stats = sim.stats();
     assert_eq!(stats.jobs_created, 2, "{:?}", stats.creations_by_prompt);
 }
