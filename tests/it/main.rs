@@ -12,6 +12,7 @@ mod input;
 mod kill;
 mod layers;
 mod manifest;
+mod readme;
 mod resume;
 mod run;
 mod security;
