@@ -29,7 +29,7 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Pause`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
 //! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
@@ -42,7 +42,7 @@
 //! | `setup.rs` | setting a run up and down: places, the store opened and guarded (locks, API base, output folder claim), clients, writer, engine, requests forwarded |
 //! | `run.rs` | `krea-batch run` and `download`: a job file end to end (command) |
 //! | `check.rs` | `krea-batch check`: the plan, nothing sent (command) |
-//! | `status.rs` | `krea-batch status`: a state file read (command) |
+//! | `status.rs` | `krea-batch status`: a state file read, with the service's pause and counts per job file (command) |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
 //! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |

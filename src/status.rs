@@ -1,5 +1,7 @@
 //! `krea-batch status`: what a state file holds, read without taking it (safe while a run or
-//! the daemon writes to it).
+//! the daemon writes to it): jobs by state, overall and per job file, what was spent, and
+//! whether the service's submitting is paused, why and since when (the engine keeps that in
+//! the state file, `runner/status.rs`'s [`Pause`]).
 
 use crate::job::JobState;
 use crate::pricing::round_usd;

@@ -49,7 +49,7 @@ impl std::fmt::Display for StopReason {
 }
 
 /// Why submitting is paused (the service) or stopped (a run), since when and until when: what
-/// the engine keeps in the state file under [`META_PAUSE`] for `krea-batch status`, another
+/// the engine keeps in the state file (meta key `pause`) for `krea-batch status`, another
 /// process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pause {
