@@ -461,8 +461,8 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         InputError::because(format!("cannot read {}: {err}", path.display()), err)
     })?;
-    serde_yaml::from_str(&text)
-        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
+    // The file, line and column, and for a misspelled key the job file's did-you-mean.
+    krea_batch::parse_yaml_document(&text, path).map_err(|err| InputError::new(err).into())
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {

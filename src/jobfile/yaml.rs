@@ -6,19 +6,19 @@
 //! node-by-node checks): they are an operator's own files, small and trusted, and their types
 //! are plain serde derives. What they do get is an error that says where: file, line, column,
 //! and for a misspelled key the job file's own hint ("did you mean `burst`? valid keys here:
-//! …", [`valid_keys_hint`]), so a typo in the daemon's configuration, at start or on reload,
+//! …", `locate::reword_unknown_field`), so a typo in the daemon's configuration, at start or on reload,
 //! reads like one in a job file.
 
 use super::locate;
-use super::values::valid_keys_hint;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
 /// A YAML file that is not YAML, or not the settings it should hold (an unknown key, a value
 /// of the wrong type): the file, the place when the YAML reader knows it, and what is wrong.
 ///
-/// Shown as `daemon.yaml:4:17: probe_interval: invalid duration "often"`; the YAML reader's own
-/// error is kept as the source.
+/// Shown as `daemon.yaml:4:17: probe_interval: invalid duration "often"`. The YAML reader's own
+/// error is not kept as a source: everything it says is in the message already, and an error
+/// chain (`main`'s) would say it all a second time, position included.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", super::render_error(.file, *.line, *.column, None, .message))]
 pub struct YamlError {
@@ -30,9 +30,6 @@ pub struct YamlError {
     pub column: Option<usize>,
     /// What is wrong: the YAML reader's message, without the position it appends.
     pub message: String,
-    /// The YAML reader's error.
-    #[source]
-    source: serde_yaml::Error,
 }
 
 /// Reads `text`, the contents of `file` (named in errors), as one YAML document of type `T`.
@@ -45,36 +42,24 @@ pub fn parse_document<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T,
             line: location.as_ref().map(serde_yaml::Location::line),
             column: location.as_ref().map(serde_yaml::Location::column),
             message: with_key_hint(locate::without_position(&shown, location.as_ref())),
-            source,
         }
     })
 }
 
-/// serde's "unknown field `brust`, expected one of `a`, `burst`" in the job file's words:
-/// `unknown key "brust"; did you mean `burst`? valid keys here: a, burst`. Any other message
-/// (and any prefix before it, such as the section `limits: `) is left as it is.
+/// serde's "unknown field `brust`, expected one of `a`, `burst`" in the job file's words
+/// ([`locate::reword_unknown_field`]), after any prefix (the section, `limits: `); any other
+/// message is left as it is.
 fn with_key_hint(message: &str) -> String {
-    const UNKNOWN: &str = "unknown field `";
-    let Some(start) = message.find(UNKNOWN) else { return message.to_owned() };
-    let rest = &message[start + UNKNOWN.len()..];
-    let Some((found, expected)) = rest.split_once('`') else { return message.to_owned() };
-    let Some(expected) = expected
-        .strip_prefix(", expected one of ")
-        .or_else(|| expected.strip_prefix(", expected "))
-    else {
-        return message.to_owned();
-    };
-    let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-    if valid.is_empty() {
-        return message.to_owned();
+    let start = message.find("unknown field `").unwrap_or(message.len());
+    match locate::reword_unknown_field(&message[start..]) {
+        Some((_, reworded)) => format!("{}{reworded}", &message[..start]),
+        None => message.to_owned(),
     }
-    format!("{}unknown key {found:?}; {}", &message[..start], valid_keys_hint(found, &valid))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::error::Error as _;
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -99,8 +84,7 @@ mod tests {
             shown.ends_with("unknown key \"prot\"; did you mean `port`? valid keys here: port"),
             "the job file's did-you-mean: {shown}"
         );
-        let source = err.source().expect("the YAML reader's error is kept");
-        assert!(source.is::<serde_yaml::Error>(), "{source:?}");
+        assert_eq!(crate::api::error_chain(&err), shown, "an error chain says it once too");
     }
 
     #[test]
