@@ -98,6 +98,7 @@ mod jobs;
 mod models;
 mod openapi;
 mod padding;
+mod picture;
 mod png;
 mod rate;
 mod render;
