@@ -45,6 +45,7 @@
 //! | `status.rs` | `krea-batch status`: a state file read (command) |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
 //! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
+//! | `journal.rs` | `<N>` priority prefixes on log lines under journald, so `journalctl -p` filters them: a module of the binary, like `cli.rs` |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate`; the one public module |
 //!
