@@ -2,8 +2,7 @@
 //! which reads a leading `<N>` on a line as that line's syslog priority and strips it
 //! (sd-daemon(3)); without one every line is `info`. [`Prioritised`] wraps the log writer so
 //! that each line of an event starts with its level's prefix, and `journalctl -p warning`
-//! shows warnings and errors only. A module of the binary (`main.rs` declares it), like
-//! `cli.rs`: the library logs through `tracing` and leaves where lines go to the binary.
+//! shows warnings and errors only. The binary sets logging up (`main.rs`) and uses it there.
 
 use std::io::Write;
 use tracing::{Level, Metadata};
@@ -26,12 +25,14 @@ pub(crate) fn priority(level: Level) -> u8 {
 
 /// A `MakeWriter` whose writers start every line with the event's `<N>` priority.
 #[derive(Clone, Debug)]
-pub(crate) struct Prioritised<M> {
+pub struct Prioritised<M> {
     inner: M,
 }
 
 impl<M> Prioritised<M> {
-    pub(crate) fn new(inner: M) -> Self {
+    /// Prefixes the lines that `inner`'s writers write.
+    #[must_use]
+    pub fn new(inner: M) -> Self {
         Self { inner }
     }
 }
@@ -51,7 +52,7 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Prioritised<M> {
 
 /// Writes through to `inner`, putting `<N>` before each line: an event's message of several
 /// lines keeps its priority on every one (journald reads each line as an entry).
-pub(crate) struct PrefixedLines<W> {
+pub struct PrefixedLines<W> {
     inner: W,
     prefix: [u8; 3],
     at_line_start: bool,
@@ -85,7 +86,7 @@ impl<W: Write> Write for PrefixedLines<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex, PoisonError};
+    use crate::testlog::LogLines;
 
     #[test]
     fn levels_map_to_sd_daemon_priorities() {
@@ -96,34 +97,11 @@ mod tests {
         assert_eq!(priority(Level::TRACE), 7);
     }
 
-    /// Collects what the subscriber writes.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Self;
-
-        fn make_writer(&'a self) -> Self {
-            self.clone()
-        }
-    }
-
     /// Lines formatted as the service writes them under journald: no time, no colours, each
     /// line of each event led by its priority.
     #[test]
     fn formatted_lines_carry_their_priority() {
-        let captured = Captured::default();
+        let captured = LogLines::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(Prioritised::new(captured.clone()))
             .with_max_level(Level::DEBUG)
@@ -137,8 +115,7 @@ mod tests {
             tracing::error!("stopped");
             tracing::debug!("polled");
         });
-        let text =
-            String::from_utf8(captured.0.lock().expect("not poisoned").clone()).expect("UTF-8");
+        let text = captured.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,

@@ -6,7 +6,6 @@
 //! 4 the API key was refused; 5 stopped by the budget; 130 interrupted.
 
 mod cli;
-mod journal;
 
 use clap::Parser as _;
 use cli::{
@@ -622,7 +621,7 @@ fn new_progress_bar() -> indicatif::ProgressBar {
 }
 
 /// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no timestamps (the
-/// journal adds its own) and each starts with its `<N>` priority ([`journal`]). Colours as [`colours`] decides. With a progress bar, lines are printed
+/// journal adds its own) and each starts with its `<N>` priority ([`krea_batch::Prioritised`]). Colours as [`colours`] decides. With a progress bar, lines are printed
 /// above it.
 fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     use tracing_subscriber::EnvFilter;
@@ -641,7 +640,7 @@ fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     );
     let writer = LogWriter { bar };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let prioritised = journal::Prioritised::new(writer.clone());
+    let prioritised = krea_batch::Prioritised::new(writer.clone());
     match (cli.log_format, journald) {
         (LogFormat::Json, true) => builder.with_writer(prioritised).json().init(),
         (LogFormat::Json, false) => builder.with_writer(writer).json().init(),
