@@ -397,7 +397,7 @@ fn exit_code(summary: &Summary) -> u8 {
     match summary.stopped {
         Some(StopReason::AuthRefused) => EXIT_AUTH,
         Some(StopReason::PaymentRequired) => EXIT_PAYMENT_REQUIRED,
-        Some(StopReason::BudgetReached) => EXIT_BUDGET,
+        Some(StopReason::BudgetReached | StopReason::DailyBudgetReached) => EXIT_BUDGET,
         Some(StopReason::Interrupted) => EXIT_INTERRUPTED,
         None => {
             let c = &summary.counts;

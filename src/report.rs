@@ -247,6 +247,15 @@ impl std::fmt::Display for Summary {
                 count(c.finished(), "job"),
                 c.pending
             )?,
+            Some(StopReason::DailyBudgetReached) => writeln!(
+                f,
+                "Stopped submitting: the next job would exceed today's budget \
+                 (budget.per_day_usd). {} finished, {} not submitted. The daily budget resumes \
+                 at midnight UTC: run the same command again then, and it continues where it \
+                 stopped.",
+                count(c.finished(), "job"),
+                c.pending
+            )?,
             Some(StopReason::Interrupted) => writeln!(
                 f,
                 "Interrupted. Run the same command again to continue; jobs already submitted \
@@ -458,6 +467,31 @@ mod tests {
         assert!(line.ends_with("; pace 1/s"), "{line}");
         let still = progress_line(&counts, "", Some(Duration::from_millis(20_400)));
         assert!(still.ends_with("; no change for 20s"), "{still}");
+    }
+
+    /// A stop at the daily cap says when room comes back, not to raise the budget; a stop at
+    /// the total cap says to raise it.
+    #[test]
+    fn a_daily_budget_stop_says_it_resumes_at_midnight_utc() {
+        let summary = |stopped| Summary {
+            counts: Counts::default(),
+            files: 0,
+            bytes: 0,
+            spend_usd: 0.0,
+            unpriced: 0,
+            removed_from_file: 0,
+            reused: 0,
+            stopped: Some(stopped),
+            failures: Vec::new(),
+            cancels_refused: Vec::new(),
+            output_dir: "out".into(),
+            elapsed_seconds: 1.0,
+        };
+        let daily = summary(StopReason::DailyBudgetReached).to_string();
+        assert!(daily.contains("resumes at midnight UTC"), "{daily}");
+        assert!(!daily.contains("Raise the budget"), "{daily}");
+        let total = summary(StopReason::BudgetReached).to_string();
+        assert!(total.contains("Raise the budget"), "{total}");
     }
 
     #[test]
