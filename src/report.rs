@@ -8,6 +8,7 @@ use crate::pricing::Estimate;
 use crate::runner::status::{Counts, EngineStatus, RefusedCancel, StopReason};
 use crate::store::JobRecord;
 use serde::Serialize;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -354,7 +355,7 @@ fn progress_line(now: &Counts, learned: &str, unchanged_for: Option<Duration>) -
     );
     if let Some(still) = unchanged_for {
         let still = Duration::from_secs(still.as_secs());
-        line.push_str(&format!("; no change for {}", humantime::format_duration(still)));
+        let _ = write!(line, "; no change for {}", humantime::format_duration(still));
     }
     line
 }

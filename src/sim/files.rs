@@ -21,8 +21,8 @@ use std::sync::Arc;
 use super::padding::{CHUNK, FILLER};
 
 /// The simulated video: a two-second 256×144 H.264 (constrained baseline, `yuv420p`, 10 fps,
-/// `moov` first) clip of FFmpeg's `testsrc` test pattern, which browsers play. It was made for
-/// this project, and is under the project's licence, with FFmpeg 5.1 by
+/// `moov` first) clip of the `testsrc` test pattern of `FFmpeg`, which browsers play. It was
+/// made for this project, and is under the project's licence, with `FFmpeg` 5.1 by
 /// `ffmpeg -f lavfi -i testsrc=size=256x144:rate=10:duration=2 -c:v libx264 -profile:v baseline
 /// -level 3.0 -pix_fmt yuv420p -preset veryslow -crf 32 -g 20 -movflags +faststart -an
 /// -map_metadata -1 -fflags +bitexact -flags:v +bitexact clip.mp4`.

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::fmt::Write as _;
 
 /// The longer side of every picture, in pixels.
 const LONG_SIDE: u32 = 512;
@@ -76,7 +77,7 @@ impl Picture {
             None => format!("job {}", job_id.chars().take(8).collect::<String>()),
         };
         if index > 0 {
-            label.push_str(&format!(" #{}", index + 1));
+            let _ = write!(label, " #{}", index + 1);
         }
         if preview {
             label.push_str(" preview");
