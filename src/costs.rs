@@ -4,7 +4,7 @@
 
 use crate::error::InputError;
 use crate::jobfile::JobFile;
-use crate::pricing::{Estimate, PriceTable, usd};
+use crate::pricing::{Estimate, PriceTable, TABLE_DATE, TABLE_SOURCE, usd};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -48,10 +48,13 @@ impl<'f> Costs<'f> {
 /// A budget is set, but some jobs have no known price, so what they commit cannot be counted.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` (USD \
-     per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
+    "{}: a budget is set, but krea-batch knows no price for {} (its table, checked {}, holds \
+     the prices published in {}); add each under `prices:` (USD per generation, e.g. \
+     `prices: {{{}: 0.05}}`) so the budget can count them",
     file.display(),
     listed(models),
+    TABLE_DATE,
+    TABLE_SOURCE,
     models.first().map_or("", |(model, _)| model.as_str())
 )]
 pub(crate) struct Unpriced {

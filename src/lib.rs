@@ -45,6 +45,8 @@
 //! | `status.rs` | `krea-batch status`: a state file read, with the service's pause and counts per job file (command) |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
 //! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
+//! | `testlog.rs` | tests only: a run's log captured as text |
+//! | `journal.rs` | `<N>` priority prefixes on log lines under journald, so `journalctl -p` filters them |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate`; the one public module |
 //!
@@ -111,6 +113,7 @@ mod gallery;
 mod inbox;
 mod job;
 mod jobfile;
+mod journal;
 mod key;
 mod metrics;
 mod openapi;
@@ -130,6 +133,8 @@ mod setup;
 pub mod sim;
 mod status;
 mod store;
+#[cfg(test)]
+mod testlog;
 mod uploads;
 
 // The commands.
@@ -224,6 +229,8 @@ pub use error::InputError;
 pub use job::check_name as check_job_name;
 #[doc(hidden)]
 pub use jobfile::flow_depth;
+/// Log writers whose lines carry their journald priority (`<4>` for a warning).
+pub use journal::{PrefixedLines, Prioritised};
 /// The end of a run: counts, files, spend, why it stopped; printed or as JSON.
 pub use report::Summary;
 /// The progress bar's look (one line at 80 columns; no time left claimed before a job ends).

@@ -397,7 +397,7 @@ fn exit_code(summary: &Summary) -> u8 {
     match summary.stopped {
         Some(StopReason::AuthRefused) => EXIT_AUTH,
         Some(StopReason::PaymentRequired) => EXIT_PAYMENT_REQUIRED,
-        Some(StopReason::BudgetReached) => EXIT_BUDGET,
+        Some(StopReason::BudgetReached | StopReason::DailyBudgetReached) => EXIT_BUDGET,
         Some(StopReason::Interrupted) => EXIT_INTERRUPTED,
         None => {
             let c = &summary.counts;
@@ -621,7 +621,7 @@ fn new_progress_bar() -> indicatif::ProgressBar {
 }
 
 /// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no timestamps (the
-/// journal adds its own). Colours as [`colours`] decides. With a progress bar, lines are printed
+/// journal adds its own) and each starts with its `<N>` priority ([`krea_batch::Prioritised`]). Colours as [`colours`] decides. With a progress bar, lines are printed
 /// above it.
 fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     use tracing_subscriber::EnvFilter;
@@ -639,12 +639,15 @@ fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
         std::env::var_os("NO_COLOR").as_deref(),
     );
     let writer = LogWriter { bar };
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let prioritised = krea_batch::Prioritised::new(writer.clone());
     match (cli.log_format, journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.with_ansi(ansi).without_time().init(),
-        (LogFormat::Text, false) => builder.with_ansi(ansi).init(),
+        (LogFormat::Json, true) => builder.with_writer(prioritised).json().init(),
+        (LogFormat::Json, false) => builder.with_writer(writer).json().init(),
+        (LogFormat::Text, true) => {
+            builder.with_writer(prioritised).with_ansi(ansi).without_time().init();
+        }
+        (LogFormat::Text, false) => builder.with_writer(writer).with_ansi(ansi).init(),
     }
 }
 

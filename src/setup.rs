@@ -220,9 +220,14 @@ pub(crate) fn claim_output(
             evidence,
         })
     };
+    let job_file_name = job_file.file_name().map(|name| name.to_string_lossy().into_owned());
+    // A marker that is right but for the job file's name (the gallery's title) is rewritten
+    // with it, without the checks a new or moved batch needs.
+    let mut retitle = false;
     let (batch, foreign, rewrite) = match output::read_marker(dir).map_err(output_error)? {
         Some(marker) if marker.state_id == state_id => {
             let moved = marker.state_file != state_text;
+            retitle = marker.job_file != job_file_name;
             (marker.batch, marker.foreign, moved)
         }
         Some(marker) => {
@@ -289,7 +294,9 @@ pub(crate) fn claim_output(
     if rewrite {
         // The batch is on disk before the marker names it (see `Store::register_batch`).
         store.register_batch(&batch, dir)?;
-        let marker = Marker::new(&state_id, &places.state, &batch, foreign);
+    }
+    if rewrite || retitle {
+        let marker = Marker::new(&state_id, &places.state, &batch, foreign).with_job_file(job_file);
         output::write_marker(dir, &marker).map_err(output_error)?;
     }
     Ok(batch)

@@ -109,11 +109,13 @@ fn utc(ms: i64) -> String {
 impl std::fmt::Display for Pause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let why = match (self.reason, self.until_ms) {
-            (StopReason::BudgetReached, Some(_)) => "the daily budget is reached",
+            (StopReason::BudgetReached | StopReason::DailyBudgetReached, Some(_))
+            | (StopReason::DailyBudgetReached, None) => "the daily budget is reached",
             (reason, _) => match reason {
                 StopReason::PaymentRequired => "the Krea API balance is exhausted (402)",
                 StopReason::AuthRefused => "Krea refused the API key (401/403)",
                 StopReason::BudgetReached => "the budget is reached",
+                StopReason::DailyBudgetReached => "the daily budget is reached",
                 StopReason::Interrupted => "interrupted",
             },
         };
@@ -130,6 +132,7 @@ impl std::fmt::Display for Pause {
                 StopReason::BudgetReached => {
                     "; raise `budget:` in the configuration, then reload (SIGHUP)"
                 }
+                StopReason::DailyBudgetReached => "; resumes at midnight UTC",
                 StopReason::Interrupted => "",
             })?,
         }

@@ -708,7 +708,9 @@ impl Engine {
                 "Krea refused the API key (401/403): submitting paused; fix the key, then send \
                  SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
             ),
-            StopReason::Interrupted | StopReason::BudgetReached => {}
+            StopReason::Interrupted
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 
@@ -748,7 +750,9 @@ impl Engine {
                 );
                 self.leave_unknown_to_next_run();
             }
-            StopReason::AuthRefused | StopReason::BudgetReached => {}
+            StopReason::AuthRefused
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 

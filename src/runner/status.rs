@@ -20,8 +20,12 @@ pub enum StopReason {
     AuthRefused,
     /// The user asked to stop (Ctrl-C, SIGTERM).
     Interrupted,
-    /// The next job would exceed the budget (`budget:` in the job file or the daemon config).
+    /// The next job would exceed the budget (`budget.max_usd` in the job file or the daemon
+    /// config).
     BudgetReached,
+    /// The next job would exceed today's budget (`budget.per_day_usd`): room comes back at
+    /// midnight UTC.
+    DailyBudgetReached,
 }
 
 impl StopReason {
@@ -33,6 +37,7 @@ impl StopReason {
             Self::AuthRefused => "auth_refused",
             Self::Interrupted => "interrupted",
             Self::BudgetReached => "budget_reached",
+            Self::DailyBudgetReached => "daily_budget_reached",
         }
     }
 }
@@ -44,6 +49,7 @@ impl std::fmt::Display for StopReason {
             Self::AuthRefused => "Krea refused the API key",
             Self::Interrupted => "interrupted",
             Self::BudgetReached => "the budget is reached",
+            Self::DailyBudgetReached => "the daily budget is reached until midnight UTC",
         })
     }
 }

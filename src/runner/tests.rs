@@ -402,6 +402,18 @@ async fn the_budget_stops_submitting_before_it_is_exceeded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_daily_budget_stops_a_run_as_a_daily_stop() {
+    let mut rig = Rig::new(3);
+    rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::DailyBudgetReached));
+    assert_eq!(h.posts().len(), 1, "0.2 would exceed 0.15 today");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     let mut rig = Rig::new(2);
     rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
@@ -411,7 +423,7 @@ async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     }
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
-    h.until(|status| status.paused == Some(StopReason::BudgetReached)).await;
+    h.until(|status| status.paused == Some(StopReason::DailyBudgetReached)).await;
     let pause = h.status.borrow().pause.clone().expect("the pause is published");
     let next_midnight = TestClock::new().now_ms() + 86_400_000;
     assert_eq!(pause.until_ms, Some(next_midnight), "until midnight UTC: {pause:?}");

@@ -305,6 +305,7 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
         kind: spec.kind,
         job_type: spec.job_type,
         price_micros: accepted.price_micros,
+        picture: accepted.picture,
     };
     let now = shared.now_ms();
     let created = {

@@ -4,6 +4,7 @@
 //! request is refused. Plain values, no behaviour beyond naming.
 
 use super::models::Kind;
+use super::picture::Picture;
 
 /// Unix time in milliseconds.
 pub(crate) type Millis = u64;
@@ -23,6 +24,8 @@ pub(crate) struct NewJob {
     pub kind: Kind,
     pub job_type: &'static str,
     pub price_micros: i64,
+    /// What its result pictures show besides the prompt.
+    pub picture: Picture,
 }
 
 /// Why a creation was refused.

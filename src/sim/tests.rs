@@ -573,7 +573,8 @@ impl Harness {
 #[tokio::test]
 async fn uploads_are_listed_served_and_the_only_foreign_inputs_accepted() {
     let sim = Harness::start(quick(SimConfig::default())).await;
-    let png = files::FileLayout::png(&[7; 32], 0).collect();
+    let head = picture::Picture::default().png_head("a cat", "upload", 0, false, &[7; 32]);
+    let png = files::FileLayout::png(head, 0).collect();
     let uploaded = sim.upload(&png, "image/png", "sha256:abc").await;
     assert_eq!(uploaded.status(), StatusCode::OK);
     let asset = body(uploaded).await;
