@@ -111,7 +111,7 @@ async fn wait_until_taken(requester: &Store) -> anyhow::Result<()> {
 }
 
 /// The jobs `selection` names; an unknown name or job file is an error.
-fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
+pub(crate) fn select(store: &Store, selection: &Selection) -> anyhow::Result<Vec<JobRecord>> {
     let mut jobs = store.jobs(None)?;
     if let Some(file) = &selection.file {
         let batch = batch_of(store, file, selection.simulated)?;
