@@ -47,6 +47,7 @@
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
 //! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |
+//! | `selection.rs` | which jobs of a state a command names: a job file's, all or by name (for `cancel` and `retry`) |
 //! | `rerun.rs` | `krea-batch retry`: failed jobs put back to pending on purpose, their failures kept, then run as `run` does (command) |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate`; the one public module |
 //!
@@ -130,6 +131,7 @@ mod run;
 mod runner;
 mod schema;
 mod seam;
+mod selection;
 mod setup;
 pub mod sim;
 mod status;
@@ -142,8 +144,6 @@ mod uploads;
 pub use check::Plan;
 /// `krea-batch check`: what a job file would do and cost, nothing sent.
 pub use check::plan;
-/// Which jobs [`cancel`] cancels.
-pub use control::Selection;
 /// `krea-batch cancel`: through the running process when there is one, else at Krea.
 pub use control::cancel;
 /// `krea-batch resume`: the running process probes whether it may submit again.
@@ -189,6 +189,8 @@ pub use run::RunResult;
 /// `krea-batch run` and `krea-batch download` ([`Mode`]): a job file run end to end, from
 /// the state file it resumes to the summary it ends with.
 pub use run::run;
+/// Which jobs [`cancel`] cancels and [`retry_plan`] runs again.
+pub use selection::Selection;
 /// The answer of [`status`], printed or as JSON.
 pub use status::Status;
 /// `krea-batch status`: a state file read, also while a run writes it.

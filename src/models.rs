@@ -344,11 +344,9 @@ impl fmt::Display for ModelList {
             }
         }
         let line = |f: &mut fmt::Formatter<'_>, cells: &[&str]| {
-            let mut text = String::new();
-            for (cell, width) in cells.iter().zip(widths) {
-                text.push_str(&format!("{cell:<width$}  "));
-            }
-            writeln!(f, "{}", text.trim_end())
+            let padded: Vec<String> =
+                cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            writeln!(f, "{}", padded.join("  ").trim_end())
         };
         writeln!(f, "{} in {}", crate::report::count(self.models.len(), "model"), self.origin)?;
         line(f, &header)?;
@@ -381,7 +379,7 @@ impl fmt::Display for ModelDetail {
         match model.price_usd {
             Some(price) => writeln!(f, "price with the defaults: {} (estimate)", usd(price))?,
             None => {
-                writeln!(f, "price: not known to krea-batch (a job file's prices: can set it)")?
+                writeln!(f, "price: not known to krea-batch (a job file's prices: can set it)")?;
             }
         }
         writeln!(f, "fields:")?;

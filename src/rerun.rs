@@ -14,11 +14,11 @@
 //! reconciliation never takes it for the new attempt. Cancelled jobs are not retried: a cancel
 //! was a decision too (a new job file entry runs such a prompt again).
 
-use crate::control::{Selection, select};
 use crate::error::InputError;
 use crate::job::JobState;
 use crate::pricing::{Estimate, round_usd, usd};
 use crate::report::count;
+use crate::selection::{Selection, select};
 use crate::store::Store;
 use serde::Serialize;
 use std::fmt;
@@ -60,16 +60,16 @@ pub struct RetryPlan {
 pub fn retry_plan(state: &Path, selection: &Selection) -> anyhow::Result<RetryPlan> {
     let store = Store::open_reader(state)?;
     let jobs = select(&store, selection)?;
-    if let Some(job) = jobs.iter().find(|job| !job.state.may_be_retried()) {
-        if !selection.names.is_empty() {
-            return Err(InputError::msg(format!(
-                "job {} is {}, not failed: `retry` runs only failed jobs again (`krea-batch \
-                 status` shows each job's state)",
-                job.name,
-                shown_state(job.state)
-            ))
-            .into());
-        }
+    // Named jobs must all have failed; `--failed` takes the failed ones among all.
+    let named = !selection.names.is_empty();
+    if let Some(job) = jobs.iter().find(|job| named && !job.state.may_be_retried()) {
+        return Err(InputError::msg(format!(
+            "job {} is {}, not failed: `retry` runs only failed jobs again (`krea-batch \
+             status` shows each job's state)",
+            job.name,
+            shown_state(job.state)
+        ))
+        .into());
     }
     let mut estimate = Estimate::default();
     let mut chosen = Vec::new();
