@@ -118,11 +118,11 @@ pub(crate) enum Command {
     /// Print a shell completion script on stdout.
     #[command(after_help = COMPLETIONS_EXAMPLES)]
     Completions(CompletionsArgs),
-    /// Print the man page (roff) on stdout.
+    /// Print the man page (roff) on stdout, or write one page per command into a folder.
     #[command(
-        after_help = "Examples:\n  krea-batch man > ~/.local/share/man/man1/krea-batch.1\n  krea-batch man | man -l -"
+        after_help = "Examples:\n  krea-batch man | man -l -\n  krea-batch man --dir ~/.local/share/man/man1"
     )]
-    Man,
+    Man(ManArgs),
 }
 
 /// `simulate-api --help`'s examples.
@@ -145,6 +145,15 @@ pub(crate) struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+/// `krea-batch man`.
+#[derive(Debug, Args)]
+pub(crate) struct ManArgs {
+    /// Write `krea-batch.1` and a `krea-batch-COMMAND.1` for every command into DIR (made if
+    /// needed) instead of printing the one page.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `krea-batch models`.

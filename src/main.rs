@@ -9,7 +9,7 @@ mod cli;
 
 use clap::Parser as _;
 use cli::{
-    CancelArgs, CheckArgs, Cli, ColorChoice, Command, DaemonArgs, DownloadArgs, LogFormat,
+    CancelArgs, CheckArgs, Cli, ColorChoice, Command, DaemonArgs, DownloadArgs, LogFormat, ManArgs,
     ModelsArgs, RecoverArgs, ResumeArgs, RetryArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice,
     StatusArgs,
 };
@@ -79,7 +79,7 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
             clap_complete::generate(args.shell, &mut command, "krea-batch", &mut script);
             print_out(&String::from_utf8_lossy(&script)).map(|()| EXIT_OK).map_err(Into::into)
         }
-        Command::Man => man(),
+        Command::Man(args) => man(&args),
     };
     result.unwrap_or_else(|err| {
         let code = if is_input_error(&err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
@@ -500,9 +500,23 @@ fn confirmed(jobs: usize) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
 }
 
-/// `krea-batch man`: the man page of every command, in roff, on stdout.
-fn man() -> anyhow::Result<u8> {
-    let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+/// `krea-batch man`: the man page, in roff, on stdout; with `--dir`, one page per command
+/// written into that folder (the main page's SUBCOMMANDS name them).
+fn man(args: &ManArgs) -> anyhow::Result<u8> {
+    let command = <Cli as clap::CommandFactory>::command();
+    if let Some(dir) = &args.dir {
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir));
+        written.map_err(|err| {
+            InputError::because(
+                format!("cannot write the man pages into {}: {err}", dir.display()),
+                err,
+            )
+        })?;
+        eprintln!("man pages written into {}", dir.display());
+        return Ok(EXIT_OK);
+    }
+    let page = clap_mangen::Man::new(command);
     let mut roff = Vec::new();
     page.render(&mut roff)?;
     print_out(&String::from_utf8_lossy(&roff))?;

@@ -34,3 +34,16 @@ fn the_man_page_is_roff_and_lists_the_commands() {
         assert!(page.stdout.contains(&listed), "{listed} under SUBCOMMANDS");
     }
 }
+
+#[test]
+fn man_dir_writes_a_page_for_every_command() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pages = dir.path().join("man1");
+    let written = output(&["man", "--dir", pages.to_str().expect("UTF-8")]);
+    written.expect_code(0);
+    for page in ["krea-batch.1", "krea-batch-retry.1", "krea-batch-models.1", "krea-batch-run.1"] {
+        let text =
+            std::fs::read_to_string(pages.join(page)).unwrap_or_else(|err| panic!("{page}: {err}"));
+        assert!(text.contains(".SH NAME"), "{page} is a man page");
+    }
+}
