@@ -467,7 +467,7 @@ async fn retry(
         names,
         simulated: run_args.simulate,
     };
-    let plan = krea_batch::retry_plan(&places.state, &selection)?;
+    let plan = krea_batch::retry_plan(&places.state, &selection, &file)?;
     if plan.jobs.is_empty() {
         eprintln!("nothing to retry: no job of {} has failed", run_args.job_file.display());
         return Ok(EXIT_OK);

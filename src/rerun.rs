@@ -15,12 +15,14 @@
 //! was a decision too (a new job file entry runs such a prompt again).
 
 use crate::error::InputError;
-use crate::job::JobState;
+use crate::job::{JobKey, JobState};
+use crate::jobfile::JobFile;
 use crate::pricing::{Estimate, round_usd, usd};
 use crate::report::count;
 use crate::selection::{Selection, select};
-use crate::store::Store;
+use crate::store::{JobRecord, Store};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -56,24 +58,39 @@ pub struct RetryPlan {
 }
 
 /// The failed jobs of `selection` in `state`: the named ones (each must have failed), or every
-/// failed one when no name is given. Reads only.
-pub fn retry_plan(state: &Path, selection: &Selection) -> anyhow::Result<RetryPlan> {
+/// failed one when no name is given; only jobs `file` still has, since the run that follows
+/// sends no job gone from its file. Reads only.
+pub fn retry_plan(
+    state: &Path,
+    selection: &Selection,
+    file: &JobFile,
+) -> anyhow::Result<RetryPlan> {
     let store = Store::open_reader(state)?;
     let jobs = select(&store, selection)?;
-    // Named jobs must all have failed; `--failed` takes the failed ones among all.
+    let in_file: HashSet<&JobKey> = file.jobs.iter().map(|job| &job.key).collect();
+    // Named jobs must all have failed and be in the file; `--failed` takes those among all.
     let named = !selection.names.is_empty();
-    if let Some(job) = jobs.iter().find(|job| named && !job.state.may_be_retried()) {
+    for job in jobs.iter().filter(|_| named) {
+        let why = if !job.state.may_be_retried() {
+            format!(
+                "is {}, not failed: `retry` runs only failed jobs again",
+                shown_state(job.state)
+            )
+        } else if !in_file.contains(&job.key) {
+            format!("is no longer in {}: put it back to run it again", file.source.display())
+        } else {
+            continue;
+        };
         return Err(InputError::msg(format!(
-            "job {} is {}, not failed: `retry` runs only failed jobs again (`krea-batch \
-             status` shows each job's state)",
-            job.name,
-            shown_state(job.state)
+            "job {} {why} (`krea-batch status` shows each job's state)",
+            job.name
         ))
         .into());
     }
     let mut estimate = Estimate::default();
     let mut chosen = Vec::new();
-    for job in jobs.into_iter().filter(|job| job.state.may_be_retried()) {
+    let again = |job: &JobRecord| job.state.may_be_retried() && in_file.contains(&job.key);
+    for job in jobs.into_iter().filter(again) {
         estimate.add(job.price_usd);
         chosen.push(RetryJob {
             retried_before: store.retried_failures(job.id)?.len(),

@@ -65,6 +65,16 @@ fn a_failed_job_is_retried_once_after_its_cost_is_shown_and_never_without_consen
     assert!(typo.stderr.contains("no job named catt of jobs.yaml"), "{}", typo.stderr);
     assert!(typo.stderr.contains("did you mean cat?"), "{}", typo.stderr);
 
+    // A job gone from the job file is not run again (the run would not send it).
+    let full = std::fs::read_to_string(work.job_file()).expect("job file");
+    let kept: Vec<&str> = full.lines().filter(|line| !line.contains("cat")).collect();
+    let without_cat = kept.join("\n") + "\n";
+    std::fs::write(work.job_file(), without_cat).expect("cat removed");
+    let gone = in_folder(&work, &["retry", "--simulate", "--yes", "jobs.yaml", "cat"]);
+    gone.expect_code(2);
+    assert!(gone.stderr.contains("job cat is no longer in"), "{}", gone.stderr);
+    std::fs::write(work.job_file(), full).expect("cat back");
+
     let retried = in_folder(
         &work,
         &["retry", "--simulate", "--simulate-config", &passing, "--yes", "jobs.yaml", "cat"],
