@@ -474,7 +474,8 @@ async fn retry(
     }
     eprint!("{plan}");
     if !yes && !confirmed(plan.jobs.len())? {
-        eprintln!("nothing retried: the jobs stay failed");
+        let which = if plan.jobs.len() == 1 { "the job stays" } else { "the jobs stay" };
+        eprintln!("nothing retried: {which} failed");
         return Ok(EXIT_SOME_FAILED);
     }
     krea_batch::retry_jobs(&plan)?;
