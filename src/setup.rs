@@ -116,7 +116,12 @@ pub fn existing_state(state: &Path) -> Result<(), InputError> {
 
 /// The API base URL: the command line, else the job file, else Krea's.
 pub fn base_url(file: &JobFile, override_url: Option<&str>) -> Result<reqwest::Url, InputError> {
-    let text = override_url.or(file.api.base_url.as_deref()).unwrap_or(api::DEFAULT_BASE_URL);
+    api_base_url(override_url.or(file.api.base_url.as_deref()))
+}
+
+/// The API base URL `text` names (`--api-base`), else Krea's, for a command without a job file.
+pub fn api_base_url(text: Option<&str>) -> Result<reqwest::Url, InputError> {
+    let text = text.unwrap_or(api::DEFAULT_BASE_URL);
     api::parse_base_url(text)
         .map_err(|err| InputError::because(format!("API base URL: {err}"), err))
 }

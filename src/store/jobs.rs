@@ -364,7 +364,11 @@ impl Store {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
-            .prepare("SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL")
+            .prepare(
+                // A retried job's failed attempt is still Krea's job, claimed by this state.
+                "SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL
+                 UNION SELECT remote_id FROM retries WHERE remote_id IS NOT NULL",
+            )
             .map_err(&err)?;
         let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(&err)?;
         rows.map(|row| row.map_err(&err)).collect()
