@@ -172,12 +172,16 @@ pub use status::status;
 
 // What the commands take.
 
+/// A folder of images a job file takes jobs from (`from: photos/`), as `check` reports it.
+pub use jobfile::FolderUse;
 /// A validated job file: its settings and one job per generation.
 pub use jobfile::JobFile;
 /// Why a job file was refused: the file, the place, the key and what to do (exit code 2).
 pub use jobfile::JobFileError;
 /// The most jobs one job file may expand to.
 pub use jobfile::MAX_JOBS;
+/// What a folder of images held that gave no job (hidden files, subfolders, other types).
+pub use jobfile::Skipped;
 /// Reads and validates a job file; every refusal names the file, line, column and key.
 pub use jobfile::load as load_job_file;
 /// The output folder a job file names, read without validating the rest (for `status`).

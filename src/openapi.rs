@@ -211,10 +211,12 @@ impl SchemaReport {
         let document = match document {
             Ok(document) => document,
             Err(why) => {
-                return Self {
+                let mut report = Self {
                     warnings: vec![format!("the request bodies were not checked: {why}")],
                     ..Self::default()
                 };
+                report.problems = unchecked_prompts(file, |_| false);
+                return report;
             }
         };
         let mut report = Self { origin: document.origin.clone(), ..Self::default() };
@@ -278,6 +280,10 @@ impl SchemaReport {
                 }
             }
         }
+        let unchecked = unchecked_prompts(file, |model| document.request_schema(model).is_some());
+        for problem in unchecked {
+            push(&mut report, problem);
+        }
         if more > 0 {
             report.problems.push(format!("… and {more} more"));
         }
@@ -289,6 +295,34 @@ impl SchemaReport {
         }
         report
     }
+}
+
+/// Jobs without a prompt whose model's schema is not at hand (`has_schema` says which are):
+/// only a schema can say that a model takes no prompt, so without one a prompt stays required,
+/// as it always was, except for `enhance/` models, which take none (Topaz's enhancers). One
+/// line per entry, at its line. With the schema, its `required` decides (`schema.rs`).
+fn unchecked_prompts(file: &JobFile, has_schema: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut seen = HashSet::new();
+    for job in &file.jobs {
+        let no_prompt = !job.body.contains("\"prompt\"") || !job.body_map().contains_key("prompt");
+        if !no_prompt || job.model.starts_with("enhance/") || !seen.insert(job.line) {
+            continue;
+        }
+        if has_schema(&job.model) {
+            continue;
+        }
+        lines.push(format!(
+            "{}:{}: job {} ({}): no prompt, and without this model's schema krea-batch cannot \
+             tell that it takes none; write a `prompt:`, or check again with the schema at hand \
+             (online, or --openapi FILE)",
+            file.source.display(),
+            job.line,
+            job.name,
+            job.model
+        ));
+    }
+    lines
 }
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.

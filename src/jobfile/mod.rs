@@ -33,6 +33,7 @@
 //! `serde_yaml` means this folder and those two.
 
 mod de;
+mod folder;
 mod inputs;
 mod locate;
 mod nesting;
@@ -46,6 +47,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use folder::{FolderUse, Skipped};
 pub(crate) use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
 #[doc(hidden)]
 pub use nesting::flow_depth;
@@ -64,6 +66,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 use sweep::{DataRows, Instance, Matrix, Refusal};
+use values::default_input_field;
 
 /// The largest job file [`load`] reads: 8 MiB, room for about 150,000 one-line jobs (a
 /// 100,000-job file is about 5 MB). Reading takes memory in proportion: `serde_yaml` holds
@@ -109,6 +112,8 @@ pub struct JobFile {
     /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
     /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
     pub local_files: Vec<LocalFile>,
+    /// The folders of images entries take their jobs from (`from: photos/`), in file order.
+    pub folders: Vec<FolderUse>,
 }
 
 /// One generation to run.
@@ -465,11 +470,13 @@ impl Assembly<'_> {
                 }
             }
         }
+        let folders = self.folder_uses(&raw, &sweeps);
         let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
         local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
         local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
             local_files,
+            folders,
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -497,6 +504,16 @@ impl Assembly<'_> {
                 None => None,
             };
             let rows = match &written.from {
+                Some(written) if sweep::is_folder(written) => {
+                    // The model's input field takes each image; a file with no model at all
+                    // is refused when its jobs are made, with its own message.
+                    let model = job.model.as_deref().or(raw.model.as_deref()).unwrap_or_default();
+                    let field = default_input_field(model);
+                    Some(
+                        sweep::read_folder(self.source, index, written, field)
+                            .map_err(|refusal| self.refused(refusal))?,
+                    )
+                }
                 Some(written) => Some(
                     sweep::read_rows(self.source, index, written)
                         .map_err(|refusal| self.refused(refusal))?,
@@ -506,6 +523,21 @@ impl Assembly<'_> {
             sweeps.push(Some(Box::new((matrix, rows))));
         }
         Ok(sweeps)
+    }
+
+    /// The folders of images of the entries, with the line of each `from:`.
+    fn folder_uses(&self, raw: &RawFile, sweeps: &[Option<Sweep>]) -> Vec<FolderUse> {
+        let mut uses = Vec::new();
+        for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(sweeps) {
+            let Some(rows) = sweep.as_ref().and_then(|sweep| sweep.1.as_ref()) else { continue };
+            let Some(skipped) = rows.skipped() else { continue };
+            let at = [Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
+            let line = self.find(&at, Target::Node).map_or(0, |(line, _)| line);
+            let folder =
+                job.sweep.as_ref().and_then(|sweep| sweep.from.clone()).unwrap_or_default();
+            uses.push(FolderUse { line, folder, images: rows.len(), skipped });
+        }
+        uses
     }
 
     /// A local input of entry `index` that cannot be used, at the field that names it: the
@@ -668,7 +700,8 @@ impl Assembly<'_> {
 }
 
 /// The request body of a job: the defaults, the job's fields over them key by key (a `null`
-/// leaves the field out), then the prompt.
+/// leaves the field out), then the prompt, when it has one (an empty prompt is none: the body
+/// has no `prompt`, for models that take none).
 fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Value> {
     let mut body = Map::new();
     for (key, value) in defaults.iter().chain(own) {
@@ -678,7 +711,9 @@ fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Valu
             body.insert(key.clone(), value.clone());
         }
     }
-    body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    if !prompt.is_empty() {
+        body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    }
     body
 }
 
