@@ -496,6 +496,34 @@ mod tests {
         assert_eq!(doc.check("image/new/model", r#"{"prompt":"x"}"#), None, "unknown model");
     }
 
+    /// A job file of prompt-less jobs: one for a model the document knows, one it does not,
+    /// one enhance model.
+    fn prompt_less() -> JobFile {
+        let text = "jobs:\n  - model: image/bfl/flux-1-dev\n  - model: image/new/model\n    \
+                    count: 2\n  - model: enhance/topaz/x\n  - model: image/new/model\n    \
+                    prompt: fine\n";
+        crate::jobfile::parse(text.as_bytes(), Path::new("jobs.yaml")).expect("valid")
+    }
+
+    #[test]
+    fn a_prompt_is_left_out_only_where_a_schema_allows_or_an_enhance_model() {
+        let file = prompt_less();
+        let report = SchemaReport::of(Ok(&document()), &file);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("jobs.yaml:2:")
+                && report.problems[0].contains("prompt: is required")
+        );
+        assert!(report.problems[1].starts_with("jobs.yaml:3: job"), "{:?}", report.problems);
+        assert!(report.problems[1].contains("write a `prompt:`"), "{:?}", report.problems);
+
+        let unreachable = DocumentError::NoCache(PathBuf::from("cache.json"));
+        let report = SchemaReport::of(Err(&unreachable), &file);
+        let lines: Vec<&str> =
+            report.problems.iter().map(|p| p.split(' ').next().unwrap_or_default()).collect();
+        assert_eq!(lines, ["jobs.yaml:2:", "jobs.yaml:3:"], "one per entry, enhance spared");
+    }
+
     #[test]
     fn not_a_document_is_refused() {
         assert!(ApiDocument::parse(b"{}", "x").is_err());
