@@ -27,9 +27,11 @@ use crate::api::{ApiError, JobPage, RemoteJob};
 use crate::asset::{Asset, AssetPage, AssetUpload};
 use crate::beside::open_beside;
 use crate::error::InputError;
-use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder};
+use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder, placeholders};
 use crate::seam::{ApiFuture, KreaApi};
-use crate::store::{JobRecord, Store, StoreError, StoreWriter, UploadRecord, UploadState};
+use crate::store::{
+    InputName, JobRecord, Store, StoreError, StoreWriter, UploadRecord, UploadState,
+};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashMap};
@@ -49,15 +51,32 @@ pub(crate) fn description(sha256: &str) -> String {
     format!("krea-batch sha256:{sha256}")
 }
 
-/// The contents (SHA-256) whose placeholders `body` holds.
-fn placeholders(body: &str) -> impl Iterator<Item = &str> {
-    body.match_indices(PLACEHOLDER_PREFIX)
-        .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
-}
-
 /// The URLs of uploaded contents (SHA-256 → URL) that [`WithUploads`] puts into bodies; shared
 /// so that the daemon can add those of a new inbox file while the engine runs.
 pub(crate) type UrlBook = Arc<RwLock<HashMap<String, String>>>;
+
+/// Names each job's local inputs as `files` (the job file's, as read now) names them, for the
+/// manifest and the gallery; a content the file no longer names keeps the name its upload was
+/// recorded with (`Store::jobs`). Before a first upload, only the job file knows the names.
+pub(crate) fn name_inputs(jobs: &mut [JobRecord], files: &[LocalFile]) {
+    if files.is_empty() {
+        return;
+    }
+    let by_content: HashMap<&str, &LocalFile> =
+        files.iter().map(|file| (file.sha256.as_str(), file)).collect();
+    for job in jobs.iter_mut().filter(|job| job.body.contains(PLACEHOLDER_PREFIX)) {
+        let named = placeholders(&job.body)
+            .filter_map(|sha| match by_content.get(sha) {
+                Some(file) => Some(InputName {
+                    sha256: sha.to_owned(),
+                    path: file.path.display().to_string(),
+                }),
+                None => job.inputs.iter().find(|known| known.sha256 == sha).cloned(),
+            })
+            .collect();
+        job.inputs = named;
+    }
+}
 
 /// The contents (SHA-256) that the jobs not yet sent use.
 fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {

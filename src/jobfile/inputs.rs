@@ -33,6 +33,12 @@ pub(crate) fn placeholder(sha256: &str) -> String {
     format!("{PLACEHOLDER_PREFIX}{sha256}")
 }
 
+/// The contents (SHA-256) whose placeholders `body` holds, in the order they appear.
+pub(crate) fn placeholders(body: &str) -> impl Iterator<Item = &str> {
+    body.match_indices(PLACEHOLDER_PREFIX)
+        .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
+}
+
 /// A local file a job file names as an input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalFile {

@@ -48,7 +48,9 @@ mod proptests;
 mod tests;
 
 pub use folder::{FolderUse, Skipped};
-pub(crate) use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
+pub(crate) use inputs::{
+    LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder, placeholders,
+};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;

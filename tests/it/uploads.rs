@@ -191,6 +191,12 @@ fn a_folder_of_images_enhanced_then_grown_creates_only_the_new_jobs() {
         .map(|job| job["name"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert!(names.contains(&"img-00-2x".to_owned()) && names.contains(&"img-19-2x".to_owned()));
+    // The manifest and the gallery name each input as the job file does, not by its hash.
+    let first = work.manifest().into_iter().find(|job| job["name"] == "img-00-2x").expect("listed");
+    assert_eq!(first["inputs"], serde_json::json!(["photos/img-00.png"]), "{first}");
+    let gallery = std::fs::read_to_string(work.out().join("index.html")).expect("gallery");
+    assert!(gallery.contains("photos/img-07.png"), "the input is named in its card");
+    assert!(!gallery.contains("krea-batch-file:"), "no placeholder is shown");
 
     write_pngs(&photos, "new-", 5);
     work.run(&sim, &[]).expect_code(0);
