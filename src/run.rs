@@ -142,6 +142,10 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
                 &local_files,
                 &engine_jobs,
                 limits.retry_backoff,
+                &crate::uploads::Stops {
+                    stop: options.controls.stop_submitting.clone(),
+                    abort: options.controls.abort.clone(),
+                },
             )
             .await?;
             (client, downloader)
