@@ -34,6 +34,7 @@
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records (command) |
+//! | `dimensions.rs` | an image's pixel size from its header (PNG, JPEG, WebP), for inputs that need it |
 //! | `uploads.rs` | local input files uploaded once per content (recorded before each POST, a lost answer found again with `GET /assets`), their URLs put into the bodies the engine sends |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
@@ -104,6 +105,7 @@ mod check;
 mod control;
 mod costs;
 mod daemon;
+mod dimensions;
 mod download;
 mod error;
 mod files;

@@ -501,6 +501,7 @@ mod tests {
             sha256: format!("{:x}", Sha256::digest(bytes)),
             bytes: bytes.len() as u64,
             mime_type: "image/png",
+            size: None,
         };
         (dir, store, file)
     }

@@ -416,6 +416,7 @@ impl Assembly<'_> {
                             .into(),
                     ));
                 };
+                let image = enhanced_image(sweep.as_ref(), model, &instance.fields);
                 let mut body = if instance.fields.is_empty() {
                     merge_body(&raw.params, &job.params, &instance.prompt)
                 } else {
@@ -426,6 +427,7 @@ impl Assembly<'_> {
                 if let Err(refused) = local.localize(&mut body, self.source) {
                     return Err(self.input_error(index, refused));
                 }
+                set_size(&mut body, image.and_then(|image| local.size_of(&image)));
                 let body = canonical_json(&body);
                 let first_key = JobKey::from_canonical(model, &body, 0);
                 for copy in 1..=job.count {
@@ -472,13 +474,9 @@ impl Assembly<'_> {
                 }
             }
         }
-        let folders = self.folder_uses(&raw, &sweeps);
-        let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
-        local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
-        local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
-            local_files,
-            folders,
+            local_files: local.distinct_files(),
+            folders: self.folder_uses(&raw, &sweeps),
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -698,6 +696,25 @@ impl Assembly<'_> {
             key: render_path(path),
             message,
         }
+    }
+}
+
+/// The image (its path, as a local input) that a job of a folder entry enhances: only
+/// enhance models get the size of their input (`set_size`); `None` for other entries.
+fn enhanced_image(sweep: Option<&Sweep>, model: &str, fields: &Params) -> Option<String> {
+    let field = sweep?.1.as_ref()?.input_field()?;
+    model.starts_with("enhance/").then(|| fields.get(field)?.as_str().map(str::to_owned))?
+}
+
+/// Puts an image's `size` into `body` as `width` and `height`, which enhancers (Topaz) require,
+/// unless the body has either already (written in `params`, it wins).
+fn set_size(body: &mut Map<String, Value>, size: Option<(u32, u32)>) {
+    if let Some((width, height)) = size
+        && !body.contains_key("width")
+        && !body.contains_key("height")
+    {
+        body.insert("width".into(), width.into());
+        body.insert("height".into(), height.into());
     }
 }
 

@@ -155,6 +155,11 @@ impl DataRows {
         self.images.as_ref().map(|(images, _)| images.skipped)
     }
 
+    /// The request field a folder's images go into; `None` for a data file.
+    pub(super) fn input_field(&self) -> Option<&'static str> {
+        self.images.as_ref().map(|(_, field)| *field)
+    }
+
     fn is_folder(&self) -> bool {
         self.format == DataFormat::Folder
     }

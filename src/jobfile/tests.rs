@@ -1464,3 +1464,31 @@ fn folders_that_escape_link_are_missing_or_empty_are_refused_at_from() {
 fn error_line_key(error: &JobFileError) -> (Option<usize>, Option<String>) {
     (error.line, error.key.clone())
 }
+
+#[test]
+fn an_enhancer_gets_each_images_size_unless_params_write_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("photos")).expect("folder");
+    let png = |width: u8| {
+        let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\x04".to_vec();
+        bytes.extend_from_slice(&[width, 0, 0, 0x03, 0x00]);
+        bytes
+    };
+    std::fs::write(dir.path().join("photos/a.png"), png(0)).expect("image");
+    std::fs::write(dir.path().join("photos/b.png"), png(1)).expect("image");
+    let source = dir.path().join("jobs.yaml");
+    let file = parse(ENHANCE_FOLDER.as_bytes(), &source).expect("valid");
+    let sizes: Vec<(Value, Value)> = file
+        .jobs
+        .iter()
+        .map(|job| (job.body_map()["width"].clone(), job.body_map()["height"].clone()))
+        .collect();
+    assert_eq!(sizes, [(json!(1024), json!(768)), (json!(1025), json!(768))]);
+    let written = ENHANCE_FOLDER.replace("{model: Standard V2}", "{model: Standard V2, width: 9}");
+    let file = parse(written.as_bytes(), &source).expect("valid");
+    let body = file.jobs[0].body_map();
+    assert_eq!((body.get("width"), body.get("height")), (Some(&json!(9)), None), "params win");
+    let video = "model: video/kling/kling-2.5\njobs:\n  - from: photos/\n";
+    let body = parse(video.as_bytes(), &source).expect("valid").jobs[0].body_map();
+    assert!(!body.contains_key("width"), "only enhancers get the size: {body:?}");
+}

@@ -159,16 +159,15 @@ fn write_pngs(folder: &std::path::Path, prefix: &str, n: usize) {
     }
 }
 
-/// A folder of 20 images enhanced by a Topaz model (no prompt): one job per image, each
-/// uploaded once; `check` counts the images and the files skipped, at the line of `from:`. A
+/// A folder of 20 images enhanced by a Topaz model (no prompt; its required width and height
+/// read from each image): one job per image, each uploaded once; `check` counts the images and the files skipped, at the line of `from:`. A
 /// rerun after adding 5 images creates exactly 5 jobs and uploads only their 5 images.
 #[test]
 fn a_folder_of_images_enhanced_then_grown_creates_only_the_new_jobs() {
     let sim = Sim::start(|_| {});
     let work = Workspace::with_file(&format!(
         "model: enhance/topaz/standard-enhance\n{FAST_LIMITS}params:\n  model: Standard V2\n  \
-         image_scaling_factor: 2\n  width: 16\n  height: 16\njobs:\n  - from: photos/\n    \
-         name: \"{{file}}-2x\"\n"
+         image_scaling_factor: 2\njobs:\n  - from: photos/\n    name: \"{{file}}-2x\"\n"
     ));
     let photos = work.dir.path().join("photos");
     write_pngs(&photos, "img-", 20);
@@ -205,4 +204,11 @@ fn a_folder_of_images_enhanced_then_grown_creates_only_the_new_jobs() {
     assert_eq!(requests(&sim, "POST", "/assets"), 25, "only the new images were uploaded");
     let created = sim.server().jobs();
     assert!(created.iter().all(|job| job.model == "enhance/topaz/standard-enhance"), "{created:?}");
+
+    // A folder that is gone is refused by `check` at the line of its `from:`.
+    std::fs::rename(&photos, work.dir.path().join("elsewhere")).expect("moved away");
+    let check = work.command(&sim, "unused", &["check"], &[]);
+    check.expect_code(2);
+    let at = format!("jobs.yaml:{line}:");
+    assert!(check.stderr.contains(&at) && check.stderr.contains("photos"), "{}", check.stderr);
 }
