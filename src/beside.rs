@@ -1,5 +1,5 @@
 //! Opening a file that someone else named, relative to a folder, without ever leaving the
-//! folder: [`open_beside`]. Job files name their data files this way (`from: data/rows.csv`),
+//! folder: [`open_beside`]; listing such a folder: [`list_folder_beside`]. Job files name their data files this way (`from: data/rows.csv`),
 //! and the service runs job files written by others, so a name must not reach a file the
 //! service can read but its author cannot (`inbox/data -> /private/`).
 //!

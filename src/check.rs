@@ -1,5 +1,5 @@
-//! `krea-batch check`: the plan of a job file, nothing sent: its jobs and their estimated
-//! cost per model, how the estimate fits its budget, what a run would send now given its state
+//! `krea-batch check`: the plan of a job file, nothing sent: its jobs (and the folders of
+//! images they come from, with the files skipped) and their estimated cost per model, how the estimate fits its budget, what a run would send now given its state
 //! file, and whether the request bodies fit Krea's schemas (checked by the caller with
 //! [`crate::openapi::schema_report`]).
 

@@ -1,16 +1,19 @@
 //! The job file: the YAML a user writes, read and validated into the list of jobs to run.
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
-//! prices, budget) and a list of jobs, each a prompt with optional name, model, fields and
-//! count, or a sweep (`matrix:`, `from:` a CSV or JSON Lines file); `jobs.example.yaml` at the
-//! top of the repository documents every key. [`parse`] turns the text into a [`JobFile`]: one
-//! [`JobSpec`] per generation, with its full request body and its stable [`JobKey`].
+//! prices, budget) and a list of jobs, each a prompt (left out for models that take none: the
+//! schema check in `openapi.rs` decides) with optional name, model, fields and count, or a
+//! sweep (`matrix:`, `from:` a CSV or JSON Lines file, or a folder of images, `folder.rs`);
+//! `jobs.example.yaml` at the top of the repository documents every key. [`parse`] turns the
+//! text into a [`JobFile`]: one [`JobSpec`] per generation, with its full request body and its
+//! stable [`JobKey`].
 //! Everything that can be wrong is refused here, before anything is sent, with the file, line,
 //! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
 //! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
-//! reading the files beside the job file that `from:` names (data) and that URL fields name
-//! (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads them); the request body is passed
+//! reading the files beside the job file that `from:` names (data, or a folder of images) and
+//! that URL fields name (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads
+//! them); the request body is passed
 //! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
 //! the budget are only read, `pricing` and the runner apply them; the runner decides what to
 //! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
