@@ -544,7 +544,7 @@ impl Assembly<'_> {
     }
 
     /// A local input of entry `index` that cannot be used, at the field that names it: the
-    /// job's own `params`, else the defaults', else the entry.
+    /// job's own `params`, else the defaults', else the entry's `from:`, else the entry.
     fn input_error(&self, index: usize, refused: inputs::Refused) -> JobFileError {
         let own: Vec<Seg> = [Seg::key("jobs"), Seg::Index(index), Seg::key("params")]
             .into_iter()
@@ -552,10 +552,14 @@ impl Assembly<'_> {
             .collect();
         let defaults: Vec<Seg> =
             std::iter::once(Seg::key("params")).chain(refused.field.iter().cloned()).collect();
+        // Else the value came from the entry's data file or folder of images.
+        let from = vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
         let at = if self.find(&own, Target::Node).is_some() {
             own
         } else if self.find(&defaults, Target::Node).is_some() {
             defaults
+        } else if self.find(&from, Target::Node).is_some() {
+            from
         } else {
             own
         };

@@ -1459,6 +1459,13 @@ fn folders_that_escape_link_are_missing_or_empty_are_refused_at_from() {
         parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
             .expect_err("inner link");
     assert!(inner.message.contains("photos/alias.png is a symbolic link"), "{inner}");
+    std::fs::remove_file(dir.path().join("photos/alias.png")).expect("link removed");
+    std::fs::write(dir.path().join("photos/fake.png"), b"GIF89a").expect("not a PNG");
+    let fake =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("not a PNG");
+    assert_eq!(error_line_key(&fake), (Some(3), Some("jobs[0].from".to_owned())), "{fake}");
+    assert!(fake.message.contains("photos/fake.png does not hold"), "{fake}");
 }
 
 fn error_line_key(error: &JobFileError) -> (Option<usize>, Option<String>) {
