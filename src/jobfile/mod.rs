@@ -648,6 +648,18 @@ impl Assembly<'_> {
             return Err(self.error(&at, format!("the job name {name:?}{origin} is invalid: {why}")));
         }
         let folded = name.to_ascii_lowercase();
+        if let Some(&other) = names.get(&folded)
+            && other == index
+        {
+            return Err(self.error(
+                &at,
+                format!(
+                    "this entry makes two jobs named {name:?}{origin}; job names must be unique, \
+                     ignoring case (in a folder, `cat.png` and `cat.jpg` are both `{{file}}` = \
+                     cat: rename one)"
+                ),
+            ));
+        }
         if let Some(&other) = names.get(&folded) {
             let line = entry_lines.get(other).copied().unwrap_or_default();
             return Err(self.error(

@@ -1466,6 +1466,12 @@ fn folders_that_escape_link_are_missing_or_empty_are_refused_at_from() {
             .expect_err("not a PNG");
     assert_eq!(error_line_key(&fake), (Some(3), Some("jobs[0].from".to_owned())), "{fake}");
     assert!(fake.message.contains("photos/fake.png does not hold"), "{fake}");
+    std::fs::remove_file(dir.path().join("photos/fake.png")).expect("removed");
+    std::fs::write(dir.path().join("photos/real.jpg"), b"\xFF\xD8\xFF\xE0").expect("a JPEG");
+    let twice =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("real twice");
+    assert!(twice.message.contains("two jobs named \"real\""), "{twice}");
 }
 
 fn error_line_key(error: &JobFileError) -> (Option<usize>, Option<String>) {
