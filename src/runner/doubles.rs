@@ -485,5 +485,6 @@ pub(super) fn job_record(id: i64, state: crate::job::JobState) -> crate::store::
         in_file: true,
         reused_from: None,
         files: Vec::new(),
+        inputs: Vec::new(),
     }
 }
