@@ -5,6 +5,7 @@
 use crate::error::InputError;
 use crate::jobfile::JobFile;
 use crate::pricing::{Estimate, PriceTable, TABLE_DATE, TABLE_SOURCE, usd};
+use crate::report::count;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -66,7 +67,7 @@ pub(crate) struct Unpriced {
 
 fn listed(models: &[(String, usize)]) -> String {
     let listed: Vec<String> =
-        models.iter().map(|(model, jobs)| format!("{model} ({jobs} jobs)")).collect();
+        models.iter().map(|(model, jobs)| format!("{model} ({})", count(*jobs, "job"))).collect();
     listed.join(", ")
 }
 
