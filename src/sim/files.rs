@@ -45,7 +45,12 @@ impl FileLayout {
     /// A PNG of the natural size, or padded with `tEXt` chunks to exactly `target` bytes when
     /// `target` leaves room for at least one padding chunk.
     pub(crate) fn png(seed: &[u8; 32], target: u64) -> Self {
-        let head = png::image_head(seed);
+        Self::png_sized(seed, target, png::SIDE)
+    }
+
+    /// [`FileLayout::png`] of a `side`×`side` picture.
+    pub(crate) fn png_sized(seed: &[u8; 32], target: u64, side: u32) -> Self {
+        let head = png::image_head_sized(seed, side);
         let natural = head.len() as u64 + 12;
         let mut steps = VecDeque::from([Step::Literal(Bytes::from(head))]);
         let mut padding = if target >= natural + PADDING_OVERHEAD { target - natural } else { 0 };
@@ -252,6 +257,11 @@ pub(crate) fn serve(
         (false, Some(Kind::Video)) => {
             (FileLayout::mp4(&seed, shared.config.result_bytes), "video/mp4")
         }
+        // An enhancer answers with a larger picture than a generator, as Topaz's upscales do.
+        (false, Some(Kind::Enhance)) => (
+            FileLayout::png_sized(&seed, shared.config.result_bytes, png::ENHANCED_SIDE),
+            "image/png",
+        ),
         (false, _) => (FileLayout::png(&seed, shared.config.result_bytes), "image/png"),
         (true, _) => (FileLayout::png(&seed, 0), "image/png"),
     };

@@ -8,7 +8,10 @@
 pub(crate) const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
 
 /// Side of the square images, in pixels.
-const SIDE: u32 = 32;
+pub(crate) const SIDE: u32 = 32;
+
+/// The side of an enhancer's result: twice a generator's.
+pub(crate) const ENHANCED_SIDE: u32 = 2 * SIDE;
 
 /// The keyword that opens the padding `tEXt` chunk's data.
 pub(crate) const PADDING_KEYWORD: &[u8] = b"Comment\0";
@@ -115,19 +118,22 @@ pub(crate) fn end_chunk() -> Vec<u8> {
     chunk(*b"IEND", &[])
 }
 
-/// Everything of a PNG before `IEND`: signature, header and pixels. The 32×32 RGB picture is a
+/// Everything of a PNG before `IEND`: signature, header and pixels. The RGB picture is a
 /// gradient whose colours come from `seed`, so different files look (and hash) different.
-pub(crate) fn image_head(seed: &[u8; 32]) -> Vec<u8> {
+/// `side` is at most [`ENHANCED_SIDE`] (what one stored deflate block holds); generators answer
+/// with [`SIDE`].
+pub(crate) fn image_head_sized(seed: &[u8; 32], side: u32) -> Vec<u8> {
+    let side = side.min(ENHANCED_SIDE);
     let mut header = Vec::with_capacity(13);
-    header.extend_from_slice(&SIDE.to_be_bytes());
-    header.extend_from_slice(&SIDE.to_be_bytes());
+    header.extend_from_slice(&side.to_be_bytes());
+    header.extend_from_slice(&side.to_be_bytes());
     // Bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace.
     header.extend_from_slice(&[8, 2, 0, 0, 0]);
 
-    let mut pixels = Vec::with_capacity((SIDE * (1 + 3 * SIDE)) as usize);
-    for y in 0..SIDE {
+    let mut pixels = Vec::with_capacity((side * (1 + 3 * side)) as usize);
+    for y in 0..side {
         pixels.push(0); // filter type None
-        for x in 0..SIDE {
+        for x in 0..side {
             let (x, y) = (x as u8, y as u8);
             pixels.push(seed[0].wrapping_add(x.wrapping_mul(8)));
             pixels.push(seed[1].wrapping_add(y.wrapping_mul(8)));
@@ -143,7 +149,7 @@ pub(crate) fn image_head(seed: &[u8; 32]) -> Vec<u8> {
 
 /// A zlib stream holding `data` in one stored (uncompressed) deflate block.
 fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let length = u16::try_from(data.len()).expect("one stored block holds a 32×32 image");
+    let length = u16::try_from(data.len()).expect("one stored block holds a 64×64 image");
     let mut out = Vec::with_capacity(data.len() + 11);
     // CMF 0x78 (deflate, 32K window), FLG 0x01 (no dictionary; 0x7801 is a multiple of 31).
     out.extend_from_slice(&[0x78, 0x01]);
@@ -202,7 +208,7 @@ mod tests {
 
     #[test]
     fn image_is_a_valid_png() {
-        let mut png = image_head(&[7; 32]);
+        let mut png = image_head_sized(&[7; 32], SIDE);
         png.extend(end_chunk());
         let chunks = chunks(&png);
         let kinds: Vec<&[u8; 4]> = chunks.iter().map(|(kind, _)| kind).collect();
@@ -225,7 +231,9 @@ mod tests {
 
     #[test]
     fn different_seeds_give_different_images() {
-        assert_ne!(image_head(&[1; 32]), image_head(&[2; 32]));
-        assert_eq!(image_head(&[1; 32]), image_head(&[1; 32]));
+        assert_ne!(image_head_sized(&[1; 32], SIDE), image_head_sized(&[2; 32], SIDE));
+        let large = image_head_sized(&[1; 32], ENHANCED_SIDE);
+        assert_eq!(large[16..24], [0, 0, 0, 64, 0, 0, 0, 64], "the header says 64×64");
+        assert_eq!(image_head_sized(&[1; 32], SIDE), image_head_sized(&[1; 32], SIDE));
     }
 }
