@@ -212,6 +212,8 @@ mod tests {
             price_usd: None,
             in_file: true,
             reused_from: None,
+            chain: None,
+            parent_id: None,
             files,
         }
     }

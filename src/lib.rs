@@ -100,6 +100,7 @@ mod address;
 mod api;
 mod asset;
 mod beside;
+mod chain;
 mod check;
 mod control;
 mod costs;

@@ -473,6 +473,8 @@ pub(super) fn job_record(id: i64, state: crate::job::JobState) -> crate::store::
         price_usd: Some(0.25),
         in_file: true,
         reused_from: None,
+        chain: None,
+        parent_id: None,
         files: Vec::new(),
     }
 }

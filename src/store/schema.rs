@@ -5,7 +5,7 @@ use rusqlite::params;
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "
@@ -93,6 +93,14 @@ CREATE TABLE uploads (
 );
 ";
 
+/// Version 5: chains of stages (`then:`). `chain` is a job's place in its chain and the stages
+/// after it (JSON, `chain.rs`); `parent_id` is the job whose result a stage job takes. A stage
+/// job is inserted once, by its key, when its input exists.
+const SCHEMA_V5: &str = "
+ALTER TABLE jobs ADD COLUMN chain TEXT;
+ALTER TABLE jobs ADD COLUMN parent_id INTEGER REFERENCES jobs(id);
+";
+
 impl Store {
     pub(super) fn configure(&self) -> Result<(), StoreError> {
         self.conn
@@ -119,7 +127,7 @@ impl Store {
             return Err(StoreError::TooNew { path: self.path.clone(), found });
         }
         // Step n takes a file from version n to n + 1.
-        let steps: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+        let steps: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
         for (from, step) in steps.iter().enumerate().skip(found as usize) {
             let tx = self.conn.transaction().map_err(sqlite(&self.path))?;
             tx.execute_batch(step).map_err(sqlite(&self.path))?;
