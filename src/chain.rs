@@ -74,6 +74,14 @@ impl Chain {
     }
 }
 
+/// The stage and parent name of a job carrying `chain` (its `chain` column), for the manifest
+/// and the gallery: `None` for a job outside any chain.
+#[must_use]
+pub(crate) fn place(chain: Option<&str>) -> Option<(u32, Option<String>)> {
+    let chain = Chain::parse(chain?)?;
+    Some((chain.stage, chain.parent))
+}
+
 /// The request field a model takes its input image in: `start_image` for video models,
 /// `image_url` for image and enhance models.
 #[must_use]

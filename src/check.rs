@@ -21,6 +21,9 @@ pub struct Plan {
     pub file: String,
     /// Jobs in all (after `count`).
     pub jobs: usize,
+    /// Stage jobs (`then:`) besides them, one per job and stage: a stage whose input gives
+    /// several results runs once per result, which only the run can know.
+    pub stage_jobs: usize,
     /// Jobs and estimated cost per model.
     pub models: Vec<ModelPlan>,
     /// The estimated total, USD.
@@ -163,7 +166,7 @@ pub fn plan(
         .by_model
         .iter()
         .map(|(model, (jobs, estimate))| ModelPlan {
-            model: (*model).to_owned(),
+            model: model.to_string(),
             jobs: *jobs,
             estimated_usd: (estimate.unpriced == 0).then_some(round_usd(estimate.usd)),
         })
@@ -171,6 +174,7 @@ pub fn plan(
     Ok(Plan {
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
+        stage_jobs: costs.stage_jobs,
         models,
         estimated_usd: round_usd(costs.total.usd),
         unpriced: costs.total.unpriced,
@@ -225,6 +229,14 @@ impl std::fmt::Display for Plan {
             n => format!("NOT valid: {}, listed below", count(n, "problem")),
         };
         writeln!(f, "{}: {}, {verdict}", self.file, count(self.jobs, "job"))?;
+        if self.stage_jobs > 0 {
+            writeln!(
+                f,
+                "  and {} of later stages (then:), priced as one per input result: a stage whose \
+                 input gives several results runs, and costs, once per result",
+                count(self.stage_jobs, "job")
+            )?;
+        }
         for model in &self.models {
             let cost = model
                 .estimated_usd
