@@ -296,6 +296,7 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
         kind: spec.kind,
         job_type: spec.job_type,
         price_micros: accepted.price_micros,
+        input: accepted.input_urls.first().map(|(_, url)| url.clone()),
     };
     let now = shared.now_ms();
     let created = {
