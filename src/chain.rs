@@ -108,7 +108,7 @@ pub(crate) struct NewStageJob {
     pub name: String,
     pub model: String,
     pub body: String,
-    /// `Pending`, or `Failed` with `error` when its parent did not complete.
+    /// `Pending`, or `Failed` (`Cancelled`) with `error` when its parent failed (was cancelled).
     pub state: JobState,
     pub error: Option<String>,
     pub price_usd: Option<f64>,
@@ -128,7 +128,8 @@ pub(crate) struct ParentOutcome<'a> {
 }
 
 /// The stage jobs that follow `parent`, which carries `chain`: one per result when it was
-/// downloaded, else one failed job per later stage, naming the parent. Empty when the chain
+/// downloaded, else one failed (or, after a cancel, cancelled) job for the next stage, naming
+/// the parent. Empty when the chain
 /// has no stage left.
 #[must_use]
 pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewStageJob> {
@@ -157,12 +158,17 @@ pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewSta
             parent_result: 0,
             stages: rest.to_vec(),
         };
+        // A cancelled job's later stages are cancelled with it; a failed one's fail.
+        let state = match parent.state {
+            JobState::Cancelled => JobState::Cancelled,
+            _ => JobState::Failed,
+        };
         return vec![NewStageJob {
             key: key_of(0),
             name: stage_name(&chain.base, stage, &next.model, &chain.suffix),
             model: next.model.clone(),
             body: crate::job::canonical_json(&next.body),
-            state: JobState::Failed,
+            state,
             error: Some(error),
             price_usd: None,
             chain: child.to_text(),
@@ -333,6 +339,8 @@ mod tests {
         let error = jobs[0].error.as_deref().unwrap_or_default();
         assert!(error.contains("castle/0-flux-1-dev") && error.contains("moderated"), "{error}");
         assert!(next_jobs(&Chain { stages: Vec::new(), ..chain() }, &outcome).is_empty());
+        let cancelled = ParentOutcome { state: JobState::Cancelled, ..outcome };
+        assert_eq!(next_jobs(&chain(), &cancelled)[0].state, JobState::Cancelled);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use crate::support::{
     Sim, Workspace, assert_each_result_where_it_belongs, files_under, numbered_jobs, sha256_of,
 };
-use krea_batch::sim::Faults;
+use krea_batch::sim::{Faults, SimStats};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -30,6 +30,32 @@ fn killing_ground(seed: u64, faults: Faults) -> Sim {
         config.backlog = 64;
         config.faults = faults;
     })
+}
+
+/// Runs the batch to its end after the kills: retries of failed downloads may take a rerun or
+/// two. True when a run exited 0.
+fn runs_to_the_end(work: &Workspace, sim: &Sim) -> bool {
+    for _ in 0..5 {
+        let run = work.spawn_run(sim).finish(Duration::from_mins(5));
+        assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
+        if run.code == 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Asserts that the result `file` (relative to the output folder) is what the server sent,
+/// as its sidecar names it; returns its path.
+fn assert_whole(work: &Workspace, stats: &SimStats, file: &str) -> std::path::PathBuf {
+    let path = work.out().join(file);
+    let sidecar: Value = serde_json::from_slice(
+        &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
+    )
+    .expect("sidecar JSON");
+    let served = &stats.served_files[sidecar["source_url"].as_str().expect("url")];
+    assert_eq!(sha256_of(&path), served.sha256, "{file} is whole");
+    path
 }
 
 /// A job file with the kill tests' quick limits (`extra_limits` added to them) and `jobs`.
@@ -82,17 +108,7 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     }
     eprintln!("kill test: {killed} kills in {:.1} s", started.elapsed().as_secs_f64());
 
-    // Then run to the end: retries of failed downloads may take a rerun or two.
-    let mut finished = false;
-    for _ in 0..5 {
-        let run = work.spawn_run(&sim).finish(Duration::from_mins(5));
-        assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
-        finished = run.code == 0;
-        if finished {
-            break;
-        }
-    }
-    assert!(finished, "the batch completed");
+    assert!(runs_to_the_end(&work, &sim), "the batch completed");
     eprintln!("kill test: done in {:.1} s", started.elapsed().as_secs_f64());
 
     let stats = sim.stats();
@@ -108,13 +124,7 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     for line in &manifest {
         assert_eq!(line["status"], "completed", "{line}");
         let file = line["files"][0].as_str().expect("a file");
-        let path = work.out().join(file);
-        let sidecar: Value = serde_json::from_slice(
-            &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
-        )
-        .expect("sidecar JSON");
-        let served = &stats.served_files[sidecar["source_url"].as_str().expect("url")];
-        assert_eq!(sha256_of(&path), served.sha256, "{file} is whole");
+        assert_whole(&work, &stats, file);
     }
     let partials: Vec<_> = files_under(&work.out())
         .into_iter()
@@ -233,16 +243,7 @@ fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
     }
     let stages_before_the_end = sim.stats().creations_by_input.len();
     eprintln!("kill test, chains: {killed} kills, {stages_before_the_end} later stages created");
-    let mut finished = false;
-    for _ in 0..5 {
-        let run = work.spawn_run(&sim).finish(Duration::from_mins(5));
-        assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
-        finished = run.code == 0;
-        if finished {
-            break;
-        }
-    }
-    assert!(finished, "the chains completed after {killed} kills");
+    assert!(runs_to_the_end(&work, &sim), "the chains completed after {killed} kills");
 
     let stats = sim.stats();
     for index in 1..=JOBS {
@@ -270,13 +271,7 @@ fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
             let parent = line["parent"].as_str().expect("a parent");
             assert!(parent.starts_with(&format!("{base}/{}-", stage - 1)), "{line}");
         }
-        let path = work.out().join(file);
-        let sidecar: Value = serde_json::from_slice(
-            &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
-        )
-        .expect("sidecar JSON");
-        let served = &stats.served_files[sidecar["source_url"].as_str().expect("url")];
-        assert_eq!(sha256_of(&path), served.sha256, "{file} is whole");
+        let path = assert_whole(&work, &stats, file);
         let head = std::fs::read(&path).expect("the file");
         match stage {
             // The PNG header's width: the enhancer's result is twice the generator's.
