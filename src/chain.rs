@@ -159,7 +159,7 @@ pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewSta
             stages: rest.to_vec(),
         };
         // A cancelled job's later stages are cancelled with it; a failed one's fail.
-        let state = match parent.state {
+        let ended_as = match parent.state {
             JobState::Cancelled => JobState::Cancelled,
             _ => JobState::Failed,
         };
@@ -168,7 +168,7 @@ pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewSta
             name: stage_name(&chain.base, stage, &next.model, &chain.suffix),
             model: next.model.clone(),
             body: crate::job::canonical_json(&next.body),
-            state,
+            state: ended_as,
             error: Some(error),
             price_usd: None,
             chain: child.to_text(),

@@ -430,26 +430,11 @@ impl Assembly<'_> {
                     let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
                     self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
                     let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
-                    let key = if *occurrence == 0 {
-                        first_key.clone()
-                    } else {
-                        JobKey::from_canonical(model, &body, *occurrence)
+                    let key = match *occurrence {
+                        0 => first_key.clone(),
+                        later => JobKey::from_canonical(model, &body, later),
                     };
-                    let (name, chain) = match &stages[index] {
-                        None => (name, None),
-                        Some(stages) => {
-                            let chain = crate::chain::Chain {
-                                base: name.clone(),
-                                stage: 0,
-                                suffix: String::new(),
-                                parent: None,
-                                parent_result: 0,
-                                stages: stages.clone(),
-                            };
-                            let staged = crate::chain::stage_name(&name, 0, model, "");
-                            (staged, Some(chain.to_text()))
-                        }
-                    };
+                    let (name, chain) = chained(name, model, stages[index].as_deref());
                     jobs.push(JobSpec {
                         name,
                         model: model.clone(),
@@ -747,6 +732,26 @@ impl Assembly<'_> {
             message,
         }
     }
+}
+
+/// A job's name and chain: as written without stages; with them, the name of stage 0
+/// (`castle/0-flux-1-dev`) and the chain that the state file keeps with the job.
+fn chained(
+    name: String,
+    model: &str,
+    stages: Option<&[crate::chain::Stage]>,
+) -> (String, Option<String>) {
+    let Some(stages) = stages else { return (name, None) };
+    let first = crate::chain::stage_name(&name, 0, model, "");
+    let chain = crate::chain::Chain {
+        base: name,
+        stage: 0,
+        suffix: String::new(),
+        parent: None,
+        parent_result: 0,
+        stages: stages.to_vec(),
+    };
+    (first, Some(chain.to_text()))
 }
 
 /// The request body of a job: the defaults, the job's fields over them key by key (a `null`

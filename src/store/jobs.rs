@@ -142,23 +142,7 @@ impl Store {
             .map_err(&err)?;
             report.added += 1;
         }
-        // Stage jobs are not in the file: each is in it while its parent is (parents have
-        // smaller row ids, so one pass per stage level settles the chain).
-        for _ in 0..crate::chain::MAX_STAGES {
-            let changed = tx
-                .execute(
-                    "UPDATE jobs SET in_file = (SELECT parent.in_file FROM jobs AS parent
-                                                WHERE parent.id = jobs.parent_id)
-                     WHERE batch_id = ?1 AND parent_id IS NOT NULL
-                       AND in_file != (SELECT parent.in_file FROM jobs AS parent
-                                       WHERE parent.id = jobs.parent_id)",
-                    [batch_id],
-                )
-                .map_err(&err)?;
-            if changed == 0 {
-                break;
-            }
-        }
+        stages_follow_their_parents(&tx, batch_id).map_err(&err)?;
         report.removed = known.keys().filter(|key| !in_file.contains(key.as_str())).count();
         if reuse {
             report.reusable = reusable_pairs(&tx, batch_id).map_err(&err)?;
@@ -642,6 +626,28 @@ fn reusable_pairs(
         }
     }
     Ok(pairs)
+}
+
+/// Stage jobs are not in the job file: each is in it while its parent is. One pass per stage
+/// level settles a chain.
+fn stages_follow_their_parents(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: i64,
+) -> rusqlite::Result<()> {
+    for _ in 0..=crate::chain::MAX_STAGES {
+        let changed = tx.execute(
+            "UPDATE jobs SET in_file = (SELECT parent.in_file FROM jobs AS parent
+                                        WHERE parent.id = jobs.parent_id)
+             WHERE batch_id = ?1 AND parent_id IS NOT NULL
+               AND in_file != (SELECT parent.in_file FROM jobs AS parent
+                               WHERE parent.id = jobs.parent_id)",
+            [batch_id],
+        )?;
+        if changed == 0 {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The chain a job file gives `spec`, with each stage's price from `prices`.
