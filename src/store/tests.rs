@@ -1,6 +1,7 @@
 //! Tests of the state file: versions and migration, the one-writer lock, privacy, recovery.
 
 use super::*;
+use crate::pricing::PriceTable;
 
 /// A copy of the first-version state file kept in `tests/data/`.
 fn fixture_copy(dir: &Path) -> PathBuf {
@@ -117,4 +118,48 @@ fn uploads_are_recorded_per_content_and_api() {
     assert!(store.upload(&sha, api).expect("read").is_some(), "durable");
     store.forget_upload(&sha, api).expect("forgotten");
     assert_eq!(store.upload(&sha, api).expect("read"), None);
+}
+
+#[test]
+fn stage_jobs_are_inserted_once_and_stay_in_the_file_with_their_parent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open_writer(&dir.path().join("state.sqlite")).expect("opens");
+    let chained = "model: image/bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, \
+                   then: [{model: enhance/topaz/standard-enhance}]}\n";
+    let file = crate::jobfile::parse(chained.as_bytes(), Path::new("jobs.yaml")).expect("valid");
+    let prices =
+        PriceTable::with_overrides([("enhance/topaz/standard-enhance".into(), 0.1)].into());
+    let out = Path::new("out");
+    let batch =
+        store.import("jobs.yaml", out, &file.jobs, &prices, false).expect("import").batch_id;
+    let parent = store.jobs(None).expect("jobs").remove(0);
+    let chain =
+        crate::chain::Chain::parse(parent.chain.as_deref().expect("a chain")).expect("read");
+    assert_eq!(chain.stages[0].price_usd, Some(0.1), "priced at import");
+    let outcome = crate::chain::ParentOutcome {
+        key: &parent.key,
+        name: &parent.name,
+        state: JobState::Downloaded,
+        error: None,
+        results: vec![("https://results/1.png", Some((32, 32)))],
+    };
+    let next = crate::chain::next_jobs(&chain, &outcome);
+    let first = store.insert_stage_jobs(batch, parent.id, &next).expect("inserted");
+    let again = store.insert_stage_jobs(batch, parent.id, &next).expect("inserted again");
+    assert_eq!(first, again, "a second insert finds the same row");
+    assert_eq!(store.jobs(None).expect("jobs").len(), 2);
+    assert_eq!((first[0].parent_id, first[0].price_usd), (Some(parent.id), Some(0.1)));
+    assert_eq!(first[0].name, "castle/1-standard-enhance");
+
+    // The stage job leaves the file with its parent, and comes back with it.
+    let other = crate::jobfile::parse(
+        b"model: image/bfl/flux-1-dev\njobs: [{prompt: x}]\n",
+        Path::new("jobs.yaml"),
+    )
+    .expect("valid");
+    store.import("jobs.yaml", out, &other.jobs, &prices, false).expect("import");
+    assert!(store.jobs(None).expect("jobs").iter().all(|job| job.name == "001-x" || !job.in_file));
+    store.import("jobs.yaml", out, &file.jobs, &prices, false).expect("import");
+    let jobs = store.jobs(None).expect("jobs");
+    assert!(jobs.iter().filter(|job| job.name.starts_with("castle/")).all(|job| job.in_file));
 }
