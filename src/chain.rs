@@ -180,13 +180,7 @@ pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewSta
         let index = u32::try_from(index).unwrap_or(u32::MAX);
         let suffix =
             if several { format!("{}-{}", chain.suffix, index + 1) } else { chain.suffix.clone() };
-        let mut body = next.body.clone();
-        body.insert(next.input.clone(), Value::String((*url).to_owned()));
-        // Topaz's enhancers require the input's size; the user may still set it.
-        if let (true, Some((width, height))) = (next.model.starts_with("enhance/"), size) {
-            body.entry("width").or_insert(Value::from(*width));
-            body.entry("height").or_insert(Value::from(*height));
-        }
+        let body = stage_body(next, url, *size);
         let child = Chain {
             base: chain.base.clone(),
             stage,
@@ -207,6 +201,19 @@ pub(crate) fn next_jobs(chain: &Chain, parent: &ParentOutcome<'_>) -> Vec<NewSta
         });
     }
     jobs
+}
+
+/// The request body of `stage` given its input's URL and, when it could be read, its size.
+#[must_use]
+pub(crate) fn stage_body(stage: &Stage, url: &str, size: Option<(u32, u32)>) -> Map<String, Value> {
+    let mut body = stage.body.clone();
+    body.insert(stage.input.clone(), Value::String(url.to_owned()));
+    // Topaz's enhancers require the input's size; the user may still set it.
+    if let (true, Some((width, height))) = (stage.model.starts_with("enhance/"), size) {
+        body.entry("width").or_insert(Value::from(width));
+        body.entry("height").or_insert(Value::from(height));
+    }
+    body
 }
 
 /// The pixel size of a PNG or JPEG from its first bytes, `None` for anything else.
