@@ -295,6 +295,9 @@ pub(crate) struct Engine {
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
     /// Ended jobs (slots) whose next stage's jobs are to be inserted (`stages.rs`).
     stages_due: Vec<usize>,
+    /// Jobs (row ids) the user asked to cancel: their later stages are cancelled too, even
+    /// when Krea ran the job all the same.
+    chains_cancelled: HashSet<i64>,
 }
 
 /// What was learned is written to the state file at most this often.
@@ -363,6 +366,7 @@ impl Engine {
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
             stages_due: Vec::new(),
+            chains_cancelled: HashSet::new(),
         };
         engine.add_jobs(jobs, &dirs);
         engine

@@ -4,6 +4,9 @@
 //! and download as the job before it. A stage starts as soon as its own input is on disk,
 //! whatever the rest of the batch is doing.
 //!
+//! A job the user cancelled stops its chain there: its later stages are recorded as cancelled,
+//! also when Krea refused the cancel and ran the job (`chains_cancelled`).
+//!
 //! The parent's end is committed before its stage jobs are inserted (the hook is the list of
 //! jobs that ended, taken after the turn's commit), and the insert is a call on the writer
 //! after that commit. A run stopped between the two, or a stage insert cut off, is finished by
@@ -51,13 +54,17 @@ impl Engine {
                     (url.as_str(), file.and_then(|file| file_image_size(&dir.join(&file.path))))
                 })
                 .collect();
-            let outcome = ParentOutcome {
+            let mut outcome = ParentOutcome {
                 key: &job.key,
                 name: &job.name,
                 state: job.state,
                 error: job.error.as_deref(),
                 results,
             };
+            if self.chains_cancelled.contains(&job.id) && job.state != JobState::Cancelled {
+                outcome.state = JobState::Cancelled;
+                outcome.error = Some("the user cancelled it (Krea ran it all the same)");
+            }
             let jobs = next_jobs(&chain, &outcome);
             if jobs.is_empty() {
                 continue;

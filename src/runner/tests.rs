@@ -1267,3 +1267,21 @@ async fn a_stage_fans_out_over_several_results_of_its_input() {
     let body: serde_json::Value = serde_json::from_str(&second.body).expect("json");
     assert_eq!(body["image_url"], named(&outcome.jobs, "castle/0-flux-1-dev").urls[1].as_str());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_stops_its_chain_even_when_krea_ran_it() {
+    let mut rig = Rig::of_file(
+        "model: bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n",
+    );
+    rig.krea.cancel_refusals.sampling = true;
+    rig.krea.job_duration = 8 * SECOND;
+    // Sampling from 6 s to 8 s: Krea refuses the cancel and runs the job to its end.
+    let (outcome, h) = cancel_after(rig, 7 * SECOND).await;
+    assert_eq!(named(&outcome.jobs, "castle/0-flux-1-dev").state, JobState::Downloaded);
+    for later in ["castle/1-standard-enhance", "castle/2-kling-2.5"] {
+        assert_eq!(named(&outcome.jobs, later).state, JobState::Cancelled, "{later}");
+    }
+    assert_eq!(h.krea.seen(|seen| seen.bodies.len()), 1, "no stage was sent");
+    let reason = named(&outcome.jobs, "castle/1-standard-enhance").error.clone();
+    assert!(reason.unwrap_or_default().contains("the user cancelled it"));
+}
