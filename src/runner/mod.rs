@@ -120,6 +120,9 @@ pub(crate) struct EngineSettings {
     pub heartbeat: Option<Duration>,
     /// The spending cap, if any.
     pub budget: Option<Budget>,
+    /// Whether a job's end starts its next stage (`stages.rs`): not in `krea-batch download`,
+    /// which sends nothing.
+    pub start_stages: bool,
 }
 
 /// Whether the engine runs once over a batch or as the long-running service. The two differ

@@ -33,7 +33,7 @@ pub(super) fn has_stages_after(job: &JobRecord) -> bool {
 impl Engine {
     /// Inserts the next stage's jobs of every ended job in `stages_due` that has none yet.
     pub(super) fn start_stages(&mut self) {
-        if self.stages_due.is_empty() || self.draining {
+        if self.stages_due.is_empty() || self.draining || !self.settings.start_stages {
             return;
         }
         let parents_with_children: HashSet<i64> =

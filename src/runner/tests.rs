@@ -35,6 +35,7 @@ fn settings() -> EngineSettings {
         kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
+        start_stages: true,
     }
 }
 
@@ -1284,4 +1285,13 @@ async fn a_cancelled_job_stops_its_chain_even_when_krea_ran_it() {
     assert_eq!(h.krea.seen(|seen| seen.bodies.len()), 1, "no stage was sent");
     let reason = named(&outcome.jobs, "castle/1-standard-enhance").error.clone();
     assert!(reason.unwrap_or_default().contains("the user cancelled it"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_sends_nothing_new_starts_no_stage() {
+    let mut rig = Rig::of_file(CHAINS);
+    rig.settings.start_stages = false;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    assert_eq!(h.stored().await.len(), 3, "no stage job recorded");
 }
