@@ -67,6 +67,12 @@ impl Chain {
         serde_json::from_str(text).ok()
     }
 
+    /// The stages after the job whose chain is `text` (none outside a chain).
+    #[must_use]
+    pub(crate) fn stages_after(text: Option<&str>) -> Vec<Stage> {
+        text.and_then(Self::parse).map(|chain| chain.stages).unwrap_or_default()
+    }
+
     /// The chain as the state file keeps it.
     #[must_use]
     pub(crate) fn to_text(&self) -> String {

@@ -51,7 +51,8 @@ pub struct Resume {
     pub done: usize,
     /// Jobs that would take a result this state already paid for (`reuse:`).
     pub reused: usize,
-    /// Jobs that would be submitted and paid for.
+    /// Jobs that would be submitted and paid for, later stages of new jobs included (one per
+    /// job and stage).
     pub to_pay: usize,
     /// Their estimated cost, USD.
     pub to_pay_usd: f64,
@@ -106,6 +107,11 @@ impl Resume {
             } else {
                 resume.to_pay += 1;
                 resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
+                // Its later stages, one per job as in the estimate above.
+                for stage in crate::chain::Chain::stages_after(job.chain.as_deref()) {
+                    resume.to_pay += 1;
+                    resume.to_pay_usd += prices.price(&stage.model, &stage.body).unwrap_or(0.0);
+                }
             }
         }
         resume.to_pay_usd = round_usd(resume.to_pay_usd);

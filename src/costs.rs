@@ -29,8 +29,7 @@ impl<'f> Costs<'f> {
             Self { total: Estimate::default(), by_model: BTreeMap::new(), stage_jobs: 0 };
         for job in &file.jobs {
             costs.add(Cow::Borrowed(&job.model), prices.price(&job.model, &job.body_map()));
-            let chain = job.chain.as_deref().and_then(crate::chain::Chain::parse);
-            for stage in chain.map(|chain| chain.stages).unwrap_or_default() {
+            for stage in crate::chain::Chain::stages_after(job.chain.as_deref()) {
                 let price = prices.price(&stage.model, &stage.body);
                 costs.add(Cow::Owned(stage.model), price);
                 costs.stage_jobs += 1;
