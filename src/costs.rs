@@ -4,7 +4,7 @@
 
 use crate::error::InputError;
 use crate::jobfile::JobFile;
-use crate::pricing::{Estimate, PriceTable, usd};
+use crate::pricing::{Estimate, PriceTable, TABLE_DATE, TABLE_SOURCE, usd};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,10 +61,13 @@ impl<'f> Costs<'f> {
 /// A budget is set, but some jobs have no known price, so what they commit cannot be counted.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{}: a budget is set, but krea-batch knows no price for {}; add each under `prices:` (USD \
-     per generation, e.g. `prices: {{{}: 0.05}}`) so the budget can count them",
+    "{}: a budget is set, but krea-batch knows no price for {} (its table, checked {}, holds \
+     the prices published in {}); add each under `prices:` (USD per generation, e.g. \
+     `prices: {{{}: 0.05}}`) so the budget can count them",
     file.display(),
     listed(models),
+    TABLE_DATE,
+    TABLE_SOURCE,
     models.first().map_or("", |(model, _)| model.as_str())
 )]
 pub(crate) struct Unpriced {
@@ -115,7 +118,7 @@ mod tests {
         let text = "model: image/bfl/flux-1-dev
 prices: {enhance/topaz/standard-enhance: 0.1}
 jobs:
-  - {prompt: a, count: 2, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}
+  - {prompt: a, count: 2, then: [{model: enhance/topaz/standard-enhance}, {model: video/acme/new-model}]}
 ";
         let file = crate::jobfile::parse(text.as_bytes(), std::path::Path::new("jobs.yaml"))
             .expect("valid");
@@ -123,7 +126,7 @@ jobs:
         assert_eq!(costs.stage_jobs, 4);
         assert_eq!(costs.by_model["enhance/topaz/standard-enhance"].0, 2);
         assert!((costs.total.usd - (2.0 * 0.007 + 2.0 * 0.1)).abs() < 1e-9);
-        // kling-2.5 has no built-in price: a budget cannot count it.
+        // A model without a price: a budget cannot count it.
         assert_eq!(costs.total.unpriced, 2);
         assert!(costs.unpriced_refusal(&file).is_some());
     }

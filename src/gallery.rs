@@ -24,11 +24,19 @@ pub(crate) fn write<'a>(
     jobs: impl IntoIterator<Item = &'a JobRecord>,
 ) -> Result<(), FileError> {
     let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
+    // The title names the job file the folder's marker names; a folder without one (or with an
+    // unreadable one) still gets its gallery.
+    let job_file =
+        crate::output::read_marker(dir).ok().flatten().and_then(|marker| marker.job_file);
+    let title = match &job_file {
+        Some(name) => format!("{name}: krea-batch results"),
+        None => "krea-batch results".to_owned(),
+    };
     let pages = jobs.len().div_ceil(PER_PAGE).max(1);
     for page in 0..pages {
         let start = page * PER_PAGE;
         let slice = &jobs[start..jobs.len().min(start + PER_PAGE)];
-        let html = render_page(&jobs, slice, page, pages);
+        let html = render_page(&title, &jobs, slice, page, pages);
         write_atomically(&dir.join(page_name(page)), html.as_bytes(), false)?;
     }
     Ok(())
@@ -39,16 +47,24 @@ fn page_name(page: usize) -> String {
     if page == 0 { "index.html".to_owned() } else { format!("index-{}.html", page + 1) }
 }
 
-fn render_page(all: &[&JobRecord], jobs: &[&JobRecord], page: usize, pages: usize) -> String {
+fn render_page(
+    title: &str,
+    all: &[&JobRecord],
+    jobs: &[&JobRecord],
+    page: usize,
+    pages: usize,
+) -> String {
     let counts = crate::runner::status::Counts::of(all.iter().copied());
+    let title = escape(title);
     let mut html = String::with_capacity(2048 + jobs.len() * 1024);
-    html.push_str(
+    let _ = write!(
+        html,
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>krea-batch results</title>\n<style>\n",
+         <title>{title}</title>\n<style>\n"
     );
     html.push_str(STYLE);
-    html.push_str("</style>\n</head>\n<body>\n<header>\n<h1>krea-batch results</h1>\n");
+    let _ = writeln!(html, "</style>\n</head>\n<body>\n<header>\n<h1>{title}</h1>");
     let _ = writeln!(
         html,
         "<p class=\"counts\">{}</p>",
@@ -243,8 +259,13 @@ mod tests {
             job("clip", JobState::Downloaded, "video/mp4"),
             job("bad", JobState::Failed, ""),
         ];
-        let html =
-            render_page(&jobs.iter().collect::<Vec<_>>(), &jobs.iter().collect::<Vec<_>>(), 0, 1);
+        let html = render_page(
+            "t",
+            &jobs.iter().collect::<Vec<_>>(),
+            &jobs.iter().collect::<Vec<_>>(),
+            0,
+            1,
+        );
         assert!(html.contains("<img src=\"fox.png\""));
         assert!(html.contains("<video src=\"clip.mp4\" controls"));
         assert!(html.contains("content_moderation: flagged"));
@@ -255,8 +276,13 @@ mod tests {
     #[test]
     fn the_page_makes_no_request_of_its_own() {
         let jobs = [job("fox", JobState::Downloaded, "image/png")];
-        let html =
-            render_page(&jobs.iter().collect::<Vec<_>>(), &jobs.iter().collect::<Vec<_>>(), 0, 1);
+        let html = render_page(
+            "t",
+            &jobs.iter().collect::<Vec<_>>(),
+            &jobs.iter().collect::<Vec<_>>(),
+            0,
+            1,
+        );
         for attribute in [
             "src=\"http",
             "href=\"http",
@@ -284,6 +310,25 @@ mod tests {
         assert_eq!(second.matches("<article").count(), 3);
         assert!(second.contains("<a href=\"index.html\">page 1</a>"));
         assert!(!dir.path().join("index-3.html").exists());
+    }
+
+    /// The title names the job file the folder's marker names, escaped; without a marker it is
+    /// generic.
+    #[test]
+    fn the_title_names_the_job_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jobs = [job("fox", JobState::Downloaded, "image/png")];
+        write(dir.path(), &jobs).expect("written");
+        let page = std::fs::read_to_string(dir.path().join("index.html")).expect("page");
+        assert!(page.contains("<title>krea-batch results</title>"), "{page}");
+        let marker = crate::output::Marker::new("id", Path::new("/s"), "batch:1", Vec::new())
+            .with_job_file(Path::new("/work/foxes & owls.yaml"));
+        crate::output::write_marker(dir.path(), &marker).expect("marker");
+        write(dir.path(), &jobs).expect("written");
+        let page = std::fs::read_to_string(dir.path().join("index.html")).expect("page");
+        let title = "foxes &amp; owls.yaml: krea-batch results";
+        assert!(page.contains(&format!("<title>{title}</title>")), "{page}");
+        assert!(page.contains(&format!("<h1>{title}</h1>")), "{page}");
     }
 
     #[test]

@@ -321,11 +321,15 @@ impl Inbox {
         ensure_real_dir(&self.rejected).map_err(into_io)?;
         let target = free_name(&self.rejected, file_name, true)?;
         let note_path = with_suffix(&target, ERROR_SUFFIX);
+        // The error names the file as it was dropped (lines and columns are the same); the
+        // note also says where it lies now, which is what the operator opens to fix it.
         let note = format!(
             "krea-batch did not take the job file {:?} from the inbox:\n\n{}\n\n\
+             The file now lies at {}.\n\
              Fix the file and drop it into the inbox again (write it elsewhere and rename it in).\n",
             file_name,
             error.trim_end(),
+            target.display(),
         );
         write_atomically(&note_path, note.as_bytes(), true).map_err(into_io)?;
         if let Err(err) = std::fs::rename(path, &target) {
@@ -727,6 +731,8 @@ mod tests {
         let note = fs::read_to_string(folder.join("bad.2.yaml.error.txt")).expect("note");
         assert!(note.contains("\"bad.yaml\"") && note.contains("`jobs` must be a list"), "{note}");
         assert!(note.contains("drop it into the inbox again"), "{note}");
+        let lies = format!("The file now lies at {}.", folder.join("bad.2.yaml").display());
+        assert!(note.contains(&lies), "where it lies now: {note}");
         assert!(!inbox.dir().join("bad.yaml").exists());
     }
 

@@ -159,13 +159,23 @@ impl ApiDocument {
         Ok(Self { doc, origin: origin.to_owned() })
     }
 
+    /// The whole document, which `$ref`s point into.
+    #[must_use]
+    pub(crate) fn root(&self) -> &Value {
+        &self.doc
+    }
+
+    /// The operation that generates with `model` (`POST /generate/<model>`): its summary,
+    /// description and request body.
+    #[must_use]
+    pub(crate) fn operation(&self, model: &str) -> Option<&Value> {
+        self.doc.get("paths")?.get(format!("/generate/{model}"))?.get("post")
+    }
+
     /// The request-body schema of `model` (`image/bfl/flux-1-dev`), if the document has it.
     #[must_use]
     pub fn request_schema(&self, model: &str) -> Option<&Value> {
-        self.doc
-            .get("paths")?
-            .get(format!("/generate/{model}"))?
-            .get("post")?
+        self.operation(model)?
             .get("requestBody")?
             .get("content")?
             .get("application/json")?

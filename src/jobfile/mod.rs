@@ -109,6 +109,9 @@ pub struct JobFile {
     /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
     /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
     pub local_files: Vec<LocalFile>,
+    /// Which of `output:`, `api:` and `limits:` the file writes, in file order: settings of a
+    /// run, which the service ignores (its configuration governs), and says so.
+    pub run_settings: Vec<&'static str>,
 }
 
 /// One generation to run.
@@ -390,8 +393,7 @@ impl Assembly<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
-        let sweeps = self.read_sweeps(&raw)?;
-        let stages = self.read_stages(&raw)?;
+        let (sweeps, stages) = (self.read_sweeps(&raw)?, self.read_stages(&raw)?);
         let mut local = inputs::Resolver::default();
         self.check_expansion(&raw, &sweeps)?;
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
@@ -484,6 +486,7 @@ impl Assembly<'_> {
             reuse: raw.reuse.unwrap_or(true),
             jobs,
             params: raw.params,
+            run_settings: raw.run_settings,
         })
     }
 

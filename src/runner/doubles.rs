@@ -139,7 +139,12 @@ pub(super) struct FakeKrea {
     pub(super) outputs: usize,
     /// POSTs whose prompt contains this are refused with a 400.
     pub(super) refuse_prompt: Option<String>,
+    /// Models this account's plan does not include: their POSTs get a plan-402.
+    pub(super) plan_required: Vec<String>,
 }
+
+/// Krea's answer (a 402) for a model the account's plan does not include.
+pub(super) const PLAN_REQUIRED: &str = "This model requires a higher plan. Upgrade to use it.";
 
 /// The states in which Krea refuses a `DELETE` (krea-api.md: it cancels only `queued` and
 /// `processing` jobs), for the cancel tests. Off by default, so the other tests see jobs go
@@ -172,6 +177,7 @@ impl FakeKrea {
             cancel_refusals: CancelRefusals::default(),
             outputs: 1,
             refuse_prompt: None,
+            plan_required: Vec::new(),
         }
     }
 
@@ -356,7 +362,12 @@ impl KreaApi for FakeKrea {
             }
             self.state().seen.bodies.push((model.to_owned(), body.to_owned()));
             tokio::time::sleep(self.post_latency).await;
-            let answer = self.answer_post(body);
+            let answer = if self.plan_required.iter().any(|refused| refused == model) {
+                self.state().seen.posts.push((Instant::now(), "PlanRequired".into()));
+                Err(ApiError::PlanRequired { message: PLAN_REQUIRED.into() })
+            } else {
+                self.answer_post(body)
+            };
             let mut state = self.state();
             state.posts_on_wire -= 1;
             state.seen.post_spans.push((sent, Instant::now()));

@@ -76,7 +76,7 @@ pub(crate) use budget::Budget;
 use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
-pub use status::{Counts, EngineStatus, RefusedCancel, StopReason};
+pub use status::{Counts, EngineStatus, Pause, RefusedCancel, StopReason};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -280,6 +280,11 @@ pub(crate) struct Engine {
     stopped: Option<StopReason>,
     /// Why submitting is paused (service), if it is.
     paused: Option<StopReason>,
+    /// The pause with its times and message (service), for `status` and the metrics.
+    pause: Option<Pause>,
+    /// Whether `pause` changed since it was last written to the state file (service); true at
+    /// the start, so that the first write clears what an earlier start left.
+    pause_unwritten: bool,
     /// When the next probe submission may go while paused.
     probe_at: Option<Instant>,
     /// Draining for shutdown: nothing new starts.
@@ -360,6 +365,8 @@ impl Engine {
             commands: None,
             stopped: None,
             paused: None,
+            pause: None,
+            pause_unwritten: true,
             probe_at: None,
             draining: false,
             cancels: cancel::Cancels::default(),
@@ -579,6 +586,7 @@ impl Engine {
     fn publish_status(&mut self) {
         self.status.counts = self.table.counts();
         self.status.paused = self.paused.or(self.stopped);
+        self.status.pause.clone_from(&self.pause);
         self.status.learned = self.controller.summary(Instant::now());
         self.status.capacity = self.controller.capacity();
         self.status.allowed_in_flight = self.controller.allowed_in_flight();
@@ -641,7 +649,9 @@ impl Engine {
 
     /// [`Engine::commit`]; `final_commit` also writes what was learned, however recently.
     async fn commit_turn(&mut self, synced: bool, final_commit: bool) -> Result<(), StoreError> {
-        if !self.table.has_changes() && !final_commit {
+        let pause_due =
+            self.pause_unwritten && matches!(self.settings.kind, RunKind::Service { .. });
+        if !self.table.has_changes() && !final_commit && !pause_due {
             return Ok(());
         }
         let (mut changes, mut ended) = self.table.take_changes();
@@ -653,6 +663,15 @@ impl Engine {
             self.learned_written = Some(Instant::now());
             let value = self.status.learned.clone();
             changes.push(Change::Meta { key: status::META_LEARNED.to_owned(), value });
+        }
+        if pause_due {
+            self.pause_unwritten = false;
+            let value = self
+                .pause
+                .as_ref()
+                .and_then(|pause| serde_json::to_string(pause).ok())
+                .unwrap_or_default();
+            changes.push(Change::Meta { key: status::META_PAUSE.to_owned(), value });
         }
         self.writer.commit_with(changes, synced).await?;
         let table = &self.table;
@@ -685,14 +704,14 @@ impl Engine {
 
     /// Submitting cannot go on: Krea wants payment, or refused the key. A one-shot run stops
     /// submitting for good; the service pauses and probes with one submission every
-    /// `probe_every`.
-    fn halt(&mut self, reason: StopReason) {
+    /// `probe_every`. Krea's message (`message`) is always shown.
+    fn halt_with(&mut self, reason: StopReason, message: &str) {
         let RunKind::Service { probe_every: every } = self.settings.kind else {
             if reason == StopReason::AuthRefused {
                 self.stopped = Some(StopReason::AuthRefused);
                 self.controls.abort.cancel();
             } else {
-                self.stop(reason);
+                self.stop_with(reason, message);
             }
             return;
         };
@@ -701,11 +720,13 @@ impl Engine {
             return;
         }
         self.paused = Some(reason);
+        self.note_pause(reason, message, None);
         let waiting = self.table.counts().pending;
         let probe = humantime::format_duration(every);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
                 waiting,
+                %message,
                 "the Krea API balance is exhausted (402): submitting paused; jobs in flight are \
                  finished and downloaded; one submission probes every {probe} (or at once on \
                  SIGHUP or `krea-batch resume`)"
@@ -715,25 +736,35 @@ impl Engine {
                 "Krea refused the API key (401/403): submitting paused; fix the key, then send \
                  SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
             ),
-            StopReason::Interrupted | StopReason::BudgetReached => {}
+            StopReason::Interrupted
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 
     /// A submission was accepted: a pause, if any, is over.
     fn resume_after_pause(&mut self) {
         if let Some(reason) = self.paused.take() {
+            self.pause = None;
+            self.pause_unwritten = true;
             self.probe_at = None;
             tracing::info!(%reason, "the probe was accepted: submitting resumes");
         }
     }
 
     fn stop(&mut self, reason: StopReason) {
+        self.stop_with(reason, "");
+    }
+
+    /// [`Engine::stop`], with Krea's message, which is always shown.
+    fn stop_with(&mut self, reason: StopReason, message: &str) {
         if self.stopped.is_some() {
             return;
         }
         self.stopped = Some(reason);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
+                %message,
                 waiting = self.table.counts().pending,
                 in_flight = self.table.counts().in_flight,
                 "the Krea API balance is exhausted (402): no more submissions; jobs in flight \
@@ -747,7 +778,9 @@ impl Engine {
                 );
                 self.leave_unknown_to_next_run();
             }
-            StopReason::AuthRefused | StopReason::BudgetReached => {}
+            StopReason::AuthRefused
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 
@@ -757,7 +790,18 @@ impl Engine {
         if self.settings.kind == RunKind::OneShot {
             tracing::error!(status, %message, "Krea refused the API key; stopping");
         }
-        self.halt(StopReason::AuthRefused);
+        self.halt_with(StopReason::AuthRefused, message);
+    }
+
+    /// Records why submitting is paused, from now (wall clock) until `until_ms` if known.
+    fn note_pause(&mut self, reason: StopReason, message: &str, until_ms: Option<i64>) {
+        self.pause = Some(Pause {
+            reason,
+            since_ms: self.clock.now_ms(),
+            until_ms,
+            message: message.to_owned(),
+        });
+        self.pause_unwritten = true;
     }
 }
 

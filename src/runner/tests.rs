@@ -59,13 +59,13 @@ struct Rig {
 impl Rig {
     fn new(n: usize) -> Self {
         let text = format!("jobs:\n  - prompt: a fox\n    model: bfl/flux-1-dev\n    count: {n}\n");
-        let rig = Self::of_file(&text);
+        let rig = Self::of(&text);
         assert_eq!(rig.jobs.len(), n);
         rig
     }
 
     /// One engine over the jobs of the job file `text`.
-    fn of_file(text: &str) -> Self {
+    fn of(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let output = dir.path().join("out");
         std::fs::create_dir_all(&output).expect("the output folder");
@@ -170,6 +170,12 @@ impl Handles {
     /// The jobs as the state file has them.
     async fn stored(&self) -> Vec<JobRecord> {
         self.writer.with_store(|store| store.jobs(None)).await.expect("the writer").expect("jobs")
+    }
+
+    /// The pause the engine last wrote to the state file (empty: none).
+    async fn pause_written(&self) -> String {
+        let written = self.writer.with_store(|store| store.meta(status::META_PAUSE)).await;
+        written.expect("the writer").expect("readable").expect("written")
     }
 
     /// Waits (in virtual time) until the published status satisfies `done`.
@@ -329,6 +335,32 @@ async fn a_402_pauses_the_service_which_probes_periodically() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plan_402_fails_that_models_jobs_with_kreas_message_and_the_others_go_on() {
+    let rig = Rig::of(
+        "jobs:\n  - prompt: a fox\n    model: video/kling/kling-2.5\n    count: 3\n  \
+         - prompt: a cat\n    model: bfl/flux-1-dev\n    count: 3\n",
+    );
+    let mut rig = rig;
+    rig.krea.plan_required = vec!["video/kling/kling-2.5".into()];
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, None, "a plan-402 is not an empty balance");
+    for job in &outcome.jobs {
+        if job.model == "video/kling/kling-2.5" {
+            assert_eq!(job.state, JobState::Failed, "{}", job.name);
+            let error = job.error.as_deref().unwrap_or_default();
+            assert!(error.contains(super::doubles::PLAN_REQUIRED), "Krea's text is shown: {error}");
+        } else {
+            assert_eq!(job.state, JobState::Downloaded, "{}", job.name);
+        }
+    }
+    let plan_posts = h
+        .krea
+        .seen(|seen| seen.posts.iter().filter(|(_, answer)| answer == "PlanRequired").count());
+    assert_eq!(plan_posts, 1, "the model's other jobs are failed without a POST each");
+    assert_eq!(h.status.borrow().payment_required_total, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_probe_command_resumes_the_paused_service_at_once() {
     let mut rig = Rig::new(1);
     rig.settings.kind = RunKind::Service { probe_every: Duration::from_hours(1) };
@@ -338,8 +370,17 @@ async fn a_probe_command_resumes_the_paused_service_at_once() {
     h.until(|status| status.paused.is_some()).await;
     tokio::time::sleep(10 * SECOND).await;
     assert_eq!(h.posts().len(), 1, "no probe before it is due");
+    // Why and since when are in the state file for `krea-batch status`: the 402 was answered
+    // after `post_latency` (100 ms) on a clock started at 2026-01-01T00:00:00Z.
+    let pause: Pause = serde_json::from_str(&h.pause_written().await).expect("the pause as JSON");
+    assert_eq!(pause.reason, StopReason::PaymentRequired);
+    let since = pause.since_ms - TestClock::new().now_ms();
+    assert!((100..1000).contains(&since), "paused at the 402's answer: {pause:?}");
+    assert_eq!(pause.until_ms, None);
+    assert_eq!(pause.message, "scripted", "Krea's message is kept");
     h.commands.send(EngineCommand::Probe).expect("the engine listens");
     h.until(|status| status.counts.completed == 1).await;
+    assert_eq!(h.pause_written().await, "", "a resumed service clears it");
     let posts = h.posts();
     assert_eq!(posts.len(), 2);
     assert!(posts[1] >= 10 * SECOND && posts[1] < 11 * SECOND, "{posts:?}");
@@ -362,6 +403,18 @@ async fn the_budget_stops_submitting_before_it_is_exceeded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_daily_budget_stops_a_run_as_a_daily_stop() {
+    let mut rig = Rig::new(3);
+    rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::DailyBudgetReached));
+    assert_eq!(h.posts().len(), 1, "0.2 would exceed 0.15 today");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     let mut rig = Rig::new(2);
     rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
@@ -371,7 +424,11 @@ async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     }
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
-    h.until(|status| status.paused == Some(StopReason::BudgetReached)).await;
+    h.until(|status| status.paused == Some(StopReason::DailyBudgetReached)).await;
+    let pause = h.status.borrow().pause.clone().expect("the pause is published");
+    let next_midnight = TestClock::new().now_ms() + 86_400_000;
+    assert_eq!(pause.until_ms, Some(next_midnight), "until midnight UTC: {pause:?}");
+    assert!(pause.message.contains("daily budget"), "{pause:?}");
     h.until(|status| status.counts.completed == 2).await;
     let posts = h.posts();
     assert_eq!(posts.len(), 2);
@@ -1192,7 +1249,7 @@ fn named<'a>(jobs: &'a [JobRecord], name: &str) -> &'a JobRecord {
 
 #[tokio::test(start_paused = true)]
 async fn each_stage_of_each_chain_runs_once_fed_its_parent_result() {
-    let (outcome, h) = Rig::of_file(CHAINS).run().await;
+    let (outcome, h) = Rig::of(CHAINS).run().await;
     assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 9], "{:#?}", outcome.jobs);
     let bodies = h.krea.seen(|seen| seen.bodies.clone());
     assert_eq!(bodies.len(), 9, "one POST per stage of each job");
@@ -1223,7 +1280,7 @@ async fn each_stage_of_each_chain_runs_once_fed_its_parent_result() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_stage_fails_only_the_later_stages_of_its_own_job() {
-    let mut rig = Rig::of_file(&CHAINS.replace("a fox", "a fox REFUSE"));
+    let mut rig = Rig::of(&CHAINS.replace("a fox", "a fox REFUSE"));
     rig.krea.refuse_prompt = Some("REFUSE".into());
     let (outcome, h) = rig.run().await;
     let fox_later = ["fox/1-standard-enhance", "fox/2-kling-2.5"];
@@ -1243,7 +1300,7 @@ async fn a_failed_stage_fails_only_the_later_stages_of_its_own_job() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stage_fans_out_over_several_results_of_its_input() {
-    let mut rig = Rig::of_file(
+    let mut rig = Rig::of(
         "model: bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n",
     );
     rig.krea.outputs = 2;
@@ -1271,7 +1328,7 @@ async fn a_stage_fans_out_over_several_results_of_its_input() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_job_stops_its_chain_even_when_krea_ran_it() {
-    let mut rig = Rig::of_file(
+    let mut rig = Rig::of(
         "model: bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n",
     );
     rig.krea.cancel_refusals.sampling = true;
@@ -1289,7 +1346,7 @@ async fn a_cancelled_job_stops_its_chain_even_when_krea_ran_it() {
 
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_sends_nothing_new_starts_no_stage() {
-    let mut rig = Rig::of_file(CHAINS);
+    let mut rig = Rig::of(CHAINS);
     rig.settings.start_stages = false;
     let (outcome, h) = rig.run().await;
     assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);

@@ -15,6 +15,7 @@ pub(crate) use super::jobs::{
     status_name,
 };
 use super::models::Kind;
+use super::picture::Picture;
 use super::stats::JobRecord;
 use super::world_file::{SavedAccount, SavedEnd, SavedJob, SavedOutcome};
 use std::cmp::Reverse;
@@ -188,6 +189,12 @@ impl World {
         self.by_id.get(id).map(|index| self.jobs[*index].new.kind)
     }
 
+    /// What a job's result files show: its kind, prompt and picture, if the job exists.
+    pub(crate) fn looks_of(&self, id: &str) -> Option<(Kind, String, Picture)> {
+        let new = &self.jobs[*self.by_id.get(id)?].new;
+        Some((new.kind, new.prompt.clone(), new.picture.clone()))
+    }
+
     /// Cancels a job that is in a cancellable state: not billed, its slot freed at once.
     pub(crate) fn cancel(&mut self, now: Millis, id: &str) -> Result<(), CancelError> {
         self.advance(now);
@@ -282,6 +289,7 @@ impl World {
                 model: job.new.model.clone(),
                 prompt: job.new.prompt.clone(),
                 price_micros: job.new.price_micros,
+                picture: job.new.picture.clone(),
                 created_ms: job.created_ms,
                 plan: match &job.plan {
                     Plan::Complete => SavedOutcome::Completed,
@@ -346,6 +354,7 @@ impl World {
                     job_type: spec.job_type,
                     price_micros: saved.price_micros,
                     input: None,
+                    picture: saved.picture,
                 },
                 created_ms: saved.created_ms,
                 plan,

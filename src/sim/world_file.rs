@@ -111,6 +111,9 @@ pub(crate) struct SavedJob {
     pub model: String,
     pub prompt: String,
     pub price_micros: i64,
+    /// What its pictures show besides the prompt (square without a seed in older files).
+    #[serde(default)]
+    pub picture: super::picture::Picture,
     pub created_ms: Millis,
     pub plan: SavedOutcome,
     pub started_ms: Option<Millis>,

@@ -22,6 +22,7 @@ fn job(prompt: &str) -> NewJob {
         job_type: "flux",
         price_micros: 7_000,
         input: None,
+        picture: Picture::default(),
     }
 }
 

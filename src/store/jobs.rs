@@ -431,7 +431,11 @@ impl Store {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
-            .prepare("SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL")
+            .prepare(
+                // A retried job's failed attempt is still Krea's job, claimed by this state.
+                "SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL
+                 UNION SELECT remote_id FROM retries WHERE remote_id IS NOT NULL",
+            )
             .map_err(&err)?;
         let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(&err)?;
         rows.map(|row| row.map_err(&err)).collect()
@@ -575,6 +579,33 @@ impl Store {
         let rows =
             stmt.query_map(params![state.as_str(), limit], |row| row.get(0)).map_err(&err)?;
         rows.map(|row| row.map_err(&err)).collect()
+    }
+
+    /// How many jobs are in each state, by job file: (the batch's source, state, count), in
+    /// the order the files were imported.
+    pub(crate) fn count_by_batch_state(
+        &self,
+    ) -> Result<Vec<(String, JobState, usize)>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT batches.source, jobs.state, COUNT(*) FROM jobs
+                 JOIN batches ON batches.id = jobs.batch_id
+                 GROUP BY batches.id, jobs.state ORDER BY batches.id",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+            })
+            .map_err(&err)?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (source, state, count) = row.map_err(&err)?;
+            counts.push((source, parse_state(&self.path, &state)?, count as usize));
+        }
+        Ok(counts)
     }
 
     /// How many jobs are in each state, over one batch or all.

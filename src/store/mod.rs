@@ -15,10 +15,12 @@
 //!
 //! Files: this one opens the state file (the lock, the private mode, the readers) and holds the
 //! types; `schema.rs` has the tables and the forward migrations; `jobs.rs` imports job files
-//! and reads and updates jobs; `uploads.rs` records the uploads of local input files;
+//! and reads and updates jobs; `retries.rs` puts failed jobs back to pending for
+//! `krea-batch retry`, keeping their failures; `uploads.rs` records the uploads of local input files;
 //! `writer.rs` is the engine's writer thread.
 
 mod jobs;
+mod retries;
 mod schema;
 mod uploads;
 mod writer;

@@ -163,3 +163,33 @@ fn stage_jobs_are_inserted_once_and_stay_in_the_file_with_their_parent() {
     let jobs = store.jobs(None).expect("jobs");
     assert!(jobs.iter().filter(|job| job.name.starts_with("castle/")).all(|job| job.in_file));
 }
+
+/// `krea-batch retry`'s one transition: a failed job back to pending, its failure kept, its
+/// failed attempt's Krea id still claimed; a job not failed is left alone.
+#[test]
+fn a_retried_job_goes_back_to_pending_and_its_failure_is_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = fixture_copy(dir.path());
+    let mut store = Store::open_writer(&path).expect("opens and migrates");
+    let jobs = store.jobs(None).expect("jobs");
+    let job = |name: &str| jobs.iter().find(|job| job.name == name).expect("listed").clone();
+    let (blocked, lighthouse) = (job("blocked"), job("lighthouse"));
+    store
+        .conn
+        .execute("UPDATE jobs SET remote_id = 'old-id' WHERE id = ?1", [blocked.id])
+        .expect("id");
+
+    let moved = store.retry_failed(&[blocked.id, lighthouse.id]).expect("retried");
+    assert_eq!(moved, 1, "only the failed one");
+    let again = store.job(blocked.id).expect("read").expect("there");
+    assert_eq!(again.state, JobState::Pending);
+    assert_eq!((again.error.as_deref(), again.remote_id.as_deref()), (None, None));
+    assert_eq!(again.attempts, blocked.attempts, "the next POST counts one more");
+    let kept = store.retried_failures(blocked.id).expect("history");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].error, blocked.error);
+    assert_eq!(kept[0].remote_id.as_deref(), Some("old-id"));
+    assert!(store.remote_ids().expect("ids").contains("old-id"), "never adopted again");
+    assert_eq!(store.job(lighthouse.id).expect("read").expect("there").state, JobState::Downloaded);
+    assert_eq!(store.retry_failed(&[blocked.id]).expect("no-op"), 0, "pending is not failed");
+}

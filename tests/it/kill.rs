@@ -277,8 +277,8 @@ fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
         let head = std::fs::read(&path).expect("the file");
         match stage {
             // The PNG header's width: the enhancer's result is twice the generator's.
-            0 => assert_eq!(head[16..20], 32_u32.to_be_bytes(), "{file}"),
-            1 => assert_eq!(head[16..20], 64_u32.to_be_bytes(), "{file}"),
+            0 => assert_eq!(head[16..20], 512_u32.to_be_bytes(), "{file}"),
+            1 => assert_eq!(head[16..20], 1024_u32.to_be_bytes(), "{file}"),
             _ => assert_eq!(&head[4..8], b"ftyp", "{file} is an MP4"),
         }
     }

@@ -4,6 +4,7 @@
 mod cancel;
 mod chaos;
 mod commands;
+mod completions;
 mod daemon;
 mod folders;
 mod gallery;
@@ -12,7 +13,10 @@ mod input;
 mod kill;
 mod layers;
 mod manifest;
+mod models;
+mod readme;
 mod resume;
+mod retry;
 mod run;
 mod security;
 mod signals;

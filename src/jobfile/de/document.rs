@@ -71,12 +71,16 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, 'de> {
             budget: None,
             reuse: None,
             jobs: Vec::new(),
+            run_settings: Vec::new(),
         };
         let mut has_jobs = false;
         while let Some((index, _)) =
             map.next_key_seed(field_key(ctx, TOP_KEYS, &mut seen, "at the top level"))?
         {
             ctx.push(Seg::key(TOP_KEYS[index]));
+            if matches!(TOP_KEYS[index], "output" | "api" | "limits") {
+                file.run_settings.push(TOP_KEYS[index]);
+            }
             match TOP_KEYS[index] {
                 "model" => {
                     file.model = Some(map.next_value_seed(text_value(ctx, TextKind::Model))?);

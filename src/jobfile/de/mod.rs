@@ -53,6 +53,8 @@ pub(crate) struct RawFile {
     pub(crate) reuse: Option<bool>,
     /// The job entries, in file order; never empty.
     pub(crate) jobs: Vec<RawJob>,
+    /// Which of `output`, `api` and `limits` the file writes, in file order.
+    pub(crate) run_settings: Vec<&'static str>,
 }
 
 /// One entry of `jobs:` as written.
