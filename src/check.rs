@@ -1,11 +1,11 @@
-//! `krea-batch check`: the plan of a job file, nothing sent: its jobs and their estimated
-//! cost per model, how the estimate fits its budget, what a run would send now given its state
+//! `krea-batch check`: the plan of a job file, nothing sent: its jobs (and the folders of
+//! images they come from, with the files skipped) and their estimated cost per model, how the estimate fits its budget, what a run would send now given its state
 //! file, and whether the request bodies fit Krea's schemas (checked by the caller with
 //! [`crate::openapi::schema_report`]).
 
 use crate::costs::Costs;
 use crate::error::InputError;
-use crate::jobfile::{Budget, JobFile};
+use crate::jobfile::{Budget, FolderUse, JobFile};
 use crate::openapi::SchemaReport;
 use crate::output;
 use crate::pricing::{PriceTable, round_usd, usd};
@@ -24,6 +24,8 @@ pub struct Plan {
     /// Stage jobs (`then:`) besides them, one per job and stage: a stage whose input gives
     /// several results runs once per result, which only the run can know.
     pub stage_jobs: usize,
+    /// The folders of images jobs are made from (`from: photos/`): images taken, files skipped.
+    pub folders: Vec<FolderUse>,
     /// Jobs and estimated cost per model.
     pub models: Vec<ModelPlan>,
     /// The estimated total, USD.
@@ -181,6 +183,7 @@ pub fn plan(
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
         stage_jobs: costs.stage_jobs,
+        folders: file.folders.clone(),
         models,
         estimated_usd: round_usd(costs.total.usd),
         unpriced: costs.total.unpriced,
@@ -242,6 +245,19 @@ impl std::fmt::Display for Plan {
                  input gives several results runs, and costs, once per result",
                 count(self.stage_jobs, "job")
             )?;
+        }
+        for folder in &self.folders {
+            write!(
+                f,
+                "  line {}: {}: {}",
+                folder.line,
+                folder.folder,
+                count(folder.images, "image")
+            )?;
+            if folder.skipped.total() > 0 {
+                write!(f, "; skipped {}", folder.skipped)?;
+            }
+            writeln!(f)?;
         }
         for model in &self.models {
             let cost = model

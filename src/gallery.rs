@@ -165,7 +165,7 @@ fn card(html: &mut String, job: &JobRecord, parent: Option<(String, String)>) {
         let _ = writeln!(html, "<span class=\"reason\">{}</span>", escape(error));
     }
     let mut params: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&job.body).unwrap_or_default();
+        serde_json::from_str(&crate::report::shown_body(job)).unwrap_or_default();
     let prompt = params.remove("prompt");
     let prompt = prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default();
     let _ = writeln!(html, "<span class=\"prompt\">{}</span>", escape(prompt));
@@ -249,6 +249,7 @@ mod tests {
             chain: None,
             parent_id: None,
             files,
+            inputs: Vec::new(),
         }
     }
 

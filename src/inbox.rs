@@ -349,7 +349,12 @@ impl Inbox {
         let Ok(kind) = entry.file_type() else { return None };
         if kind.is_dir() {
             if name != ACCEPTED && name != REJECTED && name != PROCESSING {
-                self.warn_once(name, "a folder; only files directly in the inbox are read");
+                // A folder of images that job files name (`from: photos/`) is expected here.
+                self.warn_once(
+                    name,
+                    "a folder; only files directly in the inbox are read as job files (a job \
+                     file's `from: folder/` reads its images)",
+                );
             }
             return None;
         }

@@ -35,6 +35,7 @@
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records (command) |
+//! | `dimensions.rs` | an image's pixel size from its header (PNG, JPEG, WebP), for inputs that need it |
 //! | `uploads.rs` | local input files uploaded once per content (recorded before each POST, a lost answer found again with `GET /assets`), their URLs put into the bodies the engine sends |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
@@ -111,6 +112,7 @@ mod check;
 mod control;
 mod costs;
 mod daemon;
+mod dimensions;
 mod download;
 mod error;
 mod files;
@@ -205,12 +207,16 @@ pub use status::status;
 
 // What the commands take.
 
+/// A folder of images a job file takes jobs from (`from: photos/`), as `check` reports it.
+pub use jobfile::FolderUse;
 /// A validated job file: its settings and one job per generation.
 pub use jobfile::JobFile;
 /// Why a job file was refused: the file, the place, the key and what to do (exit code 2).
 pub use jobfile::JobFileError;
 /// The most jobs one job file may expand to.
 pub use jobfile::MAX_JOBS;
+/// What a folder of images held that gave no job (hidden files, subfolders, other types).
+pub use jobfile::Skipped;
 /// Reads and validates a job file; every refusal names the file, line, column and key.
 pub use jobfile::load as load_job_file;
 /// The output folder a job file names, read without validating the rest (for `status`).

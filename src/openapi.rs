@@ -221,10 +221,12 @@ impl SchemaReport {
         let document = match document {
             Ok(document) => document,
             Err(why) => {
-                return Self {
+                let mut report = Self {
                     warnings: vec![format!("the request bodies were not checked: {why}")],
                     ..Self::default()
                 };
+                report.problems = unchecked_prompts(file, |_| false);
+                return report;
             }
         };
         let mut report = Self { origin: document.origin.clone(), ..Self::default() };
@@ -291,6 +293,10 @@ impl SchemaReport {
         for line in stage_problems(document, file) {
             push(&mut report, line);
         }
+        let unchecked = unchecked_prompts(file, |model| document.request_schema(model).is_some());
+        for problem in unchecked {
+            push(&mut report, problem);
+        }
         if more > 0 {
             report.problems.push(format!("… and {more} more"));
         }
@@ -332,6 +338,34 @@ fn stage_problems(document: &ApiDocument, file: &JobFile) -> Vec<String> {
                 ));
             }
         }
+    }
+    lines
+}
+
+/// Jobs without a prompt whose model's schema is not at hand (`has_schema` says which are):
+/// only a schema can say that a model takes no prompt, so without one a prompt stays required,
+/// as it always was, except for `enhance/` models, which take none (Topaz's enhancers). One
+/// line per entry, at its line. With the schema, its `required` decides (`schema.rs`).
+fn unchecked_prompts(file: &JobFile, has_schema: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut seen = HashSet::new();
+    for job in &file.jobs {
+        let no_prompt = !job.body.contains("\"prompt\"") || !job.body_map().contains_key("prompt");
+        if !no_prompt || job.model.starts_with("enhance/") || !seen.insert(job.line) {
+            continue;
+        }
+        if has_schema(&job.model) {
+            continue;
+        }
+        lines.push(format!(
+            "{}:{}: job {} ({}): no prompt, and without this model's schema krea-batch cannot \
+             tell that it takes none; write a `prompt:`, or check again with the schema at hand \
+             (online, or --openapi FILE)",
+            file.source.display(),
+            job.line,
+            job.name,
+            job.model
+        ));
     }
     lines
 }
@@ -508,6 +542,34 @@ mod tests {
             doc.check("image/bfl/flux-1-dev", r#"{"prompt":"x","widht":1}"#).expect("known");
         assert_eq!(problems[0].path, "widht");
         assert_eq!(doc.check("image/new/model", r#"{"prompt":"x"}"#), None, "unknown model");
+    }
+
+    /// A job file of prompt-less jobs: one for a model the document knows, one it does not,
+    /// one enhance model.
+    fn prompt_less() -> JobFile {
+        let text = "jobs:\n  - model: image/bfl/flux-1-dev\n  - model: image/new/model\n    \
+                    count: 2\n  - model: enhance/topaz/x\n  - model: image/new/model\n    \
+                    prompt: fine\n";
+        crate::jobfile::parse(text.as_bytes(), Path::new("jobs.yaml")).expect("valid")
+    }
+
+    #[test]
+    fn a_prompt_is_left_out_only_where_a_schema_allows_or_an_enhance_model() {
+        let file = prompt_less();
+        let report = SchemaReport::of(Ok(&document()), &file);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("jobs.yaml:2:")
+                && report.problems[0].contains("prompt: is required")
+        );
+        assert!(report.problems[1].starts_with("jobs.yaml:3: job"), "{:?}", report.problems);
+        assert!(report.problems[1].contains("write a `prompt:`"), "{:?}", report.problems);
+
+        let unreachable = DocumentError::NoCache(PathBuf::from("cache.json"));
+        let report = SchemaReport::of(Err(&unreachable), &file);
+        let lines: Vec<&str> =
+            report.problems.iter().map(|p| p.split(' ').next().unwrap_or_default()).collect();
+        assert_eq!(lines, ["jobs.yaml:2:", "jobs.yaml:3:"], "one per entry, enhance spared");
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub(crate) struct ManifestLine<'a> {
     /// The job whose result it took as input (its name), for a later stage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The local files it took as inputs, as the job file names them (`photos/cat.png`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<&'a str>,
 }
 
 impl<'a> ManifestLine<'a> {
@@ -61,8 +64,24 @@ impl<'a> ManifestLine<'a> {
             error: job.error.as_deref(),
             price_usd: job.price_usd.filter(|_| billed),
             reused_from: job.reused_from.as_deref(),
+            inputs: job.inputs.iter().map(|input| input.path.as_str()).collect(),
         }
     }
+}
+
+/// `job`'s request body for people: each local input's placeholder
+/// (`krea-batch-file:sha256:…`) replaced by the file's name, where the state knows it.
+#[must_use]
+pub(crate) fn shown_body(job: &JobRecord) -> std::borrow::Cow<'_, str> {
+    let mut body = std::borrow::Cow::Borrowed(&*job.body);
+    for input in &job.inputs {
+        let quoted = serde_json::Value::String(input.path.clone()).to_string();
+        let placeholder = format!("\"{}\"", crate::jobfile::placeholder(&input.sha256));
+        if body.contains(&placeholder) {
+            body = std::borrow::Cow::Owned(body.replace(&placeholder, &quoted));
+        }
+    }
+    body
 }
 
 /// The manifest's name for a local state.

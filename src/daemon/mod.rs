@@ -461,6 +461,8 @@ impl Daemon {
             &job_file.local_files,
             self.config.limits.retry_backoff,
             &self.uploads.book,
+            // Not interrupted: the service's shutdown waits for an inbox file's uploads, as before.
+            &uploads::Stops::default(),
         )
         .await;
         let Err(err) = uploaded else { return true };

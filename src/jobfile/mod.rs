@@ -1,16 +1,19 @@
 //! The job file: the YAML a user writes, read and validated into the list of jobs to run.
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
-//! prices, budget) and a list of jobs, each a prompt with optional name, model, fields and
-//! count, or a sweep (`matrix:`, `from:` a CSV or JSON Lines file); `jobs.example.yaml` at the
-//! top of the repository documents every key. [`parse`] turns the text into a [`JobFile`]: one
-//! [`JobSpec`] per generation, with its full request body and its stable [`JobKey`].
+//! prices, budget) and a list of jobs, each a prompt (left out for models that take none: the
+//! schema check in `openapi.rs` decides) with optional name, model, fields and count, or a
+//! sweep (`matrix:`, `from:` a CSV or JSON Lines file, or a folder of images, `folder.rs`);
+//! `jobs.example.yaml` at the top of the repository documents every key. [`parse`] turns the
+//! text into a [`JobFile`]: one [`JobSpec`] per generation, with its full request body and its
+//! stable [`JobKey`].
 //! Everything that can be wrong is refused here, before anything is sent, with the file, line,
 //! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
 //! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
-//! reading the files beside the job file that `from:` names (data) and that URL fields name
-//! (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads them); the request body is passed
+//! reading the files beside the job file that `from:` names (data, or a folder of images) and
+//! that URL fields name (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads
+//! them); the request body is passed
 //! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
 //! the budget are only read, `pricing` and the runner apply them; the runner decides what to
 //! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
@@ -33,6 +36,7 @@
 //! `serde_yaml` means this folder and those two.
 
 mod de;
+mod folder;
 mod inputs;
 mod locate;
 mod nesting;
@@ -46,7 +50,10 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
+pub use folder::{FolderUse, Skipped};
+pub(crate) use inputs::{
+    LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder, placeholders,
+};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
@@ -64,6 +71,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 use sweep::{DataRows, Instance, Matrix, Refusal};
+use values::default_input_field;
 
 /// The largest job file [`load`] reads: 8 MiB, room for about 150,000 one-line jobs (a
 /// 100,000-job file is about 5 MB). Reading takes memory in proportion: `serde_yaml` holds
@@ -112,6 +120,8 @@ pub struct JobFile {
     /// Which of `output:`, `api:` and `limits:` the file writes, in file order: settings of a
     /// run, which the service ignores (its configuration governs), and says so.
     pub run_settings: Vec<&'static str>,
+    /// The folders of images entries take their jobs from (`from: photos/`), in file order.
+    pub folders: Vec<FolderUse>,
 }
 
 /// One generation to run.
@@ -415,6 +425,7 @@ impl Assembly<'_> {
                             .into(),
                     ));
                 };
+                let image = enhanced_image(sweep.as_ref(), model, &instance.fields);
                 let mut body = if instance.fields.is_empty() {
                     merge_body(&raw.params, &job.params, &instance.prompt)
                 } else {
@@ -425,6 +436,7 @@ impl Assembly<'_> {
                 if let Err(refused) = local.localize(&mut body, self.source) {
                     return Err(self.input_error(index, refused));
                 }
+                set_size(&mut body, image.and_then(|image| local.size_of(&image)));
                 let body = canonical_json(&body);
                 let first_key = JobKey::from_canonical(model, &body, 0);
                 for copy in 1..=job.count {
@@ -472,11 +484,9 @@ impl Assembly<'_> {
                 }
             }
         }
-        let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
-        local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
-        local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
-            local_files,
+            local_files: local.distinct_files(),
+            folders: self.folder_uses(&raw, &sweeps),
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -505,6 +515,16 @@ impl Assembly<'_> {
                 None => None,
             };
             let rows = match &written.from {
+                Some(written) if sweep::is_folder(written) => {
+                    // The model's input field takes each image; a file with no model at all
+                    // is refused when its jobs are made, with its own message.
+                    let model = job.model.as_deref().or(raw.model.as_deref()).unwrap_or_default();
+                    let field = default_input_field(model);
+                    Some(
+                        sweep::read_folder(self.source, index, written, field)
+                            .map_err(|refusal| self.refused(refusal))?,
+                    )
+                }
                 Some(written) => Some(
                     sweep::read_rows(self.source, index, written)
                         .map_err(|refusal| self.refused(refusal))?,
@@ -578,8 +598,23 @@ impl Assembly<'_> {
         Ok(all)
     }
 
+    /// The folders of images of the entries, with the line of each `from:`.
+    fn folder_uses(&self, raw: &RawFile, sweeps: &[Option<Sweep>]) -> Vec<FolderUse> {
+        let mut uses = Vec::new();
+        for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(sweeps) {
+            let Some(rows) = sweep.as_ref().and_then(|sweep| sweep.1.as_ref()) else { continue };
+            let Some(skipped) = rows.skipped() else { continue };
+            let at = [Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
+            let line = self.find(&at, Target::Node).map_or(0, |(line, _)| line);
+            let folder =
+                job.sweep.as_ref().and_then(|sweep| sweep.from.clone()).unwrap_or_default();
+            uses.push(FolderUse { line, folder, images: rows.len(), skipped });
+        }
+        uses
+    }
+
     /// A local input of entry `index` that cannot be used, at the field that names it: the
-    /// job's own `params`, else the defaults', else the entry.
+    /// job's own `params`, else the defaults', else the entry's `from:`, else the entry.
     fn input_error(&self, index: usize, refused: inputs::Refused) -> JobFileError {
         let own: Vec<Seg> = [Seg::key("jobs"), Seg::Index(index), Seg::key("params")]
             .into_iter()
@@ -587,10 +622,14 @@ impl Assembly<'_> {
             .collect();
         let defaults: Vec<Seg> =
             std::iter::once(Seg::key("params")).chain(refused.field.iter().cloned()).collect();
+        // Else the value came from the entry's data file or folder of images.
+        let from = vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
         let at = if self.find(&own, Target::Node).is_some() {
             own
         } else if self.find(&defaults, Target::Node).is_some() {
             defaults
+        } else if self.find(&from, Target::Node).is_some() {
+            from
         } else {
             own
         };
@@ -679,6 +718,18 @@ impl Assembly<'_> {
             return Err(self.error(&at, format!("the job name {name:?}{origin} is invalid: {why}")));
         }
         let folded = name.to_ascii_lowercase();
+        if let Some(&other) = names.get(&folded)
+            && other == index
+        {
+            return Err(self.error(
+                &at,
+                format!(
+                    "this entry makes two jobs named {name:?}{origin}; job names must be unique, \
+                     ignoring case (in a folder, `cat.png` and `cat.jpg` are both `{{file}}` = \
+                     cat: rename one)"
+                ),
+            ));
+        }
         if let Some(&other) = names.get(&folded) {
             let line = entry_lines.get(other).copied().unwrap_or_default();
             return Err(self.error(
@@ -757,8 +808,28 @@ fn chained(
     (first, Some(chain.to_text()))
 }
 
+/// The image (its path, as a local input) that a job of a folder entry enhances: only
+/// enhance models get the size of their input (`set_size`); `None` for other entries.
+fn enhanced_image(sweep: Option<&Sweep>, model: &str, fields: &Params) -> Option<String> {
+    let field = sweep?.1.as_ref()?.input_field()?;
+    model.starts_with("enhance/").then(|| fields.get(field)?.as_str().map(str::to_owned))?
+}
+
+/// Puts an image's `size` into `body` as `width` and `height`, which enhancers (Topaz) require,
+/// unless the body has either already (written in `params`, it wins).
+fn set_size(body: &mut Map<String, Value>, size: Option<(u32, u32)>) {
+    if let Some((width, height)) = size
+        && !body.contains_key("width")
+        && !body.contains_key("height")
+    {
+        body.insert("width".into(), width.into());
+        body.insert("height".into(), height.into());
+    }
+}
+
 /// The request body of a job: the defaults, the job's fields over them key by key (a `null`
-/// leaves the field out), then the prompt.
+/// leaves the field out), then the prompt, when it has one (an empty prompt is none: the body
+/// has no `prompt`, for models that take none).
 fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Value> {
     let mut body = Map::new();
     for (key, value) in defaults.iter().chain(own) {
@@ -768,7 +839,9 @@ fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Valu
             body.insert(key.clone(), value.clone());
         }
     }
-    body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    if !prompt.is_empty() {
+        body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    }
     body
 }
 

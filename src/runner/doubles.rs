@@ -518,5 +518,6 @@ pub(super) fn job_record(id: i64, state: crate::job::JobState) -> crate::store::
         chain: None,
         parent_id: None,
         files: Vec::new(),
+        inputs: Vec::new(),
     }
 }

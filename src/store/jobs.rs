@@ -2,10 +2,11 @@
 //! engine's changes, and the counts `status` shows.
 
 use super::{
-    Change, FileRecord, ImportReport, JobRecord, Store, StoreError, now_ms, parse_state, sqlite,
+    Change, FileRecord, ImportReport, InputName, JobRecord, Store, StoreError, now_ms, parse_state,
+    sqlite,
 };
 use crate::job::{JobKey, JobState};
-use crate::jobfile::JobSpec;
+use crate::jobfile::{JobSpec, PLACEHOLDER_PREFIX, placeholders};
 use crate::pricing::PriceTable;
 use rusqlite::{OptionalExtension, params};
 use std::collections::{HashMap, HashSet};
@@ -269,10 +270,23 @@ impl Store {
             .map_err(&err)?;
         let rows = stmt.query_map([value], read_job_row).map_err(&err)?;
         let mut jobs = Vec::new();
+        let mut names: Option<HashMap<String, String>> = None;
         for row in rows {
             let raw = row.map_err(&err)?;
             let mut job = raw.into_record(&self.path)?;
             job.files = files.remove(&job.id).unwrap_or_default();
+            if job.body.contains(PLACEHOLDER_PREFIX) {
+                let names = match &mut names {
+                    Some(names) => names,
+                    None => names.insert(self.upload_paths()?),
+                };
+                job.inputs = placeholders(&job.body)
+                    .filter_map(|sha| {
+                        let path = names.get(sha)?.clone();
+                        Some(InputName { sha256: sha.to_owned(), path })
+                    })
+                    .collect();
+            }
             jobs.push(job);
         }
         Ok(jobs)
@@ -794,6 +808,7 @@ impl RawJobRow {
             chain: self.chain.map(Arc::from),
             parent_id: self.parent_id,
             files: Vec::new(),
+            inputs: Vec::new(),
         })
     }
 }

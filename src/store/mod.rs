@@ -132,6 +132,16 @@ pub struct FileRecord {
     pub content_type: String,
 }
 
+/// A local file a job takes as an input, for people: the content its body holds as a
+/// placeholder (`krea-batch-file:sha256:…`), and the path the job file names it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputName {
+    /// The content's SHA-256, lowercase hex.
+    pub sha256: String,
+    /// The file as the job file names it (`photos/cat.png`).
+    pub path: String,
+}
+
 /// A job as the state file holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobRecord {
@@ -186,6 +196,10 @@ pub struct JobRecord {
     pub parent_id: Option<i64>,
     /// The files on disk.
     pub files: Vec<FileRecord>,
+    /// The local files its body holds as placeholders, by name, in the order they appear:
+    /// what the manifest and the gallery show. Read from the uploads the state recorded; a run
+    /// names them as its job file does (`uploads::name_inputs`).
+    pub inputs: Vec<InputName>,
 }
 
 /// One change to write.

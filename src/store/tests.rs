@@ -193,3 +193,25 @@ fn a_retried_job_goes_back_to_pending_and_its_failure_is_kept() {
     assert_eq!(store.job(lighthouse.id).expect("read").expect("there").state, JobState::Downloaded);
     assert_eq!(store.retry_failed(&[blocked.id]).expect("no-op"), 0, "pending is not failed");
 }
+
+/// Jobs read back name their local inputs by the path their upload was recorded with, for the
+/// manifest and the gallery; a content never uploaded has no name yet.
+#[test]
+fn jobs_name_their_inputs_by_the_recorded_uploads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cat.png"), b"\x89PNG\r\n\x1a\na cat").expect("image");
+    std::fs::write(dir.path().join("dog.png"), b"\x89PNG\r\n\x1a\na dog").expect("image");
+    let text = "model: bfl/flux-1-dev\njobs:\n  - prompt: a\n    params: {image_url: cat.png}\n  \
+                - prompt: b\n    params: {image_url: dog.png}\n";
+    let file = crate::jobfile::parse(text.as_bytes(), &dir.path().join("jobs.yaml")).expect("file");
+    let mut store = Store::open_writer(&dir.path().join("state.db")).expect("state");
+    let prices = crate::pricing::PriceTable::with_overrides([].into());
+    store.import("jobs.yaml", &dir.path().join("out"), &file.jobs, &prices, false).expect("import");
+    let cat = file.local_files.iter().find(|f| f.path == Path::new("cat.png")).expect("cat");
+    store.begin_upload(&cat.sha256, "https://api.krea.ai", "cat.png").expect("recorded");
+    let jobs = store.jobs(None).expect("jobs");
+    let named: Vec<Vec<&str>> =
+        jobs.iter().map(|job| job.inputs.iter().map(|i| i.path.as_str()).collect()).collect();
+    assert_eq!(named, [vec!["cat.png"], vec![]]);
+    assert_eq!(jobs[0].inputs[0].sha256, cat.sha256);
+}

@@ -41,6 +41,11 @@ enum Way {
 
 const NEEDS_SYSTEMD: &str = "needs root, systemd and the installed service; the daemon tests \
                              (daemon.rs) run the same service in a temporary folder";
+const NEEDS_FAILED_JOBS: &str = "needs jobs that failed (the example's all complete) and, without \
+                                 `--yes`, a terminal to confirm on; retry.rs runs both ways \
+                                 against a simulated failure";
+const INSTALLS_IN_HOME: &str = "installs into the user's home; completions.rs runs \
+                                `completions bash` and `man --dir` into a temporary folder";
 const MEASUREMENT: &str = "a measurement of the README's own figures (minutes of work, \
                            timing-dependent), not a check; run by hand when the figure is renewed";
 
@@ -70,6 +75,18 @@ const COMMANDS: &[(&str, Way)] = &[
     ("krea-batch cancel --file jobs.yaml --all", Way::Simulated),
     ("krea-batch cancel --file jobs.yaml fox-1", Way::Simulated),
     ("krea-batch recover jobs.yaml", Way::Simulated),
+    ("krea-batch retry jobs.yaml --failed", Way::Skip(NEEDS_FAILED_JOBS)),
+    ("krea-batch models", Way::Simulated),
+    ("krea-batch models image/bfl/flux-1-dev", Way::Simulated),
+    // Completions and the man page.
+    ("mkdir -p ~/.local/share/bash-completion/completions", Way::Skip(INSTALLS_IN_HOME)),
+    (
+        "krea-batch completions bash > ~/.local/share/bash-completion/completions/krea-batch",
+        Way::Skip(INSTALLS_IN_HOME),
+    ),
+    ("krea-batch man --dir ~/.local/share/man/man1", Way::Skip(INSTALLS_IN_HOME)),
+    // Failed jobs run again.
+    ("krea-batch retry jobs.yaml fox-1 fox-2 --yes", Way::Skip(NEEDS_FAILED_JOBS)),
     // The gallery's screenshot.
     ("apt install chromium", Way::Skip("installs a system package as root")),
     (

@@ -250,20 +250,15 @@ impl<'de> Visitor<'de> for JobSeed<'_, 'de> {
             }
             ctx.pop();
         }
-        // Rows of a data file bring their prompts: by default its `prompt` column.
-        if prompt.is_none() && from.is_some() {
+        // Rows of a data file bring their prompts: by default its `prompt` column. A folder of
+        // images brings none. Without one, the job has no prompt; whether its model takes none
+        // is the schema's to say (`openapi.rs`), since the file is read before the schema.
+        let from_data = from.as_deref().is_some_and(|from| !crate::jobfile::sweep::is_folder(from));
+        if prompt.is_none() && from_data {
             prompt = Some("{prompt}".to_owned());
         }
-        let Some(prompt) = prompt else {
-            ctx.push(Seg::key("prompt"));
-            return Err(ctx.fail(
-                "this job has no `prompt`; write the text to generate, e.g. \
-                 `prompt: \"a red fox in fresh snow\"`"
-                    .into(),
-            ));
-        };
         Ok(RawJob {
-            prompt,
+            prompt: prompt.unwrap_or_default(),
             name,
             model,
             params: params.unwrap_or_default(),

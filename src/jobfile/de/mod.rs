@@ -60,7 +60,8 @@ pub(crate) struct RawFile {
 /// One entry of `jobs:` as written.
 #[derive(Debug)]
 pub(crate) struct RawJob {
-    /// The prompt, not blank.
+    /// The prompt as written, not blank; empty when the entry has none (an enhance model
+    /// takes none: the request body then has no `prompt`).
     pub(crate) prompt: String,
     /// The name, valid per `job::check_name`.
     pub(crate) name: Option<String>,
@@ -97,7 +98,8 @@ pub(crate) struct RawStage {
 pub(crate) struct RawSweep {
     /// `matrix:`: variable names and their lists of values, checked by `sweep`.
     pub(crate) matrix: Option<Params>,
-    /// `from:`: a CSV or JSON Lines file beside the job file, one job per row.
+    /// `from:`: a CSV or JSON Lines file beside the job file, one job per row, or a folder of
+    /// images (written with a trailing `/`), one job per image.
     pub(crate) from: Option<String>,
 }
 
