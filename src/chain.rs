@@ -1,6 +1,6 @@
 //! Chains of stages (`then:`): what a job's later stages are, how each stage job is named and
 //! keyed, and the request body each one sends once its input is on disk. Pure logic plus one
-//! read of a downloaded file's header (its pixel size); `jobfile` builds a chain, `store` keeps
+//! read of a downloaded file's header (its pixel size, `dimensions.rs`); `jobfile` builds a chain, `store` keeps
 //! it with each job, the engine (`runner/stages.rs`) makes the stage jobs from it.
 //!
 //! A chain is carried by every job in it as JSON text (the `chain` column of the state file):
@@ -222,45 +222,14 @@ pub(crate) fn stage_body(stage: &Stage, url: &str, size: Option<(u32, u32)>) -> 
     body
 }
 
-/// The pixel size of a PNG or JPEG from its first bytes, `None` for anything else.
-#[must_use]
-pub(crate) fn image_size(bytes: &[u8]) -> Option<(u32, u32)> {
-    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
-    if bytes.starts_with(PNG) && bytes.get(12..16) == Some(b"IHDR") {
-        let word = |at: usize| Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
-        return Some((word(16)?, word(20)?));
-    }
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return None;
-    }
-    // JPEG: walk the segments to the first start-of-frame marker.
-    let mut at = 2;
-    loop {
-        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
-            at += 1;
-        }
-        if bytes.get(at) != Some(&0xFF) {
-            return None;
-        }
-        let marker = *bytes.get(at + 1)?;
-        let length = usize::from(u16::from_be_bytes([*bytes.get(at + 2)?, *bytes.get(at + 3)?]));
-        let start_of_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
-        if start_of_frame {
-            let height = u16::from_be_bytes([*bytes.get(at + 5)?, *bytes.get(at + 6)?]);
-            let width = u16::from_be_bytes([*bytes.get(at + 7)?, *bytes.get(at + 8)?]);
-            return Some((u32::from(width), u32::from(height)));
-        }
-        at += 2 + length;
-    }
-}
-
 /// The pixel size of the image file at `path`, read from its header.
 #[must_use]
 pub(crate) fn file_image_size(path: &std::path::Path) -> Option<(u32, u32)> {
     use std::io::Read as _;
     let mut head = Vec::with_capacity(64 << 10);
-    std::fs::File::open(path).ok()?.take(64 << 10).read_to_end(&mut head).ok()?;
-    image_size(&head)
+    let limit = crate::dimensions::HEAD_BYTES as u64;
+    std::fs::File::open(path).ok()?.take(limit).read_to_end(&mut head).ok()?;
+    crate::dimensions::of(&head)
 }
 
 #[cfg(test)]
@@ -354,21 +323,6 @@ mod tests {
         assert!(next_jobs(&Chain { stages: Vec::new(), ..chain() }, &outcome).is_empty());
         let cancelled = ParentOutcome { state: JobState::Cancelled, ..outcome };
         assert_eq!(next_jobs(&chain(), &cancelled)[0].state, JobState::Cancelled);
-    }
-
-    #[test]
-    fn sizes_come_from_png_and_jpeg_headers() {
-        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
-        png.extend_from_slice(&64_u32.to_be_bytes());
-        png.extend_from_slice(&48_u32.to_be_bytes());
-        assert_eq!(image_size(&png), Some((64, 48)));
-        let jpeg = [
-            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x01,
-            0x20, 0x02, 0x80, 0x03,
-        ];
-        assert_eq!(image_size(&jpeg), Some((640, 288)));
-        assert_eq!(image_size(b"GIF89a"), None);
-        assert_eq!(image_size(&[0xFF, 0xD8, 0xFF]), None);
     }
 
     #[test]
