@@ -215,3 +215,39 @@ fn jobs_name_their_inputs_by_the_recorded_uploads() {
     assert_eq!(named, [vec!["cat.png"], vec![]]);
     assert_eq!(jobs[0].inputs[0].sha256, cat.sha256);
 }
+
+#[test]
+fn retrying_a_failed_job_forgets_the_later_stages_its_failure_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open_writer(&dir.path().join("state.sqlite")).expect("opens");
+    let chained = "model: image/bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, \
+                   then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n";
+    let file = crate::jobfile::parse(chained.as_bytes(), Path::new("jobs.yaml")).expect("valid");
+    let prices = PriceTable::with_overrides(std::collections::BTreeMap::new());
+    let out = Path::new("out");
+    let batch =
+        store.import("jobs.yaml", out, &file.jobs, &prices, false).expect("import").batch_id;
+    let parent = store.jobs(None).expect("jobs").remove(0);
+    store.conn.execute("UPDATE jobs SET state = 'failed', error = 'moderated'", []).expect("fail");
+    // The engine records the failed chain: stage 1, then stage 2 from it.
+    let mut job = store.job(parent.id).expect("read").expect("there");
+    for _ in 0..2 {
+        let chain = crate::chain::Chain::parse(job.chain.as_deref().expect("chain")).expect("read");
+        let outcome = crate::chain::ParentOutcome {
+            key: &job.key,
+            name: &job.name,
+            state: job.state,
+            error: job.error.as_deref(),
+            results: Vec::new(),
+        };
+        let next = crate::chain::next_jobs(&chain, &outcome);
+        job = store.insert_stage_jobs(batch, job.id, &next).expect("inserted").remove(0);
+        assert_eq!(job.state, JobState::Failed);
+    }
+    assert_eq!(store.jobs(None).expect("jobs").len(), 3);
+    let ids: Vec<i64> = store.jobs(None).expect("jobs").iter().map(|job| job.id).collect();
+    assert_eq!(store.retry_failed(&ids).expect("retried"), 1, "only the job that was sent");
+    let left = store.jobs(None).expect("jobs");
+    assert_eq!(left.len(), 1, "the stages it stopped are made again once it is downloaded");
+    assert_eq!(left[0].state, JobState::Pending);
+}
