@@ -40,6 +40,7 @@ mod folder;
 mod inputs;
 mod locate;
 mod nesting;
+mod pipeline;
 mod settings;
 pub(crate) mod sweep;
 mod values;
@@ -292,6 +293,9 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
             )
         });
     }
+    if let Some(pipeline) = pipeline_document(text, source)? {
+        return parse_pipeline(&pipeline, text, source);
+    }
     let ctx = de::Ctx::new(text, read_budget(text));
     let raw = match de::read(&ctx) {
         Ok(raw) => raw,
@@ -302,6 +306,73 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
     };
     let fallbacks_left = (LOCATE_BUDGET / text.len().max(1)).min(64);
     Assembly { text, source, lines: LineIndex::new(text), fallbacks_left }.build(raw)
+}
+
+/// The document of a Krea pipeline file (`pipeline.rs`), `None` for a job file: a JSON object,
+/// or YAML with a top-level `steps:` line, that has a top-level `steps`. Text that reads as
+/// neither is left to the job-file reader, whose errors say where.
+fn pipeline_document(text: &str, source: &Path) -> Result<Option<Value>, JobFileError> {
+    let document = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).ok()
+    } else if text.lines().any(|line| line.starts_with("steps:")) {
+        let document =
+            yaml::parse_document::<Value>(text, source).map_err(|error| JobFileError {
+                line: error.line,
+                column: error.column,
+                ..JobFileError::whole_file(source, error.message)
+            })?;
+        Some(document)
+    } else {
+        None
+    };
+    Ok(document.filter(pipeline::is_pipeline))
+}
+
+/// Reads a Krea pipeline file, `text` read from `source`, through its translation into a job
+/// file: errors and job lines lead back to the pipeline's steps.
+fn parse_pipeline(document: &Value, text: &str, source: &Path) -> Result<JobFile, JobFileError> {
+    let step_line = |number: usize| {
+        let at = [Seg::key("steps"), Seg::Index(number - 1)];
+        locate(text, 0, &at, Target::Node).map(|(line, _)| line)
+    };
+    let translation = pipeline::translate(document).map_err(|error| JobFileError {
+        line: error.step.as_ref().and_then(|step| step_line(step.number)),
+        key: error.step.as_ref().map(ToString::to_string),
+        ..JobFileError::whole_file(source, error.message)
+    })?;
+    let first = translation.first_job_line();
+    let origin = |line: usize| {
+        let job = line.checked_sub(first)?;
+        translation.origins.get(job)
+    };
+    match parse(translation.text().as_bytes(), source) {
+        Ok(mut file) => {
+            for job in &mut file.jobs {
+                let step = origin(job.line).and_then(|steps| steps.first());
+                job.line = step.and_then(|step| step_line(step.number)).unwrap_or(1);
+            }
+            Ok(file)
+        }
+        Err(error) => {
+            let steps = error.line.and_then(origin);
+            let (step, rest) = match (steps, error.key.as_deref()) {
+                (Some(steps), Some(key)) => pipeline::stage_of_key(steps, key),
+                (Some(steps), None) => (steps.first(), String::new()),
+                (None, key) => (None, key.unwrap_or_default().to_owned()),
+            };
+            let key = match step {
+                Some(step) if rest.is_empty() => Some(step.to_string()),
+                Some(step) => Some(format!("{step} {rest}")),
+                None => (!rest.is_empty()).then_some(rest),
+            };
+            Err(JobFileError {
+                line: step.and_then(|step| step_line(step.number)),
+                column: None,
+                key,
+                ..error
+            })
+        }
+    }
 }
 
 /// How much text (in bytes) the locator may read again to find the lines of entries whose
