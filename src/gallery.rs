@@ -74,8 +74,17 @@ fn render_page(
         html.push_str(&pager(page, pages));
     }
     html.push_str("</header>\n<main>\n");
+    // A later stage links to its parent's card, on whichever page it is.
+    let page_of: std::collections::HashMap<&str, usize> =
+        all.iter().enumerate().map(|(index, job)| (job.name.as_str(), index / PER_PAGE)).collect();
     for job in jobs {
-        card(&mut html, job);
+        let parent = crate::chain::place(job.chain.as_deref()).and_then(|(_, parent)| parent);
+        let link = parent.map(|parent| {
+            let theirs = page_of.get(parent.as_str()).copied().unwrap_or(page);
+            let other_page = if theirs == page { String::new() } else { page_name(theirs) };
+            (format!("{other_page}#{parent}"), parent)
+        });
+        card(&mut html, job, link);
     }
     html.push_str("</main>\n");
     if pages > 1 {
@@ -114,9 +123,10 @@ fn pager(page: usize, pages: usize) -> String {
     nav
 }
 
-fn card(html: &mut String, job: &JobRecord) {
+/// One job's card; `parent` is the link to its input's card and that job's name.
+fn card(html: &mut String, job: &JobRecord, parent: Option<(String, String)>) {
     let status = manifest_status(job.state);
-    let _ = writeln!(html, "<article class=\"{status}\">");
+    let _ = writeln!(html, "<article class=\"{status}\" id=\"{}\">", escape(&job.name));
     html.push_str("<div class=\"media\">");
     let shown = job.files.first().filter(|_| job.state == JobState::Downloaded);
     match shown {
@@ -143,6 +153,14 @@ fn card(html: &mut String, job: &JobRecord) {
     html.push_str("</div>\n<div class=\"body\">\n");
     let _ = writeln!(html, "<span class=\"name\">{}</span>", escape(&job.name));
     let _ = writeln!(html, "<span class=\"status\">{}</span>", escape(&status.replace('_', " ")));
+    if let Some((href, name)) = parent {
+        let _ = writeln!(
+            html,
+            "<span class=\"meta\">from <a href=\"{}\">{}</a></span>",
+            escape(&href),
+            escape(&name)
+        );
+    }
     if let (Some(error), true) = (&job.error, job.state != JobState::Downloaded) {
         let _ = writeln!(html, "<span class=\"reason\">{}</span>", escape(error));
     }
@@ -228,6 +246,8 @@ mod tests {
             price_usd: None,
             in_file: true,
             reused_from: None,
+            chain: None,
+            parent_id: None,
             files,
             inputs: Vec::new(),
         }
@@ -310,6 +330,28 @@ mod tests {
         let title = "foxes &amp; owls.yaml: krea-batch results";
         assert!(page.contains(&format!("<title>{title}</title>")), "{page}");
         assert!(page.contains(&format!("<h1>{title}</h1>")), "{page}");
+    }
+
+    #[test]
+    fn a_later_stage_links_to_its_parent_on_its_page() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut jobs: Vec<JobRecord> = (0..PER_PAGE)
+            .map(|i| job(&format!("j{i}"), JobState::Downloaded, "image/png"))
+            .collect();
+        let chain = |stage: u32, parent: &str| {
+            let text = format!("{{\"base\":\"castle\",\"stage\":{stage},\"parent\":\"{parent}\"}}");
+            Some(std::sync::Arc::from(text.as_str()))
+        };
+        let mut enhanced = job("castle/1-standard-enhance", JobState::Downloaded, "image/png");
+        enhanced.chain = chain(1, "j3");
+        let mut animated = job("castle/2-kling-2.5", JobState::Downloaded, "video/mp4");
+        animated.chain = chain(2, "castle/1-standard-enhance");
+        jobs.extend([enhanced, animated]);
+        write(dir.path(), &jobs).expect("written");
+        let second = std::fs::read_to_string(dir.path().join("index-2.html")).expect("page 2");
+        assert!(second.contains("from <a href=\"index.html#j3\">j3</a>"), "{second}");
+        assert!(second.contains("<article class=\"completed\" id=\"castle/1-standard-enhance\">"));
+        assert!(second.contains("from <a href=\"#castle/1-standard-enhance\">"));
     }
 
     #[test]

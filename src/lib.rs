@@ -14,6 +14,7 @@
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
 //! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
+//! | `chain.rs` | chains of stages (`then:`): each stage job's name, key and request body, made from its parent's result; no I/O but reading a result's pixel size |
 //! | `beside.rs` | opening a file named relative to a folder without leaving it (no `..`, no links) |
 //! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
 //! | `metrics.rs` | the optional Prometheus /metrics endpoint of the daemon (loopback only) |
@@ -29,7 +30,7 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Pause`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Pause`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; a chain's next stage jobs inserted once their input is downloaded in `runner/stages.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
 //! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
@@ -106,6 +107,7 @@ mod address;
 mod api;
 mod asset;
 mod beside;
+mod chain;
 mod check;
 mod control;
 mod costs;

@@ -22,6 +22,16 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `print!` to stdout through [`print_out`]: a reader that stops early is no error.
+macro_rules! out {
+    ($($arg:tt)*) => { print_out(&format!($($arg)*))? };
+}
+
+/// `println!` to stdout through [`print_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { print_out(&format!("{}\n", format_args!($($arg)*)))? };
+}
+
 /// Every job completed.
 const EXIT_OK: u8 = 0;
 /// Some jobs did not complete.
@@ -112,7 +122,7 @@ async fn run_reporting_failure(
     let mut state = None;
     let result = run(args, progress_bar, &mut state).await;
     if let (Err(err), true) = (&result, json) {
-        println!("{}", failure_json(err, state.as_deref()));
+        outln!("{}", failure_json(err, state.as_deref()));
     }
     result
 }
@@ -189,7 +199,7 @@ async fn run(
     }
     let summary = result?.summary;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     }
     eprint!("{summary}");
     if let (Some((path, _)), Some(StopReason::PaymentRequired)) = (&world, summary.stopped) {
@@ -248,7 +258,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     }
     let summary = result?.summary;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     }
     eprint!("{summary}");
     Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
@@ -294,7 +304,7 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
     }
     let report = result?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     }
     eprint!("{report}");
     Ok(EXIT_OK)
@@ -374,13 +384,13 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     if let Some(server) = simulation {
         server.shutdown().await;
     }
-    println!("{}", result?);
+    outln!("{}", result?);
     Ok(EXIT_OK)
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, args.job_file.as_deref())?;
-    println!("{}", krea_batch::resume(&state).await?);
+    outln!("{}", krea_batch::resume(&state).await?);
     Ok(EXIT_OK)
 }
 
@@ -438,9 +448,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
         "the built-in simulation (--simulate)".clone_into(&mut plan.api_base);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print!("{plan}");
+        out!("{plan}");
     }
     // Bodies Krea would refuse are bad input, like any other mistake in the file, and so are
     // jobs that a budget cannot count; an estimate above the budget is the budget's own code.
@@ -566,9 +576,9 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let json = args.json;
     let status = krea_batch::status(&state_path)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{status}");
+        out!("{status}");
     }
     Ok(EXIT_OK)
 }
@@ -583,7 +593,7 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
     if args.print_config {
-        print!("{}", sim::DEFAULT_CONFIG_YAML);
+        out!("{}", sim::DEFAULT_CONFIG_YAML);
         return Ok(EXIT_OK);
     }
     let mut config = match &args.config {
@@ -613,23 +623,20 @@ async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
     } else {
         format!(" --key {}", shell_word(key))
     };
-    println!(
-        "Krea API simulation listening on {base} (result files on {})",
-        server.files_base_url()
-    );
+    outln!("Krea API simulation listening on {base} (result files on {})", server.files_base_url());
     match &args.world {
-        Some(path) => println!(
+        Some(path) => outln!(
             "balance ${:.2}; the account is kept in {}",
             server.stats().balance_usd,
             path.display()
         ),
-        None => println!("balance ${:.2}", server.stats().balance_usd),
+        None => outln!("balance ${:.2}", server.stats().balance_usd),
     }
-    println!("To point krea-batch at it, paste:");
-    println!("export KREA_API_BASE={base} KREA_API_KEY={}", shell_word(key));
-    println!("To top up its balance by $5, paste:");
-    println!("krea-batch simulate-api --top-up 5 --port {port}{key_arg}");
-    println!("Ctrl-C stops it.");
+    outln!("To point krea-batch at it, paste:");
+    outln!("export KREA_API_BASE={base} KREA_API_KEY={}", shell_word(key));
+    outln!("To top up its balance by $5, paste:");
+    outln!("krea-batch simulate-api --top-up 5 --port {port}{key_arg}");
+    outln!("Ctrl-C stops it.");
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     controls.stop_submitting.cancelled().await;
@@ -653,7 +660,7 @@ async fn top_up(
     let port = match world {
         Some(path) => match sim::top_up_file(path, usd).map_err(InputError::new)? {
             FileTopUp::Saved { before_usd, balance_usd } => {
-                println!(
+                outln!(
                     "simulated balance ${balance_usd:.2} (was ${before_usd:.2}) in {}",
                     path.display()
                 );
@@ -671,7 +678,7 @@ async fn top_up(
         None => port,
     };
     let balance = top_up_at(port, key, usd).await?;
-    println!("simulated balance ${balance:.2} (the simulation on 127.0.0.1:{port})");
+    outln!("simulated balance ${balance:.2} (the simulation on 127.0.0.1:{port})");
     Ok(EXIT_OK)
 }
 

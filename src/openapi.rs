@@ -290,6 +290,9 @@ impl SchemaReport {
                 }
             }
         }
+        for line in stage_problems(document, file) {
+            push(&mut report, line);
+        }
         let unchecked = unchecked_prompts(file, |model| document.request_schema(model).is_some());
         for problem in unchecked {
             push(&mut report, problem);
@@ -305,6 +308,38 @@ impl SchemaReport {
         }
         report
     }
+}
+
+/// The problems of the stages' (`then:`) request bodies, each checked as it would be sent with
+/// an input in its place (a stage's body is whole only once its input exists: a stand-in URL,
+/// and a 1024×1024 size for an enhancer), once per entry and stage. A stage whose model the
+/// document does not describe is not checked.
+fn stage_problems(document: &ApiDocument, file: &JobFile) -> Vec<String> {
+    let source = file.source.display();
+    let mut seen = HashSet::new();
+    let mut lines = Vec::new();
+    for job in &file.jobs {
+        let Some(chain) = job.chain.as_deref().and_then(crate::chain::Chain::parse) else {
+            continue;
+        };
+        for (index, stage) in chain.stages.iter().enumerate() {
+            if !seen.insert((job.line, index)) {
+                continue;
+            }
+            let body = crate::chain::stage_body(stage, STAND_IN_INPUT, Some((1024, 1024)));
+            let body = crate::job::canonical_json(&body);
+            for problem in document.check(&stage.model, &body).unwrap_or_default() {
+                lines.push(format!(
+                    "{source}:{}: job {} stage {} ({}): {problem}",
+                    job.line,
+                    chain.base,
+                    index + 1,
+                    stage.model
+                ));
+            }
+        }
+    }
+    lines
 }
 
 /// Jobs without a prompt whose model's schema is not at hand (`has_schema` says which are):
@@ -334,6 +369,9 @@ fn unchecked_prompts(file: &JobFile, has_schema: impl Fn(&str) -> bool) -> Vec<S
     }
     lines
 }
+
+/// The input URL a stage's body is checked with before its input exists.
+const STAND_IN_INPUT: &str = "https://example.com/input.png";
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.
 pub(crate) async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
@@ -532,6 +570,30 @@ mod tests {
         let lines: Vec<&str> =
             report.problems.iter().map(|p| p.split(' ').next().unwrap_or_default()).collect();
         assert_eq!(lines, ["jobs.yaml:2:", "jobs.yaml:3:"], "one per entry, enhance spared");
+    }
+
+    #[test]
+    fn stages_are_checked_with_an_input_in_place_and_named() {
+        let doc = json!({"paths": {"/generate/enhance/topaz/standard-enhance": {"post": {
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"image_url": {"type": "string"}, "width": {"type": "number"},
+                               "height": {"type": "number"}, "model": {"type": "string"}},
+                "required": ["image_url", "width", "height", "model"],
+                "additionalProperties": false
+            }}}}
+        }}}});
+        let doc = ApiDocument::parse(doc.to_string().as_bytes(), "test").expect("document");
+        let text = "model: image/bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: x, count: 2, \
+                    then: [{model: enhance/topaz/standard-enhance, params: {sharpen: 1}}]}\n";
+        let file = jobfile::parse(text.as_bytes(), Path::new("jobs.yaml")).expect("valid");
+        let problems = stage_problems(&doc, &file);
+        // The input and size a stage gets are not missing; its own fields are checked, once
+        // for the entry's two copies.
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|line| line.starts_with("jobs.yaml:3: job castle-1 stage 1")));
+        assert!(problems.iter().any(|line| line.contains("sharpen")), "{problems:?}");
+        assert!(problems.iter().any(|line| line.contains("model")), "{problems:?}");
     }
 
     #[test]

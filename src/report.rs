@@ -36,6 +36,12 @@ pub(crate) struct ManifestLine<'a> {
     /// The Krea job whose result it took instead of being paid again, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<&'a str>,
+    /// Its stage in a chain (`then:`; 0 is the job's own generation), if it is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+    /// The job whose result it took as input (its name), for a later stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// The local files it took as inputs, as the job file names them (`photos/cat.png`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<&'a str>,
@@ -46,7 +52,10 @@ impl<'a> ManifestLine<'a> {
     #[must_use]
     pub(crate) fn of(job: &'a JobRecord) -> Self {
         let billed = matches!(job.state, JobState::Completed | JobState::Downloaded);
+        let (stage, parent) = crate::chain::place(job.chain.as_deref()).unzip();
         Self {
+            stage,
+            parent: parent.flatten(),
             name: &job.name,
             status: manifest_status(job.state),
             job_id: job.remote_id.as_deref(),

@@ -156,7 +156,11 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         store,
         clients,
         engine_jobs,
-        EngineSettings { budget, ..setup::engine_settings(&limits) },
+        EngineSettings {
+            budget,
+            start_stages: options.mode == Mode::Run,
+            ..setup::engine_settings(&limits)
+        },
         options.controls,
         options.status,
     )?;

@@ -403,6 +403,7 @@ pub(crate) fn engine_settings(limits: &Limits) -> EngineSettings {
         kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
+        start_stages: true,
     }
 }
 

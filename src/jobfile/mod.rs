@@ -144,6 +144,9 @@ pub struct JobSpec {
     pub key: JobKey,
     /// Line (from 1) of the job's entry in the file.
     pub line: usize,
+    /// The job's chain (`then:`) as the state file keeps it ([`crate::chain::Chain`]), when
+    /// the entry has stages; the job's name then ends in `/0-<model short name>`.
+    pub chain: Option<String>,
 }
 
 impl JobSpec {
@@ -471,7 +474,7 @@ impl Assembly<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
-        let sweeps = self.read_sweeps(&raw)?;
+        let (sweeps, stages) = (self.read_sweeps(&raw)?, self.read_stages(&raw)?);
         let mut local = inputs::Resolver::default();
         self.check_expansion(&raw, &sweeps)?;
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
@@ -512,11 +515,11 @@ impl Assembly<'_> {
                     let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
                     self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
                     let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
-                    let key = if *occurrence == 0 {
-                        first_key.clone()
-                    } else {
-                        JobKey::from_canonical(model, &body, *occurrence)
+                    let key = match *occurrence {
+                        0 => first_key.clone(),
+                        later => JobKey::from_canonical(model, &body, later),
                     };
+                    let (name, chain) = chained(name, model, stages[index].as_deref());
                     jobs.push(JobSpec {
                         name,
                         model: model.clone(),
@@ -524,6 +527,7 @@ impl Assembly<'_> {
                         occurrence: *occurrence,
                         key,
                         line,
+                        chain,
                     });
                     *occurrence += 1;
                 }
@@ -601,6 +605,68 @@ impl Assembly<'_> {
             sweeps.push(Some(Box::new((matrix, rows))));
         }
         Ok(sweeps)
+    }
+
+    /// The stages (`then:`) of each entry that has them, each body merged and its input field
+    /// chosen and checked.
+    fn read_stages(
+        &self,
+        raw: &RawFile,
+    ) -> Result<Vec<Option<Vec<crate::chain::Stage>>>, JobFileError> {
+        let mut all = Vec::with_capacity(raw.jobs.len());
+        for (index, job) in raw.jobs.iter().enumerate() {
+            if job.then.is_empty() {
+                all.push(None);
+                continue;
+            }
+            let mut stages = Vec::with_capacity(job.then.len());
+            for (number, stage) in job.then.iter().enumerate() {
+                let at = |key: &str| {
+                    vec![
+                        Seg::key("jobs"),
+                        Seg::Index(index),
+                        Seg::key("then"),
+                        Seg::Index(number),
+                        Seg::key(key),
+                    ]
+                };
+                let input = stage
+                    .input
+                    .clone()
+                    .unwrap_or_else(|| crate::chain::default_input(&stage.model).to_owned());
+                if stage.params.contains_key(&input) {
+                    let mut path = at("params");
+                    path.push(Seg::key(&input));
+                    return Err(self.error(
+                        &path,
+                        format!(
+                            "`{input}` is where this stage receives the previous stage's \
+                             result; remove it from the stage's params, or name another field \
+                             with `input:`"
+                        ),
+                    ));
+                }
+                // A stage's body is its own: the file's top-level `params:` belong to the
+                // jobs' own model, not to the enhancer or video model after it.
+                let mut body = Map::new();
+                for (key, value) in &stage.params {
+                    if !value.is_null() {
+                        body.insert(key.clone(), value.clone());
+                    }
+                }
+                if let Some(prompt) = &stage.prompt {
+                    body.insert("prompt".into(), Value::String(prompt.clone()));
+                }
+                stages.push(crate::chain::Stage {
+                    model: stage.model.clone(),
+                    body,
+                    input,
+                    price_usd: None,
+                });
+            }
+            all.push(Some(stages));
+        }
+        Ok(all)
     }
 
     /// The folders of images of the entries, with the line of each `from:`.
@@ -791,6 +857,26 @@ impl Assembly<'_> {
             message,
         }
     }
+}
+
+/// A job's name and chain: as written without stages; with them, the name of stage 0
+/// (`castle/0-flux-1-dev`) and the chain that the state file keeps with the job.
+fn chained(
+    name: String,
+    model: &str,
+    stages: Option<&[crate::chain::Stage]>,
+) -> (String, Option<String>) {
+    let Some(stages) = stages else { return (name, None) };
+    let first = crate::chain::stage_name(&name, 0, model, "");
+    let chain = crate::chain::Chain {
+        base: name,
+        stage: 0,
+        suffix: String::new(),
+        parent: None,
+        parent_result: 0,
+        stages: stages.to_vec(),
+    };
+    (first, Some(chain.to_text()))
 }
 
 /// The image (its path, as a local input) that a job of a folder entry enhances: only

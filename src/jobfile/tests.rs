@@ -1367,6 +1367,89 @@ fn local_inputs_become_content_hashes_and_bad_ones_are_refused_at_their_line() {
     );
 }
 
+const CHAIN: &str = "model: image/bfl/flux-1-dev
+jobs:
+  - name: castle
+    prompt: a castle on a cliff at dawn
+    count: 2
+    then:
+      - model: enhance/topaz/standard-enhance
+        params: { model: Standard V2, image_scaling_factor: 2 }
+      - model: video/kling/kling-2.5
+        prompt: slow aerial push-in
+        params: { duration: 5 }
+  - prompt: a plain job
+";
+
+#[test]
+fn stages_are_kept_with_each_job_with_their_default_input_fields() {
+    let file = ok(CHAIN);
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["castle-1/0-flux-1-dev", "castle-2/0-flux-1-dev", "002-a-plain-job"]);
+    assert_eq!(file.jobs[2].chain, None);
+    let chain = crate::chain::Chain::parse(file.jobs[1].chain.as_deref().expect("chained"))
+        .expect("readable");
+    assert_eq!((chain.base.as_str(), chain.stage), ("castle-2", 0));
+    let inputs: Vec<&str> = chain.stages.iter().map(|stage| stage.input.as_str()).collect();
+    assert_eq!(inputs, ["image_url", "start_image"]);
+    assert_eq!(
+        chain.stages[0].body,
+        body(&json!({"model": "Standard V2", "image_scaling_factor": 2}))
+    );
+    assert_eq!(
+        chain.stages[1].body,
+        body(&json!({"prompt": "slow aerial push-in", "duration": 5}))
+    );
+    // The stages are not part of the job's key: adding `then:` to a job pays for nothing again.
+    let plain = ok("model: image/bfl/flux-1-dev
+jobs:
+  - name: castle
+    prompt: a castle on a cliff at dawn
+    count: 2
+");
+    assert_eq!(plain.jobs[0].key, file.jobs[0].key);
+}
+
+#[test]
+fn a_stage_input_can_be_named_and_its_mistakes_are_found_at_their_line() {
+    let named =
+        ok(&with_job("{prompt: x, then: [{model: video/kling/kling-2.5, input: end_image}]}"));
+    let chain = crate::chain::Chain::parse(named.jobs[0].chain.as_deref().expect("chained"))
+        .expect("readable");
+    assert_eq!(chain.stages[0].input, "end_image");
+    check(
+        &with_job("{prompt: x, then: [{params: {a: 1}}]}"),
+        3,
+        24,
+        Some("jobs[0].then[0].model"),
+        "this stage has no `model`",
+    );
+    check(
+        &with_job(
+            "{prompt: x, then: [{model: enhance/topaz/standard-enhance, params: {image_url: https://a/b.png}}]}",
+        ),
+        3,
+        84,
+        Some("jobs[0].then[0].params.image_url"),
+        "receives the previous stage's result",
+    );
+    check(
+        &with_job("{prompt: x, then: [{model: video/kling/kling-2.5, input: \"no such\"}]}"),
+        3,
+        62,
+        Some("jobs[0].then[0].input"),
+        "not a request field name",
+    );
+    check(
+        &with_job("{prompt: x, then: [{model: video/kling/kling-2.5, size: 2}]}"),
+        3,
+        55,
+        Some("jobs[0].then[0].size"),
+        "unknown key",
+    );
+    check(&with_job("{prompt: x, then: 3}"), 3, 23, Some("jobs[0].then"), "list of stages");
+}
+
 /// A job file `jobs.yaml` in a temporary folder with `photos/` holding `images` (PNG bytes
 /// that differ per name), parsed.
 fn with_photos(images: &[&str], text: &str) -> (tempfile::TempDir, Result<JobFile, JobFileError>) {

@@ -56,6 +56,7 @@ mod fetch;
 mod phase;
 mod poll;
 mod reconciling;
+mod stages;
 pub(crate) mod status;
 mod submit;
 mod table;
@@ -119,6 +120,9 @@ pub(crate) struct EngineSettings {
     pub heartbeat: Option<Duration>,
     /// The spending cap, if any.
     pub budget: Option<Budget>,
+    /// Whether a job's end starts its next stage (`stages.rs`): not in `krea-batch download`,
+    /// which sends nothing.
+    pub start_stages: bool,
 }
 
 /// Whether the engine runs once over a batch or as the long-running service. The two differ
@@ -208,6 +212,12 @@ enum Event {
         slots: Vec<usize>,
         result: Result<Listing, ApiError>,
     },
+    /// The next stage's jobs of an ended job were inserted (`stages.rs`).
+    StagesAdded {
+        batch_id: i64,
+        dir: Arc<PathBuf>,
+        result: stages::StagesAdded,
+    },
     /// A listing was cut short by a stop: its unknown jobs are left to the next run.
     ListingStopped,
     /// A poll of a Krea job that could not be attributed (`unattributed.rs`).
@@ -291,6 +301,11 @@ pub(crate) struct Engine {
     /// Output folders whose gallery is out of date, and when each was last written.
     gallery_stale: HashSet<Arc<PathBuf>>,
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
+    /// Ended jobs (slots) whose next stage's jobs are to be inserted (`stages.rs`).
+    stages_due: Vec<usize>,
+    /// Jobs (row ids) the user asked to cancel: their later stages are cancelled too, even
+    /// when Krea ran the job all the same.
+    chains_cancelled: HashSet<i64>,
 }
 
 /// What was learned is written to the state file at most this often.
@@ -360,6 +375,8 @@ impl Engine {
             fixed_posts: None,
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
+            stages_due: Vec::new(),
+            chains_cancelled: HashSet::new(),
         };
         engine.add_jobs(jobs, &dirs);
         engine
@@ -393,6 +410,9 @@ impl Engine {
                 }
             }
             self.note_clock_sample(slot);
+            if stages::has_stages_after(self.table.job(slot)) {
+                self.stages_due.push(slot);
+            }
         }
     }
 
@@ -418,6 +438,7 @@ impl Engine {
             for slot in sends {
                 self.spawn_submit(slot);
             }
+            self.start_stages();
             self.start_downloads();
             self.start_unattributed();
             self.maybe_start_listing();
@@ -492,6 +513,10 @@ impl Engine {
             }
             Ok(Event::UnattributedDownloaded { index, error }) => {
                 self.on_unattributed_downloaded(index, error);
+                Ok(())
+            }
+            Ok(Event::StagesAdded { batch_id, dir, result }) => {
+                self.on_stages_added(batch_id, dir, result);
                 Ok(())
             }
             Ok(Event::ListingStopped) => {
@@ -652,6 +677,9 @@ impl Engine {
         let table = &self.table;
         for &slot in &ended {
             self.gallery_stale.insert(Arc::clone(table.output_dir(slot)));
+            if stages::has_stages_after(table.job(slot)) {
+                self.stages_due.push(slot);
+            }
         }
         ended.sort_by(|a, b| table.output_dir(*a).cmp(table.output_dir(*b)));
         for group in ended.chunk_by(|a, b| table.output_dir(*a) == table.output_dir(*b)) {

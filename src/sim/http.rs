@@ -305,7 +305,12 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
         kind: spec.kind,
         job_type: spec.job_type,
         price_micros: accepted.price_micros,
-        picture: accepted.picture,
+        input: accepted.input_urls.first().map(|(_, url)| url.clone()),
+        // An enhancer answers with a larger picture than a generator, as Topaz's upscales do.
+        picture: match spec.kind {
+            models::Kind::Enhance => accepted.picture.enlarged(),
+            _ => accepted.picture,
+        },
     };
     let now = shared.now_ms();
     let created = {

@@ -24,6 +24,8 @@ pub(crate) struct NewJob {
     pub kind: Kind,
     pub job_type: &'static str,
     pub price_micros: i64,
+    /// The first input URL of the request (`image_url`, `start_image`, …), if it had one.
+    pub input: Option<String>,
     /// What its result pictures show besides the prompt.
     pub picture: Picture,
 }

@@ -430,6 +430,7 @@ impl Shared {
             reserved_usd: world.reserved() as f64 / MICROS_PER_USD,
             jobs_created: jobs.len() as u64,
             creations_by_prompt: world.creations_by_prompt().clone(),
+            creations_by_input: world.creations_by_input().clone(),
             jobs,
             ..state.recorder.snapshot()
         }

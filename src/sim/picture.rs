@@ -40,6 +40,12 @@ impl Default for Picture {
 }
 
 impl Picture {
+    /// The same picture at twice the size: an enhancer's result.
+    #[must_use]
+    pub(crate) fn enlarged(self) -> Self {
+        Self { width: 2 * self.width, height: 2 * self.height, ..self }
+    }
+
     /// The picture a (valid) request body asks for: the ratio of its `width` and `height`, or
     /// of its `aspect_ratio` (`16:9`, `2.35:1`), else square.
     pub(crate) fn of_request(body: &Map<String, Value>) -> Self {

@@ -190,6 +190,10 @@ pub struct JobRecord {
     pub in_file: bool,
     /// The Krea job id whose result this job took instead of being paid again (`reuse:`).
     pub reused_from: Option<String>,
+    /// Its place in a chain of stages and the stages after it (`chain.rs`), as JSON text.
+    pub chain: Option<Arc<str>>,
+    /// The job whose result this stage job takes (row id).
+    pub parent_id: Option<i64>,
     /// The files on disk.
     pub files: Vec<FileRecord>,
     /// The local files its body holds as placeholders, by name, in the order they appear:

@@ -47,3 +47,27 @@ fn man_dir_writes_a_page_for_every_command() {
         assert!(text.contains(".SH NAME"), "{page} is a man page");
     }
 }
+
+/// A reader that stops early (`krea-batch status | head -1`) is no error: every command's
+/// answer goes to stdout through one writer that takes a closed pipe as "enough", where
+/// `println!` would panic.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jobs.yaml");
+    std::fs::write(&file, "model: image/bfl/flux-1-dev\njobs:\n  - prompt: a fox\n").expect("file");
+    let file = file.to_str().expect("utf-8 path");
+    for args in [&["man"][..], &["completions", "bash"], &["check", "--offline", file]] {
+        let mut child = krea_batch()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("krea-batch starts");
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let output = child.wait_with_output().expect("krea-batch ends");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

@@ -319,7 +319,7 @@ fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
     service.drop_file("unpriced.yaml", unpriced);
     for (name, needle) in [
         ("own", "the service's budget is set in its configuration file"),
-        ("unpriced", "knows no price for image/new/model (1 jobs)"),
+        ("unpriced", "knows no price for image/new/model (1 job)"),
     ] {
         let error_file = service.dir.path().join(format!("inbox/rejected/{name}.yaml.error.txt"));
         wait_until(Duration::from_secs(10), "the file is rejected", || error_file.is_file());

@@ -74,8 +74,23 @@ pub(crate) struct RawJob {
     /// `matrix:` and `from:`, when the entry has either (boxed: most entries have neither,
     /// and a file may hold 100,000 entries).
     pub(crate) sweep: Option<Box<RawSweep>>,
+    /// `then:`: the stages fed this job's results, in order (usually none).
+    pub(crate) then: Vec<RawStage>,
     /// Byte offset of the entry's first key, when `serde_yaml` lent it from the text.
     pub(crate) offset: Option<usize>,
+}
+
+/// One stage of a job's `then:` as written.
+#[derive(Debug)]
+pub(crate) struct RawStage {
+    /// The model, normalised.
+    pub(crate) model: String,
+    /// The stage's own prompt, if any.
+    pub(crate) prompt: Option<String>,
+    /// The stage's request fields.
+    pub(crate) params: Params,
+    /// The request field that receives the previous stage's result, when written.
+    pub(crate) input: Option<String>,
 }
 
 /// The sweep keys of a job entry as written.
