@@ -34,8 +34,8 @@
 //! - Request fields are sent in Krea's current `snake_case`: every camelCase key of a step
 //!   becomes `snake_case` (`imageUrl` → `image_url`, `startImage` → `start_image`,
 //!   `aspectRatio` → `aspect_ratio`); Krea refuses the camelCase names the script still
-//!   sends since 2026-06-19. `guidance_scale` on an image step becomes `guidance_scale_flux`,
-//!   as the script sends it. Nested values are sent as written.
+//!   sends since 2026-06-19. Nested values are sent as written, and so is `guidance_scale`
+//!   (the script renames it `guidance_scale_flux`, which Krea's Flux schema does not have).
 //! - A model is a krea-batch model path (`image/bfl/flux-1-dev`, or `bfl/flux-1-dev`); the
 //!   script's endpoint form `/generate/image/bfl/flux-1-dev` and enhancer names
 //!   `topaz-standard-enhance` are read too. A bare name (`flux-1-dev`) has no provider and is
@@ -498,10 +498,7 @@ fn read_stage(
                  \"{key}\": …, \"step\": {{…}}}}"
             )));
         }
-        let mut field = snake_case(key);
-        if kind == "image" && field == "guidance_scale" {
-            field = "guidance_scale_flux".into();
-        }
+        let field = snake_case(key);
         if params.insert(field.clone(), value.clone()).is_some() {
             return Err(fault(format!(
                 "the request field `{field}` is written twice (as camelCase and snake_case); \
