@@ -311,24 +311,31 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
     Assembly { text, source, lines: LineIndex::new(text), fallbacks_left }.build(raw)
 }
 
-/// The document of a Krea pipeline file (`pipeline.rs`), `None` for a job file: a JSON object,
-/// or YAML with a top-level `steps:` line, that has a top-level `steps`. Text that reads as
-/// neither is left to the job-file reader, whose errors say where.
+/// The document of a Krea pipeline file (`pipeline.rs`), `None` for a job file: a JSON object
+/// with a top-level `steps`. Pipeline files are JSON, as Krea's script reads them: a YAML file
+/// with a top-level `steps:` is refused with what to write (YAML read into a plain value would
+/// get none of the job file's limits on aliases). Text that is not JSON is left to the
+/// job-file reader, whose errors say where.
 fn pipeline_document(text: &str, source: &Path) -> Result<Option<Value>, JobFileError> {
-    let document = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).ok()
-    } else if text.lines().any(|line| line.starts_with("steps:")) {
-        let document =
-            yaml::parse_document::<Value>(text, source).map_err(|error| JobFileError {
-                line: error.line,
-                column: error.column,
-                ..JobFileError::whole_file(source, error.message)
-            })?;
-        Some(document)
-    } else {
-        None
-    };
-    Ok(document.filter(pipeline::is_pipeline))
+    if text.trim_start().starts_with('{') {
+        let document = serde_json::from_str::<Value>(text).ok();
+        return Ok(document.filter(pipeline::is_pipeline));
+    }
+    match text.lines().position(|line| line.starts_with("steps:")) {
+        Some(index) => Err(JobFileError {
+            line: Some(index + 1),
+            column: Some(1),
+            key: Some("steps".into()),
+            ..JobFileError::whole_file(
+                source,
+                "Krea's pipeline files are read as JSON, as its pipeline.py reads them; write \
+                 this file as JSON ({\"steps\": [...]}), or as a job file with `jobs:` and \
+                 `then:` stages"
+                    .into(),
+            )
+        }),
+        None => Ok(None),
+    }
 }
 
 /// Reads a Krea pipeline file, `text` read from `source`, through its translation into a job

@@ -67,7 +67,7 @@ const FAN_OUT_KEYS: [&str; 5] = ["action", "use_previous", "step", "sources", "p
 /// The actions a step may take.
 const ACTIONS: &str = "generate_image, generate_video, enhance or fan_out";
 
-/// Whether `document` (the file read as JSON or YAML) is a pipeline file: a mapping with a
+/// Whether `document` (the file read as JSON) is a pipeline file: an object with a
 /// top-level `steps`, which a krea-batch job file never has.
 pub(super) fn is_pipeline(document: &Value) -> bool {
     document.as_object().is_some_and(|top| top.contains_key("steps"))

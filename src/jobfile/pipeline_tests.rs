@@ -264,15 +264,24 @@ fn a_pipeline_file_is_read_as_jobs_at_their_steps_lines() {
 }
 
 #[test]
-fn a_pipeline_in_yaml_is_read_too_and_errors_name_the_step_and_its_line() {
-    let text = "steps:\n  - action: generate_image\n    model: bfl/flux-1-dev\n    prompt: a\n  \
-                - action: generate_image\n    model: bfl/Flux\n    prompt: b\n";
+fn errors_of_the_job_file_reader_name_the_step_and_its_line() {
+    let text = "{\"steps\": [\n  {\"action\": \"generate_image\", \"model\": \"bfl/flux-1-dev\", \
+                \"prompt\": \"a\"},\n  {\"action\": \"generate_image\", \"model\": \"bfl/Flux\", \
+                \"prompt\": \"b\"}\n]}";
     let error = parse_text(text).expect_err("an upper-case model path");
-    assert_eq!(error.line, Some(5), "{error}");
+    assert_eq!(error.line, Some(3), "{error}");
     assert_eq!(error.key.as_deref(), Some("step 2 (generate_image) model"), "{error}");
     let error = parse_text("{\"steps\": [\n{\"action\": \"enhance\"}, \n{\"action\": \"x\"}]}")
         .expect_err("unknown action");
     assert_eq!((error.line, error.key.as_deref()), (Some(3), Some("step 2 (?)")), "{error}");
+}
+
+#[test]
+fn a_pipeline_in_yaml_is_refused_with_what_to_write() {
+    let error = parse_text("output: out\nsteps:\n  - action: generate_image\n")
+        .expect_err("YAML pipelines are not read");
+    assert_eq!(error.line, Some(2), "{error}");
+    assert!(error.message.contains("as JSON"), "{error}");
 }
 
 #[test]
