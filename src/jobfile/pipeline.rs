@@ -8,7 +8,9 @@
 //! - `generate_image`: `model` (default `image/google/nano-banana-2`, the script's), `prompt`;
 //! - `generate_video`: `model` (default `video/google/veo-3.1-fast`), `prompt`;
 //! - `enhance`: `enhancer` (default `topaz-standard-enhance`); its `model` is the enhancer's own
-//!   `model` field (`"Standard V2"`), sent as such; its input is `image_url`;
+//!   `model` field (`"Standard V2"`), sent as such; its input is `image_url`; `width` and
+//!   `height` (the result's size) are required, as the script requires them, except where the
+//!   step takes the previous result, whose size the engine reads from the downloaded file;
 //! - `fan_out`: runs its `step` once for each of `sources` (a list of URLs or local files) or,
 //!   with `use_previous: true`, once for each result of the previous step; `{i}` in the
 //!   sub-step's `prompt` and `filename` is the run's number, from 1.
@@ -16,7 +18,9 @@
 //! `use_previous: true` feeds the previous step's result to the step, `filename` names the
 //! result, and every other key of a step is a request field. `{{name}}` anywhere in a step's
 //! strings is replaced by `name` from the file's top-level `variables` object (the script
-//! takes them as `--var name=value`; krea-batch reads them from the file).
+//! takes them as `--var name=value`; krea-batch reads them from the file, so that every
+//! command, `status` and `retry` too, reads the same jobs from it: a prompt is part of a
+//! job's identity).
 //!
 //! What maps to what:
 //!
@@ -295,8 +299,7 @@ impl Builder {
         }
         let stage = read_stage(step, at, None)?;
         if !uses_previous {
-            self.start(vec![stage]);
-            return Ok(());
+            return self.start(vec![stage]);
         }
         let total = self.current.len() as u64 * self.per_chain;
         if total != 1 {
@@ -311,7 +314,22 @@ impl Builder {
     }
 
     /// Starts one chain per stage; they become the current ones.
-    fn start(&mut self, stages: Vec<Stage>) {
+    fn start(&mut self, stages: Vec<Stage>) -> Result<(), StepFault> {
+        // A stage's enhancer gets the size of its input from the downloaded file; a chain's
+        // first has no downloaded input, and Krea requires the size (so does the script).
+        let unsized_enhance = stages.iter().find(|stage| {
+            stage.model.starts_with("enhance/")
+                && !(stage.params.contains_key("width") && stage.params.contains_key("height"))
+        });
+        if let Some(stage) = unsized_enhance {
+            return Err((
+                stage.from,
+                "an enhance step that does not take the previous step's result needs `width` \
+                 and `height`, the size of the result, as Krea's script requires; add, for \
+                 example, \"width\": 4096, \"height\": 4096"
+                    .into(),
+            ));
+        }
         self.current.clear();
         self.per_chain = stages.first().map_or(1, |stage| stage.results);
         for stage in stages {
@@ -319,6 +337,7 @@ impl Builder {
             self.current.push(self.chains.len());
             self.chains.push(Chain { first: stage, name, then: Vec::new() });
         }
+        Ok(())
     }
 
     /// Appends a stage to each current chain, made by `stage_for` from the chain's position.
@@ -421,8 +440,7 @@ impl Builder {
                     }
                     stages.push(stage);
                 }
-                self.start(stages);
-                Ok(())
+                self.start(stages)
             }
             _ => Err(fault(
                 "a fan_out needs its inputs: \"use_previous\": true for the previous step's \

@@ -159,6 +159,11 @@ fn unclear_steps_are_refused_with_what_to_write() {
             "no `prompt`",
         ),
         (
+            json!({"steps": [{"action": "enhance", "image_url": "a.png", "width": 8}]}),
+            "step 1 (enhance)",
+            "\"width\": 4096, \"height\": 4096",
+        ),
+        (
             json!({"steps": [{"action": "fan_out", "step": {"action": "enhance"}}]}),
             "step 1 (fan_out)",
             "\"sources\"",
@@ -271,8 +276,9 @@ fn errors_of_the_job_file_reader_name_the_step_and_its_line() {
     let error = parse_text(text).expect_err("an upper-case model path");
     assert_eq!(error.line, Some(3), "{error}");
     assert_eq!(error.key.as_deref(), Some("step 2 (generate_image) model"), "{error}");
-    let error = parse_text("{\"steps\": [\n{\"action\": \"enhance\"}, \n{\"action\": \"x\"}]}")
-        .expect_err("unknown action");
+    let error =
+        parse_text("{\"steps\": [\n{\"action\": \"generate_video\", \"prompt\": \"a\"}, \n{\"action\": \"x\"}]}")
+            .expect_err("unknown action");
     assert_eq!((error.line, error.key.as_deref()), (Some(3), Some("step 2 (?)")), "{error}");
 }
 
