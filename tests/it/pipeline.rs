@@ -99,3 +99,40 @@ fn check_refuses_an_unclear_step_naming_it_and_what_to_write() {
     assert!(check.stderr.contains("\"action\": \"fan_out\""), "{}", check.stderr);
     assert_eq!(sim.stats().jobs_created, 0);
 }
+
+#[test]
+fn a_fan_out_over_local_files_uploads_each_once_and_numbers_its_jobs() {
+    let sim = Sim::start(|config| config.video_job_time = Duration::from_millis(200));
+    let work = workspace_with(
+        r#"{"limits": {"poll_interval": "50ms", "video_poll_interval": "50ms",
+                       "poll_interval_max": "200ms", "retry_backoff": "50ms"},
+            "steps": [
+  {"action": "fan_out", "sources": ["cat.png", "dog.png"],
+   "step": {"action": "enhance", "model": "Standard V2", "width": 64, "height": 64,
+            "filename": "pet-{i}"}},
+  {"action": "fan_out", "use_previous": true,
+   "step": {"action": "generate_video", "model": "video/kling/kling-2.5",
+            "prompt": "pet {i} turns its head"}}
+]}"#,
+    );
+    for (index, name) in ["cat.png", "dog.png"].into_iter().enumerate() {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10".to_vec();
+        png.push(u8::try_from(index).expect("small"));
+        std::fs::write(work.dir.path().join(name), png).expect("image written");
+    }
+    pipeline_command(&work, &sim, "run").expect_code(0);
+
+    let stats = sim.stats();
+    let uploads = stats.requests.iter().filter(|r| r.method == "POST" && r.path == "/assets");
+    assert_eq!(uploads.count(), 2, "each local file uploaded once");
+    for prompt in ["pet 1 turns its head", "pet 2 turns its head"] {
+        assert_eq!(stats.creations_by_prompt.get(prompt), Some(&1), "{prompt}");
+    }
+    assert_eq!(stats.jobs_created, 4);
+    for pet in ["pet-1", "pet-2"] {
+        for file in ["0-standard-enhance.png", "1-kling-2.5.mp4"] {
+            let path = work.out().join(pet).join(file);
+            assert!(non_empty(&path), "{} is on disk", path.display());
+        }
+    }
+}
