@@ -301,7 +301,7 @@ impl Builder {
         if !uses_previous {
             return self.start(vec![stage]);
         }
-        let total = self.current.len() as u64 * self.per_chain;
+        let total = (self.current.len() as u64).saturating_mul(self.per_chain);
         if total != 1 {
             return Err(fault(format!(
                 "`use_previous` takes the previous step's results, and it has {total}: Krea's \
@@ -362,7 +362,7 @@ impl Builder {
             results = stage.results;
             self.chains[*chain].then.push(stage);
         }
-        self.per_chain *= results;
+        self.per_chain = self.per_chain.saturating_mul(results);
         Ok(())
     }
 

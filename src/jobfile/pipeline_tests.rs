@@ -295,3 +295,15 @@ fn a_job_file_in_json_is_still_a_job_file() {
     let file = parse_text(r#"{"model": "bfl/flux-1-dev", "jobs": [{"prompt": "a"}]}"#);
     assert_eq!(file.expect("parses").jobs.len(), 1);
 }
+
+#[test]
+fn huge_result_counts_do_not_overflow() {
+    let huge = u64::MAX / 2;
+    let pipeline = json!({"steps": [
+        {"action": "generate_image", "model": "bfl/x", "prompt": "a", "batchSize": huge},
+        {"action": "fan_out", "use_previous": true,
+         "step": {"action": "generate_image", "model": "bfl/x", "prompt": "b", "batchSize": 4}},
+        {"action": "enhance", "use_previous": true},
+    ]});
+    assert_refused(&pipeline, "step 3 (enhance)", &[&format!("has {}", u64::MAX)]);
+}
