@@ -1,4 +1,6 @@
-//! The job file: the YAML a user writes, read and validated into the list of jobs to run.
+//! The job file: the YAML a user writes, read and validated into the list of jobs to run; a
+//! JSON pipeline file of Krea's `pipeline.py` (top-level `steps`) is translated into one first
+//! (`pipeline.rs`).
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
 //! prices, budget) and a list of jobs, each a prompt (left out for models that take none: the
