@@ -343,10 +343,10 @@ fn pipeline_document(text: &str, source: &Path) -> Result<Option<Value>, JobFile
 /// Reads a Krea pipeline file, `text` read from `source`, through its translation into a job
 /// file: errors and job lines lead back to the pipeline's steps.
 fn parse_pipeline(document: &Value, text: &str, source: &Path) -> Result<JobFile, JobFileError> {
-    let step_line = |number: usize| {
-        let at = [Seg::key("steps"), Seg::Index(number - 1)];
-        locate(text, 0, &at, Target::Node).map(|(line, _)| line)
-    };
+    let lines = LineIndex::new(text);
+    let step_lines: Vec<usize> =
+        pipeline::step_offsets(text).into_iter().map(|at| lines.position(at).0).collect();
+    let step_line = |number: usize| step_lines.get(number - 1).copied();
     let translation = pipeline::translate(document).map_err(|error| JobFileError {
         line: error.step.as_ref().and_then(|step| step_line(step.number)),
         key: error.step.as_ref().map(ToString::to_string),

@@ -77,6 +77,58 @@ pub(super) fn is_pipeline(document: &Value) -> bool {
     document.as_object().is_some_and(|top| top.contains_key("steps"))
 }
 
+/// The byte offset of each element of the top-level `steps` list in `text`, JSON that
+/// `serde_json` has read: one pass, so that a pipeline of many jobs finds their steps' lines
+/// without reading the file again per job.
+pub(super) fn step_offsets(text: &str) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut at) = (0_usize, 0);
+    let mut last_key: Option<&str> = None;
+    let (mut steps_next, mut in_steps, mut element_next) = (false, false, false);
+    let mut offsets = Vec::new();
+    while at < bytes.len() {
+        let byte = bytes[at];
+        if element_next && !byte.is_ascii_whitespace() {
+            element_next = false;
+            if byte != b']' {
+                offsets.push(at);
+            }
+        }
+        match byte {
+            b'"' => {
+                let start = at + 1;
+                at = start;
+                while at < bytes.len() && bytes[at] != b'"' {
+                    at += if bytes[at] == b'\\' { 2 } else { 1 };
+                }
+                if depth == 1 {
+                    last_key = text.get(start..at.min(bytes.len()));
+                }
+            }
+            b':' if depth == 1 => steps_next = last_key == Some("steps"),
+            b',' if depth == 1 => steps_next = false,
+            b',' if depth == 2 && in_steps => element_next = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if byte == b'[' && depth == 2 && steps_next {
+                    // A repeated `steps` key: the last one is the one read.
+                    offsets.clear();
+                    (in_steps, element_next) = (true, true);
+                }
+            }
+            b']' | b'}' => {
+                if depth == 2 {
+                    in_steps = false;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    offsets
+}
+
 /// Where a job's stage came from: the step, numbered from 1 as the script numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct StepRef {

@@ -307,3 +307,14 @@ fn huge_result_counts_do_not_overflow() {
     ]});
     assert_refused(&pipeline, "step 3 (enhance)", &[&format!("has {}", u64::MAX)]);
 }
+
+#[test]
+fn step_offsets_skip_strings_and_nested_lists() {
+    let text = r#"{"variables": {"steps": "[x]"}, "note\"steps": [1],
+ "steps": [ {"prompt": "a \"[,]\" b", "sources": [1, 2]},
+   {"action": "x"} ]}"#;
+    let offsets = step_offsets(text);
+    let starts: Vec<&str> = offsets.iter().map(|at| &text[*at..*at + 3]).collect();
+    assert_eq!(starts, [r#"{"p"#, r#"{"a"#]);
+    assert!(step_offsets(r#"{"steps": []}"#).is_empty());
+}
