@@ -357,7 +357,19 @@ fn parse_pipeline(document: &Value, text: &str, source: &Path) -> Result<JobFile
         let job = line.checked_sub(first)?;
         translation.origins.get(job)
     };
-    match parse(translation.text().as_bytes(), source) {
+    let translated = translation.text();
+    if translated.len() as u64 > MAX_FILE_SIZE {
+        return Err(JobFileError::whole_file(
+            source,
+            format!(
+                "this pipeline makes {} jobs, a job file larger than {} MiB, the most \
+                 krea-batch reads; split its sources into several pipeline files",
+                translation.origins.len(),
+                MAX_FILE_SIZE >> 20
+            ),
+        ));
+    }
+    match parse(translated.as_bytes(), source) {
         Ok(mut file) => {
             for job in &mut file.jobs {
                 let step = origin(job.line).and_then(|steps| steps.first());

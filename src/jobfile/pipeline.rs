@@ -54,6 +54,8 @@
 //! Errors name the step as the script numbers it (from 1) with its action, and say what to
 //! write instead. The translation is text that [`super::parse`] reads like any job file: one
 //! line per job, so a job's line there leads back to its step here ([`Translation::origins`]).
+//! That text is held to the job file's size limit too (8 MiB): a fan-out over tens of
+//! thousands of sources is refused, saying to split it.
 
 use serde_json::{Map, Value};
 use std::fmt::Write as _;

@@ -318,3 +318,16 @@ fn step_offsets_skip_strings_and_nested_lists() {
     assert_eq!(starts, [r#"{"p"#, r#"{"a"#]);
     assert!(step_offsets(r#"{"steps": []}"#).is_empty());
 }
+
+#[test]
+fn a_pipeline_that_translates_past_the_size_limit_says_so() {
+    let sources: Vec<String> =
+        (0..60_000).map(|i| format!("https://example.com/a-long-folder-name/{i}.png")).collect();
+    let pipeline = json!({"steps": [{"action": "fan_out", "sources": sources,
+        "step": {"action": "generate_image", "model": "bfl/flux-1-dev",
+                 "prompt": "a fairly long prompt describing picture {i} in some detail"}}]});
+    let text = pipeline.to_string();
+    assert!(text.len() < 8 << 20, "the pipeline itself is under the limit");
+    let error = parse_text(&text).expect_err("too large once translated");
+    assert!(error.message.contains("this pipeline makes 60000 jobs"), "{error}");
+}
