@@ -376,9 +376,10 @@ impl Inbox {
         if temporary || data {
             return None;
         }
+        // `.json`: Krea's pipeline files (`jobfile/pipeline.rs`), and job files written as JSON.
         let extension = Path::new(name).extension().unwrap_or_default();
-        if !(extension.eq_ignore_ascii_case("yaml") || extension.eq_ignore_ascii_case("yml")) {
-            self.warn_once(name, "not a job file (the inbox takes .yaml and .yml files)");
+        if !["yaml", "yml", "json"].iter().any(|known| extension.eq_ignore_ascii_case(known)) {
+            self.warn_once(name, "not a job file (the inbox takes .yaml, .yml and .json files)");
             return None;
         }
         let Some(file_name) = name.to_str() else {
@@ -543,14 +544,14 @@ fn read_unchanged(path: &Path, expected: Signature, limit: u64) -> io::Result<Op
     Ok((Signature::of(&file.metadata()?) == expected).then_some(bytes))
 }
 
-/// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`, runs of
+/// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`/`.json`, runs of
 /// characters other than ASCII letters, digits, `.`, `_` and `-` replaced by one `-`, leading
 /// `.`/`-` and trailing `-` trimmed, cut to 100 bytes; `job-file` if nothing is left, `job-`
 /// before a name Windows or krea-batch reserves. The result always passes [`check_name`].
 #[must_use]
 pub(crate) fn batch_name(file_name: &str) -> String {
     let lower = file_name.to_ascii_lowercase();
-    let stem = [".yaml", ".yml"]
+    let stem = [".yaml", ".yml", ".json"]
         .iter()
         .find(|ext| lower.ends_with(*ext))
         .and_then(|ext| file_name.get(..file_name.len() - ext.len()))
@@ -655,10 +656,11 @@ mod tests {
         write_old(&outside, "jobs: []\n");
         fs::rename(&outside, inbox.dir().join("catalogue-2026.yaml")).expect("rename in");
         write_old(&inbox.dir().join("b.YML"), "b");
+        write_old(&inbox.dir().join("a.json"), "{}");
         assert!(inbox.scan().expect("scan").is_empty());
         let ready = inbox.scan().expect("scan");
-        assert_eq!(names(&ready), ["b.YML", "catalogue-2026.yaml"]);
-        let file = &ready[1];
+        assert_eq!(names(&ready), ["a.json", "b.YML", "catalogue-2026.yaml"]);
+        let file = &ready[2];
         assert_eq!(file.batch_name, "catalogue-2026");
         assert_eq!(file.bytes, b"jobs: []\n");
         assert_eq!(file.sha256, hex(&Sha256::digest(b"jobs: []\n")));
@@ -877,6 +879,7 @@ mod tests {
             ("日本語.yaml", "job-file"),
             ("café au lait.yml", "caf-au-lait"),
             ("con.yaml", "job-con"),
+            ("car-pipeline.JSON", "car-pipeline"),
             (long.as_str(), &"a".repeat(100)),
         ] {
             let name = batch_name(file);

@@ -12,7 +12,7 @@
 //! | file | job |
 //! |---|---|
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
-//! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
+//! | `jobfile/` | the YAML job file as users write it (sweeps included), and Krea's JSON pipeline files translated into one (`jobfile/pipeline.rs`), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
 //! | `chain.rs` | chains of stages (`then:`): each stage job's name, key and request body, made from its parent's result; no I/O but reading a result's pixel size |
 //! | `beside.rs` | opening a file named relative to a folder without leaving it (no `..`, no links) |

@@ -1,4 +1,6 @@
-//! The job file: the YAML a user writes, read and validated into the list of jobs to run.
+//! The job file: the YAML a user writes, read and validated into the list of jobs to run; a
+//! JSON pipeline file of Krea's `pipeline.py` (top-level `steps`) is translated into one first
+//! (`pipeline.rs`).
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
 //! prices, budget) and a list of jobs, each a prompt (left out for models that take none: the
@@ -40,6 +42,7 @@ mod folder;
 mod inputs;
 mod locate;
 mod nesting;
+mod pipeline;
 mod settings;
 pub(crate) mod sweep;
 mod values;
@@ -295,6 +298,9 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
             )
         });
     }
+    if let Some(pipeline) = pipeline_document(text, source)? {
+        return parse_pipeline(&pipeline, text, source);
+    }
     let ctx = de::Ctx::new(text, read_budget(text));
     let raw = match de::read(&ctx) {
         Ok(raw) => raw,
@@ -305,6 +311,92 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
     };
     let fallbacks_left = (LOCATE_BUDGET / text.len().max(1)).min(64);
     Assembly { text, source, lines: LineIndex::new(text), fallbacks_left }.build(raw)
+}
+
+/// The document of a Krea pipeline file (`pipeline.rs`), `None` for a job file: a JSON object
+/// with a top-level `steps`. Pipeline files are JSON, as Krea's script reads them: a YAML file
+/// with a top-level `steps:` is refused with what to write (YAML read into a plain value would
+/// get none of the job file's limits on aliases). Text that is not JSON is left to the
+/// job-file reader, whose errors say where.
+fn pipeline_document(text: &str, source: &Path) -> Result<Option<Value>, JobFileError> {
+    if text.trim_start().starts_with('{') {
+        let document = serde_json::from_str::<Value>(text).ok();
+        return Ok(document.filter(pipeline::is_pipeline));
+    }
+    match text.lines().position(|line| line.starts_with("steps:")) {
+        Some(index) => Err(JobFileError {
+            line: Some(index + 1),
+            column: Some(1),
+            key: Some("steps".into()),
+            ..JobFileError::whole_file(
+                source,
+                "Krea's pipeline files are read as JSON, as its pipeline.py reads them; write \
+                 this file as JSON ({\"steps\": [...]}), or as a job file with `jobs:` and \
+                 `then:` stages"
+                    .into(),
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Reads a Krea pipeline file, `text` read from `source`, through its translation into a job
+/// file: errors and job lines lead back to the pipeline's steps.
+fn parse_pipeline(document: &Value, text: &str, source: &Path) -> Result<JobFile, JobFileError> {
+    let lines = LineIndex::new(text);
+    let step_lines: Vec<usize> =
+        pipeline::step_offsets(text).into_iter().map(|at| lines.position(at).0).collect();
+    let step_line = |number: usize| step_lines.get(number - 1).copied();
+    let translation = pipeline::translate(document).map_err(|error| JobFileError {
+        line: error.step.as_ref().and_then(|step| step_line(step.number)),
+        key: error.step.as_ref().map(ToString::to_string),
+        ..JobFileError::whole_file(source, error.message)
+    })?;
+    let first = translation.first_job_line();
+    let origin = |line: usize| {
+        let job = line.checked_sub(first)?;
+        translation.origins.get(job)
+    };
+    let translated = translation.text();
+    if translated.len() as u64 > MAX_FILE_SIZE {
+        return Err(JobFileError::whole_file(
+            source,
+            format!(
+                "this pipeline makes {} jobs, a job file larger than {} MiB, the most \
+                 krea-batch reads; split its sources into several pipeline files",
+                translation.origins.len(),
+                MAX_FILE_SIZE >> 20
+            ),
+        ));
+    }
+    match parse(translated.as_bytes(), source) {
+        Ok(mut file) => {
+            for job in &mut file.jobs {
+                let step = origin(job.line).and_then(|steps| steps.first());
+                job.line = step.and_then(|step| step_line(step.number)).unwrap_or(1);
+            }
+            Ok(file)
+        }
+        Err(error) => {
+            let steps = error.line.and_then(origin);
+            let (step, rest) = match (steps, error.key.as_deref()) {
+                (Some(steps), Some(key)) => pipeline::stage_of_key(steps, key),
+                (Some(steps), None) => (steps.first(), String::new()),
+                (None, key) => (None, key.unwrap_or_default().to_owned()),
+            };
+            let key = match step {
+                Some(step) if rest.is_empty() => Some(step.to_string()),
+                Some(step) => Some(format!("{step} {rest}")),
+                None => (!rest.is_empty()).then_some(rest),
+            };
+            Err(JobFileError {
+                line: step.and_then(|step| step_line(step.number)),
+                column: None,
+                key,
+                ..error
+            })
+        }
+    }
 }
 
 /// How much text (in bytes) the locator may read again to find the lines of entries whose

@@ -590,6 +590,36 @@ fn the_service_uploads_local_inputs_once_and_refuses_escapes() {
     assert_eq!(sim.stats().jobs_created, 2);
 }
 
+/// The service takes Krea's pipeline files (`.json`) from its inbox, runs their chains, and
+/// rejects an unclear one with the step named.
+#[test]
+fn the_service_runs_a_krea_pipeline_file_and_rejects_an_unclear_one() {
+    let sim = Sim::start(|config| config.video_job_time = Duration::from_millis(200));
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+    service.drop_file(
+        "car.json",
+        r#"{"steps": [
+  {"action": "generate_image", "model": "bfl/flux-1-dev", "prompt": "a red car", "filename": "car"},
+  {"action": "generate_video", "use_previous": true, "model": "video/kling/kling-2.5",
+   "prompt": "the car drives off", "aspectRatio": "16:9"}
+]}"#,
+    );
+    let video = service.dir.path().join("results/car/car/1-kling-2.5.mp4");
+    wait_until(Duration::from_secs(30), "the chain's video", || video.is_file());
+    service.drop_file("unclear.json", r#"{"steps": [{"action": "animate", "prompt": "x"}]}"#);
+    let error_file = service.dir.path().join("inbox/rejected/unclear.json.error.txt");
+    wait_until(Duration::from_secs(10), "the unclear file is rejected", || error_file.is_file());
+    let error = std::fs::read_to_string(&error_file).expect("error text");
+    assert!(error.contains("step 1") && error.contains("unknown action"), "{error}");
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    assert_eq!(sim.stats().jobs_created, 2);
+    assert_eq!(sim.stats().creations_by_prompt.get("the car drives off"), Some(&1));
+}
+
 /// The unit file waits for reloads (`Type=notify-reload`: the daemon sends `RELOADING=1` with
 /// `MONOTONIC_USEC`), points at the documentation, and does not restart a daemon that exited 2
 /// for a bad config, which a restart cannot fix; the daemon does exit 2 for one.

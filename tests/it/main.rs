@@ -14,6 +14,7 @@ mod kill;
 mod layers;
 mod manifest;
 mod models;
+mod pipeline;
 mod readme;
 mod resume;
 mod retry;
