@@ -359,9 +359,17 @@ pub(crate) enum ApiError {
         /// Krea's message.
         message: String,
     },
-    /// 402: the prepaid balance is exhausted.
+    /// 402: the prepaid balance is exhausted (or Krea's message says neither balance nor plan:
+    /// see [`PaymentKind::of_message`]).
     #[error("the Krea API balance is exhausted (402): {message}")]
     PaymentRequired {
+        /// Krea's message.
+        message: String,
+    },
+    /// 402 whose message says the model needs a higher plan: that model cannot run on this
+    /// account, whatever the balance; its jobs fail for good, like a 410's.
+    #[error("the model needs a higher Krea plan (402): {message}")]
+    PlanRequired {
         /// Krea's message.
         message: String,
     },
@@ -407,6 +415,41 @@ pub(crate) enum ApiError {
     /// An answer came that cannot be read (not JSON, too large, missing the job id).
     #[error("unreadable answer from Krea: {0}")]
     Malformed(String),
+}
+
+/// What a 402 is about. Krea answers 402 both when the prepaid balance is exhausted and when a
+/// model needs a higher plan; only its message tells them apart (as Krea's own helper script
+/// does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PaymentKind {
+    /// The balance is exhausted: submitting stops (or pauses) until a top-up.
+    Balance,
+    /// The model needs a higher plan: its jobs fail, the others go on.
+    Plan,
+}
+
+impl PaymentKind {
+    /// Reads a 402's message: words of a balance ("insufficient", "balance") win, then words of
+    /// a plan ("plan", "requires", "upgrade"); a message that says neither counts as a balance,
+    /// since pausing is the cautious answer (a top-up and a resume retry, nothing is lost), while
+    /// failing jobs for good is not.
+    #[must_use]
+    pub(crate) fn of_message(message: &str) -> Self {
+        let words: Vec<String> = message
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|word| !word.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        let says =
+            |vocabulary: &[&str]| words.iter().any(|word| vocabulary.contains(&word.as_str()));
+        if says(&["insufficient", "balance"]) {
+            Self::Balance
+        } else if says(&["plan", "plans", "requires", "require", "upgrade"]) {
+            Self::Plan
+        } else {
+            Self::Balance
+        }
+    }
 }
 
 fn gone_message(message: &str, replacement: Option<&str>, sunset: Option<&str>) -> String {
@@ -700,7 +743,10 @@ impl KreaClient {
         let code = status.as_u16();
         match code {
             401 | 403 => ApiError::Auth { status: code, message },
-            402 => ApiError::PaymentRequired { message },
+            402 => match PaymentKind::of_message(&message) {
+                PaymentKind::Balance => ApiError::PaymentRequired { message },
+                PaymentKind::Plan => ApiError::PlanRequired { message },
+            },
             404 => ApiError::NotFound { message },
             410 => {
                 let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
@@ -1038,6 +1084,32 @@ mod tests {
             "a shape not understood leaves the message alone"
         );
         assert_eq!(error_message(b"<html>\n</html>", ok), "<html> </html>");
+    }
+
+    #[test]
+    fn a_402_is_a_plan_or_a_balance_by_its_message() {
+        use PaymentKind::{Balance, Plan};
+        for (message, kind) in [
+            // Krea's documented balance message.
+            (
+                "Your API balance is separate from your workspace compute balance. Please top up \
+                 your API balance to continue using the API.",
+                Balance,
+            ),
+            ("Insufficient credits", Balance),
+            ("This model requires a Pro plan", Plan),
+            ("Upgrade to access video/kling/kling-2.5", Plan),
+            ("Not available on your PLAN.", Plan),
+            // Balance words win: a plan message that also speaks of the balance still pauses.
+            ("Insufficient balance on your plan", Balance),
+            // Neither: the cautious reading.
+            ("Payment Required", Balance),
+            ("", Balance),
+            // Words, not fragments: "explanation" holds "plan", "unbalanced" holds "balance".
+            ("see the explanation", Balance),
+        ] {
+            assert_eq!(PaymentKind::of_message(message), kind, "{message:?}");
+        }
     }
 
     #[test]

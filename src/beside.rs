@@ -1,5 +1,5 @@
 //! Opening a file that someone else named, relative to a folder, without ever leaving the
-//! folder: [`open_beside`]. Job files name their data files this way (`from: data/rows.csv`),
+//! folder: [`open_beside`]; listing such a folder: [`list_folder_beside`]. Job files name their data files this way (`from: data/rows.csv`),
 //! and the service runs job files written by others, so a name must not reach a file the
 //! service can read but its author cannot (`inbox/data -> /private/`).
 //!
@@ -80,6 +80,39 @@ pub(crate) enum PathError {
 /// link in any component. `base` itself is trusted (it is the folder the caller chose), links
 /// in it included. Returns the open file and its metadata.
 pub(crate) fn open_beside(base: &Path, relative: &Path) -> Result<(File, Metadata), PathError> {
+    walk(base, relative, Last::File)
+}
+
+/// Opens the folder `relative` inside `base` under the rules of [`open_beside`], and lists it:
+/// each entry's name and type, as the entry itself (a link is listed as a link, not followed).
+/// Job files name folders of images this way (`from: photos/`).
+pub(crate) fn list_folder_beside(
+    base: &Path,
+    relative: &Path,
+) -> Result<Vec<(std::ffi::OsString, std::fs::FileType)>, PathError> {
+    let (folder, _) = walk(base, relative, Last::Folder)?;
+    let io = |source| PathError::Io { path: relative.to_owned(), source };
+    // Listed through the open handle where `/proc` allows: the folder looked at is the one read.
+    let listed = match proc_path(&folder, Path::new(".")).filter(|path| path.exists()) {
+        Some(path) => std::fs::read_dir(path),
+        None => std::fs::read_dir(base.join(relative)),
+    };
+    let mut entries = Vec::new();
+    for entry in listed.map_err(io)? {
+        let entry = entry.map_err(io)?;
+        entries.push((entry.file_name(), entry.file_type().map_err(io)?));
+    }
+    Ok(entries)
+}
+
+/// What the last component of a path must be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Last {
+    File,
+    Folder,
+}
+
+fn walk(base: &Path, relative: &Path, want: Last) -> Result<(File, Metadata), PathError> {
     let names = check_relative(relative)?;
     let io = |source| PathError::Io { path: relative.to_owned(), source };
     let mut dir = File::open(base).map_err(io)?;
@@ -99,10 +132,10 @@ pub(crate) fn open_beside(base: &Path, relative: &Path) -> Result<(File, Metadat
         if seen.file_type().is_symlink() {
             return Err(PathError::Link { path: relative.to_owned(), component: walked });
         }
-        if !last && !seen.is_dir() {
+        if (!last || want == Last::Folder) && !seen.is_dir() {
             return Err(PathError::NotAFolder { path: relative.to_owned(), component: walked });
         }
-        if last && !seen.is_file() {
+        if last && want == Last::File && !seen.is_file() {
             return Err(PathError::NotAFile { path: relative.to_owned() });
         }
         // Opening follows a link swapped in since the look; the identity check catches it.

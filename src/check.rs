@@ -1,11 +1,11 @@
-//! `krea-batch check`: the plan of a job file, nothing sent: its jobs and their estimated
-//! cost per model, how the estimate fits its budget, what a run would send now given its state
+//! `krea-batch check`: the plan of a job file, nothing sent: its jobs (and the folders of
+//! images they come from, with the files skipped) and their estimated cost per model, how the estimate fits its budget, what a run would send now given its state
 //! file, and whether the request bodies fit Krea's schemas (checked by the caller with
 //! [`crate::openapi::schema_report`]).
 
 use crate::costs::Costs;
 use crate::error::InputError;
-use crate::jobfile::{Budget, JobFile};
+use crate::jobfile::{Budget, FolderUse, JobFile};
 use crate::openapi::SchemaReport;
 use crate::output;
 use crate::pricing::{PriceTable, round_usd, usd};
@@ -21,6 +21,11 @@ pub struct Plan {
     pub file: String,
     /// Jobs in all (after `count`).
     pub jobs: usize,
+    /// Stage jobs (`then:`) besides them, one per job and stage: a stage whose input gives
+    /// several results runs once per result, which only the run can know.
+    pub stage_jobs: usize,
+    /// The folders of images jobs are made from (`from: photos/`): images taken, files skipped.
+    pub folders: Vec<FolderUse>,
     /// Jobs and estimated cost per model.
     pub models: Vec<ModelPlan>,
     /// The estimated total, USD.
@@ -48,7 +53,8 @@ pub struct Resume {
     pub done: usize,
     /// Jobs that would take a result this state already paid for (`reuse:`).
     pub reused: usize,
-    /// Jobs that would be submitted and paid for.
+    /// Jobs that would be submitted and paid for, later stages of new jobs included (one per
+    /// job and stage).
     pub to_pay: usize,
     /// Their estimated cost, USD.
     pub to_pay_usd: f64,
@@ -103,6 +109,11 @@ impl Resume {
             } else {
                 resume.to_pay += 1;
                 resume.to_pay_usd += prices.price(&job.model, &job.body_map()).unwrap_or(0.0);
+                // Its later stages, one per job as in the estimate above.
+                for stage in crate::chain::Chain::stages_after(job.chain.as_deref()) {
+                    resume.to_pay += 1;
+                    resume.to_pay_usd += prices.price(&stage.model, &stage.body).unwrap_or(0.0);
+                }
             }
         }
         resume.to_pay_usd = round_usd(resume.to_pay_usd);
@@ -163,7 +174,7 @@ pub fn plan(
         .by_model
         .iter()
         .map(|(model, (jobs, estimate))| ModelPlan {
-            model: (*model).to_owned(),
+            model: model.to_string(),
             jobs: *jobs,
             estimated_usd: (estimate.unpriced == 0).then_some(round_usd(estimate.usd)),
         })
@@ -171,6 +182,8 @@ pub fn plan(
     Ok(Plan {
         file: file.source.display().to_string(),
         jobs: file.jobs.len(),
+        stage_jobs: costs.stage_jobs,
+        folders: file.folders.clone(),
         models,
         estimated_usd: round_usd(costs.total.usd),
         unpriced: costs.total.unpriced,
@@ -225,6 +238,27 @@ impl std::fmt::Display for Plan {
             n => format!("NOT valid: {}, listed below", count(n, "problem")),
         };
         writeln!(f, "{}: {}, {verdict}", self.file, count(self.jobs, "job"))?;
+        if self.stage_jobs > 0 {
+            writeln!(
+                f,
+                "  and {} of later stages (then:), priced as one per input result: a stage whose \
+                 input gives several results runs, and costs, once per result",
+                count(self.stage_jobs, "job")
+            )?;
+        }
+        for folder in &self.folders {
+            write!(
+                f,
+                "  line {}: {}: {}",
+                folder.line,
+                folder.folder,
+                count(folder.images, "image")
+            )?;
+            if folder.skipped.total() > 0 {
+                write!(f, "; skipped {}", folder.skipped)?;
+            }
+            writeln!(f)?;
+        }
         for model in &self.models {
             let cost = model
                 .estimated_usd

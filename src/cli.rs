@@ -3,6 +3,10 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// The heading under which every command's `--help` lists the options all commands take, apart
+/// from the command's own.
+const GLOBAL: &str = "Global options";
+
 /// Runs batches of Krea AI generations from a YAML file: paced, resumable, never paying twice.
 #[derive(Debug, Parser)]
 #[command(name = "krea-batch", version, about, propagate_version = true)]
@@ -11,17 +15,24 @@ pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// More detail in the log (-v: debug, -vv: trace).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub verbose: u8,
     /// Only warnings and errors in the log.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub quiet: bool,
     /// Log line format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, help_heading = GLOBAL)]
     pub log_format: LogFormat,
     /// Colours in the log: `auto` colours on a terminal unless `NO_COLOR` is set (and not under
     /// journald); `always` and `never` decide regardless.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, global = true)]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHEN",
+        default_value_t = ColorChoice::Auto,
+        global = true,
+        help_heading = GLOBAL
+    )]
     pub color: ColorChoice,
 }
 
@@ -49,27 +60,136 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Generate every job of a job file, resuming where an earlier run stopped.
+    #[command(
+        after_help = "Examples:\n  krea-batch run jobs.yaml\n  krea-batch run jobs.yaml --simulate"
+    )]
     Run(RunArgs),
     /// Fetch the missing files of completed jobs from their stored URLs; submits nothing and
     /// needs no key.
+    #[command(
+        after_help = "Examples:\n  krea-batch download jobs.yaml\n  krea-batch download jobs.yaml --simulate"
+    )]
     Download(DownloadArgs),
     /// Validate a job file and print the plan (jobs, models, estimated cost); sends nothing.
+    #[command(
+        after_help = "Examples:\n  krea-batch check jobs.yaml\n  krea-batch check jobs.yaml --simulate --json"
+    )]
     Check(CheckArgs),
     /// Rebuild a lost, emptied or rolled-back state file from the output folder (manifest,
     /// sidecars) and Krea's records; submits nothing.
+    #[command(
+        after_help = "Examples:\n  krea-batch recover jobs.yaml\n  krea-batch recover jobs.yaml --simulate"
+    )]
     Recover(RecoverArgs),
     /// Show the jobs of a state file by state (also while a run is going).
+    #[command(
+        after_help = "Examples:\n  krea-batch status jobs.yaml\n  krea-batch status --config /etc/krea-batch/daemon.yaml --json"
+    )]
     Status(StatusArgs),
     /// Run as a service: take job files from an inbox, for as long as it runs (systemd).
+    #[command(after_help = "Examples:\n  krea-batch daemon --config /etc/krea-batch/daemon.yaml")]
     Daemon(DaemonArgs),
     /// Cancel jobs: pending ones are never sent, jobs in flight are cancelled at Krea.
+    #[command(
+        after_help = "Examples:\n  krea-batch cancel --file jobs.yaml --all\n  krea-batch cancel --file jobs.yaml fox-1"
+    )]
     Cancel(CancelArgs),
     /// Ask a running daemon (or run) to probe now whether submitting may resume, after a top-up.
+    #[command(
+        after_help = "Examples:\n  krea-batch resume jobs.yaml\n  krea-batch resume --config /etc/krea-batch/daemon.yaml"
+    )]
     Resume(ResumeArgs),
     /// Run the simulated Krea API as a server, for trying job files and for tests; or top up a
     /// simulation's balance (--top-up).
-    #[command(after_long_help = krea_batch::sim::config_keys_help())]
+    #[command(after_help = SIMULATE_EXAMPLES, after_long_help = simulate_long_help())]
     SimulateApi(SimulateArgs),
+    /// List the models of Krea's OpenAPI document (kind, required fields, time, price), or
+    /// one model's fields with their types, ranges and defaults.
+    #[command(
+        after_help = "Examples:\n  krea-batch models\n  krea-batch models image/bfl/flux-1-dev --json"
+    )]
+    Models(ModelsArgs),
+    /// Run failed jobs of a job file again, on purpose: shows their estimated cost and asks
+    /// first (--yes: without asking).
+    #[command(
+        after_help = "Examples:\n  krea-batch retry jobs.yaml --failed\n  krea-batch retry jobs.yaml fox-1 fox-2 --yes"
+    )]
+    Retry(RetryArgs),
+    /// Print a shell completion script on stdout.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout, or write one page per command into a folder.
+    #[command(
+        after_help = "Examples:\n  krea-batch man | man -l -\n  krea-batch man --dir ~/.local/share/man/man1"
+    )]
+    Man(ManArgs),
+}
+
+/// `simulate-api --help`'s examples.
+const SIMULATE_EXAMPLES: &str = "Examples:\n  krea-batch simulate-api --port 8080\n  \
+                                 krea-batch simulate-api --top-up 5 --port 8080";
+
+/// `simulate-api --help`: the simulation's settings, then the examples, last as everywhere.
+fn simulate_long_help() -> String {
+    format!("{}\n\n{SIMULATE_EXAMPLES}", krea_batch::sim::config_keys_help().trim_end())
+}
+
+/// `completions --help`'s examples: where bash, zsh and fish look for them.
+const COMPLETIONS_EXAMPLES: &str = "Examples:\n  \
+    krea-batch completions bash > ~/.local/share/bash-completion/completions/krea-batch\n  \
+    krea-batch completions zsh > ~/.zfunc/_krea-batch";
+
+/// `krea-batch completions`.
+#[derive(Debug, Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `krea-batch man`.
+#[derive(Debug, Args)]
+pub(crate) struct ManArgs {
+    /// Write `krea-batch.1` and a `krea-batch-COMMAND.1` for every command into DIR (made if
+    /// needed) instead of printing the one page.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// `krea-batch models`.
+#[derive(Debug, Args)]
+pub(crate) struct ModelsArgs {
+    /// One model (`image/bfl/flux-1-dev`): its fields, with types, ranges and defaults.
+    pub path: Option<String>,
+    /// Print as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The API base URL whose document to read (default: Krea's).
+    #[arg(long, env = "KREA_API_BASE", value_name = "URL")]
+    pub api_base: Option<String>,
+    /// The models of the built-in simulation (what `run --simulate` accepts).
+    #[arg(long, conflicts_with_all = ["api_base", "offline", "openapi"])]
+    pub simulate: bool,
+    /// Where the document comes from.
+    #[command(flatten)]
+    pub schema: SchemaArgs,
+}
+
+/// `krea-batch retry`: the options of `run`, and which failed jobs to run again.
+#[derive(Debug, Args)]
+pub(crate) struct RetryArgs {
+    /// What `run` takes: the job file first, and the same options.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Names of the failed jobs to run again.
+    #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+    pub names: Vec<String>,
+    /// Run every failed job of the job file again.
+    #[arg(long)]
+    pub failed: bool,
+    /// Do not ask: go ahead after showing the estimated cost (needed without a terminal).
+    #[arg(short, long)]
+    pub yes: bool,
 }
 
 /// `krea-batch daemon`.

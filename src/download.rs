@@ -282,10 +282,15 @@ impl Downloader {
         owner: Option<&str>,
         policy: &RetryPolicy,
     ) -> Result<Fetched, DownloadError> {
+        // The try about to be made after a failure: 2 after the first.
+        let next_try = std::sync::atomic::AtomicU32::new(1);
         crate::retry::retry(
             policy,
             DownloadError::verdict,
-            |err, wait| tracing::debug!(%err, ?wait, "download failed; retrying"),
+            |err, wait| {
+                let next = next_try.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                tracing::info!(file = %stem, "{}", retry_line(err, wait, next, policy.attempts));
+            },
             || self.fetch_for(url, dir, stem, owner),
         )
         .await
@@ -705,6 +710,15 @@ pub(crate) struct Sidecar<'a> {
     pub content_type: &'a str,
 }
 
+/// The log line of a download that failed and will be tried again: what failed, when the next
+/// try comes and which it is (`download failed: … ; try 2 of 6 in 2s`).
+fn retry_line(err: &DownloadError, wait: Duration, next_try: u32, tries: u32) -> String {
+    let wait = humantime::format_duration(Duration::from_millis(
+        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+    ));
+    format!("download failed: {err}; try {next_try} of {tries} in {wait}")
+}
+
 /// Writes `<dir>/<file>.json` atomically.
 ///
 /// Not fsynced: a sidecar says nothing the state file does not hold, and the engine rewrites
@@ -889,6 +903,49 @@ mod tests {
         assert!(err.to_string().contains("API key"), "{err}");
         assert_eq!(err.verdict(), Verdict::GiveUp);
         assert_eq!(server.hits(), 0);
+    }
+
+    /// A download that fails and will be tried again says so in the log, at the default level.
+    #[tokio::test]
+    async fn a_retried_download_is_logged() {
+        let server = TestServer::start(
+            "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".into(),
+            Duration::ZERO,
+        )
+        .await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = Downloader::new(&settings(true)).expect("client");
+        let policy = RetryPolicy {
+            first: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+            attempts: 2,
+        };
+        let (lines, _guard) = crate::testlog::capture();
+        let url = server.url("127.0.0.1");
+        let err = client.fetch_with_retries(&url, dir.path(), "fox", None, &policy).await;
+        assert!(matches!(err, Err(DownloadError::Status { status: 503, .. })), "{err:?}");
+        assert_eq!(server.hits(), 2);
+        let text = lines.text();
+        let retried: Vec<&str> =
+            text.lines().filter(|line| line.contains("download failed")).collect();
+        assert_eq!(retried.len(), 1, "one line per retry, none for the last failure: {text}");
+        assert!(retried[0].contains(" INFO "), "{text}");
+        assert!(retried[0].contains(&format!("answered 503 for {url}; try 2 of 2 in")), "{text}");
+        assert!(retried[0].contains("file=fox"), "{text}");
+    }
+
+    /// A retried download says what failed and when the next try comes.
+    #[test]
+    fn retries_say_what_failed_and_when_the_next_try_comes() {
+        let err = DownloadError::Status { status: 503, url: "http://files/r.png".into() };
+        let line = retry_line(&err, Duration::from_micros(2_345_678), 2, 6);
+        assert!(
+            line.starts_with(
+                "download failed: the result host answered 503 for http://files/r.png; "
+            ),
+            "{line}"
+        );
+        assert!(line.ends_with("; try 2 of 6 in 2s 345ms"), "{line}");
     }
 
     #[test]

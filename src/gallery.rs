@@ -24,11 +24,19 @@ pub(crate) fn write<'a>(
     jobs: impl IntoIterator<Item = &'a JobRecord>,
 ) -> Result<(), FileError> {
     let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
+    // The title names the job file the folder's marker names; a folder without one (or with an
+    // unreadable one) still gets its gallery.
+    let job_file =
+        crate::output::read_marker(dir).ok().flatten().and_then(|marker| marker.job_file);
+    let title = match &job_file {
+        Some(name) => format!("{name}: krea-batch results"),
+        None => "krea-batch results".to_owned(),
+    };
     let pages = jobs.len().div_ceil(PER_PAGE).max(1);
     for page in 0..pages {
         let start = page * PER_PAGE;
         let slice = &jobs[start..jobs.len().min(start + PER_PAGE)];
-        let html = render_page(&jobs, slice, page, pages);
+        let html = render_page(&title, &jobs, slice, page, pages);
         write_atomically(&dir.join(page_name(page)), html.as_bytes(), false)?;
     }
     Ok(())
@@ -39,16 +47,24 @@ fn page_name(page: usize) -> String {
     if page == 0 { "index.html".to_owned() } else { format!("index-{}.html", page + 1) }
 }
 
-fn render_page(all: &[&JobRecord], jobs: &[&JobRecord], page: usize, pages: usize) -> String {
+fn render_page(
+    title: &str,
+    all: &[&JobRecord],
+    jobs: &[&JobRecord],
+    page: usize,
+    pages: usize,
+) -> String {
     let counts = crate::runner::status::Counts::of(all.iter().copied());
+    let title = escape(title);
     let mut html = String::with_capacity(2048 + jobs.len() * 1024);
-    html.push_str(
+    let _ = write!(
+        html,
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>krea-batch results</title>\n<style>\n",
+         <title>{title}</title>\n<style>\n"
     );
     html.push_str(STYLE);
-    html.push_str("</style>\n</head>\n<body>\n<header>\n<h1>krea-batch results</h1>\n");
+    let _ = writeln!(html, "</style>\n</head>\n<body>\n<header>\n<h1>{title}</h1>");
     let _ = writeln!(
         html,
         "<p class=\"counts\">{}</p>",
@@ -58,8 +74,17 @@ fn render_page(all: &[&JobRecord], jobs: &[&JobRecord], page: usize, pages: usiz
         html.push_str(&pager(page, pages));
     }
     html.push_str("</header>\n<main>\n");
+    // A later stage links to its parent's card, on whichever page it is.
+    let page_of: std::collections::HashMap<&str, usize> =
+        all.iter().enumerate().map(|(index, job)| (job.name.as_str(), index / PER_PAGE)).collect();
     for job in jobs {
-        card(&mut html, job);
+        let parent = crate::chain::place(job.chain.as_deref()).and_then(|(_, parent)| parent);
+        let link = parent.map(|parent| {
+            let theirs = page_of.get(parent.as_str()).copied().unwrap_or(page);
+            let other_page = if theirs == page { String::new() } else { page_name(theirs) };
+            (format!("{other_page}#{parent}"), parent)
+        });
+        card(&mut html, job, link);
     }
     html.push_str("</main>\n");
     if pages > 1 {
@@ -98,9 +123,10 @@ fn pager(page: usize, pages: usize) -> String {
     nav
 }
 
-fn card(html: &mut String, job: &JobRecord) {
+/// One job's card; `parent` is the link to its input's card and that job's name.
+fn card(html: &mut String, job: &JobRecord, parent: Option<(String, String)>) {
     let status = manifest_status(job.state);
-    let _ = writeln!(html, "<article class=\"{status}\">");
+    let _ = writeln!(html, "<article class=\"{status}\" id=\"{}\">", escape(&job.name));
     html.push_str("<div class=\"media\">");
     let shown = job.files.first().filter(|_| job.state == JobState::Downloaded);
     match shown {
@@ -127,11 +153,19 @@ fn card(html: &mut String, job: &JobRecord) {
     html.push_str("</div>\n<div class=\"body\">\n");
     let _ = writeln!(html, "<span class=\"name\">{}</span>", escape(&job.name));
     let _ = writeln!(html, "<span class=\"status\">{}</span>", escape(&status.replace('_', " ")));
+    if let Some((href, name)) = parent {
+        let _ = writeln!(
+            html,
+            "<span class=\"meta\">from <a href=\"{}\">{}</a></span>",
+            escape(&href),
+            escape(&name)
+        );
+    }
     if let (Some(error), true) = (&job.error, job.state != JobState::Downloaded) {
         let _ = writeln!(html, "<span class=\"reason\">{}</span>", escape(error));
     }
     let mut params: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&job.body).unwrap_or_default();
+        serde_json::from_str(&crate::report::shown_body(job)).unwrap_or_default();
     let prompt = params.remove("prompt");
     let prompt = prompt.as_ref().and_then(serde_json::Value::as_str).unwrap_or_default();
     let _ = writeln!(html, "<span class=\"prompt\">{}</span>", escape(prompt));
@@ -212,7 +246,10 @@ mod tests {
             price_usd: None,
             in_file: true,
             reused_from: None,
+            chain: None,
+            parent_id: None,
             files,
+            inputs: Vec::new(),
         }
     }
 
@@ -223,8 +260,13 @@ mod tests {
             job("clip", JobState::Downloaded, "video/mp4"),
             job("bad", JobState::Failed, ""),
         ];
-        let html =
-            render_page(&jobs.iter().collect::<Vec<_>>(), &jobs.iter().collect::<Vec<_>>(), 0, 1);
+        let html = render_page(
+            "t",
+            &jobs.iter().collect::<Vec<_>>(),
+            &jobs.iter().collect::<Vec<_>>(),
+            0,
+            1,
+        );
         assert!(html.contains("<img src=\"fox.png\""));
         assert!(html.contains("<video src=\"clip.mp4\" controls"));
         assert!(html.contains("content_moderation: flagged"));
@@ -235,8 +277,13 @@ mod tests {
     #[test]
     fn the_page_makes_no_request_of_its_own() {
         let jobs = [job("fox", JobState::Downloaded, "image/png")];
-        let html =
-            render_page(&jobs.iter().collect::<Vec<_>>(), &jobs.iter().collect::<Vec<_>>(), 0, 1);
+        let html = render_page(
+            "t",
+            &jobs.iter().collect::<Vec<_>>(),
+            &jobs.iter().collect::<Vec<_>>(),
+            0,
+            1,
+        );
         for attribute in [
             "src=\"http",
             "href=\"http",
@@ -264,6 +311,47 @@ mod tests {
         assert_eq!(second.matches("<article").count(), 3);
         assert!(second.contains("<a href=\"index.html\">page 1</a>"));
         assert!(!dir.path().join("index-3.html").exists());
+    }
+
+    /// The title names the job file the folder's marker names, escaped; without a marker it is
+    /// generic.
+    #[test]
+    fn the_title_names_the_job_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jobs = [job("fox", JobState::Downloaded, "image/png")];
+        write(dir.path(), &jobs).expect("written");
+        let page = std::fs::read_to_string(dir.path().join("index.html")).expect("page");
+        assert!(page.contains("<title>krea-batch results</title>"), "{page}");
+        let marker = crate::output::Marker::new("id", Path::new("/s"), "batch:1", Vec::new())
+            .with_job_file(Path::new("/work/foxes & owls.yaml"));
+        crate::output::write_marker(dir.path(), &marker).expect("marker");
+        write(dir.path(), &jobs).expect("written");
+        let page = std::fs::read_to_string(dir.path().join("index.html")).expect("page");
+        let title = "foxes &amp; owls.yaml: krea-batch results";
+        assert!(page.contains(&format!("<title>{title}</title>")), "{page}");
+        assert!(page.contains(&format!("<h1>{title}</h1>")), "{page}");
+    }
+
+    #[test]
+    fn a_later_stage_links_to_its_parent_on_its_page() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut jobs: Vec<JobRecord> = (0..PER_PAGE)
+            .map(|i| job(&format!("j{i}"), JobState::Downloaded, "image/png"))
+            .collect();
+        let chain = |stage: u32, parent: &str| {
+            let text = format!("{{\"base\":\"castle\",\"stage\":{stage},\"parent\":\"{parent}\"}}");
+            Some(std::sync::Arc::from(text.as_str()))
+        };
+        let mut enhanced = job("castle/1-standard-enhance", JobState::Downloaded, "image/png");
+        enhanced.chain = chain(1, "j3");
+        let mut animated = job("castle/2-kling-2.5", JobState::Downloaded, "video/mp4");
+        animated.chain = chain(2, "castle/1-standard-enhance");
+        jobs.extend([enhanced, animated]);
+        write(dir.path(), &jobs).expect("written");
+        let second = std::fs::read_to_string(dir.path().join("index-2.html")).expect("page 2");
+        assert!(second.contains("from <a href=\"index.html#j3\">j3</a>"), "{second}");
+        assert!(second.contains("<article class=\"completed\" id=\"castle/1-standard-enhance\">"));
+        assert!(second.contains("from <a href=\"#castle/1-standard-enhance\">"));
     }
 
     #[test]

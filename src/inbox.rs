@@ -321,11 +321,15 @@ impl Inbox {
         ensure_real_dir(&self.rejected).map_err(into_io)?;
         let target = free_name(&self.rejected, file_name, true)?;
         let note_path = with_suffix(&target, ERROR_SUFFIX);
+        // The error names the file as it was dropped (lines and columns are the same); the
+        // note also says where it lies now, which is what the operator opens to fix it.
         let note = format!(
             "krea-batch did not take the job file {:?} from the inbox:\n\n{}\n\n\
+             The file now lies at {}.\n\
              Fix the file and drop it into the inbox again (write it elsewhere and rename it in).\n",
             file_name,
             error.trim_end(),
+            target.display(),
         );
         write_atomically(&note_path, note.as_bytes(), true).map_err(into_io)?;
         if let Err(err) = std::fs::rename(path, &target) {
@@ -345,7 +349,12 @@ impl Inbox {
         let Ok(kind) = entry.file_type() else { return None };
         if kind.is_dir() {
             if name != ACCEPTED && name != REJECTED && name != PROCESSING {
-                self.warn_once(name, "a folder; only files directly in the inbox are read");
+                // A folder of images that job files name (`from: photos/`) is expected here.
+                self.warn_once(
+                    name,
+                    "a folder; only files directly in the inbox are read as job files (a job \
+                     file's `from: folder/` reads its images)",
+                );
             }
             return None;
         }
@@ -367,9 +376,10 @@ impl Inbox {
         if temporary || data {
             return None;
         }
+        // `.json`: Krea's pipeline files (`jobfile/pipeline.rs`), and job files written as JSON.
         let extension = Path::new(name).extension().unwrap_or_default();
-        if !(extension.eq_ignore_ascii_case("yaml") || extension.eq_ignore_ascii_case("yml")) {
-            self.warn_once(name, "not a job file (the inbox takes .yaml and .yml files)");
+        if !["yaml", "yml", "json"].iter().any(|known| extension.eq_ignore_ascii_case(known)) {
+            self.warn_once(name, "not a job file (the inbox takes .yaml, .yml and .json files)");
             return None;
         }
         let Some(file_name) = name.to_str() else {
@@ -534,14 +544,14 @@ fn read_unchanged(path: &Path, expected: Signature, limit: u64) -> io::Result<Op
     Ok((Signature::of(&file.metadata()?) == expected).then_some(bytes))
 }
 
-/// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`, runs of
+/// A safe batch (folder) name from a job file's name: the stem without `.yaml`/`.yml`/`.json`, runs of
 /// characters other than ASCII letters, digits, `.`, `_` and `-` replaced by one `-`, leading
 /// `.`/`-` and trailing `-` trimmed, cut to 100 bytes; `job-file` if nothing is left, `job-`
 /// before a name Windows or krea-batch reserves. The result always passes [`check_name`].
 #[must_use]
 pub(crate) fn batch_name(file_name: &str) -> String {
     let lower = file_name.to_ascii_lowercase();
-    let stem = [".yaml", ".yml"]
+    let stem = [".yaml", ".yml", ".json"]
         .iter()
         .find(|ext| lower.ends_with(*ext))
         .and_then(|ext| file_name.get(..file_name.len() - ext.len()))
@@ -646,10 +656,11 @@ mod tests {
         write_old(&outside, "jobs: []\n");
         fs::rename(&outside, inbox.dir().join("catalogue-2026.yaml")).expect("rename in");
         write_old(&inbox.dir().join("b.YML"), "b");
+        write_old(&inbox.dir().join("a.json"), "{}");
         assert!(inbox.scan().expect("scan").is_empty());
         let ready = inbox.scan().expect("scan");
-        assert_eq!(names(&ready), ["b.YML", "catalogue-2026.yaml"]);
-        let file = &ready[1];
+        assert_eq!(names(&ready), ["a.json", "b.YML", "catalogue-2026.yaml"]);
+        let file = &ready[2];
         assert_eq!(file.batch_name, "catalogue-2026");
         assert_eq!(file.bytes, b"jobs: []\n");
         assert_eq!(file.sha256, hex(&Sha256::digest(b"jobs: []\n")));
@@ -727,6 +738,8 @@ mod tests {
         let note = fs::read_to_string(folder.join("bad.2.yaml.error.txt")).expect("note");
         assert!(note.contains("\"bad.yaml\"") && note.contains("`jobs` must be a list"), "{note}");
         assert!(note.contains("drop it into the inbox again"), "{note}");
+        let lies = format!("The file now lies at {}.", folder.join("bad.2.yaml").display());
+        assert!(note.contains(&lies), "where it lies now: {note}");
         assert!(!inbox.dir().join("bad.yaml").exists());
     }
 
@@ -866,6 +879,7 @@ mod tests {
             ("日本語.yaml", "job-file"),
             ("café au lait.yml", "caf-au-lait"),
             ("con.yaml", "job-con"),
+            ("car-pipeline.JSON", "car-pipeline"),
             (long.as_str(), &"a".repeat(100)),
         ] {
             let name = batch_name(file);

@@ -174,6 +174,18 @@ impl JobState {
             _ => false,
         }
     }
+
+    /// Whether `krea-batch retry` may put a job in this state back to `Pending`: only a failed
+    /// one. This is no transition of the engine's ([`JobState::may_become`] refuses it, so no
+    /// bug in the engine can send a failed job again): it is the user's decision, taken by the
+    /// command with the cost shown, while no engine holds the state, and the failure it
+    /// replaces is kept in the state file (`store/retries.rs`). A failed job is not billed, so
+    /// sending it again pays once for one result. Cancelled jobs stay cancelled: that was a
+    /// decision too.
+    #[must_use]
+    pub fn may_be_retried(self) -> bool {
+        self == Self::Failed
+    }
 }
 
 impl fmt::Display for JobState {
@@ -350,6 +362,14 @@ mod tests {
         }
         assert!(JobState::Unknown.may_become(JobState::Pending));
         assert!(!JobState::Unknown.may_become(JobState::Submitting));
+    }
+
+    #[test]
+    fn only_the_retry_command_sends_a_failed_job_again() {
+        assert!(!JobState::Failed.may_become(JobState::Pending), "never the engine's doing");
+        let retried: Vec<JobState> =
+            JobState::ALL.into_iter().filter(|state| state.may_be_retried()).collect();
+        assert_eq!(retried, [JobState::Failed], "not cancelled, not completed");
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! | file | job |
 //! |---|---|
 //! | `job.rs` | a job's identity (key), name rules and local lifecycle; no I/O |
-//! | `jobfile/` | the YAML job file as users write it (sweeps included), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
+//! | `jobfile/` | the YAML job file as users write it (sweeps included), and Krea's JSON pipeline files translated into one (`jobfile/pipeline.rs`), validated into jobs with precise errors; the one reader of YAML (`jobfile/yaml.rs` reads the daemon's and the simulation's configuration) |
 //! | `key.rs` | where the API key comes from; the type that keeps it out of logs |
+//! | `chain.rs` | chains of stages (`then:`): each stage job's name, key and request body, made from its parent's result; no I/O but reading a result's pixel size |
 //! | `beside.rs` | opening a file named relative to a folder without leaving it (no `..`, no links) |
 //! | `inbox.rs` | the daemon's inbox: noticing complete job files, moving them to accepted/ or rejected/ |
 //! | `metrics.rs` | the optional Prometheus /metrics endpoint of the daemon (loopback only) |
@@ -29,11 +30,12 @@
 //! | `download.rs` | streaming result files to disk atomically, with sidecars, deadlines and a rate floor |
 //! | `address.rs` | which addresses result URLs may reach: the SSRF guard and its DNS resolver |
 //! | `output.rs` | the output folder as krea-batch's own: its marker (which state owns it), its lock, results the state does not know |
-//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
+//! | `runner/` | the engine: ties jobs, pacer, API, store and downloads together; its job table (`runner/table.rs`: each job's phase, with its data, `runner/phase.rs`, and its queue, changed together and checked in one place); its vocabulary (`StopReason`, `Pause`, `Counts`, `EngineStatus`) in `runner/status.rs`, which imports only `job` and `store`; how hard to push an account of unknown limits in `runner/controller.rs` (pure: no I/O, no clock of its own); cancels at Krea, refused ones retried and reported, in `runner/cancel.rs`; a chain's next stage jobs inserted once their input is downloaded in `runner/stages.rs`; results no job can be named for (several POSTs lost together) downloaded apart in `runner/unattributed.rs` |
 //! | `seam.rs` | what the engine needs from the world (Krea, result hosts, the clock), as interfaces with the real and the refusing implementations; below the engine, so `reconcile` uses it without importing the engine |
 //! | `openapi.rs` | Krea's OpenAPI document: fetched, cached, each model's request schema; a job file checked against it |
 //! | `schema.rs` | checking a request body against its model's JSON Schema (a subset) |
 //! | `recover.rs` | `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records (command) |
+//! | `dimensions.rs` | an image's pixel size from its header (PNG, JPEG, WebP), for inputs that need it |
 //! | `uploads.rs` | local input files uploaded once per content (recorded before each POST, a lost answer found again with `GET /assets`), their URLs put into the bodies the engine sends |
 //! | `reconcile.rs` | finding at Krea the jobs whose submission got no answer, never paying twice |
 //! | `reuse.rs` | results the state already paid for, linked into a new output folder instead of paid again |
@@ -42,10 +44,15 @@
 //! | `setup.rs` | setting a run up and down: places, the store opened and guarded (locks, API base, output folder claim), clients, writer, engine, requests forwarded |
 //! | `run.rs` | `krea-batch run` and `download`: a job file end to end (command) |
 //! | `check.rs` | `krea-batch check`: the plan, nothing sent (command) |
-//! | `status.rs` | `krea-batch status`: a state file read (command) |
+//! | `status.rs` | `krea-batch status`: a state file read, with the service's pause and counts per job file (command) |
+//! | `models.rs` | `krea-batch models`: the models of Krea's OpenAPI document, or one model's fields (command) |
 //! | `daemon/` | `krea-batch daemon`: the service around the engine (inbox, systemd, signals) (command) |
 //! | `cli.rs` | the command line (clap types): a module of the binary (`main.rs` declares it), not of this library |
+//! | `testlog.rs` | tests only: a run's log captured as text |
+//! | `journal.rs` | `<N>` priority prefixes on log lines under journald, so `journalctl -p` filters them |
 //! | `control.rs` | `cancel` and `resume`: acting on a state file, with or without a running process (command) |
+//! | `selection.rs` | which jobs of a state a command names: a job file's, all or by name (for `cancel` and `retry`) |
+//! | `rerun.rs` | `krea-batch retry`: failed jobs put back to pending on purpose, their failures kept, then run as `run` does (command) |
 //! | `sim/` | the simulated Krea API used by tests, the benchmark and `--simulate`; the one public module |
 //!
 //! # Dependency direction
@@ -54,7 +61,7 @@
 //! files beside it. `api` knows HTTP but not job states. `store` knows jobs but not HTTP. `runner` is the one
 //! module that ties them together. `setup` builds on `runner`, `store`, `output` and the clients;
 //! `uploads` builds on `seam`, `store` and `jobfile` (the engine never sees a local file);
-//! the commands (`run`, `check`, `status`, `control`, `recover`, `daemon`) build on `setup`, and no
+//! the commands (`run`, `check`, `status`, `control`, `rerun`, `recover`, `models`, `daemon`) build on `setup`, and no
 //! module imports a command; `main` sits on top. The simulation depends on nothing else in
 //! the crate: it models Krea, not krea-batch.
 //!
@@ -65,8 +72,8 @@
 //! Every module is private; this file re-exports what those users call, and nothing else:
 //!
 //! - the commands, one function each, with their options and results: [`run`] (`run` and
-//!   `download`), [`plan`] (`check`), [`status`], [`recover`], [`cancel`], [`resume`] and
-//!   [`run_daemon`];
+//!   `download`), [`plan`] (`check`), [`status`], [`recover`], [`cancel`], [`resume`],
+//!   [`models()`], [`retry_plan`] and [`retry_jobs`] (`retry`) and [`run_daemon`];
 //! - what the commands take: a job file ([`load_job_file`], [`output_dir_of`]), a key
 //!   ([`load_key`]), a job file's places and API ([`places`], [`base_url`], [`STATE_FILE`]), the
 //!   schema check ([`schema_report`]), and the other YAML files ([`parse_yaml_document`]);
@@ -100,10 +107,12 @@ mod address;
 mod api;
 mod asset;
 mod beside;
+mod chain;
 mod check;
 mod control;
 mod costs;
 mod daemon;
+mod dimensions;
 mod download;
 mod error;
 mod files;
@@ -111,8 +120,10 @@ mod gallery;
 mod inbox;
 mod job;
 mod jobfile;
+mod journal;
 mod key;
 mod metrics;
+mod models;
 mod openapi;
 mod output;
 mod pace;
@@ -120,16 +131,20 @@ mod pricing;
 mod reconcile;
 mod recover;
 mod report;
+mod rerun;
 mod retry;
 mod reuse;
 mod run;
 mod runner;
 mod schema;
 mod seam;
+mod selection;
 mod setup;
 pub mod sim;
 mod status;
 mod store;
+#[cfg(test)]
+mod testlog;
 mod uploads;
 
 // The commands.
@@ -138,8 +153,6 @@ mod uploads;
 pub use check::Plan;
 /// `krea-batch check`: what a job file would do and cost, nothing sent.
 pub use check::plan;
-/// Which jobs [`cancel`] cancels.
-pub use control::Selection;
 /// `krea-batch cancel`: through the running process when there is one, else at Krea.
 pub use control::cancel;
 /// `krea-batch resume`: the running process probes whether it may submit again.
@@ -150,12 +163,32 @@ pub use daemon::DaemonConfig;
 pub use daemon::DaemonSignals;
 /// `krea-batch daemon`: the service, until [`DaemonSignals::shutdown`].
 pub use daemon::run as run_daemon;
+/// One field of a model's request body, in [`ModelDetail`].
+pub use models::FieldInfo;
+/// `krea-batch models PATH`: one model's fields.
+pub use models::ModelDetail;
+/// `krea-batch models`: every model of the document.
+pub use models::ModelList;
+/// One model of [`ModelList`].
+pub use models::ModelSummary;
+/// The answer of [`models()`], printed or as JSON.
+pub use models::Models;
+/// `krea-batch models [PATH]`: the models of Krea's OpenAPI document, or one model's fields.
+pub use models::models;
 /// What [`recover`] needs besides the job file.
 pub use recover::RecoverOptions;
 /// What [`recover`] found and recorded.
 pub use recover::RecoverReport;
 /// `krea-batch recover`: a lost state file rebuilt from the output folder and Krea's records.
 pub use recover::recover;
+/// One failed job in a [`RetryPlan`].
+pub use rerun::RetryJob;
+/// What `krea-batch retry` would run again, and its estimated cost.
+pub use rerun::RetryPlan;
+/// `krea-batch retry`: puts the jobs of a [`RetryPlan`] back to pending, their failures kept.
+pub use rerun::retry_jobs;
+/// `krea-batch retry`: which failed jobs would run again, and their cost; reads only.
+pub use rerun::retry_plan;
 /// Whether [`run`] runs everything or only fetches missing result files.
 pub use run::Mode;
 /// What [`run`] needs besides the job file: the key, the API, the places, the stop controls.
@@ -165,6 +198,8 @@ pub use run::RunResult;
 /// `krea-batch run` and `krea-batch download` ([`Mode`]): a job file run end to end, from
 /// the state file it resumes to the summary it ends with.
 pub use run::run;
+/// Which jobs [`cancel`] cancels and [`retry_plan`] runs again.
+pub use selection::Selection;
 /// The answer of [`status`], printed or as JSON.
 pub use status::Status;
 /// `krea-batch status`: a state file read, also while a run writes it.
@@ -172,12 +207,16 @@ pub use status::status;
 
 // What the commands take.
 
+/// A folder of images a job file takes jobs from (`from: photos/`), as `check` reports it.
+pub use jobfile::FolderUse;
 /// A validated job file: its settings and one job per generation.
 pub use jobfile::JobFile;
 /// Why a job file was refused: the file, the place, the key and what to do (exit code 2).
 pub use jobfile::JobFileError;
 /// The most jobs one job file may expand to.
 pub use jobfile::MAX_JOBS;
+/// What a folder of images held that gave no job (hidden files, subfolders, other types).
+pub use jobfile::Skipped;
 /// Reads and validates a job file; every refusal names the file, line, column and key.
 pub use jobfile::load as load_job_file;
 /// The output folder a job file names, read without validating the rest (for `status`).
@@ -205,6 +244,8 @@ pub use openapi::schema_report;
 pub use setup::Places;
 /// The state file's name inside the output folder.
 pub use setup::STATE_FILE;
+/// The API base URL a command line names, else Krea's (for commands without a job file).
+pub use setup::api_base_url;
 /// The API base URL of a job file, unless the command line overrides it.
 pub use setup::base_url;
 /// Refuses, as a usage error, a command that reads a state file that is not there.
@@ -224,6 +265,8 @@ pub use error::InputError;
 pub use job::check_name as check_job_name;
 #[doc(hidden)]
 pub use jobfile::flow_depth;
+/// Log writers whose lines carry their journald priority (`<4>` for a warning).
+pub use journal::{PrefixedLines, Prioritised};
 /// The end of a run: counts, files, spend, why it stopped; printed or as JSON.
 pub use report::Summary;
 /// The progress bar's look (one line at 80 columns; no time left claimed before a job ends).
@@ -239,6 +282,8 @@ pub use runner::Counts;
 pub use runner::EngineStatus;
 /// Attempts of one job that may go unanswered before the job fails.
 pub use runner::MAX_UNANSWERED_POSTS;
+/// Why the service's submitting is paused, since and until when, in [`Status`].
+pub use runner::Pause;
 /// A job that was to be cancelled and that Krea ran and billed all the same, in [`Summary`].
 pub use runner::RefusedCancel;
 /// Why a run stopped submitting early; the binary turns it into an exit code.

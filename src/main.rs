@@ -9,8 +9,9 @@ mod cli;
 
 use clap::Parser as _;
 use cli::{
-    CancelArgs, CheckArgs, Cli, ColorChoice, Command, DaemonArgs, DownloadArgs, LogFormat,
-    RecoverArgs, ResumeArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice, StatusArgs,
+    CancelArgs, CheckArgs, Cli, ColorChoice, Command, DaemonArgs, DownloadArgs, LogFormat, ManArgs,
+    ModelsArgs, RecoverArgs, ResumeArgs, RetryArgs, RunArgs, SchemaArgs, SimulateArgs, StateChoice,
+    StatusArgs,
 };
 use krea_batch::sim::{self, FileTopUp, SimConfig, SimError, SimServer, WorldFileError};
 use krea_batch::{
@@ -20,6 +21,16 @@ use krea_batch::{
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// `print!` to stdout through [`print_out`]: a reader that stops early is no error.
+macro_rules! out {
+    ($($arg:tt)*) => { print_out(&format!($($arg)*))? };
+}
+
+/// `println!` to stdout through [`print_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { print_out(&format!("{}\n", format_args!($($arg)*)))? };
+}
 
 /// Every job completed.
 const EXIT_OK: u8 = 0;
@@ -38,14 +49,15 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let progress_bar = match &cli.command {
-        Command::Run(args)
-            if !args.no_progress && !cli.quiet && std::io::stderr().is_terminal() =>
-        {
-            Some(new_progress_bar())
-        }
+    // A retry that asks first shows no bar: it would draw over the question.
+    let run_args = match &cli.command {
+        Command::Run(args) => Some(args),
+        Command::Retry(retry) if retry.yes => Some(&retry.run),
         _ => None,
     };
+    let progress_bar = run_args
+        .filter(|args| !args.no_progress && !cli.quiet && std::io::stderr().is_terminal())
+        .map(|_| new_progress_bar());
     init_logging(&cli, progress_bar.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -69,6 +81,15 @@ async fn dispatch(cli: Cli, progress_bar: Option<indicatif::ProgressBar>) -> u8 
         Command::Cancel(args) => cancel(args).await,
         Command::Resume(args) => resume(args).await,
         Command::SimulateApi(args) => simulate_api(args).await,
+        Command::Models(args) => models(args).await,
+        Command::Retry(args) => retry(args, progress_bar).await,
+        Command::Completions(args) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut command, "krea-batch", &mut script);
+            print_out(&String::from_utf8_lossy(&script)).map(|()| EXIT_OK).map_err(Into::into)
+        }
+        Command::Man(args) => man(&args),
     };
     result.unwrap_or_else(|err| {
         let code = if is_input_error(&err) { EXIT_BAD_INPUT } else { EXIT_SOME_FAILED };
@@ -101,7 +122,7 @@ async fn run_reporting_failure(
     let mut state = None;
     let result = run(args, progress_bar, &mut state).await;
     if let (Err(err), true) = (&result, json) {
-        println!("{}", failure_json(err, state.as_deref()));
+        outln!("{}", failure_json(err, state.as_deref()));
     }
     result
 }
@@ -178,7 +199,7 @@ async fn run(
     }
     let summary = result?.summary;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     }
     eprint!("{summary}");
     if let (Some((path, _)), Some(StopReason::PaymentRequired)) = (&world, summary.stopped) {
@@ -237,7 +258,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
     }
     let summary = result?.summary;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     }
     eprint!("{summary}");
     Ok(if summary.counts.download_pending == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
@@ -283,7 +304,7 @@ async fn recover(args: RecoverArgs) -> anyhow::Result<u8> {
     }
     let report = result?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     }
     eprint!("{report}");
     Ok(EXIT_OK)
@@ -363,13 +384,13 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<u8> {
     if let Some(server) = simulation {
         server.shutdown().await;
     }
-    println!("{}", result?);
+    outln!("{}", result?);
     Ok(EXIT_OK)
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     let state = state_path(&args.target, args.job_file.as_deref())?;
-    println!("{}", krea_batch::resume(&state).await?);
+    outln!("{}", krea_batch::resume(&state).await?);
     Ok(EXIT_OK)
 }
 
@@ -397,7 +418,7 @@ fn exit_code(summary: &Summary) -> u8 {
     match summary.stopped {
         Some(StopReason::AuthRefused) => EXIT_AUTH,
         Some(StopReason::PaymentRequired) => EXIT_PAYMENT_REQUIRED,
-        Some(StopReason::BudgetReached) => EXIT_BUDGET,
+        Some(StopReason::BudgetReached | StopReason::DailyBudgetReached) => EXIT_BUDGET,
         Some(StopReason::Interrupted) => EXIT_INTERRUPTED,
         None => {
             let c = &summary.counts;
@@ -427,9 +448,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
         "the built-in simulation (--simulate)".clone_into(&mut plan.api_base);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print!("{plan}");
+        out!("{plan}");
     }
     // Bodies Krea would refuse are bad input, like any other mistake in the file, and so are
     // jobs that a budget cannot count; an estimate above the budget is the budget's own code.
@@ -441,6 +462,111 @@ async fn check(args: CheckArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// `krea-batch retry`: shows the failed jobs it would run again with their estimated cost,
+/// asks (unless `--yes`), puts them back to pending, then runs the job file as `run` does.
+async fn retry(
+    args: RetryArgs,
+    progress_bar: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<u8> {
+    let RetryArgs { run: run_args, names, failed: _, yes } = args;
+    let file = krea_batch::load_job_file(&run_args.job_file)?;
+    let places = krea_batch::places(&file, run_args.state.as_deref(), run_args.simulate);
+    krea_batch::existing_state(&places.state)?;
+    let selection = Selection {
+        file: Some(run_args.job_file.to_string_lossy().into_owned()),
+        names,
+        simulated: run_args.simulate,
+    };
+    let plan = krea_batch::retry_plan(&places.state, &selection, &file)?;
+    if plan.jobs.is_empty() {
+        eprintln!("nothing to retry: no job of {} has failed", run_args.job_file.display());
+        return Ok(EXIT_OK);
+    }
+    eprint!("{plan}");
+    if !yes && !confirmed(plan.jobs.len())? {
+        let which = if plan.jobs.len() == 1 { "the job stays" } else { "the jobs stay" };
+        eprintln!("nothing retried: {which} failed");
+        return Ok(EXIT_SOME_FAILED);
+    }
+    krea_batch::retry_jobs(&plan)?;
+    run_reporting_failure(run_args, progress_bar).await
+}
+
+/// Asks on the terminal whether to run `jobs` failed jobs again; without a terminal to ask
+/// on, refuses (exit 2) and says to pass `--yes`.
+fn confirmed(jobs: usize) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    if !std::io::stdin().is_terminal() {
+        return Err(InputError::msg(
+            "not retried: there is no terminal to confirm on; pass --yes to run them again \
+             without asking",
+        )
+        .into());
+    }
+    let noun = if jobs == 1 { "this job" } else { "these jobs" };
+    eprint!("Run {noun} again? [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+/// `krea-batch man`: the man page, in roff, on stdout; with `--dir`, one page per command
+/// written into that folder (the main page's SUBCOMMANDS name them).
+fn man(args: &ManArgs) -> anyhow::Result<u8> {
+    let command = <Cli as clap::CommandFactory>::command();
+    if let Some(dir) = &args.dir {
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir));
+        written.map_err(|err| {
+            InputError::because(
+                format!("cannot write the man pages into {}: {err}", dir.display()),
+                err,
+            )
+        })?;
+        eprintln!("man pages written into {}", dir.display());
+        return Ok(EXIT_OK);
+    }
+    let page = clap_mangen::Man::new(command);
+    let mut roff = Vec::new();
+    page.render(&mut roff)?;
+    print_out(&String::from_utf8_lossy(&roff))?;
+    Ok(EXIT_OK)
+}
+
+/// Writes a command's answer to stdout. A reader that stops early (`| head`) is no error: what
+/// it did not read was not wanted.
+fn print_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
+}
+
+async fn models(args: ModelsArgs) -> anyhow::Result<u8> {
+    // The simulation's own document, as `check --simulate` reads it; nothing is kept.
+    let simulation =
+        if args.simulate { Some(SimServer::start(SimConfig::default()).await?) } else { None };
+    let base = simulation.as_ref().map(SimServer::base_url).or(args.api_base);
+    let base = krea_batch::api_base_url(base.as_deref())?;
+    // The simulation serves its document and is gone: name it, not its passing address.
+    let label = args.simulate.then_some("the built-in simulation (--simulate)");
+    let choice = schema_choice(&args.schema, false);
+    let result = krea_batch::models(args.path.as_deref(), &base, &choice, label).await;
+    if let Some(server) = simulation {
+        server.shutdown().await;
+    }
+    let models = result?;
+    if args.json {
+        print_out(&format!("{}\n", serde_json::to_string_pretty(&models)?))?;
+    } else {
+        print_out(&models.to_string())?;
+    }
+    Ok(EXIT_OK)
+}
+
 fn schema_choice(args: &SchemaArgs, skip: bool) -> SchemaChoice {
     SchemaChoice { openapi: args.openapi.clone(), offline: args.offline, skip }
 }
@@ -450,9 +576,9 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let json = args.json;
     let status = krea_batch::status(&state_path)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{status}");
+        out!("{status}");
     }
     Ok(EXIT_OK)
 }
@@ -461,13 +587,13 @@ fn load_sim_config(path: &std::path::Path) -> anyhow::Result<SimConfig> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         InputError::because(format!("cannot read {}: {err}", path.display()), err)
     })?;
-    serde_yaml::from_str(&text)
-        .map_err(|err| InputError::because(format!("{}: {err}", path.display()), err).into())
+    // The file, line and column, and for a misspelled key the job file's did-you-mean.
+    krea_batch::parse_yaml_document(&text, path).map_err(|err| InputError::new(err).into())
 }
 
 async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
     if args.print_config {
-        print!("{}", sim::DEFAULT_CONFIG_YAML);
+        out!("{}", sim::DEFAULT_CONFIG_YAML);
         return Ok(EXIT_OK);
     }
     let mut config = match &args.config {
@@ -497,23 +623,20 @@ async fn simulate_api(args: SimulateArgs) -> anyhow::Result<u8> {
     } else {
         format!(" --key {}", shell_word(key))
     };
-    println!(
-        "Krea API simulation listening on {base} (result files on {})",
-        server.files_base_url()
-    );
+    outln!("Krea API simulation listening on {base} (result files on {})", server.files_base_url());
     match &args.world {
-        Some(path) => println!(
+        Some(path) => outln!(
             "balance ${:.2}; the account is kept in {}",
             server.stats().balance_usd,
             path.display()
         ),
-        None => println!("balance ${:.2}", server.stats().balance_usd),
+        None => outln!("balance ${:.2}", server.stats().balance_usd),
     }
-    println!("To point krea-batch at it, paste:");
-    println!("export KREA_API_BASE={base} KREA_API_KEY={}", shell_word(key));
-    println!("To top up its balance by $5, paste:");
-    println!("krea-batch simulate-api --top-up 5 --port {port}{key_arg}");
-    println!("Ctrl-C stops it.");
+    outln!("To point krea-batch at it, paste:");
+    outln!("export KREA_API_BASE={base} KREA_API_KEY={}", shell_word(key));
+    outln!("To top up its balance by $5, paste:");
+    outln!("krea-batch simulate-api --top-up 5 --port {port}{key_arg}");
+    outln!("Ctrl-C stops it.");
     let controls = Controls::default();
     tokio::spawn(watch_signals(controls.clone()));
     controls.stop_submitting.cancelled().await;
@@ -537,7 +660,7 @@ async fn top_up(
     let port = match world {
         Some(path) => match sim::top_up_file(path, usd).map_err(InputError::new)? {
             FileTopUp::Saved { before_usd, balance_usd } => {
-                println!(
+                outln!(
                     "simulated balance ${balance_usd:.2} (was ${before_usd:.2}) in {}",
                     path.display()
                 );
@@ -555,7 +678,7 @@ async fn top_up(
         None => port,
     };
     let balance = top_up_at(port, key, usd).await?;
-    println!("simulated balance ${balance:.2} (the simulation on 127.0.0.1:{port})");
+    outln!("simulated balance ${balance:.2} (the simulation on 127.0.0.1:{port})");
     Ok(EXIT_OK)
 }
 
@@ -621,7 +744,7 @@ fn new_progress_bar() -> indicatif::ProgressBar {
 }
 
 /// Logs go to stderr. Under journald (`JOURNAL_STREAM` set) lines carry no timestamps (the
-/// journal adds its own). Colours as [`colours`] decides. With a progress bar, lines are printed
+/// journal adds its own) and each starts with its `<N>` priority ([`krea_batch::Prioritised`]). Colours as [`colours`] decides. With a progress bar, lines are printed
 /// above it.
 fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
     use tracing_subscriber::EnvFilter;
@@ -639,12 +762,15 @@ fn init_logging(cli: &Cli, bar: Option<indicatif::ProgressBar>) {
         std::env::var_os("NO_COLOR").as_deref(),
     );
     let writer = LogWriter { bar };
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let prioritised = krea_batch::Prioritised::new(writer.clone());
     match (cli.log_format, journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.with_ansi(ansi).without_time().init(),
-        (LogFormat::Text, false) => builder.with_ansi(ansi).init(),
+        (LogFormat::Json, true) => builder.with_writer(prioritised).json().init(),
+        (LogFormat::Json, false) => builder.with_writer(writer).json().init(),
+        (LogFormat::Text, true) => {
+            builder.with_writer(prioritised).with_ansi(ansi).without_time().init();
+        }
+        (LogFormat::Text, false) => builder.with_writer(writer).with_ansi(ansi).init(),
     }
 }
 
@@ -691,6 +817,28 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    /// Every command's `--help` ends with examples, and lists the options all commands take
+    /// under their own heading, apart from the command's.
+    #[test]
+    fn every_help_ends_with_examples_and_sets_the_global_options_apart() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        for command in cli.get_subcommands_mut().filter(|command| command.get_name() != "help") {
+            let name = command.get_name().to_owned();
+            let help = command.render_long_help().to_string();
+            let examples = help.rfind("Examples:\n").unwrap_or_else(|| panic!("{name}: {help}"));
+            let globals = help.find("Global options:").unwrap_or_else(|| panic!("{name}: {help}"));
+            assert!(globals < examples, "{name}: the examples come last");
+            let own = help.find("\nOptions:").unwrap_or(0);
+            assert!(own < globals, "{name}: its own options first: {help}");
+            let listed: Vec<&str> = help[examples..].trim_end().lines().skip(1).collect();
+            assert!((1..=2).contains(&listed.len()), "{name}: one or two examples: {listed:?}");
+            for example in listed {
+                assert!(example.starts_with(&format!("  krea-batch {name}")), "{name}: {example}");
+            }
+        }
+    }
 
     /// `NO_COLOR` (not empty) turns colours off on a terminal; `--color` overrides both ways.
     #[test]

@@ -159,13 +159,23 @@ impl ApiDocument {
         Ok(Self { doc, origin: origin.to_owned() })
     }
 
+    /// The whole document, which `$ref`s point into.
+    #[must_use]
+    pub(crate) fn root(&self) -> &Value {
+        &self.doc
+    }
+
+    /// The operation that generates with `model` (`POST /generate/<model>`): its summary,
+    /// description and request body.
+    #[must_use]
+    pub(crate) fn operation(&self, model: &str) -> Option<&Value> {
+        self.doc.get("paths")?.get(format!("/generate/{model}"))?.get("post")
+    }
+
     /// The request-body schema of `model` (`image/bfl/flux-1-dev`), if the document has it.
     #[must_use]
     pub fn request_schema(&self, model: &str) -> Option<&Value> {
-        self.doc
-            .get("paths")?
-            .get(format!("/generate/{model}"))?
-            .get("post")?
+        self.operation(model)?
             .get("requestBody")?
             .get("content")?
             .get("application/json")?
@@ -211,10 +221,12 @@ impl SchemaReport {
         let document = match document {
             Ok(document) => document,
             Err(why) => {
-                return Self {
+                let mut report = Self {
                     warnings: vec![format!("the request bodies were not checked: {why}")],
                     ..Self::default()
                 };
+                report.problems = unchecked_prompts(file, |_| false);
+                return report;
             }
         };
         let mut report = Self { origin: document.origin.clone(), ..Self::default() };
@@ -278,6 +290,13 @@ impl SchemaReport {
                 }
             }
         }
+        for line in stage_problems(document, file) {
+            push(&mut report, line);
+        }
+        let unchecked = unchecked_prompts(file, |model| document.request_schema(model).is_some());
+        for problem in unchecked {
+            push(&mut report, problem);
+        }
         if more > 0 {
             report.problems.push(format!("… and {more} more"));
         }
@@ -290,6 +309,69 @@ impl SchemaReport {
         report
     }
 }
+
+/// The problems of the stages' (`then:`) request bodies, each checked as it would be sent with
+/// an input in its place (a stage's body is whole only once its input exists: a stand-in URL,
+/// and a 1024×1024 size for an enhancer), once per entry and stage. A stage whose model the
+/// document does not describe is not checked.
+fn stage_problems(document: &ApiDocument, file: &JobFile) -> Vec<String> {
+    let source = file.source.display();
+    let mut seen = HashSet::new();
+    let mut lines = Vec::new();
+    for job in &file.jobs {
+        let Some(chain) = job.chain.as_deref().and_then(crate::chain::Chain::parse) else {
+            continue;
+        };
+        for (index, stage) in chain.stages.iter().enumerate() {
+            if !seen.insert((job.line, index)) {
+                continue;
+            }
+            let body = crate::chain::stage_body(stage, STAND_IN_INPUT, Some((1024, 1024)));
+            let body = crate::job::canonical_json(&body);
+            for problem in document.check(&stage.model, &body).unwrap_or_default() {
+                lines.push(format!(
+                    "{source}:{}: job {} stage {} ({}): {problem}",
+                    job.line,
+                    chain.base,
+                    index + 1,
+                    stage.model
+                ));
+            }
+        }
+    }
+    lines
+}
+
+/// Jobs without a prompt whose model's schema is not at hand (`has_schema` says which are):
+/// only a schema can say that a model takes no prompt, so without one a prompt stays required,
+/// as it always was, except for `enhance/` models, which take none (Topaz's enhancers). One
+/// line per entry, at its line. With the schema, its `required` decides (`schema.rs`).
+fn unchecked_prompts(file: &JobFile, has_schema: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut seen = HashSet::new();
+    for job in &file.jobs {
+        let no_prompt = !job.body.contains("\"prompt\"") || !job.body_map().contains_key("prompt");
+        if !no_prompt || job.model.starts_with("enhance/") || !seen.insert(job.line) {
+            continue;
+        }
+        if has_schema(&job.model) {
+            continue;
+        }
+        lines.push(format!(
+            "{}:{}: job {} ({}): no prompt, and without this model's schema krea-batch cannot \
+             tell that it takes none; write a `prompt:`, or check again with the schema at hand \
+             (online, or --openapi FILE)",
+            file.source.display(),
+            job.line,
+            job.name,
+            job.model
+        ));
+    }
+    lines
+}
+
+/// The input URL a stage's body is checked with before its input exists.
+const STAND_IN_INPUT: &str = "https://example.com/input.png";
 
 /// Gets the document from `source`. Errors say what was tried; callers warn and go on.
 pub(crate) async fn obtain(source: &Source) -> Result<ApiDocument, DocumentError> {
@@ -460,6 +542,58 @@ mod tests {
             doc.check("image/bfl/flux-1-dev", r#"{"prompt":"x","widht":1}"#).expect("known");
         assert_eq!(problems[0].path, "widht");
         assert_eq!(doc.check("image/new/model", r#"{"prompt":"x"}"#), None, "unknown model");
+    }
+
+    /// A job file of prompt-less jobs: one for a model the document knows, one it does not,
+    /// one enhance model.
+    fn prompt_less() -> JobFile {
+        let text = "jobs:\n  - model: image/bfl/flux-1-dev\n  - model: image/new/model\n    \
+                    count: 2\n  - model: enhance/topaz/x\n  - model: image/new/model\n    \
+                    prompt: fine\n";
+        crate::jobfile::parse(text.as_bytes(), Path::new("jobs.yaml")).expect("valid")
+    }
+
+    #[test]
+    fn a_prompt_is_left_out_only_where_a_schema_allows_or_an_enhance_model() {
+        let file = prompt_less();
+        let report = SchemaReport::of(Ok(&document()), &file);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("jobs.yaml:2:")
+                && report.problems[0].contains("prompt: is required")
+        );
+        assert!(report.problems[1].starts_with("jobs.yaml:3: job"), "{:?}", report.problems);
+        assert!(report.problems[1].contains("write a `prompt:`"), "{:?}", report.problems);
+
+        let unreachable = DocumentError::NoCache(PathBuf::from("cache.json"));
+        let report = SchemaReport::of(Err(&unreachable), &file);
+        let lines: Vec<&str> =
+            report.problems.iter().map(|p| p.split(' ').next().unwrap_or_default()).collect();
+        assert_eq!(lines, ["jobs.yaml:2:", "jobs.yaml:3:"], "one per entry, enhance spared");
+    }
+
+    #[test]
+    fn stages_are_checked_with_an_input_in_place_and_named() {
+        let doc = json!({"paths": {"/generate/enhance/topaz/standard-enhance": {"post": {
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"image_url": {"type": "string"}, "width": {"type": "number"},
+                               "height": {"type": "number"}, "model": {"type": "string"}},
+                "required": ["image_url", "width", "height", "model"],
+                "additionalProperties": false
+            }}}}
+        }}}});
+        let doc = ApiDocument::parse(doc.to_string().as_bytes(), "test").expect("document");
+        let text = "model: image/bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: x, count: 2, \
+                    then: [{model: enhance/topaz/standard-enhance, params: {sharpen: 1}}]}\n";
+        let file = jobfile::parse(text.as_bytes(), Path::new("jobs.yaml")).expect("valid");
+        let problems = stage_problems(&doc, &file);
+        // The input and size a stage gets are not missing; its own fields are checked, once
+        // for the entry's two copies.
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|line| line.starts_with("jobs.yaml:3: job castle-1 stage 1")));
+        assert!(problems.iter().any(|line| line.contains("sharpen")), "{problems:?}");
+        assert!(problems.iter().any(|line| line.contains("model")), "{problems:?}");
     }
 
     #[test]

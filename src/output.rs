@@ -139,6 +139,10 @@ pub(crate) struct Marker {
     /// Files that were in the folder before krea-batch used it (`--force`): never replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign: Vec<String>,
+    /// The file name of the job file last run into the folder: the gallery's title (absent in
+    /// markers from before it, and for folders `recover` rebuilt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_file: Option<String>,
 }
 
 impl Marker {
@@ -159,7 +163,15 @@ impl Marker {
             state_file: state_file.display().to_string(),
             batch: batch.to_owned(),
             foreign,
+            job_file: None,
         }
+    }
+
+    /// The marker naming `job_file` (by its file name) as the one run into the folder.
+    #[must_use]
+    pub(crate) fn with_job_file(mut self, job_file: &Path) -> Self {
+        self.job_file = job_file.file_name().map(|name| name.to_string_lossy().into_owned());
+        self
     }
 }
 

@@ -1,12 +1,27 @@
 //! What a generation costs, for the estimates in `check`, the run summary and `status`.
 //!
-//! Krea has no endpoint for prices or the balance, so krea-batch carries a table, taken in May
-//! 2026 from Krea's published per-model API prices (docs.krea.ai). A job file's `prices:`
-//! overrides it per model. The figures are estimates: Krea's bill is the truth. Only completed
-//! jobs are billed.
+//! Krea has no endpoint for prices or the balance, so krea-batch carries a table ([`TABLE_DATE`],
+//! [`TABLE_SOURCE`]): the "Fixed API prices in USD" that the page of each model in Krea's API
+//! reference gives. A job file's `prices:` overrides it per model. The figures are estimates:
+//! Krea's bill is the truth. Only completed jobs are billed.
+//!
+//! Krea's pages give a price for few of the models its API lists; the others stay unpriced (no
+//! figure is guessed for them), and a budgeted job file using one is refused with the model
+//! named and `prices:` as the way on. One exception is made, for the model the README's
+//! examples use: Kling 2.5 has no published price, and is estimated at Kling 1.0 pro's
+//! published $0.0772 per second, because Krea prices Kling 1.0 in proportion to its compute
+//! units ($0.00184 per unit in both modes) and Kling 2.5 needs slightly fewer (200 per 5 s
+//! against 210): the estimate errs high, on a budget's safe side.
 
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+
+/// When the built-in table was last checked against Krea's pages.
+pub(crate) const TABLE_DATE: &str = "2026-12-02";
+
+/// Where the built-in prices come from.
+pub(crate) const TABLE_SOURCE: &str =
+    "the Pricing section of each model's page in Krea's API reference (docs.krea.ai)";
 
 /// Prices in USD per generation, by model, with the parameters that change them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -50,6 +65,7 @@ fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
         "image/bfl/flux-1-kontext-dev" => Some(0.0128),
         "image/krea/krea-2/medium" => Some(krea2(0.03, 0.035, 0.04)),
         "image/krea/krea-2/large" => Some(krea2(0.06, 0.065, 0.07)),
+        "image/krea/krea-2/medium-turbo" => Some(krea2(0.015, 0.0175, 0.02)),
         "image/google/nano-banana-2" => match text("resolution") {
             "2K" => Some(0.12),
             "4K" => Some(0.16),
@@ -59,6 +75,8 @@ fn builtin_price(model: &str, body: &Map<String, Value>) -> Option<f64> {
             let per_second = if text("mode") == "pro" { 0.0772 } else { 0.0221 };
             Some(per_second * seconds())
         }
+        // An estimate, not a published price: see the module documentation.
+        "video/kling/kling-2.5" => Some(0.0772 * seconds()),
         _ => None,
     }
 }
@@ -144,6 +162,22 @@ mod tests {
         let price = table.price("video/kling/kling-1", &video).expect("priced");
         assert!((price - 0.772).abs() < 1e-9);
         assert_eq!(table.price("image/unknown/model", &plain), None);
+        let turbo = body(&json!({"prompt": "x", "moodboards": ["m"]}));
+        assert_eq!(table.price("image/krea/krea-2/medium-turbo", &turbo), Some(0.02));
+    }
+
+    /// The README's example video model has a price (an estimate), by duration; models whose
+    /// pages give no price stay unpriced rather than guessed.
+    #[test]
+    fn kling_2_5_is_priced_and_unpublished_models_are_not() {
+        let table = PriceTable::default();
+        let five = table.price("video/kling/kling-2.5", &body(&json!({"prompt": "x"})));
+        assert!((five.expect("priced") - 0.386).abs() < 1e-9);
+        let ten = table.price("video/kling/kling-2.5", &body(&json!({"duration": 10})));
+        assert!((ten.expect("priced") - 0.772).abs() < 1e-9);
+        for unpublished in ["video/google/veo-3.1", "image/bfl/flux-1.1-pro"] {
+            assert_eq!(table.price(unpublished, &body(&json!({"prompt": "x"}))), None);
+        }
     }
 
     #[test]

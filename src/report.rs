@@ -8,6 +8,7 @@ use crate::pricing::Estimate;
 use crate::runner::status::{Counts, EngineStatus, RefusedCancel, StopReason};
 use crate::store::JobRecord;
 use serde::Serialize;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,6 +36,15 @@ pub(crate) struct ManifestLine<'a> {
     /// The Krea job whose result it took instead of being paid again, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<&'a str>,
+    /// Its stage in a chain (`then:`; 0 is the job's own generation), if it is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+    /// The job whose result it took as input (its name), for a later stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The local files it took as inputs, as the job file names them (`photos/cat.png`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<&'a str>,
 }
 
 impl<'a> ManifestLine<'a> {
@@ -42,7 +52,10 @@ impl<'a> ManifestLine<'a> {
     #[must_use]
     pub(crate) fn of(job: &'a JobRecord) -> Self {
         let billed = matches!(job.state, JobState::Completed | JobState::Downloaded);
+        let (stage, parent) = crate::chain::place(job.chain.as_deref()).unzip();
         Self {
+            stage,
+            parent: parent.flatten(),
             name: &job.name,
             status: manifest_status(job.state),
             job_id: job.remote_id.as_deref(),
@@ -51,8 +64,24 @@ impl<'a> ManifestLine<'a> {
             error: job.error.as_deref(),
             price_usd: job.price_usd.filter(|_| billed),
             reused_from: job.reused_from.as_deref(),
+            inputs: job.inputs.iter().map(|input| input.path.as_str()).collect(),
         }
     }
+}
+
+/// `job`'s request body for people: each local input's placeholder
+/// (`krea-batch-file:sha256:…`) replaced by the file's name, where the state knows it.
+#[must_use]
+pub(crate) fn shown_body(job: &JobRecord) -> std::borrow::Cow<'_, str> {
+    let mut body = std::borrow::Cow::Borrowed(&*job.body);
+    for input in &job.inputs {
+        let quoted = serde_json::Value::String(input.path.clone()).to_string();
+        let placeholder = format!("\"{}\"", crate::jobfile::placeholder(&input.sha256));
+        if body.contains(&placeholder) {
+            body = std::borrow::Cow::Owned(body.replace(&placeholder, &quoted));
+        }
+    }
+    body
 }
 
 /// The manifest's name for a local state.
@@ -247,6 +276,15 @@ impl std::fmt::Display for Summary {
                 count(c.finished(), "job"),
                 c.pending
             )?,
+            Some(StopReason::DailyBudgetReached) => writeln!(
+                f,
+                "Stopped submitting: the next job would exceed today's budget \
+                 (budget.per_day_usd). {} finished, {} not submitted. The daily budget resumes \
+                 at midnight UTC: run the same command again then, and it continues where it \
+                 stopped.",
+                count(c.finished(), "job"),
+                c.pending
+            )?,
             Some(StopReason::Interrupted) => writeln!(
                 f,
                 "Interrupted. Run the same command again to continue; jobs already submitted \
@@ -334,14 +372,31 @@ fn learned_suffix(learned: &str, separator: &str) -> String {
     if learned.is_empty() { String::new() } else { format!("{separator}{learned}") }
 }
 
+/// The progress log line; `unchanged_for` says how long the counts have stood still, once they
+/// have for a whole interval (a line that repeats the last one says it is not stuck silently).
+fn progress_line(now: &Counts, learned: &str, unchanged_for: Option<Duration>) -> String {
+    let mut line = format!(
+        "progress: {}/{} finished; {now}{}",
+        now.finished(),
+        now.total,
+        learned_suffix(learned, "; ")
+    );
+    if let Some(still) = unchanged_for {
+        let still = Duration::from_secs(still.as_secs());
+        let _ = write!(line, "; no change for {}", humantime::format_duration(still));
+    }
+    line
+}
+
 /// Shows live counts until `counts` closes: on a progress bar when one is given, else as a log
-/// line every `every` when something changed.
+/// line every `every`, whether or not anything changed (once there are jobs).
 pub async fn show_progress(
     mut status: tokio::sync::watch::Receiver<EngineStatus>,
     bar: Option<indicatif::ProgressBar>,
     every: Duration,
 ) {
     let mut last_logged = Counts::default();
+    let mut last_change = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -362,14 +417,18 @@ pub async fn show_progress(
                     ));
                 }
             }
-            _ = tick.tick(), if bar.is_none() => {
+            at = tick.tick(), if bar.is_none() => {
                 let shown = status.borrow();
                 let now = shown.counts;
-                if now != last_logged && now.total > 0 {
-                    let learned = learned_suffix(&shown.learned, "; ");
-                    tracing::info!("progress: {}/{} finished; {now}{learned}", now.finished(), now.total);
-                    last_logged = now;
+                if now != last_logged {
+                    last_change = at;
                 }
+                if now.total > 0 {
+                    let still = at.duration_since(last_change);
+                    let unchanged_for = (still >= every).then_some(still);
+                    tracing::info!("{}", progress_line(&now, &shown.learned, unchanged_for));
+                }
+                last_logged = now;
             }
         }
     }
@@ -401,6 +460,67 @@ mod tests {
         assert_eq!(manifest_status(JobState::Pending), "not_submitted");
         assert_eq!(manifest_status(JobState::Completed), "download_pending");
         assert_eq!(manifest_status(JobState::Submitting), "unknown");
+    }
+
+    /// Without a bar, a progress line comes every interval even while nothing changes (a
+    /// long wait for Krea is not silence), and says how long nothing has.
+    #[tokio::test(start_paused = true)]
+    async fn the_progress_line_comes_every_interval_even_without_change() {
+        let (lines, _guard) = crate::testlog::capture();
+        let mut counts = Counts::default();
+        counts.add(JobState::Pending);
+        counts.add(JobState::Pending);
+        counts.moved(JobState::Pending, JobState::Submitted);
+        let status = EngineStatus { counts, ..EngineStatus::default() };
+        let (sender, receiver) = tokio::sync::watch::channel(status);
+        let every = Duration::from_secs(10);
+        let shown = tokio::spawn(show_progress(receiver, None, every));
+        // Ticks at 0, 10, 20 and 30 s; nothing changes after the first.
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        drop(sender);
+        shown.await.expect("the display ends when the run does");
+        let text = lines.text();
+        let progress: Vec<&str> = text.lines().filter(|line| line.contains("progress: ")).collect();
+        assert_eq!(progress.len(), 4, "{text}");
+        assert!(!progress[0].contains("no change"), "{}", progress[0]);
+        assert!(progress[1].ends_with("; no change for 10s"), "{}", progress[1]);
+        assert!(progress[3].ends_with("; no change for 30s"), "{}", progress[3]);
+    }
+
+    #[test]
+    fn progress_lines_count_and_say_how_long_nothing_changed() {
+        let mut counts = Counts::default();
+        counts.add(JobState::Pending);
+        let line = progress_line(&counts, "pace 1/s", None);
+        assert!(line.starts_with("progress: 0/1 finished; "), "{line}");
+        assert!(line.ends_with("; pace 1/s"), "{line}");
+        let still = progress_line(&counts, "", Some(Duration::from_millis(20_400)));
+        assert!(still.ends_with("; no change for 20s"), "{still}");
+    }
+
+    /// A stop at the daily cap says when room comes back, not to raise the budget; a stop at
+    /// the total cap says to raise it.
+    #[test]
+    fn a_daily_budget_stop_says_it_resumes_at_midnight_utc() {
+        let summary = |stopped| Summary {
+            counts: Counts::default(),
+            files: 0,
+            bytes: 0,
+            spend_usd: 0.0,
+            unpriced: 0,
+            removed_from_file: 0,
+            reused: 0,
+            stopped: Some(stopped),
+            failures: Vec::new(),
+            cancels_refused: Vec::new(),
+            output_dir: "out".into(),
+            elapsed_seconds: 1.0,
+        };
+        let daily = summary(StopReason::DailyBudgetReached).to_string();
+        assert!(daily.contains("resumes at midnight UTC"), "{daily}");
+        assert!(!daily.contains("Raise the budget"), "{daily}");
+        let total = summary(StopReason::BudgetReached).to_string();
+        assert!(total.contains("Raise the budget"), "{total}");
     }
 
     #[test]

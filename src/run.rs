@@ -113,6 +113,7 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         tracing::info!(removed, "removed partial downloads left by an earlier run");
     }
     let mut jobs = store.jobs(Some(batch_id))?;
+    crate::uploads::name_inputs(&mut jobs, &local_files);
     rewrite_manifest(&places.output_dir, &jobs, true).context("while writing the manifest")?;
     tracing::info!(
         jobs = jobs.len(),
@@ -141,6 +142,10 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
                 &local_files,
                 &engine_jobs,
                 limits.retry_backoff,
+                &crate::uploads::Stops {
+                    stop: options.controls.stop_submitting.clone(),
+                    abort: options.controls.abort.clone(),
+                },
             )
             .await?;
             (client, downloader)
@@ -151,7 +156,11 @@ pub async fn run(file: JobFile, mut options: RunOptions) -> anyhow::Result<RunRe
         store,
         clients,
         engine_jobs,
-        EngineSettings { budget, ..setup::engine_settings(&limits) },
+        EngineSettings {
+            budget,
+            start_stages: options.mode == Mode::Run,
+            ..setup::engine_settings(&limits)
+        },
         options.controls,
         options.status,
     )?;

@@ -147,7 +147,7 @@ fn check_alternatives(
 
 /// The values the branches allow, when each is only a set of values: `const`, `enum`, or
 /// `type: null` (with `$ref`s followed one step); `None` when a branch allows more.
-fn allowed_values<'a>(branches: &'a [Value], root: &'a Value) -> Option<Vec<&'a Value>> {
+pub(crate) fn allowed_values<'a>(branches: &'a [Value], root: &'a Value) -> Option<Vec<&'a Value>> {
     static NULL: Value = Value::Null;
     let mut allowed = Vec::new();
     for branch in branches {
@@ -310,7 +310,8 @@ fn distance(a: &str, b: &str) -> usize {
     rows[a.len()][b.len()]
 }
 
-fn resolve<'a>(root: &'a Value, target: &str) -> Option<&'a Value> {
+/// The schema a local `$ref` (`#/components/schemas/Job`) points to in `root`.
+pub(crate) fn resolve<'a>(root: &'a Value, target: &str) -> Option<&'a Value> {
     root.pointer(target.strip_prefix('#')?)
 }
 
@@ -332,7 +333,8 @@ fn type_matches(types: &Value, value: &Value) -> bool {
     }
 }
 
-fn describe_type(types: &Value) -> String {
+/// A `type` keyword for people: `string`, `string or null`.
+pub(crate) fn describe_type(types: &Value) -> String {
     match types {
         Value::Array(names) => {
             names.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" or ")
@@ -354,7 +356,7 @@ fn describe(value: &Value) -> String {
 }
 
 /// A value as JSON, cut to 60 characters.
-fn short(value: &Value) -> String {
+pub(crate) fn short(value: &Value) -> String {
     crate::api::printable(&value.to_string(), 60)
 }
 

@@ -116,7 +116,12 @@ pub fn existing_state(state: &Path) -> Result<(), InputError> {
 
 /// The API base URL: the command line, else the job file, else Krea's.
 pub fn base_url(file: &JobFile, override_url: Option<&str>) -> Result<reqwest::Url, InputError> {
-    let text = override_url.or(file.api.base_url.as_deref()).unwrap_or(api::DEFAULT_BASE_URL);
+    api_base_url(override_url.or(file.api.base_url.as_deref()))
+}
+
+/// The API base URL `text` names (`--api-base`), else Krea's, for a command without a job file.
+pub fn api_base_url(text: Option<&str>) -> Result<reqwest::Url, InputError> {
+    let text = text.unwrap_or(api::DEFAULT_BASE_URL);
     api::parse_base_url(text)
         .map_err(|err| InputError::because(format!("API base URL: {err}"), err))
 }
@@ -220,9 +225,14 @@ pub(crate) fn claim_output(
             evidence,
         })
     };
+    let job_file_name = job_file.file_name().map(|name| name.to_string_lossy().into_owned());
+    // A marker that is right but for the job file's name (the gallery's title) is rewritten
+    // with it, without the checks a new or moved batch needs.
+    let mut retitle = false;
     let (batch, foreign, rewrite) = match output::read_marker(dir).map_err(output_error)? {
         Some(marker) if marker.state_id == state_id => {
             let moved = marker.state_file != state_text;
+            retitle = marker.job_file != job_file_name;
             (marker.batch, marker.foreign, moved)
         }
         Some(marker) => {
@@ -289,7 +299,9 @@ pub(crate) fn claim_output(
     if rewrite {
         // The batch is on disk before the marker names it (see `Store::register_batch`).
         store.register_batch(&batch, dir)?;
-        let marker = Marker::new(&state_id, &places.state, &batch, foreign);
+    }
+    if rewrite || retitle {
+        let marker = Marker::new(&state_id, &places.state, &batch, foreign).with_job_file(job_file);
         output::write_marker(dir, &marker).map_err(output_error)?;
     }
     Ok(batch)
@@ -391,6 +403,7 @@ pub(crate) fn engine_settings(limits: &Limits) -> EngineSettings {
         kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
+        start_stages: true,
     }
 }
 

@@ -27,15 +27,18 @@ use crate::api::{ApiError, JobPage, RemoteJob};
 use crate::asset::{Asset, AssetPage, AssetUpload};
 use crate::beside::open_beside;
 use crate::error::InputError;
-use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder};
+use crate::jobfile::{LocalFile, PLACEHOLDER_PREFIX, placeholder, placeholders};
 use crate::seam::{ApiFuture, KreaApi};
-use crate::store::{JobRecord, Store, StoreError, StoreWriter, UploadRecord, UploadState};
+use crate::store::{
+    InputName, JobRecord, Store, StoreError, StoreWriter, UploadRecord, UploadState,
+};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// How many times one file is sent in one run before the run gives up (a rerun goes on).
 const MAX_ATTEMPTS: u32 = 4;
@@ -49,15 +52,32 @@ pub(crate) fn description(sha256: &str) -> String {
     format!("krea-batch sha256:{sha256}")
 }
 
-/// The contents (SHA-256) whose placeholders `body` holds.
-fn placeholders(body: &str) -> impl Iterator<Item = &str> {
-    body.match_indices(PLACEHOLDER_PREFIX)
-        .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
-}
-
 /// The URLs of uploaded contents (SHA-256 → URL) that [`WithUploads`] puts into bodies; shared
 /// so that the daemon can add those of a new inbox file while the engine runs.
 pub(crate) type UrlBook = Arc<RwLock<HashMap<String, String>>>;
+
+/// Names each job's local inputs as `files` (the job file's, as read now) names them, for the
+/// manifest and the gallery; a content the file no longer names keeps the name its upload was
+/// recorded with (`Store::jobs`). Before a first upload, only the job file knows the names.
+pub(crate) fn name_inputs(jobs: &mut [JobRecord], files: &[LocalFile]) {
+    if files.is_empty() {
+        return;
+    }
+    let by_content: HashMap<&str, &LocalFile> =
+        files.iter().map(|file| (file.sha256.as_str(), file)).collect();
+    for job in jobs.iter_mut().filter(|job| job.body.contains(PLACEHOLDER_PREFIX)) {
+        let named = placeholders(&job.body)
+            .filter_map(|sha| match by_content.get(sha) {
+                Some(file) => Some(InputName {
+                    sha256: sha.to_owned(),
+                    path: file.path.display().to_string(),
+                }),
+                None => job.inputs.iter().find(|known| known.sha256 == sha).cloned(),
+            })
+            .collect();
+        job.inputs = named;
+    }
+}
 
 /// The contents (SHA-256) that the jobs not yet sent use.
 fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {
@@ -65,6 +85,19 @@ fn needed(jobs: &[JobRecord]) -> BTreeSet<&str> {
         .filter(|job| job.remote_id.is_none() && !job.state.is_final())
         .flat_map(|job| placeholders(&job.body))
         .collect()
+}
+
+/// When uploading stops early: a first Ctrl-C (`stop`) sends no further file and lets the one
+/// on the wire finish; a second (`abort`) leaves it at once. Either way the state stays whole:
+/// an upload is recorded (`attempting`) before its POST, and the next run looks for it with
+/// `GET /assets` before sending anything again. The engine, started after, sees the same
+/// tokens and submits nothing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Stops {
+    /// No further file is sent once cancelled.
+    pub(crate) stop: CancellationToken,
+    /// The upload on the wire is left once cancelled.
+    pub(crate) abort: CancellationToken,
 }
 
 /// Uploads (or finds recorded, or finds at Krea) every local file that `jobs` not yet sent
@@ -78,6 +111,7 @@ pub(crate) async fn prepare(
     files: &[LocalFile],
     jobs: &[JobRecord],
     backoff: Duration,
+    stops: &Stops,
 ) -> anyhow::Result<Arc<dyn KreaApi>> {
     let needed = needed(jobs);
     if needed.is_empty() {
@@ -87,7 +121,7 @@ pub(crate) async fn prepare(
     let used: Vec<LocalFile> =
         files.iter().filter(|file| needed.contains(file.sha256.as_str())).cloned().collect();
     let mut records = Records::Direct(store);
-    upload_files(&mut records, api.as_ref(), api_base, &used, backoff, &book).await?;
+    upload_files(&mut records, api.as_ref(), api_base, &used, backoff, &book, stops).await?;
     // Contents used by jobs of the state whose file this job file no longer names: their URL
     // if one is recorded (else those jobs fail with a message, see `WithUploads`).
     recorded(store, api_base, jobs, &book)?;
@@ -102,11 +136,23 @@ pub(crate) async fn upload_files(
     files: &[LocalFile],
     backoff: Duration,
     book: &UrlBook,
+    stops: &Stops,
 ) -> anyhow::Result<()> {
-    for file in files {
-        let url = ensure(records, api, api_base, file, backoff)
-            .await
-            .with_context(|| format!("while uploading the input file {}", file.path.display()))?;
+    for (done, file) in files.iter().enumerate() {
+        if stops.stop.is_cancelled() || stops.abort.is_cancelled() {
+            let left = files.len() - done;
+            tracing::warn!(left, "interrupted: input files left to upload; a rerun goes on");
+            return Ok(());
+        }
+        let url = tokio::select! {
+            biased;
+            () = stops.abort.cancelled() => {
+                tracing::warn!(file = %file.path.display(), "upload left unfinished; the next run looks for it at Krea before sending it again");
+                return Ok(());
+            }
+            url = ensure(records, api, api_base, file, backoff) => url
+                .with_context(|| format!("while uploading the input file {}", file.path.display()))?,
+        };
         book.write().unwrap_or_else(PoisonError::into_inner).insert(file.sha256.clone(), url);
     }
     Ok(())
@@ -380,6 +426,9 @@ mod tests {
         uploads: Mutex<u32>,
         lose_answers: Mutex<u32>,
         unreachable: Mutex<u32>,
+        /// Uploads get no answer at all (they wait forever), and cancel this token once sent:
+        /// a Ctrl-C that comes while one is on the wire.
+        hang: Option<CancellationToken>,
     }
 
     impl Remote {
@@ -412,6 +461,10 @@ mod tests {
                 return Box::pin(std::future::ready(Err(ApiError::NotSent("refused".into()))));
             }
             *self.uploads.lock().expect("lock") += 1;
+            if let Some(sent) = &self.hang {
+                sent.cancel();
+                return Box::pin(std::future::pending());
+            }
             let mut assets = self.assets.lock().expect("lock");
             let asset = Asset {
                 id: format!("a{}", assets.len()),
@@ -448,6 +501,7 @@ mod tests {
             sha256: format!("{:x}", Sha256::digest(bytes)),
             bytes: bytes.len() as u64,
             mime_type: "image/png",
+            size: None,
         };
         (dir, store, file)
     }
@@ -508,6 +562,32 @@ mod tests {
             .await
             .expect_err("changed");
         assert!(format!("{err:#}").contains("changed since"), "{err:#}");
+    }
+
+    /// A first Ctrl-C sends no further file; a second leaves the upload on the wire, recorded
+    /// as attempting, so the next run looks for it at Krea before sending it again.
+    #[tokio::test]
+    async fn ctrl_c_stops_the_uploads_and_leaves_the_state_for_the_next_run() {
+        let (_dir, mut store, file) = setup();
+        let stops = Stops::default();
+        let remote = Remote { hang: Some(stops.abort.clone()), ..Remote::default() };
+        let book = UrlBook::default();
+        stops.stop.cancel();
+        let files = [file.clone()];
+        let mut records = Records::Direct(&mut store);
+        upload_files(&mut records, &remote, API, &files, Duration::ZERO, &book, &stops)
+            .await
+            .expect("stopped, not failed");
+        assert_eq!(remote.uploads(), 0, "nothing sent after the first Ctrl-C");
+
+        let stops = Stops { abort: stops.abort, ..Stops::default() };
+        upload_files(&mut records, &remote, API, &files, Duration::ZERO, &book, &stops)
+            .await
+            .expect("left, not failed");
+        assert_eq!(remote.uploads(), 1, "the upload was on the wire");
+        assert!(book.read().expect("lock").is_empty(), "no URL without an answer");
+        let recorded = store.upload(&file.sha256, API).expect("read").map(|r| r.state);
+        assert_eq!(recorded, Some(UploadState::Attempting), "looked for by the next run");
     }
 
     #[test]

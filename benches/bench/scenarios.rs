@@ -86,11 +86,28 @@ pub(crate) fn pacing(mode: Mode, found: &mut Findings) -> anyhow::Result<()> {
     let run = run_timed(dir.path(), Some(&sim), RUN)?;
     run.expect_code(0, "krea-batch run")?;
     expect_completed(&run.json()?, jobs)?;
-    let stats = sim.stats()?;
+    let stats = complete_log(sim.stats()?)?;
 
     let ideal = jobs as f64 / (f64::from(per_minute) / 60.0) + job_secs;
     found.row("makespan / (N / rate + job time)", run.wall / ideal, "", AtMost(1.03));
     found.row("429 responses", stats.responses_429 as f64, "", AtMost(0.0));
+    // Never above the pace: with burst 1, no second-long window may hold more POSTs than the
+    // pace allows in a second, plus the one the burst lets go at once.
+    let mut posts: Vec<u64> = stats
+        .requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/generate/"))
+        .map(|r| r.at_ms)
+        .collect();
+    posts.sort_unstable();
+    let busiest = posts
+        .iter()
+        .enumerate()
+        .map(|(i, &start)| posts[i..].iter().take_while(|&&at| at < start + 1000).count())
+        .max()
+        .unwrap_or(0);
+    let allowed = f64::from(per_minute) / 60.0 + 1.0;
+    found.row("most POSTs in any second", busiest as f64, "", AtMost(allowed));
     found.note(format_args!(
         "makespan {:.2} s against {ideal:.2} s; sim concurrency 32, backlog 32, job time {}; \
          client limits: {} (the rest default)",

@@ -185,7 +185,14 @@ mod tests {
         assert!(message.contains("probe_interval"), "{message}");
         let message =
             parse("inbox: in\noutput: out\nstate: s\ninbx: x\n").expect_err("unknown").to_string();
-        assert!(message.contains("inbx"), "{message}");
+        assert!(message.contains("did you mean `inbox`?"), "{message}");
+        let message = parse("inbox: in\noutput: out\nstate: s\nlimits:\n  brust: 3\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            message.contains("limits: unknown key \"brust\"; did you mean `burst`?"),
+            "{message}"
+        );
         let message =
             parse("inbox: in\noutput: out\nstate: s\nmetrics: {listen: '0.0.0.0:9184'}\n")
                 .expect_err("not loopback")

@@ -220,7 +220,12 @@ impl Daemon {
                 joined = &mut engine_task => {
                     let outcome = joined.context("the engine failed")??;
                     crate::setup::keep_cancels(&self.writer, &outcome.cancels_left).await;
-                    tracing::info!(jobs = outcome.jobs.len(), "stopped; jobs in flight are resumed by the next start");
+                    // The jobs left running at Krea, not all the jobs the state holds.
+                    let counts = crate::runner::Counts::of(&outcome.jobs);
+                    tracing::info!(
+                        in_flight = counts.in_flight + counts.unknown,
+                        "stopped; jobs in flight are resumed by the next start"
+                    );
                     return Ok(());
                 }
             }
@@ -257,6 +262,23 @@ enum Unfit {
     /// Under the service's budget, every job needs a price.
     #[error(transparent)]
     Unpriced(crate::costs::Unpriced),
+}
+
+/// A job file's `output:`, `api:` and `limits:` are a run's; the service has its own, so it
+/// ignores them, and says so rather than leave the operator wondering where results went.
+fn warn_of_run_settings(file_name: &str, written: &[&str]) {
+    if written.is_empty() {
+        return;
+    }
+    let ignored: Vec<String> = written.iter().map(|key| format!("`{key}:`")).collect();
+    tracing::warn!(
+        file = %file_name,
+        "the job file's {} {} ignored: the service's configuration governs (results go to its \
+         output folder, under the file's name); remove {} from the file to silence this",
+        ignored.join(", "),
+        if ignored.len() == 1 { "is" } else { "are" },
+        if ignored.len() == 1 { "it" } else { "them" },
+    );
 }
 
 /// The running service's parts besides the engine.
@@ -354,6 +376,7 @@ impl Daemon {
             }
         };
         file.bytes = Vec::new(); // parsed: up to 32 MiB less to hold during the import
+        warn_of_run_settings(&file.file_name, &job_file.run_settings);
         if !self.upload_inputs(&mut file, &dropped_at, &job_file).await {
             return;
         }
@@ -438,6 +461,8 @@ impl Daemon {
             &job_file.local_files,
             self.config.limits.retry_backoff,
             &self.uploads.book,
+            // Not interrupted: the service's shutdown waits for an inbox file's uploads, as before.
+            &uploads::Stops::default(),
         )
         .await;
         let Err(err) = uploaded else { return true };

@@ -103,8 +103,13 @@ pub(crate) fn status_line(status: &EngineStatus) -> String {
         ),
         Some(StopReason::BudgetReached) => write!(
             line,
-            "; paused: the budget is reached, {} waiting; raise it and reload, or wait for the \
-             next day (a daily budget)",
+            "; paused: the budget is reached, {} waiting; raise it and reload",
+            c.pending
+        ),
+        Some(StopReason::DailyBudgetReached) => write!(
+            line,
+            "; paused: the daily budget is reached, {} waiting; resumes at midnight UTC (or \
+             raise it and reload)",
             c.pending
         ),
         Some(StopReason::Interrupted) => write!(line, "; stopping"),

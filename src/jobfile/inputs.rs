@@ -33,6 +33,12 @@ pub(crate) fn placeholder(sha256: &str) -> String {
     format!("{PLACEHOLDER_PREFIX}{sha256}")
 }
 
+/// The contents (SHA-256) whose placeholders `body` holds, in the order they appear.
+pub(crate) fn placeholders(body: &str) -> impl Iterator<Item = &str> {
+    body.match_indices(PLACEHOLDER_PREFIX)
+        .filter_map(|(at, prefix)| body.get(at + prefix.len()..at + prefix.len() + 64))
+}
+
 /// A local file a job file names as an input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalFile {
@@ -46,6 +52,8 @@ pub struct LocalFile {
     pub bytes: u64,
     /// Its MIME type, from its extension and first bytes.
     pub mime_type: &'static str,
+    /// Its width and height in pixels, when it is an image whose header says (`dimensions.rs`).
+    pub size: Option<(u32, u32)>,
 }
 
 /// A type Krea takes: its extensions, its MIME type, and whether a file's first bytes fit it.
@@ -131,9 +139,18 @@ impl Resolver {
         self.walk_object(body, source, &mut at)
     }
 
-    /// Every local file read so far, by content.
-    pub(super) fn files(&self) -> impl Iterator<Item = &LocalFile> {
-        self.seen.values().filter_map(|found| found.as_ref().ok())
+    /// The pixel size of the local file written `written`, if it was read and says.
+    pub(super) fn size_of(&self, written: &str) -> Option<(u32, u32)> {
+        self.seen.get(written)?.as_ref().ok()?.size
+    }
+
+    /// Every local file read so far, once per content (by SHA-256, in its order).
+    pub(super) fn distinct_files(&self) -> Vec<LocalFile> {
+        let mut files: Vec<LocalFile> =
+            self.seen.values().filter_map(|found| found.as_ref().ok()).cloned().collect();
+        files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        files.dedup_by(|a, b| a.sha256 == b.sha256);
+        files
     }
 
     fn walk_object(
@@ -218,6 +235,8 @@ fn read(base: &Path, written: &str) -> Result<LocalFile, String> {
         ));
     }
     let mut hasher = Sha256::new();
+    // Enough of an image's start for its size; of other files, for their type.
+    let head_len = if mime_type.starts_with("image/") { crate::dimensions::HEAD_BYTES } else { 16 };
     let mut head = Vec::with_capacity(16);
     let mut reader = file.take(MAX_INPUT_BYTES + 1);
     let mut buffer = vec![0; 64 * 1024];
@@ -228,8 +247,8 @@ fn read(base: &Path, written: &str) -> Result<LocalFile, String> {
         if read == 0 {
             break;
         }
-        if head.len() < 16 {
-            head.extend_from_slice(&buffer[..read.min(16 - head.len())]);
+        if head.len() < head_len {
+            head.extend_from_slice(&buffer[..read.min(head_len - head.len())]);
         }
         hasher.update(&buffer[..read]);
         total += read as u64;
@@ -249,6 +268,7 @@ fn read(base: &Path, written: &str) -> Result<LocalFile, String> {
         sha256: format!("{:x}", hasher.finalize()),
         bytes: total,
         mime_type,
+        size: crate::dimensions::of(&head),
     })
 }
 

@@ -404,6 +404,19 @@ fn strip_serde_prefix<'s>(shown: &'s str, path: &[Seg]) -> Option<&'s str> {
     (rest.starts_with(": ") || rest.starts_with('.')).then_some(rest)
 }
 
+/// serde's "unknown field `brust`, expected one of `a`, `burst`" as the field and the job
+/// file's words for it: `unknown key "brust"; did you mean `burst`? valid keys here: a, burst`;
+/// `None` for any other message. The daemon's and the simulation's configurations use it too
+/// (`yaml.rs`), so a typo reads alike in every file krea-batch reads.
+pub(super) fn reword_unknown_field(message: &str) -> Option<(&str, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.rfind("`, expected")?;
+    let field = &rest[..end];
+    // After the field: "`, expected one of `a`, `b`" (or "`, expected `a`").
+    let valid: Vec<&str> = rest[end + 1..].split('`').skip(1).step_by(2).collect();
+    Some((field, format!("unknown key {field:?}; {}", valid_keys_hint(field, &valid))))
+}
+
 /// Rewords the messages serde's derived code produces (unknown and duplicate fields, a wrong
 /// type for a whole section) in the job file's style; others pass unchanged.
 fn reword_serde_message(
@@ -412,14 +425,9 @@ fn reword_serde_message(
     position: &mut Option<(usize, usize)>,
     text: &str,
 ) -> String {
-    if let Some(rest) = message.strip_prefix("unknown field `")
-        && let Some(end) = rest.rfind("`, expected")
-    {
-        let field = &rest[..end];
-        // After the field: "`, expected one of `a`, `b`" (or "`, expected `a`").
-        let valid: Vec<&str> = rest[end + 1..].split('`').skip(1).step_by(2).collect();
+    if let Some((field, reworded)) = reword_unknown_field(message) {
         key_path.push(Seg::key(field));
-        return format!("unknown key {field:?}; {}", valid_keys_hint(field, &valid));
+        return reworded;
     }
     if let Some(field) =
         message.strip_prefix("duplicate field `").and_then(|rest| rest.strip_suffix('`'))

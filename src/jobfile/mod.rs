@@ -1,16 +1,21 @@
-//! The job file: the YAML a user writes, read and validated into the list of jobs to run.
+//! The job file: the YAML a user writes, read and validated into the list of jobs to run; a
+//! JSON pipeline file of Krea's `pipeline.py` (top-level `steps`) is translated into one first
+//! (`pipeline.rs`).
 //!
 //! A job file names defaults (model, request fields, output directory, API address, limits,
-//! prices, budget) and a list of jobs, each a prompt with optional name, model, fields and
-//! count, or a sweep (`matrix:`, `from:` a CSV or JSON Lines file); `jobs.example.yaml` at the
-//! top of the repository documents every key. [`parse`] turns the text into a [`JobFile`]: one
-//! [`JobSpec`] per generation, with its full request body and its stable [`JobKey`].
+//! prices, budget) and a list of jobs, each a prompt (left out for models that take none: the
+//! schema check in `openapi.rs` decides) with optional name, model, fields and count, or a
+//! sweep (`matrix:`, `from:` a CSV or JSON Lines file, or a folder of images, `folder.rs`);
+//! `jobs.example.yaml` at the top of the repository documents every key. [`parse`] turns the
+//! text into a [`JobFile`]: one [`JobSpec`] per generation, with its full request body and its
+//! stable [`JobKey`].
 //! Everything that can be wrong is refused here, before anything is sent, with the file, line,
 //! column and key of the offending node ([`JobFileError`]), or the line of the data file.
 //!
 //! What it leaves to others: the file is read once by [`load`], and the only other I/O here is
-//! reading the files beside the job file that `from:` names (data) and that URL fields name
-//! (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads them); the request body is passed
+//! reading the files beside the job file that `from:` names (data, or a folder of images) and
+//! that URL fields name (local inputs, checked and hashed in `inputs.rs`; `uploads.rs` uploads
+//! them); the request body is passed
 //! through as written (Krea validates it, per model; `schema.rs` checks it first); prices and
 //! the budget are only read, `pricing` and the runner apply them; the runner decides what to
 //! send and when, the store what was already sent. `api:`, `limits:` and `budget:` are reused
@@ -33,9 +38,11 @@
 //! `serde_yaml` means this folder and those two.
 
 mod de;
+mod folder;
 mod inputs;
 mod locate;
 mod nesting;
+mod pipeline;
 mod settings;
 pub(crate) mod sweep;
 mod values;
@@ -46,7 +53,10 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use inputs::{LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder};
+pub use folder::{FolderUse, Skipped};
+pub(crate) use inputs::{
+    LocalFile, MAX_INPUT_BYTES, PLACEHOLDER_PREFIX, placeholder, placeholders,
+};
 #[doc(hidden)]
 pub use nesting::flow_depth;
 pub(crate) use settings::duration as deserialize_duration;
@@ -64,6 +74,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 use sweep::{DataRows, Instance, Matrix, Refusal};
+use values::default_input_field;
 
 /// The largest job file [`load`] reads: 8 MiB, room for about 150,000 one-line jobs (a
 /// 100,000-job file is about 5 MB). Reading takes memory in proportion: `serde_yaml` holds
@@ -109,6 +120,11 @@ pub struct JobFile {
     /// The local files the jobs take as inputs, once per content (by SHA-256), checked; in the
     /// bodies each stands as its [`placeholder`] until `uploads.rs` puts its URL there.
     pub local_files: Vec<LocalFile>,
+    /// Which of `output:`, `api:` and `limits:` the file writes, in file order: settings of a
+    /// run, which the service ignores (its configuration governs), and says so.
+    pub run_settings: Vec<&'static str>,
+    /// The folders of images entries take their jobs from (`from: photos/`), in file order.
+    pub folders: Vec<FolderUse>,
 }
 
 /// One generation to run.
@@ -130,6 +146,9 @@ pub struct JobSpec {
     pub key: JobKey,
     /// Line (from 1) of the job's entry in the file.
     pub line: usize,
+    /// The job's chain (`then:`) as the state file keeps it ([`crate::chain::Chain`]), when
+    /// the entry has stages; the job's name then ends in `/0-<model short name>`.
+    pub chain: Option<String>,
 }
 
 impl JobSpec {
@@ -279,6 +298,9 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
             )
         });
     }
+    if let Some(pipeline) = pipeline_document(text, source)? {
+        return parse_pipeline(&pipeline, text, source);
+    }
     let ctx = de::Ctx::new(text, read_budget(text));
     let raw = match de::read(&ctx) {
         Ok(raw) => raw,
@@ -289,6 +311,92 @@ pub fn parse(text_bytes: &[u8], source: &Path) -> Result<JobFile, JobFileError> 
     };
     let fallbacks_left = (LOCATE_BUDGET / text.len().max(1)).min(64);
     Assembly { text, source, lines: LineIndex::new(text), fallbacks_left }.build(raw)
+}
+
+/// The document of a Krea pipeline file (`pipeline.rs`), `None` for a job file: a JSON object
+/// with a top-level `steps`. Pipeline files are JSON, as Krea's script reads them: a YAML file
+/// with a top-level `steps:` is refused with what to write (YAML read into a plain value would
+/// get none of the job file's limits on aliases). Text that is not JSON is left to the
+/// job-file reader, whose errors say where.
+fn pipeline_document(text: &str, source: &Path) -> Result<Option<Value>, JobFileError> {
+    if text.trim_start().starts_with('{') {
+        let document = serde_json::from_str::<Value>(text).ok();
+        return Ok(document.filter(pipeline::is_pipeline));
+    }
+    match text.lines().position(|line| line.starts_with("steps:")) {
+        Some(index) => Err(JobFileError {
+            line: Some(index + 1),
+            column: Some(1),
+            key: Some("steps".into()),
+            ..JobFileError::whole_file(
+                source,
+                "Krea's pipeline files are read as JSON, as its pipeline.py reads them; write \
+                 this file as JSON ({\"steps\": [...]}), or as a job file with `jobs:` and \
+                 `then:` stages"
+                    .into(),
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Reads a Krea pipeline file, `text` read from `source`, through its translation into a job
+/// file: errors and job lines lead back to the pipeline's steps.
+fn parse_pipeline(document: &Value, text: &str, source: &Path) -> Result<JobFile, JobFileError> {
+    let lines = LineIndex::new(text);
+    let step_lines: Vec<usize> =
+        pipeline::step_offsets(text).into_iter().map(|at| lines.position(at).0).collect();
+    let step_line = |number: usize| step_lines.get(number - 1).copied();
+    let translation = pipeline::translate(document).map_err(|error| JobFileError {
+        line: error.step.as_ref().and_then(|step| step_line(step.number)),
+        key: error.step.as_ref().map(ToString::to_string),
+        ..JobFileError::whole_file(source, error.message)
+    })?;
+    let first = translation.first_job_line();
+    let origin = |line: usize| {
+        let job = line.checked_sub(first)?;
+        translation.origins.get(job)
+    };
+    let translated = translation.text();
+    if translated.len() as u64 > MAX_FILE_SIZE {
+        return Err(JobFileError::whole_file(
+            source,
+            format!(
+                "this pipeline makes {} jobs, a job file larger than {} MiB, the most \
+                 krea-batch reads; split its sources into several pipeline files",
+                translation.origins.len(),
+                MAX_FILE_SIZE >> 20
+            ),
+        ));
+    }
+    match parse(translated.as_bytes(), source) {
+        Ok(mut file) => {
+            for job in &mut file.jobs {
+                let step = origin(job.line).and_then(|steps| steps.first());
+                job.line = step.and_then(|step| step_line(step.number)).unwrap_or(1);
+            }
+            Ok(file)
+        }
+        Err(error) => {
+            let steps = error.line.and_then(origin);
+            let (step, rest) = match (steps, error.key.as_deref()) {
+                (Some(steps), Some(key)) => pipeline::stage_of_key(steps, key),
+                (Some(steps), None) => (steps.first(), String::new()),
+                (None, key) => (None, key.unwrap_or_default().to_owned()),
+            };
+            let key = match step {
+                Some(step) if rest.is_empty() => Some(step.to_string()),
+                Some(step) => Some(format!("{step} {rest}")),
+                None => (!rest.is_empty()).then_some(rest),
+            };
+            Err(JobFileError {
+                line: step.and_then(|step| step_line(step.number)),
+                column: None,
+                key,
+                ..error
+            })
+        }
+    }
 }
 
 /// How much text (in bytes) the locator may read again to find the lines of entries whose
@@ -387,7 +495,7 @@ impl Assembly<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut entry_lines = Vec::with_capacity(raw.jobs.len());
         let mut occurrences: HashMap<JobKey, u32> = HashMap::new();
-        let sweeps = self.read_sweeps(&raw)?;
+        let (sweeps, stages) = (self.read_sweeps(&raw)?, self.read_stages(&raw)?);
         let mut local = inputs::Resolver::default();
         self.check_expansion(&raw, &sweeps)?;
         for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(&sweeps) {
@@ -409,6 +517,7 @@ impl Assembly<'_> {
                             .into(),
                     ));
                 };
+                let image = enhanced_image(sweep.as_ref(), model, &instance.fields);
                 let mut body = if instance.fields.is_empty() {
                     merge_body(&raw.params, &job.params, &instance.prompt)
                 } else {
@@ -419,6 +528,7 @@ impl Assembly<'_> {
                 if let Err(refused) = local.localize(&mut body, self.source) {
                     return Err(self.input_error(index, refused));
                 }
+                set_size(&mut body, image.and_then(|image| local.size_of(&image)));
                 let body = canonical_json(&body);
                 let first_key = JobKey::from_canonical(model, &body, 0);
                 for copy in 1..=job.count {
@@ -426,11 +536,11 @@ impl Assembly<'_> {
                     let name = if job.count > 1 { format!("{base}-{copy}") } else { base.clone() };
                     self.claim_name(&mut names, &name, index, source, job.count > 1, &entry_lines)?;
                     let occurrence = occurrences.entry(first_key.clone()).or_insert(0);
-                    let key = if *occurrence == 0 {
-                        first_key.clone()
-                    } else {
-                        JobKey::from_canonical(model, &body, *occurrence)
+                    let key = match *occurrence {
+                        0 => first_key.clone(),
+                        later => JobKey::from_canonical(model, &body, later),
                     };
+                    let (name, chain) = chained(name, model, stages[index].as_deref());
                     jobs.push(JobSpec {
                         name,
                         model: model.clone(),
@@ -438,6 +548,7 @@ impl Assembly<'_> {
                         occurrence: *occurrence,
                         key,
                         line,
+                        chain,
                     });
                     *occurrence += 1;
                 }
@@ -465,11 +576,9 @@ impl Assembly<'_> {
                 }
             }
         }
-        let mut local_files: Vec<LocalFile> = local.files().cloned().collect();
-        local_files.sort_by(|a, b| a.sha256.cmp(&b.sha256));
-        local_files.dedup_by(|a, b| a.sha256 == b.sha256);
         Ok(JobFile {
-            local_files,
+            local_files: local.distinct_files(),
+            folders: self.folder_uses(&raw, &sweeps),
             source: self.source.to_owned(),
             output_dir: output_dir(self.source, raw.output.as_deref().unwrap_or("./out")),
             api: raw.api,
@@ -479,6 +588,7 @@ impl Assembly<'_> {
             reuse: raw.reuse.unwrap_or(true),
             jobs,
             params: raw.params,
+            run_settings: raw.run_settings,
         })
     }
 
@@ -497,6 +607,16 @@ impl Assembly<'_> {
                 None => None,
             };
             let rows = match &written.from {
+                Some(written) if sweep::is_folder(written) => {
+                    // The model's input field takes each image; a file with no model at all
+                    // is refused when its jobs are made, with its own message.
+                    let model = job.model.as_deref().or(raw.model.as_deref()).unwrap_or_default();
+                    let field = default_input_field(model);
+                    Some(
+                        sweep::read_folder(self.source, index, written, field)
+                            .map_err(|refusal| self.refused(refusal))?,
+                    )
+                }
                 Some(written) => Some(
                     sweep::read_rows(self.source, index, written)
                         .map_err(|refusal| self.refused(refusal))?,
@@ -508,8 +628,85 @@ impl Assembly<'_> {
         Ok(sweeps)
     }
 
+    /// The stages (`then:`) of each entry that has them, each body merged and its input field
+    /// chosen and checked.
+    fn read_stages(
+        &self,
+        raw: &RawFile,
+    ) -> Result<Vec<Option<Vec<crate::chain::Stage>>>, JobFileError> {
+        let mut all = Vec::with_capacity(raw.jobs.len());
+        for (index, job) in raw.jobs.iter().enumerate() {
+            if job.then.is_empty() {
+                all.push(None);
+                continue;
+            }
+            let mut stages = Vec::with_capacity(job.then.len());
+            for (number, stage) in job.then.iter().enumerate() {
+                let at = |key: &str| {
+                    vec![
+                        Seg::key("jobs"),
+                        Seg::Index(index),
+                        Seg::key("then"),
+                        Seg::Index(number),
+                        Seg::key(key),
+                    ]
+                };
+                let input = stage
+                    .input
+                    .clone()
+                    .unwrap_or_else(|| crate::chain::default_input(&stage.model).to_owned());
+                if stage.params.contains_key(&input) {
+                    let mut path = at("params");
+                    path.push(Seg::key(&input));
+                    return Err(self.error(
+                        &path,
+                        format!(
+                            "`{input}` is where this stage receives the previous stage's \
+                             result; remove it from the stage's params, or name another field \
+                             with `input:`"
+                        ),
+                    ));
+                }
+                // A stage's body is its own: the file's top-level `params:` belong to the
+                // jobs' own model, not to the enhancer or video model after it.
+                let mut body = Map::new();
+                for (key, value) in &stage.params {
+                    if !value.is_null() {
+                        body.insert(key.clone(), value.clone());
+                    }
+                }
+                if let Some(prompt) = &stage.prompt {
+                    body.insert("prompt".into(), Value::String(prompt.clone()));
+                }
+                stages.push(crate::chain::Stage {
+                    model: stage.model.clone(),
+                    body,
+                    input,
+                    price_usd: None,
+                });
+            }
+            all.push(Some(stages));
+        }
+        Ok(all)
+    }
+
+    /// The folders of images of the entries, with the line of each `from:`.
+    fn folder_uses(&self, raw: &RawFile, sweeps: &[Option<Sweep>]) -> Vec<FolderUse> {
+        let mut uses = Vec::new();
+        for ((index, job), sweep) in raw.jobs.iter().enumerate().zip(sweeps) {
+            let Some(rows) = sweep.as_ref().and_then(|sweep| sweep.1.as_ref()) else { continue };
+            let Some(skipped) = rows.skipped() else { continue };
+            let at = [Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
+            let line = self.find(&at, Target::Node).map_or(0, |(line, _)| line);
+            let folder =
+                job.sweep.as_ref().and_then(|sweep| sweep.from.clone()).unwrap_or_default();
+            uses.push(FolderUse { line, folder, images: rows.len(), skipped });
+        }
+        uses
+    }
+
     /// A local input of entry `index` that cannot be used, at the field that names it: the
-    /// job's own `params`, else the defaults', else the entry.
+    /// job's own `params`, else the defaults', else the entry's `from:`, else the entry.
     fn input_error(&self, index: usize, refused: inputs::Refused) -> JobFileError {
         let own: Vec<Seg> = [Seg::key("jobs"), Seg::Index(index), Seg::key("params")]
             .into_iter()
@@ -517,10 +714,14 @@ impl Assembly<'_> {
             .collect();
         let defaults: Vec<Seg> =
             std::iter::once(Seg::key("params")).chain(refused.field.iter().cloned()).collect();
+        // Else the value came from the entry's data file or folder of images.
+        let from = vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
         let at = if self.find(&own, Target::Node).is_some() {
             own
         } else if self.find(&defaults, Target::Node).is_some() {
             defaults
+        } else if self.find(&from, Target::Node).is_some() {
+            from
         } else {
             own
         };
@@ -609,6 +810,18 @@ impl Assembly<'_> {
             return Err(self.error(&at, format!("the job name {name:?}{origin} is invalid: {why}")));
         }
         let folded = name.to_ascii_lowercase();
+        if let Some(&other) = names.get(&folded)
+            && other == index
+        {
+            return Err(self.error(
+                &at,
+                format!(
+                    "this entry makes two jobs named {name:?}{origin}; job names must be unique, \
+                     ignoring case (in a folder, `cat.png` and `cat.jpg` are both `{{file}}` = \
+                     cat: rename one)"
+                ),
+            ));
+        }
         if let Some(&other) = names.get(&folded) {
             let line = entry_lines.get(other).copied().unwrap_or_default();
             return Err(self.error(
@@ -667,8 +880,48 @@ impl Assembly<'_> {
     }
 }
 
+/// A job's name and chain: as written without stages; with them, the name of stage 0
+/// (`castle/0-flux-1-dev`) and the chain that the state file keeps with the job.
+fn chained(
+    name: String,
+    model: &str,
+    stages: Option<&[crate::chain::Stage]>,
+) -> (String, Option<String>) {
+    let Some(stages) = stages else { return (name, None) };
+    let first = crate::chain::stage_name(&name, 0, model, "");
+    let chain = crate::chain::Chain {
+        base: name,
+        stage: 0,
+        suffix: String::new(),
+        parent: None,
+        parent_result: 0,
+        stages: stages.to_vec(),
+    };
+    (first, Some(chain.to_text()))
+}
+
+/// The image (its path, as a local input) that a job of a folder entry enhances: only
+/// enhance models get the size of their input (`set_size`); `None` for other entries.
+fn enhanced_image(sweep: Option<&Sweep>, model: &str, fields: &Params) -> Option<String> {
+    let field = sweep?.1.as_ref()?.input_field()?;
+    model.starts_with("enhance/").then(|| fields.get(field)?.as_str().map(str::to_owned))?
+}
+
+/// Puts an image's `size` into `body` as `width` and `height`, which enhancers (Topaz) require,
+/// unless the body has either already (written in `params`, it wins).
+fn set_size(body: &mut Map<String, Value>, size: Option<(u32, u32)>) {
+    if let Some((width, height)) = size
+        && !body.contains_key("width")
+        && !body.contains_key("height")
+    {
+        body.insert("width".into(), width.into());
+        body.insert("height".into(), height.into());
+    }
+}
+
 /// The request body of a job: the defaults, the job's fields over them key by key (a `null`
-/// leaves the field out), then the prompt.
+/// leaves the field out), then the prompt, when it has one (an empty prompt is none: the body
+/// has no `prompt`, for models that take none).
 fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Value> {
     let mut body = Map::new();
     for (key, value) in defaults.iter().chain(own) {
@@ -678,7 +931,9 @@ fn merge_body(defaults: &Params, own: &Params, prompt: &str) -> Map<String, Valu
             body.insert(key.clone(), value.clone());
         }
     }
-    body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    if !prompt.is_empty() {
+        body.insert("prompt".into(), Value::String(prompt.to_owned()));
+    }
     body
 }
 

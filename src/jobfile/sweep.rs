@@ -5,6 +5,10 @@
 //! - `from: prompts.csv` (or `.jsonl`) reads a data file beside the job file; the entry becomes
 //!   one job per row (times the matrix's combinations, if it has one too). Each column is a
 //!   variable; `prompt`, `name` and `model` columns give the job's prompt, name and model.
+//! - `from: photos/` (ending in `/`) names a folder of images beside the job file; the entry
+//!   becomes one job per image (`folder.rs` lists them), with the variable `file` (the file name
+//!   without extension) and the image in the model's input field (`image_url`, or
+//!   `start_image` for a video model). Its jobs are named `{file}` unless `name:` says otherwise.
 //! - In such an entry the prompt and the name are templates: `{seed}` is the variable's value,
 //!   `{{` and `}}` are literal braces. A variable the prompt does not use becomes a request
 //!   field of its name (`seed: [1, 2]` sets `"seed": 1`, then 2), so a matrix sweeps
@@ -21,6 +25,7 @@
 //! template (`fox-{seed}`) chooses the pattern instead.
 
 use super::JobFileError;
+use super::folder::{Images, Skipped};
 use super::locate::Seg;
 use super::values::parse_model_path;
 use super::{MAX_DATA_SIZE, MAX_JOBS};
@@ -41,10 +46,15 @@ pub(super) enum Refusal {
     Data(JobFileError),
 }
 
-/// Checks what `from:` names: a `.csv` or `.jsonl` file inside the job file's folder. Only a
-/// relative path without `..` (and, when it is read, without links: [`open_beside`]): when the
-/// service runs job files written by others, `from:` must not read files elsewhere and send
-/// them to Krea as prompts.
+/// Whether what `from:` names is a folder of images: written with a trailing `/`.
+pub(crate) fn is_folder(text: &str) -> bool {
+    text.ends_with('/')
+}
+
+/// Checks what `from:` names: a `.csv` or `.jsonl` file, or a folder (`photos/`), inside the
+/// job file's folder. Only a relative path without `..` (and, when it is read, without links:
+/// [`open_beside`]): when the service runs job files written by others, `from:` must not read
+/// files elsewhere and send them to Krea as prompts or images.
 pub(crate) fn check_data_path(text: &str) -> Result<(), DataPathError> {
     if text.trim().is_empty() {
         return Err(DataPathError::Empty);
@@ -52,6 +62,9 @@ pub(crate) fn check_data_path(text: &str) -> Result<(), DataPathError> {
     let path = Path::new(text);
     if check_relative(path).is_err() {
         return Err(DataPathError::Outside(text.to_owned()));
+    }
+    if is_folder(text) {
+        return Ok(());
     }
     match DataFormat::of(path) {
         Some(_) => Ok(()),
@@ -68,10 +81,11 @@ pub(crate) enum DataPathError {
     /// Absolute, or with `..`.
     #[error("{0:?} is not inside the job file's folder; write a path relative to it, without `..`")]
     Outside(String),
-    /// Neither `.csv` nor `.jsonl`.
+    /// Neither `.csv` nor `.jsonl`, nor a folder.
     #[error(
         "{0:?} is neither .csv nor .jsonl; prompts are read from CSV (with a header row) or \
-         JSON Lines (one object per line)"
+         JSON Lines (one object per line), and a folder of images is written with a trailing \
+         `/`, like `photos/`"
     )]
     Format(String),
 }
@@ -80,6 +94,8 @@ pub(crate) enum DataPathError {
 enum DataFormat {
     Csv,
     JsonLines,
+    /// A folder of images (`folder.rs`): one row per image.
+    Folder,
 }
 
 impl DataFormat {
@@ -118,6 +134,8 @@ pub(super) struct DataRows {
     /// CSV cells are text; as request fields they are read as numbers and booleans where they
     /// are written as such (JSON Lines values keep their JSON types).
     typed: bool,
+    /// A folder's images, and the request field each goes into.
+    images: Option<(Images, &'static str)>,
 }
 
 impl DataRows {
@@ -128,7 +146,22 @@ impl DataRows {
 
     /// The length of the file's text: what its rows can add to the jobs' bodies, per copy.
     pub(super) fn text_len(&self) -> usize {
-        self.bytes.len()
+        let images = self.images.iter().flat_map(|(images, _)| &images.files);
+        self.bytes.len() + images.map(|image| image.stem.len() + image.path.len()).sum::<usize>()
+    }
+
+    /// What a folder of images skipped; `None` for a data file.
+    pub(super) fn skipped(&self) -> Option<Skipped> {
+        self.images.as_ref().map(|(images, _)| images.skipped)
+    }
+
+    /// The request field a folder's images go into; `None` for a data file.
+    pub(super) fn input_field(&self) -> Option<&'static str> {
+        self.images.as_ref().map(|(_, field)| *field)
+    }
+
+    fn is_folder(&self) -> bool {
+        self.format == DataFormat::Folder
     }
 
     /// Reads the rows in file order, handing each to `use_row`; the first error stops.
@@ -136,8 +169,44 @@ impl DataRows {
         match self.format {
             DataFormat::Csv => self.each_csv_row(&mut use_row),
             DataFormat::JsonLines => self.each_json_row(&mut use_row),
+            DataFormat::Folder => {
+                let Some((images, field)) = &self.images else { return Ok(()) };
+                for (number, image) in images.files.iter().enumerate() {
+                    let mut values = Map::new();
+                    values.insert("file".into(), Value::String(image.stem.clone()));
+                    values.insert((*field).to_owned(), Value::String(image.path.clone()));
+                    use_row(Row { line: number + 1, values })?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// Lists the folder of images `written` (ending in `/`) of entry `index`, beside `job_file`:
+/// one row per image, which puts it in `field` (the model's input) and names it `{file}`.
+pub(super) fn read_folder(
+    job_file: &Path,
+    index: usize,
+    written: &str,
+    field: &'static str,
+) -> Result<DataRows, Refusal> {
+    let at = || vec![Seg::key("jobs"), Seg::Index(index), Seg::key("from")];
+    let folder = job_file.parent().filter(|dir| !dir.as_os_str().is_empty());
+    let base = folder.unwrap_or_else(|| Path::new("."));
+    let images =
+        super::folder::read(base, written).map_err(|message| Refusal::At(at(), message))?;
+    let path = folder.map_or_else(|| PathBuf::from(written), |dir| dir.join(written));
+    Ok(DataRows {
+        stem: slug(written.trim_end_matches('/')),
+        path,
+        columns: vec!["file".to_owned()],
+        bytes: Vec::new(),
+        format: DataFormat::Folder,
+        len: images.files.len(),
+        typed: false,
+        images: Some((images, field)),
+    })
 }
 
 /// Reads the `from:` file `written` of entry `index`, beside `job_file`, and checks every row.
@@ -168,6 +237,7 @@ pub(super) fn read_rows(job_file: &Path, index: usize, written: &str) -> Result<
         format,
         len: 0,
         typed: format == DataFormat::Csv,
+        images: None,
     };
     let mut columns = Vec::new();
     let mut len = 0_usize;
@@ -665,7 +735,9 @@ impl Entry<'_> {
         let lookup =
             |variable: &str| values.iter().find(|(name, _)| *name == variable).map(|(_, v)| *v);
         let fail = |key: &str, message: String| match (row, self.rows) {
-            (Some((_, row)), Some(rows)) => data_error(rows, row.line, None, message),
+            (Some((_, row)), Some(rows)) if !rows.is_folder() => {
+                data_error(rows, row.line, None, message)
+            }
             _ => {
                 Refusal::At(vec![Seg::key("jobs"), Seg::Index(self.index), Seg::key(key)], message)
             }
@@ -688,7 +760,9 @@ impl Entry<'_> {
             }
         };
         let prompt = self.prompt.render(&text)?;
-        if prompt.trim().is_empty() {
+        // No prompt written is no prompt (a model may take none); one written that comes out
+        // blank is a mistake.
+        if prompt.trim().is_empty() && !self.prompt.parts.is_empty() {
             return Err(fail("prompt", "the prompt is empty; write the text to generate".into()));
         }
         let model = match lookup("model") {
@@ -703,7 +777,8 @@ impl Entry<'_> {
         };
         let mut fields = Map::new();
         for (variable, value) in &values {
-            let special = matches!(*variable, "prompt" | "name" | "model");
+            let folder_name = *variable == "file" && self.rows.is_some_and(DataRows::is_folder);
+            let special = matches!(*variable, "prompt" | "name" | "model") || folder_name;
             if special || self.prompt.uses(variable) || value.is_null() {
                 continue;
             }
@@ -730,12 +805,15 @@ impl Entry<'_> {
         lookup: &impl Fn(&str) -> Option<&'v Value>,
     ) -> Result<String, Refusal> {
         if let Some(template) = &self.name_template {
-            return template.render(|variable| Ok(slug(&scalar_text(lookup(variable)))));
+            return template.render(|variable| Ok(self.name_part(variable, lookup(variable))));
         }
         let row_name = lookup("name").filter(|_| row.is_some()).map(|name| scalar_text(Some(name)));
         let mut name = match (self.name, row_name.filter(|name| !name.is_empty()), row) {
             (Some(name), _, _) => name.to_owned(),
             (None, Some(name), _) => name,
+            (None, None, Some(_)) if self.rows.is_some_and(DataRows::is_folder) => {
+                self.name_part("file", lookup("file"))
+            }
             (None, None, Some((number, _))) => {
                 let stem = self.rows.map_or("rows", |rows| rows.stem.as_str());
                 format!("{stem}-{}", derive_name(number + 1, prompt))
@@ -749,6 +827,16 @@ impl Entry<'_> {
             name.push_str(&slug(&scalar_text(Some(&list[*chosen]))));
         }
         Ok(name)
+    }
+}
+
+impl Entry<'_> {
+    /// A variable's value as a piece of a job name. A folder's `{file}` keeps up to 100
+    /// characters, not 32: photos are told apart by names that often share a long start
+    /// (`holiday-2024-beach-0001`), and two jobs may not share a name.
+    fn name_part(&self, variable: &str, value: Option<&Value>) -> String {
+        let folder_file = variable == "file" && self.rows.is_some_and(DataRows::is_folder);
+        slug_of_at_most(&scalar_text(value), if folder_file { 100 } else { 32 })
     }
 }
 
@@ -782,6 +870,11 @@ fn typed_cell(cell: &str) -> Value {
 /// at most 32 characters; `x` when nothing is left. A leading minus sign reads `neg`, so that
 /// `-1` and `1` stay apart.
 fn slug(text: &str) -> String {
+    slug_of_at_most(text, 32)
+}
+
+/// [`slug`] with another length limit.
+fn slug_of_at_most(text: &str, max: usize) -> String {
     let mut out = String::new();
     let text = match text.strip_prefix('-') {
         Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => {
@@ -791,7 +884,7 @@ fn slug(text: &str) -> String {
         _ => text,
     };
     for c in text.chars() {
-        if out.len() >= 32 {
+        if out.len() >= max {
             break;
         }
         if c.is_ascii_alphanumeric() || c == '.' {

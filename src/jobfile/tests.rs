@@ -346,8 +346,15 @@ fn unknown_keys_are_refused_with_the_valid_ones() {
 }
 
 #[test]
-fn prompts_must_be_present_and_not_blank() {
-    check(&with_job("name: fox"), 3, 5, Some("jobs[0].prompt"), "no `prompt`");
+fn prompts_may_be_left_out_but_not_written_blank() {
+    // Whether the model takes no prompt is its schema's to say (`openapi.rs`): the body then
+    // has none, not an empty one.
+    let file = ok(&with_job(
+        "name: fox
+    params: {seed: 1}",
+    ));
+    assert_eq!(file.jobs[0].body_map(), body(&json!({"seed": 1})));
+    assert_eq!(ok(&with_job("params: {seed: 1}")).jobs[0].name, "001");
     check(
         &with_job("prompt: ''"),
         3,
@@ -1358,4 +1365,226 @@ fn local_inputs_become_content_hashes_and_bad_ones_are_refused_at_their_line() {
         (Some(3), Some("params.start_image")),
         "{error}"
     );
+}
+
+const CHAIN: &str = "model: image/bfl/flux-1-dev
+jobs:
+  - name: castle
+    prompt: a castle on a cliff at dawn
+    count: 2
+    then:
+      - model: enhance/topaz/standard-enhance
+        params: { model: Standard V2, image_scaling_factor: 2 }
+      - model: video/kling/kling-2.5
+        prompt: slow aerial push-in
+        params: { duration: 5 }
+  - prompt: a plain job
+";
+
+#[test]
+fn stages_are_kept_with_each_job_with_their_default_input_fields() {
+    let file = ok(CHAIN);
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["castle-1/0-flux-1-dev", "castle-2/0-flux-1-dev", "002-a-plain-job"]);
+    assert_eq!(file.jobs[2].chain, None);
+    let chain = crate::chain::Chain::parse(file.jobs[1].chain.as_deref().expect("chained"))
+        .expect("readable");
+    assert_eq!((chain.base.as_str(), chain.stage), ("castle-2", 0));
+    let inputs: Vec<&str> = chain.stages.iter().map(|stage| stage.input.as_str()).collect();
+    assert_eq!(inputs, ["image_url", "start_image"]);
+    assert_eq!(
+        chain.stages[0].body,
+        body(&json!({"model": "Standard V2", "image_scaling_factor": 2}))
+    );
+    assert_eq!(
+        chain.stages[1].body,
+        body(&json!({"prompt": "slow aerial push-in", "duration": 5}))
+    );
+    // The stages are not part of the job's key: adding `then:` to a job pays for nothing again.
+    let plain = ok("model: image/bfl/flux-1-dev
+jobs:
+  - name: castle
+    prompt: a castle on a cliff at dawn
+    count: 2
+");
+    assert_eq!(plain.jobs[0].key, file.jobs[0].key);
+}
+
+#[test]
+fn a_stage_input_can_be_named_and_its_mistakes_are_found_at_their_line() {
+    let named =
+        ok(&with_job("{prompt: x, then: [{model: video/kling/kling-2.5, input: end_image}]}"));
+    let chain = crate::chain::Chain::parse(named.jobs[0].chain.as_deref().expect("chained"))
+        .expect("readable");
+    assert_eq!(chain.stages[0].input, "end_image");
+    check(
+        &with_job("{prompt: x, then: [{params: {a: 1}}]}"),
+        3,
+        24,
+        Some("jobs[0].then[0].model"),
+        "this stage has no `model`",
+    );
+    check(
+        &with_job(
+            "{prompt: x, then: [{model: enhance/topaz/standard-enhance, params: {image_url: https://a/b.png}}]}",
+        ),
+        3,
+        84,
+        Some("jobs[0].then[0].params.image_url"),
+        "receives the previous stage's result",
+    );
+    check(
+        &with_job("{prompt: x, then: [{model: video/kling/kling-2.5, input: \"no such\"}]}"),
+        3,
+        62,
+        Some("jobs[0].then[0].input"),
+        "not a request field name",
+    );
+    check(
+        &with_job("{prompt: x, then: [{model: video/kling/kling-2.5, size: 2}]}"),
+        3,
+        55,
+        Some("jobs[0].then[0].size"),
+        "unknown key",
+    );
+    check(&with_job("{prompt: x, then: 3}"), 3, 23, Some("jobs[0].then"), "list of stages");
+}
+
+/// A job file `jobs.yaml` in a temporary folder with `photos/` holding `images` (PNG bytes
+/// that differ per name), parsed.
+fn with_photos(images: &[&str], text: &str) -> (tempfile::TempDir, Result<JobFile, JobFileError>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("photos")).expect("folder");
+    for name in images {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend_from_slice(name.as_bytes());
+        std::fs::write(dir.path().join("photos").join(name), png).expect("image");
+    }
+    let source = dir.path().join("jobs.yaml");
+    let parsed = parse(text.as_bytes(), &source);
+    (dir, parsed)
+}
+
+const ENHANCE_FOLDER: &str = "model: enhance/topaz/standard-enhance\nparams: {model: Standard V2}\n\
+                              jobs:\n  - from: photos/\n    name: \"{file}-2x\"\n";
+
+#[test]
+fn a_folder_makes_one_job_per_image_sorted_with_file_as_name_and_input() {
+    let images = ["b.png", "a.png", ".hidden.png", "notes.txt", "C.PNG"];
+    let (dir, parsed) = with_photos(&images, ENHANCE_FOLDER);
+    let file = parsed.expect("valid");
+    let names: Vec<&str> = file.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["C-2x", "a-2x", "b-2x"], "byte order of the file names");
+    let body = file.jobs[1].body_map();
+    assert!(!body.contains_key("prompt") && !body.contains_key("file"), "{body:?}");
+    let sha =
+        &file.local_files.iter().find(|f| f.path == Path::new("photos/a.png")).expect("a").sha256;
+    assert_eq!(body["image_url"], json!(placeholder(sha)));
+    assert_eq!(body["model"], "Standard V2");
+    assert_eq!(file.local_files.len(), 3);
+    assert_eq!(file.folders.len(), 1);
+    let folder = &file.folders[0];
+    assert_eq!((folder.line, folder.folder.as_str(), folder.images), (4, "photos/", 3));
+    assert_eq!((folder.skipped.hidden, folder.skipped.not_images), (1, 1));
+
+    // A video model takes the image as its first frame; no `name:` names the job `{file}`,
+    // and a prompt template may use `{file}`.
+    let video = "model: video/kling/kling-2.5\njobs:\n  - from: ./photos/\n    prompt: \"{file} comes alive\"\n";
+    let file = parse(video.as_bytes(), &dir.path().join("jobs.yaml")).expect("valid");
+    assert_eq!(file.jobs[0].name, "C");
+    let body = file.jobs[1].body_map();
+    assert_eq!(body["prompt"], "a comes alive");
+    assert!(body["start_image"].as_str().is_some_and(|url| url.starts_with(PLACEHOLDER_PREFIX)));
+}
+
+#[test]
+fn adding_images_to_a_folder_adds_only_their_jobs() {
+    let (_dir, before) = with_photos(&["a.png", "b.png"], ENHANCE_FOLDER);
+    let (_more, after) = with_photos(&["a.png", "b.png", "0.png", "c.png"], ENHANCE_FOLDER);
+    let before: Vec<JobKey> = keys(&before.expect("valid"));
+    let after = after.expect("valid");
+    let after_keys = keys(&after);
+    assert!(before.iter().all(|key| after_keys.contains(key)), "the first images keep their keys");
+    assert_eq!(after_keys.len(), before.len() + 2);
+}
+
+#[test]
+fn folders_that_escape_link_are_missing_or_empty_are_refused_at_from() {
+    for (written, needle) in [("../photos/", "not inside"), ("/tmp/", "not inside")] {
+        let text = format!("model: enhance/topaz/x\njobs:\n  - from: {written}\n");
+        check(&text, 3, 11, Some("jobs[0].from"), needle);
+    }
+    check(&with_job("from: photos"), 3, 11, Some("jobs[0].from"), "trailing `/`");
+    let (dir, parsed) = with_photos(
+        &["notes.txt"],
+        "model: enhance/topaz/x\njobs:\n  - prompt: a\n  - from: photos/\n",
+    );
+    let error = parsed.expect_err("no image");
+    assert_eq!((error.line, error.key.as_deref()), (Some(4), Some("jobs[1].from")), "{error}");
+    assert!(error.message.contains("holds no image"), "{error}");
+    let missing =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: gone/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("missing");
+    assert_eq!(error_line_key(&missing), (Some(3), Some("jobs[0].from".to_owned())), "{missing}");
+    assert!(missing.message.contains("gone"), "{missing}");
+    std::os::unix::fs::symlink(dir.path().join("photos"), dir.path().join("linked")).expect("link");
+    let linked =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: linked/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("linked");
+    assert!(linked.message.contains("symbolic link"), "{linked}");
+    std::fs::write(dir.path().join("photos/real.png"), b"\x89PNG\r\n\x1a\n").expect("image");
+    std::os::unix::fs::symlink(
+        dir.path().join("photos/real.png"),
+        dir.path().join("photos/alias.png"),
+    )
+    .expect("link");
+    let inner =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("inner link");
+    assert!(inner.message.contains("photos/alias.png is a symbolic link"), "{inner}");
+    std::fs::remove_file(dir.path().join("photos/alias.png")).expect("link removed");
+    std::fs::write(dir.path().join("photos/fake.png"), b"GIF89a").expect("not a PNG");
+    let fake =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("not a PNG");
+    assert_eq!(error_line_key(&fake), (Some(3), Some("jobs[0].from".to_owned())), "{fake}");
+    assert!(fake.message.contains("photos/fake.png does not hold"), "{fake}");
+    std::fs::remove_file(dir.path().join("photos/fake.png")).expect("removed");
+    std::fs::write(dir.path().join("photos/real.jpg"), b"\xFF\xD8\xFF\xE0").expect("a JPEG");
+    let twice =
+        parse(b"model: enhance/topaz/x\njobs:\n  - from: photos/\n", &dir.path().join("jobs.yaml"))
+            .expect_err("real twice");
+    assert!(twice.message.contains("two jobs named \"real\""), "{twice}");
+}
+
+fn error_line_key(error: &JobFileError) -> (Option<usize>, Option<String>) {
+    (error.line, error.key.clone())
+}
+
+#[test]
+fn an_enhancer_gets_each_images_size_unless_params_write_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("photos")).expect("folder");
+    let png = |width: u8| {
+        let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\x04".to_vec();
+        bytes.extend_from_slice(&[width, 0, 0, 0x03, 0x00]);
+        bytes
+    };
+    std::fs::write(dir.path().join("photos/a.png"), png(0)).expect("image");
+    std::fs::write(dir.path().join("photos/b.png"), png(1)).expect("image");
+    let source = dir.path().join("jobs.yaml");
+    let file = parse(ENHANCE_FOLDER.as_bytes(), &source).expect("valid");
+    let sizes: Vec<(Value, Value)> = file
+        .jobs
+        .iter()
+        .map(|job| (job.body_map()["width"].clone(), job.body_map()["height"].clone()))
+        .collect();
+    assert_eq!(sizes, [(json!(1024), json!(768)), (json!(1025), json!(768))]);
+    let written = ENHANCE_FOLDER.replace("{model: Standard V2}", "{model: Standard V2, width: 9}");
+    let file = parse(written.as_bytes(), &source).expect("valid");
+    let body = file.jobs[0].body_map();
+    assert_eq!((body.get("width"), body.get("height")), (Some(&json!(9)), None), "params win");
+    let video = "model: video/kling/kling-2.5\njobs:\n  - from: photos/\n";
+    let body = parse(video.as_bytes(), &source).expect("valid").jobs[0].body_map();
+    assert!(!body.contains_key("width"), "only enhancers get the size: {body:?}");
 }

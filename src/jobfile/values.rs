@@ -15,6 +15,13 @@ const MODEL_PATH_FORM: &str = "expected a path like image/bfl/flux-1-dev \
      (<kind>/<provider>/<model>, kind being image, video or enhance), \
      or bfl/flux-1-dev for an image model";
 
+/// The request field that takes a model's main input, from its kind (the first segment of its
+/// normalised path): `start_image` for video models, `image_url` for image and enhance models
+/// (Krea's schemas name them so). A folder of images (`from: photos/`) puts each image there.
+pub(crate) fn default_input_field(model: &str) -> &'static str {
+    if model.starts_with("video/") { "start_image" } else { "image_url" }
+}
+
 /// Normalises and validates a Krea model path.
 ///
 /// The path is opaque (Krea adds and retires models every few weeks, so no list is kept), but

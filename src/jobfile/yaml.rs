@@ -4,7 +4,10 @@
 //!
 //! These files get none of the job file's workarounds (alias budget, flow-nesting pre-scan,
 //! node-by-node checks): they are an operator's own files, small and trusted, and their types
-//! are plain serde derives. What they do get is an error that says where: file, line, column.
+//! are plain serde derives. What they do get is an error that says where: file, line, column,
+//! and for a misspelled key the job file's own hint ("did you mean `burst`? valid keys here:
+//! …", `locate::reword_unknown_field`), so a typo in the daemon's configuration, at start or on reload,
+//! reads like one in a job file.
 
 use super::locate;
 use serde::de::DeserializeOwned;
@@ -13,8 +16,9 @@ use std::path::{Path, PathBuf};
 /// A YAML file that is not YAML, or not the settings it should hold (an unknown key, a value
 /// of the wrong type): the file, the place when the YAML reader knows it, and what is wrong.
 ///
-/// Shown as `daemon.yaml:4:17: probe_interval: invalid duration "often"`; the YAML reader's own
-/// error is kept as the source.
+/// Shown as `daemon.yaml:4:17: probe_interval: invalid duration "often"`. The YAML reader's own
+/// error is not kept as a source: everything it says is in the message already, and an error
+/// chain (`main`'s) would say it all a second time, position included.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", super::render_error(.file, *.line, *.column, None, .message))]
 pub struct YamlError {
@@ -26,9 +30,6 @@ pub struct YamlError {
     pub column: Option<usize>,
     /// What is wrong: the YAML reader's message, without the position it appends.
     pub message: String,
-    /// The YAML reader's error.
-    #[source]
-    source: serde_yaml::Error,
 }
 
 /// Reads `text`, the contents of `file` (named in errors), as one YAML document of type `T`.
@@ -40,16 +41,25 @@ pub fn parse_document<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T,
             file: file.to_owned(),
             line: location.as_ref().map(serde_yaml::Location::line),
             column: location.as_ref().map(serde_yaml::Location::column),
-            message: locate::without_position(&shown, location.as_ref()).to_owned(),
-            source,
+            message: with_key_hint(locate::without_position(&shown, location.as_ref())),
         }
     })
+}
+
+/// serde's "unknown field `brust`, expected one of `a`, `burst`" in the job file's words
+/// ([`locate::reword_unknown_field`]), after any prefix (the section, `limits: `); any other
+/// message is left as it is.
+fn with_key_hint(message: &str) -> String {
+    let start = message.find("unknown field `").unwrap_or(message.len());
+    match locate::reword_unknown_field(&message[start..]) {
+        Some((_, reworded)) => format!("{}{reworded}", &message[..start]),
+        None => message.to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::error::Error as _;
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -70,8 +80,11 @@ mod tests {
         assert!(shown.starts_with("/etc/sim.yaml:2:1: "), "{shown}");
         assert!(shown.contains("prot"), "{shown}");
         assert!(!shown.contains(" at line "), "the position is said once: {shown}");
-        let source = err.source().expect("the YAML reader's error is kept");
-        assert!(source.is::<serde_yaml::Error>(), "{source:?}");
+        assert!(
+            shown.ends_with("unknown key \"prot\"; did you mean `port`? valid keys here: port"),
+            "the job file's did-you-mean: {shown}"
+        );
+        assert_eq!(crate::api::error_chain(&err), shown, "an error chain says it once too");
     }
 
     #[test]

@@ -132,6 +132,12 @@ impl Engine {
 
     /// Stops (one-shot) or pauses (service) submitting because the budget is reached.
     pub(super) fn halt_on_budget(&mut self, exceeded: &Exceeded) {
+        // Only a daily cap frees up by itself (at midnight UTC).
+        let reason = if exceeded.retry_in.is_some() {
+            StopReason::DailyBudgetReached
+        } else {
+            StopReason::BudgetReached
+        };
         if self.settings.kind == RunKind::OneShot {
             if self.stopped.is_none() {
                 tracing::warn!(
@@ -139,13 +145,22 @@ impl Engine {
                     exceeded.message
                 );
             }
-            self.stopped.get_or_insert(StopReason::BudgetReached);
+            self.stopped.get_or_insert(reason);
             return;
         }
-        if self.paused != Some(StopReason::BudgetReached) {
-            tracing::warn!("{}; submitting paused", exceeded.message);
+        let until_ms = exceeded.retry_in.map(|wait| {
+            self.clock.now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)
+        });
+        if self.paused != Some(reason) {
+            let until = if reason == StopReason::DailyBudgetReached {
+                "submitting paused until midnight UTC"
+            } else {
+                "submitting paused"
+            };
+            tracing::warn!("{}; {until}", exceeded.message);
+            self.note_pause(reason, &exceeded.message, until_ms);
         }
-        self.paused = Some(StopReason::BudgetReached);
+        self.paused = Some(reason);
         // A daily cap frees up at midnight; a total cap only with a new configuration (SIGHUP).
         let wait = exceeded.retry_in.unwrap_or(Duration::from_hours(24 * 365));
         self.probe_at = Some(tokio::time::Instant::now() + wait);

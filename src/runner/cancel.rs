@@ -50,6 +50,8 @@ impl Engine {
     /// Krea (not billed) as soon as Krea allows; jobs whose POST has no answer yet as soon as
     /// they are at Krea; finished jobs are left as they are.
     pub(super) fn cancel_jobs(&mut self, ids: &[i64]) {
+        // A chain stops where the user cancelled it, whatever becomes of the job itself.
+        self.chains_cancelled.extend(ids);
         for id in ids {
             let Some(slot) = self.table.slot_of(*id) else { continue };
             let name = self.table.job(slot).name.clone();

@@ -72,6 +72,8 @@ pub(super) struct FakeJob {
     pub(super) cancelled: bool,
     /// Shows `sampling` for the last quarter of its run ([`CancelRefusals`]).
     samples: bool,
+    /// How many result URLs it ends with.
+    outputs: usize,
 }
 
 /// What the fake saw, for assertions.
@@ -94,6 +96,8 @@ pub(super) struct Seen {
     pub(super) max_backlogged: usize,
     /// The most jobs held at once (running or backlogged).
     pub(super) max_held: usize,
+    /// The model and body of every POST, in arrival order.
+    pub(super) bodies: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -131,7 +135,16 @@ pub(super) struct FakeKrea {
     pub(super) rate_limit: Option<(usize, Duration)>,
     /// The states in which Krea refuses a cancel (none by default).
     pub(super) cancel_refusals: CancelRefusals,
+    /// How many result URLs each job ends with (1 by default).
+    pub(super) outputs: usize,
+    /// POSTs whose prompt contains this are refused with a 400.
+    pub(super) refuse_prompt: Option<String>,
+    /// Models this account's plan does not include: their POSTs get a plan-402.
+    pub(super) plan_required: Vec<String>,
 }
+
+/// Krea's answer (a 402) for a model the account's plan does not include.
+pub(super) const PLAN_REQUIRED: &str = "This model requires a higher plan. Upgrade to use it.";
 
 /// The states in which Krea refuses a `DELETE` (krea-api.md: it cancels only `queued` and
 /// `processing` jobs), for the cancel tests. Off by default, so the other tests see jobs go
@@ -162,6 +175,9 @@ impl FakeKrea {
             backlog: 0,
             rate_limit: None,
             cancel_refusals: CancelRefusals::default(),
+            outputs: 1,
+            refuse_prompt: None,
+            plan_required: Vec::new(),
         }
     }
 
@@ -214,6 +230,7 @@ impl FakeKrea {
             duration: self.job_duration,
             cancelled: false,
             samples: self.cancel_refusals.sampling,
+            outputs: self.outputs,
         });
         let running = state.jobs.iter().filter(|job| Self::running(job)).count();
         let backlogged = state.jobs.iter().filter(|job| Self::backlogged(job)).count();
@@ -253,7 +270,16 @@ impl FakeKrea {
             status: Some(status),
             created_at: Some(format_time_ms(job.created_ms)),
             completed_at: None,
-            urls: if done { vec![format!("https://results.test/{}.png", job.id)] } else { vec![] },
+            urls: if done {
+                (0..job.outputs)
+                    .map(|index| match index {
+                        0 => format!("https://results.test/{}.png", job.id),
+                        _ => format!("https://results.test/{}-{index}.png", job.id),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
             error: None,
         }
     }
@@ -272,6 +298,14 @@ impl FakeKrea {
             }
             state.accepted_at.len() >= most
         });
+        if self
+            .refuse_prompt
+            .as_deref()
+            .is_some_and(|marker| prompt.unwrap_or_default().contains(marker))
+        {
+            state.seen.posts.push((now, "Rejected".into()));
+            return Err(ApiError::Rejected { status: 400, message: "refused prompt".into() });
+        }
         let scripted = state.script.pop_front();
         let unscripted = scripted.is_none();
         let post = scripted.unwrap_or(if full || too_fast {
@@ -317,7 +351,7 @@ impl FakeKrea {
 }
 
 impl KreaApi for FakeKrea {
-    fn create_job<'a>(&'a self, _model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
+    fn create_job<'a>(&'a self, model: &'a str, body: &'a str) -> ApiFuture<'a, RemoteJob> {
         Box::pin(async move {
             let sent = Instant::now();
             {
@@ -326,8 +360,14 @@ impl KreaApi for FakeKrea {
                 state.seen.max_posts_on_wire =
                     state.seen.max_posts_on_wire.max(state.posts_on_wire);
             }
+            self.state().seen.bodies.push((model.to_owned(), body.to_owned()));
             tokio::time::sleep(self.post_latency).await;
-            let answer = self.answer_post(body);
+            let answer = if self.plan_required.iter().any(|refused| refused == model) {
+                self.state().seen.posts.push((Instant::now(), "PlanRequired".into()));
+                Err(ApiError::PlanRequired { message: PLAN_REQUIRED.into() })
+            } else {
+                self.answer_post(body)
+            };
             let mut state = self.state();
             state.posts_on_wire -= 1;
             state.seen.post_spans.push((sent, Instant::now()));
@@ -425,7 +465,9 @@ impl ResultFetcher for FakeFetcher {
         Box::pin(async move {
             tokio::time::sleep(self.latency).await;
             let relative_path = format!("{stem}.png");
-            let bytes = format!("result of {url}");
+            // A 32×32 PNG's header, then the URL: stages read the size (`chain.rs`).
+            let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x20\0\0\0\x20".to_vec();
+            bytes.extend_from_slice(format!("result of {url}").as_bytes());
             let path = dir.join(&relative_path);
             let io = |err: std::io::Error| crate::download::DownloadError::Transport {
                 url: url.to_owned(),
@@ -473,6 +515,9 @@ pub(super) fn job_record(id: i64, state: crate::job::JobState) -> crate::store::
         price_usd: Some(0.25),
         in_file: true,
         reused_from: None,
+        chain: None,
+        parent_id: None,
         files: Vec::new(),
+        inputs: Vec::new(),
     }
 }

@@ -56,6 +56,7 @@ mod fetch;
 mod phase;
 mod poll;
 mod reconciling;
+mod stages;
 pub(crate) mod status;
 mod submit;
 mod sweep;
@@ -76,7 +77,7 @@ pub(crate) use budget::Budget;
 use controller::{Ceilings, Controller};
 pub(crate) use fetch::write_sidecar_of;
 use phase::IllegalTransition;
-pub use status::{Counts, EngineStatus, RefusedCancel, StopReason};
+pub use status::{Counts, EngineStatus, Pause, RefusedCancel, StopReason};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -120,6 +121,9 @@ pub(crate) struct EngineSettings {
     pub heartbeat: Option<Duration>,
     /// The spending cap, if any.
     pub budget: Option<Budget>,
+    /// Whether a job's end starts its next stage (`stages.rs`): not in `krea-batch download`,
+    /// which sends nothing.
+    pub start_stages: bool,
 }
 
 /// Whether the engine runs once over a batch or as the long-running service. The two differ
@@ -209,6 +213,12 @@ enum Event {
         slots: Vec<usize>,
         result: Result<Listing, ApiError>,
     },
+    /// The next stage's jobs of an ended job were inserted (`stages.rs`).
+    StagesAdded {
+        batch_id: i64,
+        dir: Arc<PathBuf>,
+        result: stages::StagesAdded,
+    },
     /// A listing was cut short by a stop: its unknown jobs are left to the next run.
     ListingStopped,
     /// A sweep's page of the account's newest jobs (`sweep.rs`).
@@ -277,6 +287,11 @@ pub(crate) struct Engine {
     stopped: Option<StopReason>,
     /// Why submitting is paused (service), if it is.
     paused: Option<StopReason>,
+    /// The pause with its times and message (service), for `status` and the metrics.
+    pause: Option<Pause>,
+    /// Whether `pause` changed since it was last written to the state file (service); true at
+    /// the start, so that the first write clears what an earlier start left.
+    pause_unwritten: bool,
     /// When the next probe submission may go while paused.
     probe_at: Option<Instant>,
     /// Draining for shutdown: nothing new starts.
@@ -293,6 +308,11 @@ pub(crate) struct Engine {
     /// Output folders whose gallery is out of date, and when each was last written.
     gallery_stale: HashSet<Arc<PathBuf>>,
     gallery_written: HashMap<Arc<PathBuf>, Instant>,
+    /// Ended jobs (slots) whose next stage's jobs are to be inserted (`stages.rs`).
+    stages_due: Vec<usize>,
+    /// Jobs (row ids) the user asked to cancel: their later stages are cancelled too, even
+    /// when Krea ran the job all the same.
+    chains_cancelled: HashSet<i64>,
 }
 
 /// What was learned is written to the state file at most this often.
@@ -353,6 +373,8 @@ impl Engine {
             commands: None,
             stopped: None,
             paused: None,
+            pause: None,
+            pause_unwritten: true,
             probe_at: None,
             draining: false,
             cancels: cancel::Cancels::default(),
@@ -361,6 +383,8 @@ impl Engine {
             fixed_posts: None,
             gallery_stale: HashSet::new(),
             gallery_written: HashMap::new(),
+            stages_due: Vec::new(),
+            chains_cancelled: HashSet::new(),
         };
         engine.add_jobs(jobs, &dirs);
         engine
@@ -394,6 +418,9 @@ impl Engine {
                 }
             }
             self.note_clock_sample(slot);
+            if stages::has_stages_after(self.table.job(slot)) {
+                self.stages_due.push(slot);
+            }
         }
     }
 
@@ -419,6 +446,7 @@ impl Engine {
             for slot in sends {
                 self.spawn_submit(slot);
             }
+            self.start_stages();
             self.start_downloads();
             self.start_unattributed();
             self.maybe_start_listing();
@@ -501,6 +529,10 @@ impl Engine {
                 self.on_unattributed_downloaded(index, error);
                 Ok(())
             }
+            Ok(Event::StagesAdded { batch_id, dir, result }) => {
+                self.on_stages_added(batch_id, dir, result);
+                Ok(())
+            }
             Ok(Event::ListingStopped) => {
                 self.listing = false;
                 Ok(())
@@ -568,6 +600,7 @@ impl Engine {
     fn publish_status(&mut self) {
         self.status.counts = self.table.counts();
         self.status.paused = self.paused.or(self.stopped);
+        self.status.pause.clone_from(&self.pause);
         self.status.learned = self.controller.summary(Instant::now());
         self.status.capacity = self.controller.capacity();
         self.status.allowed_in_flight = self.controller.allowed_in_flight();
@@ -630,7 +663,9 @@ impl Engine {
 
     /// [`Engine::commit`]; `final_commit` also writes what was learned, however recently.
     async fn commit_turn(&mut self, synced: bool, final_commit: bool) -> Result<(), StoreError> {
-        if !self.table.has_changes() && !final_commit {
+        let pause_due =
+            self.pause_unwritten && matches!(self.settings.kind, RunKind::Service { .. });
+        if !self.table.has_changes() && !final_commit && !pause_due {
             return Ok(());
         }
         let (mut changes, mut ended) = self.table.take_changes();
@@ -643,10 +678,22 @@ impl Engine {
             let value = self.status.learned.clone();
             changes.push(Change::Meta { key: status::META_LEARNED.to_owned(), value });
         }
+        if pause_due {
+            self.pause_unwritten = false;
+            let value = self
+                .pause
+                .as_ref()
+                .and_then(|pause| serde_json::to_string(pause).ok())
+                .unwrap_or_default();
+            changes.push(Change::Meta { key: status::META_PAUSE.to_owned(), value });
+        }
         self.writer.commit_with(changes, synced).await?;
         let table = &self.table;
         for &slot in &ended {
             self.gallery_stale.insert(Arc::clone(table.output_dir(slot)));
+            if stages::has_stages_after(table.job(slot)) {
+                self.stages_due.push(slot);
+            }
         }
         ended.sort_by(|a, b| table.output_dir(*a).cmp(table.output_dir(*b)));
         for group in ended.chunk_by(|a, b| table.output_dir(*a) == table.output_dir(*b)) {
@@ -671,14 +718,14 @@ impl Engine {
 
     /// Submitting cannot go on: Krea wants payment, or refused the key. A one-shot run stops
     /// submitting for good; the service pauses and probes with one submission every
-    /// `probe_every`.
-    fn halt(&mut self, reason: StopReason) {
+    /// `probe_every`. Krea's message (`message`) is always shown.
+    fn halt_with(&mut self, reason: StopReason, message: &str) {
         let RunKind::Service { probe_every: every } = self.settings.kind else {
             if reason == StopReason::AuthRefused {
                 self.stopped = Some(StopReason::AuthRefused);
                 self.controls.abort.cancel();
             } else {
-                self.stop(reason);
+                self.stop_with(reason, message);
             }
             return;
         };
@@ -687,11 +734,13 @@ impl Engine {
             return;
         }
         self.paused = Some(reason);
+        self.note_pause(reason, message, None);
         let waiting = self.table.counts().pending;
         let probe = humantime::format_duration(every);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
                 waiting,
+                %message,
                 "the Krea API balance is exhausted (402): submitting paused; jobs in flight are \
                  finished and downloaded; one submission probes every {probe} (or at once on \
                  SIGHUP or `krea-batch resume`)"
@@ -701,25 +750,35 @@ impl Engine {
                 "Krea refused the API key (401/403): submitting paused; fix the key, then send \
                  SIGHUP or run `krea-batch resume`; a probe is also sent every {probe}"
             ),
-            StopReason::Interrupted | StopReason::BudgetReached => {}
+            StopReason::Interrupted
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 
     /// A submission was accepted: a pause, if any, is over.
     fn resume_after_pause(&mut self) {
         if let Some(reason) = self.paused.take() {
+            self.pause = None;
+            self.pause_unwritten = true;
             self.probe_at = None;
             tracing::info!(%reason, "the probe was accepted: submitting resumes");
         }
     }
 
     fn stop(&mut self, reason: StopReason) {
+        self.stop_with(reason, "");
+    }
+
+    /// [`Engine::stop`], with Krea's message, which is always shown.
+    fn stop_with(&mut self, reason: StopReason, message: &str) {
         if self.stopped.is_some() {
             return;
         }
         self.stopped = Some(reason);
         match reason {
             StopReason::PaymentRequired => tracing::warn!(
+                %message,
                 waiting = self.table.counts().pending,
                 in_flight = self.table.counts().in_flight,
                 "the Krea API balance is exhausted (402): no more submissions; jobs in flight \
@@ -733,7 +792,9 @@ impl Engine {
                 );
                 self.leave_unknown_to_next_run();
             }
-            StopReason::AuthRefused | StopReason::BudgetReached => {}
+            StopReason::AuthRefused
+            | StopReason::BudgetReached
+            | StopReason::DailyBudgetReached => {}
         }
     }
 
@@ -743,7 +804,18 @@ impl Engine {
         if self.settings.kind == RunKind::OneShot {
             tracing::error!(status, %message, "Krea refused the API key; stopping");
         }
-        self.halt(StopReason::AuthRefused);
+        self.halt_with(StopReason::AuthRefused, message);
+    }
+
+    /// Records why submitting is paused, from now (wall clock) until `until_ms` if known.
+    fn note_pause(&mut self, reason: StopReason, message: &str, until_ms: Option<i64>) {
+        self.pause = Some(Pause {
+            reason,
+            since_ms: self.clock.now_ms(),
+            until_ms,
+            message: message.to_owned(),
+        });
+        self.pause_unwritten = true;
     }
 }
 

@@ -8,10 +8,10 @@
 
 use crate::job::JobState;
 use crate::store::JobRecord;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why submitting stopped before every job was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// Krea answered 402: the prepaid balance is exhausted.
@@ -20,8 +20,12 @@ pub enum StopReason {
     AuthRefused,
     /// The user asked to stop (Ctrl-C, SIGTERM).
     Interrupted,
-    /// The next job would exceed the budget (`budget:` in the job file or the daemon config).
+    /// The next job would exceed the budget (`budget.max_usd` in the job file or the daemon
+    /// config).
     BudgetReached,
+    /// The next job would exceed today's budget (`budget.per_day_usd`): room comes back at
+    /// midnight UTC.
+    DailyBudgetReached,
 }
 
 impl StopReason {
@@ -33,6 +37,7 @@ impl StopReason {
             Self::AuthRefused => "auth_refused",
             Self::Interrupted => "interrupted",
             Self::BudgetReached => "budget_reached",
+            Self::DailyBudgetReached => "daily_budget_reached",
         }
     }
 }
@@ -44,9 +49,32 @@ impl std::fmt::Display for StopReason {
             Self::AuthRefused => "Krea refused the API key",
             Self::Interrupted => "interrupted",
             Self::BudgetReached => "the budget is reached",
+            Self::DailyBudgetReached => "the daily budget is reached until midnight UTC",
         })
     }
 }
+
+/// Why submitting is paused (the service) or stopped (a run), since when and until when: what
+/// the engine keeps in the state file (meta key `pause`) for `krea-batch status`, another
+/// process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// Why.
+    pub reason: StopReason,
+    /// Since when, ms since the epoch (UTC).
+    pub since_ms: i64,
+    /// Until when, ms since the epoch, when that is known: a daily budget frees up at the
+    /// next midnight UTC. `None` for a 402, a refused key or a total budget, which end only
+    /// with a top-up, a new key or a new budget (and a probe, SIGHUP or `krea-batch resume`).
+    pub until_ms: Option<i64>,
+    /// What was said: Krea's message for a 402 or a refused key, the budget's arithmetic for
+    /// a budget.
+    pub message: String,
+}
+
+/// The state file's meta key under which the engine keeps its current [`Pause`] as JSON (an
+/// empty value when submitting goes on).
+pub(crate) const META_PAUSE: &str = "pause";
 
 /// Jobs by where they stand, for progress and summaries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -143,6 +171,8 @@ pub struct EngineStatus {
     pub counts: Counts,
     /// Why submitting is stopped or paused, if it is.
     pub paused: Option<StopReason>,
+    /// The pause with its times and message, if submitting is stopped or paused.
+    pub pause: Option<Pause>,
     /// POSTs sent.
     pub submissions_total: u64,
     /// 429 answers.

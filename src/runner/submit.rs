@@ -223,7 +223,7 @@ impl Engine {
                 tracing::debug!(job = %name, %message, "402 on submission");
                 self.status.payment_required_total += 1;
                 self.requeue(slot)?;
-                self.halt(StopReason::PaymentRequired);
+                self.halt_with(StopReason::PaymentRequired, &message);
             }
             Err(ApiError::Auth { status, message }) => {
                 self.requeue(slot)?;
@@ -257,8 +257,13 @@ impl Engine {
                 let reconcile = self.reconciles_now(slot);
                 self.table.unanswered(slot, self.clock.now_ms(), err.to_string(), reconcile)?;
             }
-            Err(err @ (ApiError::ModelGone { .. } | ApiError::NotFound { .. })) => {
-                // The model itself is refused: every waiting job of it would be refused too.
+            Err(
+                err @ (ApiError::ModelGone { .. }
+                | ApiError::NotFound { .. }
+                | ApiError::PlanRequired { .. }),
+            ) => {
+                // The model itself is refused: every waiting job of it would be refused too. A
+                // plan-402 is such a refusal, not an empty balance: the other models go on.
                 let message = err.to_string();
                 let model = self.table.job(slot).model.clone();
                 tracing::error!(job = %name, %model, %message, "model refused; failing its jobs");

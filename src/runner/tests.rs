@@ -35,6 +35,7 @@ fn settings() -> EngineSettings {
         kind: RunKind::OneShot,
         heartbeat: None,
         budget: None,
+        start_stages: true,
     }
 }
 
@@ -57,10 +58,17 @@ struct Rig {
 
 impl Rig {
     fn new(n: usize) -> Self {
+        let text = format!("jobs:\n  - prompt: a fox\n    model: bfl/flux-1-dev\n    count: {n}\n");
+        let rig = Self::of(&text);
+        assert_eq!(rig.jobs.len(), n);
+        rig
+    }
+
+    /// One engine over the jobs of the job file `text`.
+    fn of(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let output = dir.path().join("out");
         std::fs::create_dir_all(&output).expect("the output folder");
-        let text = format!("jobs:\n  - prompt: a fox\n    model: bfl/flux-1-dev\n    count: {n}\n");
         let file = crate::jobfile::parse(text.as_bytes(), &dir.path().join("jobs.yaml"))
             .expect("the job file");
         let mut store = Store::open_writer(&dir.path().join("state.db")).expect("the state");
@@ -68,7 +76,6 @@ impl Rig {
             .import("jobs.yaml", &output, &file.jobs, &PriceTable::with_overrides([].into()), false)
             .expect("the import");
         let jobs = store.jobs(None).expect("the jobs");
-        assert_eq!(jobs.len(), n);
         let output_dirs = store.output_dirs().expect("the folders");
         let clock = Arc::new(TestClock::new());
         Self {
@@ -163,6 +170,12 @@ impl Handles {
     /// The jobs as the state file has them.
     async fn stored(&self) -> Vec<JobRecord> {
         self.writer.with_store(|store| store.jobs(None)).await.expect("the writer").expect("jobs")
+    }
+
+    /// The pause the engine last wrote to the state file (empty: none).
+    async fn pause_written(&self) -> String {
+        let written = self.writer.with_store(|store| store.meta(status::META_PAUSE)).await;
+        written.expect("the writer").expect("readable").expect("written")
     }
 
     /// Waits (in virtual time) until the published status satisfies `done`.
@@ -322,6 +335,32 @@ async fn a_402_pauses_the_service_which_probes_periodically() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plan_402_fails_that_models_jobs_with_kreas_message_and_the_others_go_on() {
+    let rig = Rig::of(
+        "jobs:\n  - prompt: a fox\n    model: video/kling/kling-2.5\n    count: 3\n  \
+         - prompt: a cat\n    model: bfl/flux-1-dev\n    count: 3\n",
+    );
+    let mut rig = rig;
+    rig.krea.plan_required = vec!["video/kling/kling-2.5".into()];
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, None, "a plan-402 is not an empty balance");
+    for job in &outcome.jobs {
+        if job.model == "video/kling/kling-2.5" {
+            assert_eq!(job.state, JobState::Failed, "{}", job.name);
+            let error = job.error.as_deref().unwrap_or_default();
+            assert!(error.contains(super::doubles::PLAN_REQUIRED), "Krea's text is shown: {error}");
+        } else {
+            assert_eq!(job.state, JobState::Downloaded, "{}", job.name);
+        }
+    }
+    let plan_posts = h
+        .krea
+        .seen(|seen| seen.posts.iter().filter(|(_, answer)| answer == "PlanRequired").count());
+    assert_eq!(plan_posts, 1, "the model's other jobs are failed without a POST each");
+    assert_eq!(h.status.borrow().payment_required_total, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_probe_command_resumes_the_paused_service_at_once() {
     let mut rig = Rig::new(1);
     rig.settings.kind = RunKind::Service { probe_every: Duration::from_hours(1) };
@@ -331,8 +370,17 @@ async fn a_probe_command_resumes_the_paused_service_at_once() {
     h.until(|status| status.paused.is_some()).await;
     tokio::time::sleep(10 * SECOND).await;
     assert_eq!(h.posts().len(), 1, "no probe before it is due");
+    // Why and since when are in the state file for `krea-batch status`: the 402 was answered
+    // after `post_latency` (100 ms) on a clock started at 2026-01-01T00:00:00Z.
+    let pause: Pause = serde_json::from_str(&h.pause_written().await).expect("the pause as JSON");
+    assert_eq!(pause.reason, StopReason::PaymentRequired);
+    let since = pause.since_ms - TestClock::new().now_ms();
+    assert!((100..1000).contains(&since), "paused at the 402's answer: {pause:?}");
+    assert_eq!(pause.until_ms, None);
+    assert_eq!(pause.message, "scripted", "Krea's message is kept");
     h.commands.send(EngineCommand::Probe).expect("the engine listens");
     h.until(|status| status.counts.completed == 1).await;
+    assert_eq!(h.pause_written().await, "", "a resumed service clears it");
     let posts = h.posts();
     assert_eq!(posts.len(), 2);
     assert!(posts[1] >= 10 * SECOND && posts[1] < 11 * SECOND, "{posts:?}");
@@ -355,6 +403,18 @@ async fn the_budget_stops_submitting_before_it_is_exceeded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_daily_budget_stops_a_run_as_a_daily_stop() {
+    let mut rig = Rig::new(3);
+    rig.settings.budget = Some(Budget { max_usd: None, per_day_usd: Some(0.15) });
+    for job in &mut rig.jobs {
+        job.price_usd = Some(0.1);
+    }
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::DailyBudgetReached));
+    assert_eq!(h.posts().len(), 1, "0.2 would exceed 0.15 today");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     let mut rig = Rig::new(2);
     rig.settings.kind = RunKind::Service { probe_every: Duration::from_mins(1) };
@@ -364,7 +424,11 @@ async fn a_daily_budget_pauses_the_service_until_midnight_utc() {
     }
     let (engine, mut h) = rig.engine();
     let running = tokio::spawn(engine.run());
-    h.until(|status| status.paused == Some(StopReason::BudgetReached)).await;
+    h.until(|status| status.paused == Some(StopReason::DailyBudgetReached)).await;
+    let pause = h.status.borrow().pause.clone().expect("the pause is published");
+    let next_midnight = TestClock::new().now_ms() + 86_400_000;
+    assert_eq!(pause.until_ms, Some(next_midnight), "until midnight UTC: {pause:?}");
+    assert!(pause.message.contains("daily budget"), "{pause:?}");
     h.until(|status| status.counts.completed == 2).await;
     let posts = h.posts();
     assert_eq!(posts.len(), 2);
@@ -1169,4 +1233,122 @@ async fn a_job_set_aside_is_never_taken_for_a_later_lost_answers() {
     let set_aside = &h.krea.jobs()[0];
     assert!(h.output.join("unattributed").join(format!("{}-1.png", set_aside.id)).is_file());
     assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
+}
+
+/// Three jobs, each a chain of three stages: generate, enhance, animate.
+const CHAINS: &str = "model: bfl/flux-1-dev
+jobs:
+  - {name: castle, prompt: a castle, then: &stages [{model: enhance/topaz/standard-enhance, params: {model: Standard V2}}, {model: video/kling/kling-2.5, prompt: push in}]}
+  - {name: fox, prompt: a fox, then: *stages}
+  - {name: owl, prompt: an owl, then: *stages}
+";
+
+fn named<'a>(jobs: &'a [JobRecord], name: &str) -> &'a JobRecord {
+    jobs.iter().find(|job| job.name == name).unwrap_or_else(|| panic!("no job {name}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_stage_of_each_chain_runs_once_fed_its_parent_result() {
+    let (outcome, h) = Rig::of(CHAINS).run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 9], "{:#?}", outcome.jobs);
+    let bodies = h.krea.seen(|seen| seen.bodies.clone());
+    assert_eq!(bodies.len(), 9, "one POST per stage of each job");
+    let stored = h.stored().await;
+    for base in ["castle", "fox", "owl"] {
+        let generated = named(&stored, &format!("{base}/0-flux-1-dev"));
+        let enhanced = named(&stored, &format!("{base}/1-standard-enhance"));
+        let animated = named(&stored, &format!("{base}/2-kling-2.5"));
+        assert_eq!(enhanced.parent_id, Some(generated.id));
+        assert_eq!(animated.parent_id, Some(enhanced.id));
+        let enhance_body: serde_json::Value = serde_json::from_str(&enhanced.body).expect("json");
+        assert_eq!(enhance_body["image_url"], generated.urls[0].as_str());
+        // The size comes from the downloaded file's header (the fetcher writes 32×32).
+        assert_eq!(
+            (enhance_body["width"].as_u64(), enhance_body["height"].as_u64()),
+            (Some(32), Some(32))
+        );
+        let video_body: serde_json::Value = serde_json::from_str(&animated.body).expect("json");
+        assert_eq!(video_body["start_image"], enhanced.urls[0].as_str());
+        assert_eq!(video_body["prompt"], "push in");
+        // Each stage starts once its own input is on disk, not when the batch's stage ends.
+        assert!(h.output.join(&animated.files[0].path).is_file());
+        assert_eq!(animated.files[0].path, format!("{base}/2-kling-2.5.png"));
+        let posted = bodies.iter().filter(|(_, body)| body == &*enhanced.body).count();
+        assert_eq!(posted, 1, "the enhance stage of {base} was sent once");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_stage_fails_only_the_later_stages_of_its_own_job() {
+    let mut rig = Rig::of(&CHAINS.replace("a fox", "a fox REFUSE"));
+    rig.krea.refuse_prompt = Some("REFUSE".into());
+    let (outcome, h) = rig.run().await;
+    let fox_later = ["fox/1-standard-enhance", "fox/2-kling-2.5"];
+    for job in &outcome.jobs {
+        let expected =
+            if job.name.starts_with("fox/") { JobState::Failed } else { JobState::Downloaded };
+        assert_eq!(job.state, expected, "{job:?}");
+    }
+    assert_eq!(outcome.jobs.len(), 9, "the fox's later stages are recorded, as failed");
+    let enhance = named(&outcome.jobs, fox_later[0]);
+    let reason = enhance.error.as_deref().unwrap_or_default();
+    assert!(reason.contains("fox/0-flux-1-dev") && reason.contains("failed"), "{reason}");
+    let animate = named(&outcome.jobs, fox_later[1]);
+    assert!(animate.error.as_deref().unwrap_or_default().contains(fox_later[0]));
+    assert_eq!(h.krea.seen(|seen| seen.bodies.len()), 7, "nothing sent for the fox's later stages");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stage_fans_out_over_several_results_of_its_input() {
+    let mut rig = Rig::of(
+        "model: bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n",
+    );
+    rig.krea.outputs = 2;
+    let (outcome, h) = rig.run().await;
+    let mut names: Vec<&str> = outcome.jobs.iter().map(|job| job.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "castle/0-flux-1-dev",
+            "castle/1-standard-enhance-1",
+            "castle/1-standard-enhance-2",
+            "castle/2-kling-2.5-1-1",
+            "castle/2-kling-2.5-1-2",
+            "castle/2-kling-2.5-2-1",
+            "castle/2-kling-2.5-2-2",
+        ]
+    );
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 7]);
+    assert_eq!(h.krea.seen(|seen| seen.bodies.len()), 7, "one POST per stage job");
+    let second = named(&outcome.jobs, "castle/1-standard-enhance-2");
+    let body: serde_json::Value = serde_json::from_str(&second.body).expect("json");
+    assert_eq!(body["image_url"], named(&outcome.jobs, "castle/0-flux-1-dev").urls[1].as_str());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_stops_its_chain_even_when_krea_ran_it() {
+    let mut rig = Rig::of(
+        "model: bfl/flux-1-dev\njobs:\n  - {name: castle, prompt: a castle, then: [{model: enhance/topaz/standard-enhance}, {model: video/kling/kling-2.5}]}\n",
+    );
+    rig.krea.cancel_refusals.sampling = true;
+    rig.krea.job_duration = 8 * SECOND;
+    // Sampling from 6 s to 8 s: Krea refuses the cancel and runs the job to its end.
+    let (outcome, h) = cancel_after(rig, 7 * SECOND).await;
+    assert_eq!(named(&outcome.jobs, "castle/0-flux-1-dev").state, JobState::Downloaded);
+    for later in ["castle/1-standard-enhance", "castle/2-kling-2.5"] {
+        assert_eq!(named(&outcome.jobs, later).state, JobState::Cancelled, "{later}");
+    }
+    assert_eq!(h.krea.seen(|seen| seen.bodies.len()), 1, "no stage was sent");
+    let reason = named(&outcome.jobs, "castle/1-standard-enhance").error.clone();
+    assert!(reason.unwrap_or_default().contains("the user cancelled it"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_sends_nothing_new_starts_no_stage() {
+    let mut rig = Rig::of(CHAINS);
+    rig.settings.start_stages = false;
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    assert_eq!(h.stored().await.len(), 3, "no stage job recorded");
 }

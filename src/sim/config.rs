@@ -96,6 +96,10 @@ pub struct SimConfig {
     pub auto_timeout: Option<Duration>,
     /// Model paths (`image/bfl/flux-1-dev`) that answer 403.
     pub forbidden_models: Vec<String>,
+    /// Model paths that the account's plan does not include: they answer 402 with
+    /// a message asking for a higher plan, Krea's other 402, which
+    /// says nothing of the balance.
+    pub plan_required_models: Vec<String>,
     /// Model paths that answer 410 `model_unavailable`, with what to say.
     pub sunset_models: BTreeMap<String, SunsetNotice>,
     /// Model paths whose responses carry `Deprecation`, `Sunset` and `Link` headers.
@@ -145,6 +149,7 @@ impl Default for SimConfig {
             fail_rate: 0.0,
             auto_timeout: None,
             forbidden_models: Vec::new(),
+            plan_required_models: Vec::new(),
             sunset_models: BTreeMap::new(),
             deprecated_models: Vec::new(),
             zero_data_retention: false,

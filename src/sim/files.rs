@@ -20,6 +20,14 @@ use std::sync::Arc;
 
 use super::padding::{CHUNK, FILLER};
 
+/// The simulated video: a two-second 256×144 H.264 (constrained baseline, `yuv420p`, 10 fps,
+/// `moov` first) clip of the `testsrc` test pattern of `FFmpeg`, which browsers play. It was
+/// made for this project, and is under the project's licence, with `FFmpeg` 5.1 by
+/// `ffmpeg -f lavfi -i testsrc=size=256x144:rate=10:duration=2 -c:v libx264 -profile:v baseline
+/// -level 3.0 -pix_fmt yuv420p -preset veryslow -crf 32 -g 20 -movflags +faststart -an
+/// -map_metadata -1 -fflags +bitexact -flags:v +bitexact clip.mp4`.
+const CLIP: &[u8] = include_bytes!("clip.mp4");
+
 /// Largest filler one `tEXt` chunk carries (a chunk length must stay below 2^31).
 const MAX_TEXT_FILLER: u64 = 1 << 30;
 
@@ -43,9 +51,9 @@ pub(crate) struct FileLayout {
 
 impl FileLayout {
     /// A PNG of the natural size, or padded with `tEXt` chunks to exactly `target` bytes when
-    /// `target` leaves room for at least one padding chunk.
-    pub(crate) fn png(seed: &[u8; 32], target: u64) -> Self {
-        let head = png::image_head(seed);
+    /// `target` leaves room for at least one padding chunk. `head` is the picture, all of the
+    /// PNG but its `IEND`.
+    pub(crate) fn png(head: Vec<u8>, target: u64) -> Self {
         let natural = head.len() as u64 + 12;
         let mut steps = VecDeque::from([Step::Literal(Bytes::from(head))]);
         let mut padding = if target >= natural + PADDING_OVERHEAD { target - natural } else { 0 };
@@ -70,19 +78,26 @@ impl FileLayout {
         Self { steps, len: target.max(natural) }
     }
 
-    /// An MP4-shaped file (`ftyp` and one `mdat` box) of `target` bytes (at least 4 KiB).
+    /// A playable MP4: the checked-in clip ([`CLIP`]) followed by a top-level `free` box, which
+    /// players skip, holding `seed` (so files differ) and filler up to `target` bytes.
     pub(crate) fn mp4(seed: &[u8; 32], target: u64) -> Self {
-        let mut head = Vec::with_capacity(64);
-        head.extend_from_slice(&24u32.to_be_bytes());
-        head.extend_from_slice(b"ftypisom\0\0\x02\0isomiso2");
-        let len = target.max(4096);
-        let mdat = len - 24;
-        // A size of 0 means "to the end of the file" for boxes too large for 32 bits.
-        head.extend_from_slice(&u32::try_from(mdat).unwrap_or(0).to_be_bytes());
-        head.extend_from_slice(b"mdat");
+        let natural = (CLIP.len() + 8 + seed.len()) as u64;
+        let len = target.max(natural);
+        let free = len - CLIP.len() as u64;
+        // Past 4 GiB a box gives its size in 64 bits after the type (size field 1).
+        let mut head = Vec::with_capacity(16 + seed.len());
+        if let Ok(size) = u32::try_from(free) {
+            head.extend_from_slice(&size.to_be_bytes());
+            head.extend_from_slice(b"free");
+        } else {
+            head.extend_from_slice(&1u32.to_be_bytes());
+            head.extend_from_slice(b"free");
+            head.extend_from_slice(&free.to_be_bytes());
+        }
         head.extend_from_slice(seed);
-        let filler = len - head.len() as u64;
+        let filler = len - CLIP.len() as u64 - head.len() as u64;
         let steps = VecDeque::from([
+            Step::Literal(Bytes::from_static(CLIP)),
             Step::Literal(Bytes::from(head)),
             Step::Filler { remaining: filler, crc: None },
         ]);
@@ -210,21 +225,20 @@ pub(crate) fn serve(
     if request.method() != Method::GET {
         return reply::error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
     }
-    let (kind, fault) = {
+    let (looks, fault) = {
         let mut state = shared.lock();
         if request.headers().contains_key(hyper::header::AUTHORIZATION) {
             state.recorder.auth_header_on_file_host();
         }
-        let kind = state.world.kind_of(file.job_id);
+        let looks = state.world.looks_of(file.job_id);
         let fault =
             if listener == Listener::Files { faults::draw_download(&mut state) } else { None };
-        (kind, fault)
+        (looks, fault)
     };
-    let extension = match kind {
-        Some(Kind::Video) if !file.preview => "mp4",
-        Some(_) => "png",
-        None => return reply::error(StatusCode::NOT_FOUND, "No such file"),
+    let Some((kind, prompt, picture)) = looks else {
+        return reply::error(StatusCode::NOT_FOUND, "No such file");
     };
+    let extension = if kind == Kind::Video && !file.preview { "mp4" } else { "png" };
     if file.extension != extension || file.index >= shared.config.outputs_per_job {
         return reply::error(StatusCode::NOT_FOUND, "No such file");
     }
@@ -248,12 +262,11 @@ pub(crate) fn serve(
         None => {}
     }
     let seed = seed(file.job_id, file.index, file.preview);
+    let head = || picture.png_head(&prompt, file.job_id, file.index, file.preview, &seed);
     let (layout, content_type) = match (file.preview, kind) {
-        (false, Some(Kind::Video)) => {
-            (FileLayout::mp4(&seed, shared.config.result_bytes), "video/mp4")
-        }
-        (false, _) => (FileLayout::png(&seed, shared.config.result_bytes), "image/png"),
-        (true, _) => (FileLayout::png(&seed, 0), "image/png"),
+        (false, Kind::Video) => (FileLayout::mp4(&seed, shared.config.result_bytes), "video/mp4"),
+        (false, _) => (FileLayout::png(head(), shared.config.result_bytes), "image/png"),
+        (true, _) => (FileLayout::png(head(), 0), "image/png"),
     };
     let len = layout.len;
     let url = format!("{}{path}", shared.files_base);
@@ -291,6 +304,7 @@ fn file_response(body: Body, content_type: &'static str, len: u64) -> Response<B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::picture::Picture;
 
     /// Checks every chunk's CRC and returns the chunk types.
     fn chunk_types(png_bytes: &[u8]) -> Vec<String> {
@@ -309,38 +323,68 @@ mod tests {
         kinds
     }
 
-    #[test]
-    fn padded_pngs_have_the_exact_size_and_valid_chunks() {
-        let seed = [3; 32];
-        let natural = FileLayout::png(&seed, 0).collect();
-        assert_eq!(chunk_types(&natural), ["IHDR", "IDAT", "IEND"]);
-        for target in [natural.len() as u64 + 20, 200_000, 3 * CHUNK as u64 + 17] {
-            let layout = FileLayout::png(&seed, target);
-            assert_eq!(layout.len, target);
-            let bytes = layout.collect();
-            assert_eq!(bytes.len() as u64, target);
-            assert_eq!(chunk_types(&bytes), ["IHDR", "IDAT", "tEXt", "IEND"]);
-            assert_eq!(bytes[..natural.len() - 12], natural[..natural.len() - 12]);
-        }
-        // Too little room for a padding chunk: the natural size.
-        assert_eq!(FileLayout::png(&seed, natural.len() as u64 + 5).collect(), natural);
+    /// A small picture's PNG head, as the file host draws them.
+    fn head(seed: u8) -> Vec<u8> {
+        Picture::default().png_head("a fox", "job-1", 0, false, &[seed; 32])
     }
 
     #[test]
-    fn mp4_files_have_the_requested_size() {
-        let bytes = FileLayout::mp4(&[1; 32], 10_000).collect();
-        assert_eq!(bytes.len(), 10_000);
-        assert_eq!(&bytes[4..8], b"ftyp");
-        assert_eq!(&bytes[28..32], b"mdat");
-        assert_eq!(u32::from_be_bytes(bytes[24..28].try_into().expect("4")), 10_000 - 24);
+    fn padded_pngs_have_the_exact_size_and_valid_chunks() {
+        let natural = FileLayout::png(head(3), 0).collect();
+        assert_eq!(chunk_types(&natural), ["IHDR", "PLTE", "IDAT", "IEND"]);
+        for target in [natural.len() as u64 + 20, 200_000, 3 * CHUNK as u64 + 17] {
+            let layout = FileLayout::png(head(3), target);
+            assert_eq!(layout.len, target);
+            let bytes = layout.collect();
+            assert_eq!(bytes.len() as u64, target);
+            assert_eq!(chunk_types(&bytes), ["IHDR", "PLTE", "IDAT", "tEXt", "IEND"]);
+            assert_eq!(bytes[..natural.len() - 12], natural[..natural.len() - 12]);
+        }
+        // Too little room for a padding chunk: the natural size.
+        assert_eq!(FileLayout::png(head(3), natural.len() as u64 + 5).collect(), natural);
+    }
+
+    /// Top-level MP4 boxes as (type, size); each box's size must lead exactly to the next.
+    fn boxes(mut bytes: &[u8]) -> Vec<(String, u64)> {
+        let mut found = Vec::new();
+        while !bytes.is_empty() {
+            let mut size = u64::from(u32::from_be_bytes(bytes[..4].try_into().expect("4")));
+            if size == 1 {
+                size = u64::from_be_bytes(bytes[8..16].try_into().expect("8"));
+            }
+            found.push((String::from_utf8_lossy(&bytes[4..8]).into_owned(), size));
+            bytes = &bytes[usize::try_from(size).expect("small")..];
+        }
+        found
+    }
+
+    /// The video is the checked-in H.264 clip, whole and first (a browser plays it), padded
+    /// with a `free` box that players skip.
+    #[test]
+    fn mp4_files_are_the_clip_padded_to_the_requested_size() {
+        let kinds =
+            |bytes: &[u8]| boxes(bytes).into_iter().map(|(kind, _)| kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(CLIP),
+            ["ftyp", "moov", "free", "mdat"],
+            "moov first: plays while loading"
+        );
+        assert!(CLIP.windows(4).any(|w| w == b"avc1"), "H.264");
+        for target in [0, 10_000, 300_000] {
+            let bytes = FileLayout::mp4(&[1; 32], target).collect();
+            assert_eq!(bytes.len() as u64, target.max(CLIP.len() as u64 + 40));
+            assert_eq!(bytes[..CLIP.len()], *CLIP);
+            assert_eq!(kinds(&bytes), ["ftyp", "moov", "free", "mdat", "free"]);
+        }
+        assert_ne!(FileLayout::mp4(&[1; 32], 0).collect(), FileLayout::mp4(&[2; 32], 0).collect());
     }
 
     #[test]
     fn streams_hash_what_they_send_and_can_be_cut() {
-        let expected = FileLayout::png(&[5; 32], 150_000).collect();
+        let expected = FileLayout::png(head(5), 150_000).collect();
         let (sender, receiver) = std::sync::mpsc::channel();
         let stream = FileStream {
-            layout: FileLayout::png(&[5; 32], 150_000),
+            layout: FileLayout::png(head(5), 150_000),
             hasher: Sha256::new(),
             sent: 0,
             cut_at: None,
@@ -353,7 +397,7 @@ mod tests {
 
         let (sender, receiver) = std::sync::mpsc::channel::<()>();
         let cut = FileStream {
-            layout: FileLayout::png(&[5; 32], 150_000),
+            layout: FileLayout::png(head(5), 150_000),
             hasher: Sha256::new(),
             sent: 0,
             cut_at: Some(75_000),

@@ -29,6 +29,12 @@ const MAX_BODY: usize = 1024 * 1024;
 const PAYMENT_MESSAGE: &str = "Your API balance is separate from your workspace compute balance. \
                                Please top up your API balance to continue using the API.";
 
+/// The 402 of a model the account's plan does not include (`plan_required_models`). Krea's
+/// exact wording is not documented; this one has the words its own helper script reads as a
+/// plan refusal ("requires", "plan", "upgrade") and none of a balance.
+pub(crate) const PLAN_REQUIRED_MESSAGE: &str =
+    "This model requires a higher plan. Upgrade your plan to use it with the API.";
+
 /// The concurrency 429 message, from Krea's Rate Limits page.
 const CAPACITY_MESSAGE: &str = "You have reached the maximum number of concurrent jobs.";
 
@@ -249,6 +255,9 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
     if config.forbidden_models.iter().any(|forbidden| forbidden == model) {
         return reply::error(StatusCode::FORBIDDEN, "You do not have access to this model.");
     }
+    if config.plan_required_models.iter().any(|refused| refused == model) {
+        return reply::error(StatusCode::PAYMENT_REQUIRED, PLAN_REQUIRED_MESSAGE);
+    }
     let Some(spec) = models::find(model) else {
         return reply::error(StatusCode::NOT_FOUND, &format!("Model not found: {model}"));
     };
@@ -296,6 +305,12 @@ async fn create(shared: &Shared, model: &str, request: Request<Incoming>) -> Res
         kind: spec.kind,
         job_type: spec.job_type,
         price_micros: accepted.price_micros,
+        input: accepted.input_urls.first().map(|(_, url)| url.clone()),
+        // An enhancer answers with a larger picture than a generator, as Topaz's upscales do.
+        picture: match spec.kind {
+            models::Kind::Enhance => accepted.picture.enlarged(),
+            _ => accepted.picture,
+        },
     };
     let now = shared.now_ms();
     let created = {

@@ -4,6 +4,7 @@
 //! request is refused. Plain values, no behaviour beyond naming.
 
 use super::models::Kind;
+use super::picture::Picture;
 
 /// Unix time in milliseconds.
 pub(crate) type Millis = u64;
@@ -23,6 +24,10 @@ pub(crate) struct NewJob {
     pub kind: Kind,
     pub job_type: &'static str,
     pub price_micros: i64,
+    /// The first input URL of the request (`image_url`, `start_image`, …), if it had one.
+    pub input: Option<String>,
+    /// What its result pictures show besides the prompt.
+    pub picture: Picture,
 }
 
 /// Why a creation was refused.

@@ -52,6 +52,10 @@
 //!   requests go on meanwhile: the round trip of a distant API, and the worst case for a client
 //!   that loses the answer, since the job exists all that time.
 //! - Result files exist as soon as the job does (their URLs are only published on completion).
+//! - Result files are stand-ins that tell themselves apart: an image shows its prompt and seed
+//!   (or job id) in the requested aspect ratio, 512 pixels on its longer side
+//!   (`picture.rs`); a video is one short checked-in H.264 clip (`files.rs`). Krea's real
+//!   sizes are not drawn: nothing downstream reads pixels.
 //! - Job ids are random version-4 UUIDs from the operating system's randomness, never from
 //!   `seed`: two simulations never hand out the same id, as Krea never does. (`seed` keeps
 //!   random failures and faults reproducible.)
@@ -98,6 +102,7 @@ mod jobs;
 mod models;
 mod openapi;
 mod padding;
+mod picture;
 mod png;
 mod rate;
 mod render;
@@ -425,6 +430,7 @@ impl Shared {
             reserved_usd: world.reserved() as f64 / MICROS_PER_USD,
             jobs_created: jobs.len() as u64,
             creations_by_prompt: world.creations_by_prompt().clone(),
+            creations_by_input: world.creations_by_input().clone(),
             jobs,
             ..state.recorder.snapshot()
         }

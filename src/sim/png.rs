@@ -1,14 +1,13 @@
-//! Small, valid PNG images made by hand: signature, `IHDR`, one `IDAT` holding a zlib stream of
-//! a single stored (uncompressed) deflate block with its Adler-32, and `IEND`, each chunk with
-//! its CRC-32. No image crate is needed and the bytes are fully deterministic. The padding that
+//! Small, valid PNG images made by hand: signature, `IHDR`, `PLTE` (four colours), one `IDAT`
+//! holding a zlib stream of stored (uncompressed) deflate blocks with its Adler-32, and `IEND`,
+//! each chunk with its CRC-32. At 2 bits per pixel a 512×512 picture is 64 KiB, so no deflate
+//! encoder is needed and the bytes are fully deterministic. What the pixels show is
+//! `picture.rs`'s business. The padding that
 //! makes result files large is a `tEXt` chunk streamed by `files.rs` with [`Crc32`] run
 //! incrementally, so a file of any size never sits in memory.
 
 /// The eight bytes every PNG starts with.
 pub(crate) const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-
-/// Side of the square images, in pixels.
-const SIDE: u32 = 32;
 
 /// The keyword that opens the padding `tEXt` chunk's data.
 pub(crate) const PADDING_KEYWORD: &[u8] = b"Comment\0";
@@ -115,42 +114,61 @@ pub(crate) fn end_chunk() -> Vec<u8> {
     chunk(*b"IEND", &[])
 }
 
-/// Everything of a PNG before `IEND`: signature, header and pixels. The 32×32 RGB picture is a
-/// gradient whose colours come from `seed`, so different files look (and hash) different.
-pub(crate) fn image_head(seed: &[u8; 32]) -> Vec<u8> {
+/// Everything of a PNG before `IEND` for an indexed picture of four colours: signature,
+/// header, palette and pixels (2 bits each). `pixels` holds one palette index (0–3) per pixel,
+/// row by row, `width × height` of them.
+pub(crate) fn indexed_head(
+    width: u32,
+    height: u32,
+    palette: &[[u8; 3]; 4],
+    pixels: &[u8],
+) -> Vec<u8> {
+    debug_assert_eq!(pixels.len(), (width * height) as usize);
     let mut header = Vec::with_capacity(13);
-    header.extend_from_slice(&SIDE.to_be_bytes());
-    header.extend_from_slice(&SIDE.to_be_bytes());
-    // Bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace.
-    header.extend_from_slice(&[8, 2, 0, 0, 0]);
+    header.extend_from_slice(&width.to_be_bytes());
+    header.extend_from_slice(&height.to_be_bytes());
+    // Bit depth 2, colour type 3 (indexed), deflate, adaptive filtering, no interlace.
+    header.extend_from_slice(&[2, 3, 0, 0, 0]);
 
-    let mut pixels = Vec::with_capacity((SIDE * (1 + 3 * SIDE)) as usize);
-    for y in 0..SIDE {
-        pixels.push(0); // filter type None
-        for x in 0..SIDE {
-            let (x, y) = (x as u8, y as u8);
-            pixels.push(seed[0].wrapping_add(x.wrapping_mul(8)));
-            pixels.push(seed[1].wrapping_add(y.wrapping_mul(8)));
-            pixels.push(seed[2 + usize::from((x ^ y) % 30)]);
+    let row_bytes = (width as usize).div_ceil(4);
+    let mut packed = Vec::with_capacity(height as usize * (1 + row_bytes));
+    for row in pixels.chunks(width as usize) {
+        packed.push(0); // filter type None
+        for four in row.chunks(4) {
+            let byte = four
+                .iter()
+                .enumerate()
+                .fold(0u8, |byte, (at, index)| byte | ((index & 3) << (6 - 2 * at)));
+            packed.push(byte);
         }
     }
 
     let mut out = SIGNATURE.to_vec();
     out.extend(chunk(*b"IHDR", &header));
-    out.extend(chunk(*b"IDAT", &zlib_stored(&pixels)));
+    out.extend(chunk(*b"PLTE", palette.as_flattened()));
+    out.extend(chunk(*b"IDAT", &zlib_stored(&packed)));
     out
 }
 
-/// A zlib stream holding `data` in one stored (uncompressed) deflate block.
+/// A zlib stream holding `data` in stored (uncompressed) deflate blocks of at most 64 KiB.
 fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let length = u16::try_from(data.len()).expect("one stored block holds a 32×32 image");
-    let mut out = Vec::with_capacity(data.len() + 11);
+    let blocks = data.len().div_ceil(usize::from(u16::MAX)).max(1);
+    let mut out = Vec::with_capacity(data.len() + 6 + 5 * blocks);
     // CMF 0x78 (deflate, 32K window), FLG 0x01 (no dictionary; 0x7801 is a multiple of 31).
     out.extend_from_slice(&[0x78, 0x01]);
-    out.push(0x01); // BFINAL = 1, BTYPE = 00 (stored)
-    out.extend_from_slice(&length.to_le_bytes());
-    out.extend_from_slice(&(!length).to_le_bytes());
-    out.extend_from_slice(data);
+    let mut rest = data;
+    loop {
+        let (block, after) = rest.split_at(rest.len().min(usize::from(u16::MAX)));
+        let length = u16::try_from(block.len()).expect("a stored block holds at most 65535 bytes");
+        out.push(u8::from(after.is_empty())); // BFINAL on the last block, BTYPE = 00 (stored)
+        out.extend_from_slice(&length.to_le_bytes());
+        out.extend_from_slice(&(!length).to_le_bytes());
+        out.extend_from_slice(block);
+        if after.is_empty() {
+            break;
+        }
+        rest = after;
+    }
     out.extend_from_slice(&adler32(data).to_be_bytes());
     out
 }
@@ -200,32 +218,51 @@ mod tests {
         assert_eq!(end_chunk(), [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]);
     }
 
-    #[test]
-    fn image_is_a_valid_png() {
-        let mut png = image_head(&[7; 32]);
-        png.extend(end_chunk());
-        let chunks = chunks(&png);
-        let kinds: Vec<&[u8; 4]> = chunks.iter().map(|(kind, _)| kind).collect();
-        assert_eq!(kinds, [b"IHDR", b"IDAT", b"IEND"]);
-        let header = &chunks[0].1;
-        assert_eq!(header[..8], [0, 0, 0, 32, 0, 0, 0, 32]);
-        assert_eq!(header[8..], [8, 2, 0, 0, 0]);
-
-        let zlib = &chunks[1].1;
+    /// The pixel bytes of an encoded picture: every stored block's data, joined.
+    fn stored_data(zlib: &[u8]) -> Vec<u8> {
         assert_eq!(u16::from_be_bytes([zlib[0], zlib[1]]) % 31, 0);
-        assert_eq!(zlib[2], 0x01);
-        let length = u16::from_le_bytes([zlib[3], zlib[4]]);
-        assert_eq!(!length, u16::from_le_bytes([zlib[5], zlib[6]]));
-        assert_eq!(usize::from(length), 32 * (1 + 3 * 32));
-        let pixels = &zlib[7..7 + usize::from(length)];
-        assert_eq!(zlib.len(), 7 + pixels.len() + 4);
-        assert_eq!(zlib[zlib.len() - 4..], adler32(pixels).to_be_bytes());
-        assert!(pixels.chunks(97).all(|row| row[0] == 0), "every row has filter type 0");
+        let mut at = 2;
+        let mut data = Vec::new();
+        loop {
+            let last = zlib[at] == 0x01;
+            assert!(zlib[at] <= 1, "stored blocks only");
+            let length = u16::from_le_bytes([zlib[at + 1], zlib[at + 2]]);
+            assert_eq!(!length, u16::from_le_bytes([zlib[at + 3], zlib[at + 4]]));
+            data.extend_from_slice(&zlib[at + 5..at + 5 + usize::from(length)]);
+            at += 5 + usize::from(length);
+            if last {
+                break;
+            }
+        }
+        assert_eq!(zlib[at..], adler32(&data).to_be_bytes());
+        data
     }
 
     #[test]
-    fn different_seeds_give_different_images() {
-        assert_ne!(image_head(&[1; 32]), image_head(&[2; 32]));
-        assert_eq!(image_head(&[1; 32]), image_head(&[1; 32]));
+    fn indexed_pictures_are_valid_pngs() {
+        const PALETTE: [[u8; 3]; 4] = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]];
+        // 300×250 at 2 bits is more than one stored block holds.
+        let (width, height) = (300u32, 250u32);
+        let pixels: Vec<u8> = (0..width * height).map(|i| (i % 7 % 4) as u8).collect();
+        let mut png = indexed_head(width, height, &PALETTE, &pixels);
+        png.extend(end_chunk());
+        let chunks = chunks(&png);
+        let kinds: Vec<&[u8; 4]> = chunks.iter().map(|(kind, _)| kind).collect();
+        assert_eq!(kinds, [b"IHDR", b"PLTE", b"IDAT", b"IEND"]);
+        let header = &chunks[0].1;
+        assert_eq!(header[..8], [0, 0, 1, 44, 0, 0, 0, 250]);
+        assert_eq!(header[8..], [2, 3, 0, 0, 0]);
+        assert_eq!(chunks[1].1, PALETTE.as_flattened());
+
+        let data = stored_data(&chunks[2].1);
+        let row_bytes = 1 + 300 / 4;
+        assert_eq!(data.len(), 250 * row_bytes);
+        assert!(data.chunks(row_bytes).all(|row| row[0] == 0), "every row has filter type 0");
+        // The first row, unpacked, is the first 300 indices.
+        let unpacked: Vec<u8> = data[1..row_bytes]
+            .iter()
+            .flat_map(|b| [b >> 6, (b >> 4) & 3, (b >> 2) & 3, b & 3])
+            .collect();
+        assert_eq!(unpacked, pixels[..300]);
     }
 }

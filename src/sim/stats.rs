@@ -21,6 +21,9 @@ pub struct SimStats {
     /// Jobs created per prompt: more than one for a prompt submitted once means it was paid
     /// (or is about to be paid) twice.
     pub creations_by_prompt: BTreeMap<String, u32>,
+    /// Jobs created per input URL (the first input of each request that had one): more than
+    /// one for an input sent once means a later stage was paid twice.
+    pub creations_by_input: BTreeMap<String, u32>,
     /// Every job, oldest first.
     pub jobs: Vec<JobRecord>,
     /// Requests received on all listeners, control endpoints excluded.

@@ -126,6 +126,7 @@ async fn requests_are_checked_like_krea_does() {
     sunset.insert("image/bfl/flux-1-schnell".to_owned(), SunsetNotice::default());
     let sim = Harness::start(SimConfig {
         forbidden_models: vec!["image/krea/krea-2/large".to_owned()],
+        plan_required_models: vec!["image/krea/krea-2/medium".to_owned()],
         sunset_models: sunset,
         deprecated_models: vec![FLUX.to_owned()],
         zero_data_retention: true,
@@ -151,6 +152,11 @@ async fn requests_are_checked_like_krea_does() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     let forbidden = sim.post("/generate/image/krea/krea-2/large", &json!({"prompt": "x"})).await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let plan = sim.post("/generate/image/krea/krea-2/medium", &json!({"prompt": "x"})).await;
+    assert_eq!(plan.status(), StatusCode::PAYMENT_REQUIRED);
+    let said = body(plan).await["error"].as_str().unwrap_or_default().to_owned();
+    // Words of a plan and none of a balance: what a client reads as a plan refusal.
+    assert!(said.contains("requires a higher plan") && !said.contains("balance"), "{said}");
     let gone = sim.post("/generate/image/bfl/flux-1-schnell", &json!({"prompt": "x"})).await;
     assert_eq!(gone.status(), StatusCode::GONE);
     assert_eq!(body(gone).await["error"], "model_unavailable");
@@ -567,7 +573,8 @@ impl Harness {
 #[tokio::test]
 async fn uploads_are_listed_served_and_the_only_foreign_inputs_accepted() {
     let sim = Harness::start(quick(SimConfig::default())).await;
-    let png = files::FileLayout::png(&[7; 32], 0).collect();
+    let head = picture::Picture::default().png_head("a cat", "upload", 0, false, &[7; 32]);
+    let png = files::FileLayout::png(head, 0).collect();
     let uploaded = sim.upload(&png, "image/png", "sha256:abc").await;
     assert_eq!(uploaded.status(), StatusCode::OK);
     let asset = body(uploaded).await;

@@ -3,6 +3,7 @@
 //! refused with a message that names the field (`styles[0].strength`), as Krea's 400s do.
 
 use super::models::{Field, ModelSpec, Ty};
+use super::picture::Picture;
 use serde_json::{Map, Value};
 
 /// What a valid request body means to the rest of the simulation.
@@ -14,6 +15,8 @@ pub(crate) struct Accepted {
     /// Every input URL in the body with the field that holds it (`image_urls[1]`): what Krea
     /// would fetch.
     pub input_urls: Vec<(String, String)>,
+    /// What the result pictures show besides the prompt.
+    pub picture: Picture,
 }
 
 impl ModelSpec {
@@ -25,7 +28,8 @@ impl ModelSpec {
         let mut input_urls = Vec::new();
         check_object(object, self.fields, self.required, "", &mut input_urls)?;
         let prompt = object.get("prompt").and_then(Value::as_str).unwrap_or_default().to_owned();
-        Ok(Accepted { prompt, price_micros: self.price(object), input_urls })
+        let picture = Picture::of_request(object);
+        Ok(Accepted { prompt, price_micros: self.price(object), input_urls, picture })
     }
 }
 

@@ -15,6 +15,7 @@ pub(crate) use super::jobs::{
     status_name,
 };
 use super::models::Kind;
+use super::picture::Picture;
 use super::stats::JobRecord;
 use super::world_file::{SavedAccount, SavedEnd, SavedJob, SavedOutcome};
 use std::cmp::Reverse;
@@ -83,6 +84,8 @@ pub(crate) struct World {
     spent: i64,
     last_created_ms: Millis,
     creations_by_prompt: BTreeMap<String, u32>,
+    /// Jobs created per input URL (the first of each request that had one).
+    creations_by_input: BTreeMap<String, u32>,
     /// Uploaded files (`POST /assets`).
     pub(crate) assets: Assets,
 }
@@ -126,6 +129,7 @@ impl World {
             spent: 0,
             last_created_ms: 0,
             creations_by_prompt: BTreeMap::new(),
+            creations_by_input: BTreeMap::new(),
             assets: Assets::default(),
         }
     }
@@ -155,6 +159,9 @@ impl World {
         let created_ms = now.max(self.last_created_ms + 1);
         self.last_created_ms = created_ms;
         *self.creations_by_prompt.entry(new.prompt.clone()).or_default() += 1;
+        if let Some(input) = &new.input {
+            *self.creations_by_input.entry(input.clone()).or_default() += 1;
+        }
         self.reserved += new.price_micros;
         let index = self.jobs.len();
         // A reused id keeps pointing at its first job, as a lookup by id can only find one.
@@ -180,6 +187,12 @@ impl World {
     /// The kind of a job's result files, if the job exists.
     pub(crate) fn kind_of(&self, id: &str) -> Option<Kind> {
         self.by_id.get(id).map(|index| self.jobs[*index].new.kind)
+    }
+
+    /// What a job's result files show: its kind, prompt and picture, if the job exists.
+    pub(crate) fn looks_of(&self, id: &str) -> Option<(Kind, String, Picture)> {
+        let new = &self.jobs[*self.by_id.get(id)?].new;
+        Some((new.kind, new.prompt.clone(), new.picture.clone()))
     }
 
     /// Cancels a job that is in a cancellable state: not billed, its slot freed at once.
@@ -254,6 +267,10 @@ impl World {
         &self.creations_by_prompt
     }
 
+    pub(crate) fn creations_by_input(&self) -> &BTreeMap<String, u32> {
+        &self.creations_by_input
+    }
+
     /// The account as the world file keeps it: money, and every job with its timings.
     pub(crate) fn save(&self) -> SavedAccount {
         let end = |(at_ms, outcome): &(Millis, Outcome)| SavedEnd {
@@ -272,6 +289,7 @@ impl World {
                 model: job.new.model.clone(),
                 prompt: job.new.prompt.clone(),
                 price_micros: job.new.price_micros,
+                picture: job.new.picture.clone(),
                 created_ms: job.created_ms,
                 plan: match &job.plan {
                     Plan::Complete => SavedOutcome::Completed,
@@ -288,6 +306,7 @@ impl World {
             spent_micros: self.spent,
             last_created_ms: self.last_created_ms,
             creations_by_prompt: self.creations_by_prompt.clone(),
+            creations_by_input: self.creations_by_input.clone(),
             jobs,
             assets: self.assets.save(),
         }
@@ -302,6 +321,7 @@ impl World {
         world.spent = account.spent_micros;
         world.last_created_ms = account.last_created_ms;
         world.creations_by_prompt = account.creations_by_prompt;
+        world.creations_by_input = account.creations_by_input;
         world.assets = Assets::restore(account.assets);
         for saved in account.jobs {
             let spec = super::models::find(&saved.model).ok_or_else(|| {
@@ -333,6 +353,8 @@ impl World {
                     kind: spec.kind,
                     job_type: spec.job_type,
                     price_micros: saved.price_micros,
+                    input: None,
+                    picture: saved.picture,
                 },
                 created_ms: saved.created_ms,
                 plan,

@@ -95,6 +95,9 @@ pub(crate) struct SavedAccount {
     pub spent_micros: i64,
     pub last_created_ms: Millis,
     pub creations_by_prompt: BTreeMap<String, u32>,
+    /// Jobs created per input URL (absent in files from before stages).
+    #[serde(default)]
+    pub creations_by_input: BTreeMap<String, u32>,
     pub jobs: Vec<SavedJob>,
     /// Uploaded assets (their metadata; absent in files from before uploads).
     #[serde(default)]
@@ -108,6 +111,9 @@ pub(crate) struct SavedJob {
     pub model: String,
     pub prompt: String,
     pub price_micros: i64,
+    /// What its pictures show besides the prompt (square without a seed in older files).
+    #[serde(default)]
+    pub picture: super::picture::Picture,
     pub created_ms: Millis,
     pub plan: SavedOutcome,
     pub started_ms: Option<Millis>,

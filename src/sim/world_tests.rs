@@ -21,6 +21,8 @@ fn job(prompt: &str) -> NewJob {
         kind: Kind::Image,
         job_type: "flux",
         price_micros: 7_000,
+        input: None,
+        picture: Picture::default(),
     }
 }
 

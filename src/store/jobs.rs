@@ -2,10 +2,11 @@
 //! engine's changes, and the counts `status` shows.
 
 use super::{
-    Change, FileRecord, ImportReport, JobRecord, Store, StoreError, now_ms, parse_state, sqlite,
+    Change, FileRecord, ImportReport, InputName, JobRecord, Store, StoreError, now_ms, parse_state,
+    sqlite,
 };
 use crate::job::{JobKey, JobState};
-use crate::jobfile::JobSpec;
+use crate::jobfile::{JobSpec, PLACEHOLDER_PREFIX, placeholders};
 use crate::pricing::PriceTable;
 use rusqlite::{OptionalExtension, params};
 use std::collections::{HashMap, HashSet};
@@ -109,9 +110,10 @@ impl Store {
                     .flatten();
                 tx.execute(
                     "UPDATE jobs SET in_file = 1, name = ?2,
-                        price_usd = CASE WHEN state = 'pending' THEN ?3 ELSE price_usd END
+                        price_usd = CASE WHEN state = 'pending' THEN ?3 ELSE price_usd END,
+                        chain = ?4
                      WHERE id = ?1",
-                    params![id, name, price],
+                    params![id, name, price, priced_chain(spec, prices)],
                 )
                 .map_err(&err)?;
                 continue;
@@ -124,19 +126,84 @@ impl Store {
             names.insert(name.clone(), key.to_owned());
             let price = prices.price(&spec.model, &spec.body_map());
             tx.execute(
-                "INSERT INTO jobs (batch_id, key, name, model, body, state, price_usd, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
-                params![batch_id, key, name, spec.model, spec.body, price, now],
+                "INSERT INTO jobs (batch_id, key, name, model, body, state, price_usd, updated_at,
+                                   chain)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?8)",
+                params![
+                    batch_id,
+                    key,
+                    name,
+                    spec.model,
+                    spec.body,
+                    price,
+                    now,
+                    priced_chain(spec, prices)
+                ],
             )
             .map_err(&err)?;
             report.added += 1;
         }
+        stages_follow_their_parents(&tx, batch_id).map_err(&err)?;
         report.removed = known.keys().filter(|key| !in_file.contains(key.as_str())).count();
         if reuse {
             report.reusable = reusable_pairs(&tx, batch_id).map_err(&err)?;
         }
         tx.commit().map_err(&err)?;
         Ok(report)
+    }
+
+    /// Inserts the stage jobs that follow job `parent_id` (each once: a job with the same key
+    /// in the batch is kept as it is) and returns them as the state now holds them.
+    pub(crate) fn insert_stage_jobs(
+        &mut self,
+        batch_id: i64,
+        parent_id: i64,
+        jobs: &[crate::chain::NewStageJob],
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut ids = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let finished = (job.state != JobState::Pending).then_some(now);
+            tx.execute(
+                "INSERT INTO jobs (batch_id, key, name, model, body, state, error, price_usd,
+                                   updated_at, finished_at, chain, parent_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT DO NOTHING",
+                params![
+                    batch_id,
+                    job.key.as_str(),
+                    job.name,
+                    job.model,
+                    job.body,
+                    job.state.as_str(),
+                    job.error,
+                    job.price_usd,
+                    now,
+                    finished,
+                    job.chain,
+                    parent_id
+                ],
+            )
+            .map_err(&err)?;
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM jobs WHERE batch_id = ?1 AND key = ?2",
+                    params![batch_id, job.key.as_str()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            ids.extend(id);
+        }
+        tx.commit().map_err(&err)?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            records.extend(self.job(id)?);
+        }
+        Ok(records)
     }
 
     /// The jobs of one batch, or of all batches, with their files, in file order.
@@ -196,16 +263,30 @@ impl Store {
             .prepare_cached(&format!(
                 "SELECT id, batch_id, key, name, model, body, state, remote_id, remote_status,
                         attempt_at, attempts, submitted_at, created_at, completed_at, finished_at,
-                        urls, error, price_usd, in_file, attempt_ended, reused_from
+                        urls, error, price_usd, in_file, attempt_ended, reused_from,
+                        chain, parent_id
                  FROM jobs WHERE {jobs_where} ORDER BY id"
             ))
             .map_err(&err)?;
         let rows = stmt.query_map([value], read_job_row).map_err(&err)?;
         let mut jobs = Vec::new();
+        let mut names: Option<HashMap<String, String>> = None;
         for row in rows {
             let raw = row.map_err(&err)?;
             let mut job = raw.into_record(&self.path)?;
             job.files = files.remove(&job.id).unwrap_or_default();
+            if job.body.contains(PLACEHOLDER_PREFIX) {
+                let names = match &mut names {
+                    Some(names) => names,
+                    None => names.insert(self.upload_paths()?),
+                };
+                job.inputs = placeholders(&job.body)
+                    .filter_map(|sha| {
+                        let path = names.get(sha)?.clone();
+                        Some(InputName { sha256: sha.to_owned(), path })
+                    })
+                    .collect();
+            }
             jobs.push(job);
         }
         Ok(jobs)
@@ -364,7 +445,11 @@ impl Store {
         let err = sqlite(&self.path);
         let mut stmt = self
             .conn
-            .prepare("SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL")
+            .prepare(
+                // A retried job's failed attempt is still Krea's job, claimed by this state.
+                "SELECT remote_id FROM jobs WHERE remote_id IS NOT NULL
+                 UNION SELECT remote_id FROM retries WHERE remote_id IS NOT NULL",
+            )
             .map_err(&err)?;
         let rows = stmt.query_map([], |row| row.get::<_, String>(0)).map_err(&err)?;
         rows.map(|row| row.map_err(&err)).collect()
@@ -510,6 +595,33 @@ impl Store {
         rows.map(|row| row.map_err(&err)).collect()
     }
 
+    /// How many jobs are in each state, by job file: (the batch's source, state, count), in
+    /// the order the files were imported.
+    pub(crate) fn count_by_batch_state(
+        &self,
+    ) -> Result<Vec<(String, JobState, usize)>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT batches.source, jobs.state, COUNT(*) FROM jobs
+                 JOIN batches ON batches.id = jobs.batch_id
+                 GROUP BY batches.id, jobs.state ORDER BY batches.id",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+            })
+            .map_err(&err)?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (source, state, count) = row.map_err(&err)?;
+            counts.push((source, parse_state(&self.path, &state)?, count as usize));
+        }
+        Ok(counts)
+    }
+
     /// How many jobs are in each state, over one batch or all.
     pub(crate) fn count_by_state(
         &self,
@@ -561,6 +673,37 @@ fn reusable_pairs(
     Ok(pairs)
 }
 
+/// Stage jobs are not in the job file: each is in it while its parent is. One pass per stage
+/// level settles a chain.
+fn stages_follow_their_parents(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: i64,
+) -> rusqlite::Result<()> {
+    for _ in 0..=crate::chain::MAX_STAGES {
+        let changed = tx.execute(
+            "UPDATE jobs SET in_file = (SELECT parent.in_file FROM jobs AS parent
+                                        WHERE parent.id = jobs.parent_id)
+             WHERE batch_id = ?1 AND parent_id IS NOT NULL
+               AND in_file != (SELECT parent.in_file FROM jobs AS parent
+                               WHERE parent.id = jobs.parent_id)",
+            [batch_id],
+        )?;
+        if changed == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The chain a job file gives `spec`, with each stage's price from `prices`.
+fn priced_chain(spec: &JobSpec, prices: &PriceTable) -> Option<String> {
+    let mut chain = crate::chain::Chain::parse(spec.chain.as_deref()?)?;
+    for stage in &mut chain.stages {
+        stage.price_usd = prices.price(&stage.model, &stage.body);
+    }
+    Some(chain.to_text())
+}
+
 /// Which jobs [`Store::select_jobs`] reads.
 #[derive(Clone, Copy)]
 enum Selection {
@@ -593,6 +736,8 @@ struct RawJobRow {
     in_file: bool,
     attempt_ended: Option<i64>,
     reused_from: Option<String>,
+    chain: Option<String>,
+    parent_id: Option<i64>,
 }
 
 fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
@@ -618,6 +763,8 @@ fn read_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJobRow> {
         in_file: row.get(18)?,
         attempt_ended: row.get(19)?,
         reused_from: row.get(20)?,
+        chain: row.get(21)?,
+        parent_id: row.get(22)?,
     })
 }
 
@@ -658,7 +805,10 @@ impl RawJobRow {
             price_usd: self.price_usd,
             in_file: self.in_file,
             reused_from: self.reused_from,
+            chain: self.chain.map(Arc::from),
+            parent_id: self.parent_id,
             files: Vec::new(),
+            inputs: Vec::new(),
         })
     }
 }

@@ -15,10 +15,12 @@
 //!
 //! Files: this one opens the state file (the lock, the private mode, the readers) and holds the
 //! types; `schema.rs` has the tables and the forward migrations; `jobs.rs` imports job files
-//! and reads and updates jobs; `uploads.rs` records the uploads of local input files;
+//! and reads and updates jobs; `retries.rs` puts failed jobs back to pending for
+//! `krea-batch retry`, keeping their failures; `uploads.rs` records the uploads of local input files;
 //! `writer.rs` is the engine's writer thread.
 
 mod jobs;
+mod retries;
 mod schema;
 mod uploads;
 mod writer;
@@ -130,6 +132,16 @@ pub struct FileRecord {
     pub content_type: String,
 }
 
+/// A local file a job takes as an input, for people: the content its body holds as a
+/// placeholder (`krea-batch-file:sha256:…`), and the path the job file names it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputName {
+    /// The content's SHA-256, lowercase hex.
+    pub sha256: String,
+    /// The file as the job file names it (`photos/cat.png`).
+    pub path: String,
+}
+
 /// A job as the state file holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobRecord {
@@ -178,8 +190,16 @@ pub struct JobRecord {
     pub in_file: bool,
     /// The Krea job id whose result this job took instead of being paid again (`reuse:`).
     pub reused_from: Option<String>,
+    /// Its place in a chain of stages and the stages after it (`chain.rs`), as JSON text.
+    pub chain: Option<Arc<str>>,
+    /// The job whose result this stage job takes (row id).
+    pub parent_id: Option<i64>,
     /// The files on disk.
     pub files: Vec<FileRecord>,
+    /// The local files its body holds as placeholders, by name, in the order they appear:
+    /// what the manifest and the gallery show. Read from the uploads the state recorded; a run
+    /// names them as its job file does (`uploads::name_inputs`).
+    pub inputs: Vec<InputName>,
 }
 
 /// One change to write.

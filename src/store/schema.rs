@@ -5,7 +5,7 @@ use rusqlite::params;
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 /// The schema of version 1, the first.
 const SCHEMA_V1: &str = "
@@ -93,6 +93,29 @@ CREATE TABLE uploads (
 );
 ";
 
+/// Version 5: the failures of jobs that `krea-batch retry` put back to pending, one row per
+/// retry, so the state keeps what happened (and the Krea id of the failed attempt, which
+/// reconciliation must still never adopt) while the job goes round again.
+const SCHEMA_V5: &str = "
+CREATE TABLE retries (
+    job_id     INTEGER NOT NULL REFERENCES jobs(id),
+    retried_at INTEGER NOT NULL,
+    remote_id  TEXT,
+    error      TEXT,
+    attempts   INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX retries_by_job ON retries(job_id);
+";
+
+/// Version 6: chains of stages (`then:`). `chain` is a job's place in its chain and the stages
+/// after it (JSON, `chain.rs`); `parent_id` is the job whose result a stage job takes. A stage
+/// job is inserted once, by its key, when its input exists.
+const SCHEMA_V6: &str = "
+ALTER TABLE jobs ADD COLUMN chain TEXT;
+ALTER TABLE jobs ADD COLUMN parent_id INTEGER REFERENCES jobs(id);
+";
+
 impl Store {
     pub(super) fn configure(&self) -> Result<(), StoreError> {
         self.conn
@@ -119,7 +142,7 @@ impl Store {
             return Err(StoreError::TooNew { path: self.path.clone(), found });
         }
         // Step n takes a file from version n to n + 1.
-        let steps: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+        let steps: [&str; 6] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6];
         for (from, step) in steps.iter().enumerate().skip(found as usize) {
             let tx = self.conn.transaction().map_err(sqlite(&self.path))?;
             tx.execute_batch(step).map_err(sqlite(&self.path))?;

@@ -5,6 +5,7 @@
 
 use super::{Store, StoreError, now_ms, sqlite};
 use rusqlite::{OptionalExtension, params};
+use std::collections::HashMap;
 
 /// Where an upload stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +68,18 @@ impl Store {
                 Ok(UploadRecord { sha256: sha256.to_owned(), path, state, attempt_at })
             })
             .transpose()
+    }
+
+    /// The path each uploaded content was named by (whatever the API; the latest recorded),
+    /// by SHA-256: the names the manifest and the gallery show for local inputs.
+    pub(crate) fn upload_paths(&self) -> Result<HashMap<String, String>, StoreError> {
+        let err = sqlite(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT sha256, path FROM uploads ORDER BY updated_at")
+            .map_err(&err)?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).map_err(&err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
     }
 
     /// Records, durably, that `sha256` is about to be uploaded to `api`: before the POST.

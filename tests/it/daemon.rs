@@ -85,6 +85,27 @@ impl Service {
         std::fs::rename(&staging, self.dir.path().join("inbox").join(name)).expect("renamed in");
     }
 
+    /// What `krea-batch status --config` prints once it shows a pause.
+    fn status_once_paused(&self) -> String {
+        let mut shown = String::new();
+        wait_until(Duration::from_secs(10), "status shows the pause", || {
+            shown = self.status();
+            shown.contains("submitting paused since")
+        });
+        shown
+    }
+
+    /// What `krea-batch status --config` prints now.
+    fn status(&self) -> String {
+        let output = krea_batch()
+            .args(["status", "--config"])
+            .arg(self.config())
+            .output()
+            .expect("status runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn results(&self, batch: &str) -> usize {
         let dir = self.dir.path().join("results").join(batch);
         std::fs::read_dir(dir).map_or(0, |entries| {
@@ -133,6 +154,16 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
         0,
         "one probe per interval, and the interval is an hour"
     );
+    // `status --config` says so, why, since when, with Krea's words, and per job file.
+    let shown = service.status_once_paused();
+    assert!(shown.contains("the Krea API balance is exhausted (402)"), "{shown}");
+    assert!(shown.contains("top up your API balance"), "Krea's message: {shown}");
+    assert!(shown.contains("krea-batch resume --config"), "what ends it: {shown}");
+    assert!(shown.contains("by job file:"), "{shown}");
+    // Each file by its name in the inbox without its extension, as its results folder is named.
+    for file in ["catalogue:", "sweep:"] {
+        assert!(shown.lines().any(|line| line.trim_start().starts_with(file)), "{file}: {shown}");
+    }
 
     // Top up, SIGHUP: reload (RELOADING=1 with MONOTONIC_USEC, then READY=1) and the rest.
     sim.server().set_balance(1.0);
@@ -164,6 +195,17 @@ fn the_daemon_takes_files_pauses_on_402_resumes_on_sighup_and_drains_on_sigterm(
     let run = daemon.finish(Duration::from_secs(30));
     run.expect_code(0);
     systemd.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
+    // The stop line counts the jobs left running at Krea (at most the four late ones), not
+    // every job the state holds (13).
+    let stop_line = run.stderr.lines().find(|line| line.contains("jobs in flight are resumed"));
+    let stop_line = stop_line.expect("the stop line");
+    let in_flight: usize = stop_line
+        .split("in_flight=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("a count of jobs in flight: {stop_line}"));
+    assert!(in_flight <= 4, "{stop_line}");
 
     // The next start polls what was in flight and submits the rest; nothing twice.
     let daemon = service.start(&sim, &systemd);
@@ -263,6 +305,9 @@ fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
     systemd.wait_for("READY=1", |m| m.contains("READY=1"));
     service.drop_file("five.yaml", &job_file("a budgeted job", 5));
     systemd.wait_for("STATUS says the budget is reached", |m| m.contains("budget is reached"));
+    let shown = service.status_once_paused();
+    assert!(shown.contains("the daily budget is reached; resumes at midnight UTC"), "{shown}");
+    assert!(shown.contains("T00:00:00Z"), "the midnight it resumes at: {shown}");
     wait_until(Duration::from_secs(20), "three results", || service.results("five") == 3);
     assert_eq!(sim.stats().jobs_created, 3, "nothing submitted past the budget");
 
@@ -274,7 +319,7 @@ fn a_daily_budget_pauses_submitting_and_a_reload_with_a_higher_cap_resumes() {
     service.drop_file("unpriced.yaml", unpriced);
     for (name, needle) in [
         ("own", "the service's budget is set in its configuration file"),
-        ("unpriced", "knows no price for image/new/model (1 jobs)"),
+        ("unpriced", "knows no price for image/new/model (1 job)"),
     ] {
         let error_file = service.dir.path().join(format!("inbox/rejected/{name}.yaml.error.txt"));
         wait_until(Duration::from_secs(10), "the file is rejected", || error_file.is_file());
@@ -303,7 +348,13 @@ jobs:
     let accepted = service.dir.path().join("inbox/accepted/rows.yaml");
     wait_until(Duration::from_secs(10), "the file is accepted", || accepted.is_file());
 
+    // A typo on reload gets the job file's did-you-mean, and the current config is kept.
     let config = std::fs::read_to_string(service.config()).expect("config");
+    std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_dya_usd: 1"))
+        .expect("config with a typo");
+    daemon.signal("HUP");
+    daemon.wait_for_log("did you mean `per_day_usd`?", Duration::from_secs(10));
+    daemon.wait_for_log("keeping the current one", Duration::from_secs(1));
     std::fs::write(service.config(), config.replace("per_day_usd: 0.021", "per_day_usd: 1"))
         .expect("config raised");
     daemon.signal("HUP");
@@ -428,9 +479,16 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
         "private.yaml",
         "model: image/bfl/flux-1-dev\njobs:\n  - from: data/customers.csv\n",
     );
-    service.drop_file("next.yaml", &job_file("the next job", 2));
+    // A file with a run's own settings: taken, with a warning naming what is ignored.
+    let own_settings = format!(
+        "output: ./elsewhere\nlimits: {{burst: 1}}\napi: {{}}\n{}",
+        job_file("the next job", 2)
+    );
+    service.drop_file("next.yaml", &own_settings);
 
     let huge = note("huge.yaml");
+    let lies = inbox.join("rejected/huge.yaml");
+    assert!(huge.contains(&format!("now lies at {}.", lies.display())), "{huge}");
     let limit = krea_batch::MAX_JOBS;
     assert!(huge.contains(&format!("huge.csv:{}: more than {limit} rows", limit + 2)), "{huge}");
     let private_note = note("private.yaml");
@@ -446,7 +504,13 @@ fn files_the_service_cannot_hold_or_may_not_read_are_rejected_and_it_goes_on() {
     let entries = std::fs::read_dir(inbox.join("processing")).expect("processing/").count();
     assert_eq!(entries, 0, "nothing left in processing/");
     daemon.signal("TERM");
-    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    let run = daemon.finish(Duration::from_secs(10));
+    run.expect_code(0);
+    let warning =
+        run.stderr.lines().find(|line| line.contains("file=next.yaml") && line.contains("ignored"));
+    let warning = warning.unwrap_or_else(|| panic!("a warning about next.yaml: {}", run.stderr));
+    assert!(warning.contains("`output:`, `limits:`, `api:` are ignored"), "{warning}");
+    assert!(!service.dir.path().join("elsewhere").exists(), "results go to the service's folder");
     let stats = sim.stats();
     assert_eq!(stats.jobs_created, 2, "{:?}", stats.creations_by_prompt);
 }
@@ -524,6 +588,36 @@ fn the_service_uploads_local_inputs_once_and_refuses_escapes() {
     daemon.signal("TERM");
     daemon.finish(Duration::from_secs(10)).expect_code(0);
     assert_eq!(sim.stats().jobs_created, 2);
+}
+
+/// The service takes Krea's pipeline files (`.json`) from its inbox, runs their chains, and
+/// rejects an unclear one with the step named.
+#[test]
+fn the_service_runs_a_krea_pipeline_file_and_rejects_an_unclear_one() {
+    let sim = Sim::start(|config| config.video_job_time = Duration::from_millis(200));
+    let service = Service::new(&sim, "");
+    let systemd = Systemd::listen(service.dir.path());
+    let daemon = service.start(&sim, &systemd);
+    systemd.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
+    service.drop_file(
+        "car.json",
+        r#"{"steps": [
+  {"action": "generate_image", "model": "bfl/flux-1-dev", "prompt": "a red car", "filename": "car"},
+  {"action": "generate_video", "use_previous": true, "model": "video/kling/kling-2.5",
+   "prompt": "the car drives off", "aspectRatio": "16:9"}
+]}"#,
+    );
+    let video = service.dir.path().join("results/car/car/1-kling-2.5.mp4");
+    wait_until(Duration::from_secs(30), "the chain's video", || video.is_file());
+    service.drop_file("unclear.json", r#"{"steps": [{"action": "animate", "prompt": "x"}]}"#);
+    let error_file = service.dir.path().join("inbox/rejected/unclear.json.error.txt");
+    wait_until(Duration::from_secs(10), "the unclear file is rejected", || error_file.is_file());
+    let error = std::fs::read_to_string(&error_file).expect("error text");
+    assert!(error.contains("step 1") && error.contains("unknown action"), "{error}");
+    daemon.signal("TERM");
+    daemon.finish(Duration::from_secs(10)).expect_code(0);
+    assert_eq!(sim.stats().jobs_created, 2);
+    assert_eq!(sim.stats().creations_by_prompt.get("the car drives off"), Some(&1));
 }
 
 /// The unit file waits for reloads (`Type=notify-reload`: the daemon sends `RELOADING=1` with

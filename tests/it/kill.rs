@@ -10,24 +10,53 @@
 use crate::support::{
     Sim, Workspace, assert_each_result_where_it_belongs, files_under, numbered_jobs, sha256_of,
 };
-use krea_batch::sim::Faults;
+use krea_batch::sim::{Faults, SimStats};
 use serde_json::Value;
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|text| text.parse().ok()).unwrap_or(default)
 }
 
-/// The account both kill tests run against: 16 jobs at once, a deep backlog, 0.8 s jobs.
+/// The account the kill tests run against: 16 jobs at once, a deep backlog, 0.8 s jobs (videos
+/// too).
 fn killing_ground(seed: u64, faults: Faults) -> Sim {
     Sim::start(|config| {
         config.seed = seed;
         config.job_time = Duration::from_millis(800);
+        config.video_job_time = Duration::from_millis(800);
         config.concurrency = 16;
         config.backlog = 64;
         config.faults = faults;
     })
+}
+
+/// Runs the batch to its end after the kills: retries of failed downloads may take a rerun or
+/// two. True when a run exited 0.
+fn runs_to_the_end(work: &Workspace, sim: &Sim) -> bool {
+    for _ in 0..5 {
+        let run = work.spawn_run(sim).finish(Duration::from_mins(5));
+        assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
+        if run.code == 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Asserts that the result `file` (relative to the output folder) is what the server sent,
+/// as its sidecar names it; returns its path.
+fn assert_whole(work: &Workspace, stats: &SimStats, file: &str) -> std::path::PathBuf {
+    let path = work.out().join(file);
+    let sidecar: Value = serde_json::from_slice(
+        &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
+    )
+    .expect("sidecar JSON");
+    let served = &stats.served_files[sidecar["source_url"].as_str().expect("url")];
+    assert_eq!(sha256_of(&path), served.sha256, "{file} is whole");
+    path
 }
 
 /// A job file with the kill tests' quick limits (`extra_limits` added to them) and `jobs`.
@@ -80,17 +109,7 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     }
     eprintln!("kill test: {killed} kills in {:.1} s", started.elapsed().as_secs_f64());
 
-    // Then run to the end: retries of failed downloads may take a rerun or two.
-    let mut finished = false;
-    for _ in 0..5 {
-        let run = work.spawn_run(&sim).finish(Duration::from_mins(5));
-        assert!(run.code == 0 || run.code == 1, "exit {}: {}", run.code, run.stderr);
-        finished = run.code == 0;
-        if finished {
-            break;
-        }
-    }
-    assert!(finished, "the batch completed");
+    assert!(runs_to_the_end(&work, &sim), "the batch completed");
     eprintln!("kill test: done in {:.1} s", started.elapsed().as_secs_f64());
 
     let stats = sim.stats();
@@ -106,13 +125,7 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     for line in &manifest {
         assert_eq!(line["status"], "completed", "{line}");
         let file = line["files"][0].as_str().expect("a file");
-        let path = work.out().join(file);
-        let sidecar: Value = serde_json::from_slice(
-            &std::fs::read(work.out().join(format!("{file}.json"))).expect("sidecar"),
-        )
-        .expect("sidecar JSON");
-        let served = &stats.served_files[sidecar["source_url"].as_str().expect("url")];
-        assert_eq!(sha256_of(&path), served.sha256, "{file} is whole");
+        assert_whole(&work, &stats, file);
     }
     let partials: Vec<_> = files_under(&work.out())
         .into_iter()
@@ -188,4 +201,85 @@ fn killed_with_several_posts_on_the_wire_it_pays_once_and_misfiles_nothing() {
         "kill test, 4 POSTs at once: {attributed} results attributed, {parked} unattributed, \
          {killed} kills"
     );
+}
+
+/// Chains of three stages (generate, enhance, animate) over 10 jobs, killed at random moments
+/// while stages run, under lost answers and cut downloads: every stage of every job is created
+/// once (each generation per prompt, each later stage per input URL, its parent's result),
+/// every file is whole, each stage names its parent, and the enhancer's result is larger.
+///
+/// `KREA_BATCH_KILL_SEED` replays a run.
+#[test]
+fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
+    const JOBS: usize = 10;
+    let seed = env_number("KREA_BATCH_KILL_SEED", fastrand::u64(..));
+    eprintln!("kill test, chains: {JOBS} jobs of 3 stages, KREA_BATCH_KILL_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let sim = killing_ground(
+        seed,
+        Faults { post_drop_rate: 0.05, download_truncate_rate: 0.1, ..Faults::default() },
+    );
+    let mut jobs = String::new();
+    for index in 1..=JOBS {
+        let _ = write!(
+            jobs,
+            "  - name: castle-{index:02}\n    prompt: a chained castle {index}\n    then:\n      \
+             - model: enhance/topaz/standard-enhance\n        params: {{model: Standard V2, \
+             image_scaling_factor: 2}}\n      - model: video/kling/kling-2.5\n        \
+             prompt: slow push-in\n"
+        );
+    }
+    let work = Workspace::with_file(&killed_job_file("", &jobs));
+
+    let mut killed = 0;
+    for _ in 0..4 {
+        let mut child = work.spawn_run(&sim);
+        std::thread::sleep(Duration::from_millis(rng.u64(300..1500)));
+        if child.has_exited() {
+            child.finish(Duration::from_secs(5));
+            continue;
+        }
+        child.signal("KILL");
+        child.finish(Duration::from_secs(10));
+        killed += 1;
+    }
+    let stages_before_the_end = sim.stats().creations_by_input.len();
+    eprintln!("kill test, chains: {killed} kills, {stages_before_the_end} later stages created");
+    assert!(runs_to_the_end(&work, &sim), "the chains completed after {killed} kills");
+
+    let stats = sim.stats();
+    for index in 1..=JOBS {
+        let prompt = format!("a chained castle {index}");
+        assert_eq!(stats.creations_by_prompt.get(&prompt), Some(&1), "{prompt}");
+    }
+    assert_eq!(stats.creations_by_prompt.get("slow push-in"), Some(&(JOBS as u32)));
+    let twice: Vec<_> = stats.creations_by_input.iter().filter(|(_, count)| **count != 1).collect();
+    assert!(twice.is_empty(), "a stage paid more than once: {twice:?}");
+    assert_eq!(stats.creations_by_input.len(), 2 * JOBS, "every later stage was created");
+    assert_eq!(stats.jobs_created, 3 * JOBS as u64);
+
+    let manifest = work.manifest();
+    let names: HashSet<&str> = manifest.iter().filter_map(|line| line["name"].as_str()).collect();
+    assert_eq!((manifest.len(), names.len()), (3 * JOBS, 3 * JOBS), "every stage listed once");
+    for line in &manifest {
+        assert_eq!(line["status"], "completed", "{line}");
+        let name = line["name"].as_str().expect("a name");
+        let file = line["files"][0].as_str().expect("a file");
+        let stage = line["stage"].as_u64().expect("a stage");
+        let (base, rest) = name.split_once('/').expect("<name>/<stage>-<model>");
+        let model = ["flux-1-dev", "standard-enhance", "kling-2.5"][stage as usize];
+        assert_eq!(rest, format!("{stage}-{model}"));
+        if stage > 0 {
+            let parent = line["parent"].as_str().expect("a parent");
+            assert!(parent.starts_with(&format!("{base}/{}-", stage - 1)), "{line}");
+        }
+        let path = assert_whole(&work, &stats, file);
+        let head = std::fs::read(&path).expect("the file");
+        match stage {
+            // The PNG header's width: the enhancer's result is twice the generator's.
+            0 => assert_eq!(head[16..20], 512_u32.to_be_bytes(), "{file}"),
+            1 => assert_eq!(head[16..20], 1024_u32.to_be_bytes(), "{file}"),
+            _ => assert_eq!(&head[4..8], b"ftyp", "{file} is an MP4"),
+        }
+    }
 }

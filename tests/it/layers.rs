@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 /// The command modules: each wires one `krea-batch` subcommand end to end.
-const COMMANDS: [&str; 6] = ["run", "check", "status", "control", "recover", "daemon"];
+const COMMANDS: [&str; 8] =
+    ["run", "check", "status", "control", "rerun", "models", "recover", "daemon"];
 
 fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src is readable").flatten() {

@@ -85,6 +85,7 @@ fn payment_required_stops_submitting_finishes_in_flight_and_resumes_after_top_up
     run.expect_code(3);
     assert!(run.stderr.contains("balance is exhausted"), "{}", run.stderr);
     assert!(run.stderr.contains("run the same command again"), "{}", run.stderr);
+    assert!(run.stderr.contains("top up your API balance"), "Krea's text: {}", run.stderr);
 
     let stats = sim.stats();
     assert_eq!(stats.posts_after_402, 0, "no POST after the first 402");
@@ -101,6 +102,34 @@ fn payment_required_stops_submitting_finishes_in_flight_and_resumes_after_top_up
     assert_eq!(stats.jobs_created, 20);
     assert!(stats.creations_by_prompt.values().all(|count| *count == 1), "nothing paid twice");
     assert_eq!(work.manifest().iter().filter(|line| line["status"] == "completed").count(), 20);
+}
+
+#[test]
+fn a_402_asking_for_a_higher_plan_fails_that_models_jobs_and_the_others_complete() {
+    let sim = Sim::start(|config| {
+        config.plan_required_models = vec!["image/krea/krea-2/medium".to_owned()];
+    });
+    let work = Workspace::with_jobs(&format!(
+        "{}  - {{name: planned, prompt: a cathedral, model: image/krea/krea-2/medium, count: 3}}\n",
+        numbered_jobs("a field of poppies", 3)
+    ));
+    let run = work.run(&sim, &[]);
+    // Some jobs failed: exit 1, not the 402 stop's 3.
+    run.expect_code(1);
+    let manifest = work.manifest();
+    let completed = manifest.iter().filter(|line| line["status"] == "completed").count();
+    assert_eq!(completed, 3, "the other model's jobs went on: {manifest:?}");
+    let planned: Vec<_> =
+        manifest.iter().filter(|line| line["model"] == "image/krea/krea-2/medium").collect();
+    assert_eq!(planned.len(), 3, "{manifest:?}");
+    for line in planned {
+        assert_eq!(line["status"], "failed", "{line}");
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(error.contains("requires a higher plan"), "Krea's text: {line}");
+    }
+    assert!(run.stderr.contains("requires a higher plan"), "{}", run.stderr);
+    assert!(!run.stderr.contains("balance is exhausted"), "{}", run.stderr);
+    assert_eq!(sim.stats().responses_402, 1, "one plan-402 fails the model's other jobs");
 }
 
 #[test]

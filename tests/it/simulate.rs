@@ -225,8 +225,14 @@ fn simulate_api_help_lists_its_settings_and_print_config_is_a_valid_config() {
     let help = Run::of(&krea_batch().args(["simulate-api", "--help"]).output().expect("runs"));
     help.expect_code(0);
     assert!(!help.stdout.contains("SimConfig"), "{}", help.stdout);
-    for key in ["balance_usd", "job_time", "concurrency", "faults.post_drop_rate", "reuse_job_ids"]
-    {
+    for key in [
+        "balance_usd",
+        "job_time",
+        "concurrency",
+        "faults.post_drop_rate",
+        "reuse_job_ids",
+        "plan_required_models",
+    ] {
         let line = help.stdout.lines().find(|line| line.trim_start().starts_with(key));
         let line = line.unwrap_or_else(|| panic!("{key} not listed:\n{}", help.stdout));
         assert!(line.split_whitespace().count() > 3, "{key} is explained: {line}");
@@ -241,6 +247,20 @@ fn simulate_api_help_lists_its_settings_and_print_config_is_a_valid_config() {
         krea_batch::parse_yaml_document(&printed.stdout, std::path::Path::new("printed.yaml"))
             .expect("a valid configuration");
     assert_eq!(config.api_key, "sim-key");
+}
+
+#[test]
+fn a_misspelled_simulation_setting_gets_the_job_files_did_you_mean() {
+    let work = Workspace::with_jobs(&numbered_jobs("a typo", 1));
+    let config = sim_config(&work, "job_time: 1s\nconcurency: 3\n");
+    let run = run_simulated(&work, &config);
+    run.expect_code(2);
+    let expected = format!(
+        "{}:2:1: unknown key \"concurency\"; did you mean `concurrency`?",
+        config.display()
+    );
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    assert_eq!(run.stderr.matches("concurency").count(), 1, "said once: {}", run.stderr);
 }
 
 #[test]

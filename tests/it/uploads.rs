@@ -147,3 +147,68 @@ fn escaping_and_missing_local_files_are_refused_at_their_line() {
     let line = format!("jobs.yaml:{}:", line_of(&work, "image_url"));
     assert!(check.stderr.contains(&line) && check.stderr.contains("gone.png"), "{}", check.stderr);
 }
+
+/// `n` distinct 16×16 PNGs (by their header; the rest tells them apart) in `folder`, named
+/// `<prefix>NN.png`.
+fn write_pngs(folder: &std::path::Path, prefix: &str, n: usize) {
+    std::fs::create_dir_all(folder).expect("folder");
+    for index in 0..n {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10".to_vec();
+        png.extend_from_slice(format!("{prefix}{index:02}").as_bytes());
+        std::fs::write(folder.join(format!("{prefix}{index:02}.png")), png).expect("image");
+    }
+}
+
+/// A folder of 20 images enhanced by a Topaz model (no prompt; its required width and height
+/// read from each image): one job per image, each uploaded once; `check` counts the images and the files skipped, at the line of `from:`. A
+/// rerun after adding 5 images creates exactly 5 jobs and uploads only their 5 images.
+#[test]
+fn a_folder_of_images_enhanced_then_grown_creates_only_the_new_jobs() {
+    let sim = Sim::start(|_| {});
+    let work = Workspace::with_file(&format!(
+        "model: enhance/topaz/standard-enhance\n{FAST_LIMITS}params:\n  model: Standard V2\n  \
+         image_scaling_factor: 2\njobs:\n  - from: photos/\n    name: \"{{file}}-2x\"\n"
+    ));
+    let photos = work.dir.path().join("photos");
+    write_pngs(&photos, "img-", 20);
+    std::fs::write(photos.join(".DS_Store"), "finder").expect("hidden file");
+    std::fs::write(photos.join("notes.txt"), "not an image").expect("other file");
+
+    let check = work.command(&sim, "unused", &["check"], &[]);
+    check.expect_code(0);
+    let line = line_of(&work, "from: photos/");
+    let folder = format!("line {line}: photos/: 20 images; skipped 1 hidden, 1 not JPEG");
+    assert!(check.stdout.contains(&folder), "{folder} in {}", check.stdout);
+
+    work.run(&sim, &[]).expect_code(0);
+    assert_eq!(completed(&work), 20);
+    assert_eq!(sim.stats().jobs_created, 20);
+    assert_eq!(requests(&sim, "POST", "/assets"), 20, "one upload per image");
+    let names: Vec<String> = work
+        .manifest()
+        .iter()
+        .map(|job| job["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(names.contains(&"img-00-2x".to_owned()) && names.contains(&"img-19-2x".to_owned()));
+    // The manifest and the gallery name each input as the job file does, not by its hash.
+    let first = work.manifest().into_iter().find(|job| job["name"] == "img-00-2x").expect("listed");
+    assert_eq!(first["inputs"], serde_json::json!(["photos/img-00.png"]), "{first}");
+    let gallery = std::fs::read_to_string(work.out().join("index.html")).expect("gallery");
+    assert!(gallery.contains("photos/img-07.png"), "the input is named in its card");
+    assert!(!gallery.contains("krea-batch-file:"), "no placeholder is shown");
+
+    write_pngs(&photos, "new-", 5);
+    work.run(&sim, &[]).expect_code(0);
+    assert_eq!(completed(&work), 25);
+    assert_eq!(sim.stats().jobs_created, 25, "exactly the 5 new images made jobs");
+    assert_eq!(requests(&sim, "POST", "/assets"), 25, "only the new images were uploaded");
+    let created = sim.server().jobs();
+    assert!(created.iter().all(|job| job.model == "enhance/topaz/standard-enhance"), "{created:?}");
+
+    // A folder that is gone is refused by `check` at the line of its `from:`.
+    std::fs::rename(&photos, work.dir.path().join("elsewhere")).expect("moved away");
+    let check = work.command(&sim, "unused", &["check"], &[]);
+    check.expect_code(2);
+    let at = format!("jobs.yaml:{line}:");
+    assert!(check.stderr.contains(&at) && check.stderr.contains("photos"), "{}", check.stderr);
+}

@@ -53,12 +53,15 @@ pub(crate) struct RawFile {
     pub(crate) reuse: Option<bool>,
     /// The job entries, in file order; never empty.
     pub(crate) jobs: Vec<RawJob>,
+    /// Which of `output`, `api` and `limits` the file writes, in file order.
+    pub(crate) run_settings: Vec<&'static str>,
 }
 
 /// One entry of `jobs:` as written.
 #[derive(Debug)]
 pub(crate) struct RawJob {
-    /// The prompt, not blank.
+    /// The prompt as written, not blank; empty when the entry has none (an enhance model
+    /// takes none: the request body then has no `prompt`).
     pub(crate) prompt: String,
     /// The name, valid per `job::check_name`.
     pub(crate) name: Option<String>,
@@ -71,8 +74,23 @@ pub(crate) struct RawJob {
     /// `matrix:` and `from:`, when the entry has either (boxed: most entries have neither,
     /// and a file may hold 100,000 entries).
     pub(crate) sweep: Option<Box<RawSweep>>,
+    /// `then:`: the stages fed this job's results, in order (usually none).
+    pub(crate) then: Vec<RawStage>,
     /// Byte offset of the entry's first key, when `serde_yaml` lent it from the text.
     pub(crate) offset: Option<usize>,
+}
+
+/// One stage of a job's `then:` as written.
+#[derive(Debug)]
+pub(crate) struct RawStage {
+    /// The model, normalised.
+    pub(crate) model: String,
+    /// The stage's own prompt, if any.
+    pub(crate) prompt: Option<String>,
+    /// The stage's request fields.
+    pub(crate) params: Params,
+    /// The request field that receives the previous stage's result, when written.
+    pub(crate) input: Option<String>,
 }
 
 /// The sweep keys of a job entry as written.
@@ -80,7 +98,8 @@ pub(crate) struct RawJob {
 pub(crate) struct RawSweep {
     /// `matrix:`: variable names and their lists of values, checked by `sweep`.
     pub(crate) matrix: Option<Params>,
-    /// `from:`: a CSV or JSON Lines file beside the job file, one job per row.
+    /// `from:`: a CSV or JSON Lines file beside the job file, one job per row, or a folder of
+    /// images (written with a trailing `/`), one job per image.
     pub(crate) from: Option<String>,
 }
 

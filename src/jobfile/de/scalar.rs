@@ -258,6 +258,8 @@ pub(super) enum TextKind {
     Output,
     /// `from:`, a data file beside the job file.
     DataFile,
+    /// A request field's name (a stage's `input:`).
+    Field,
 }
 
 /// Reads a text value of the given kind, refusing other types and applying the kind's rule.
@@ -307,7 +309,17 @@ pub(super) fn text_value<'a, 'de>(
                     .to_owned()
                     .into())
             }
-            TextKind::Prompt | TextKind::Output => Ok(text.to_owned()),
+            TextKind::Field
+                if text.is_empty()
+                    || !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                Err(format!(
+                    "{text:?} is not a request field name; write one such as `image_url` or \
+                     `start_image`"
+                )
+                .into())
+            }
+            TextKind::Prompt | TextKind::Output | TextKind::Field => Ok(text.to_owned()),
         }
     })
 }
