@@ -45,6 +45,12 @@ pub(crate) trait KreaApi: Send + Sync + Debug {
     fn cancel_job<'a>(&'a self, job_id: &'a str) -> ApiFuture<'a, ()>;
     /// `GET /jobs`: one page of this key's jobs created before `cursor`, newest first.
     fn list_jobs<'a>(&'a self, cursor: Option<&'a str>, limit: u32) -> ApiFuture<'a, JobPage>;
+    /// `GET /jobs` for a sweep (`runner/sweep.rs`): the newest `limit` jobs, to read the state
+    /// of those in flight. The same request as a listing's first page; a method of its own so
+    /// the engine's tests can tell a sweep from a reconciliation's listing.
+    fn sweep_jobs(&self, limit: u32) -> ApiFuture<'_, JobPage> {
+        self.list_jobs(None, limit)
+    }
     /// `POST /assets`: uploads a local file (see `uploads.rs` for when).
     fn upload_asset<'a>(&'a self, upload: AssetUpload<'a>) -> ApiFuture<'a, Asset>;
     /// `GET /assets`: one page of this key's assets uploaded before `cursor`, newest first.

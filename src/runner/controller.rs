@@ -17,10 +17,13 @@
 //!   state Krea added since) is a sample of `C`. Stale observations err both ways and mostly
 //!   cancel: a job that ended unseen still counts as running, but the backlogged job that took
 //!   its slot still counts as backlogged. `C` is the median of the last few samples.
-//!   While `C` is unknown, a sweep (one `GET /jobs` listing the account's newest jobs) that
-//!   shows any job backlogged, ours or not, says the same, and the jobs it shows running are
-//!   the sample: the jobs whose POSTs are still unanswered are not ours by id yet, so only the
-//!   listing shows them backlogged a round trip before their answers would.
+//!   A sweep (one `GET /jobs` listing the account's newest jobs) that shows any job
+//!   backlogged, ours or not, says the same, and the jobs it shows running are the sample: the
+//!   jobs whose POSTs are still unanswered are not ours by id yet, so only the listing shows
+//!   them backlogged a round trip before their answers would. Once a sweep has sampled `C`,
+//!   only sweeps do: a sweep is a snapshot of one moment, while an answer's count includes the
+//!   jobs that ended since the last sweep, which at a few jobs a sweep raised `C` (and the
+//!   backlog with it) by as many.
 //! - **What Krea holds** (running plus its own backlog). A concurrency 429 ("maximum number of
 //!   concurrent jobs") says Krea's concurrency and backlog are both full: the jobs we had in
 //!   flight when the refused POST was sent (it was created or refused on arrival, and jobs
@@ -255,6 +258,11 @@ pub(crate) struct Controller {
     /// How soon a sweep (`GET /jobs`) shows what a new job became: the time between sweeps
     /// plus their round trip, as a moving average. `None` until a sweep came back.
     sweep_delay: Option<Duration>,
+    /// Whether sweeps have sampled the capacity: a sweep is a snapshot of the whole account at
+    /// one moment, so from then on only sweeps sample it. A backlogged answer or poll counts
+    /// jobs that ended unseen as running, and at a few jobs ending per sweep those stale
+    /// samples would raise the capacity, and the backlog with it.
+    sampled_by_sweeps: bool,
 }
 
 impl Controller {
@@ -287,6 +295,7 @@ impl Controller {
             round_trip: None,
             job_time: None,
             sweep_delay: None,
+            sampled_by_sweeps: false,
         }
     }
 
@@ -350,9 +359,9 @@ impl Controller {
     pub(crate) fn swept(&mut self, every: Duration, round_trip: Duration, full: Option<u32>) {
         self.sweep_delay = Some(ewma(self.sweep_delay, every + round_trip));
         if let Some(running) = full {
-            if self.capacity.is_none() {
-                self.saturated(running);
-            }
+            self.sampled_by_sweeps = true;
+            self.sample(running.max(1));
+            self.saturated_now();
             return;
         }
         if self.mode == Mode::SlowStart && self.tracked() > 0 {
@@ -668,7 +677,14 @@ impl Controller {
     /// Krea said a job waits: the account is full now, so the jobs seen running are a sample of
     /// its capacity.
     fn saturated(&mut self, running: u32) {
-        self.sample(running.max(1));
+        if !self.sampled_by_sweeps {
+            self.sample(running.max(1));
+        }
+        self.saturated_now();
+    }
+
+    /// The account is full now: slow start is over, and the run of clean submissions too.
+    fn saturated_now(&mut self) {
         self.leave_slow_start();
         self.clean = 0;
     }
@@ -1011,6 +1027,26 @@ mod tests {
         account.control.swept(every, Duration::from_millis(5), Some(20));
         assert_eq!(account.control.capacity(), Some(20));
         assert_eq!(account.control.allowed_in_flight(), 25, "20 and a quarter of it");
+    }
+
+    #[test]
+    fn once_sweeps_sample_the_capacity_stale_answers_do_not_raise_it() {
+        let mut account = Account::new(open());
+        let every = Duration::from_millis(100);
+        account.control.swept(every, Duration::from_millis(5), Some(8));
+        assert_eq!(account.control.capacity(), Some(8));
+        // Ten jobs "running" by our count (some ended unseen) when an answer says backlogged:
+        // without sweeps that would be a sample of 10.
+        for _ in 0..10 {
+            account.submit(&RemoteStatus::Queued);
+        }
+        for _ in 0..5 {
+            account.submit(&RemoteStatus::Backlogged);
+        }
+        assert_eq!(account.control.capacity(), Some(8), "only sweeps sample now");
+        account.control.swept(every, Duration::from_millis(5), Some(9));
+        account.control.swept(every, Duration::from_millis(5), Some(9));
+        assert_eq!(account.control.capacity(), Some(9), "the sweeps' lower median");
     }
 
     #[test]

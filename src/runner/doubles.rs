@@ -90,6 +90,8 @@ pub(super) struct Seen {
     pub(super) cancels: Vec<(Instant, String)>,
     /// When each listing was asked for.
     pub(super) lists: Vec<Instant>,
+    /// Sweeps (`GET /jobs` reading the jobs in flight), counted apart from the listings.
+    pub(super) sweeps: usize,
     /// The most jobs that ran at once.
     pub(super) max_running: usize,
     /// The most jobs that waited backlogged at once.
@@ -415,6 +417,15 @@ impl KreaApi for FakeKrea {
         Box::pin(async move {
             let mut state = self.state();
             state.seen.lists.push(Instant::now());
+            let items = state.jobs.iter().rev().map(Self::describe).collect();
+            Ok(JobPage { items, unreadable: Vec::new(), next_cursor: None })
+        })
+    }
+    /// A sweep reads the same list, but is counted apart from reconciliation's listings.
+    fn sweep_jobs(&self, _limit: u32) -> ApiFuture<'_, JobPage> {
+        Box::pin(async move {
+            let mut state = self.state();
+            state.seen.sweeps += 1;
             let items = state.jobs.iter().rev().map(Self::describe).collect();
             Ok(JobPage { items, unreadable: Vec::new(), next_cursor: None })
         })

@@ -256,9 +256,12 @@ pub(crate) struct Engine {
     table: JobTable,
     /// POSTs on the wire (at most K; see `submit.rs`).
     posts_running: usize,
-    /// When a POST last got no usable answer (ms), until Krea accepts one sent since: POSTs go
-    /// one at a time meanwhile (`submit.rs`).
+    /// When a POST last got no usable answer (ms), until Krea has accepted a run of POSTs sent
+    /// since: POSTs go one at a time meanwhile (`submit.rs`).
     posts_narrowed_since: Option<i64>,
+    /// POSTs sent alone since the narrowing that Krea accepted: narrowing ends at
+    /// [`submit::NARROWED_RUN`] of them.
+    posts_accepted_narrowed: u32,
     /// Krea jobs that an earlier listing of this run showed unclaimed: none of them can be
     /// the job of a POST sent after that listing (`reconciling.rs`).
     listed_before: HashSet<String>,
@@ -358,6 +361,7 @@ impl Engine {
             table: JobTable::new(claimed_elsewhere),
             posts_running: 0,
             posts_narrowed_since: None,
+            posts_accepted_narrowed: 0,
             listed_before: HashSet::new(),
             unattributed: unattributed::Unattributed::default(),
             listing: false,

@@ -8,7 +8,7 @@
 //!
 //! The window narrows when an answer is lost ([`Engine::post_window`]): to none while an
 //! unknown job awaits reconciliation (its listing must see no job whose answer is still to
-//! come), then to one POST at a time until Krea accepts a POST sent since. So a POST that is
+//! come), then to one POST at a time until Krea has accepted [`NARROWED_RUN`] POSTs sent since. So a POST that is
 //! in doubt is followed by POSTs that cannot race with another lost answer, and a job sent
 //! again after "not created" goes alone: if its answer is lost again, its window holds no
 //! other unknown attempt and reconciliation can attribute what it finds. An answer that proves nothing was created (402, 429, 400, a refused
@@ -33,6 +33,12 @@ use crate::api::{ApiError, RemoteJob, RemoteStatus};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Accepted POSTs, each sent alone, that end the narrowing after a lost answer. A network that
+/// just lost an answer may lose the next: while it does, POSTs go one at a time, so a second
+/// lost answer has no other in its window and is attributed rather than set aside. Ten answers
+/// in a row (a few seconds at most) say it is steady again.
+pub(super) const NARROWED_RUN: u32 = 10;
 
 /// How many recent accepted POSTs bound the offset to Krea's clock.
 const CLOCK_SAMPLES: usize = 20;
@@ -88,7 +94,8 @@ fn unanswered_message(attempts: &[(String, String)]) -> String {
 impl Engine {
     /// How many POSTs may be on the wire now: none while an unknown job awaits
     /// reconciliation (its listing must not see a job whose answer is still coming), one while
-    /// narrowed (since a POST got no usable answer, until Krea accepts one again) or while a
+    /// narrowed (since a POST got no usable answer, until Krea has accepted [`NARROWED_RUN`] sent
+    /// since) or while a
     /// paused service probes, else the controller's `K` ([`Self::posts_allowed`]).
     pub(super) fn post_window(&self) -> usize {
         if self.table.waiting_to_reconcile() > 0 {
@@ -254,6 +261,7 @@ impl Engine {
                 );
                 self.table.notes_mut(slot).unanswered.push(unanswered_label(&err));
                 self.posts_narrowed_since = Some(self.clock.now_ms());
+                self.posts_accepted_narrowed = 0;
                 let reconcile = self.reconciles_now(slot);
                 self.table.unanswered(slot, self.clock.now_ms(), err.to_string(), reconcile)?;
             }
@@ -311,11 +319,15 @@ impl Engine {
     }
 
     fn on_accepted(&mut self, slot: usize, remote: &RemoteJob) -> Result<(), IllegalTransition> {
-        // Narrowing ends with the first POST sent alone since then that Krea accepts (one sent
-        // before, still on the wire, proves nothing about Krea now).
+        // Narrowing ends after a run of POSTs sent alone since then that Krea accepted (one
+        // sent before, still on the wire, proves nothing about Krea now).
         let sent_at = self.table.job(slot).attempt_at.unwrap_or_default();
         if self.posts_narrowed_since.is_some_and(|since| sent_at >= since) {
+            self.posts_accepted_narrowed += 1;
+        }
+        if self.posts_accepted_narrowed >= NARROWED_RUN {
             self.posts_narrowed_since = None;
+            self.posts_accepted_narrowed = 0;
             tracing::info!("Krea answers submissions again: several may be on the wire again");
         }
         self.resume_after_pause();

@@ -73,7 +73,7 @@ impl Engine {
         let limit = in_flight.saturating_mul(2).saturating_add(20).min(SWEEP_PAGE_MAX);
         let api = Arc::clone(&self.api);
         self.tasks.spawn(async move {
-            let result = api.list_jobs(None, limit).await;
+            let result = api.sweep_jobs(limit).await;
             Event::Swept { result }
         });
     }

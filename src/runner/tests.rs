@@ -302,13 +302,38 @@ async fn a_429_without_retry_after_and_nothing_in_flight_backs_off_and_grows() {
 
 #[tokio::test(start_paused = true)]
 async fn a_402_stops_a_run_and_finishes_what_is_in_flight() {
-    let rig = Rig::new(4);
+    let mut rig = Rig::new(4);
+    // One POST at a time, so what is in flight at the 402 is exactly the job accepted before.
+    rig.settings.ceilings.submission_concurrency = Some(1);
     rig.krea.script([Post::Accept, Post::PaymentRequired]);
     let (outcome, h) = rig.run().await;
     assert_eq!(outcome.stopped, Some(StopReason::PaymentRequired));
     assert_eq!(count(&outcome.jobs, JobState::Downloaded), 1, "the job in flight is finished");
     assert_eq!(count(&outcome.jobs, JobState::Pending), 3);
     assert_eq!(h.posts().len(), 2, "nothing is sent after the 402");
+}
+
+/// With several POSTs on the wire (K chosen by the controller), what was sent before the 402's
+/// answer arrived is answered as Krea answers it; nothing is sent after it.
+#[tokio::test(start_paused = true)]
+async fn after_a_402_no_post_starts_even_with_several_on_the_wire() {
+    let rig = Rig::new(8);
+    rig.krea.script([Post::Accept, Post::Accept, Post::Accept, Post::PaymentRequired]);
+    let (outcome, h) = rig.run().await;
+    assert_eq!(outcome.stopped, Some(StopReason::PaymentRequired));
+    let posts = h.krea.seen(|seen| seen.posts.clone());
+    let refused_at = posts
+        .iter()
+        .find(|(_, answer)| answer == "PaymentRequired")
+        .map(|(at, _)| *at)
+        .expect("the 402");
+    // The fake answers each POST 100 ms after it arrives.
+    let answered_at = refused_at + Duration::from_millis(100);
+    assert!(h.krea.seen(|seen| seen.max_posts_on_wire) > 1, "several on the wire: {posts:?}");
+    assert!(posts.iter().all(|(at, _)| *at < answered_at), "a POST after the 402: {posts:?}");
+    let accepted = posts.iter().filter(|(_, answer)| answer == "Accept").count();
+    assert!(accepted >= 3, "{posts:?}");
+    assert_eq!(count(&outcome.jobs, JobState::Downloaded), accepted, "what Krea took is finished");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1069,9 +1094,11 @@ async fn k_posts_go_on_the_wire_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn one_unanswered_post_narrows_submissions_to_one_until_krea_answers_again() {
+    let run = super::submit::NARROWED_RUN as usize;
+    let jobs = run + 5;
     let (outcome, h) =
-        on_the_wire(6, 3, [Post::Accept, Post::DroppedNothingCreated, Post::Accept]).run().await;
-    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 6]);
+        on_the_wire(jobs, 3, [Post::Accept, Post::DroppedNothingCreated, Post::Accept]).run().await;
+    assert_eq!(states(&outcome.jobs), vec![JobState::Downloaded; jobs]);
     let (spans, lists) = (spans(&h), h.lists());
     assert_eq!(lists.len(), 1, "{lists:?}");
     assert_eq!(h.krea.seen(|seen| seen.max_posts_on_wire), 3);
@@ -1080,16 +1107,17 @@ async fn one_unanswered_post_narrows_submissions_to_one_until_krea_answers_again
         spans.iter().all(|span| span.0 <= lost_at || span.0 >= lists[0]),
         "nothing sent while the job is unknown: {spans:?} {lists:?}"
     );
-    // The first POST after reconciliation goes alone; once Krea answers it, several go again.
+    // After reconciliation POSTs go alone until Krea has accepted a run of them; then several
+    // go at once again.
     let after: Vec<(Duration, Duration)> =
         spans.iter().copied().filter(|s| s.0 >= lists[0]).collect();
-    assert_eq!(after.len(), 4, "{spans:?}");
-    assert!(after[1..].iter().all(|later| !overlaps(after[0], *later)), "{after:?}");
-    assert!(
-        after[1..].windows(2).any(|pair| overlaps(pair[0], pair[1])),
-        "widened again: {after:?}"
-    );
-    assert_eq!(h.krea.jobs().len(), 6);
+    assert_eq!(after.len(), jobs - 2, "{spans:?}");
+    for (i, alone) in after[..run].iter().enumerate() {
+        let others = after.iter().enumerate().filter(|&(j, _)| j != i);
+        assert!(others.clone().all(|(_, other)| !overlaps(*alone, *other)), "{after:?}");
+    }
+    assert!(after[run..].windows(2).any(|pair| overlaps(pair[0], pair[1])), "widened: {after:?}");
+    assert_eq!(h.krea.jobs().len(), jobs);
     assert_exactly_once_and_attributed(&outcome.jobs, &h.krea);
 }
 
@@ -1351,4 +1379,22 @@ async fn an_engine_that_sends_nothing_new_starts_no_stage() {
     let (outcome, h) = rig.run().await;
     assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
     assert_eq!(h.stored().await.len(), 3, "no stage job recorded");
+}
+
+// --- Sweeps (`sweep.rs`) ----------------------------------------------------------------------
+
+/// While jobs are in flight, sweeps (one `GET /jobs` for all of them) see each end within a
+/// sweep's interval, and no job needs a poll of its own: 3 jobs of 3 s end by about 3.1 s (POST
+/// latency 100 ms), where their own polls (1 s, then 1.5 s, then 2 s) would see them at 4.6 s.
+#[tokio::test(start_paused = true)]
+async fn sweeps_see_jobs_end_promptly_and_spare_their_own_polls() {
+    let rig = Rig::new(3);
+    let started = Instant::now();
+    let (outcome, h) = rig.run().await;
+    assert_eq!(states(&outcome.jobs), [JobState::Downloaded; 3]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(3500), "seen ending {took:?} after the start");
+    let (gets, sweeps) = h.krea.seen(|seen| (seen.gets, seen.sweeps));
+    assert_eq!(gets, 0, "every job was seen by a sweep, none polled on its own");
+    assert!(sweeps >= 3, "{sweeps} sweeps");
 }

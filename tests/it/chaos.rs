@@ -39,6 +39,9 @@ const LIMITS: &str = "limits:
   reconcile_after: 50ms
 ";
 
+/// The limit that keeps every lost answer attributable.
+const ONE_AT_A_TIME: &str = "  submission_concurrency: 1\n";
+
 /// The longest one run may take before it counts as a hang.
 const RUN_LIMIT: Duration = Duration::from_mins(1);
 
@@ -46,9 +49,15 @@ const RUN_LIMIT: Duration = Duration::from_mins(1);
 const MAX_RUNS: usize = 5;
 
 /// A job file with the quick limits, `extra_limits` (indented `key: value` lines) and `jobs`.
+/// One POST at a time unless `extra_limits` says otherwise: each fault here must end every job
+/// under its own name, which several POSTs on the wire cannot promise when their answers are
+/// lost together (those go to `unattributed/`; `lost_answers_with_four_posts_on_the_wire` checks
+/// that case).
 fn workspace(jobs: &str, extra_limits: &str) -> Workspace {
+    let one_at_a_time =
+        if extra_limits.contains("submission_concurrency") { "" } else { ONE_AT_A_TIME };
     Workspace::with_file(&format!(
-        "model: image/bfl/flux-1-dev\n{LIMITS}{extra_limits}jobs:\n{jobs}"
+        "model: image/bfl/flux-1-dev\n{LIMITS}{one_at_a_time}{extra_limits}jobs:\n{jobs}"
     ))
 }
 
