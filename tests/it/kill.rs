@@ -233,7 +233,8 @@ fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
              prompt: slow push-in\n"
         );
     }
-    let work = Workspace::with_file(&killed_job_file("", &jobs));
+    // One POST at a time: every stage must end under its own job (see the first test).
+    let work = Workspace::with_file(&killed_job_file("  submission_concurrency: 1\n", &jobs));
 
     let mut killed = 0;
     for _ in 0..4 {
