@@ -189,7 +189,7 @@ const COMMANDS: &[(&str, Way)] = &[
     ("echo \"idle CPU over 60 s: $(( (b - a) * 10 )) ms\"; kill $pid", Way::Skip(MEASUREMENT)),
     // The benchmark.
     (
-        "KREA_BATCH_BENCH_JOBS=60 KREA_BATCH_BENCH_CELLS=\"8/20/0 8/0/0 8/20/100 8/20/300 32/20/0 32/0/0 32/20/300 2/20/100\" cargo bench -- unknown_account",
+        "KREA_BATCH_BENCH_JOBS=200 KREA_BATCH_BENCH_CELLS=\"32/0/0 32/0/100 32/0/300 32/20/0 32/20/100 32/20/300 8/0/0 8/0/100 8/0/300 8/20/0 8/20/100 8/20/300 2/0/0 2/0/100 2/0/300 2/20/0 2/20/100 2/20/300\" cargo bench -- unknown_account",
         Way::Skip("the benchmark: minutes of simulated accounts; `cargo bench` is not a test"),
     ),
 ];
