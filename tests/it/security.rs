@@ -41,10 +41,13 @@ fn the_daemon_keeps_the_key_out_of_logs_state_and_files_even_under_faults() {
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::write(
         dir.path().join("daemon.yaml"),
+        // One POST at a time: every result must land under its job for the count below;
+        // lost answers of POSTs on the wire together would go to unattributed/.
         format!(
             "inbox: inbox\noutput: results\nstate: state.sqlite\napi:\n  base_url: {}\nlimits:\n  \
              request_timeout: 1s\n  reconcile_after: 50ms\n  retry_backoff: 20ms\n  poll_interval: 50ms\n  \
-             poll_interval_max: 200ms\ninbox_scan_interval: 100ms\ndrain_time: 2s\n",
+             poll_interval_max: 200ms\n  submission_concurrency: 1\ninbox_scan_interval: 100ms\n\
+             drain_time: 2s\n",
             sim.url()
         ),
     )
