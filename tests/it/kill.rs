@@ -59,6 +59,24 @@ fn assert_whole(work: &Workspace, stats: &SimStats, file: &str) -> std::path::Pa
     path
 }
 
+/// Starts a run and kills it (SIGKILL) at a random moment `window` ms in: the whole point is
+/// not to choose it. `None` once killed; the exit code if the run had ended by itself first.
+fn run_killed_at_random(
+    work: &Workspace,
+    sim: &Sim,
+    rng: &mut fastrand::Rng,
+    window: std::ops::Range<u64>,
+) -> Option<i32> {
+    let mut child = work.spawn_run(sim);
+    std::thread::sleep(Duration::from_millis(rng.u64(window)));
+    if child.has_exited() {
+        return Some(child.finish(Duration::from_secs(5)).code);
+    }
+    child.signal("KILL");
+    child.finish(Duration::from_secs(10));
+    None
+}
+
 /// A job file with the kill tests' quick limits (`extra_limits` added to them) and `jobs`.
 fn killed_job_file(extra_limits: &str, jobs: &str) -> String {
     format!(
@@ -96,19 +114,13 @@ fn killed_again_and_again_it_still_pays_once_and_loses_nothing() {
     let started = Instant::now();
     let mut killed = 0;
     while killed < kills {
-        let mut child = work.spawn_run(&sim);
-        // A random moment: the whole point is not to choose it.
-        std::thread::sleep(Duration::from_millis(rng.u64(20..500)));
-        if child.has_exited() {
-            let run = child.finish(Duration::from_secs(5));
+        if let Some(code) = run_killed_at_random(&work, &sim, &mut rng, 20..500) {
             assert_ne!(
-                run.code, 0,
+                code, 0,
                 "the batch finished after {killed} kills; slow the simulation down"
             );
             continue;
         }
-        child.signal("KILL");
-        child.finish(Duration::from_secs(10));
         killed += 1;
     }
     eprintln!("kill test: {killed} kills in {:.1} s", started.elapsed().as_secs_f64());
@@ -172,14 +184,9 @@ fn killed_with_several_posts_on_the_wire_it_pays_once_and_misfiles_nothing() {
     ));
     let mut killed = 0;
     while killed < kills {
-        let mut child = work.spawn_run(&sim);
-        std::thread::sleep(Duration::from_millis(rng.u64(20..500)));
-        if child.has_exited() {
-            child.finish(Duration::from_secs(5));
+        if run_killed_at_random(&work, &sim, &mut rng, 20..500).is_some() {
             break;
         }
-        child.signal("KILL");
-        child.finish(Duration::from_secs(10));
         killed += 1;
     }
     // Then run to the end. Jobs set aside as unattributable stay unknown, so the exit code
@@ -238,14 +245,9 @@ fn killed_during_chains_every_stage_is_created_once_and_every_file_is_whole() {
 
     let mut killed = 0;
     for _ in 0..4 {
-        let mut child = work.spawn_run(&sim);
-        std::thread::sleep(Duration::from_millis(rng.u64(300..1500)));
-        if child.has_exited() {
-            child.finish(Duration::from_secs(5));
+        if run_killed_at_random(&work, &sim, &mut rng, 300..1500).is_some() {
             continue;
         }
-        child.signal("KILL");
-        child.finish(Duration::from_secs(10));
         killed += 1;
     }
     let stages_before_the_end = sim.stats().creations_by_input.len();
