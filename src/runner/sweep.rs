@@ -12,7 +12,7 @@
 //! a crossing of the account's capacity is seen before the answers of the POSTs that made it.
 //!
 //! How often: a tenth of the measured job time, so a job's end is seen within about 5 % of
-//! its length on average, bounded by [`SWEEP_FLOOR`] below (at most a few requests a second
+//! its length on average, bounded by [`SWEEP_FLOOR`] below (at most ten requests a second
 //! for the whole account, whatever the number of jobs) and by `poll_interval` above (a sweep is
 //! never rarer than the first poll it replaces). Before any job time is measured, the floor.
 //! With no job in flight, no sweep.
